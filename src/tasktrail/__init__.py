@@ -1,0 +1,1 @@
+"""tasktrail: an event-sourced task-status service."""

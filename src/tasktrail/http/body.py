@@ -1,0 +1,75 @@
+"""Request bodies: strict decoding into commands, and the limits on JSON values."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, TypeVar
+
+import msgspec
+
+T = TypeVar("T")
+
+MAX_BODY_BYTES = 1024 * 1024
+MAX_JSON_BYTES = 64 * 1024  # each of params and result, encoded
+MAX_JSON_DEPTH = 32
+
+
+class MalformedBody(Exception):
+    """The body is not JSON at all (400)."""
+
+
+class InvalidInput(Exception):
+    """Well-formed input that breaks a rule (422); `errors` names the fields."""
+
+    def __init__(self, detail: str, errors: list[dict[str, str]]) -> None:
+        super().__init__(detail)
+        self.errors = errors
+
+
+def invalid(field: str, message: str) -> InvalidInput:
+    return InvalidInput(f"{field}: {message}", [{"field": field, "message": message}])
+
+
+_MISSING = re.compile(r"Object missing required field `(.+)`")
+_AT = re.compile(r"^(?P<message>.*?)(?: - at `\$(?P<path>.*)`)?$", re.DOTALL)
+
+
+def decode(body: bytes, type_: type[T]) -> T:
+    """Decode a JSON body strictly ("50" is not a number)."""
+    if not body.strip():
+        raise InvalidInput("the request needs a JSON body", [{"field": "body", "message": "required"}])
+    try:
+        return msgspec.json.decode(body, type=type_)
+    except msgspec.ValidationError as exc:
+        match = _AT.match(str(exc))
+        assert match is not None
+        path = (match["path"] or "").lstrip(".")
+        missing = _MISSING.match(match["message"])
+        if missing:
+            path = f"{path}.{missing[1]}".lstrip(".")
+        raise invalid(path or "body", match["message"]) from exc
+    except msgspec.DecodeError as exc:
+        raise MalformedBody(f"the body is not valid JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise invalid("body", f"nested deeper than {MAX_JSON_DEPTH} levels") from exc
+
+
+def check_json(field: str, value: Any) -> None:
+    """Refuse a params/result value PostgreSQL cannot store or we will not keep."""
+    if value is None:
+        return
+    if len(msgspec.json.encode(value)) > MAX_JSON_BYTES:
+        raise invalid(field, f"larger than {MAX_JSON_BYTES} bytes of JSON")
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise invalid(field, f"nested deeper than {MAX_JSON_DEPTH} levels")
+        if isinstance(item, str):
+            if "\x00" in item:
+                raise invalid(field, "strings must not contain NUL (\\u0000)")
+        elif isinstance(item, dict):
+            stack.extend((key, depth) for key in item)
+            stack.extend((child, depth + 1) for child in item.values())
+        elif isinstance(item, list):
+            stack.extend((child, depth + 1) for child in item)

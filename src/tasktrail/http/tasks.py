@@ -1,0 +1,153 @@
+"""The seed-compatible task routes: /tasks."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Annotated, Any
+from urllib.parse import urlencode
+from uuid import UUID
+
+import msgspec
+import psycopg
+from litestar import Request, Response, delete, get, patch, post
+from litestar.di import NamedDependency
+from litestar.params import FromPath, QueryParameter
+
+from tasktrail import writer
+from tasktrail.domain.task import CreateTask, DeleteTask, Status, Task, TaskNotFound, UpdateTask
+from tasktrail.http.body import MAX_BODY_BYTES, check_json, decode, invalid
+from tasktrail.projections import stats
+from tasktrail.projections import tasks as tasks_view
+
+JSON = "application/json"
+Connection = NamedDependency[psycopg.AsyncConnection]
+_encode = msgspec.json.Encoder().encode
+
+TaskTypeFilter = Annotated[str | None, QueryParameter(max_length=200, pattern="^[^\\x00]*$")]
+
+
+def json_response(content: Any, status_code: int = 200, headers: dict[str, str] | None = None) -> Response[bytes]:
+    return Response(_encode(content), status_code=status_code, media_type=JSON, headers=headers)
+
+
+def parse_task_id(task_id: FromPath[str]) -> UUID:
+    try:
+        return UUID(task_id)
+    except ValueError:
+        raise TaskNotFound(f"task {task_id!r} not found: task ids are UUIDs") from None
+
+
+STREAM_STATE = "SELECT max(version), bool_or(type = 'TaskDeleted') FROM events WHERE stream_id = %(stream_id)s"
+
+
+async def not_found(conn: Connection, task_id: UUID) -> TaskNotFound:
+    """A 404 that says whether the task never existed or was deleted."""
+    cur = await conn.execute(STREAM_STATE, {"stream_id": task_id})
+    _version, deleted = await cur.fetchone()  # type: ignore[misc]
+    if deleted:
+        return TaskNotFound(f"task {task_id} was deleted (its history is kept)")
+    return TaskNotFound(f"task {task_id} not found")
+
+
+def metadata(request: Request) -> dict[str, Any]:
+    return {"request_id": request.state.request_id}
+
+
+@post(["/tasks", "/tasks/"], status_code=201, request_max_body_size=MAX_BODY_BYTES)
+async def create_task(request: Request, conn: Connection) -> Response[bytes]:
+    command = decode(await request.body(), CreateTask)
+    check_json("params", command.params)
+    task = await writer.create(conn, command, metadata(request))
+    return json_response(task, 201, {"Location": f"/tasks/{task.task_id}"})
+
+
+@get("/tasks/{task_id:str}")
+async def get_task(conn: Connection, task_id: FromPath[str]) -> Response[bytes]:
+    uuid = parse_task_id(task_id)
+    task = await tasks_view.get(conn, uuid)
+    if task is None:
+        raise await not_found(conn, uuid)
+    return json_response(task)
+
+
+@patch("/tasks/{task_id:str}", request_max_body_size=MAX_BODY_BYTES)
+async def update_task(request: Request, conn: Connection, task_id: FromPath[str]) -> Response[bytes]:
+    uuid = parse_task_id(task_id)
+    command = decode(await request.body(), UpdateTask)
+    if command == UpdateTask():
+        raise invalid("body", "give at least one of status, progress, result, error")
+    check_json("result", command.result)
+    try:
+        task = await writer.change(conn, uuid, command, metadata(request))
+    except TaskNotFound:
+        raise await not_found(conn, uuid) from None
+    return json_response(task)
+
+
+@delete("/tasks/{task_id:str}", status_code=200)
+async def delete_task(request: Request, conn: Connection, task_id: FromPath[str]) -> Response[bytes]:
+    uuid = parse_task_id(task_id)
+    try:
+        await writer.change(conn, uuid, DeleteTask(), metadata(request))
+    except TaskNotFound:
+        raise await not_found(conn, uuid) from None
+    return json_response({"status": "deleted"})
+
+
+def _encode_cursor(task: Task) -> str:
+    return base64.urlsafe_b64encode(f"id:{task.id}".encode()).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> int:
+    try:
+        kind, _, value = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode().partition(":")
+        if kind == "id" and value.isdigit() and len(value) < 19:
+            return int(value)
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        pass
+    raise invalid("cursor", "not a cursor this service gave out")
+
+
+@get(["/tasks", "/tasks/"])
+async def list_tasks(
+    request: Request,
+    conn: Connection,
+    status: Annotated[Status | None, QueryParameter()] = None,
+    task_type: TaskTypeFilter = None,
+    skip: Annotated[int, QueryParameter(ge=0, le=1_000_000_000)] = 0,
+    limit: Annotated[int, QueryParameter(ge=1, le=1000)] = 100,
+    cursor: Annotated[str | None, QueryParameter(max_length=100)] = None,
+) -> Response[bytes]:
+    """Live tasks, newest first; the next page's URL is in the Link header."""
+    page = await tasks_view.list_page(
+        conn,
+        status=status,
+        task_type=task_type,
+        before=None if cursor is None else _decode_cursor(cursor),
+        skip=skip,
+        limit=limit,
+    )
+    headers = {}
+    if len(page) == limit:
+        query = {k: v for k, v in request.query_params.items() if k not in ("cursor", "skip")}
+        query["cursor"] = _encode_cursor(page[-1])
+        headers["Link"] = f'<{request.url.path}?{urlencode(query)}>; rel="next"'
+    return json_response(page, headers=headers)
+
+
+@get("/tasks/stats/summary")
+async def stats_summary(conn: Connection, task_type: TaskTypeFilter = None) -> Response[bytes]:
+    """Counts per status, from the counters (never by counting rows)."""
+    return json_response(await stats.summary(conn, task_type))
+
+
+@post("/tasks/cleanup", status_code=200)
+async def cleanup(
+    request: Request, conn: Connection, days: Annotated[int, QueryParameter(ge=0, le=100_000)] = 30
+) -> Response[bytes]:
+    """Delete finished tasks completed more than `days` days ago."""
+    return json_response({"deleted": await writer.cleanup(conn, days, metadata(request))})
+
+
+ROUTES = [create_task, get_task, update_task, delete_task, list_tasks, stats_summary, cleanup]

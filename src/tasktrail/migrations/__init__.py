@@ -1,0 +1,41 @@
+"""Versioned SQL migrations, applied in order, once, under an advisory lock."""
+
+from __future__ import annotations
+
+from importlib import resources
+
+import psycopg
+
+CREATE_LEDGER = """
+CREATE TABLE IF NOT EXISTS schema_migrations (
+    version    integer     PRIMARY KEY,
+    name       text        NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+)
+"""
+# Serialises migrators across processes; released when the transaction ends.
+LOCK = "SELECT pg_advisory_xact_lock(hashtext('tasktrail.migrations'))"
+APPLIED = "SELECT version FROM schema_migrations"
+RECORD = "INSERT INTO schema_migrations (version, name) VALUES (%(version)s, %(name)s)"
+
+
+def available() -> list[tuple[int, str, str]]:
+    """(version, file name, SQL) for every migration file, in order."""
+    files = [f for f in resources.files(__package__).iterdir() if f.name.endswith(".sql")]
+    return sorted((int(f.name.split("_", 1)[0]), f.name, f.read_text()) for f in files)
+
+
+def migrate(conninfo: str) -> list[str]:
+    """Apply the pending migrations; return the names of those applied."""
+    with psycopg.connect(conninfo) as conn, conn.transaction():
+        conn.execute(LOCK)
+        conn.execute(CREATE_LEDGER)
+        done = {row[0] for row in conn.execute(APPLIED)}
+        applied = []
+        for version, name, sql in available():
+            if version in done:
+                continue
+            conn.execute(sql)
+            conn.execute(RECORD, {"version": version, "name": name})
+            applied.append(name)
+        return applied

@@ -1,0 +1,128 @@
+"""The `tasks` read model: one row per live task, and the reads it serves."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+from uuid import UUID
+
+import psycopg
+from psycopg import sql
+from psycopg.types.json import Jsonb
+
+from tasktrail.domain.task import Status, Task
+
+if TYPE_CHECKING:
+    from tasktrail.projections import Change
+
+NAME = "tasks"
+VERSION = 1
+
+COLUMNS = (
+    "id, task_id, task_type, status, progress, params, result, error, retry_count,"
+    " created_at, updated_at, started_at, completed_at, version"
+)
+
+INSERT = f"""
+INSERT INTO tasks ({COLUMNS})
+VALUES (%(id)s, %(task_id)s, %(task_type)s, %(status)s, %(progress)s, %(params)s, %(result)s,
+        %(error)s, %(retry_count)s, %(created_at)s, %(updated_at)s, %(started_at)s,
+        %(completed_at)s, %(version)s)
+"""  # noqa: S608 -- COLUMNS is a constant
+
+UPDATE = """
+UPDATE tasks SET status = %(status)s, progress = %(progress)s, result = %(result)s,
+    error = %(error)s, retry_count = %(retry_count)s, updated_at = %(updated_at)s,
+    started_at = %(started_at)s, completed_at = %(completed_at)s, version = %(version)s
+WHERE task_id = %(task_id)s
+"""
+
+DELETE = "DELETE FROM tasks WHERE task_id = %(task_id)s"
+
+
+def _params(task: Task) -> dict[str, Any]:
+    return {
+        "id": task.id,
+        "task_id": task.task_id,
+        "task_type": task.task_type,
+        "status": task.status.value,
+        "progress": task.progress,
+        "params": None if task.params is None else Jsonb(task.params),
+        "result": None if task.result is None else Jsonb(task.result),
+        "error": task.error,
+        "retry_count": task.retry_count,
+        "created_at": task.created_at,
+        "updated_at": task.updated_at,
+        "started_at": task.started_at,
+        "completed_at": task.completed_at,
+        "version": task.version,
+    }
+
+
+async def project(conn: psycopg.AsyncConnection, changes: Sequence[Change]) -> None:
+    statements: dict[str, list[dict[str, Any]]] = {INSERT: [], UPDATE: [], DELETE: []}
+    for recorded, before, after in changes:
+        if after is None:
+            statements[DELETE].append({"task_id": recorded.stream_id})
+        else:
+            statements[INSERT if before is None else UPDATE].append(_params(after))
+    cur = conn.cursor()
+    for statement, params in statements.items():
+        if len(params) == 1:
+            await cur.execute(statement, params[0])
+        elif params:
+            await cur.executemany(statement, params)
+
+
+def to_task(row: tuple[Any, ...]) -> Task:
+    return Task(
+        row[0], row[1], row[2], Status(row[3]), row[4], row[5], row[6], row[7],
+        row[8], row[9], row[10], row[11], row[12], row[13],
+    )  # fmt: skip
+
+
+GET = f"SELECT {COLUMNS} FROM tasks WHERE task_id = %(task_id)s"  # noqa: S608 -- COLUMNS is a constant
+
+
+async def get(conn: psycopg.AsyncConnection, task_id: UUID) -> Task | None:
+    cur = await conn.execute(GET, {"task_id": task_id})
+    row = await cur.fetchone()
+    return None if row is None else to_task(row)
+
+
+# The list query is put together from these fixed pieces only; values are parameters.
+LIST = sql.SQL(f"SELECT {COLUMNS} FROM tasks WHERE {{}} ORDER BY id DESC LIMIT %(limit)s OFFSET %(skip)s")  # noqa: S608
+FILTERS = {
+    "status": sql.SQL("status = %(status)s"),
+    "task_type": sql.SQL("task_type = %(task_type)s"),
+    "before": sql.SQL("id < %(before)s"),
+}
+
+
+async def list_page(
+    conn: psycopg.AsyncConnection,
+    *,
+    status: Status | None = None,
+    task_type: str | None = None,
+    before: int | None = None,
+    skip: int = 0,
+    limit: int = 100,
+) -> list[Task]:
+    """Live tasks newest first; `before` is the keyset cursor (an id)."""
+    params = {"status": status, "task_type": task_type, "before": before, "skip": skip, "limit": limit}
+    where = [FILTERS[name] for name in FILTERS if params[name] is not None] or [sql.SQL("true")]
+    cur = await conn.execute(LIST.format(sql.SQL(" AND ").join(where)), params)
+    return [to_task(row) for row in await cur.fetchall()]
+
+
+FINISHED_BEFORE = f"""
+SELECT {COLUMNS} FROM tasks
+WHERE completed_at < %(cutoff)s AND status = ANY(%(finished)s)
+ORDER BY id
+"""  # noqa: S608 -- COLUMNS is a constant
+
+
+async def finished_before(conn: psycopg.AsyncConnection, cutoff: datetime, finished: Iterable[Status]) -> list[Task]:
+    cur = await conn.execute(FINISHED_BEFORE, {"cutoff": cutoff, "finished": [status.value for status in finished]})
+    return [to_task(row) for row in await cur.fetchall()]

@@ -1,0 +1,162 @@
+"""Real PostgreSQL for every test: DATABASE_URL's server when set, else an embedded one.
+
+Each test that asks for `database_url` gets a fresh database cloned from a
+migrated template, so tests never see each other's events.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import psycopg
+import pytest
+from litestar.testing import AsyncTestClient
+from psycopg import sql
+from psycopg.conninfo import make_conninfo
+
+from tasktrail import db, migrations
+from tasktrail.http.app import create_app
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="session")
+def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A PostgreSQL server: DATABASE_URL's, or an embedded one for this session."""
+    url = os.environ.get("DATABASE_URL")
+    if url:
+        yield url
+        return
+    server = db.start_embedded(tmp_path_factory.mktemp("embedded"), cleanup_mode="delete")
+    yield server.get_uri()
+    server.cleanup()
+
+
+def _admin(server_url: str) -> psycopg.Connection:
+    return psycopg.connect(server_url, autocommit=True)
+
+
+@pytest.fixture(scope="session")
+def template_db(server_url: str) -> Iterator[str]:
+    name = f"tasktrail_template_{uuid.uuid4().hex[:8]}"
+    with _admin(server_url) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    migrations.migrate(make_conninfo(server_url, dbname=name))
+    yield name
+    with _admin(server_url) as conn:
+        conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@contextmanager
+def fresh_database(server_url: str, template_db: str) -> Iterator[str]:
+    name = f"tasktrail_test_{uuid.uuid4().hex[:12]}"
+    with _admin(server_url) as conn:
+        conn.execute(
+            sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(sql.Identifier(name), sql.Identifier(template_db))
+        )
+    try:
+        yield make_conninfo(server_url, dbname=name)
+    finally:
+        with _admin(server_url) as conn:
+            conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@pytest.fixture
+def database_url(server_url: str, template_db: str) -> Iterator[str]:
+    """A fresh, migrated database for one test."""
+    with fresh_database(server_url, template_db) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+async def shared_client(server_url: str, template_db: str) -> AsyncIterator[AsyncTestClient]:
+    """One app on one fresh database for a whole module whose tests don't count rows."""
+    with fresh_database(server_url, template_db) as url:
+        async with AsyncTestClient(app=create_app(url)) as test_client:
+            yield test_client
+
+
+@pytest.fixture
+async def conn(database_url: str) -> AsyncIterator[psycopg.AsyncConnection]:
+    async with await psycopg.AsyncConnection.connect(database_url, **db.connect_kwargs()) as connection:
+        yield connection
+
+
+@pytest.fixture
+async def client(database_url: str) -> AsyncIterator[AsyncTestClient]:
+    async with AsyncTestClient(app=create_app(database_url)) as test_client:
+        yield test_client
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Server:
+    """`tasktrail [args] serve` in a real process on a free loopback port; its log in a file."""
+
+    def __init__(self, env: dict[str, str], *args: str, log_dir: Path, serve_args: tuple[str, ...] = ()) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_dir / f"server-{self.port}.log"
+        command = [sys.executable, "-m", "tasktrail", *args, "serve", "--host", "127.0.0.1", "--port", str(self.port)]
+        command += serve_args
+        with self.log_path.open("wb") as log:
+            self.process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            self.wait_until_up()
+        except BaseException:
+            self.process.kill()
+            self.process.wait()
+            raise
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_until_up(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log()}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                time.sleep(0.1)
+        raise TimeoutError(f"{self.url} did not come up in {timeout}s:\n{self.log()}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+        """Send sig and wait; kill if it does not exit in time. The exit code."""
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+@pytest.fixture
+def live_server(database_url: str, tmp_path: Path) -> Iterator[str]:
+    """A real `tasktrail serve` process on the test's database; its base URL."""
+    server = Server(os.environ | {"DATABASE_URL": database_url}, log_dir=tmp_path)
+    yield server.url
+    server.stop()

@@ -1,0 +1,171 @@
+"""Errors are problem+json with the right code, and no input gets a 5xx."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from litestar.testing import AsyncTestClient
+
+pytestmark = pytest.mark.anyio
+
+DEEP = "[" * 100_000 + "]" * 100_000
+
+
+def problem(response, status: int) -> dict:  # type: ignore[no-untyped-def]
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/problem+json")
+    body = response.json()
+    assert body["status"] == status
+    assert body["title"]
+    assert body["type"]
+    assert body["detail"]
+    return body
+
+
+async def test_malformed_json_is_400(shared_client: AsyncTestClient) -> None:
+    problem(await shared_client.post("/tasks/", content=b'{"task_type": '), 400)
+    task = (await shared_client.post("/tasks/", json={"task_type": "x"})).json()
+    problem(await shared_client.patch(f"/tasks/{task['task_id']}", content=b"{nope}"), 400)
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({}, "task_type"),
+        ({"task_type": ""}, "task_type"),
+        ({"task_type": 5}, "task_type"),
+        ({"task_type": "x" * 201}, "task_type"),
+        ({"task_type": "a\u0000b"}, "task_type"),
+        ({"task_type": "x", "params": [1, 2]}, "params"),
+        ({"task_type": "x", "params": "text"}, "params"),
+        ({"task_type": "x", "params": {"k": "nul\u0000"}}, "params"),
+        ({"task_type": "x", "params": {"k\u0000": 1}}, "params"),
+        ({"task_type": "x", "params": {"big": "x" * 70_000}}, "params"),
+        ({"task_type": "x", "params": {"n": 1e308, "deep": json.loads("[" * 40 + "]" * 40)}}, "params"),
+        ([], "body"),
+        ("task", "body"),
+    ],
+)
+async def test_create_names_the_offending_field(shared_client: AsyncTestClient, body: object, field: str) -> None:
+    errors = problem(await shared_client.post("/tasks/", json=body), 422)["errors"]
+    assert errors[0]["field"] == field
+    assert errors[0]["message"]
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"status": "done"}, "status"),
+        ({"status": 1}, "status"),
+        ({"progress": "50"}, "progress"),
+        ({"progress": -1}, "progress"),
+        ({"progress": 100.5}, "progress"),
+        ({"progress": True}, "progress"),
+        ({"result": [1]}, "result"),
+        ({"result": {"x": "\u0000"}}, "result"),
+        ({"error": 7}, "error"),
+        ({"error": "bad\u0000"}, "error"),
+    ],
+)
+async def test_update_names_the_offending_field(shared_client: AsyncTestClient, body: object, field: str) -> None:
+    task = (await shared_client.post("/tasks/", json={"task_type": "x"})).json()
+    errors = problem(await shared_client.patch(f"/tasks/{task['task_id']}", json=body), 422)["errors"]
+    assert errors[0]["field"] == field
+
+
+async def test_huge_numbers_are_422(shared_client: AsyncTestClient) -> None:
+    task = (await shared_client.post("/tasks/", json={"task_type": "x"})).json()
+    for raw in (b'{"progress": 1e308}', b'{"progress": 1e400}', b'{"progress": -1e308}'):
+        problem(await shared_client.patch(f"/tasks/{task['task_id']}", content=raw), 422)
+    problem(await shared_client.post("/tasks/", content=b'{"task_type": "x", "params": {"n": 1e400}}'), 422)
+
+
+async def test_bodies_over_one_mebibyte_are_413(shared_client: AsyncTestClient) -> None:
+    big = b'{"task_type": "x", "params": {"k": "' + b"a" * (1024 * 1024) + b'"}}'
+    problem(await shared_client.post("/tasks/", content=big), 413)
+    task = (await shared_client.post("/tasks/", json={"task_type": "x"})).json()
+    problem(await shared_client.patch(f"/tasks/{task['task_id']}", content=big), 413)
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "status=unknown",
+        "limit=-1",
+        "limit=0",
+        "limit=1001",
+        "limit=1e308",
+        "limit=abc",
+        "skip=-5",
+        "skip=99999999999999999999999",
+        "cursor=%%%",
+        "cursor=bm90LWEtY3Vyc29y",
+        "task_type=%00",
+        "task_type=" + "x" * 300,
+    ],
+)
+async def test_bad_list_filters_are_422(shared_client: AsyncTestClient, query: str) -> None:
+    body = problem(await shared_client.get(f"/tasks/?{query}"), 422)
+    assert body["errors"]
+    assert body["errors"][0]["field"] == query.split("=")[0]
+
+
+@pytest.mark.parametrize("query", ["days=-1", "days=abc", "days=1e308", "days=99999999999999"])
+async def test_bad_cleanup_days_are_422(shared_client: AsyncTestClient, query: str) -> None:
+    problem(await shared_client.post(f"/tasks/cleanup?{query}"), 422)
+
+
+HOSTILE_BODIES = [
+    b"",
+    b"null",
+    b"\x00",
+    b"\xff\xfe",
+    b'{"task_type": "\\ud800"}',
+    b'{"task_type": "x", "params": ' + DEEP.encode() + b"}",
+    DEEP.encode(),
+    b'{"task_type": "x", "params": {"n": 123456789012345678901234567890}}',
+    b'{"task_type": "x", "params": {"a": -0.0, "b": 1e-400}}',
+    b'{"task_type": ["x"]}',
+    b'{"task_type": {"$gt": ""}}',
+    b'{"task_type": "x\'; DROP TABLE events; --"}',
+    b'{"status": "running", "progress": NaN}',
+    b'{"progress": Infinity}',
+    b'{"result": {"\\u0000": 1}}',
+    b"[" * 50 + b"]" * 50,
+]
+
+
+@pytest.mark.parametrize("body", HOSTILE_BODIES, ids=range(len(HOSTILE_BODIES)))
+async def test_no_hostile_body_gets_a_5xx(shared_client: AsyncTestClient, body: bytes) -> None:
+    task = (await shared_client.post("/tasks/", json={"task_type": "x"})).json()
+    for response in (
+        await shared_client.post("/tasks/", content=body),
+        await shared_client.patch(f"/tasks/{task['task_id']}", content=body),
+    ):
+        assert 200 <= response.status_code < 500, (response.status_code, response.text)
+        if response.status_code >= 400:
+            problem(response, response.status_code)
+    assert (await shared_client.get(f"/tasks/{task['task_id']}")).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/tasks/%00",
+        "/tasks/..%2F..%2Fetc%2Fpasswd",
+        "/tasks/00000000-0000-0000-0000-000000000000",
+        "/tasks/?status=%00",
+        "/tasks/?limit=%ff",
+        "/tasks/stats/summary?task_type=%00",
+        "/nowhere",
+    ],
+)
+async def test_no_hostile_path_gets_a_5xx(shared_client: AsyncTestClient, path: str) -> None:
+    response = await shared_client.get(path)
+    assert 400 <= response.status_code < 500, (response.status_code, response.text)
+    problem(response, response.status_code)
+
+
+async def test_wrong_method_is_a_problem(shared_client: AsyncTestClient) -> None:
+    problem(await shared_client.put("/tasks/"), 405)

@@ -1,0 +1,114 @@
+"""The event log on a real PostgreSQL: append-only, versioned, atomic with its projections."""
+
+from __future__ import annotations
+
+import multiprocessing
+from uuid import uuid4
+
+import psycopg
+import pytest
+
+from tasktrail import eventstore, migrations, writer
+from tasktrail.domain.events import TaskCreated, TaskStarted
+from tasktrail.domain.task import CreateTask, Status, TransitionRejected, UpdateTask
+from tasktrail.projections import stats
+from tasktrail.projections import tasks as tasks_view
+
+pytestmark = pytest.mark.anyio
+
+
+async def count(conn: psycopg.AsyncConnection, table: str) -> int:
+    cur = await conn.execute({"events": "SELECT count(*) FROM events", "tasks": "SELECT count(*) FROM tasks"}[table])
+    return (await cur.fetchone())[0]
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "UPDATE events SET type = 'X'",
+        "DELETE FROM events",
+        "DELETE FROM events WHERE false",
+        "TRUNCATE events",
+    ],
+)
+async def test_the_log_refuses_changes(conn: psycopg.AsyncConnection, statement: str) -> None:
+    await writer.create(conn, CreateTask(task_type="t"), {})
+    with pytest.raises(psycopg.errors.InsufficientPrivilege, match="append-only"):
+        await conn.execute(statement)
+    assert await count(conn, "events") == 1
+
+
+async def test_the_log_refuses_changes_even_as_a_replica(conn: psycopg.AsyncConnection) -> None:
+    await conn.execute("SET session_replication_role = replica")
+    with pytest.raises(psycopg.errors.InsufficientPrivilege):
+        await conn.execute("DELETE FROM events")
+
+
+async def test_versions_are_unique_per_stream(conn: psycopg.AsyncConnection) -> None:
+    stream = uuid4()
+    at = writer.now()
+    first = await eventstore.append(conn, [(stream, 1, TaskCreated(task_type="t"))], {"request_id": "a"}, at)
+    assert first[0].version == 1
+    with pytest.raises(eventstore.VersionConflict):
+        await eventstore.append(conn, [(stream, 1, TaskStarted())], {}, at)
+    await eventstore.append(conn, [(stream, 2, TaskStarted())], {}, at)
+    stored = await eventstore.read_stream(conn, stream)
+    assert [s.recorded.version for s in stored] == [1, 2]
+    assert [type(s.recorded.event) for s in stored] == [TaskCreated, TaskStarted]
+    assert stored[0].metadata == {"request_id": "a"}
+    assert stored[0].recorded.position < stored[1].recorded.position
+    assert [s.recorded.version for s in await eventstore.read_stream(conn, stream, after_version=1)] == [2]
+
+
+async def test_an_accepted_write_is_one_event_with_its_projections(conn: psycopg.AsyncConnection) -> None:
+    task = await writer.create(conn, CreateTask(task_type="import", params={"a": 1}), {"request_id": "r1"})
+    assert (await count(conn, "events"), await count(conn, "tasks")) == (1, 1)
+    started = await writer.change(conn, task.task_id, UpdateTask(status=Status.RUNNING), {})
+    assert started is not None
+    assert started.version == 2
+    assert await count(conn, "events") == 2
+    assert await tasks_view.get(conn, task.task_id) == started
+    assert (await stats.summary(conn))["running"] == 1
+    assert (await stats.summary(conn, "import"))["total"] == 1
+    assert (await stats.summary(conn, "other"))["total"] == 0
+
+
+async def test_a_refused_write_appends_nothing(conn: psycopg.AsyncConnection) -> None:
+    task = await writer.create(conn, CreateTask(task_type="t"), {})
+    await writer.change(conn, task.task_id, UpdateTask(status=Status.COMPLETED), {})
+    with pytest.raises(TransitionRejected):
+        await writer.change(conn, task.task_id, UpdateTask(status=Status.RUNNING), {})
+    no_op = await writer.change(conn, task.task_id, UpdateTask(status=Status.COMPLETED), {})
+    assert no_op is not None
+    assert no_op.version == 2
+    assert await count(conn, "events") == 2
+
+
+async def test_a_failing_projection_rolls_the_event_back(conn: psycopg.AsyncConnection) -> None:
+    task = await writer.create(conn, CreateTask(task_type="t"), {})
+    # Break the read model's write so the projection fails inside the append's transaction.
+    await conn.execute("ALTER TABLE tasks ADD CONSTRAINT no_running CHECK (status <> 'running')")
+    with pytest.raises(psycopg.errors.CheckViolation):
+        await writer.change(conn, task.task_id, UpdateTask(status=Status.RUNNING), {})
+    assert await count(conn, "events") == 1
+    assert (await stats.summary(conn))["pending"] == 1
+
+
+def _migrate(url: str) -> list[str]:
+    return migrations.migrate(url)
+
+
+def test_migrations_apply_once_even_from_two_processes(server_url: str) -> None:
+    name = f"tasktrail_mig_{uuid4().hex[:8]}"
+    with psycopg.connect(server_url, autocommit=True) as admin:
+        admin.execute(psycopg.sql.SQL("CREATE DATABASE {}").format(psycopg.sql.Identifier(name)))
+    url = psycopg.conninfo.make_conninfo(server_url, dbname=name)
+    try:
+        with multiprocessing.get_context("spawn").Pool(2) as pool:
+            results = pool.map(_migrate, [url, url])
+        every = [file_name for _, file_name, _ in migrations.available()]
+        assert sorted(results[0] + results[1]) == every  # each file applied by exactly one process
+        assert migrations.migrate(url) == []  # and a third run has nothing to do
+    finally:
+        with psycopg.connect(server_url, autocommit=True) as admin:
+            admin.execute(psycopg.sql.SQL("DROP DATABASE {} WITH (FORCE)").format(psycopg.sql.Identifier(name)))
