@@ -26,6 +26,7 @@ from psycopg.conninfo import make_conninfo
 
 from tasktrail import db, migrations
 from tasktrail.http.app import create_app
+from tasktrail.verify import verify
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -89,6 +90,7 @@ async def shared_client(server_url: str, template_db: str) -> AsyncIterator[Asyn
     with fresh_database(server_url, template_db) as url:
         async with AsyncTestClient(app=create_app(url)) as test_client:
             yield test_client
+        assert_verifies(url)
 
 
 @pytest.fixture
@@ -97,10 +99,18 @@ async def conn(database_url: str) -> AsyncIterator[psycopg.AsyncConnection]:
         yield connection
 
 
+def assert_verifies(database_url: str) -> None:
+    """The log, folded, matches the read model and the counters."""
+    report = verify(database_url)
+    assert report.ok, report.summary()
+
+
 @pytest.fixture
 async def client(database_url: str) -> AsyncIterator[AsyncTestClient]:
+    """The real app on a fresh database; afterwards `verify` must find no difference."""
     async with AsyncTestClient(app=create_app(database_url)) as test_client:
         yield test_client
+    assert_verifies(database_url)
 
 
 def free_port() -> int:
@@ -160,3 +170,4 @@ def live_server(database_url: str, tmp_path: Path) -> Iterator[str]:
     server = Server(os.environ | {"DATABASE_URL": database_url}, log_dir=tmp_path)
     yield server.url
     server.stop()
+    assert_verifies(database_url)

@@ -1,4 +1,4 @@
-"""The `tasktrail` command: serve, migrate."""
+"""The `tasktrail` command: serve, migrate, verify."""
 
 from __future__ import annotations
 
@@ -45,6 +45,15 @@ def migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def verify(args: argparse.Namespace) -> int:
+    from tasktrail.verify import verify as run
+
+    url, _server = _database(args)
+    report = run(url)
+    print(report.summary())
+    return 0 if report.ok else 1
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(
         prog="tasktrail",
@@ -69,6 +78,11 @@ def parser() -> argparse.ArgumentParser:
 
     mig = commands.add_parser("migrate", help="apply pending migrations and exit (safe to repeat)")
     mig.set_defaults(func=migrate)
+
+    check = commands.add_parser(
+        "verify", help="fold the whole log in memory and compare it with the read model and counters"
+    )
+    check.set_defaults(func=verify)
     return top
 
 

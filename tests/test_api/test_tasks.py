@@ -10,6 +10,8 @@ import psycopg
 import pytest
 from litestar.testing import AsyncTestClient
 
+from tasktrail import writer
+
 pytestmark = pytest.mark.anyio
 
 FIELDS = {
@@ -204,7 +206,12 @@ async def test_stats_count_every_status_including_canceled(client: AsyncTestClie
     assert only_s["pending"] == 1
 
 
-async def test_cleanup_deletes_only_old_finished_tasks(client: AsyncTestClient, database_url: str) -> None:
+async def test_cleanup_deletes_only_old_finished_tasks(
+    client: AsyncTestClient, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Everything below happens 31 days ago, as far as the events say.
+    month_ago = writer.now() - timedelta(days=31)
+    monkeypatch.setattr(writer, "now", lambda: month_ago)
     finished = []
     for status in ("completed", "failed", "canceled"):
         task = await create(client)
@@ -213,18 +220,19 @@ async def test_cleanup_deletes_only_old_finished_tasks(client: AsyncTestClient, 
     pending = await create(client)
     running = await create(client)
     await patch(client, running["task_id"], status="running")
+    recent = await create(client)
+    monkeypatch.undo()
+    await patch(client, recent["task_id"], status="completed")
 
-    assert (await client.post("/tasks/cleanup?days=30")).json() == {"deleted": 0}  # all too recent
-    with psycopg.connect(database_url) as conn:  # age the finished ones as if 31 days had passed
-        conn.execute("UPDATE tasks SET completed_at = completed_at - interval '31 days'")
+    assert (await client.post("/tasks/cleanup?days=40")).json() == {"deleted": 0}  # none old enough
     response = await client.post("/tasks/cleanup?days=30")
     assert (response.status_code, response.json()) == (200, {"deleted": 3})
     for task_id in finished:
         assert (await client.get(f"/tasks/{task_id}")).status_code == 404
-    for task in (pending, running):
+    for task in (pending, running, recent):
         assert (await client.get(f"/tasks/{task['task_id']}")).status_code == 200
     stats = (await client.get("/tasks/stats/summary")).json()
-    assert stats == {"total": 2, "pending": 1, "running": 1, "completed": 0, "failed": 0, "canceled": 0}
+    assert stats == {"total": 3, "pending": 1, "running": 1, "completed": 1, "failed": 0, "canceled": 0}
     with psycopg.connect(database_url) as conn:
         rows = conn.execute("SELECT data FROM events WHERE type = 'TaskDeleted'").fetchall()
         assert [data for (data,) in rows] == [{"reason": "retention"}] * 3

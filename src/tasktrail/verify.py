@@ -1,0 +1,96 @@
+"""Fold the whole log in memory and compare it with the read model and the counters."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from uuid import UUID
+
+import psycopg
+
+from tasktrail import db
+from tasktrail.domain.events import Recorded, from_data
+from tasktrail.domain.task import Task, evolve
+from tasktrail.projections import tasks as tasks_view
+
+BATCH = 10_000
+
+ALL_EVENTS = "SELECT stream_id, version, position, occurred_at, type, data FROM events ORDER BY position"
+ALL_TASKS = f"SELECT {tasks_view.COLUMNS} FROM tasks"  # noqa: S608 -- COLUMNS is a constant
+COUNTS = "SELECT task_type, status, sum(n)::bigint FROM task_counts GROUP BY task_type, status"
+
+
+@dataclass
+class Report:
+    events: int = 0
+    streams: int = 0
+    live: int = 0
+    differences: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.differences
+
+    def summary(self) -> str:
+        head = f"{self.events} events in {self.streams} streams, {self.live} live tasks"
+        if self.ok:
+            return f"{head}: the read model and the counters match the log"
+        more = f" (and {len(self.differences) - 1} more)" if len(self.differences) > 1 else ""
+        return f"{head}: first difference: {self.differences[0]}{more}"
+
+
+def fold_log(conn: psycopg.Connection) -> tuple[int, dict[UUID, Task | None]]:
+    """Every stream's state from the log, streamed in batches of BATCH events."""
+    states: dict[UUID, Task | None] = {}
+    events = 0
+    with conn.cursor(name="verify_events") as cur:
+        cur.itersize = BATCH
+        cur.execute(ALL_EVENTS)
+        for stream_id, version, position, at, type_, data in cur:
+            recorded = Recorded(stream_id, version, position, at, from_data(type_, data))
+            states[stream_id] = evolve(states.get(stream_id), recorded)
+            events += 1
+    return events, states
+
+
+def _diff(log: Task, model: Task) -> str:
+    fields = [f for f in Task.__struct_fields__ if getattr(log, f) != getattr(model, f)]
+    return ", ".join(f"{f}: read model {getattr(model, f)!r}, log {getattr(log, f)!r}" for f in fields)
+
+
+def verify(conninfo: str) -> Report:
+    """Compare in one snapshot, so concurrent writers cannot cause false differences."""
+    report = Report()
+    with psycopg.connect(conninfo, **db.connect_kwargs()) as conn:
+        conn.autocommit = False
+        conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+        conn.read_only = True
+        report.events, states = fold_log(conn)
+        report.streams = len(states)
+        live = {task_id: task for task_id, task in states.items() if task is not None}
+        report.live = len(live)
+
+        seen = set()
+        with conn.cursor(name="verify_tasks") as cur:
+            cur.itersize = BATCH
+            cur.execute(ALL_TASKS)
+            for row in cur:
+                model = tasks_view.to_task(row)
+                seen.add(model.task_id)
+                expected = live.get(model.task_id)
+                if expected is None:
+                    gone = "was deleted" if model.task_id in states else "has no events"
+                    report.differences.append(f"task {model.task_id} is in the read model but {gone} in the log")
+                elif expected != model:
+                    report.differences.append(f"task {model.task_id}: {_diff(expected, model)}")
+        report.differences += [f"task {task_id} is missing from the read model" for task_id in live.keys() - seen]
+
+        expected_counts = Counter((task.task_type, task.status.value) for task in live.values())
+        counted = Counter({(task_type, status): n for task_type, status, n in conn.execute(COUNTS)})
+        for key in sorted(expected_counts.keys() | counted.keys()):
+            if expected_counts[key] != counted[key]:
+                report.differences.append(
+                    f"counter {key[0]}/{key[1]} is {counted[key]}, the log says {expected_counts[key]}"
+                )
+        conn.rollback()
+    return report

@@ -1,0 +1,78 @@
+"""`verify` folds the log and names the first place the read model or counters disagree."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import anyio
+import psycopg
+import pytest
+
+from tasktrail import writer
+from tasktrail.domain.task import CreateTask, Status, UpdateTask
+from tasktrail.verify import verify
+
+pytestmark = pytest.mark.anyio
+
+
+async def seed(conn: psycopg.AsyncConnection) -> list:
+    made = [await writer.create(conn, CreateTask(task_type=f"t{i % 2}", params={"i": i}), {}) for i in range(5)]
+    await writer.change(conn, made[0].task_id, UpdateTask(status=Status.RUNNING, progress=10), {})
+    await writer.change(conn, made[1].task_id, UpdateTask(status=Status.COMPLETED, result={"ok": True}), {})
+    await writer.change(conn, made[2].task_id, UpdateTask(status=Status.FAILED, error="x"), {})
+    await writer.change(conn, made[2].task_id, UpdateTask(status=Status.PENDING), {})
+    await writer.change(conn, made[3].task_id, writer.DeleteTask(), {})
+    return made
+
+
+async def test_a_consistent_database_verifies(conn: psycopg.AsyncConnection, database_url: str) -> None:
+    await seed(conn)
+    report = verify(database_url)
+    assert report.ok, report.summary()
+    assert (report.events, report.streams, report.live) == (10, 5, 4)
+    assert "match" in report.summary()
+
+
+@pytest.mark.parametrize(
+    ("tamper", "named"),
+    [
+        ("UPDATE tasks SET progress = 99 WHERE task_type = 't0' AND status = 'running'", "progress: read model 99.0"),
+        ("UPDATE task_counts SET n = n + 1 WHERE status = 'completed'", "counter t1/completed is 2, the log says 1"),
+        ("DELETE FROM tasks WHERE status = 'completed'", "missing from the read model"),
+    ],
+)
+async def test_a_difference_is_named(conn: psycopg.AsyncConnection, database_url: str, tamper: str, named: str) -> None:
+    await seed(conn)
+    await conn.execute(tamper)
+    report = verify(database_url)
+    assert not report.ok
+    assert named in report.summary()
+
+
+async def test_a_task_the_log_deleted_is_a_difference(conn: psycopg.AsyncConnection, database_url: str) -> None:
+    made = await seed(conn)
+    await conn.execute(
+        "INSERT INTO tasks SELECT 999, %s, 't1', 'pending', 0, NULL, NULL, NULL, 0, now(), now(), NULL, NULL, 2",
+        (made[3].task_id,),
+    )
+    assert "was deleted in the log" in verify(database_url).summary()
+
+
+async def test_the_verify_command_exits_non_zero_on_a_difference(
+    conn: psycopg.AsyncConnection, database_url: str
+) -> None:
+    await seed(conn)
+    code, out = await run_verify(database_url)
+    assert (code, "match" in out) == (0, True)
+    await conn.execute("UPDATE tasks SET retry_count = 7")
+    code, out = await run_verify(database_url)
+    assert code == 1
+    assert "first difference" in out
+    assert "retry_count" in out
+
+
+async def run_verify(database_url: str) -> tuple[int, str]:
+    env = os.environ | {"DATABASE_URL": database_url}
+    done = await anyio.run_process([sys.executable, "-m", "tasktrail", "verify"], env=env, check=False)
+    return done.returncode, done.stdout.decode()
