@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
@@ -63,6 +63,13 @@ async def append(
     ]
 
 
+def _stored(stream_id: UUID, rows: list[tuple[Any, ...]]) -> list[Stored]:
+    return [
+        Stored(Recorded(stream_id, version, position, at, from_data(type_, data)), metadata)
+        for version, position, at, type_, data, metadata in rows
+    ]
+
+
 READ_STREAM = """
 SELECT version, position, occurred_at, type, data, metadata
 FROM events
@@ -76,7 +83,23 @@ async def read_stream(
     conn: psycopg.AsyncConnection, stream_id: UUID, *, after_version: int = 0, limit: int = 1_000_000
 ) -> list[Stored]:
     cur = await conn.execute(READ_STREAM, {"stream_id": stream_id, "after_version": after_version, "limit": limit})
-    return [
-        Stored(Recorded(stream_id, version, position, at, from_data(type_, data)), metadata)
-        for version, position, at, type_, data, metadata in await cur.fetchall()
-    ]
+    return _stored(stream_id, await cur.fetchall())
+
+
+# Time travel: the stream as it stood at a version or a moment.
+READ_STREAM_UNTIL = """
+SELECT version, position, occurred_at, type, data, metadata
+FROM events
+WHERE stream_id = %(stream_id)s AND version <= %(version)s AND occurred_at <= %(as_of)s
+ORDER BY version
+"""
+
+FAR_FUTURE = datetime.max.replace(tzinfo=UTC)
+
+
+async def read_stream_until(
+    conn: psycopg.AsyncConnection, stream_id: UUID, *, version: int | None = None, as_of: datetime | None = None
+) -> list[Stored]:
+    params = {"stream_id": stream_id, "version": version or 2**31 - 1, "as_of": as_of or FAR_FUTURE}
+    cur = await conn.execute(READ_STREAM_UNTIL, params)
+    return _stored(stream_id, await cur.fetchall())

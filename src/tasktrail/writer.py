@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID, uuid4
 
 import psycopg
 
-from tasktrail import eventstore, projections
+from tasktrail import eventstore, idempotency, projections
 from tasktrail.domain.task import FINISHED, Command, CreateTask, DeleteTask, Task, TaskNotFound, decide, evolve
 from tasktrail.projections import tasks as tasks_view
 
@@ -19,16 +19,21 @@ from tasktrail.projections import tasks as tasks_view
 MAX_ATTEMPTS = 100
 
 
+class PreconditionFailed(Exception):
+    """The task is not at the version the caller said it expected (If-Match)."""
+
+
 def now() -> datetime:
     return datetime.now(UTC)
 
 
-async def _commit(
+async def _apply(
     conn: psycopg.AsyncConnection,
     commands: Sequence[tuple[UUID, Task | None, Command]],
     metadata: dict[str, Any],
+    at: datetime,
 ) -> list[Task | None]:
-    """Decide each command on its state; append and project what changed, atomically."""
+    """Decide each command on its state; append and project what changed (in the caller's transaction)."""
     decided = [(stream_id, before, decide(command, before)) for stream_id, before, command in commands]
     pending = [
         (stream_id, 1 if before is None else before.version + 1, event)
@@ -38,45 +43,75 @@ async def _commit(
     if not pending:
         return [before for _, before, _ in decided]
     befores = {stream_id: before for stream_id, before, _ in decided}
-    async with conn.transaction():
-        recorded = await eventstore.append(conn, pending, metadata, now())
-        changes = [(r, befores[r.stream_id], evolve(befores[r.stream_id], r)) for r in recorded]
-        await projections.project(conn, changes)
+    recorded = await eventstore.append(conn, pending, metadata, at)
+    changes = [(r, befores[r.stream_id], evolve(befores[r.stream_id], r)) for r in recorded]
+    await projections.project(conn, changes)
     afters = {r.stream_id: after for r, _, after in changes}
     return [afters.get(stream_id, before) for stream_id, before, _ in decided]
 
 
-async def create(conn: psycopg.AsyncConnection, command: CreateTask, metadata: dict[str, Any]) -> Task:
-    (task,) = await _commit(conn, [(uuid4(), None, command)], metadata)
-    assert task is not None
-    return task
+async def create(
+    conn: psycopg.AsyncConnection, command: CreateTask, metadata: dict[str, Any], idempotency_key: str | None = None
+) -> Task:
+    """Create a task; with a key, a repeat of the same request returns the task the first one created."""
+    print_ = idempotency.fingerprint(command) if idempotency_key else b""
+    for _ in range(MAX_ATTEMPTS):
+        task_id, at = uuid4(), now()
+        async with conn.transaction():
+            if idempotency_key is None or await idempotency.claim(conn, idempotency_key, print_, task_id, at):
+                (task,) = await _apply(conn, [(task_id, None, command)], metadata, at)
+                assert task is not None
+                return task
+        assert idempotency_key is not None
+        original = await idempotency.find(conn, idempotency_key, print_)
+        if original is None:
+            continue  # the claim expired and was cleaned up meanwhile: claim it now
+        task = await tasks_view.get(conn, original)
+        if task is None:
+            raise TaskNotFound(f"task {original}, created with this Idempotency-Key, has been deleted")
+        return task
+    raise eventstore.VersionConflict("could not claim the Idempotency-Key; try again")
 
 
 async def change(
-    conn: psycopg.AsyncConnection, task_id: UUID, command: Command, metadata: dict[str, Any]
+    conn: psycopg.AsyncConnection,
+    task_id: UUID,
+    command: Command,
+    metadata: dict[str, Any],
+    expected: Collection[int] | None = None,
 ) -> Task | None:
-    """Apply an update or delete to a live task, deciding again on a lost race."""
+    """Apply an update or delete to a live task, deciding again on a lost race unless versions were expected."""
     for _ in range(MAX_ATTEMPTS):
         before = await tasks_view.get(conn, task_id)
         if before is None:
             raise TaskNotFound(f"task {task_id} not found")
+        if expected is not None and before.version not in expected:
+            raise PreconditionFailed(f"task {task_id} is at version {before.version}, not {_versions(expected)}")
         try:
-            (after,) = await _commit(conn, [(task_id, before, command)], metadata)
+            async with conn.transaction():
+                (after,) = await _apply(conn, [(task_id, before, command)], metadata, now())
         except eventstore.VersionConflict:
+            if expected is not None:
+                raise PreconditionFailed(f"task {task_id} changed after version {before.version}") from None
             continue
         return after
     raise eventstore.VersionConflict(f"task {task_id} is changing too fast; try again")
+
+
+def _versions(expected: Collection[int]) -> str:
+    return " or ".join(map(str, sorted(expected))) or "any version If-Match named"
 
 
 async def cleanup(conn: psycopg.AsyncConnection, days: int, metadata: dict[str, Any]) -> int:
     """Delete (reason: retention) every finished task completed more than `days` ago."""
     retention = DeleteTask(reason="retention")
     for _ in range(MAX_ATTEMPTS):
-        expired = await tasks_view.finished_before(conn, now() - timedelta(days=days), FINISHED)
-        if not expired:
-            return 0
+        at = now()
+        expired = await tasks_view.finished_before(conn, at - timedelta(days=days), FINISHED)
         try:
-            await _commit(conn, [(task.task_id, task, retention) for task in expired], metadata)
+            async with conn.transaction():
+                await _apply(conn, [(task.task_id, task, retention) for task in expired], metadata, at)
+                await idempotency.forget_expired(conn, at)
         except eventstore.VersionConflict:
             continue  # one of them changed meanwhile: look again
         return len(expired)

@@ -69,7 +69,9 @@ class TaskUpdated(_Change, frozen=True):
     """Result or error set without a status change."""
 
 
-class TaskDeleted(_Event, frozen=True):
+class TaskDeleted(_Event, frozen=True, omit_defaults=False):
+    """Deleted at a request, or by cleanup (reason "retention"); the reason is always stored."""
+
     reason: str = "request"
 
 

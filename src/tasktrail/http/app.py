@@ -20,9 +20,9 @@ from litestar.exceptions import HTTPException, ValidationException
 from litestar.middleware import ASGIMiddleware
 from litestar.types import ASGIApp, Receive, Scope, Send
 
-from tasktrail import db, eventstore
+from tasktrail import db, eventstore, idempotency, writer
 from tasktrail.domain.task import TaskNotFound, TransitionRejected
-from tasktrail.http import health, tasks
+from tasktrail.http import health, history, tasks
 from tasktrail.http.body import MAX_BODY_BYTES, InvalidInput, MalformedBody
 
 log = logging.getLogger("tasktrail")
@@ -60,6 +60,14 @@ def _rejected(_: Request, exc: TransitionRejected) -> Response[bytes]:
 
 def _conflict(_: Request, exc: eventstore.VersionConflict) -> Response[bytes]:
     return problem(409, str(exc))
+
+
+def _precondition(_: Request, exc: writer.PreconditionFailed) -> Response[bytes]:
+    return problem(412, str(exc))
+
+
+def _key_reused(_: Request, exc: idempotency.KeyReused) -> Response[bytes]:
+    return problem(422, str(exc), errors=[{"field": "Idempotency-Key", "message": str(exc)}])
 
 
 def _malformed(_: Request, exc: MalformedBody) -> Response[bytes]:
@@ -132,7 +140,7 @@ def create_app(database_url: str | None = None) -> Litestar:
             await app.state.pool.close()
 
     return Litestar(
-        route_handlers=[*tasks.ROUTES, *health.ROUTES],
+        route_handlers=[*tasks.ROUTES, *history.ROUTES, *health.ROUTES],
         dependencies={"conn": Provide(provide_connection)},
         lifespan=[lifespan],
         middleware=[RequestId()],
@@ -141,6 +149,8 @@ def create_app(database_url: str | None = None) -> Litestar:
             TaskNotFound: _not_found,
             TransitionRejected: _rejected,
             eventstore.VersionConflict: _conflict,
+            writer.PreconditionFailed: _precondition,
+            idempotency.KeyReused: _key_reused,
             MalformedBody: _malformed,
             InvalidInput: _invalid,
             ValidationException: _invalid_parameter,

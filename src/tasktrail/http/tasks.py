@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
+from datetime import UTC, datetime
 from typing import Annotated, Any
 from urllib.parse import urlencode
 from uuid import UUID
@@ -12,10 +14,10 @@ import msgspec
 import psycopg
 from litestar import Request, Response, delete, get, patch, post
 from litestar.di import NamedDependency
-from litestar.params import FromPath, QueryParameter
+from litestar.params import FromPath, HeaderParameter, QueryParameter
 
-from tasktrail import writer
-from tasktrail.domain.task import CreateTask, DeleteTask, Status, Task, TaskNotFound, UpdateTask
+from tasktrail import eventstore, writer
+from tasktrail.domain.task import CreateTask, DeleteTask, Status, Task, TaskNotFound, UpdateTask, fold
 from tasktrail.http.body import MAX_BODY_BYTES, check_json, decode, invalid
 from tasktrail.projections import stats
 from tasktrail.projections import tasks as tasks_view
@@ -31,7 +33,27 @@ def json_response(content: Any, status_code: int = 200, headers: dict[str, str] 
     return Response(_encode(content), status_code=status_code, media_type=JSON, headers=headers)
 
 
-def parse_task_id(task_id: FromPath[str]) -> UUID:
+def task_response(task: Task, status_code: int = 200, headers: dict[str, str] | None = None) -> Response[bytes]:
+    """A task with its version as a strong ETag."""
+    return json_response(task, status_code, {"ETag": f'"{task.version}"'} | (headers or {}))
+
+
+_TAG = re.compile(r'\s*(?:W/)?"(\d{1,10})"\s*')
+
+
+def matching_versions(header: str) -> frozenset[int] | None:
+    """The versions an If-Match/If-None-Match header names; None for `*` (any)."""
+    if header.strip() == "*":
+        return None
+    return frozenset(int(m[1]) for part in header.split(",") if (m := _TAG.fullmatch(part)))
+
+
+def expected_versions(request: Request) -> frozenset[int] | None:
+    header = request.headers.get("if-match")
+    return None if header is None else matching_versions(header)
+
+
+def parse_task_id(task_id: str) -> UUID:
     try:
         return UUID(task_id)
     except ValueError:
@@ -41,7 +63,7 @@ def parse_task_id(task_id: FromPath[str]) -> UUID:
 STREAM_STATE = "SELECT max(version), bool_or(type = 'TaskDeleted') FROM events WHERE stream_id = %(stream_id)s"
 
 
-async def not_found(conn: Connection, task_id: UUID) -> TaskNotFound:
+async def not_found(conn: psycopg.AsyncConnection, task_id: UUID) -> TaskNotFound:
     """A 404 that says whether the task never existed or was deleted."""
     cur = await conn.execute(STREAM_STATE, {"stream_id": task_id})
     _version, deleted = await cur.fetchone()  # type: ignore[misc]
@@ -50,46 +72,91 @@ async def not_found(conn: Connection, task_id: UUID) -> TaskNotFound:
     return TaskNotFound(f"task {task_id} not found")
 
 
-def metadata(request: Request) -> dict[str, Any]:
-    return {"request_id": request.state.request_id}
+def metadata(request: Request, **extra: str) -> dict[str, Any]:
+    """What the log records of a request beside the event."""
+    return {"request_id": request.state.request_id} | extra
+
+
+IdempotencyKey = Annotated[
+    str | None, HeaderParameter(name="Idempotency-Key", min_length=1, max_length=255, pattern="^[\\x21-\\x7e]+$")
+]
 
 
 @post(["/tasks", "/tasks/"], status_code=201, request_max_body_size=MAX_BODY_BYTES)
-async def create_task(request: Request, conn: Connection) -> Response[bytes]:
+async def create_task(request: Request, conn: Connection, idempotency_key: IdempotencyKey = None) -> Response[bytes]:
+    """Create a task; a repeat with the same Idempotency-Key and body returns the first one's task."""
     command = decode(await request.body(), CreateTask)
     check_json("params", command.params)
-    task = await writer.create(conn, command, metadata(request))
-    return json_response(task, 201, {"Location": f"/tasks/{task.task_id}"})
+    extra = {} if idempotency_key is None else {"idempotency_key": idempotency_key}
+    task = await writer.create(conn, command, metadata(request, **extra), idempotency_key)
+    return task_response(task, 201, {"Location": f"/tasks/{task.task_id}"})
+
+
+async def _as_it_was(conn: psycopg.AsyncConnection, uuid: UUID, version: int | None, as_of: datetime | None) -> Task:
+    history = await eventstore.read_stream_until(conn, uuid, version=version, as_of=as_of)
+    when = f"version {version}" if version is not None else f"{as_of:%Y-%m-%dT%H:%M:%S.%f%z}"
+    if not history:
+        if await eventstore.read_stream(conn, uuid, limit=1):
+            raise TaskNotFound(f"task {uuid} did not exist yet at {when}")
+        raise TaskNotFound(f"task {uuid} not found")
+    task = fold(s.recorded for s in history)
+    if task is None:
+        raise TaskNotFound(f"task {uuid} had been deleted by {when}")
+    return task
 
 
 @get("/tasks/{task_id:str}")
-async def get_task(conn: Connection, task_id: FromPath[str]) -> Response[bytes]:
+async def get_task(
+    request: Request,
+    conn: Connection,
+    task_id: FromPath[str],
+    version: Annotated[int | None, QueryParameter(ge=1, le=2**31 - 1)] = None,
+    as_of: Annotated[datetime | None, QueryParameter()] = None,
+) -> Response[bytes]:
+    """The task now, or as it was at ?version=N or ?as_of=TIME (folded from the log)."""
     uuid = parse_task_id(task_id)
-    task = await tasks_view.get(conn, uuid)
-    if task is None:
-        raise await not_found(conn, uuid)
-    return json_response(task)
+    if version is not None and as_of is not None:
+        raise invalid("as_of", "give version or as_of, not both")
+    if version is not None or as_of is not None:
+        task = await _as_it_was(conn, uuid, version, None if as_of is None else _aware(as_of))
+    else:
+        found = await tasks_view.get(conn, uuid)
+        if found is None:
+            raise await not_found(conn, uuid)
+        task = found
+    cached = request.headers.get("if-none-match")
+    if cached is not None and ((tags := matching_versions(cached)) is None or task.version in tags):
+        return Response(b"", status_code=304, headers={"ETag": f'"{task.version}"'})
+    return task_response(task)
+
+
+def _aware(moment: datetime) -> datetime:
+    """A time without an offset is taken as UTC."""
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
 @patch("/tasks/{task_id:str}", request_max_body_size=MAX_BODY_BYTES)
 async def update_task(request: Request, conn: Connection, task_id: FromPath[str]) -> Response[bytes]:
+    """Change status, progress, result or error; If-Match makes it conditional on the version."""
     uuid = parse_task_id(task_id)
     command = decode(await request.body(), UpdateTask)
     if command == UpdateTask():
         raise invalid("body", "give at least one of status, progress, result, error")
     check_json("result", command.result)
     try:
-        task = await writer.change(conn, uuid, command, metadata(request))
+        task = await writer.change(conn, uuid, command, metadata(request), expected_versions(request))
     except TaskNotFound:
         raise await not_found(conn, uuid) from None
-    return json_response(task)
+    assert task is not None
+    return task_response(task)
 
 
 @delete("/tasks/{task_id:str}", status_code=200)
 async def delete_task(request: Request, conn: Connection, task_id: FromPath[str]) -> Response[bytes]:
+    """Delete the task (its history stays); If-Match makes it conditional on the version."""
     uuid = parse_task_id(task_id)
     try:
-        await writer.change(conn, uuid, DeleteTask(), metadata(request))
+        await writer.change(conn, uuid, DeleteTask(), metadata(request), expected_versions(request))
     except TaskNotFound:
         raise await not_found(conn, uuid) from None
     return json_response({"status": "deleted"})

@@ -1,0 +1,188 @@
+"""History, time travel, ETags and idempotency keys (SPEC 6), through the real app."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from urllib.parse import urlsplit
+from uuid import uuid4
+
+import anyio
+import psycopg
+import pytest
+from litestar.testing import AsyncTestClient
+
+from tasktrail.http.app import create_app
+
+pytestmark = pytest.mark.anyio
+
+
+async def create(client: AsyncTestClient, **headers: str) -> dict:
+    response = await client.post("/tasks/", json={"task_type": "h", "params": {"n": 1}}, headers=headers)
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+async def patch(client: AsyncTestClient, task_id: str, body: dict, **headers: str):  # type: ignore[no-untyped-def]
+    return await client.patch(f"/tasks/{task_id}", json=body, headers=headers)
+
+
+async def test_history_lists_events_in_version_order_with_metadata(client: AsyncTestClient) -> None:
+    task = await create(client, **{"X-Request-ID": "req1"})
+    await patch(client, task["task_id"], {"status": "running", "progress": 5})
+    await patch(client, task["task_id"], {"progress": 50})
+    await patch(client, task["task_id"], {"status": "completed", "result": {"ok": 1}})
+    response = await client.get(f"/tasks/{task['task_id']}/history")
+    assert response.status_code == 200
+    body = response.json()
+    assert body["task_id"] == task["task_id"]
+    events = body["events"]
+    assert [e["type"] for e in events] == ["TaskCreated", "TaskStarted", "ProgressReported", "TaskCompleted"]
+    assert [e["version"] for e in events] == [1, 2, 3, 4]
+    assert [e["position"] for e in events] == sorted(e["position"] for e in events)
+    assert events[0]["position"] == task["id"]
+    assert events[0]["data"] == {"task_type": "h", "params": {"n": 1}}
+    assert events[1]["data"] == {"progress": 5.0}
+    assert events[3]["data"] == {"progress": 100.0, "result": {"ok": 1}}
+    assert events[0]["metadata"] == {"request_id": "req1"}
+    assert all(set(e) == {"version", "position", "type", "occurred_at", "data", "metadata"} for e in events)
+    assert datetime.fromisoformat(events[3]["occurred_at"]) == datetime.fromisoformat(
+        (await client.get(f"/tasks/{task['task_id']}")).json()["completed_at"]
+    )
+
+
+async def test_history_pages_follow_the_link_header(client: AsyncTestClient) -> None:
+    task = await create(client)
+    for progress in range(1, 8):
+        await patch(client, task["task_id"], {"progress": progress})
+    versions, url = [], f"/tasks/{task['task_id']}/history?limit=3"
+    while url:
+        response = await client.get(url)
+        versions += [e["version"] for e in response.json()["events"]]
+        link = response.headers.get("link")
+        url = link and "{0.path}?{0.query}".format(urlsplit(link[1 : link.index(">")]))
+    assert versions == list(range(1, 9))
+    later = (await client.get(f"/tasks/{task['task_id']}/history?after_version=6")).json()["events"]
+    assert [e["version"] for e in later] == [7, 8]
+
+
+async def test_history_survives_deletion_and_404s_only_for_unknown(client: AsyncTestClient) -> None:
+    task = await create(client)
+    await client.delete(f"/tasks/{task['task_id']}")
+    events = (await client.get(f"/tasks/{task['task_id']}/history")).json()["events"]
+    assert [e["type"] for e in events] == ["TaskCreated", "TaskDeleted"]
+    assert events[1]["data"] == {"reason": "request"}
+    for unknown in (uuid4(), "nope"):
+        response = await client.get(f"/tasks/{unknown}/history")
+        assert response.status_code == 404
+        assert response.headers["content-type"] == "application/problem+json"
+    for query in ("limit=0", "limit=1001", "after_version=-1"):
+        assert (await client.get(f"/tasks/{task['task_id']}/history?{query}")).status_code == 422
+
+
+async def test_time_travel_by_version_and_by_time(client: AsyncTestClient) -> None:
+    task = await create(client)
+    running = (await patch(client, task["task_id"], {"status": "running", "progress": 10})).json()
+    done = (await patch(client, task["task_id"], {"status": "completed"})).json()
+    url = f"/tasks/{task['task_id']}"
+
+    assert (await client.get(f"{url}?version=1")).json() == task
+    assert (await client.get(f"{url}?version=2")).json() == running
+    assert (await client.get(f"{url}?version=99")).json() == done
+    assert (await client.get(f"{url}?version=2")).headers["etag"] == '"2"'
+
+    at = datetime.fromisoformat(running["updated_at"])
+    assert (await client.get(url, params={"as_of": at.isoformat()})).json() == running
+    before_done = at + (datetime.fromisoformat(done["updated_at"]) - at) / 2
+    assert (await client.get(url, params={"as_of": before_done.isoformat()})).json() == running
+    naive_utc = at.replace(tzinfo=None).isoformat()
+    assert (await client.get(url, params={"as_of": naive_utc})).json() == running
+
+    too_early = datetime.fromisoformat(task["created_at"]) - timedelta(seconds=1)
+    early = await client.get(url, params={"as_of": too_early.isoformat()})
+    assert early.status_code == 404
+    assert "did not exist yet" in early.json()["detail"]
+
+    await client.delete(url)
+    assert (await client.get(f"{url}?version=3")).json() == done
+    gone = await client.get(f"{url}?version=4")
+    assert gone.status_code == 404
+    assert "deleted" in gone.json()["detail"]
+    for query in ("version=0", "version=x", "as_of=yesterday", "version=1&as_of=2026-01-01T00:00:00Z"):
+        assert (await client.get(f"{url}?{query}")).status_code == 422, query
+
+
+async def test_every_task_response_has_its_version_as_etag(client: AsyncTestClient) -> None:
+    created = await client.post("/tasks/", json={"task_type": "e"})
+    task_id = created.json()["task_id"]
+    assert created.headers["etag"] == '"1"'
+    assert (await client.get(f"/tasks/{task_id}")).headers["etag"] == '"1"'
+    assert (await patch(client, task_id, {"progress": 3})).headers["etag"] == '"2"'
+
+
+async def test_if_match_makes_writes_conditional(client: AsyncTestClient) -> None:
+    task_id = (await create(client))["task_id"]
+    stale = await patch(client, task_id, {"progress": 1}, **{"If-Match": '"7"'})
+    assert stale.status_code == 412
+    assert stale.headers["content-type"] == "application/problem+json"
+    assert (await patch(client, task_id, {"progress": 1}, **{"If-Match": '"1"'})).status_code == 200
+    assert (await patch(client, task_id, {"progress": 2}, **{"If-Match": '"1"'})).status_code == 412
+    assert (await patch(client, task_id, {"progress": 2}, **{"If-Match": 'W/"2", "9"'})).status_code == 200
+    assert (await patch(client, task_id, {"progress": 3}, **{"If-Match": "*"})).status_code == 200
+    assert (await patch(client, task_id, {"progress": 4}, **{"If-Match": "garbage"})).status_code == 412
+    assert (await client.delete(f"/tasks/{task_id}", headers={"If-Match": '"1"'})).status_code == 412
+    assert (await client.get(f"/tasks/{task_id}")).json()["version"] == 4
+    assert (await client.delete(f"/tasks/{task_id}", headers={"If-Match": '"4"'})).status_code == 200
+
+
+async def test_if_none_match_answers_304(client: AsyncTestClient) -> None:
+    task_id = (await create(client))["task_id"]
+    fresh = await client.get(f"/tasks/{task_id}", headers={"If-None-Match": '"1"'})
+    assert (fresh.status_code, fresh.content, fresh.headers["etag"]) == (304, b"", '"1"')
+    await patch(client, task_id, {"progress": 9})
+    changed = await client.get(f"/tasks/{task_id}", headers={"If-None-Match": '"1"'})
+    assert (changed.status_code, changed.json()["progress"]) == (200, 9.0)
+
+
+async def test_an_idempotency_key_creates_once(client: AsyncTestClient, database_url: str) -> None:
+    key = {"Idempotency-Key": "order-42"}
+    first = await client.post("/tasks/", json={"task_type": "k", "params": {"a": 1, "b": 2}}, headers=key)
+    again = await client.post("/tasks/", content=b'{"params": {"b": 2, "a": 1}, "task_type": "k"}', headers=key)
+    assert (first.status_code, again.status_code) == (201, 201)
+    assert again.json()["task_id"] == first.json()["task_id"]
+    other = await client.post("/tasks/", json={"task_type": "k", "params": {"a": 2}}, headers=key)
+    assert other.status_code == 422
+    assert other.json()["errors"][0]["field"] == "Idempotency-Key"
+    assert (
+        await client.post("/tasks/", json={"task_type": "k"}, headers={"Idempotency-Key": "x y"})
+    ).status_code == 422
+    with psycopg.connect(database_url) as conn:
+        assert conn.execute("SELECT count(*) FROM events").fetchone() == (1,)
+        assert conn.execute("SELECT metadata->>'idempotency_key' FROM events").fetchone() == ("order-42",)
+
+
+async def test_concurrent_requests_with_one_key_create_one_task(client: AsyncTestClient, database_url: str) -> None:
+    answers: list[str] = []
+
+    async def post() -> None:
+        response = await client.post("/tasks/", json={"task_type": "c"}, headers={"Idempotency-Key": "same"})
+        assert response.status_code == 201
+        answers.append(response.json()["task_id"])
+
+    async with anyio.create_task_group() as group:
+        for _ in range(8):
+            group.start_soon(post)
+    assert len(answers) == 8
+    assert len(set(answers)) == 1
+    with psycopg.connect(database_url) as conn:
+        assert conn.execute("SELECT count(*) FROM events").fetchone() == (1,)
+
+
+async def test_idempotency_keys_outlive_a_restart_and_expire_after_a_day(database_url: str) -> None:
+    body, key = {"task_type": "r"}, {"Idempotency-Key": "restart"}
+    async with AsyncTestClient(app=create_app(database_url)) as client:
+        first = (await client.post("/tasks/", json=body, headers=key)).json()
+    async with AsyncTestClient(app=create_app(database_url)) as client:
+        assert (await client.post("/tasks/", json=body, headers=key)).json()["task_id"] == first["task_id"]
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            conn.execute("UPDATE idempotency_keys SET created_at = created_at - interval '25 hours'")
+        assert (await client.post("/tasks/", json=body, headers=key)).json()["task_id"] != first["task_id"]
