@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
@@ -11,7 +12,7 @@ import msgspec
 import psycopg
 from psycopg.types.json import Jsonb
 
-from tasktrail.domain.events import Event, Recorded, from_data, to_data, type_of
+from tasktrail.domain.events import Recorded, from_data, to_data, type_of
 
 
 class VersionConflict(Exception):
@@ -25,42 +26,59 @@ class Stored(msgspec.Struct, frozen=True):
     metadata: dict[str, Any]
 
 
+# Positions are reserved before the append's transaction, so the whole
+# transaction (append, projections, commit) goes to the server in one round
+# trip, and the projections already know the creating event's position (a
+# task's `id`). Positions are handed out before commit either way; a reserved
+# position that is never used is a gap, as a rolled-back insert would leave.
+RESERVE = "SELECT nextval('events_position_seq') FROM generate_series(1, %(n)s)"
+
+
+async def reserve(conn: psycopg.AsyncConnection, n: int) -> list[int]:
+    """n fresh log positions, in increasing order."""
+    cur = await conn.execute(RESERVE, {"n": n})
+    return [position for (position,) in await cur.fetchall()]
+
+
 APPEND = """
-INSERT INTO events (stream_id, version, type, data, metadata, occurred_at)
-VALUES (%(stream_id)s, %(version)s, %(type)s, %(data)s, %(metadata)s, %(occurred_at)s)
-RETURNING position
+INSERT INTO events (position, stream_id, version, type, data, metadata, occurred_at)
+OVERRIDING SYSTEM VALUE
+VALUES (%(position)s, %(stream_id)s, %(version)s, %(type)s, %(data)s, %(metadata)s, %(occurred_at)s)
 """
 
 
-async def append(
-    conn: psycopg.AsyncConnection,
-    pending: Sequence[tuple[UUID, int, Event]],
-    metadata: dict[str, Any],
-    occurred_at: datetime,
-) -> list[Recorded]:
-    """Append each (stream, version, event); VersionConflict if a version exists already."""
-    shared = {"metadata": Jsonb(metadata), "occurred_at": occurred_at}
+async def append(conn: psycopg.AsyncConnection, recorded: Sequence[Recorded], metadata: dict[str, Any]) -> None:
+    """Queue the events' insert; a taken (stream, version) fails the transaction (see `transaction`)."""
+    shared = Jsonb(metadata)
     params = [
-        {"stream_id": stream_id, "version": version, "type": type_of(event), "data": Jsonb(to_data(event))} | shared
-        for stream_id, version, event in pending
+        {
+            "position": r.position,
+            "stream_id": r.stream_id,
+            "version": r.version,
+            "type": type_of(r.event),
+            "data": Jsonb(to_data(r.event)),
+            "metadata": shared,
+            "occurred_at": r.occurred_at,
+        }
+        for r in recorded
     ]
     cur = conn.cursor()
+    if len(params) == 1:
+        await cur.execute(APPEND, params[0])
+    else:
+        await cur.executemany(APPEND, params)
+
+
+@asynccontextmanager
+async def transaction(conn: psycopg.AsyncConnection) -> AsyncIterator[None]:
+    """One pipelined transaction; VersionConflict when another writer took a version first."""
     try:
-        if len(params) == 1:
-            await cur.execute(APPEND, params[0])
-        else:
-            await cur.executemany(APPEND, params, returning=True)
-        positions = []
-        while True:
-            positions.append((await cur.fetchone())[0])  # type: ignore[index]
-            if not cur.nextset():
-                break
+        async with conn.pipeline(), conn.transaction():
+            yield
     except psycopg.errors.UniqueViolation as exc:
+        if exc.diag.constraint_name != "events_stream_id_version_key":
+            raise
         raise VersionConflict(str(exc.diag.message_detail)) from exc
-    return [
-        Recorded(stream_id, version, position, occurred_at, event)
-        for (stream_id, version, event), position in zip(pending, positions, strict=True)
-    ]
 
 
 def _stored(stream_id: UUID, rows: list[tuple[Any, ...]]) -> list[Stored]:

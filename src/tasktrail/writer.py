@@ -10,7 +10,9 @@ from uuid import UUID, uuid4
 import psycopg
 
 from tasktrail import eventstore, idempotency, projections
+from tasktrail.domain.events import Recorded
 from tasktrail.domain.task import FINISHED, Command, CreateTask, DeleteTask, Task, TaskNotFound, decide, evolve
+from tasktrail.projections import Change
 from tasktrail.projections import tasks as tasks_view
 
 # A writer that loses a race re-reads and decides again. Each lost race means
@@ -27,27 +29,27 @@ def now() -> datetime:
     return datetime.now(UTC)
 
 
-async def _apply(
-    conn: psycopg.AsyncConnection,
-    commands: Sequence[tuple[UUID, Task | None, Command]],
-    metadata: dict[str, Any],
-    at: datetime,
-) -> list[Task | None]:
-    """Decide each command on its state; append and project what changed (in the caller's transaction)."""
+async def _decide(
+    conn: psycopg.AsyncConnection, commands: Sequence[tuple[UUID, Task | None, Command]], at: datetime
+) -> tuple[list[Change], list[Task | None]]:
+    """Decide each command on its state: the changes to write, and every task's state after them."""
     decided = [(stream_id, before, decide(command, before)) for stream_id, before, command in commands]
-    pending = [
-        (stream_id, 1 if before is None else before.version + 1, event)
-        for stream_id, before, event in decided
-        if event is not None
-    ]
+    pending = [(stream_id, before, event) for stream_id, before, event in decided if event is not None]
     if not pending:
-        return [before for _, before, _ in decided]
-    befores = {stream_id: before for stream_id, before, _ in decided}
-    recorded = await eventstore.append(conn, pending, metadata, at)
-    changes = [(r, befores[r.stream_id], evolve(befores[r.stream_id], r)) for r in recorded]
+        return [], [before for _, before, _ in decided]
+    positions = await eventstore.reserve(conn, len(pending))
+    changes = []
+    for (stream_id, before, event), position in zip(pending, positions, strict=True):
+        recorded = Recorded(stream_id, 1 if before is None else before.version + 1, position, at, event)
+        changes.append((recorded, before, evolve(before, recorded)))
+    afters = {recorded.stream_id: after for recorded, _, after in changes}
+    return changes, [afters.get(stream_id, before) for stream_id, before, _ in decided]
+
+
+async def _write(conn: psycopg.AsyncConnection, changes: Sequence[Change], metadata: dict[str, Any]) -> None:
+    """Append the events and project them (inside the caller's eventstore.transaction)."""
+    await eventstore.append(conn, [recorded for recorded, _, _ in changes], metadata)
     await projections.project(conn, changes)
-    afters = {r.stream_id: after for r, _, after in changes}
-    return [afters.get(stream_id, before) for stream_id, before, _ in decided]
 
 
 async def create(
@@ -57,19 +59,20 @@ async def create(
     print_ = idempotency.fingerprint(command) if idempotency_key else b""
     for _ in range(MAX_ATTEMPTS):
         task_id, at = uuid4(), now()
-        async with conn.transaction():
+        changes, (task,) = await _decide(conn, [(task_id, None, command)], at)
+        assert task is not None
+        async with eventstore.transaction(conn):
             if idempotency_key is None or await idempotency.claim(conn, idempotency_key, print_, task_id, at):
-                (task,) = await _apply(conn, [(task_id, None, command)], metadata, at)
-                assert task is not None
+                await _write(conn, changes, metadata)
                 return task
         assert idempotency_key is not None
         original = await idempotency.find(conn, idempotency_key, print_)
         if original is None:
             continue  # the claim expired and was cleaned up meanwhile: claim it now
-        task = await tasks_view.get(conn, original)
-        if task is None:
+        found = await tasks_view.get(conn, original)
+        if found is None:
             raise TaskNotFound(f"task {original}, created with this Idempotency-Key, has been deleted")
-        return task
+        return found
     raise eventstore.VersionConflict("could not claim the Idempotency-Key; try again")
 
 
@@ -87,9 +90,12 @@ async def change(
             raise TaskNotFound(f"task {task_id} not found")
         if expected is not None and before.version not in expected:
             raise PreconditionFailed(f"task {task_id} is at version {before.version}, not {_versions(expected)}")
+        changes, (after,) = await _decide(conn, [(task_id, before, command)], now())
+        if not changes:
+            return after
         try:
-            async with conn.transaction():
-                (after,) = await _apply(conn, [(task_id, before, command)], metadata, now())
+            async with eventstore.transaction(conn):
+                await _write(conn, changes, metadata)
         except eventstore.VersionConflict:
             if expected is not None:
                 raise PreconditionFailed(f"task {task_id} changed after version {before.version}") from None
@@ -108,9 +114,10 @@ async def cleanup(conn: psycopg.AsyncConnection, days: int, metadata: dict[str, 
     for _ in range(MAX_ATTEMPTS):
         at = now()
         expired = await tasks_view.finished_before(conn, at - timedelta(days=days), FINISHED)
+        changes, _ = await _decide(conn, [(task.task_id, task, retention) for task in expired], at)
         try:
-            async with conn.transaction():
-                await _apply(conn, [(task.task_id, task, retention) for task in expired], metadata, at)
+            async with eventstore.transaction(conn):
+                await _write(conn, changes, metadata)
                 await idempotency.forget_expired(conn, at)
         except eventstore.VersionConflict:
             continue  # one of them changed meanwhile: look again

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import multiprocessing
-from uuid import uuid4
+from uuid import UUID, uuid4
 
 import psycopg
 import pytest
 
 from tasktrail import eventstore, migrations, writer
-from tasktrail.domain.events import TaskCreated, TaskStarted
+from tasktrail.domain.events import Event, Recorded, TaskCreated, TaskStarted
 from tasktrail.domain.task import CreateTask, Status, TransitionRejected, UpdateTask
 from tasktrail.projections import stats
 from tasktrail.projections import tasks as tasks_view
@@ -44,20 +44,33 @@ async def test_the_log_refuses_changes_even_as_a_replica(conn: psycopg.AsyncConn
         await conn.execute("DELETE FROM events")
 
 
+async def append(conn: psycopg.AsyncConnection, stream: UUID, version: int, event: Event, **metadata: str) -> None:
+    (position,) = await eventstore.reserve(conn, 1)
+    async with eventstore.transaction(conn):
+        await eventstore.append(conn, [Recorded(stream, version, position, writer.now(), event)], metadata)
+
+
 async def test_versions_are_unique_per_stream(conn: psycopg.AsyncConnection) -> None:
     stream = uuid4()
-    at = writer.now()
-    first = await eventstore.append(conn, [(stream, 1, TaskCreated(task_type="t"))], {"request_id": "a"}, at)
-    assert first[0].version == 1
+    await append(conn, stream, 1, TaskCreated(task_type="t"), request_id="a")
     with pytest.raises(eventstore.VersionConflict):
-        await eventstore.append(conn, [(stream, 1, TaskStarted())], {}, at)
-    await eventstore.append(conn, [(stream, 2, TaskStarted())], {}, at)
+        await append(conn, stream, 1, TaskStarted())
+    await append(conn, stream, 2, TaskStarted())
     stored = await eventstore.read_stream(conn, stream)
     assert [s.recorded.version for s in stored] == [1, 2]
     assert [type(s.recorded.event) for s in stored] == [TaskCreated, TaskStarted]
     assert stored[0].metadata == {"request_id": "a"}
     assert stored[0].recorded.position < stored[1].recorded.position
     assert [s.recorded.version for s in await eventstore.read_stream(conn, stream, after_version=1)] == [2]
+    assert await count(conn, "events") == 2
+
+
+async def test_reserved_positions_increase(conn: psycopg.AsyncConnection) -> None:
+    first = await eventstore.reserve(conn, 3)
+    second = await eventstore.reserve(conn, 1)
+    assert first == sorted(first)
+    assert len(set(first)) == 3
+    assert second[0] > first[-1]
 
 
 async def test_an_accepted_write_is_one_event_with_its_projections(conn: psycopg.AsyncConnection) -> None:
