@@ -170,6 +170,8 @@ async def test_list_filters_newest_first_and_skip_limit(client: AsyncTestClient)
     done = (await client.get("/tasks/?status=completed")).json()
     assert [t["task_id"] for t in done] == [made[0]["task_id"]]
     assert (await client.get("/tasks/?status=completed&task_type=a")).json() == []
+    # An empty filter is no filter, as in the seed (a front end's empty <select>).
+    assert len((await client.get("/tasks/?status=&task_type=")).json()) == 6
 
 
 async def test_keyset_pages_follow_the_link_header(client: AsyncTestClient) -> None:
@@ -201,6 +203,7 @@ async def test_stats_count_every_status_including_canceled(client: AsyncTestClie
     await create(client, "other")
     stats = (await client.get("/tasks/stats/summary")).json()
     assert stats == {"total": 6, "pending": 2, "running": 1, "completed": 1, "failed": 1, "canceled": 1}
+    assert (await client.get("/tasks/stats/summary?task_type=")).json() == stats
     only_s = (await client.get("/tasks/stats/summary?task_type=s")).json()
     assert only_s["total"] == 5
     assert only_s["pending"] == 1
@@ -249,3 +252,15 @@ async def test_writes_record_the_request_id(client: AsyncTestClient, database_ur
     assert response.headers["x-request-id"] == "abc123"
     with psycopg.connect(database_url) as conn:
         assert conn.execute("SELECT metadata FROM events").fetchone() == ({"request_id": "abc123"},)
+
+
+async def test_browsers_on_other_origins_may_call_and_read_headers(client: AsyncTestClient) -> None:
+    preflight = await client.options(
+        "/tasks/",
+        headers={"Origin": "http://app.example", "Access-Control-Request-Method": "PATCH",
+                 "Access-Control-Request-Headers": "if-match, content-type"},
+    )  # fmt: skip
+    assert preflight.status_code in (200, 204)
+    assert preflight.headers["access-control-allow-origin"] in ("*", "http://app.example")
+    created = await client.post("/tasks/", json={"task_type": "x"}, headers={"Origin": "http://app.example"})
+    assert "etag" in created.headers["access-control-expose-headers"].lower()

@@ -14,6 +14,7 @@ import msgspec
 import psycopg
 import psycopg_pool
 from litestar import Litestar, Request, Response
+from litestar.config.cors import CORSConfig
 from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.exceptions import HTTPException, ValidationException
@@ -145,6 +146,13 @@ def create_app(database_url: str | None = None) -> Litestar:
         lifespan=[lifespan],
         middleware=[RequestId()],
         request_max_body_size=MAX_BODY_BYTES,
+        # Browsers on other origins (the seed's front end) may call the API and read its headers.
+        cors_config=CORSConfig(
+            allow_origins=["*"],
+            allow_methods=["GET", "POST", "PATCH", "DELETE"],
+            allow_headers=["Authorization", "Content-Type", "If-Match", "If-None-Match", "Idempotency-Key"],
+            expose_headers=["ETag", "Link", "Location", "X-Request-ID"],
+        ),
         exception_handlers={
             TaskNotFound: _not_found,
             TransitionRejected: _rejected,

@@ -26,7 +26,20 @@ JSON = "application/json"
 Connection = NamedDependency[psycopg.AsyncConnection]
 _encode = msgspec.json.Encoder().encode
 
-TaskTypeFilter = Annotated[str | None, QueryParameter(max_length=200, pattern="^[^\\x00]*$")]
+# Filters: an empty value means no filter, as in the seed (`?status=` lists everything).
+TaskTypeFilter = Annotated[
+    str | None, QueryParameter(max_length=200, pattern="^[^\\x00]*$", description="only this task type")
+]
+StatusFilter = Annotated[str | None, QueryParameter(description=f"only this status: {', '.join(Status)}")]
+
+
+def status_filter(status: str | None) -> Status | None:
+    if not status:
+        return None
+    try:
+        return Status(status)
+    except ValueError:
+        raise invalid("status", f"{status!r} is not one of {', '.join(Status)}") from None
 
 
 def json_response(content: Any, status_code: int = 200, headers: dict[str, str] | None = None) -> Response[bytes]:
@@ -180,7 +193,7 @@ def _decode_cursor(cursor: str) -> int:
 async def list_tasks(
     request: Request,
     conn: Connection,
-    status: Annotated[Status | None, QueryParameter()] = None,
+    status: StatusFilter = None,
     task_type: TaskTypeFilter = None,
     skip: Annotated[int, QueryParameter(ge=0, le=1_000_000_000)] = 0,
     limit: Annotated[int, QueryParameter(ge=1, le=1000)] = 100,
@@ -189,8 +202,8 @@ async def list_tasks(
     """Live tasks, newest first; the next page's URL is in the Link header."""
     page = await tasks_view.list_page(
         conn,
-        status=status,
-        task_type=task_type,
+        status=status_filter(status),
+        task_type=task_type or None,
         before=None if cursor is None else _decode_cursor(cursor),
         skip=skip,
         limit=limit,
@@ -206,7 +219,7 @@ async def list_tasks(
 @get("/tasks/stats/summary")
 async def stats_summary(conn: Connection, task_type: TaskTypeFilter = None) -> Response[bytes]:
     """Counts per status, from the counters (never by counting rows)."""
-    return json_response(await stats.summary(conn, task_type))
+    return json_response(await stats.summary(conn, task_type or None))
 
 
 @post("/tasks/cleanup", status_code=200)
