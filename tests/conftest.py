@@ -7,10 +7,12 @@ migrated template, so tests never see each other's events.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -36,16 +38,32 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
+@contextmanager
+def embedded_data_dir() -> Iterator[Path]:
+    """A folder for an embedded PostgreSQL's data, removed afterwards.
+
+    Not under pytest's tmp_path: as root, pgserver runs PostgreSQL as another
+    user, who must be able to reach the folder, and pytest keeps its own base
+    folder private (0700), re-tightening it whenever another session starts.
+    """
+    path = Path(tempfile.mkdtemp(prefix="tasktrail-test-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
-def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def server_url() -> Iterator[str]:
     """A PostgreSQL server: DATABASE_URL's, or an embedded one for this session."""
     url = os.environ.get("DATABASE_URL")
     if url:
         yield url
         return
-    server = db.start_embedded(tmp_path_factory.mktemp("embedded"), cleanup_mode="delete")
-    yield server.get_uri()
-    server.cleanup()
+    with embedded_data_dir() as data_dir:
+        server = db.start_embedded(data_dir, cleanup_mode="delete")
+        yield server.get_uri()
+        server.cleanup()
 
 
 def _admin(server_url: str) -> psycopg.Connection:

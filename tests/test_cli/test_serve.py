@@ -13,12 +13,16 @@ import psutil
 import psycopg
 
 from tasktrail import migrations
-from tests.conftest import Server
+from tests.conftest import Server, embedded_data_dir
 
 
 def test_serve_with_no_database_configured_uses_embedded_postgres(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
-    data_dir = tmp_path / "data"
+    with embedded_data_dir() as data_dir:
+        serve_twice(env, data_dir, tmp_path)
+
+
+def serve_twice(env: dict[str, str], data_dir: Path, tmp_path: Path) -> None:
 
     first = Server(env, "--data-dir", str(data_dir), log_dir=tmp_path)
     created = httpx.post(f"{first.url}/tasks/", json={"task_type": "embedded"}).json()
