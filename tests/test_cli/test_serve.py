@@ -23,7 +23,7 @@ def test_serve_with_no_database_configured_uses_embedded_postgres(tmp_path: Path
 
 
 def serve_twice(env: dict[str, str], data_dir: Path, tmp_path: Path) -> None:
-
+    """Start, write, Ctrl-C; start again on the same data and find the write."""
     first = Server(env, "--data-dir", str(data_dir), log_dir=tmp_path)
     created = httpx.post(f"{first.url}/tasks/", json={"task_type": "embedded"}).json()
     assert (data_dir / "pgdata" / "PG_VERSION").exists()
