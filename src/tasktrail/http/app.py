@@ -7,47 +7,24 @@ import os
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from http import HTTPStatus
 from typing import Any
 
-import msgspec
 import psycopg
 import psycopg_pool
 from litestar import Litestar, Request, Response
-from litestar.datastructures import State
+from litestar.datastructures import MutableScopeHeaders, State
 from litestar.di import Provide
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.middleware import ASGIMiddleware
-from litestar.types import ASGIApp, Receive, Scope, Send
+from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from tasktrail import db, eventstore, idempotency, writer
 from tasktrail.domain.task import TaskNotFound, TransitionRejected
-from tasktrail.http import health, history, tasks
+from tasktrail.http import health, history, openapi, tasks
 from tasktrail.http.body import MAX_BODY_BYTES, InvalidInput, MalformedBody
+from tasktrail.http.problems import problem
 
 log = logging.getLogger("tasktrail")
-
-PROBLEM = "application/problem+json"
-
-
-class Problem(msgspec.Struct, omit_defaults=True):
-    """RFC 9457 problem details."""
-
-    type: str
-    title: str
-    status: int
-    detail: str
-    errors: list[dict[str, str]] | None = None
-    current_status: str | None = None
-    allowed: list[str] | None = None
-
-
-def problem(status: int, detail: str, **extra: Any) -> Response[bytes]:
-    title = HTTPStatus(status).phrase
-    body = Problem(
-        type=f"/problems/{title.lower().replace(' ', '-')}", title=title, status=status, detail=detail, **extra
-    )
-    return Response(msgspec.json.encode(body), status_code=status, media_type=PROBLEM)
 
 
 def _not_found(_: Request, exc: TaskNotFound) -> Response[bytes]:
@@ -80,7 +57,10 @@ def _invalid(_: Request, exc: InvalidInput) -> Response[bytes]:
 
 def _invalid_parameter(_: Request, exc: ValidationException) -> Response[bytes]:
     errors = [
-        {"field": str(item.get("key", "?")), "message": str(item.get("message", ""))}
+        # An empty body never reaches the strict decoder: Litestar reports the `data` argument missing.
+        {"field": "body", "message": "required"}
+        if item.get("source") == "body"
+        else {"field": str(item.get("key", "?")), "message": str(item.get("message", ""))}
         for item in (exc.extra if isinstance(exc.extra, list) else [])
         if isinstance(item, dict)
     ]
@@ -96,7 +76,11 @@ def _http(_: Request, exc: HTTPException) -> Response[bytes]:
 
 def _unavailable(_: Request, exc: Exception) -> Response[bytes]:
     log.warning("database unavailable: %s", exc)
-    return problem(503, "the database is unavailable; try again shortly")
+    if isinstance(exc, psycopg.errors.QueryCanceled):
+        detail = "the database did not answer within the statement timeout; try again shortly"
+    else:
+        detail = "the database is unavailable; try again shortly"
+    return problem(503, detail, headers={"Retry-After": "1"})
 
 
 def _unexpected(request: Request, exc: Exception) -> Response[bytes]:
@@ -119,6 +103,14 @@ class RequestId(ASGIMiddleware):
             await send(message)
 
         await next_app(scope, receive, send_with_id)
+
+
+async def allow_every_method(message: Message, scope: Scope) -> None:
+    """Make OPTIONS list every method of the path, not just its first handler's (litestar#4169, fixed in 3.0)."""
+    if message["type"] == "http.response.start" and scope["method"] == "OPTIONS" and "route_handler" in scope:
+        handlers = scope["app"].route_handler_method_map
+        methods = {method for path in scope["route_handler"].paths for method in handlers.get(path, {})}
+        MutableScopeHeaders.from_message(message)["allow"] = ", ".join(sorted(methods))
 
 
 async def provide_connection(state: State) -> AsyncIterator[psycopg.AsyncConnection]:
@@ -144,6 +136,9 @@ def create_app(database_url: str | None = None) -> Litestar:
         dependencies={"conn": Provide(provide_connection)},
         lifespan=[lifespan],
         middleware=[RequestId()],
+        before_send=[allow_every_method],
+        openapi_config=openapi.CONFIG,
+        plugins=[openapi.JsonObjects()],
         request_max_body_size=MAX_BODY_BYTES,
         exception_handlers={
             TaskNotFound: _not_found,
