@@ -10,28 +10,41 @@ import httpx
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
+from schemathesis.config import SchemathesisConfig
 
+from tasktrail.http import auth
 from tasktrail.http.app import create_app
 from tests.conftest import Server, assert_verifies, fresh_database
 
 # The schema the app builds is the one it serves (checked below); building it
 # needs no database, so the tests can be generated at collection time.
-OPENAPI = create_app("postgresql://unused").openapi_schema.to_schema()
-schema = schemathesis.openapi.from_dict(OPENAPI)
+OPENAPI = create_app("postgresql://unused", api_keys=[]).openapi_schema.to_schema()
+
+# The server requires keys: schemathesis sends this one and also checks that
+# each secured route refuses a request without it.
+ADMIN_KEY = auth.new_key()
+KEYS = auth.Key("fuzzer", "admin", auth.digest(ADMIN_KEY)).entry()
+CONFIG = SchemathesisConfig.from_dict({"auth": {"openapi": {"apiKey": {"bearer": ADMIN_KEY}}}})
+schema = schemathesis.openapi.from_dict(OPENAPI, config=CONFIG)
 
 
 @pytest.fixture(scope="module")
 def fuzzed_server(server_url: str, template_db: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     with fresh_database(server_url, template_db) as url:
-        server = Server(os.environ | {"DATABASE_URL": url}, log_dir=tmp_path_factory.mktemp("fuzz"))
+        env = os.environ | {"DATABASE_URL": url, "TASKTRAIL_API_KEYS": KEYS}
+        server = Server(env, log_dir=tmp_path_factory.mktemp("fuzz"))
         yield server
+        # The key worked: the run created tasks, it did not just collect 401s.
+        summary = httpx.get(f"{server.url}/tasks/stats/summary", headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+        assert summary.json()["total"] > 0
         server.stop()
         assert "Traceback" not in server.log(), server.log()
         assert_verifies(url)
 
 
 def test_the_server_serves_this_schema(fuzzed_server: Server) -> None:
-    assert httpx.get(f"{fuzzed_server.url}/schema/openapi.json").json() == OPENAPI
+    served = httpx.get(f"{fuzzed_server.url}/schema/openapi.json", headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+    assert served.json() == OPENAPI
 
 
 @schema.parametrize()

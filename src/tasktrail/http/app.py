@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -20,7 +20,7 @@ from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from tasktrail import db, eventstore, idempotency, writer
 from tasktrail.domain.task import TaskNotFound, TransitionRejected
-from tasktrail.http import health, history, openapi, tasks
+from tasktrail.http import auth, health, history, openapi, tasks
 from tasktrail.http.body import MAX_BODY_BYTES, InvalidInput, MalformedBody
 from tasktrail.http.problems import problem
 
@@ -118,9 +118,10 @@ async def provide_connection(state: State) -> AsyncIterator[psycopg.AsyncConnect
         yield conn
 
 
-def create_app(database_url: str | None = None) -> Litestar:
-    """The app, on DATABASE_URL unless given another (migrations are the caller's)."""
+def create_app(database_url: str | None = None, api_keys: Sequence[auth.Key] | None = None) -> Litestar:
+    """The app, on DATABASE_URL and the configured API keys unless given others (migrations are the caller's)."""
     conninfo = database_url or os.environ["DATABASE_URL"]
+    keys = auth.load() if api_keys is None else api_keys
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -136,6 +137,7 @@ def create_app(database_url: str | None = None) -> Litestar:
         dependencies={"conn": Provide(provide_connection)},
         lifespan=[lifespan],
         middleware=[RequestId()],
+        guards=auth.guards(keys),
         before_send=[allow_every_method],
         openapi_config=openapi.CONFIG,
         plugins=[openapi.JsonObjects()],

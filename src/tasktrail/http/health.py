@@ -5,6 +5,7 @@ from __future__ import annotations
 import msgspec
 from litestar import Request, Response, get
 
+from tasktrail.http.auth import PUBLIC
 from tasktrail.http.problems import problems
 from tasktrail.http.tasks import documented, json_response
 
@@ -13,13 +14,13 @@ class Health(msgspec.Struct):
     status: str
 
 
-@get("/health", responses={200: documented(Health, "the process is up")})
+@get("/health", opt=PUBLIC, responses={200: documented(Health, "the process is up")})
 async def health() -> Response[bytes]:
     """The process is up (says nothing of the database)."""
     return json_response(Health("ok"))
 
 
-@get("/health/ready", responses={200: documented(Health, "the database answers")} | problems(503))
+@get("/health/ready", opt=PUBLIC, responses={200: documented(Health, "the database answers")} | problems(503))
 async def ready(request: Request) -> Response[bytes]:
     """The database answers: 200, else 503."""
     async with request.app.state.pool.connection() as conn:

@@ -19,6 +19,7 @@ from litestar.params import FromPath, HeaderParameter, JSONBody, QueryParameter
 
 from tasktrail import eventstore, writer
 from tasktrail.domain.task import CreateTask, DeleteTask, Status, Task, TaskNotFound, UpdateTask, fold
+from tasktrail.http.auth import SECURITY
 from tasktrail.http.body import MAX_BODY_BYTES, Strict, check_json, invalid
 from tasktrail.http.problems import problems
 from tasktrail.projections import stats
@@ -101,8 +102,9 @@ async def not_found(conn: psycopg.AsyncConnection, task_id: UUID) -> TaskNotFoun
 
 
 def metadata(request: Request, **extra: str) -> dict[str, Any]:
-    """What the log records of a request beside the event."""
-    return {"request_id": request.state.request_id} | extra
+    """What the log records of a request beside the event: its id, and the API key's name as the actor."""
+    actor = request.state.get("actor")
+    return {"request_id": request.state.request_id} | ({} if actor is None else {"actor": actor}) | extra
 
 
 IdempotencyKey = Annotated[
@@ -112,6 +114,7 @@ IdempotencyKey = Annotated[
 
 @post(
     ["/tasks", "/tasks/"],
+    security=SECURITY,
     status_code=201,
     request_max_body_size=MAX_BODY_BYTES,
     dto=Strict[CreateTask],
@@ -145,6 +148,7 @@ async def _as_it_was(conn: psycopg.AsyncConnection, uuid: UUID, version: int | N
 
 @get(
     "/tasks/{task_id:str}",
+    security=SECURITY,
     responses={
         200: documented(Task, "the task, now or as it was"),
         304: ResponseSpec(None, description="the task is still at the version If-None-Match names"),
@@ -182,6 +186,7 @@ def _aware(moment: datetime) -> datetime:
 
 @patch(
     "/tasks/{task_id:str}",
+    security=SECURITY,
     request_max_body_size=MAX_BODY_BYTES,
     dto=Strict[UpdateTask],
     return_dto=None,
@@ -206,6 +211,7 @@ async def update_task(
 
 @delete(
     "/tasks/{task_id:str}",
+    security=SECURITY,
     status_code=200,
     responses={200: documented(Deleted, "the task is deleted; its history is kept")} | problems(*ERRORS, 404, 409, 412),
 )
@@ -243,6 +249,7 @@ def _decode_cursor(cursor: str) -> int:
 
 @get(
     ["/tasks", "/tasks/"],
+    security=SECURITY,
     responses={200: documented(list[Task], "live tasks, newest first; a full page has a Link to the next")}
     | problems(*ERRORS),
 )
@@ -272,7 +279,11 @@ async def list_tasks(
     return json_response(page, headers=headers)
 
 
-@get("/tasks/stats/summary", responses={200: documented(Summary, "counts per status")} | problems(*ERRORS))
+@get(
+    "/tasks/stats/summary",
+    security=SECURITY,
+    responses={200: documented(Summary, "counts per status")} | problems(*ERRORS),
+)
 async def stats_summary(conn: Connection, task_type: TaskTypeFilter = None) -> Response[bytes]:
     """Counts per status, from the counters (never by counting rows)."""
     return json_response(Summary(**await stats.summary(conn, task_type)))
@@ -280,7 +291,9 @@ async def stats_summary(conn: Connection, task_type: TaskTypeFilter = None) -> R
 
 @post(
     "/tasks/cleanup",
+    security=SECURITY,
     status_code=200,
+    opt={"scope": "admin"},
     responses={200: documented(CleanedUp, "how many finished tasks were deleted")} | problems(*ERRORS, 409),
 )
 async def cleanup(
