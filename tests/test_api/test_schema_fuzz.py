@@ -48,7 +48,7 @@ def test_the_server_serves_this_schema(fuzzed_server: Server) -> None:
 
 
 @schema.parametrize()
-@settings(max_examples=25, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=15, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
 def test_the_api_keeps_to_its_schema(case: schemathesis.Case, fuzzed_server: Server) -> None:
     key = (case.headers or {}).get("Idempotency-Key")
     if key is not None and len(key) <= 223:

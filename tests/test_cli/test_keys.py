@@ -6,66 +6,90 @@ import os
 import stat
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
+import pytest
 
+from tasktrail import cli
 from tests.conftest import Server, assert_verifies
 
 
-def tasktrail(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "tasktrail", *args], env=env, capture_output=True, text=True, check=False, timeout=60
-    )
+@pytest.fixture(autouse=True)
+def no_configured_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`serve --api-keys` exports the file to its workers; undo that here, and start from no keys."""
+    monkeypatch.delenv("TASKTRAIL_API_KEYS", raising=False)
+    monkeypatch.delenv("TASKTRAIL_API_KEYS_FILE", raising=False)
+
+
+def tasktrail(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    """The command line, run in this process (it refuses before starting anything); exit code, stdout, stderr."""
+    try:
+        code = cli.main(list(args))
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else 2
+    out, err = capsys.readouterr()
+    return code, out, err
 
 
 def add_key(keys_file: Path, name: str, scope: str) -> str:
-    done = tasktrail("keys", "add", name, "--scope", scope, "--file", str(keys_file))
+    """`tasktrail keys add` in a process of its own, as an operator runs it: the key it prints."""
+    done = subprocess.run(
+        [sys.executable, "-m", "tasktrail", "keys", "add", name, "--scope", scope, "--file", str(keys_file)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
     assert done.returncode == 0, done.stderr
     return done.stdout.strip()
 
 
-def test_keys_add_prints_the_key_once_and_stores_only_its_hash(tmp_path: Path) -> None:
+def test_keys_add_prints_the_key_once_and_stores_only_its_hash(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     keys_file = tmp_path / "keys.txt"
     writer = add_key(keys_file, "worker-7", "write")
-    admin = add_key(keys_file, "ops", "admin")
-    assert writer != admin
+    code, admin, _ = tasktrail(capsys, "keys", "add", "ops", "--scope", "admin", "--file", str(keys_file))
+    assert code == 0
+    assert writer != admin.strip()
     assert len(writer) > 40
     text = keys_file.read_text()
     assert writer not in text
-    assert admin not in text
+    assert admin.strip() not in text
     assert stat.S_IMODE(keys_file.stat().st_mode) == 0o600
 
-    again = tasktrail("keys", "add", "ops", "--scope", "read", "--file", str(keys_file))
-    assert again.returncode == 1
-    assert "already" in again.stderr
+    code, _, err = tasktrail(capsys, "keys", "add", "ops", "--scope", "read", "--file", str(keys_file))
+    assert code == 1
+    assert "already" in err
+    code, _, err = tasktrail(capsys, "keys", "add", "two words", "--scope", "read", "--file", str(keys_file))
+    assert code == 2
 
-    listed = tasktrail("keys", "list", env=os.environ | {"TASKTRAIL_API_KEYS_FILE": str(keys_file)})
-    assert listed.stdout.splitlines() == ["worker-7\twrite", "ops\tadmin"]
-    assert tasktrail("keys", "remove", "worker-7", "--file", str(keys_file)).returncode == 0
-    assert tasktrail("keys", "list", "--file", str(keys_file)).stdout.splitlines() == ["ops\tadmin"]
+    monkeypatch.setenv("TASKTRAIL_API_KEYS_FILE", str(keys_file))
+    assert tasktrail(capsys, "keys", "list")[1].splitlines() == ["worker-7\twrite", "ops\tadmin"]
+    assert tasktrail(capsys, "keys", "remove", "worker-7")[0] == 0
+    assert tasktrail(capsys, "keys", "list")[1].splitlines() == ["ops\tadmin"]
 
 
-def test_serve_refuses_a_public_address_without_keys(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TASKTRAIL_API_KEYS")}
-    started = time.monotonic()
+def test_serve_refuses_a_public_address_without_keys(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # Refused before binding or starting any database: nothing ever listens on 0.0.0.0.
-    done = tasktrail("--data-dir", str(tmp_path / "data"), "serve", "--host", "0.0.0.0", env=env)  # noqa: S104
-    assert done.returncode == 2
-    assert "refusing to serve on 0.0.0.0" in done.stderr
-    assert "tasktrail keys add" in done.stderr
-    assert "--api-keys" in done.stderr
+    code, _, err = tasktrail(capsys, "--data-dir", str(tmp_path / "data"), "serve", "--host", "0.0.0.0")  # noqa: S104
+    assert code == 2
+    assert "refusing to serve on 0.0.0.0" in err
+    assert "tasktrail keys add" in err
+    assert "--api-keys" in err
     assert not (tmp_path / "data").exists()
-    assert time.monotonic() - started < 30
 
 
-def test_serve_refuses_an_unreadable_keys_file(tmp_path: Path) -> None:
+def test_serve_refuses_an_unreadable_keys_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "keys.txt").write_text("tt_a-pasted-key\n")
-    done = tasktrail("serve", "--api-keys", str(tmp_path / "keys.txt"))
-    assert done.returncode == 2
-    assert "keys.txt, line 1" in done.stderr
-    assert "tt_a-pasted-key" not in done.stderr
+    code, _, err = tasktrail(capsys, "serve", "--api-keys", str(tmp_path / "keys.txt"))
+    assert code == 2
+    assert "keys.txt, line 1" in err
+    assert "tt_a-pasted-key" not in err
+    code, _, err = tasktrail(capsys, "serve", "--api-keys", str(tmp_path / "missing.txt"))
+    assert code == 2
+    assert "cannot read" in err
 
 
 def test_a_server_with_keys_checks_them_and_never_logs_them(database_url: str, tmp_path: Path) -> None:
