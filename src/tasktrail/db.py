@@ -20,7 +20,8 @@ EMBEDDED_DATABASE = "tasktrail"
 # Every connection: UTC timestamps, and no statement or idle transaction that
 # holds a connection for ever (TASKTRAIL_STATEMENT_TIMEOUT overrides the first).
 STATEMENT_TIMEOUT = "30s"
-SESSION_OPTIONS = "-c TimeZone=UTC -c statement_timeout={statement_timeout} -c idle_in_transaction_session_timeout=60s"
+_SESSION = "-c TimeZone=UTC -c statement_timeout={} -c idle_in_transaction_session_timeout=60s"
+SESSION_OPTIONS = _SESSION.format(STATEMENT_TIMEOUT)  # the defaults; connect_kwargs() applies the override
 _DURATION = re.compile(r"[1-9][0-9]*(?:ms|s|min)?")
 
 # A request waits at most this long for a pooled connection, then answers 503:
@@ -76,7 +77,7 @@ def statement_timeout() -> str:
 
 
 def connect_kwargs() -> dict[str, Any]:
-    options = SESSION_OPTIONS.format(statement_timeout=statement_timeout())
+    options = _SESSION.format(statement_timeout())
     return {"autocommit": True, "options": options, "connect_timeout": CONNECT_TIMEOUT} | KEEPALIVES
 
 
@@ -87,8 +88,9 @@ async def check_idle(conn: psycopg.AsyncConnection) -> None:
     a FATAL message and closes): a readable socket means a dead connection. Closed
     here, the pool discards and replaces it instead of handing it to a request.
     """
-    readable, _, _ = select.select([conn.pgconn.socket], [], [], 0)
-    if readable:
+    poller = select.poll()  # not select.select: it fails on descriptors above 1023, which a busy server has
+    poller.register(conn.pgconn.socket, select.POLLIN)
+    if poller.poll(0):
         await conn.close()
         raise psycopg.OperationalError("the server closed this connection while it was idle")
 
