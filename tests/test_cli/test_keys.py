@@ -18,8 +18,9 @@ from tests.conftest import Server, assert_verifies
 @pytest.fixture(autouse=True)
 def no_configured_keys(monkeypatch: pytest.MonkeyPatch) -> None:
     """`serve --api-keys` exports the file to its workers; undo that here, and start from no keys."""
-    monkeypatch.delenv("TASKTRAIL_API_KEYS", raising=False)
-    monkeypatch.delenv("TASKTRAIL_API_KEYS_FILE", raising=False)
+    # setenv, not delenv: delenv of an unset variable records nothing to restore.
+    monkeypatch.setenv("TASKTRAIL_API_KEYS", "")
+    monkeypatch.setenv("TASKTRAIL_API_KEYS_FILE", "")
 
 
 def tasktrail(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -24,11 +26,20 @@ OUTAGE_ANSWER_SECONDS = 2.0
 
 
 @pytest.fixture
-def own_postgres(tmp_path: Path) -> Iterator[Any]:
-    """An embedded PostgreSQL of this test's own, which it may stop and start."""
-    server = db.start_embedded(tmp_path / "own", cleanup_mode="delete")
-    yield server
-    server.cleanup()
+def own_postgres() -> Iterator[Any]:
+    """An embedded PostgreSQL of this test's own, which it may stop and start.
+
+    Outside pytest's temporary tree: a pytest session starting meanwhile resets
+    that tree's root to mode 0700, which locks out the `pgserver` user PostgreSQL
+    runs as (when root).
+    """
+    place = Path(tempfile.mkdtemp(prefix="tasktrail-outage-"))
+    try:
+        server = db.start_embedded(place, cleanup_mode="delete")
+        yield server
+        server.cleanup()
+    finally:
+        shutil.rmtree(place, ignore_errors=True)
 
 
 def stop_postgres(server: Any) -> None:
