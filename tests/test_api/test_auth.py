@@ -110,9 +110,10 @@ async def test_each_scope_may_do_what_it_includes_and_no_more(
             assert 'error="insufficient_scope"' in response.headers["www-authenticate"]
 
 
-async def test_health_is_open(secured: AsyncTestClient) -> None:
+async def test_health_and_options_are_open(secured: AsyncTestClient) -> None:
     assert (await secured.get("/health")).status_code == 200
     assert (await secured.get("/health/ready")).status_code == 200
+    assert (await secured.options("/tasks/")).status_code == 204
 
 
 async def test_each_event_records_the_key_name_as_actor(secured: AsyncTestClient) -> None:

@@ -1,7 +1,7 @@
 """API keys: bearer tokens with a scope, kept only as SHA-256 hashes, checked by a guard.
 
 Scopes nest: `admin` may do all `write` may, `write` all `read` may. GETs need
-`read`, other methods `write`; a route asks for more with `opt={"scope": "admin"}`
+`read`, other methods `write` (OPTIONS none); a route asks for more with `opt={"scope": "admin"}`
 or for none with `opt=PUBLIC`. With no keys configured there is no guard at all
 (`tasktrail serve` allows that only on a loopback address).
 
@@ -104,9 +104,11 @@ def authenticate(keys: Sequence[Key], presented: str) -> Key | None:
 
 
 def needed_scope(connection: ASGIConnection, handler: BaseRouteHandler) -> str | None:
-    if handler.opt.get("public"):
+    method = connection.scope["method"]  # type: ignore[typeddict-item]
+    # OPTIONS only lists a path's methods, and a browser's CORS preflight never carries a key.
+    if handler.opt.get("public") or method == "OPTIONS":
         return None
-    default = "read" if connection.scope["method"] in ("GET", "HEAD") else "write"  # type: ignore[typeddict-item]
+    default = "read" if method in ("GET", "HEAD") else "write"
     return handler.opt.get("scope", default)
 
 
