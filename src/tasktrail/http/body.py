@@ -82,7 +82,7 @@ class Strict(AbstractDTO[T], Generic[T]):
     """`data: T` decoded by `decode` above, so the OpenAPI schema shows the body and "50" stays 422.
 
     Litestar's own body parsing converts leniently ("50" becomes 50.0); this DTO
-    hands it the raw bytes instead and tells the schema the body's type.
+    decodes the raw bytes with `decode` instead, and tells the schema the body's type.
     """
 
     @classmethod

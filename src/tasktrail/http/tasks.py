@@ -120,16 +120,15 @@ IdempotencyKey = Annotated[
     dto=Strict[CreateTask],
     return_dto=None,
     responses={201: documented(Task, "the task (or, for a repeated Idempotency-Key, the first one's)")}
-    | problems(*ERRORS, 400, 404, 409, 413),
+    | problems(*ERRORS, 404, 409, 413),
 )
 async def create_task(
     request: Request, conn: Connection, data: JSONBody[CreateTask], idempotency_key: IdempotencyKey = None
 ) -> Response[bytes]:
     """Create a task; a repeat with the same Idempotency-Key and body returns the first one's task."""
-    command = data
-    check_json("params", command.params)
+    check_json("params", data.params)
     extra = {} if idempotency_key is None else {"idempotency_key": idempotency_key}
-    task = await writer.create(conn, command, metadata(request, **extra), idempotency_key)
+    task = await writer.create(conn, data, metadata(request, **extra), idempotency_key)
     return task_response(task, 201, {"Location": f"/tasks/{task.task_id}"})
 
 
@@ -190,19 +189,18 @@ def _aware(moment: datetime) -> datetime:
     request_max_body_size=MAX_BODY_BYTES,
     dto=Strict[UpdateTask],
     return_dto=None,
-    responses={200: documented(Task, "the task after the change")} | problems(*ERRORS, 400, 404, 409, 412, 413),
+    responses={200: documented(Task, "the task after the change")} | problems(*ERRORS, 404, 409, 412, 413),
 )
 async def update_task(
     request: Request, conn: Connection, task_id: FromPath[str], data: JSONBody[UpdateTask]
 ) -> Response[bytes]:
     """Change status, progress, result or error; If-Match makes it conditional on the version."""
     uuid = parse_task_id(task_id)
-    command = data
-    if command == UpdateTask():
+    if data == UpdateTask():
         raise invalid("body", "give at least one of status, progress, result, error")
-    check_json("result", command.result)
+    check_json("result", data.result)
     try:
-        task = await writer.change(conn, uuid, command, metadata(request), expected_versions(request))
+        task = await writer.change(conn, uuid, data, metadata(request), expected_versions(request))
     except TaskNotFound:
         raise await not_found(conn, uuid) from None
     assert task is not None
