@@ -1,9 +1,11 @@
-"""The `tasktrail` command: serve, migrate, verify."""
+"""The `tasktrail` command: serve, migrate, verify, keys."""
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -17,9 +19,45 @@ def _database(args: argparse.Namespace) -> tuple[str, object]:
     return url, server
 
 
+def _loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _api_keys(args: argparse.Namespace) -> int | None:
+    """Load the keys as the app will, and refuse an open service off loopback; an exit code on failure."""
+    from tasktrail.http import auth
+
+    if args.api_keys is not None:
+        # The app (in every worker) reads the keys from the environment.
+        os.environ["TASKTRAIL_API_KEYS_FILE"] = str(args.api_keys)
+    try:
+        keys = auth.load()
+    except auth.BadKeys as exc:
+        print(f"tasktrail: API keys: {exc}", file=sys.stderr)
+        return 2
+    if not keys and not _loopback(args.host):
+        print(
+            f"tasktrail: refusing to serve on {args.host} with no API keys: anyone who can reach it could change "
+            "and delete tasks.\n"
+            "  Make a key:  tasktrail keys add NAME --scope admin --file keys.txt  (prints the key once)\n"
+            "  then serve:  tasktrail serve --host HOST --api-keys keys.txt  (or set TASKTRAIL_API_KEYS_FILE)\n"
+            "  or bind to 127.0.0.1 to serve without keys on this machine only.",
+            file=sys.stderr,
+        )
+        return 2
+    scopes = ", ".join(f"{key.name} ({key.scope})" for key in keys)
+    print(f"tasktrail: API keys: {scopes or 'none: open to this machine only'}", file=sys.stderr)
+    return None
+
+
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    if (refused := _api_keys(args)) is not None:
+        return refused
     url, _server = _database(args)  # the embedded server stops when this process exits
     for name in migrations.migrate(url):
         print(f"tasktrail: applied migration {name}", file=sys.stderr)
@@ -54,6 +92,57 @@ def verify(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _keys_file(args: argparse.Namespace) -> Path:
+    path = args.file or os.environ.get("TASKTRAIL_API_KEYS_FILE")
+    if not path:
+        raise SystemExit("tasktrail keys: give --file PATH or set TASKTRAIL_API_KEYS_FILE")
+    return Path(path)
+
+
+def keys_add(args: argparse.Namespace) -> int:
+    from tasktrail.http import auth
+
+    path = _keys_file(args)
+    existing = auth.parse(path.read_text(), str(path)) if path.exists() else []
+    if any(key.name == args.name for key in existing):
+        print(f"tasktrail keys: {path} already has a key named {args.name!r}", file=sys.stderr)
+        return 1
+    key = auth.new_key()
+    entry = auth.Key(args.name, args.scope, auth.digest(key)).entry()
+    # Only the hash is written; the file is the owner's alone all the same.
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    with os.fdopen(fd, "a") as file:
+        file.write(f"{entry}\n")
+    print(key)
+    print(
+        f"tasktrail keys: added {args.name} ({args.scope}) to {path}; the key above is shown only now", file=sys.stderr
+    )
+    return 0
+
+
+def keys_list(args: argparse.Namespace) -> int:
+    from tasktrail.http import auth
+
+    path = _keys_file(args)
+    for key in auth.parse(path.read_text(), str(path)) if path.exists() else []:
+        print(f"{key.name}\t{key.scope}")
+    return 0
+
+
+def keys_remove(args: argparse.Namespace) -> int:
+    from tasktrail.http import auth
+
+    path = _keys_file(args)
+    existing = auth.parse(path.read_text(), str(path)) if path.exists() else []
+    kept = [key for key in existing if key.name != args.name]
+    if len(kept) == len(existing):
+        print(f"tasktrail keys: {path} has no key named {args.name!r}", file=sys.stderr)
+        return 1
+    path.write_text("".join(f"{key.entry()}\n" for key in kept))
+    print(f"tasktrail keys: removed {args.name}; restart the server to stop accepting it", file=sys.stderr)
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(
         prog="tasktrail",
@@ -74,6 +163,13 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--workers", type=int, default=1, help="server processes (default: %(default)s)")
     run.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     run.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=False, help="log every request")
+    run.add_argument(
+        "--api-keys",
+        type=Path,
+        metavar="FILE",
+        help="require API keys from FILE (made by `tasktrail keys add`; env TASKTRAIL_API_KEYS_FILE); "
+        "without keys, serve only on a loopback address",
+    )
     run.set_defaults(func=serve)
 
     mig = commands.add_parser("migrate", help="apply pending migrations and exit (safe to repeat)")
@@ -83,7 +179,29 @@ def parser() -> argparse.ArgumentParser:
         "verify", help="fold the whole log in memory and compare it with the read model and counters"
     )
     check.set_defaults(func=verify)
+
+    keys = commands.add_parser("keys", help="manage API keys (stored as SHA-256 hashes in a file)")
+    key_commands = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    add = key_commands.add_parser("add", help="make a random key, print it once, store its hash")
+    add.add_argument("name", type=_key_name, help="who uses the key; events record it as the actor")
+    add.add_argument("--scope", choices=["read", "write", "admin"], required=True)
+    add.set_defaults(func=keys_add)
+    listing = key_commands.add_parser("list", help="names and scopes (keys cannot be shown: only hashes are kept)")
+    listing.set_defaults(func=keys_list)
+    remove = key_commands.add_parser("remove", help="forget a key")
+    remove.add_argument("name")
+    remove.set_defaults(func=keys_remove)
+    for action in (add, listing, remove):
+        action.add_argument("--file", type=Path, help="the keys file (default: env TASKTRAIL_API_KEYS_FILE)")
     return top
+
+
+def _key_name(name: str) -> str:
+    from tasktrail.http import auth
+
+    if not re.fullmatch(auth.NAME, name):
+        raise argparse.ArgumentTypeError("1-64 letters, digits, '.', '_' or '-'")
+    return name
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+import select
 import warnings
 from pathlib import Path
 from typing import Any
@@ -16,8 +18,25 @@ DEFAULT_DATA_DIR = Path(".tasktrail")
 EMBEDDED_DATABASE = "tasktrail"
 
 # Every connection: UTC timestamps, and no statement or idle transaction that
-# holds a connection for ever.
-SESSION_OPTIONS = "-c TimeZone=UTC -c statement_timeout=30s -c idle_in_transaction_session_timeout=60s"
+# holds a connection for ever (TASKTRAIL_STATEMENT_TIMEOUT overrides the first).
+STATEMENT_TIMEOUT = "30s"
+_SESSION = "-c TimeZone=UTC -c statement_timeout={} -c idle_in_transaction_session_timeout=60s"
+SESSION_OPTIONS = _SESSION.format(STATEMENT_TIMEOUT)  # the defaults; connect_kwargs() applies the override
+_DURATION = re.compile(r"[1-9][0-9]*(?:ms|s|min)?")
+
+# A request waits at most this long for a pooled connection, then answers 503:
+# with the database down no connection ever comes, and the spec wants an answer
+# within 2 s (TASKTRAIL_POOL_TIMEOUT overrides it, in seconds).
+POOL_TIMEOUT = 1.5
+# Opening a connection to an unreachable host gives up after this (libpq's
+# minimum); the pool does it in the background, never in a request.
+CONNECT_TIMEOUT = 2
+# The pool retries a failed connection with a doubling delay; giving up after
+# this lets the next request start afresh at 1 s, so a long outage does not
+# leave the pool minutes away from its next attempt when the database returns.
+RECONNECT_TIMEOUT = 10.0
+# Over TCP, notice a peer that vanished without closing (a 25 s bound, not for ever).
+KEEPALIVES = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3}
 
 set_json_dumps(msgspec.json.encode)
 set_json_loads(msgspec.json.decode)
@@ -50,8 +69,30 @@ def resolve(data_dir: Path = DEFAULT_DATA_DIR) -> tuple[str, Any]:
     return server.get_uri(EMBEDDED_DATABASE), server
 
 
+def statement_timeout() -> str:
+    value = os.environ.get("TASKTRAIL_STATEMENT_TIMEOUT", STATEMENT_TIMEOUT)
+    if not _DURATION.fullmatch(value):
+        raise ValueError(f"TASKTRAIL_STATEMENT_TIMEOUT={value!r}: give a duration such as 30s, 500ms or 2min")
+    return value
+
+
 def connect_kwargs() -> dict[str, Any]:
-    return {"autocommit": True, "options": SESSION_OPTIONS}
+    options = _SESSION.format(statement_timeout())
+    return {"autocommit": True, "options": options, "connect_timeout": CONNECT_TIMEOUT} | KEEPALIVES
+
+
+async def check_idle(conn: psycopg.AsyncConnection) -> None:
+    """Refuse a pooled connection whose server hung up while it sat idle, without a round trip.
+
+    An idle connection has nothing to read unless the server went away (it sends
+    a FATAL message and closes): a readable socket means a dead connection. Closed
+    here, the pool discards and replaces it instead of handing it to a request.
+    """
+    poller = select.poll()  # not select.select: it fails on descriptors above 1023, which a busy server has
+    poller.register(conn.pgconn.socket, select.POLLIN)
+    if poller.poll(0):
+        await conn.close()
+        raise psycopg.OperationalError("the server closed this connection while it was idle")
 
 
 def create_pool(conninfo: str, *, max_size: int = 16) -> AsyncConnectionPool:
@@ -60,6 +101,8 @@ def create_pool(conninfo: str, *, max_size: int = 16) -> AsyncConnectionPool:
         min_size=2,
         max_size=max_size,
         kwargs=connect_kwargs(),
-        timeout=10,
+        timeout=float(os.environ.get("TASKTRAIL_POOL_TIMEOUT", POOL_TIMEOUT)),
+        reconnect_timeout=RECONNECT_TIMEOUT,
+        check=check_idle,
         open=False,
     )

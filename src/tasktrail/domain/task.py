@@ -88,7 +88,8 @@ class Task(msgspec.Struct, frozen=True):
 
 # Limits a decoder enforces; no NUL: PostgreSQL text cannot hold it.
 TaskType = Annotated[str, msgspec.Meta(min_length=1, max_length=200, pattern="^[^\\x00]+$")]
-Progress = Annotated[float, msgspec.Meta(ge=0.0, le=100.0)]
+# `extra` restates the lower bound for the OpenAPI schema: Litestar drops a bound of 0 (it tests truthiness).
+Progress = Annotated[float, msgspec.Meta(ge=0.0, le=100.0, extra_json_schema={"extra": {"minimum": 0.0}})]
 ErrorText = Annotated[str, msgspec.Meta(max_length=65_536, pattern="^[^\\x00]*$")]
 
 

@@ -5,50 +5,27 @@ from __future__ import annotations
 import logging
 import os
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from http import HTTPStatus
 from typing import Any
 
-import msgspec
 import psycopg
 import psycopg_pool
 from litestar import Litestar, Request, Response
 from litestar.config.cors import CORSConfig
-from litestar.datastructures import State
+from litestar.datastructures import MutableScopeHeaders, State
 from litestar.di import Provide
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.middleware import ASGIMiddleware
-from litestar.types import ASGIApp, Receive, Scope, Send
+from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from tasktrail import db, eventstore, idempotency, writer
 from tasktrail.domain.task import TaskNotFound, TransitionRejected
-from tasktrail.http import health, history, tasks
+from tasktrail.http import auth, health, history, openapi, tasks
 from tasktrail.http.body import MAX_BODY_BYTES, InvalidInput, MalformedBody
+from tasktrail.http.problems import problem
 
 log = logging.getLogger("tasktrail")
-
-PROBLEM = "application/problem+json"
-
-
-class Problem(msgspec.Struct, omit_defaults=True):
-    """RFC 9457 problem details."""
-
-    type: str
-    title: str
-    status: int
-    detail: str
-    errors: list[dict[str, str]] | None = None
-    current_status: str | None = None
-    allowed: list[str] | None = None
-
-
-def problem(status: int, detail: str, **extra: Any) -> Response[bytes]:
-    title = HTTPStatus(status).phrase
-    body = Problem(
-        type=f"/problems/{title.lower().replace(' ', '-')}", title=title, status=status, detail=detail, **extra
-    )
-    return Response(msgspec.json.encode(body), status_code=status, media_type=PROBLEM)
 
 
 def _not_found(_: Request, exc: TaskNotFound) -> Response[bytes]:
@@ -81,7 +58,10 @@ def _invalid(_: Request, exc: InvalidInput) -> Response[bytes]:
 
 def _invalid_parameter(_: Request, exc: ValidationException) -> Response[bytes]:
     errors = [
-        {"field": str(item.get("key", "?")), "message": str(item.get("message", ""))}
+        # An empty body never reaches the strict decoder: Litestar reports the `data` argument missing.
+        {"field": "body", "message": "required"}
+        if item.get("source") == "body"
+        else {"field": str(item.get("key", "?")), "message": str(item.get("message", ""))}
         for item in (exc.extra if isinstance(exc.extra, list) else [])
         if isinstance(item, dict)
     ]
@@ -97,7 +77,11 @@ def _http(_: Request, exc: HTTPException) -> Response[bytes]:
 
 def _unavailable(_: Request, exc: Exception) -> Response[bytes]:
     log.warning("database unavailable: %s", exc)
-    return problem(503, "the database is unavailable; try again shortly")
+    if isinstance(exc, psycopg.errors.QueryCanceled):
+        detail = "the database did not answer within the statement timeout; try again shortly"
+    else:
+        detail = "the database is unavailable; try again shortly"
+    return problem(503, detail, headers={"Retry-After": "1"})
 
 
 def _unexpected(request: Request, exc: Exception) -> Response[bytes]:
@@ -122,14 +106,23 @@ class RequestId(ASGIMiddleware):
         await next_app(scope, receive, send_with_id)
 
 
+async def allow_every_method(message: Message, scope: Scope) -> None:
+    """Make OPTIONS list every method of the path, not just its first handler's (litestar#4169, fixed in 3.0)."""
+    if message["type"] == "http.response.start" and scope["method"] == "OPTIONS" and "route_handler" in scope:
+        handlers = scope["app"].route_handler_method_map
+        methods = {method for path in scope["route_handler"].paths for method in handlers.get(path, {})}
+        MutableScopeHeaders.from_message(message)["allow"] = ", ".join(sorted(methods))
+
+
 async def provide_connection(state: State) -> AsyncIterator[psycopg.AsyncConnection]:
     async with state.pool.connection() as conn:
         yield conn
 
 
-def create_app(database_url: str | None = None) -> Litestar:
-    """The app, on DATABASE_URL unless given another (migrations are the caller's)."""
+def create_app(database_url: str | None = None, api_keys: Sequence[auth.Key] | None = None) -> Litestar:
+    """The app, on DATABASE_URL and the configured API keys unless given others (migrations are the caller's)."""
     conninfo = database_url or os.environ["DATABASE_URL"]
+    keys = auth.load() if api_keys is None else api_keys
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -145,6 +138,10 @@ def create_app(database_url: str | None = None) -> Litestar:
         dependencies={"conn": Provide(provide_connection)},
         lifespan=[lifespan],
         middleware=[RequestId()],
+        guards=auth.guards(keys),
+        before_send=[allow_every_method],
+        openapi_config=openapi.CONFIG,
+        plugins=[openapi.JsonObjects()],
         request_max_body_size=MAX_BODY_BYTES,
         # Browsers on other origins (the seed's front end) may call the API and read its headers.
         cors_config=CORSConfig(

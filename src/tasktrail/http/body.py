@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import re
-from typing import Any, TypeVar
+from collections.abc import Iterator
+from typing import Any, Generic, TypeVar
 
 import msgspec
+from litestar.dto import AbstractDTO
+from litestar.typing import FieldDefinition
 
 T = TypeVar("T")
 
@@ -73,3 +76,32 @@ def check_json(field: str, value: Any) -> None:
             stack.extend((child, depth + 1) for child in item.values())
         elif isinstance(item, list):
             stack.extend((child, depth + 1) for child in item)
+
+
+class Strict(AbstractDTO[T], Generic[T]):
+    """`data: T` decoded by `decode` above, so the OpenAPI schema shows the body and "50" stays 422.
+
+    Litestar's own body parsing converts leniently ("50" becomes 50.0); this DTO
+    decodes the raw bytes with `decode` instead, and tells the schema the body's type.
+    """
+
+    @classmethod
+    def generate_field_definitions(cls, model_type: type[Any]) -> Iterator[Any]:
+        return iter(())
+
+    @classmethod
+    def detect_nested_field(cls, field_definition: FieldDefinition) -> bool:
+        return False
+
+    @classmethod
+    def create_for_field_definition(
+        cls, field_definition: FieldDefinition, handler_id: str, backend_cls: Any = None
+    ) -> None:
+        """Nothing to prepare: `decode` needs no transfer model."""
+
+    @classmethod
+    def create_openapi_schema(cls, field_definition: FieldDefinition, handler_id: str, schema_creator: Any) -> Any:
+        return schema_creator.for_field_definition(FieldDefinition.from_annotation(cls.model_type))
+
+    def decode_bytes(self, value: bytes) -> T:
+        return decode(value, self.model_type)

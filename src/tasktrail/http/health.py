@@ -2,23 +2,30 @@
 
 from __future__ import annotations
 
+import msgspec
 from litestar import Request, Response, get
 
-from tasktrail.http.tasks import json_response
+from tasktrail.http.auth import PUBLIC
+from tasktrail.http.problems import problems
+from tasktrail.http.tasks import documented, json_response
 
 
-@get("/health")
+class Health(msgspec.Struct):
+    status: str
+
+
+@get("/health", opt=PUBLIC, responses={200: documented(Health, "the process is up")})
 async def health() -> Response[bytes]:
     """The process is up (says nothing of the database)."""
-    return json_response({"status": "ok"})
+    return json_response(Health("ok"))
 
 
-@get("/health/ready")
+@get("/health/ready", opt=PUBLIC, responses={200: documented(Health, "the database answers")} | problems(503))
 async def ready(request: Request) -> Response[bytes]:
     """The database answers: 200, else 503."""
     async with request.app.state.pool.connection() as conn:
         await conn.execute("SELECT 1")
-    return json_response({"status": "ready"})
+    return json_response(Health("ready"))
 
 
 ROUTES = [health, ready]

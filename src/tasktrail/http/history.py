@@ -12,7 +12,9 @@ from litestar.params import FromPath, QueryParameter
 from tasktrail import eventstore
 from tasktrail.domain.events import to_data, type_of
 from tasktrail.domain.task import TaskNotFound
-from tasktrail.http.tasks import Connection, json_response, parse_task_id
+from tasktrail.http.auth import SECURITY
+from tasktrail.http.problems import problems
+from tasktrail.http.tasks import ERRORS, Connection, documented, json_response, parse_task_id
 
 
 class EventView(msgspec.Struct):
@@ -43,7 +45,11 @@ class History(msgspec.Struct):
     events: list[EventView]
 
 
-@get("/tasks/{task_id:str}/history")
+@get(
+    "/tasks/{task_id:str}/history",
+    security=SECURITY,
+    responses={200: documented(History, "the events; a full page has a Link to the next")} | problems(*ERRORS, 404),
+)
 async def history(
     conn: Connection,
     task_id: FromPath[str],

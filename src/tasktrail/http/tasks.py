@@ -6,7 +6,7 @@ import base64
 import binascii
 import re
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from urllib.parse import urlencode
 from uuid import UUID
 
@@ -14,11 +14,14 @@ import msgspec
 import psycopg
 from litestar import Request, Response, delete, get, patch, post
 from litestar.di import NamedDependency
-from litestar.params import FromPath, HeaderParameter, QueryParameter
+from litestar.openapi.datastructures import ResponseSpec
+from litestar.params import FromPath, HeaderParameter, JSONBody, QueryParameter
 
 from tasktrail import eventstore, writer
 from tasktrail.domain.task import CreateTask, DeleteTask, Status, Task, TaskNotFound, UpdateTask, fold
-from tasktrail.http.body import MAX_BODY_BYTES, check_json, decode, invalid
+from tasktrail.http.auth import SECURITY
+from tasktrail.http.body import MAX_BODY_BYTES, Strict, check_json, invalid
+from tasktrail.http.problems import problems
 from tasktrail.projections import stats
 from tasktrail.projections import tasks as tasks_view
 
@@ -30,20 +33,44 @@ _encode = msgspec.json.Encoder().encode
 TaskTypeFilter = Annotated[
     str | None, QueryParameter(max_length=200, pattern="^[^\\x00]*$", description="only this task type")
 ]
-StatusFilter = Annotated[str | None, QueryParameter(description=f"only this status: {', '.join(Status)}")]
+StatusFilter = Annotated[
+    Literal["", "pending", "running", "completed", "failed", "canceled"] | None,
+    QueryParameter(description="only this status; empty for any"),
+]
 
 
 def status_filter(status: str | None) -> Status | None:
-    if not status:
-        return None
-    try:
-        return Status(status)
-    except ValueError:
-        raise invalid("status", f"{status!r} is not one of {', '.join(Status)}") from None
+    return Status(status) if status else None
 
 
 def json_response(content: Any, status_code: int = 200, headers: dict[str, str] | None = None) -> Response[bytes]:
     return Response(_encode(content), status_code=status_code, media_type=JSON, headers=headers)
+
+
+def documented(container: Any, description: str) -> ResponseSpec:
+    """How the OpenAPI schema shows a success body (handlers return it encoded already)."""
+    return ResponseSpec(container, description=description, generate_examples=False)
+
+
+# Any task route may answer these: a malformed request, no or a too small API key, a bad parameter, no database.
+ERRORS = (400, 401, 403, 422, 503)
+
+
+class Deleted(msgspec.Struct):
+    status: str = "deleted"
+
+
+class Summary(msgspec.Struct):
+    total: int
+    pending: int
+    running: int
+    completed: int
+    failed: int
+    canceled: int
+
+
+class CleanedUp(msgspec.Struct):
+    deleted: int
 
 
 def task_response(task: Task, status_code: int = 200, headers: dict[str, str] | None = None) -> Response[bytes]:
@@ -86,8 +113,9 @@ async def not_found(conn: psycopg.AsyncConnection, task_id: UUID) -> TaskNotFoun
 
 
 def metadata(request: Request, **extra: str) -> dict[str, Any]:
-    """What the log records of a request beside the event."""
-    return {"request_id": request.state.request_id} | extra
+    """What the log records of a request beside the event: its id, and the API key's name as the actor."""
+    actor = request.state.get("actor")
+    return {"request_id": request.state.request_id} | ({} if actor is None else {"actor": actor}) | extra
 
 
 IdempotencyKey = Annotated[
@@ -95,13 +123,23 @@ IdempotencyKey = Annotated[
 ]
 
 
-@post(["/tasks", "/tasks/"], status_code=201, request_max_body_size=MAX_BODY_BYTES)
-async def create_task(request: Request, conn: Connection, idempotency_key: IdempotencyKey = None) -> Response[bytes]:
+@post(
+    ["/tasks", "/tasks/"],
+    security=SECURITY,
+    status_code=201,
+    request_max_body_size=MAX_BODY_BYTES,
+    dto=Strict[CreateTask],
+    return_dto=None,
+    responses={201: documented(Task, "the task (or, for a repeated Idempotency-Key, the first one's)")}
+    | problems(*ERRORS, 404, 409, 413),
+)
+async def create_task(
+    request: Request, conn: Connection, data: JSONBody[CreateTask], idempotency_key: IdempotencyKey = None
+) -> Response[bytes]:
     """Create a task; a repeat with the same Idempotency-Key and body returns the first one's task."""
-    command = decode(await request.body(), CreateTask)
-    check_json("params", command.params)
+    check_json("params", data.params)
     extra = {} if idempotency_key is None else {"idempotency_key": idempotency_key}
-    task = await writer.create(conn, command, metadata(request, **extra), idempotency_key)
+    task = await writer.create(conn, data, metadata(request, **extra), idempotency_key)
     return task_response(task, 201, {"Location": f"/tasks/{task.task_id}"})
 
 
@@ -118,7 +156,15 @@ async def _as_it_was(conn: psycopg.AsyncConnection, uuid: UUID, version: int | N
     return task
 
 
-@get("/tasks/{task_id:str}")
+@get(
+    "/tasks/{task_id:str}",
+    security=SECURITY,
+    responses={
+        200: documented(Task, "the task, now or as it was"),
+        304: ResponseSpec(None, description="the task is still at the version If-None-Match names"),
+    }
+    | problems(*ERRORS, 404),
+)
 async def get_task(
     request: Request,
     conn: Connection,
@@ -148,23 +194,36 @@ def _aware(moment: datetime) -> datetime:
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
-@patch("/tasks/{task_id:str}", request_max_body_size=MAX_BODY_BYTES)
-async def update_task(request: Request, conn: Connection, task_id: FromPath[str]) -> Response[bytes]:
+@patch(
+    "/tasks/{task_id:str}",
+    security=SECURITY,
+    request_max_body_size=MAX_BODY_BYTES,
+    dto=Strict[UpdateTask],
+    return_dto=None,
+    responses={200: documented(Task, "the task after the change")} | problems(*ERRORS, 404, 409, 412, 413),
+)
+async def update_task(
+    request: Request, conn: Connection, task_id: FromPath[str], data: JSONBody[UpdateTask]
+) -> Response[bytes]:
     """Change status, progress, result or error; If-Match makes it conditional on the version."""
     uuid = parse_task_id(task_id)
-    command = decode(await request.body(), UpdateTask)
-    if command == UpdateTask():
+    if data == UpdateTask():
         raise invalid("body", "give at least one of status, progress, result, error")
-    check_json("result", command.result)
+    check_json("result", data.result)
     try:
-        task = await writer.change(conn, uuid, command, metadata(request), expected_versions(request))
+        task = await writer.change(conn, uuid, data, metadata(request), expected_versions(request))
     except TaskNotFound:
         raise await not_found(conn, uuid) from None
     assert task is not None
     return task_response(task)
 
 
-@delete("/tasks/{task_id:str}", status_code=200)
+@delete(
+    "/tasks/{task_id:str}",
+    security=SECURITY,
+    status_code=200,
+    responses={200: documented(Deleted, "the task is deleted; its history is kept")} | problems(*ERRORS, 404, 409, 412),
+)
 async def delete_task(request: Request, conn: Connection, task_id: FromPath[str]) -> Response[bytes]:
     """Delete the task (its history stays); If-Match makes it conditional on the version."""
     uuid = parse_task_id(task_id)
@@ -172,7 +231,15 @@ async def delete_task(request: Request, conn: Connection, task_id: FromPath[str]
         await writer.change(conn, uuid, DeleteTask(), metadata(request), expected_versions(request))
     except TaskNotFound:
         raise await not_found(conn, uuid) from None
-    return json_response({"status": "deleted"})
+    return json_response(Deleted())
+
+
+# Exactly the cursors _encode_cursor gives out, so the OpenAPI schema can say which are valid:
+# unpadded base64url of "id:" ("aWQ6") and 1-18 digits, four characters per three digits.
+_ONE = "(?:[MN][AQgw]|O[AQ])"  # a last single digit
+_TWO = "(?:[MN][DTjz]|O[DT])[AEIMQUYcgk]"  # a last pair of digits
+_THREE = f"{_TWO}[w-z0-5]"
+CURSOR = f"^aWQ6(?:{_THREE}){{0,5}}(?:{_THREE}|{_TWO}|{_ONE})$"
 
 
 def _encode_cursor(task: Task) -> str:
@@ -189,7 +256,12 @@ def _decode_cursor(cursor: str) -> int:
     raise invalid("cursor", "not a cursor this service gave out")
 
 
-@get(["/tasks", "/tasks/"])
+@get(
+    ["/tasks", "/tasks/"],
+    security=SECURITY,
+    responses={200: documented(list[Task], "live tasks, newest first; a full page has a Link to the next")}
+    | problems(*ERRORS),
+)
 async def list_tasks(
     request: Request,
     conn: Connection,
@@ -197,7 +269,7 @@ async def list_tasks(
     task_type: TaskTypeFilter = None,
     skip: Annotated[int, QueryParameter(ge=0, le=1_000_000_000)] = 0,
     limit: Annotated[int, QueryParameter(ge=1, le=1000)] = 100,
-    cursor: Annotated[str | None, QueryParameter(max_length=100)] = None,
+    cursor: Annotated[str | None, QueryParameter(max_length=100, pattern=CURSOR)] = None,
 ) -> Response[bytes]:
     """Live tasks, newest first; the next page's URL is in the Link header."""
     page = await tasks_view.list_page(
@@ -216,18 +288,28 @@ async def list_tasks(
     return json_response(page, headers=headers)
 
 
-@get("/tasks/stats/summary")
+@get(
+    "/tasks/stats/summary",
+    security=SECURITY,
+    responses={200: documented(Summary, "counts per status")} | problems(*ERRORS),
+)
 async def stats_summary(conn: Connection, task_type: TaskTypeFilter = None) -> Response[bytes]:
     """Counts per status, from the counters (never by counting rows)."""
-    return json_response(await stats.summary(conn, task_type or None))
+    return json_response(Summary(**await stats.summary(conn, task_type or None)))
 
 
-@post("/tasks/cleanup", status_code=200)
+@post(
+    "/tasks/cleanup",
+    security=SECURITY,
+    status_code=200,
+    opt={"scope": "admin"},
+    responses={200: documented(CleanedUp, "how many finished tasks were deleted")} | problems(*ERRORS, 409),
+)
 async def cleanup(
     request: Request, conn: Connection, days: Annotated[int, QueryParameter(ge=0, le=100_000)] = 30
 ) -> Response[bytes]:
     """Delete finished tasks completed more than `days` days ago."""
-    return json_response({"deleted": await writer.cleanup(conn, days, metadata(request))})
+    return json_response(CleanedUp(await writer.cleanup(conn, days, metadata(request))))
 
 
 ROUTES = [create_task, get_task, update_task, delete_task, list_tasks, stats_summary, cleanup]

@@ -1,0 +1,143 @@
+"""API keys: bearer tokens with a scope, kept only as SHA-256 hashes, checked by a guard.
+
+Scopes nest: `admin` may do all `write` may, `write` all `read` may. GETs need
+`read`, other methods `write` (OPTIONS none); a route asks for more with `opt={"scope": "admin"}`
+or for none with `opt=PUBLIC`. With no keys configured there is no guard at all
+(`tasktrail serve` allows that only on a loopback address).
+
+Why a plain SHA-256 and not a slow password hash: a key is 256 random bits made
+by `new_key`, so its hash cannot be reversed by guessing, however fast the hash;
+a slow hash protects guessable passwords and would cost every request
+milliseconds. A stolen key file therefore reveals names and scopes, never keys.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import re
+import secrets
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import msgspec
+from litestar.connection import ASGIConnection
+from litestar.exceptions import NotAuthorizedException, PermissionDeniedException
+from litestar.handlers import BaseRouteHandler
+from litestar.types import Guard
+
+SCOPES = ("read", "write", "admin")  # each includes the ones before it
+PUBLIC = {"public": True}
+# How the OpenAPI schema marks a route that needs a key (see http/openapi.py).
+SECURITY: list[dict[str, list[str]]] = [{"apiKey": []}]
+
+NAME = "[A-Za-z0-9._-]{1,64}"
+_ENTRY = re.compile(f"(?P<name>{NAME}):(?P<scope>read|write|admin):(?P<digest>[0-9a-f]{{64}})")
+_BEARER = re.compile(r"bearer[ \t]+(?P<key>\S+)[ \t]*", re.IGNORECASE)
+_REALM = 'Bearer realm="tasktrail"'
+
+
+class Key(msgspec.Struct, frozen=True):
+    name: str
+    scope: str
+    digest: bytes  # SHA-256 of the key itself
+
+    def entry(self) -> str:
+        """The line a keys file keeps for this key."""
+        return f"{self.name}:{self.scope}:{self.digest.hex()}"
+
+
+class BadKeys(Exception):
+    """The configured keys cannot be read."""
+
+
+def digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode()).digest()
+
+
+def new_key() -> str:
+    """A fresh random key (256 bits), shown once and never stored."""
+    return "tt_" + secrets.token_urlsafe(32)
+
+
+def parse(text: str, source: str) -> list[Key]:
+    """Entries `name:scope:sha256-hex`, separated by commas or white space; `#` starts a comment."""
+    keys = []
+    for number, line in enumerate(text.splitlines(), 1):
+        for entry in line.split("#", 1)[0].replace(",", " ").split():
+            match = _ENTRY.fullmatch(entry)
+            if match is None:
+                # Never echo the entry: someone may have pasted a key itself.
+                raise BadKeys(f"{source}, line {number}: not an entry of the form name:scope:sha256-hex")
+            keys.append(Key(match["name"], match["scope"], bytes.fromhex(match["digest"])))
+    names = [key.name for key in keys]
+    if len(set(names)) != len(names):
+        raise BadKeys(f"{source}: a key name appears twice")
+    return keys
+
+
+def load(environ: Mapping[str, str] = os.environ) -> list[Key]:
+    """The keys in TASKTRAIL_API_KEYS and in the file TASKTRAIL_API_KEYS_FILE names."""
+    keys = parse(environ.get("TASKTRAIL_API_KEYS", ""), "TASKTRAIL_API_KEYS")
+    if path := environ.get("TASKTRAIL_API_KEYS_FILE"):
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise BadKeys(f"TASKTRAIL_API_KEYS_FILE: cannot read {path}: {exc.strerror}") from None
+        keys += parse(text, path)
+    names = [key.name for key in keys]
+    if len(set(names)) != len(names):
+        raise BadKeys("a key name appears twice across TASKTRAIL_API_KEYS and TASKTRAIL_API_KEYS_FILE")
+    return keys
+
+
+def authenticate(keys: Sequence[Key], presented: str) -> Key | None:
+    """The key whose hash matches, comparing with every key in constant time (no early exit)."""
+    presented_digest = digest(presented)
+    found = None
+    for key in keys:
+        if hmac.compare_digest(key.digest, presented_digest):
+            found = key
+    return found
+
+
+def needed_scope(connection: ASGIConnection, handler: BaseRouteHandler) -> str | None:
+    method = connection.scope["method"]  # type: ignore[typeddict-item]
+    # OPTIONS only lists a path's methods, and a browser's CORS preflight never carries a key.
+    if handler.opt.get("public") or method == "OPTIONS":
+        return None
+    default = "read" if method in ("GET", "HEAD") else "write"
+    return handler.opt.get("scope", default)
+
+
+def guards(keys: Sequence[Key]) -> list[Guard]:
+    """The guard that asks for a key with a large enough scope; none when no keys are configured."""
+    if not keys:
+        return []
+    configured = tuple(keys)
+
+    def require_key(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
+        needed = needed_scope(connection, handler)
+        if needed is None:
+            return
+        match = _BEARER.fullmatch(connection.headers.get("authorization", ""))
+        if match is None:
+            raise NotAuthorizedException(
+                "this route needs an API key: send `Authorization: Bearer <key>`", headers={"WWW-Authenticate": _REALM}
+            )
+        key = authenticate(configured, match["key"])
+        if key is None:
+            raise NotAuthorizedException(
+                "the API key is not one this service knows",
+                headers={"WWW-Authenticate": f'{_REALM}, error="invalid_token"'},
+            )
+        if SCOPES.index(key.scope) < SCOPES.index(needed):
+            raise PermissionDeniedException(
+                f"the API key {key.name!r} has scope {key.scope}; this route needs {needed}",
+                headers={"WWW-Authenticate": f'{_REALM}, error="insufficient_scope", scope="{needed}"'},
+            )
+        connection.state.actor = key.name
+
+    return [require_key]

@@ -1,0 +1,54 @@
+"""Errors as RFC 9457 problem details, and how the OpenAPI schema describes them."""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+from typing import Any
+
+import msgspec
+from litestar import Response
+from litestar.openapi.datastructures import ResponseSpec
+
+PROBLEM = "application/problem+json"
+
+
+class Problem(msgspec.Struct, omit_defaults=True):
+    """RFC 9457 problem details."""
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    errors: list[dict[str, str]] | None = None  # [{field, message}]
+    current_status: str | None = None
+    allowed: list[str] | None = None
+
+
+def problem(status: int, detail: str, headers: dict[str, str] | None = None, **extra: Any) -> Response[bytes]:
+    title = HTTPStatus(status).phrase
+    body = Problem(
+        type=f"/problems/{title.lower().replace(' ', '-')}", title=title, status=status, detail=detail, **extra
+    )
+    return Response(msgspec.json.encode(body), status_code=status, media_type=PROBLEM, headers=headers)
+
+
+# What each error means on any route; a route lists the ones it can answer.
+MEANINGS = {
+    400: "the request is malformed: e.g. the body is not JSON",
+    401: "no API key, or not one this service knows (when keys are configured)",
+    403: "the API key's scope is too small for this route",
+    404: "no such task, or it was deleted",
+    409: "the task's status does not allow the change",
+    412: "the task is not at the version If-Match names",
+    413: "the body is over 1 MiB",
+    422: "well-formed input that breaks a rule; `errors` names the fields",
+    503: "the database is unreachable or too slow; try again shortly",
+}
+
+
+def problems(*statuses: int) -> dict[int, ResponseSpec]:
+    """OpenAPI responses: a problem document for each status."""
+    return {
+        status: ResponseSpec(Problem, description=MEANINGS[status], media_type=PROBLEM, generate_examples=False)
+        for status in statuses
+    }

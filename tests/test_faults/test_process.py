@@ -1,0 +1,139 @@
+"""The server process killed mid-load, and stopped politely: real processes, real signals."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import psycopg
+
+from tests.conftest import Server, assert_verifies
+
+WRITERS = 4
+MAX_WRITES_PER_WRITER = 500  # the load stops by itself even if the kill never came
+
+COUNT_EVENTS = "SELECT count(*) FROM events"
+CREATES_PER_KEY = "SELECT data->'params'->>'key', count(*) FROM events WHERE type = 'TaskCreated' GROUP BY 1"
+PROGRESS_PER_TASK = "SELECT stream_id, count(*) FROM events WHERE type = 'ProgressReported' GROUP BY 1"
+
+
+def create(client: httpx.Client, key: str) -> httpx.Response:
+    """A create that is safe to retry: its Idempotency-Key is also in its params, to count it in the log."""
+    body = {"task_type": "crash", "params": {"key": key}}
+    return client.post("/tasks/", json=body, headers={"Idempotency-Key": key})
+
+
+class Load:
+    """What the writers saw: the last acknowledged state per key, and the writes that got no answer."""
+
+    def __init__(self) -> None:
+        self.acknowledged: dict[str, dict] = {}
+        self.unanswered_creates: list[str] = []
+        self.unanswered_updates: set[str] = set()
+        self.lock = threading.Lock()
+
+
+def drive(url: str, writer: int, load: Load, killed: threading.Event) -> None:
+    """Create a task and report progress on it, again and again, until the server dies."""
+    with httpx.Client(base_url=url, timeout=10) as client:
+        for n in range(MAX_WRITES_PER_WRITER):
+            key = f"w{writer}-{n}"
+            try:
+                created = create(client, key)
+            except httpx.TransportError:
+                with load.lock:
+                    load.unanswered_creates.append(key)
+                return
+            assert created.status_code == 201, created.text
+            with load.lock:
+                load.acknowledged[key] = created.json()
+            try:
+                updated = client.patch(f"/tasks/{created.json()['task_id']}", json={"progress": 50})
+            except httpx.TransportError:
+                with load.lock:
+                    load.unanswered_updates.add(key)
+                return
+            assert updated.status_code == 200, updated.text
+            with load.lock:
+                load.acknowledged[key] = updated.json()
+            if killed.is_set():
+                return
+
+
+def test_sigkill_mid_load_loses_no_acknowledged_write_and_repeats_none(database_url: str, tmp_path: Path) -> None:
+    env = os.environ | {"DATABASE_URL": database_url}
+    server = Server(env, log_dir=tmp_path)
+    load, killed = Load(), threading.Event()
+    with ThreadPoolExecutor(WRITERS) as pool:
+        runs = [pool.submit(drive, server.url, writer, load, killed) for writer in range(WRITERS)]
+        with psycopg.connect(database_url) as conn:
+            deadline = time.monotonic() + 20
+            while conn.execute(COUNT_EVENTS).fetchone()[0] < 120 and time.monotonic() < deadline:  # type: ignore[index]
+                time.sleep(0.05)
+        server.stop(signal.SIGKILL)
+        killed.set()
+        for run in runs:
+            run.result()
+    assert server.process.returncode == -signal.SIGKILL
+    assert len(load.acknowledged) >= 30, "the kill came before any load"
+
+    again = Server(env, log_dir=tmp_path)
+    try:
+        with httpx.Client(base_url=again.url) as client:
+            for key, task in load.acknowledged.items():
+                now = client.get(f"/tasks/{task['task_id']}").json()
+                if key in load.unanswered_updates and now["version"] == task["version"] + 1:
+                    assert now["progress"] == 50  # the unanswered update committed; it may or may not have
+                else:
+                    assert now == task  # every acknowledged write is there, and nothing after it
+            # A client retries what got no answer: the Idempotency-Key keeps each a single task.
+            for key in load.unanswered_creates:
+                assert create(client, key).status_code == 201
+    finally:
+        again.stop()
+    with psycopg.connect(database_url) as conn:
+        created = dict(conn.execute(CREATES_PER_KEY).fetchall())
+        progressed = dict(conn.execute(PROGRESS_PER_TASK).fetchall())
+    assert set(load.acknowledged) | set(load.unanswered_creates) <= set(created)
+    assert set(created.values()) == {1}, "a write appears twice"
+    assert set(progressed.values()) == {1}, "a progress report appears twice"
+    assert_verifies(database_url)
+
+
+def test_sigterm_finishes_in_flight_requests_and_refuses_new_ones(database_url: str, tmp_path: Path) -> None:
+    server = Server(os.environ | {"DATABASE_URL": database_url}, log_dir=tmp_path)
+    task = httpx.post(f"{server.url}/tasks/", json={"task_type": "slow"}).json()
+    with psycopg.connect(database_url) as holder, ThreadPoolExecutor(1) as pool:
+        # Hold the tasks table so the list below is in flight, waiting on the lock, when SIGTERM comes.
+        holder.execute("LOCK TABLE tasks IN ACCESS EXCLUSIVE MODE")
+        in_flight = pool.submit(httpx.get, f"{server.url}/tasks/", timeout=30)
+        deadline = time.monotonic() + 10
+        while not holder.execute("SELECT count(*) FROM pg_locks WHERE NOT granted").fetchone()[0]:  # type: ignore[index]
+            assert time.monotonic() < deadline, "the request never reached the database"
+            time.sleep(0.05)
+
+        server.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                httpx.get(f"{server.url}/health", timeout=1)
+            except httpx.ConnectError:
+                break  # the listening socket is closed: new requests are refused
+            assert time.monotonic() < deadline, "still accepting new requests after SIGTERM"
+            time.sleep(0.05)
+        assert not in_flight.done()
+        assert server.process.poll() is None, "exited with a request in flight"
+
+        holder.rollback()  # let the in-flight request finish
+        response = in_flight.result(timeout=10)
+    assert response.status_code == 200
+    assert [t["task_id"] for t in response.json()] == [task["task_id"]]
+    assert server.process.wait(timeout=15) == -signal.SIGTERM  # uvicorn re-raises the signal once done
+    log = server.log()
+    assert "Application shutdown complete" in log  # the lifespan closed the pool
+    assert "Traceback" not in log, log
