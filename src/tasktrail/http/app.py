@@ -20,9 +20,9 @@ from litestar.exceptions import HTTPException, ValidationException
 from litestar.middleware import ASGIMiddleware
 from litestar.types import ASGIApp, Receive, Scope, Send
 
-from tasktrail import db, eventstore
+from tasktrail import db, eventstore, live
 from tasktrail.domain.task import TaskNotFound, TransitionRejected
-from tasktrail.http import health, tasks
+from tasktrail.http import events, health, tasks
 from tasktrail.http.body import MAX_BODY_BYTES, InvalidInput, MalformedBody
 
 log = logging.getLogger("tasktrail")
@@ -126,13 +126,16 @@ def create_app(database_url: str | None = None) -> Litestar:
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         app.state.pool = db.create_pool(conninfo)
         await app.state.pool.open(wait=False)
+        app.state.live = live.Listener(conninfo, app.state.pool, events.render)
+        await app.state.live.start()
         try:
             yield
         finally:
+            await app.state.live.stop()
             await app.state.pool.close()
 
     return Litestar(
-        route_handlers=[*tasks.ROUTES, *health.ROUTES],
+        route_handlers=[*tasks.ROUTES, *health.ROUTES, *events.ROUTES],
         dependencies={"conn": Provide(provide_connection)},
         lifespan=[lifespan],
         middleware=[RequestId()],
