@@ -96,3 +96,18 @@ async def test_one_streams_feed(conn: psycopg.AsyncConnection) -> None:
     ]
     assert seen[0].stored.metadata == {"request_id": "r1"}
     assert (await eventstore.read_feed(conn, seen[-1].cursor, stream_id=task.task_id)).events == []
+
+
+async def test_a_streams_versions_are_in_feed_order(conn: psycopg.AsyncConnection, database_url: str) -> None:
+    stream = uuid4()
+    await append_one(conn, stream)
+    async with await psycopg.AsyncConnection.connect(database_url, **db.connect_kwargs()) as old:
+        async with old.transaction():
+            await old.execute("SELECT pg_current_xact_id()")  # takes its transaction id now
+            await eventstore.append(conn, [(stream, 2, TaskStarted())], {}, writer.now())
+            # Version 3 from a transaction older than version 2's would come first in the feed.
+            with pytest.raises(psycopg.errors.SerializationFailure, match="newer than this one"):
+                await eventstore.append(old, [(stream, 3, TaskStarted(progress=1))], {}, writer.now())
+        await eventstore.append(old, [(stream, 3, TaskStarted(progress=1))], {}, writer.now())  # a new one may
+    seen = await read_until(conn, 3, stream_id=stream)
+    assert [event.stored.recorded.version for event in seen] == [1, 2, 3]
