@@ -104,16 +104,22 @@ async def read_stream(
 #
 # One statement, so the events, the horizon and the held-back check share one
 # snapshot. Returns one row with NULL event columns when there is nothing new.
+# The held-back check is ordered by transaction_id so that it walks the index
+# from the horizon (a few in-flight rows), never the table.
 READ_FEED = """
-WITH horizon AS MATERIALIZED (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS xmin)
-SELECT horizon.xmin::text,
-       EXISTS (SELECT FROM events WHERE transaction_id >= horizon.xmin),
+WITH horizon AS MATERIALIZED (
+    SELECT oldest_open, (
+        SELECT transaction_id FROM events WHERE transaction_id >= oldest_open ORDER BY transaction_id LIMIT 1
+    ) IS NOT NULL AS held_back
+    FROM (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS oldest_open) now
+)
+SELECT horizon.oldest_open::text, horizon.held_back,
        e.transaction_id::text, e.position, e.stream_id, e.version, e.occurred_at, e.type, e.data, e.metadata
 FROM horizon
 LEFT JOIN LATERAL (
     SELECT * FROM events
     WHERE (transaction_id, position) > (%(transaction_id)s::xid8, %(position)s)
-      AND transaction_id < horizon.xmin
+      AND transaction_id < horizon.oldest_open
     ORDER BY transaction_id, position
     LIMIT %(limit)s
 ) e ON true
@@ -122,16 +128,20 @@ ORDER BY e.transaction_id, e.position
 
 # The same for one stream (a task's events), through its (stream_id, version) index.
 READ_STREAM_FEED = """
-WITH horizon AS MATERIALIZED (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS xmin)
-SELECT horizon.xmin::text,
-       EXISTS (SELECT FROM events WHERE stream_id = %(stream_id)s AND transaction_id >= horizon.xmin),
+WITH horizon AS MATERIALIZED (
+    SELECT oldest_open, EXISTS (
+        SELECT FROM events WHERE stream_id = %(stream_id)s AND transaction_id >= oldest_open
+    ) AS held_back
+    FROM (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS oldest_open) now
+)
+SELECT horizon.oldest_open::text, horizon.held_back,
        e.transaction_id::text, e.position, e.stream_id, e.version, e.occurred_at, e.type, e.data, e.metadata
 FROM horizon
 LEFT JOIN LATERAL (
     SELECT * FROM events
     WHERE stream_id = %(stream_id)s
       AND (transaction_id, position) > (%(transaction_id)s::xid8, %(position)s)
-      AND transaction_id < horizon.xmin
+      AND transaction_id < horizon.oldest_open
     ORDER BY transaction_id, position
     LIMIT %(limit)s
 ) e ON true

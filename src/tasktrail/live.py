@@ -157,8 +157,8 @@ class Listener:
                         self.cursor = await eventstore.head(conn)
                         self._resync()
                     await self._follow(conn)
-            except (psycopg.OperationalError, OSError) as exc:
-                log.warning("listener: database connection lost (%s); reconnecting in %.1fs", exc, delay)
+            except (psycopg.Error, OSError) as exc:
+                log.warning("listener: %s; reconnecting in %.1fs", exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 

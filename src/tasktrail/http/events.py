@@ -5,12 +5,15 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Callable, Collection
 from datetime import datetime
 from typing import Annotated, Any
 from uuid import UUID
 
 import msgspec
+import psycopg
+import psycopg_pool
 from litestar import Request, Response, get
 from litestar.background_tasks import BackgroundTask
 from litestar.params import FromPath, HeaderParameter, QueryParameter
@@ -26,6 +29,7 @@ from tasktrail.live import Listener
 from tasktrail.projections import tasks as tasks_view
 
 _encode = msgspec.json.Encoder().encode
+log = logging.getLogger("tasktrail")
 
 # The events after which a task's stream has nothing more to say.
 FINISHING = frozenset({"TaskCompleted", "TaskFailed", "TaskCanceled", "TaskDeleted"})
@@ -117,21 +121,26 @@ async def frames(
 ) -> AsyncIterator[bytes]:
     """The bytes of a stream: `first`, then events after the cursor (except positions in `skip`), and pings."""
     yield RETRY + first
-    async with contextlib.aclosing(listener.follow(after, stream_id)) as batches:
-        async for batch in batches:
-            if not batch:
-                yield PING
-                continue
-            chunk = []
-            for event, frame in batch:
-                if event.stored.recorded.position in skip:
+    try:
+        async with contextlib.aclosing(listener.follow(after, stream_id)) as batches:
+            async for batch in batches:
+                if not batch:
+                    yield PING
                     continue
-                chunk.append(frame)
-                if closes_after is not None and closes_after(event):
+                chunk = []
+                for event, frame in batch:
+                    if event.stored.recorded.position in skip:
+                        continue
+                    chunk.append(frame)
+                    if closes_after is not None and closes_after(event):
+                        yield b"".join(chunk)
+                        return
+                if chunk:
                     yield b"".join(chunk)
-                    return
-            if chunk:
-                yield b"".join(chunk)
+    except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as exc:
+        # End the response: the client reconnects with its Last-Event-ID and
+        # misses nothing, while the headers, long sent, cannot say 503.
+        log.warning("event stream ended, database unavailable: %s", exc)
 
 
 def event_stream(body: AsyncIterator[bytes]) -> Stream:
@@ -160,9 +169,9 @@ async def stream_all(request: Request, after: AfterParameter = None, last_event_
 # task's events at or above the head that the state already includes (the
 # stream must not send those again), and its latest event.
 TASK_STREAM_START = f"""
-WITH horizon AS MATERIALIZED (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS xmin)
-SELECT horizon.xmin::text,
-       ARRAY(SELECT position FROM events WHERE stream_id = %(task_id)s AND transaction_id >= horizon.xmin),
+WITH horizon AS MATERIALIZED (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS oldest_open)
+SELECT horizon.oldest_open::text,
+       ARRAY(SELECT position FROM events WHERE stream_id = %(task_id)s AND transaction_id >= horizon.oldest_open),
        latest.transaction_id::text, latest.position, latest.type,
        {", ".join(f"t.{column}" for column in tasks_view.COLUMNS.split(", "))}
 FROM horizon
