@@ -38,6 +38,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from importlib.util import find_spec
 from pathlib import Path
 
 import httpx
@@ -265,6 +266,8 @@ def main() -> None:
         f"# bench/sse_fanout.py {datetime.now(UTC):%Y-%m-%d %H:%M:%S} UTC",
         f"# args: clients={args.clients} events={args.events} interval={args.interval}",
         f"# host: {os.cpu_count()} cpus, load average {os.getloadavg()[0]:.1f}, python {sys.version.split()[0]}",
+        f"# server: uvicorn, http {'httptools' if find_spec('httptools') else 'h11'}, "
+        f"loop {'uvloop' if find_spec('uvloop') else 'asyncio'}",
     ]
     with database() as url:
         where = conninfo_to_dict(url)
