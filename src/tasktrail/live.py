@@ -40,8 +40,7 @@ from tasktrail.eventstore import Cursor, FeedEvent
 
 log = logging.getLogger("tasktrail.live")
 
-CHANNEL = "tasktrail_events"
-LISTEN = "LISTEN tasktrail_events"
+LISTEN = "LISTEN tasktrail_events"  # the channel 0005_live.sql notifies
 PAGE = 500
 # A stream whose client reads slower than events arrive goes back to the
 # database rather than buffering without bound.
@@ -67,12 +66,12 @@ class Subscriber:
 
     __slots__ = ("lagging", "pending", "stream_id", "wake")
 
-    def __init__(self, stream_id: UUID | None, lagging: bool) -> None:
+    def __init__(self, stream_id: UUID | None) -> None:
         self.stream_id = stream_id
         self.pending: list[Delivery] = []
         self.wake = asyncio.Event()
         # True: what is pending is not a complete continuation; read the database.
-        self.lagging = lagging
+        self.lagging = True
 
 
 class Listener:
@@ -180,7 +179,7 @@ class Listener:
 
     def _fan_out(self, page: eventstore.FeedPage) -> None:
         self.cursor = page.next_after
-        if not page.events or not self:
+        if not page.events or not self.subscribers:
             return
         deliveries = [(event, self.render(event)) for event in page.events]
         by_stream: dict[UUID, list[Delivery]] = defaultdict(list)
@@ -214,7 +213,7 @@ class Listener:
 
         Holds a database connection only while it reads; none while it waits.
         """
-        subscriber = Subscriber(stream_id, lagging=True)
+        subscriber = Subscriber(stream_id)
         self.subscribers[stream_id].add(subscriber)
         loop = asyncio.get_running_loop()
         cursor, last_sent = after, loop.time()
@@ -235,8 +234,9 @@ class Listener:
                         yield [(event, self.render(event)) for event in page.events]
                     if subscriber.lagging and page.events:
                         continue
+                ping_due = last_sent + self.ping_interval - loop.time()
                 try:
-                    async with asyncio.timeout(self.poll_interval if subscriber.lagging else self.ping_interval):
+                    async with asyncio.timeout(min(self.poll_interval, ping_due) if subscriber.lagging else ping_due):
                         await subscriber.wake.wait()
                 except TimeoutError:
                     if loop.time() - last_sent >= self.ping_interval:

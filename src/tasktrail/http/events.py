@@ -95,7 +95,7 @@ async def feed(
     conn: Connection, after: AfterParameter = None, limit: Annotated[int, QueryParameter(ge=1, le=1000)] = 100
 ) -> Response[bytes]:
     """Every event in commit-safe order, after a cursor; next_cursor is there even on an empty page."""
-    cursor = eventstore.START if after is None else decode_cursor("after", after)
+    cursor = decode_cursor("after", after) if after else eventstore.START
     page = await eventstore.read_feed(conn, cursor, limit=limit)
     events = [item(event) for event in page.events]
     return json_response({"events": events, "next_cursor": encode_cursor(page.next_after)})
