@@ -91,6 +91,6 @@ async def test_paging_by_cursor_sees_each_event_once_and_polls_from_the_head(cli
         {"limit": "ten"},
     ],
 )
-async def test_a_bad_cursor_or_limit_is_a_422_problem(client: AsyncTestClient, query: dict) -> None:
-    body = assert_problem(await client.get("/events", params=query), 422)
+async def test_a_bad_cursor_or_limit_is_a_422_problem(shared_client: AsyncTestClient, query: dict) -> None:
+    body = assert_problem(await shared_client.get("/events", params=query), 422)
     assert body["errors"][0]["field"] in query
