@@ -7,10 +7,12 @@ migrated template, so tests never see each other's events.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -37,15 +39,20 @@ def anyio_backend() -> str:
 
 
 @pytest.fixture(scope="session")
-def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def server_url() -> Iterator[str]:
     """A PostgreSQL server: DATABASE_URL's, or an embedded one for this session."""
     url = os.environ.get("DATABASE_URL")
     if url:
         yield url
         return
-    server = db.start_embedded(tmp_path_factory.mktemp("embedded"), cleanup_mode="delete")
+    # Not under pytest's temporary root: every pytest session that starts resets
+    # it to mode 0700, and when tests run as root the embedded server runs as
+    # another user (pgserver), which then loses its data directory and stops.
+    data_dir = Path(tempfile.mkdtemp(prefix="tasktrail-test-pg-"))
+    server = db.start_embedded(data_dir, cleanup_mode="delete")
     yield server.get_uri()
     server.cleanup()
+    shutil.rmtree(data_dir, ignore_errors=True)
 
 
 def _admin(server_url: str) -> psycopg.Connection:
