@@ -208,7 +208,7 @@ for (let attempt = 1; ; attempt++) {
         }
     }
     if (!differences.length) break;
-    if (attempt === 50) throw differences[0];
+    if (attempt === 300) throw differences[0];
     await sleep(100);
 }
 console.log('watch client: ok');
