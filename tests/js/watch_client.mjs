@@ -68,8 +68,10 @@ class FetchEventSource {
                         event = '';
                         data = [];
                         if (this.dropAfter && seen === this.dropAfter) {
+                            // The network drops here: whatever else came in this read is lost.
                             this.dropAfter = 0;
                             this.controller.abort();
+                            return this.reconnect();
                         }
                         continue;
                     }
