@@ -19,9 +19,9 @@ from litestar.exceptions import HTTPException, ValidationException
 from litestar.middleware import ASGIMiddleware
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
-from tasktrail import db, eventstore, idempotency, writer
+from tasktrail import db, eventstore, idempotency, live, writer
 from tasktrail.domain.task import TaskNotFound, TransitionRejected
-from tasktrail.http import auth, health, history, openapi, tasks
+from tasktrail.http import auth, events, health, history, openapi, tasks
 from tasktrail.http.body import MAX_BODY_BYTES, InvalidInput, MalformedBody
 from tasktrail.http.problems import problem
 
@@ -128,13 +128,16 @@ def create_app(database_url: str | None = None, api_keys: Sequence[auth.Key] | N
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         app.state.pool = db.create_pool(conninfo)
         await app.state.pool.open(wait=False)
+        app.state.live = live.Listener(conninfo, app.state.pool, events.render)
+        await app.state.live.start()
         try:
             yield
         finally:
+            await app.state.live.stop()
             await app.state.pool.close()
 
     return Litestar(
-        route_handlers=[*tasks.ROUTES, *history.ROUTES, *health.ROUTES],
+        route_handlers=[*tasks.ROUTES, *history.ROUTES, *events.ROUTES, *health.ROUTES],
         dependencies={"conn": Provide(provide_connection)},
         lifespan=[lifespan],
         middleware=[RequestId()],

@@ -1,0 +1,260 @@
+"""The global event feed and the live streams: /events, /events/stream, /tasks/{task_id}/stream."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+from collections.abc import AsyncIterator, Callable, Collection
+from datetime import datetime
+from typing import Annotated, Any
+from uuid import UUID
+
+import msgspec
+import psycopg
+import psycopg_pool
+from litestar import Request, Response, get
+from litestar.background_tasks import BackgroundTask
+from litestar.openapi import ResponseSpec
+from litestar.params import FromPath, HeaderParameter, QueryParameter
+from litestar.response import Stream
+
+from tasktrail import eventstore
+from tasktrail.domain.events import to_data, type_of
+from tasktrail.domain.task import FINISHED
+from tasktrail.eventstore import Cursor, FeedEvent
+from tasktrail.http.auth import SECURITY
+from tasktrail.http.body import invalid
+from tasktrail.http.problems import problems
+from tasktrail.http.tasks import ERRORS, Connection, documented, json_response, not_found, parse_task_id
+from tasktrail.live import Listener
+from tasktrail.projections import tasks as tasks_view
+
+_encode = msgspec.json.Encoder().encode
+log = logging.getLogger("tasktrail")
+
+# The events after which a task's stream has nothing more to say.
+FINISHING = frozenset({"TaskCompleted", "TaskFailed", "TaskCanceled", "TaskDeleted"})
+
+# The client's reconnect delay (ms), sent first; it also flushes the headers at once.
+RETRY = b"retry: 2000\n\n"
+PING = b": ping\n\n"
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+# A cursor is "<transaction id>-<position>": opaque to clients (they only hand
+# it back), plain enough for the OpenAPI schema to say exactly which are valid.
+CURSOR = r"^\d{1,18}-\d{1,18}$"
+
+
+AfterParameter = Annotated[str | None, QueryParameter(max_length=100, pattern=CURSOR)]
+LastEventId = Annotated[str | None, HeaderParameter(name="Last-Event-ID", max_length=100)]
+
+
+class FeedItem(msgspec.Struct):
+    """An event as the feed and the streams show it: as in the history, plus its task and cursor."""
+
+    task_id: UUID
+    cursor: str
+    version: int
+    position: int
+    type: str
+    occurred_at: datetime
+    data: dict[str, Any]
+    metadata: dict[str, Any]
+
+
+def encode_cursor(cursor: Cursor) -> str:
+    return f"{cursor[0]}-{cursor[1]}"
+
+
+def decode_cursor(field: str, value: str) -> Cursor:
+    transaction_id, _, position = value.partition("-")
+    if re.fullmatch(CURSOR, value):
+        return (int(transaction_id), int(position))
+    raise invalid(field, "not a cursor this service gave out")
+
+
+def item(event: FeedEvent) -> FeedItem:
+    recorded, stored = event.stored.recorded, event.stored
+    return FeedItem(
+        task_id=recorded.stream_id,
+        cursor=encode_cursor(event.cursor),
+        version=recorded.version,
+        position=recorded.position,
+        type=type_of(recorded.event),
+        occurred_at=recorded.occurred_at,
+        data=to_data(recorded.event),
+        metadata=stored.metadata,
+    )
+
+
+def render(event: FeedEvent) -> bytes:
+    """The Server-Sent Events frame of an event: id its cursor, event its type, data the feed's JSON."""
+    shown = item(event)
+    return b"id: %s\nevent: %s\ndata: %s\n\n" % (shown.cursor.encode(), shown.type.encode(), _encode(shown))
+
+
+class Feed(msgspec.Struct):
+    events: list[FeedItem]
+    next_cursor: str
+
+
+STREAMED = ResponseSpec(
+    str, description="Server-Sent Events: id the cursor, event the type, data the event as in the feed",
+    media_type="text/event-stream", generate_examples=False,
+)  # fmt: skip
+
+
+@get(
+    "/events",
+    security=SECURITY,
+    responses={200: documented(Feed, "events after the cursor, and the cursor to read on from")} | problems(*ERRORS),
+)
+async def feed(
+    conn: Connection, after: AfterParameter = None, limit: Annotated[int, QueryParameter(ge=1, le=1000)] = 100
+) -> Response[bytes]:
+    """Every event in commit-safe order, after a cursor; next_cursor is there even on an empty page."""
+    cursor = decode_cursor("after", after) if after else eventstore.START
+    page = await eventstore.read_feed(conn, cursor, limit=limit)
+    events = [item(event) for event in page.events]
+    return json_response(Feed(events, encode_cursor(page.next_after)))
+
+
+def resume_from(last_event_id: str | None, after: str | None) -> Cursor | None:
+    """Where a stream resumes: Last-Event-ID (the browser's reconnect) wins over ?after= (the first URL)."""
+    if last_event_id:
+        return decode_cursor("Last-Event-ID", last_event_id)
+    if after:
+        return decode_cursor("after", after)
+    return None
+
+
+async def frames(
+    listener: Listener,
+    after: Cursor,
+    *,
+    first: bytes = b"",
+    stream_id: UUID | None = None,
+    skip: Collection[int] = (),
+    closes_after: Callable[[FeedEvent], bool] | None = None,
+) -> AsyncIterator[bytes]:
+    """The bytes of a stream: `first`, then events after the cursor (except positions in `skip`), and pings."""
+    yield RETRY + first
+    try:
+        async with contextlib.aclosing(listener.follow(after, stream_id)) as batches:
+            async for batch in batches:
+                if not batch:
+                    yield PING
+                    continue
+                chunk = []
+                for event, frame in batch:
+                    if event.stored.recorded.position in skip:
+                        continue
+                    chunk.append(frame)
+                    if closes_after is not None and closes_after(event):
+                        yield b"".join(chunk)
+                        return
+                if chunk:
+                    yield b"".join(chunk)
+    except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as exc:
+        # End the response: the client reconnects with its Last-Event-ID and
+        # misses nothing, while the headers, long sent, cannot say 503.
+        log.warning("event stream ended, database unavailable: %s", exc)
+
+
+def event_stream(body: AsyncIterator[bytes]) -> Stream:
+    # Closing the generator when the response ends, however it ends (the client
+    # going away included), takes the stream off the listener at once.
+    return Stream(
+        body,
+        media_type="text/event-stream",
+        headers=SSE_HEADERS,
+        background=BackgroundTask(body.aclose),  # type: ignore[attr-defined]
+    )
+
+
+@get("/events/stream", security=SECURITY, responses={200: STREAMED} | problems(*ERRORS))
+async def stream_all(request: Request, after: AfterParameter = None, last_event_id: LastEventId = None) -> Stream:
+    """Every event as it commits; from the head unless resumed."""
+    listener: Listener = request.app.state.live
+    cursor = resume_from(last_event_id, after)
+    if cursor is None:
+        async with listener.pool.connection() as conn:
+            cursor = await eventstore.head(conn)
+    return event_stream(frames(listener, cursor))
+
+
+# One statement, one snapshot: the task's state, where the feed's head is, the
+# task's events at or above the head that the state already includes (the
+# stream must not send those again), and its latest event.
+TASK_STREAM_START = f"""
+WITH horizon AS MATERIALIZED (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS oldest_open)
+SELECT horizon.oldest_open::text,
+       ARRAY(SELECT position FROM events WHERE stream_id = %(task_id)s AND transaction_id >= horizon.oldest_open),
+       latest.transaction_id::text, latest.position, latest.type,
+       {", ".join(f"t.{column}" for column in tasks_view.COLUMNS.split(", "))}
+FROM horizon
+LEFT JOIN LATERAL (
+    SELECT transaction_id, position, type FROM events
+    WHERE stream_id = %(task_id)s ORDER BY version DESC LIMIT 1
+) latest ON true
+LEFT JOIN tasks t ON t.task_id = %(task_id)s
+"""  # noqa: S608 -- the columns are constants
+
+
+@get(
+    "/tasks/{task_id:str}/stream",
+    security=SECURITY,
+    responses={200: STREAMED, 204: ResponseSpec(None, description="resumed after its last event: nothing more")}
+    | problems(*ERRORS, 404),
+)
+async def stream_task(
+    request: Request, task_id: FromPath[str], after: AfterParameter = None, last_event_id: LastEventId = None
+) -> Response[Any]:
+    """The task's current state (event `snapshot`), then its events as they commit; ends after a finished status."""
+    uuid = parse_task_id(task_id)
+    listener: Listener = request.app.state.live
+    resume = resume_from(last_event_id, after)
+    async with listener.pool.connection() as conn:
+        cur = await conn.execute(TASK_STREAM_START, {"task_id": uuid})
+        row = await cur.fetchone()
+        assert row is not None
+        head, seen, latest_txid, latest_position, latest_type = row[:5]
+        if latest_type is None:
+            raise await not_found(conn, uuid)
+    task = None if row[5] is None else tasks_view.to_task(row[5:])
+    latest = (int(latest_txid), latest_position)
+    ended = task is None or task.status in FINISHED
+
+    def closes_after(event: FeedEvent) -> bool:
+        # A replay runs up to the latest event before it may end; live events end it at once.
+        return event.cursor >= latest and type_of(event.stored.recorded.event) in FINISHING
+
+    if resume is not None:
+        if ended and resume >= latest:
+            # Nothing more will come: 204 tells EventSource to stop reconnecting.
+            return Response(content=None, status_code=204, headers=SSE_HEADERS)
+        return event_stream(frames(listener, resume, stream_id=uuid, closes_after=closes_after))
+    if task is None:
+        # Deleted: replay its history and end.
+        return event_stream(frames(listener, eventstore.START, stream_id=uuid, closes_after=closes_after))
+    snapshot = b"event: snapshot\ndata: %s\n\n" % _encode(task)
+    if task.status in FINISHED:
+        return event_stream(_once(RETRY + snapshot))
+    return event_stream(
+        frames(
+            listener,
+            (int(head), 0),
+            first=snapshot,
+            stream_id=uuid,
+            skip=frozenset(seen),
+            closes_after=closes_after,
+        )
+    )
+
+
+async def _once(body: bytes) -> AsyncIterator[bytes]:
+    yield body
+
+
+ROUTES = [feed, stream_all, stream_task]

@@ -1,0 +1,257 @@
+"""Live events: one LISTEN connection per process reads the feed and fans it out to open streams.
+
+Every server process runs one Listener. It holds one database connection that
+LISTENs on `tasktrail_events` (notified by a trigger when events commit) and,
+on each wake-up, reads the feed after its cursor once and hands the new events
+to every open stream in memory. A thousand idle streams cost no database
+connection and a wake-up costs one query, not a thousand. Notifications only
+say "look"; the feed says what is new. So a lost notification, a rolled-back
+writer that held the horizon back, or a write from a process that does not
+notify is picked up by polling: every `poll_interval`, and sooner, with
+backoff, while committed events wait behind an open transaction.
+
+A stream starts from its own cursor: it registers first, reads the database
+until it is level with the feed's head, and from then on takes events from
+memory, dropping any at or below its cursor. Registering before reading is what
+makes the hand-over gap-free: whatever the listener delivers later lies above
+the listener's cursor at registration, and everything at or below it was
+already safe to read, so the stream's own read covers it. A stream that falls
+too far behind (a slow client) is dropped back to reading the database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import threading
+from collections import defaultdict
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+from uuid import UUID
+
+import psycopg
+from psycopg_pool import AsyncConnectionPool
+
+from tasktrail import db, eventstore
+from tasktrail.eventstore import Cursor, FeedEvent
+
+log = logging.getLogger("tasktrail.live")
+
+LISTEN = "LISTEN tasktrail_events"  # the channel 0005_live.sql notifies
+PAGE = 500
+# A stream whose client reads slower than events arrive goes back to the
+# database rather than buffering without bound.
+MAX_PENDING = 10_000
+# While committed events wait behind an open transaction, look again soon (5 ms,
+# doubling up to 250 ms): if that transaction rolls back, nothing will notify.
+HELD_BACK_FIRST_RETRY = 0.005
+HELD_BACK_LAST_RETRY = 0.25
+
+# An event and its encoded form (rendered once, sent to every stream that wants it).
+Delivery = tuple[FeedEvent, bytes]
+
+
+def seconds_from_env(name: str, default: float) -> float:
+    value = float(os.environ.get(name, default))
+    if not 0 < value < 86_400:
+        raise ValueError(f"{name} must be a number of seconds above 0")
+    return value
+
+
+class Subscriber:
+    """One open stream: which task (or all), and what waits for it."""
+
+    __slots__ = ("lagging", "pending", "stream_id", "wake")
+
+    def __init__(self, stream_id: UUID | None) -> None:
+        self.stream_id = stream_id
+        self.pending: list[Delivery] = []
+        self.wake = asyncio.Event()
+        # True: what is pending is not a complete continuation; read the database.
+        self.lagging = True
+
+
+class Listener:
+    """The process's one LISTEN connection, its feed cursor, and the open streams."""
+
+    def __init__(
+        self,
+        conninfo: str,
+        pool: AsyncConnectionPool,
+        render: Callable[[FeedEvent], bytes],
+        *,
+        poll_interval: float | None = None,
+        ping_interval: float | None = None,
+    ) -> None:
+        self.conninfo = conninfo
+        self.pool = pool
+        self.render = render
+        self.poll_interval = poll_interval or seconds_from_env("TASKTRAIL_POLL_SECONDS", 1.0)
+        self.ping_interval = ping_interval or seconds_from_env("TASKTRAIL_SSE_PING_SECONDS", 15.0)
+        # Everything at or below the cursor has been read and handed out; None
+        # until the first read of the head (the database may be down at start).
+        self.cursor: Cursor | None = None
+        self.subscribers: dict[UUID | None, set[Subscriber]] = defaultdict(set)
+        self.closing = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._previous_handlers: dict[int, Any] = {}
+
+    def __len__(self) -> int:
+        return sum(len(subscribers) for subscribers in self.subscribers.values())
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="tasktrail-listener")
+        self._end_streams_on_exit_signals()
+
+    async def stop(self) -> None:
+        self._close_streams()
+        for sig, (previous, ours) in self._previous_handlers.items():
+            if signal.getsignal(sig) is ours:
+                signal.signal(sig, previous)
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def _close_streams(self) -> None:
+        self.closing.set()
+        for subscribers in self.subscribers.values():
+            for subscriber in subscribers:
+                subscriber.wake.set()
+
+    def _end_streams_on_exit_signals(self) -> None:
+        """End open streams when uvicorn is told to stop, so its graceful shutdown does not wait on them.
+
+        uvicorn waits for responses to finish before it shuts the app down
+        (lifespan shutdown comes too late), and an event stream never finishes
+        by itself. So chain onto uvicorn's own signal handler and close the
+        streams first. Elsewhere (a test client) there is nothing to chain.
+        """
+        if threading.current_thread() is not threading.main_thread():
+            return
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous = signal.getsignal(sig)
+            if not type(getattr(previous, "__self__", None)).__module__.startswith("uvicorn"):
+                continue
+
+            def on_exit(signum: int, frame: Any, previous: Callable[..., Any] = previous) -> None:  # type: ignore[assignment]
+                loop.call_soon_threadsafe(self._close_streams)
+                previous(signum, frame)
+
+            self._previous_handlers[sig] = (previous, on_exit)
+            signal.signal(sig, on_exit)
+
+    async def _run(self) -> None:
+        delay = 0.5
+        while True:
+            try:
+                async with await psycopg.AsyncConnection.connect(self.conninfo, **db.connect_kwargs()) as conn:
+                    await conn.execute(LISTEN)
+                    delay = 0.5
+                    if self.cursor is None:
+                        self.cursor = await eventstore.head(conn)
+                        self._resync()
+                    await self._follow(conn)
+            except (psycopg.Error, OSError) as exc:
+                log.warning("listener: %s; reconnecting in %.1fs", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def _follow(self, conn: psycopg.AsyncConnection) -> None:
+        assert self.cursor is not None
+        retry = 0.0
+        while True:
+            page = await eventstore.read_feed(conn, self.cursor, limit=PAGE)
+            self._fan_out(page)
+            if len(page.events) == PAGE:
+                continue
+            wait = self.poll_interval
+            if page.held_back:
+                wait = retry = min(retry * 2, HELD_BACK_LAST_RETRY, wait) if retry else HELD_BACK_FIRST_RETRY
+            else:
+                retry = 0.0
+            async for _ in conn.notifies(timeout=wait, stop_after=1):
+                pass
+
+    def _fan_out(self, page: eventstore.FeedPage) -> None:
+        self.cursor = page.next_after
+        if not page.events or not self.subscribers:
+            return
+        deliveries = [(event, self.render(event)) for event in page.events]
+        by_stream: dict[UUID, list[Delivery]] = defaultdict(list)
+        for delivery in deliveries:
+            by_stream[delivery[0].stored.recorded.stream_id].append(delivery)
+        self._deliver(self.subscribers.get(None, ()), deliveries)
+        for stream_id, mine in by_stream.items():
+            self._deliver(self.subscribers.get(stream_id, ()), mine)
+
+    @staticmethod
+    def _deliver(subscribers: set[Subscriber], deliveries: list[Delivery]) -> None:
+        for subscriber in subscribers:
+            if subscriber.lagging:
+                continue
+            subscriber.pending.extend(deliveries)
+            if len(subscriber.pending) > MAX_PENDING:
+                subscriber.pending.clear()
+                subscriber.lagging = True
+            subscriber.wake.set()
+
+    def _resync(self) -> None:
+        """Send every stream back to the database (the listener's cursor jumped)."""
+        for subscribers in self.subscribers.values():
+            for subscriber in subscribers:
+                subscriber.pending.clear()
+                subscriber.lagging = True
+                subscriber.wake.set()
+
+    async def follow(self, after: Cursor, stream_id: UUID | None = None) -> AsyncIterator[list[Delivery]]:
+        """Batches of events after the cursor as they commit, for ever; an empty batch when it is time to ping.
+
+        Holds a database connection only while it reads; none while it waits.
+        """
+        subscriber = Subscriber(stream_id)
+        self.subscribers[stream_id].add(subscriber)
+        loop = asyncio.get_running_loop()
+        cursor, last_sent = after, loop.time()
+        try:
+            while not self.closing.is_set():
+                if subscriber.lagging:
+                    # Level with the listener only once it has a cursor; until
+                    # then this stream polls the database by itself.
+                    subscriber.lagging = self.cursor is None
+                    subscriber.pending.clear()
+                    async with self.pool.connection() as conn:
+                        page = await eventstore.read_feed(conn, cursor, limit=PAGE, stream_id=stream_id)
+                    cursor = page.next_after
+                    if len(page.events) == PAGE:
+                        subscriber.lagging = True
+                    if page.events:
+                        last_sent = loop.time()
+                        yield [(event, self.render(event)) for event in page.events]
+                    if subscriber.lagging and page.events:
+                        continue
+                ping_due = last_sent + self.ping_interval - loop.time()
+                try:
+                    async with asyncio.timeout(min(self.poll_interval, ping_due) if subscriber.lagging else ping_due):
+                        await subscriber.wake.wait()
+                except TimeoutError:
+                    if loop.time() - last_sent >= self.ping_interval:
+                        last_sent = loop.time()
+                        yield []
+                    continue
+                subscriber.wake.clear()
+                fresh = [delivery for delivery in subscriber.pending if delivery[0].cursor > cursor]
+                subscriber.pending.clear()
+                if fresh and not subscriber.lagging:
+                    cursor = fresh[-1][0].cursor
+                    last_sent = loop.time()
+                    yield fresh
+        finally:
+            subscribers = self.subscribers[stream_id]
+            subscribers.discard(subscriber)
+            if not subscribers:
+                del self.subscribers[stream_id]
