@@ -24,6 +24,7 @@ from tasktrail import db, eventstore
 from tasktrail.domain.task import TaskNotFound, TransitionRejected
 from tasktrail.http import health, tasks
 from tasktrail.http.body import MAX_BODY_BYTES, InvalidInput, MalformedBody
+from tasktrail.projections import ProjectionOutdated
 
 log = logging.getLogger("tasktrail")
 
@@ -91,6 +92,11 @@ def _unavailable(_: Request, exc: Exception) -> Response[bytes]:
     return problem(503, "the database is unavailable; try again shortly")
 
 
+def _outdated(_: Request, exc: ProjectionOutdated) -> Response[bytes]:
+    log.error("refusing a write: %s", exc)
+    return problem(503, "the service is being upgraded; try again shortly")
+
+
 def _unexpected(request: Request, exc: Exception) -> Response[bytes]:
     log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return problem(500, "an unexpected error occurred; it has been logged")
@@ -147,6 +153,7 @@ def create_app(database_url: str | None = None) -> Litestar:
             HTTPException: _http,
             psycopg.OperationalError: _unavailable,
             psycopg_pool.PoolTimeout: _unavailable,
+            ProjectionOutdated: _outdated,
             Exception: _unexpected,
         },
     )
