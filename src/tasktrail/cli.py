@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 
 from tasktrail import db, migrations
@@ -107,7 +108,7 @@ def projections_rebuild(args: argparse.Namespace) -> int:
 def _rebuild(url: str, name: str | None, *, starting: bool) -> int:
     """Rebuild with a progress bar; when `starting` a server, wait for the lock and rebuild only what is outdated."""
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
 
     from tasktrail.projections import INLINE
     from tasktrail.projections.rebuild import RebuildBusy, rebuild
@@ -116,34 +117,38 @@ def _rebuild(url: str, name: str | None, *, starting: bool) -> int:
     if not modules:
         print(f"no projection named {name!r}; there are: {', '.join(m.NAME for m in INLINE)}", file=sys.stderr)
         return 2
-    console = Console(stderr=True)
+    console = Console(stderr=True, highlight=False)
     columns = (
-        TextColumn("{task.description:<14}"),
+        TextColumn("{task.description:<12}"),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("events  {task.fields[rate]:>9} events/s"),
+        TextColumn("{task.fields[unit]:<6} {task.fields[rate]}"),
         TimeRemainingColumn(),
     )
+    started = time.perf_counter()
     with Progress(*columns, console=console) as bar:
-        tasks: dict[str, object] = {}
+        steps: dict[str, TaskID] = {}
 
         def progress(step: str, done: int, total: int) -> None:
-            if step not in tasks:
-                tasks[step] = bar.add_task(step, total=total, rate="")
-            task = tasks[step]
-            bar.update(task, completed=done, total=total)  # type: ignore[arg-type]
-            speed = bar.tasks[task].speed  # type: ignore[index]
-            bar.update(task, rate=f"{speed:,.0f}" if speed else "")  # type: ignore[arg-type]
+            if step not in steps:
+                unit = "tasks" if step.startswith("load") else "events" if step != "swap" else ""
+                steps[step] = bar.add_task(step, total=total, unit=unit, rate="")
+            bar.update(steps[step], completed=done, total=total)
+            speed = bar.tasks[steps[step]].speed
+            if speed and step == "replay":
+                bar.update(steps[step], rate=f"{speed:>10,.0f} events/s")
 
         try:
             done = rebuild(url, modules, progress, wait=starting, outdated_only=starting)
         except RebuildBusy as exc:
             console.print(f"tasktrail: {exc}")
             return 1
+    seconds = time.perf_counter() - started
     if done.names:
         console.print(
-            f"tasktrail: rebuilt {', '.join(done.names)} from {done.events:,} events"
-            f" (+{done.caught_up:,} appended meanwhile); live since position {done.position:,}"
+            f"tasktrail: rebuilt {', '.join(done.names)} from {done.events:,} events in {seconds:.1f} s"
+            f" ({done.events / seconds:,.0f} events/s), and {done.caught_up:,} appended meanwhile;"
+            f" live since position {done.position:,}"
         )
     return 0
 
