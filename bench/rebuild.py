@@ -93,3 +93,94 @@ def create_database(server_url: str) -> tuple[str, str]:
 def drop_database(server_url: str, name: str) -> None:
     with psycopg.connect(server_url, autocommit=True) as conn:
         conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+def rebuild_once(conninfo: str) -> None:
+    """In a child process: rebuild everything, print seconds per step, total and peak RSS as JSON."""
+    import resource
+
+    from tasktrail.projections import INLINE
+    from tasktrail.projections.rebuild import rebuild
+
+    started = time.perf_counter()
+    steps: dict[str, float] = {}
+
+    def progress(step: str, done: int, total: int) -> None:
+        steps[step] = time.perf_counter() - started
+
+    done = rebuild(conninfo, INLINE, progress)
+    seconds = time.perf_counter() - started
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    print(msgspec.json.encode({"seconds": seconds, "events": done.events, "rss": rss, "steps": steps}).decode())
+
+
+def measure(server_url: str, events: int, repeat: int) -> list[dict]:
+    name, conninfo = create_database(server_url)
+    try:
+        migrations.migrate(conninfo)
+        started = time.perf_counter()
+        load(conninfo, events)
+        with psycopg.connect(conninfo, autocommit=True) as conn:
+            conn.execute("VACUUM ANALYZE events")  # as a database that has been running would be
+        loaded = time.perf_counter() - started
+        print(f"  loaded {events:,} events in {loaded:.1f} s", flush=True)
+        runs = []
+        for _ in range(repeat):
+            child = subprocess.run(
+                [sys.executable, __file__, "--child", conninfo], capture_output=True, text=True, check=True
+            )
+            run = msgspec.json.decode(child.stdout.strip().splitlines()[-1])
+            steps = ", ".join(f"{step} {at:.2f}" for step, at in run["steps"].items())
+            print(
+                f"  rebuilt in {run['seconds']:.2f} s: {run['events'] / run['seconds']:,.0f} events/s,"
+                f" peak RSS {run['rss'] / 2**20:,.0f} MiB (steps done at s: {steps})",
+                flush=True,
+            )
+            runs.append(run)
+        return runs
+    finally:
+        drop_database(server_url, name)
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    with open("/proc/cpuinfo") as info:
+        for line in info:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return f"{os.cpu_count()} cores ({cpu}), Python {sys.version.split()[0]}"
+
+
+def main() -> None:
+    top = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    top.add_argument(
+        "--sizes", default="100k,1m", help=f"comma-separated, of {', '.join(SIZES)} (default: %(default)s)"
+    )
+    top.add_argument(
+        "--repeat", type=int, default=3, help="rebuilds per size; the best is reported (default: %(default)s)"
+    )
+    top.add_argument("--child", help=argparse.SUPPRESS)
+    args = top.parse_args()
+    if args.child:
+        rebuild_once(args.child)
+        return
+    server_url = os.environ.get("DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
+    with psycopg.connect(server_url) as conn:
+        server = conn.execute("SHOW server_version").fetchone()[0]  # type: ignore[index]
+    print(f"tasktrail rebuild benchmark, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC")
+    print(f"machine: {machine()}, PostgreSQL {server}; load average {os.getloadavg()[0]:.1f} at start")
+    summary = []
+    for size in args.sizes.split(","):
+        events = SIZES[size.strip().lower()]
+        print(f"{events:,} events ({events // EVENTS_PER_TASK:,} tasks x {EVENTS_PER_TASK}):", flush=True)
+        runs = measure(server_url, events, args.repeat)
+        best = min(runs, key=lambda run: run["seconds"])
+        summary.append((events, best, max(run["rss"] for run in runs)))
+    print("\nevents      best rebuild   events/s   peak RSS")
+    for events, best, rss in summary:
+        print(f"{events:>9,}  {best['seconds']:>9.2f} s  {events / best['seconds']:>9,.0f}  {rss / 2**20:>6,.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()

@@ -7,7 +7,7 @@ it again and it drops what the last run left and starts over.
 1. Replay: in one REPEATABLE READ snapshot, stream the whole log (COPY, text)
    and fold it in memory, one state per live task; remember the snapshot.
 2. Load: create each read model's tables in the shadow schema, COPY its rows
-   from the folded states, then build its indexes and ANALYZE it.
+   from the folded states, then build its indexes (two at a time) and ANALYZE.
 3. Catch up: apply the events committed since the last snapshot, through each
    read model's own inline `project`, with the shadow schema first on the
    search_path; repeat while writers keep appending.
@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import gc
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from types import ModuleType
@@ -239,8 +240,30 @@ DROP_SHADOW = sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE")
 CREATE_SHADOW = sql.SQL("CREATE SCHEMA {}")
 USE_SHADOW = sql.SQL("SET search_path = {}, {}")
 LIVE_SCHEMA = "SELECT current_schema()"
-ANALYZE = sql.SQL("ANALYZE {}")
-LOAD_MEMORY = "SET LOCAL maintenance_work_mem = '256MB'"
+INDEX_MEMORY = "SET maintenance_work_mem = '256MB'"
+# Index builds of the fresh tables run on this many connections at once: the
+# tables are in no one's way yet, and PostgreSQL builds one index on one core.
+INDEX_BUILDERS = 2
+
+
+def _build_indexes(conninfo: str, statements: list[str], live_schema: str) -> None:
+    """Run the index builds, each on its own, INDEX_BUILDERS at a time."""
+    todo = list(reversed(statements))
+
+    def build() -> None:
+        with psycopg.connect(conninfo, autocommit=True, options=db.SESSION_OPTIONS + REPLAY_OPTIONS) as conn:
+            conn.execute(USE_SHADOW.format(sql.Identifier(SHADOW), sql.Identifier(live_schema)))
+            conn.execute(INDEX_MEMORY)
+            while True:
+                try:
+                    statement = todo.pop()  # atomic under the GIL
+                except IndexError:
+                    return
+                conn.execute(statement)
+
+    with ThreadPoolExecutor(INDEX_BUILDERS) as pool:
+        for done in [pool.submit(build) for _ in range(min(INDEX_BUILDERS, len(statements)))]:
+            done.result()
 
 
 @dataclass
@@ -260,8 +283,8 @@ def load(conninfo: str, modules: Sequence[ModuleType], progress: Progress | None
         conn.autocommit = False
         conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
         conn.read_only = True
-        # One snapshot for the count, the log and the catch-up that follows:
-        # every event visible in it is replayed, and only those.
+        # One snapshot for the log and the catch-up that follows: every event
+        # visible in it is replayed, and only those.
         snapshot, last = conn.execute(SNAPSHOT).fetchone()  # type: ignore[misc]
         # Positions have gaps (rolled back appends) so the last one is only an
         # estimate of the number of events; good enough for time left.
@@ -274,23 +297,21 @@ def load(conninfo: str, modules: Sequence[ModuleType], progress: Progress | None
             with conn.cursor() as cur, cur.copy(READ_LOG, {"last": last, "chunk": CHUNK}) as copy:
                 states, total = replay(copy, step)
             conn.rollback()
-            tasks: dict[UUID, Task] = {}
-            while states:  # popping as we go keeps one copy of each state in memory, not two
-                task = to_task(states.popitem()[1])
-                tasks[task.task_id] = task
-            tasks = dict(reversed(tasks.items()))  # back in creation order: the tables load in id order
+            # In creation order, so the tables load in id order. The lists go;
+            # what they hold (params, results, texts) is shared with the Tasks.
+            tasks = {task.task_id: task for task in map(to_task, states.values())}
+            del states
         finally:
             if collecting:
                 gc.enable()
 
         conn.read_only = False
         conn.isolation_level = None
-        shadow = sql.Identifier(SHADOW)
+        shadow, live = sql.Identifier(SHADOW), sql.Identifier(live_schema)
         with conn.transaction():
-            conn.execute(LOAD_MEMORY)
             conn.execute(DROP_SHADOW.format(shadow))
             conn.execute(CREATE_SHADOW.format(shadow))
-            conn.execute(USE_SHADOW.format(shadow, sql.Identifier(live_schema)))
+            conn.execute(USE_SHADOW.format(shadow, live))
             for module in modules:
                 for statement in module.CREATE:
                     conn.execute(statement)
@@ -300,10 +321,11 @@ def load(conninfo: str, modules: Sequence[ModuleType], progress: Progress | None
                         copy.write_row(row)
                 if progress is not None:
                     progress(f"load {module.NAME}", len(tasks), len(tasks))
-                for statement in module.INDEXES:
+        _build_indexes(conninfo, [statement for module in modules for statement in module.INDEXES], live_schema)
+        with conn.transaction():
+            for module in modules:
+                for statement in module.AFTER_INDEXES:
                     conn.execute(statement)
-                for table in module.TABLES:
-                    conn.execute(ANALYZE.format(sql.Identifier(table)))
     return Loaded(live_schema, tasks, snapshot, total)
 
 

@@ -31,6 +31,7 @@ CREATE = (
     """,
 )
 INDEXES = ()
+AFTER_INDEXES = ("ANALYZE task_counts",)
 COPY = "COPY task_counts (task_type, status, shard, n) FROM STDIN (FORMAT BINARY)"
 COPY_TYPES = ("text", "text", "int2", "int8")
 
