@@ -26,7 +26,9 @@ def serve(args: argparse.Namespace) -> int:
         print(f"tasktrail: applied migration {name}", file=sys.stderr)
     if args.rebuild:
         # Processes started together wait for each other; the first rebuilds.
-        _rebuild(url, None, starting=True)
+        failed = _rebuild(url, None, starting=True)
+        if failed:
+            return failed
     else:
         _warn_outdated(url)
     # Worker processes find the database where this one put it.
@@ -111,7 +113,7 @@ def _rebuild(url: str, name: str | None, *, starting: bool) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
 
     from tasktrail.projections import INLINE
-    from tasktrail.projections.rebuild import RebuildBusy, rebuild
+    from tasktrail.projections.rebuild import RebuildBusy, SwapFailed, rebuild
 
     modules = [m for m in INLINE if name in (None, m.NAME)]
     if not modules:
@@ -140,7 +142,7 @@ def _rebuild(url: str, name: str | None, *, starting: bool) -> int:
 
         try:
             done = rebuild(url, modules, progress, wait=starting, outdated_only=starting)
-        except RebuildBusy as exc:
+        except (RebuildBusy, SwapFailed) as exc:
             console.print(f"tasktrail: {exc}")
             return 1
     seconds = time.perf_counter() - started

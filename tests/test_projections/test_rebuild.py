@@ -198,18 +198,57 @@ def test_an_event_committed_late_with_a_lower_position_is_not_missed(database_ur
     assert report.ok, report.summary()
 
 
-def wait_for_swap_to_block(database_url: str) -> None:
-    """Until the rebuild's swap waits for the lock on events (held by an append in flight)."""
-    waiting = (
-        "SELECT count(*) FROM pg_locks"
-        " WHERE relation = 'events'::regclass AND mode = 'ShareRowExclusiveLock' AND NOT granted"
-    )
+WAITING = "SELECT count(*) FROM pg_locks WHERE relation = %(table)s::regclass AND mode = %(mode)s AND NOT granted"
+
+
+def wait_until_lock_waited(database_url: str, table: str, mode: str, *, waiting: bool = True) -> None:
+    """Until someone waits (or, with waiting=False, no one waits any more) for `mode` on `table`."""
     with psycopg.connect(database_url, autocommit=True) as conn:
         for _ in range(600):
-            if conn.execute(waiting).fetchone()[0]:
+            if bool(conn.execute(WAITING, {"table": table, "mode": mode}).fetchone()[0]) == waiting:
                 return
             time.sleep(0.05)
-    raise AssertionError("the swap never waited for the append in flight")
+    raise AssertionError(f"no change in who waits for {mode} on {table}")
+
+
+def wait_for_swap_to_block(database_url: str) -> None:
+    """Until the rebuild's swap waits for the lock on events (held by an append in flight)."""
+    wait_until_lock_waited(database_url, "events", "ShareRowExclusiveLock")
+
+
+def test_a_swap_that_cannot_take_its_locks_rolls_back_and_tries_again(database_url: str) -> None:
+    first, *_ = asyncio.run(seed(database_url, 6))  # still pending
+    appended: list[int] = []
+
+    def append_before_the_swap(step: str, done: int, total: int) -> None:
+        if step == "catch up" and not appended:  # after the last catch-up round: the swap applies it
+            with psycopg.connect(database_url) as conn:
+                appended.append(conn.execute(START_FIRST, (first,)).fetchone()[0])
+
+    with psycopg.connect(database_url) as reader:
+        reader.execute("SELECT count(*) FROM tasks")  # a long read keeps the live table from being dropped
+        result: dict[str, Any] = {}
+        rebuilding = threading.Thread(
+            target=lambda: result.update(done=rebuild(database_url, INLINE, append_before_the_swap))
+        )
+        rebuilding.start()
+        wait_until_lock_waited(database_url, "tasks", "AccessExclusiveLock")
+        wait_until_lock_waited(database_url, "tasks", "AccessExclusiveLock", waiting=False)  # it gave up
+        reader.commit()
+        rebuilding.join()
+
+    assert appended
+    assert result["done"].caught_up == 1
+    with psycopg.connect(database_url) as conn:
+        assert conn.execute("SELECT status FROM tasks WHERE task_id = %s", (first,)).fetchone() == ("running",)
+    report = verify(database_url)
+    assert report.ok, report.summary()
+
+
+START_FIRST = (
+    "INSERT INTO events (stream_id, version, type, data, occurred_at)"
+    " VALUES (%s, 2, 'TaskStarted', '{}', now()) RETURNING position"
+)
 
 
 async def change(database_url: str, task_id: UUID, command: Any) -> None:

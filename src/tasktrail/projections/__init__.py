@@ -36,9 +36,9 @@ async def project(conn: psycopg.AsyncConnection, changes: Sequence[Change]) -> N
     for projection in INLINE:
         if live.get(projection.NAME) != projection.VERSION:
             raise ProjectionOutdated(
-                f"the live {projection.NAME} read model is version {live.get(projection.NAME)}, this code writes"
-                f" version {projection.VERSION}: restart on the release that matches it, or run"
-                f" `tasktrail projections rebuild {projection.NAME}`"
+                f"the live {projection.NAME} read model is version {live.get(projection.NAME, 'none')}, this code"
+                f" writes version {projection.VERSION}: run `tasktrail projections rebuild {projection.NAME}`,"
+                " or restart on the release that matches it"
             )
     for projection in INLINE:
         await projection.project(conn, changes)

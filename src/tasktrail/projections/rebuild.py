@@ -14,6 +14,13 @@ it again and it drops what the last run left and starts over.
 4. Swap: in one short transaction, block appends, apply the last stragglers,
    drop each live table, move its shadow into place and record the new
    version in the registry.
+
+A read model's module (projections.tasks, projections.stats) gives the
+rebuild: NAME, VERSION; TABLES, the tables it owns; CREATE, statements making
+them without indexes; INDEXES, index builds that may run at the same time;
+AFTER_INDEXES, statements to finish with (constraints, ANALYZE); COPY and
+COPY_TYPES, to load them; rows(tasks), their rows from the live tasks' states;
+and project(conn, changes), its inline projector, used to catch up.
 """
 
 from __future__ import annotations
@@ -101,15 +108,19 @@ def status(conninfo: str, modules: Sequence[ModuleType]) -> tuple[list[Standing]
 # index range scan of positions each, in order): per-row overhead in the
 # client is what limits a replay, and this makes it per chunk. Fields are
 # separated by \x1f and events by \x1e, which COPY text leaves as they are and
-# no field can hold (jsonb text escapes every control character). The jsonb
-# text goes straight to a typed msgspec decoder; times stay text until the end.
+# no field can hold (jsonb text escapes every control character); every column
+# is NOT NULL, so concat_ws never drops one. The jsonb text goes straight to a
+# typed msgspec decoder; times stay text until the end.
 READ_LOG = r"""
 COPY (
     SELECT chunk
     FROM generate_series(0, %(last)s, %(chunk)s) AS lo,
     LATERAL (
-        SELECT string_agg(concat_ws(E'\x1f', stream_id, version, position, occurred_at, type, data), E'\x1e')
-        FROM (SELECT * FROM events WHERE position > lo AND position <= lo + %(chunk)s ORDER BY position) AS e
+        SELECT string_agg(
+            concat_ws(E'\x1f', stream_id, version, position, occurred_at, type, data), E'\x1e' ORDER BY position
+        )
+        FROM events
+        WHERE position > lo AND position <= lo + %(chunk)s
     ) AS c (chunk)
     WHERE chunk IS NOT NULL
 ) TO STDOUT
@@ -143,9 +154,10 @@ def _decoder(type_: str) -> Callable[[bytes], ev.Event]:
     return msgspec.json.Decoder(ev.EVENT_TYPES[type_]).decode
 
 
-def _rules() -> dict[bytes, tuple[int, Status | None, Callable[[bytes], ev.Event]]]:
+def _rules() -> dict[bytes, tuple[int, Status | None, Callable[[bytes], ev.Event], bool]]:
+    """Per stored type: its kind, the status it moves to, its decoder, and whether `{}` may skip decoding."""
     return {
-        type_.encode(): (KINDS[cls], TARGET.get(cls), _decoder(type_))
+        type_.encode(): (KINDS[cls], TARGET.get(cls), _decoder(type_), type_ not in ev.UPCASTERS)
         for type_, cls in ev.EVENT_TYPES.items()  # built per replay: UPCASTERS may have changed
     }
 
@@ -175,15 +187,15 @@ def replay(
         lines = text.split(b"\x1e")
         for line in lines:
             stream, version, position, at, type_, data = line.split(b"\x1f")
-            kind, status, decode = rules[type_]
-            if kind is CREATED:
+            kind, status, decode, plain = rules[type_]
+            if kind == CREATED:
                 created: ev.TaskCreated = decode(data)  # type: ignore[assignment]
                 states[stream] = [
                     position, stream, created.task_type, pending, 0.0, created.params, None, None, 0,
                     at, at, None, None, version,
                 ]  # fmt: skip
                 continue
-            if kind is DELETED:
+            if kind == DELETED:
                 states.pop(stream, None)
                 continue
             state = states[stream]  # a KeyError where evolve asserts: an event before TaskCreated
@@ -191,17 +203,17 @@ def replay(
             state[13] = version
             if status is not None:
                 state[3] = status
-            if kind is STARTED:
+            if kind == STARTED:
                 if state[11] is None:
                     state[11] = at
-            elif kind is FINISHED:
+            elif kind == FINISHED:
                 state[12] = at
-            elif kind is REQUEUED:
+            elif kind == REQUEUED:
                 state[8] += 1
-            elif kind is RETRIED:
+            elif kind == RETRIED:
                 state[8] += 1
                 state[7] = state[11] = state[12] = None
-            if data != EMPTY:
+            if data != EMPTY or not plain:
                 change: ev.TaskStarted = decode(data)  # type: ignore[assignment]
                 if change.progress is not UNSET:
                     state[4] = change.progress
@@ -242,7 +254,7 @@ USE_SHADOW = sql.SQL("SET search_path = {}, {}")
 LIVE_SCHEMA = "SELECT current_schema()"
 INDEX_MEMORY = "SET maintenance_work_mem = '256MB'"
 # Index builds of the fresh tables run on this many connections at once: the
-# tables are in no one's way yet, and PostgreSQL builds one index on one core.
+# tables are in no one's way yet, and each build is mostly one core's work.
 INDEX_BUILDERS = 2
 
 
@@ -355,7 +367,7 @@ SWAP_TIMEOUT = sql.SQL("SET LOCAL lock_timeout = {}")
 DROP_LIVE = sql.SQL("DROP TABLE IF EXISTS {}")
 MOVE_IN = sql.SQL("ALTER TABLE {} SET SCHEMA {}")
 RECORD = """
-INSERT INTO projections AS p (name, version, position, rebuilt_at)
+INSERT INTO projections (name, version, position, rebuilt_at)
 VALUES (%(name)s, %(version)s, %(position)s, now())
 ON CONFLICT (name) DO UPDATE SET version = EXCLUDED.version, position = EXCLUDED.position,
     rebuilt_at = EXCLUDED.rebuilt_at
@@ -365,23 +377,33 @@ DROP_EMPTY_SHADOW = sql.SQL("DROP SCHEMA IF EXISTS {}")
 
 async def _catch_up(
     conn: psycopg.AsyncConnection, modules: Sequence[ModuleType], tasks: dict[UUID, Task], seen: str
-) -> int:
-    """Apply the events not visible in snapshot `seen` to the shadow read models."""
+) -> tuple[dict[UUID, Task | None], int]:
+    """Apply the events not visible in snapshot `seen` to the shadow read models; count them.
+
+    Returns the states they moved, for the caller to keep only once its
+    transaction has committed: a swap that fails rolls the shadows back, and
+    the states must go back with them.
+    """
     cur = await conn.execute(CHANGES_SINCE, {"seen": seen})
+    moved: dict[UUID, Task | None] = {}
     changes = []
     for stream_id, version, position, at, type_, data in await cur.fetchall():
         recorded = Recorded(stream_id, version, position, at, from_data(type_, data))
-        before = tasks.get(stream_id)
-        after = evolve(before, recorded)
+        before = moved[stream_id] if stream_id in moved else tasks.get(stream_id)
+        moved[stream_id] = after = evolve(before, recorded)
         changes.append((recorded, before, after))
-        if after is None:
-            tasks.pop(stream_id, None)
-        else:
-            tasks[stream_id] = after
     if changes:
         for module in modules:
             await module.project(conn, changes)
-    return len(changes)
+    return moved, len(changes)
+
+
+def _keep(tasks: dict[UUID, Task], moved: dict[UUID, Task | None]) -> None:
+    for stream_id, task in moved.items():
+        if task is None:
+            tasks.pop(stream_id, None)
+        else:
+            tasks[stream_id] = task
 
 
 @dataclass
@@ -396,6 +418,7 @@ LOCK_KEY = "tasktrail.rebuild"
 TRY_LOCK = "SELECT pg_try_advisory_lock(hashtext(%(key)s))"
 WAIT_LOCK = "SELECT pg_advisory_lock(hashtext(%(key)s))"
 LIVE_VERSIONS = "SELECT name, version FROM projections"
+NO_TIMEOUT = " -c statement_timeout=0"  # waiting for another rebuild may take a while
 
 
 def rebuild(
@@ -414,7 +437,7 @@ def rebuild(
     starting together rebuild once).
     """
     # The lock is a session lock, held by this connection for the whole rebuild.
-    with psycopg.connect(conninfo, **db.connect_kwargs()) as guard:
+    with psycopg.connect(conninfo, autocommit=True, options=db.SESSION_OPTIONS + NO_TIMEOUT) as guard:
         lock = {"key": LOCK_KEY}
         if wait:
             guard.execute(WAIT_LOCK, lock)
@@ -445,7 +468,8 @@ async def _swap_in(conninfo: str, modules: Sequence[ModuleType], loaded: Loaded,
                 async with conn.transaction():
                     await conn.execute(REPEATABLE_READ)
                     snapshot = (await (await conn.execute(CURRENT_SNAPSHOT)).fetchone())[0]  # type: ignore[index]
-                    found = await _catch_up(conn, modules, loaded.tasks, seen)
+                    moved, found = await _catch_up(conn, modules, loaded.tasks, seen)
+                _keep(loaded.tasks, moved)
                 seen, caught_up = snapshot, caught_up + found
                 if progress is not None:
                     progress("catch up", caught_up, caught_up)
@@ -457,13 +481,14 @@ async def _swap_in(conninfo: str, modules: Sequence[ModuleType], loaded: Loaded,
                     await conn.execute(BLOCK_APPENDS)
                     # READ COMMITTED: this statement sees every event committed
                     # before the lock, and no append is in flight any more.
-                    caught_up += await _catch_up(conn, modules, loaded.tasks, seen)
+                    moved, found = await _catch_up(conn, modules, loaded.tasks, seen)
                     head = (await (await conn.execute(HEAD)).fetchone())[0]  # type: ignore[index]
                     for module in modules:
                         for table in module.TABLES:
                             await conn.execute(DROP_LIVE.format(sql.Identifier(loaded.live_schema, table)))
                             await conn.execute(MOVE_IN.format(sql.Identifier(SHADOW, table), live))
                         await conn.execute(RECORD, {"name": module.NAME, "version": module.VERSION, "position": head})
+                caught_up += found
                 break
             except (psycopg.errors.LockNotAvailable, psycopg.errors.DeadlockDetected):
                 continue  # nothing changed: catch up again and retry
