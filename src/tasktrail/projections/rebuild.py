@@ -309,9 +309,12 @@ def load(conninfo: str, modules: Sequence[ModuleType], progress: Progress | None
             with conn.cursor() as cur, cur.copy(READ_LOG, {"last": last, "chunk": CHUNK}) as copy:
                 states, total = replay(copy, step)
             conn.rollback()
-            # In creation order, so the tables load in id order. The lists go;
-            # what they hold (params, results, texts) is shared with the Tasks.
-            tasks = {task.task_id: task for task in map(to_task, states.values())}
+            # In place, so each list goes as its Task comes (the peak is one
+            # of them per task, not both), and in creation order, so the
+            # tables load in id order.
+            for stream, state in states.items():
+                states[stream] = to_task(state)
+            tasks: dict[UUID, Task] = {task.task_id: task for task in states.values()}
             del states
         finally:
             if collecting:
