@@ -126,9 +126,9 @@ def measure(server_url: str, events: int, repeat: int) -> list[dict]:
         print(f"  loaded {events:,} events in {loaded:.1f} s", flush=True)
         runs = []
         for _ in range(repeat):
-            child = subprocess.run(
-                [sys.executable, __file__, "--child", conninfo], capture_output=True, text=True, check=True
-            )
+            child = subprocess.run([sys.executable, __file__, "--child", conninfo], capture_output=True, text=True)
+            if child.returncode:
+                raise SystemExit(f"the rebuild failed:\n{child.stderr}")
             run = msgspec.json.decode(child.stdout.strip().splitlines()[-1])
             steps = ", ".join(f"{step} {at:.2f}" for step, at in run["steps"].items())
             print(

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
@@ -278,6 +278,19 @@ def _build_indexes(conninfo: str, statements: list[str], live_schema: str) -> No
             done.result()
 
 
+def _tasks(states: dict[bytes, Any]) -> Iterator[Task]:
+    """The replayed states as Tasks, in creation order (the tables load in id order).
+
+    Each is made the first time through, in place: the list goes as its Task
+    comes, so memory holds one of them per task, not both; and the first COPY
+    makes them while PostgreSQL is busy with the rows already sent.
+    """
+    for stream, state in states.items():
+        if type(state) is list:
+            state = states[stream] = to_task(state)
+        yield state
+
+
 @dataclass
 class Loaded:
     """Where the replay left off: the states, and the snapshot whose events they hold."""
@@ -309,33 +322,28 @@ def load(conninfo: str, modules: Sequence[ModuleType], progress: Progress | None
             with conn.cursor() as cur, cur.copy(READ_LOG, {"last": last, "chunk": CHUNK}) as copy:
                 states, total = replay(copy, step)
             conn.rollback()
-            # In place, so each list goes as its Task comes (the peak is one
-            # of them per task, not both), and in creation order, so the
-            # tables load in id order.
-            for stream, state in states.items():
-                states[stream] = to_task(state)
-            tasks: dict[UUID, Task] = {task.task_id: task for task in states.values()}
+
+            conn.read_only = False
+            conn.isolation_level = None
+            shadow, live = sql.Identifier(SHADOW), sql.Identifier(live_schema)
+            with conn.transaction():
+                conn.execute(DROP_SHADOW.format(shadow))
+                conn.execute(CREATE_SHADOW.format(shadow))
+                conn.execute(USE_SHADOW.format(shadow, live))
+                for module in modules:
+                    for statement in module.CREATE:
+                        conn.execute(statement)
+                    with conn.cursor() as cur, cur.copy(module.COPY) as copy:
+                        copy.set_types(list(module.COPY_TYPES))
+                        for row in module.rows(_tasks(states)):
+                            copy.write_row(row)
+                    if progress is not None:
+                        progress(f"load {module.NAME}", len(states), len(states))
+            tasks: dict[UUID, Task] = {task.task_id: task for task in _tasks(states)}
             del states
         finally:
             if collecting:
                 gc.enable()
-
-        conn.read_only = False
-        conn.isolation_level = None
-        shadow, live = sql.Identifier(SHADOW), sql.Identifier(live_schema)
-        with conn.transaction():
-            conn.execute(DROP_SHADOW.format(shadow))
-            conn.execute(CREATE_SHADOW.format(shadow))
-            conn.execute(USE_SHADOW.format(shadow, live))
-            for module in modules:
-                for statement in module.CREATE:
-                    conn.execute(statement)
-                with conn.cursor() as cur, cur.copy(module.COPY) as copy:
-                    copy.set_types(list(module.COPY_TYPES))
-                    for row in module.rows(tasks.values()):
-                        copy.write_row(row)
-                if progress is not None:
-                    progress(f"load {module.NAME}", len(tasks), len(tasks))
         _build_indexes(conninfo, [statement for module in modules for statement in module.INDEXES], live_schema)
         with conn.transaction():
             for module in modules:

@@ -32,7 +32,7 @@ CREATE = (
 )
 INDEXES = ()
 AFTER_INDEXES = ("ANALYZE task_counts",)
-COPY = "COPY task_counts (task_type, status, shard, n) FROM STDIN (FORMAT BINARY)"
+COPY = "COPY task_counts (task_type, status, shard, n) FROM STDIN (FORMAT BINARY, FREEZE)"
 COPY_TYPES = ("text", "text", "int2", "int8")
 
 

@@ -62,7 +62,8 @@ AFTER_INDEXES = (
     # The columns queries filter and sort on; params and result are never searched.
     "ANALYZE tasks (id, task_id, task_type, status, completed_at)",
 )
-COPY = f"COPY tasks ({COLUMNS}) FROM STDIN (FORMAT BINARY)"
+# FREEZE: the rebuild makes the table in the same transaction, so its rows never need freezing later.
+COPY = f"COPY tasks ({COLUMNS}) FROM STDIN (FORMAT BINARY, FREEZE)"
 COPY_TYPES = (
     "int8", "uuid", "text", "text", "float8", "jsonb", "jsonb", "text", "int4",
     "timestamptz", "timestamptz", "timestamptz", "timestamptz", "int4",
