@@ -84,7 +84,7 @@ def load(conninfo: str, events: int) -> None:
 
 
 def create_database(server_url: str) -> tuple[str, str]:
-    name = f"tasktrail_bench_{uuid.uuid4().hex[:8]}"
+    name = f"rebuild_bench_{uuid.uuid4().hex[:8]}"  # a prefix of its own: other benches drop theirs
     with psycopg.connect(server_url, autocommit=True) as conn:
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     return name, make_conninfo(server_url, dbname=name)
@@ -110,8 +110,16 @@ def rebuild_once(conninfo: str) -> None:
 
     done = rebuild(conninfo, INLINE, progress)
     seconds = time.perf_counter() - started
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-    print(msgspec.json.encode({"seconds": seconds, "events": done.events, "rss": rss, "steps": steps}).decode())
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    result = {
+        "seconds": seconds,
+        "events": done.events,
+        "rss": usage.ru_maxrss * 1024,  # KiB on Linux
+        "cpu": usage.ru_utime + usage.ru_stime,  # this process only, not PostgreSQL's
+        "load": os.getloadavg()[0],
+        "steps": steps,
+    }
+    print(msgspec.json.encode(result).decode())
 
 
 def measure(server_url: str, events: int, repeat: int) -> list[dict]:
@@ -133,7 +141,8 @@ def measure(server_url: str, events: int, repeat: int) -> list[dict]:
             steps = ", ".join(f"{step} {at:.2f}" for step, at in run["steps"].items())
             print(
                 f"  rebuilt in {run['seconds']:.2f} s: {run['events'] / run['seconds']:,.0f} events/s,"
-                f" peak RSS {run['rss'] / 2**20:,.0f} MiB (steps done at s: {steps})",
+                f" peak RSS {run['rss'] / 2**20:,.0f} MiB, Python CPU {run['cpu']:.2f} s,"
+                f" load average {run['load']:.1f} (steps done at s: {steps})",
                 flush=True,
             )
             runs.append(run)

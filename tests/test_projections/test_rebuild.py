@@ -62,6 +62,7 @@ WHERE table_schema = current_schema() AND table_name = %(table)s ORDER BY ordina
 INDEXES = "SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = current_schema() AND tablename = %(table)s"
 CONSTRAINTS = "SELECT conname, pg_get_constraintdef(oid) FROM pg_constraint WHERE conrelid = %(table)s::regclass"
 OPTIONS = "SELECT reloptions FROM pg_class WHERE oid = %(table)s::regclass"
+TRIGGERS = "SELECT pg_get_triggerdef(oid) FROM pg_trigger WHERE tgrelid = %(table)s::regclass AND NOT tgisinternal"
 REGISTRY = "SELECT name, version, position, rebuilt_at IS NOT NULL FROM projections ORDER BY name"
 SHADOW_EXISTS = "SELECT to_regnamespace(%(schema)s) IS NOT NULL"
 
@@ -76,7 +77,7 @@ def schema(database_url: str) -> dict[str, Any]:
         return {
             (table, query): sorted(conn.execute(query, {"table": table}).fetchall(), key=repr)
             for table in ("tasks", "task_counts")
-            for query in (COLUMNS, INDEXES, CONSTRAINTS, OPTIONS)
+            for query in (COLUMNS, INDEXES, CONSTRAINTS, OPTIONS, TRIGGERS)
         }
 
 

@@ -296,7 +296,7 @@ class Loaded:
     """Where the replay left off: the states, and the snapshot whose events they hold."""
 
     live_schema: str
-    tasks: dict[UUID, Task]
+    tasks: dict[bytes, Task]  # by task id as text: hashing UUIDs is slow in Python
     snapshot: str
     events: int
 
@@ -339,7 +339,7 @@ def load(conninfo: str, modules: Sequence[ModuleType], progress: Progress | None
                             copy.write_row(row)
                     if progress is not None:
                         progress(f"load {module.NAME}", len(states), len(states))
-            tasks: dict[UUID, Task] = {task.task_id: task for task in _tasks(states)}
+            tasks: dict[bytes, Task] = dict(zip(states, _tasks(states), strict=True))
             del states
         finally:
             if collecting:
@@ -387,8 +387,8 @@ DROP_EMPTY_SHADOW = sql.SQL("DROP SCHEMA IF EXISTS {}")
 
 
 async def _catch_up(
-    conn: psycopg.AsyncConnection, modules: Sequence[ModuleType], tasks: dict[UUID, Task], seen: str
-) -> tuple[dict[UUID, Task | None], int]:
+    conn: psycopg.AsyncConnection, modules: Sequence[ModuleType], tasks: dict[bytes, Task], seen: str
+) -> tuple[dict[bytes, Task | None], int]:
     """Apply the events not visible in snapshot `seen` to the shadow read models; count them.
 
     Returns the states they moved, for the caller to keep only once its
@@ -396,12 +396,13 @@ async def _catch_up(
     the states must go back with them.
     """
     cur = await conn.execute(CHANGES_SINCE, {"seen": seen})
-    moved: dict[UUID, Task | None] = {}
+    moved: dict[bytes, Task | None] = {}
     changes = []
     for stream_id, version, position, at, type_, data in await cur.fetchall():
         recorded = Recorded(stream_id, version, position, at, from_data(type_, data))
-        before = moved[stream_id] if stream_id in moved else tasks.get(stream_id)
-        moved[stream_id] = after = evolve(before, recorded)
+        key = str(stream_id).encode()
+        before = moved[key] if key in moved else tasks.get(key)
+        moved[key] = after = evolve(before, recorded)
         changes.append((recorded, before, after))
     if changes:
         for module in modules:
@@ -409,7 +410,7 @@ async def _catch_up(
     return moved, len(changes)
 
 
-def _keep(tasks: dict[UUID, Task], moved: dict[UUID, Task | None]) -> None:
+def _keep(tasks: dict[bytes, Task], moved: dict[bytes, Task | None]) -> None:
     for stream_id, task in moved.items():
         if task is None:
             tasks.pop(stream_id, None)
