@@ -299,11 +299,10 @@ async def test_a_write_is_refused_while_the_live_version_differs(database_url: s
 
 
 class Writer(threading.Thread):
-    """A service instance writing through the real write path, until told to stop.
+    """A service instance writing through the real write path, until told to stop."""
 
-    When its writes are refused because the live read model is of another
-    version, it "restarts on the new release": it switches to `release`.
-    """
+    # When its writes are refused because the live read model is of another
+    # version, it "restarts on the new release": it switches to `release`.
 
     def __init__(self, database_url: str, release: tuple[Any, ...], monkeypatch: pytest.MonkeyPatch) -> None:
         super().__init__()

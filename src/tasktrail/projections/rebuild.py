@@ -165,15 +165,13 @@ def _rules() -> dict[bytes, tuple[int, Status | None, Callable[[bytes], ev.Event
 def replay(
     chunks: Iterable[bytes], progress: Callable[[int], None] | None = None
 ) -> tuple[dict[bytes, list[Any]], int]:
-    """Fold the log, as READ_LOG's rows, into one state per live stream (keyed by stream id text); and count it.
-
-    This is `evolve`, unrolled for speed: the same rules, on a mutable list per
-    stream ([id, task_id, task_type, status, progress, params, result, error,
-    retry_count, created_at, updated_at, started_at, completed_at, version],
-    ids and times still as their COPY text) instead of a new frozen Task per
-    event, which costs several times more. tests/test_projections/test_replay.py
-    holds it equal to `fold` on every kind of history; change both together.
-    """
+    """Fold the log, as READ_LOG's rows, into one state per live stream (keyed by stream id text); and count it."""
+    # This is `evolve`, unrolled for speed: the same rules, on a mutable list
+    # per stream ([id, task_id, task_type, status, progress, params, result,
+    # error, retry_count, created_at, updated_at, started_at, completed_at,
+    # version], ids and times still as their COPY text) instead of a new frozen
+    # Task per event, which costs several times more. test_replay.py holds it
+    # equal to `fold` on every kind of history: change both together.
     rules = _rules()
     states: dict[bytes, list[Any]] = {}
     pending = Status.PENDING
@@ -279,12 +277,10 @@ def _build_indexes(conninfo: str, statements: list[str], live_schema: str) -> No
 
 
 def _tasks(states: dict[bytes, Any]) -> Iterator[Task]:
-    """The replayed states as Tasks, in creation order (the tables load in id order).
-
-    Each is made the first time through, in place: the list goes as its Task
-    comes, so memory holds one of them per task, not both; and the first COPY
-    makes them while PostgreSQL is busy with the rows already sent.
-    """
+    """The replayed states as Tasks, in creation order (the tables load in id order)."""
+    # Each is made the first time through, in place: the list goes as its Task
+    # comes, so memory holds one of them per task, not both; and the first COPY
+    # makes them while PostgreSQL is busy with the rows already sent.
     for stream, state in states.items():
         if type(state) is list:
             state = states[stream] = to_task(state)
@@ -389,12 +385,9 @@ DROP_EMPTY_SHADOW = sql.SQL("DROP SCHEMA IF EXISTS {}")
 async def _catch_up(
     conn: psycopg.AsyncConnection, modules: Sequence[ModuleType], tasks: dict[bytes, Task], seen: str
 ) -> tuple[dict[bytes, Task | None], int]:
-    """Apply the events not visible in snapshot `seen` to the shadow read models; count them.
-
-    Returns the states they moved, for the caller to keep only once its
-    transaction has committed: a swap that fails rolls the shadows back, and
-    the states must go back with them.
-    """
+    """Apply the events not visible in snapshot `seen` to the shadow read models; the states moved, and how many."""
+    # The caller keeps the moved states only once its transaction commits: a
+    # swap that fails rolls the shadows back, and the states must go with them.
     cur = await conn.execute(CHANGES_SINCE, {"seen": seen})
     moved: dict[bytes, Task | None] = {}
     changes = []
@@ -441,13 +434,10 @@ def rebuild(
     wait: bool = False,
     outdated_only: bool = False,
 ) -> Rebuilt:
-    """Rebuild the modules' read models from the whole log and swap them in while the service runs.
-
-    Only one rebuild runs at a time: RebuildBusy, or with `wait` wait for the
-    other one. With `outdated_only`, rebuild only those whose live version
-    differs from the code's (checked once the lock is held, so processes
-    starting together rebuild once).
-    """
+    """Rebuild the modules' read models from the whole log and swap them in while the service runs."""
+    # One rebuild at a time: RebuildBusy, or with `wait` wait for the other.
+    # `outdated_only` is checked once the lock is held, so that processes
+    # starting together rebuild once.
     # The lock is a session lock, held by this connection for the whole rebuild.
     with psycopg.connect(conninfo, autocommit=True, options=db.SESSION_OPTIONS + NO_TIMEOUT) as guard:
         lock = {"key": LOCK_KEY}
