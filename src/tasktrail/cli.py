@@ -145,6 +145,9 @@ def _rebuild(url: str, name: str | None, *, starting: bool) -> int:
         except (RebuildBusy, SwapFailed) as exc:
             console.print(f"tasktrail: {exc}")
             return 1
+        except KeyboardInterrupt:
+            console.print("tasktrail: interrupted; the live read models are untouched, and a new rebuild starts over")
+            return 130
     seconds = time.perf_counter() - started
     if done.names:
         console.print(

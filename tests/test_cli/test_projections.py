@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -71,3 +73,57 @@ def test_serve_names_an_outdated_read_model_and_rebuilds_it_with_the_flag(databa
     assert "rebuilt stats" in server.log()
     with psycopg.connect(database_url) as conn:
         assert conn.execute("SELECT version FROM projections WHERE name = 'stats'").fetchone() == (1,)
+
+
+def test_ctrl_c_leaves_the_live_read_model_alone_and_the_next_rebuild_starts_over(
+    database_url: str, tmp_path: Path
+) -> None:
+    env = os.environ | {"DATABASE_URL": database_url}
+    server = Server(env, log_dir=tmp_path)
+    try:
+        with httpx.Client(base_url=server.url) as client:
+            for i in range(4):
+                client.post("/tasks/", json={"task_type": f"t{i}"})
+    finally:
+        server.stop()
+    with psycopg.connect(database_url) as conn:
+        before = conn.execute("SELECT * FROM tasks ORDER BY id").fetchall()
+        registry = conn.execute("SELECT * FROM projections ORDER BY name").fetchall()
+
+    with psycopg.connect(database_url) as reader:
+        reader.execute("SELECT count(*) FROM tasks")  # holds the swap off, so Ctrl-C comes mid-rebuild
+        rebuilding = subprocess.Popen(
+            [sys.executable, "-m", "tasktrail", "projections", "rebuild"],
+            env=env,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        wait_for_the_swap(database_url)
+        rebuilding.send_signal(signal.SIGINT)
+        _, stderr = rebuilding.communicate(timeout=60)
+    assert rebuilding.returncode == 130, stderr
+    assert "interrupted; the live read models are untouched" in stderr
+
+    with psycopg.connect(database_url) as conn:
+        assert conn.execute("SELECT * FROM tasks ORDER BY id").fetchall() == before
+        assert conn.execute("SELECT * FROM projections ORDER BY name").fetchall() == registry
+    assert "left from an interrupted rebuild" in tasktrail(database_url, "projections", "status").stdout
+
+    again = tasktrail(database_url, "projections", "rebuild")
+    assert again.returncode == 0, again.stderr
+    status = tasktrail(database_url, "projections", "status").stdout
+    assert "interrupted" not in status
+    assert "never" not in status
+    with psycopg.connect(database_url) as conn:
+        assert conn.execute("SELECT * FROM tasks ORDER BY id").fetchall() == before
+
+
+def wait_for_the_swap(database_url: str) -> None:
+    """Until a swap waits to drop the live tasks table."""
+    waiting = "SELECT count(*) FROM pg_locks WHERE mode = 'AccessExclusiveLock' AND NOT granted"
+    with psycopg.connect(database_url, autocommit=True) as watcher:
+        for _ in range(1200):
+            if watcher.execute(waiting).fetchone()[0]:
+                return
+            time.sleep(0.05)
+    raise AssertionError("the rebuild never reached its swap")
