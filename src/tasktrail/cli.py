@@ -1,4 +1,4 @@
-"""The `tasktrail` command: serve, migrate, verify, keys."""
+"""The `tasktrail` command: serve, migrate, projections, verify, keys."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import ipaddress
 import os
 import re
 import sys
+import time
 from pathlib import Path
 
 from tasktrail import db, migrations
@@ -61,6 +62,13 @@ def serve(args: argparse.Namespace) -> int:
     url, _server = _database(args)  # the embedded server stops when this process exits
     for name in migrations.migrate(url):
         print(f"tasktrail: applied migration {name}", file=sys.stderr)
+    if args.rebuild:
+        # Processes started together wait for each other; the first rebuilds.
+        failed = _rebuild(url, None, starting=True)
+        if failed:
+            return failed
+    else:
+        _warn_outdated(url)
     # Worker processes find the database where this one put it.
     os.environ["DATABASE_URL"] = url
     uvicorn.run(
@@ -143,6 +151,102 @@ def keys_remove(args: argparse.Namespace) -> int:
     return 0
 
 
+def _warn_outdated(url: str) -> None:
+    from tasktrail.projections import INLINE
+    from tasktrail.projections.rebuild import status
+
+    standings, _head, _left = status(url, INLINE)
+    for standing in standings:
+        if standing.outdated:
+            print(
+                f"tasktrail: the {standing.name} read model is version {standing.live}, this code's is"
+                f" {standing.code}: writes are refused until you run `tasktrail projections rebuild"
+                f" {standing.name}` (the service keeps serving meanwhile), or start with `serve --rebuild`",
+                file=sys.stderr,
+            )
+
+
+def projections_status(args: argparse.Namespace) -> int:
+    from tasktrail.projections import INLINE
+    from tasktrail.projections.rebuild import SHADOW, status
+
+    url, _server = _database(args)
+    standings, head, left = status(url, INLINE)
+    print(f"{'projection':<12}{'live':>6}{'code':>6}  {'applied':<28}rebuilt")
+    for s in standings:
+        # Inline read models commit with each append: they hold every committed event.
+        applied = "-" if s.live is None else f"log head (position {head})"
+        rebuilt = "never (made by migrations)" if s.rebuilt_at is None else f"{s.rebuilt_at:%Y-%m-%d %H:%M:%S %Z}"
+        if s.position is not None:
+            rebuilt += f", live since position {s.position}"
+        print(f"{s.name:<12}{s.live or '-':>6}{s.code:>6}  {applied:<28}{rebuilt}")
+    for s in standings:
+        if s.outdated:
+            print(
+                f"{s.name}: live version {s.live or 'none'}, code version {s.code}:"
+                f" run `tasktrail projections rebuild {s.name}`"
+            )
+    if left:
+        print(f"schema {SHADOW} is left from an interrupted rebuild; the next rebuild drops it")
+    return 0
+
+
+def projections_rebuild(args: argparse.Namespace) -> int:
+    url, _server = _database(args)
+    return _rebuild(url, args.name, starting=False)
+
+
+def _rebuild(url: str, name: str | None, *, starting: bool) -> int:
+    """Rebuild with a progress bar; when `starting` a server, wait for the lock and rebuild only what is outdated."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
+
+    from tasktrail.projections import INLINE
+    from tasktrail.projections.rebuild import RebuildBusy, SwapFailed, rebuild
+
+    modules = [m for m in INLINE if name in (None, m.NAME)]
+    if not modules:
+        print(f"no projection named {name!r}; there are: {', '.join(m.NAME for m in INLINE)}", file=sys.stderr)
+        return 2
+    console = Console(stderr=True, highlight=False)
+    columns = (
+        TextColumn("{task.description:<12}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[unit]:<6} {task.fields[rate]}"),
+        TimeRemainingColumn(),
+    )
+    started = time.perf_counter()
+    with Progress(*columns, console=console) as bar:
+        steps: dict[str, TaskID] = {}
+
+        def progress(step: str, done: int, total: int) -> None:
+            if step not in steps:
+                unit = "tasks" if step.startswith("load") else "events" if step != "swap" else ""
+                steps[step] = bar.add_task(step, total=total, unit=unit, rate="")
+            bar.update(steps[step], completed=done, total=total)
+            speed = bar.tasks[steps[step]].speed
+            if speed and step == "replay":
+                bar.update(steps[step], rate=f"{speed:>10,.0f} events/s")
+
+        try:
+            done = rebuild(url, modules, progress, wait=starting, outdated_only=starting)
+        except (RebuildBusy, SwapFailed) as exc:
+            console.print(f"tasktrail: {exc}")
+            return 1
+        except KeyboardInterrupt:
+            console.print("tasktrail: interrupted; the live read models are untouched, and a new rebuild starts over")
+            return 130
+    seconds = time.perf_counter() - started
+    if done.names:
+        console.print(
+            f"tasktrail: rebuilt {', '.join(done.names)} from {done.events:,} events in {seconds:.1f} s"
+            f" ({done.events / seconds:,.0f} events/s), and {done.caught_up:,} appended meanwhile;"
+            f" live since position {done.position:,}"
+        )
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(
         prog="tasktrail",
@@ -170,10 +274,27 @@ def parser() -> argparse.ArgumentParser:
         help="require API keys from FILE (made by `tasktrail keys add`; env TASKTRAIL_API_KEYS_FILE); "
         "without keys, serve only on a loopback address",
     )
+    run.add_argument(
+        "--rebuild",
+        action="store_true",
+        help="first rebuild every read model whose code version differs from the live one (one process at a time)",
+    )
     run.set_defaults(func=serve)
 
     mig = commands.add_parser("migrate", help="apply pending migrations and exit (safe to repeat)")
     mig.set_defaults(func=migrate)
+
+    proj = commands.add_parser("projections", help="the read models: their versions, and rebuilding them")
+    proj_commands = proj.add_subparsers(dest="projections_command", required=True, metavar="ACTION")
+    proj_commands.add_parser(
+        "status", help="each read model's live version, code version and how far it has applied the log"
+    ).set_defaults(func=projections_status)
+    again = proj_commands.add_parser(
+        "rebuild",
+        help="rebuild read models from the whole log into fresh tables while the service runs, then swap them in",
+    )
+    again.add_argument("name", nargs="?", help="one read model (default: all)")
+    again.set_defaults(func=projections_rebuild)
 
     check = commands.add_parser(
         "verify", help="fold the whole log in memory and compare it with the read model and counters"

@@ -24,6 +24,7 @@ from tasktrail.domain.task import TaskNotFound, TransitionRejected
 from tasktrail.http import auth, events, health, history, openapi, tasks
 from tasktrail.http.body import MAX_BODY_BYTES, InvalidInput, MalformedBody
 from tasktrail.http.problems import problem
+from tasktrail.projections import ProjectionOutdated
 
 log = logging.getLogger("tasktrail")
 
@@ -82,6 +83,11 @@ def _unavailable(_: Request, exc: Exception) -> Response[bytes]:
     else:
         detail = "the database is unavailable; try again shortly"
     return problem(503, detail, headers={"Retry-After": "1"})
+
+
+def _outdated(_: Request, exc: ProjectionOutdated) -> Response[bytes]:
+    log.error("refusing a write: %s", exc)
+    return problem(503, "the service is being upgraded; try again shortly")
 
 
 def _unexpected(request: Request, exc: Exception) -> Response[bytes]:
@@ -165,6 +171,7 @@ def create_app(database_url: str | None = None, api_keys: Sequence[auth.Key] | N
             HTTPException: _http,
             psycopg.OperationalError: _unavailable,
             psycopg_pool.PoolTimeout: _unavailable,
+            ProjectionOutdated: _outdated,
             Exception: _unexpected,
         },
     )

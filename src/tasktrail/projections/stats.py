@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import psycopg
 
-from tasktrail.domain.task import Status
+from tasktrail.domain.task import Status, Task
 
 if TYPE_CHECKING:
     from tasktrail.projections import Change
@@ -16,6 +16,32 @@ if TYPE_CHECKING:
 NAME = "stats"
 VERSION = 1
 SHARDS = 16
+
+# What a rebuild needs (see projections.tasks); the same table as migration 0002.
+TABLES = ("task_counts",)
+CREATE = (
+    """
+    CREATE TABLE task_counts (
+        task_type text     NOT NULL,
+        status    text     NOT NULL,
+        shard     smallint NOT NULL,
+        n         bigint   NOT NULL,
+        PRIMARY KEY (task_type, status, shard)
+    )
+    """,
+)
+INDEXES = ()
+AFTER_INDEXES = ("ANALYZE task_counts",)
+COPY = "COPY task_counts (task_type, status, shard, n) FROM STDIN (FORMAT BINARY, FREEZE)"
+COPY_TYPES = ("text", "text", "int2", "int8")
+
+
+def rows(tasks: Iterable[Task]) -> Iterator[tuple[str, str, int, int]]:
+    """One counter row per task type and status, all in shard 0."""
+    counts = Counter((task.task_type, task.status.value) for task in tasks)
+    for (task_type, status), n in sorted(counts.items()):
+        yield task_type, status, 0, n
+
 
 # Deltas arrive sorted by key, so two writers sharing a shard lock its rows in
 # the same order and cannot deadlock.

@@ -1,0 +1,504 @@
+"""Rebuild read models from the whole log into shadow tables while the service runs, then swap them in.
+
+A rebuild runs in four steps, and until the last one commits the live read
+models are untouched: interrupt it anywhere and the service never notices; run
+it again and it drops what the last run left and starts over.
+
+1. Replay: in one REPEATABLE READ snapshot, stream the whole log (COPY, text)
+   and fold it in memory, one state per live task; remember the snapshot.
+2. Load: create each read model's tables in the shadow schema, COPY its rows
+   from the folded states, then build its indexes (two at a time) and ANALYZE.
+3. Catch up: apply the events committed since the last snapshot, through each
+   read model's own inline `project`, with the shadow schema first on the
+   search_path; repeat while writers keep appending.
+4. Swap: in one short transaction, block appends, apply the last stragglers,
+   drop each live table, move its shadow into place and record the new
+   version in the registry.
+
+A read model's module (projections.tasks, projections.stats) gives the
+rebuild: NAME, VERSION; TABLES, the tables it owns; CREATE, statements making
+them without indexes; INDEXES, index builds that may run at the same time;
+AFTER_INDEXES, statements to finish with (constraints, ANALYZE); COPY and
+COPY_TYPES, to load them; rows(tasks), their rows from the live tasks' states;
+and project(conn, changes), its inline projector, used to catch up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime
+from types import ModuleType
+from typing import Any
+from uuid import UUID
+
+import msgspec
+import psycopg
+from msgspec import UNSET
+from psycopg import sql
+
+from tasktrail import db
+from tasktrail.domain import events as ev
+from tasktrail.domain.events import Recorded, from_data
+from tasktrail.domain.task import TARGET, Status, Task, evolve
+
+SHADOW = "tasktrail_shadow"
+# Called as progress(step, done, total) while a rebuild runs.
+Progress = Callable[[str, int, int], None]
+
+# A catch-up round that finds fewer events than this goes straight on to the swap.
+SMALL_ROUND = 1_000
+CATCH_UP_ROUNDS = 10
+SWAP_ATTEMPTS = 5
+# How long the swap may wait for a lock before it gives up (and tries again
+# after another catch-up): it holds off every append while it waits, and a
+# long-running reader of a live table must not turn that into an outage.
+SWAP_LOCK_TIMEOUT = "2s"
+
+
+class RebuildBusy(Exception):
+    """Another rebuild holds the rebuild lock."""
+
+
+class SwapFailed(Exception):
+    """The swap could not take its locks in time; the live read models are untouched."""
+
+
+# --- the registry -----------------------------------------------------------
+
+REGISTRY = "SELECT name, version, position, rebuilt_at FROM projections"
+HEAD = "SELECT coalesce(max(position), 0) FROM events"
+SHADOW_LEFT = "SELECT to_regnamespace(%(schema)s) IS NOT NULL"
+
+
+@dataclass
+class Standing:
+    """One projection as the code and the database see it."""
+
+    name: str
+    code: int
+    live: int | None
+    position: int | None  # the log head when the live version went live
+    rebuilt_at: datetime | None
+
+    @property
+    def outdated(self) -> bool:
+        return self.live != self.code
+
+
+def status(conninfo: str, modules: Sequence[ModuleType]) -> tuple[list[Standing], int, bool]:
+    """Each projection's code and live versions; the log head; whether a shadow was left over."""
+    with psycopg.connect(conninfo, **db.connect_kwargs()) as conn:
+        registry = {name: row for name, *row in conn.execute(REGISTRY)}
+        head = conn.execute(HEAD).fetchone()[0]  # type: ignore[index]
+        left = conn.execute(SHADOW_LEFT, {"schema": SHADOW}).fetchone()[0]  # type: ignore[index]
+    states = []
+    for module in modules:
+        live, position, rebuilt_at = registry.get(module.NAME, (None, None, None))
+        states.append(Standing(module.NAME, module.VERSION, live, position, rebuilt_at))
+    return states, head, left
+
+
+# --- step 1: replay ---------------------------------------------------------
+
+# The log leaves PostgreSQL as COPY text, a few thousand events to a row (an
+# index range scan of positions each, in order): per-row overhead in the
+# client is what limits a replay, and this makes it per chunk. Fields are
+# separated by \x1f and events by \x1e, which COPY text leaves as they are and
+# no field can hold (jsonb text escapes every control character); every column
+# is NOT NULL, so concat_ws never drops one. The jsonb text goes straight to a
+# typed msgspec decoder; times stay text until the end.
+READ_LOG = r"""
+COPY (
+    SELECT chunk
+    FROM generate_series(0, %(last)s, %(chunk)s) AS lo,
+    LATERAL (
+        SELECT string_agg(
+            concat_ws(E'\x1f', stream_id, version, position, occurred_at, type, data), E'\x1e' ORDER BY position
+        )
+        FROM events
+        WHERE position > lo AND position <= lo + %(chunk)s
+    ) AS c (chunk)
+    WHERE chunk IS NOT NULL
+) TO STDOUT
+"""
+CHUNK = 4_000
+SNAPSHOT = "SELECT pg_current_snapshot()::text, coalesce(max(position), 0) FROM events"
+# Text output must be the ISO timestamps and UTF-8 that the replay parses.
+REPLAY_OPTIONS = " -c DateStyle=ISO -c client_encoding=UTF8 -c statement_timeout=0 -c jit=off"
+
+# What an event does to a state, by kind; see `replay`.
+CREATED, DELETED, STARTED, FINISHED, REQUEUED, RETRIED, CHANGED = range(7)
+KINDS: dict[type[ev.Event], int] = {
+    ev.TaskCreated: CREATED,
+    ev.TaskDeleted: DELETED,
+    ev.TaskStarted: STARTED,
+    ev.TaskCompleted: FINISHED,
+    ev.TaskFailed: FINISHED,
+    ev.TaskCanceled: FINISHED,
+    ev.TaskRequeued: REQUEUED,
+    ev.TaskRetried: RETRIED,
+    ev.ProgressReported: CHANGED,
+    ev.TaskUpdated: CHANGED,
+}
+EMPTY = b"{}"
+
+
+def _decoder(type_: str) -> Callable[[bytes], ev.Event]:
+    """Stored jsonb text to an Event, as `from_data` does, without the dict in between."""
+    if type_ in ev.UPCASTERS:
+        return lambda data: from_data(type_, msgspec.json.decode(data))
+    return msgspec.json.Decoder(ev.EVENT_TYPES[type_]).decode
+
+
+def _rules() -> dict[bytes, tuple[int, Status | None, Callable[[bytes], ev.Event], bool]]:
+    """Per stored type: its kind, the status it moves to, its decoder, and whether `{}` may skip decoding."""
+    return {
+        type_.encode(): (KINDS[cls], TARGET.get(cls), _decoder(type_), type_ not in ev.UPCASTERS)
+        for type_, cls in ev.EVENT_TYPES.items()  # built per replay: UPCASTERS may have changed
+    }
+
+
+def replay(
+    chunks: Iterable[bytes], progress: Callable[[int], None] | None = None
+) -> tuple[dict[bytes, list[Any]], int]:
+    """Fold the log, as READ_LOG's rows, into one state per live stream (keyed by stream id text); and count it."""
+    # This is `evolve`, unrolled for speed: the same rules, on a mutable list
+    # per stream ([id, task_id, task_type, status, progress, params, result,
+    # error, retry_count, created_at, updated_at, started_at, completed_at,
+    # version], ids and times still as their COPY text) instead of a new frozen
+    # Task per event, which costs several times more. test_replay.py holds it
+    # equal to `fold` on every kind of history: change both together.
+    rules = _rules()
+    states: dict[bytes, list[Any]] = {}
+    pending = Status.PENDING
+    done = 0
+    for chunk in chunks:
+        # COPY ends the row with a newline and doubles each backslash; jsonb
+        # text has no other character that COPY escapes.
+        text = bytes(chunk)[:-1]
+        if b"\\" in text:
+            text = text.replace(b"\\\\", b"\\")
+        lines = text.split(b"\x1e")
+        for line in lines:
+            stream, version, position, at, type_, data = line.split(b"\x1f")
+            kind, status, decode, plain = rules[type_]
+            if kind == CREATED:
+                created: ev.TaskCreated = decode(data)  # type: ignore[assignment]
+                states[stream] = [
+                    position, stream, created.task_type, pending, 0.0, created.params, None, None, 0,
+                    at, at, None, None, version,
+                ]  # fmt: skip
+                continue
+            if kind == DELETED:
+                states.pop(stream, None)
+                continue
+            state = states[stream]  # a KeyError where evolve asserts: an event before TaskCreated
+            state[10] = at
+            state[13] = version
+            if status is not None:
+                state[3] = status
+            if kind == STARTED:
+                if state[11] is None:
+                    state[11] = at
+            elif kind == FINISHED:
+                state[12] = at
+            elif kind == REQUEUED:
+                state[8] += 1
+            elif kind == RETRIED:
+                state[8] += 1
+                state[7] = state[11] = state[12] = None
+            if data != EMPTY or not plain:
+                change: ev.TaskStarted = decode(data)  # type: ignore[assignment]
+                if change.progress is not UNSET:
+                    state[4] = change.progress
+                if change.result is not UNSET:
+                    state[6] = change.result
+                if change.error is not UNSET:
+                    state[7] = change.error
+        done += len(lines)
+        if progress is not None:
+            progress(done)
+    return states, done
+
+
+_time = datetime.fromisoformat
+_uuid = msgspec.json.Decoder(UUID).decode  # faster than UUID(str)
+
+
+def to_task(state: list[Any]) -> Task:
+    """A replayed state as the Task `fold` gives."""
+    (id_, stream, task_type, status, progress, params, result, error, retry_count,
+     created_at, updated_at, started_at, completed_at, version) = state  # fmt: skip
+    created = _time(created_at.decode())
+    return Task(
+        int(id_), _uuid(b'"%s"' % stream), task_type, status, progress, params, result, error, retry_count,
+        created,
+        created if updated_at is created_at else _time(updated_at.decode()),
+        None if started_at is None else _time(started_at.decode()),
+        None if completed_at is None else _time(completed_at.decode()),
+        int(version),
+    )  # fmt: skip
+
+
+# --- step 2: load -----------------------------------------------------------
+
+DROP_SHADOW = sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE")
+CREATE_SHADOW = sql.SQL("CREATE SCHEMA {}")
+USE_SHADOW = sql.SQL("SET search_path = {}, {}")
+LIVE_SCHEMA = "SELECT current_schema()"
+INDEX_MEMORY = "SET maintenance_work_mem = '256MB'"
+# Index builds of the fresh tables run on this many connections at once: the
+# tables are in no one's way yet, and each build is mostly one core's work.
+INDEX_BUILDERS = 2
+
+
+def _build_indexes(conninfo: str, statements: list[str], live_schema: str) -> None:
+    """Run the index builds, each on its own, INDEX_BUILDERS at a time."""
+    todo = list(reversed(statements))
+
+    def build() -> None:
+        with psycopg.connect(conninfo, autocommit=True, options=db.SESSION_OPTIONS + REPLAY_OPTIONS) as conn:
+            conn.execute(USE_SHADOW.format(sql.Identifier(SHADOW), sql.Identifier(live_schema)))
+            conn.execute(INDEX_MEMORY)
+            while True:
+                try:
+                    statement = todo.pop()  # atomic under the GIL
+                except IndexError:
+                    return
+                conn.execute(statement)
+
+    with ThreadPoolExecutor(INDEX_BUILDERS) as pool:
+        for done in [pool.submit(build) for _ in range(min(INDEX_BUILDERS, len(statements)))]:
+            done.result()
+
+
+def _tasks(states: dict[bytes, Any]) -> Iterator[Task]:
+    """The replayed states as Tasks, in creation order (the tables load in id order)."""
+    # Each is made the first time through, in place: the list goes as its Task
+    # comes, so memory holds one of them per task, not both; and the first COPY
+    # makes them while PostgreSQL is busy with the rows already sent.
+    for stream, state in states.items():
+        if type(state) is list:
+            state = states[stream] = to_task(state)
+        yield state
+
+
+@dataclass
+class Loaded:
+    """Where the replay left off: the states, and the snapshot whose events they hold."""
+
+    live_schema: str
+    tasks: dict[bytes, Task]  # by task id as text: hashing UUIDs is slow in Python
+    snapshot: str
+    events: int
+
+
+def load(conninfo: str, modules: Sequence[ModuleType], progress: Progress | None = None) -> Loaded:
+    """Steps 1 and 2: replay the log and write fresh shadow copies of the modules' read models."""
+    with psycopg.connect(conninfo, autocommit=True, options=db.SESSION_OPTIONS + REPLAY_OPTIONS) as conn:
+        live_schema = conn.execute(LIVE_SCHEMA).fetchone()[0]  # type: ignore[index]
+        conn.autocommit = False
+        conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+        conn.read_only = True
+        # One snapshot for the log and the catch-up that follows: every event
+        # visible in it is replayed, and only those.
+        snapshot, last = conn.execute(SNAPSHOT).fetchone()  # type: ignore[misc]
+        # Positions have gaps (rolled back appends) so the last one is only an
+        # estimate of the number of events; good enough for time left.
+        step = None if progress is None else (lambda done: progress("replay", done, max(done, last)))
+        # The replay makes millions of objects and no reference cycles: the
+        # cyclic garbage collector would only walk them again and again.
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            with conn.cursor() as cur, cur.copy(READ_LOG, {"last": last, "chunk": CHUNK}) as copy:
+                states, total = replay(copy, step)
+            conn.rollback()
+
+            conn.read_only = False
+            conn.isolation_level = None
+            shadow, live = sql.Identifier(SHADOW), sql.Identifier(live_schema)
+            with conn.transaction():
+                conn.execute(DROP_SHADOW.format(shadow))
+                conn.execute(CREATE_SHADOW.format(shadow))
+                conn.execute(USE_SHADOW.format(shadow, live))
+                for module in modules:
+                    for statement in module.CREATE:
+                        conn.execute(statement)
+                    with conn.cursor() as cur, cur.copy(module.COPY) as copy:
+                        copy.set_types(list(module.COPY_TYPES))
+                        for row in module.rows(_tasks(states)):
+                            copy.write_row(row)
+                    if progress is not None:
+                        progress(f"load {module.NAME}", len(states), len(states))
+            tasks: dict[bytes, Task] = dict(zip(states, _tasks(states), strict=True))
+            del states
+        finally:
+            if collecting:
+                gc.enable()
+        _build_indexes(conninfo, [statement for module in modules for statement in module.INDEXES], live_schema)
+        with conn.transaction():
+            for module in modules:
+                for statement in module.AFTER_INDEXES:
+                    conn.execute(statement)
+    return Loaded(live_schema, tasks, snapshot, total)
+
+
+# --- steps 3 and 4: catch up, swap -----------------------------------------
+
+# Positions are handed out before commit, so a transaction holding a lower
+# position can commit after one holding a higher: "position > last seen" would
+# miss it for ever. Instead, each catch-up takes the events that are visible
+# now but were not in the snapshot the previous step read in, by the xid8 of
+# the transaction that wrote them (indexed on events (transaction_id, position)).
+# Within a stream this is still version order: a writer appends version n + 1
+# only after reading version n committed.
+CHANGES_SINCE = """
+SELECT stream_id, version, position, occurred_at, type, data
+FROM events
+WHERE transaction_id >= pg_snapshot_xmin(%(seen)s::pg_snapshot)
+  AND NOT pg_visible_in_snapshot(transaction_id, %(seen)s::pg_snapshot)
+ORDER BY position
+"""
+CURRENT_SNAPSHOT = "SELECT pg_current_snapshot()::text"
+# SHARE ROW EXCLUSIVE waits for every transaction that has appended and not
+# yet ended, and blocks new appends until the swap commits (readers go on):
+# once it is held, every event that will ever precede the swap is committed,
+# and the read model the swap puts in place has applied all of them.
+BLOCK_APPENDS = "LOCK TABLE events IN SHARE ROW EXCLUSIVE MODE"
+SWAP_TIMEOUT = sql.SQL("SET LOCAL lock_timeout = {}")
+DROP_LIVE = sql.SQL("DROP TABLE IF EXISTS {}")
+MOVE_IN = sql.SQL("ALTER TABLE {} SET SCHEMA {}")
+RECORD = """
+INSERT INTO projections (name, version, position, rebuilt_at)
+VALUES (%(name)s, %(version)s, %(position)s, now())
+ON CONFLICT (name) DO UPDATE SET version = EXCLUDED.version, position = EXCLUDED.position,
+    rebuilt_at = EXCLUDED.rebuilt_at
+"""
+DROP_EMPTY_SHADOW = sql.SQL("DROP SCHEMA IF EXISTS {}")
+
+
+async def _catch_up(
+    conn: psycopg.AsyncConnection, modules: Sequence[ModuleType], tasks: dict[bytes, Task], seen: str
+) -> tuple[dict[bytes, Task | None], int]:
+    """Apply the events not visible in snapshot `seen` to the shadow read models; the states moved, and how many."""
+    # The caller keeps the moved states only once its transaction commits: a
+    # swap that fails rolls the shadows back, and the states must go with them.
+    cur = await conn.execute(CHANGES_SINCE, {"seen": seen})
+    moved: dict[bytes, Task | None] = {}
+    changes = []
+    for stream_id, version, position, at, type_, data in await cur.fetchall():
+        recorded = Recorded(stream_id, version, position, at, from_data(type_, data))
+        key = str(stream_id).encode()
+        before = moved[key] if key in moved else tasks.get(key)
+        moved[key] = after = evolve(before, recorded)
+        changes.append((recorded, before, after))
+    if changes:
+        for module in modules:
+            await module.project(conn, changes)
+    return moved, len(changes)
+
+
+def _keep(tasks: dict[bytes, Task], moved: dict[bytes, Task | None]) -> None:
+    for stream_id, task in moved.items():
+        if task is None:
+            tasks.pop(stream_id, None)
+        else:
+            tasks[stream_id] = task
+
+
+@dataclass
+class Rebuilt:
+    names: list[str]
+    events: int  # replayed in the snapshot
+    caught_up: int  # applied after it, while catching up and swapping
+    position: int  # the log head at the swap
+
+
+LOCK_KEY = "tasktrail.rebuild"
+TRY_LOCK = "SELECT pg_try_advisory_lock(hashtext(%(key)s))"
+WAIT_LOCK = "SELECT pg_advisory_lock(hashtext(%(key)s))"
+LIVE_VERSIONS = "SELECT name, version FROM projections"
+NO_TIMEOUT = " -c statement_timeout=0"  # waiting for another rebuild may take a while
+
+
+def rebuild(
+    conninfo: str,
+    modules: Sequence[ModuleType],
+    progress: Progress | None = None,
+    *,
+    wait: bool = False,
+    outdated_only: bool = False,
+) -> Rebuilt:
+    """Rebuild the modules' read models from the whole log and swap them in while the service runs."""
+    # One rebuild at a time: RebuildBusy, or with `wait` wait for the other.
+    # `outdated_only` is checked once the lock is held, so that processes
+    # starting together rebuild once.
+    # The lock is a session lock, held by this connection for the whole rebuild.
+    with psycopg.connect(conninfo, autocommit=True, options=db.SESSION_OPTIONS + NO_TIMEOUT) as guard:
+        lock = {"key": LOCK_KEY}
+        if wait:
+            guard.execute(WAIT_LOCK, lock)
+        elif not guard.execute(TRY_LOCK, lock).fetchone()[0]:  # type: ignore[index]
+            raise RebuildBusy("another rebuild is running; try again when it has finished")
+        if outdated_only:
+            live = dict(guard.execute(LIVE_VERSIONS).fetchall())
+            modules = [m for m in modules if live.get(m.NAME) != m.VERSION]
+        if not modules:
+            return Rebuilt([], 0, 0, 0)
+        loaded = load(conninfo, modules, progress)
+        return asyncio.run(_swap_in(conninfo, modules, loaded, progress))
+
+
+REPEATABLE_READ = "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ"
+
+
+async def _swap_in(conninfo: str, modules: Sequence[ModuleType], loaded: Loaded, progress: Progress | None) -> Rebuilt:
+    """Steps 3 and 4: catch up with the log, then swap the shadows in."""
+    shadow, live = sql.Identifier(SHADOW), sql.Identifier(loaded.live_schema)
+    async with await psycopg.AsyncConnection.connect(conninfo, **db.connect_kwargs()) as conn:
+        # The modules' own `project` writes to the shadow tables, found first;
+        # everything else (events, the registry) resolves to the live schema.
+        await conn.execute(USE_SHADOW.format(shadow, live))
+        seen, caught_up = loaded.snapshot, 0
+        for _ in range(SWAP_ATTEMPTS):
+            for _ in range(CATCH_UP_ROUNDS):
+                async with conn.transaction():
+                    await conn.execute(REPEATABLE_READ)
+                    snapshot = (await (await conn.execute(CURRENT_SNAPSHOT)).fetchone())[0]  # type: ignore[index]
+                    moved, found = await _catch_up(conn, modules, loaded.tasks, seen)
+                _keep(loaded.tasks, moved)
+                seen, caught_up = snapshot, caught_up + found
+                if progress is not None:
+                    progress("catch up", caught_up, caught_up)
+                if found < SMALL_ROUND:
+                    break
+            try:
+                async with conn.transaction():
+                    await conn.execute(SWAP_TIMEOUT.format(SWAP_LOCK_TIMEOUT))
+                    await conn.execute(BLOCK_APPENDS)
+                    # READ COMMITTED: this statement sees every event committed
+                    # before the lock, and no append is in flight any more.
+                    moved, found = await _catch_up(conn, modules, loaded.tasks, seen)
+                    head = (await (await conn.execute(HEAD)).fetchone())[0]  # type: ignore[index]
+                    for module in modules:
+                        for table in module.TABLES:
+                            await conn.execute(DROP_LIVE.format(sql.Identifier(loaded.live_schema, table)))
+                            await conn.execute(MOVE_IN.format(sql.Identifier(SHADOW, table), live))
+                        await conn.execute(RECORD, {"name": module.NAME, "version": module.VERSION, "position": head})
+                caught_up += found
+                break
+            except (psycopg.errors.LockNotAvailable, psycopg.errors.DeadlockDetected):
+                continue  # nothing changed: catch up again and retry
+        else:
+            raise SwapFailed(
+                f"could not take the swap's locks in {SWAP_ATTEMPTS} tries; the live read models are untouched"
+            )
+        await conn.execute(DROP_EMPTY_SHADOW.format(shadow))
+    if progress is not None:
+        progress("swap", 1, 1)
+    return Rebuilt([m.NAME for m in modules], loaded.events, caught_up, head)

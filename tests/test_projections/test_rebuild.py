@@ -1,0 +1,380 @@
+"""Rebuilding read models from the log while the service keeps writing, on a real PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from typing import Any
+from uuid import UUID
+
+import psycopg
+import pytest
+
+from tasktrail import db, eventstore, projections, writer
+from tasktrail.domain import events
+from tasktrail.domain.events import ProgressReported
+from tasktrail.domain.task import CreateTask, DeleteTask, Status, UpdateTask
+from tasktrail.projections import INLINE, ProjectionOutdated, stats
+from tasktrail.projections.rebuild import SHADOW, RebuildBusy, rebuild, status
+from tasktrail.verify import fold_log, verify
+from tests.test_projections import tasks_v2
+
+# Text that COPY and JSON both escape, and the separators the replay uses.
+AWKWARD = 'C:\\dir\\"quoted"\tü€ \x1e\x1f\n end'
+
+
+async def seed(database_url: str, n: int) -> list[UUID]:
+    """n tasks through the real write path, with every kind of history."""
+    made = []
+    async with await psycopg.AsyncConnection.connect(database_url, **db.connect_kwargs()) as conn:
+        for i in range(n):
+            task = await writer.create(conn, CreateTask(task_type=f"t{i % 3}", params={"i": i, "path": AWKWARD}), {})
+            made.append(task.task_id)
+            moves: list[Any] = {
+                0: [],
+                1: [UpdateTask(status=Status.RUNNING, progress=30)],
+                2: [UpdateTask(status=Status.RUNNING), UpdateTask(status=Status.COMPLETED, result={"ok": AWKWARD})],
+                3: [
+                    UpdateTask(status=Status.FAILED, error=AWKWARD),
+                    UpdateTask(status=Status.PENDING),
+                    UpdateTask(status=Status.RUNNING, progress=5),
+                ],
+                4: [
+                    UpdateTask(status=Status.RUNNING),
+                    UpdateTask(status=Status.PENDING),
+                    UpdateTask(result={"partial": [1, 2]}),
+                    UpdateTask(status=Status.CANCELED, error="stop"),
+                ],
+                5: [UpdateTask(status=Status.COMPLETED), DeleteTask()],
+            }[i % 6]
+            for move in moves:
+                await writer.change(conn, task.task_id, move, {})
+    return made
+
+
+ROWS = "SELECT * FROM tasks ORDER BY id"
+COUNTS = "SELECT task_type, status, sum(n) FROM task_counts GROUP BY 1, 2 HAVING sum(n) <> 0 ORDER BY 1, 2"
+COLUMNS = """
+SELECT column_name, data_type, is_nullable FROM information_schema.columns
+WHERE table_schema = current_schema() AND table_name = %(table)s ORDER BY ordinal_position
+"""
+INDEXES = "SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = current_schema() AND tablename = %(table)s"
+CONSTRAINTS = "SELECT conname, pg_get_constraintdef(oid) FROM pg_constraint WHERE conrelid = %(table)s::regclass"
+OPTIONS = "SELECT reloptions FROM pg_class WHERE oid = %(table)s::regclass"
+TRIGGERS = "SELECT pg_get_triggerdef(oid) FROM pg_trigger WHERE tgrelid = %(table)s::regclass AND NOT tgisinternal"
+REGISTRY = "SELECT name, version, position, rebuilt_at IS NOT NULL FROM projections ORDER BY name"
+SHADOW_EXISTS = "SELECT to_regnamespace(%(schema)s) IS NOT NULL"
+
+
+def read_model(database_url: str) -> tuple[list[Any], list[Any]]:
+    with psycopg.connect(database_url) as conn:
+        return conn.execute(ROWS).fetchall(), conn.execute(COUNTS).fetchall()
+
+
+def schema(database_url: str) -> dict[str, Any]:
+    with psycopg.connect(database_url) as conn:
+        return {
+            (table, query): sorted(conn.execute(query, {"table": table}).fetchall(), key=repr)
+            for table in ("tasks", "task_counts")
+            for query in (COLUMNS, INDEXES, CONSTRAINTS, OPTIONS, TRIGGERS)
+        }
+
+
+def registry(database_url: str) -> list[Any]:
+    with psycopg.connect(database_url) as conn:
+        return conn.execute(REGISTRY).fetchall()
+
+
+def shadow_left(database_url: str) -> bool:
+    with psycopg.connect(database_url) as conn:
+        return conn.execute(SHADOW_EXISTS, {"schema": SHADOW}).fetchone()[0]
+
+
+def test_a_rebuild_of_the_same_version_reproduces_the_read_model(database_url: str) -> None:
+    asyncio.run(seed(database_url, 24))
+    before, migrated = read_model(database_url), schema(database_url)
+    assert registry(database_url) == [("stats", 1, 0, False), ("tasks", 1, 0, False)]  # as migrated
+
+    done = rebuild(database_url, INLINE)
+
+    assert (done.names, done.events, done.caught_up, done.position) == (["tasks", "stats"], 72, 0, 72)
+    assert read_model(database_url) == before
+    assert schema(database_url) == migrated, "the rebuilt tables differ from the ones the migrations make"
+    assert registry(database_url) == [("stats", 1, 72, True), ("tasks", 1, 72, True)]
+    assert not shadow_left(database_url)
+    report = verify(database_url)
+    assert report.ok, report.summary()
+
+
+def test_status_shows_live_and_code_versions_and_the_log_head(database_url: str) -> None:
+    asyncio.run(seed(database_url, 3))
+    standings, head, left = status(database_url, [tasks_v2, stats])
+    assert [(s.name, s.live, s.code, s.outdated, s.rebuilt_at) for s in standings] == [
+        ("tasks", 1, 2, True, None),
+        ("stats", 1, 1, False, None),
+    ]
+    assert (head, left) == (6, False)
+
+
+def test_only_the_named_read_model_is_rebuilt(database_url: str) -> None:
+    asyncio.run(seed(database_url, 6))
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("UPDATE task_counts SET n = n + 5")  # a broken counter: the rebuild must mend it
+        tasks_oid = conn.execute("SELECT 'tasks'::regclass::oid").fetchone()
+    assert not verify(database_url).ok
+
+    rebuild(database_url, [stats])
+
+    assert verify(database_url).ok
+    with psycopg.connect(database_url) as conn:
+        assert conn.execute("SELECT 'tasks'::regclass::oid").fetchone() == tasks_oid
+    assert [row[3] for row in registry(database_url)] == [True, False]
+
+
+class Interrupted(Exception):
+    pass
+
+
+@pytest.mark.parametrize("step", ["replay", "load tasks", "catch up"])
+def test_an_interrupted_rebuild_leaves_the_live_model_alone_and_the_next_starts_over(
+    database_url: str, step: str
+) -> None:
+    asyncio.run(seed(database_url, 12))
+    before, migrated, registered = read_model(database_url), schema(database_url), registry(database_url)
+
+    def interrupt(at: str, done: int, total: int) -> None:
+        if at == step:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        rebuild(database_url, INLINE, interrupt)
+
+    assert (read_model(database_url), schema(database_url), registry(database_url)) == (before, migrated, registered)
+    assert shadow_left(database_url) == (step == "catch up")  # the shadow is committed once loaded
+    assert status(database_url, INLINE)[2] == (step == "catch up")
+
+    rebuild(database_url, INLINE)
+    assert not shadow_left(database_url)
+    assert read_model(database_url) == before
+    assert verify(database_url).ok
+
+
+def test_one_rebuild_at_a_time(database_url: str) -> None:
+    with psycopg.connect(database_url, autocommit=True) as other:
+        other.execute("SELECT pg_advisory_lock(hashtext('tasktrail.rebuild'))")
+        with pytest.raises(RebuildBusy):
+            rebuild(database_url, INLINE)
+    assert rebuild(database_url, INLINE).names == ["tasks", "stats"]
+
+
+def test_an_event_committed_late_with_a_lower_position_is_not_missed(database_url: str) -> None:
+    """Positions are taken before commit: the swap must still wait for, and apply, the earlier one."""
+    first, second, *_ = asyncio.run(seed(database_url, 6))  # both still pending
+    with psycopg.connect(database_url) as late:
+        # What a writer does in its transaction: append (position taken), then project.
+        late_position = late.execute(
+            "INSERT INTO events (stream_id, version, type, data, occurred_at)"
+            " VALUES (%s, 2, 'TaskStarted', '{}', now()) RETURNING position",
+            (first,),
+        ).fetchone()[0]
+        late.execute(
+            "UPDATE tasks SET status = 'running', version = 2, started_at = now() WHERE task_id = %s", (first,)
+        )
+        asyncio.run(change(database_url, second, UpdateTask(status=Status.COMPLETED)))  # a later position, committed
+
+        result: dict[str, Any] = {}
+        rebuilding = threading.Thread(target=lambda: result.update(done=rebuild(database_url, INLINE)))
+        rebuilding.start()
+        wait_for_swap_to_block(database_url)
+        late.commit()
+        rebuilding.join()
+
+    assert result["done"].caught_up == 1
+    with psycopg.connect(database_url) as conn:
+        assert conn.execute("SELECT max(position) FROM events").fetchone()[0] > late_position
+        row = conn.execute("SELECT status, version FROM tasks WHERE task_id = %s", (first,)).fetchone()
+    assert row == ("running", 2)
+    report = verify(database_url)
+    assert report.ok, report.summary()
+
+
+WAITING = "SELECT count(*) FROM pg_locks WHERE relation = 'events'::regclass AND mode = %(mode)s AND NOT granted"
+
+
+def wait_for_swap_to_block(database_url: str) -> None:
+    """Until the rebuild's swap waits for the lock on events (held by an append in flight)."""
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        for _ in range(1200):
+            if conn.execute(WAITING, {"mode": "ShareRowExclusiveLock"}).fetchone()[0]:
+                return
+            time.sleep(0.05)
+    raise AssertionError("the swap never waited for the append in flight")
+
+
+def test_a_swap_that_cannot_take_its_locks_rolls_back_and_tries_again(database_url: str) -> None:
+    first, *_ = asyncio.run(seed(database_url, 6))  # still pending
+    rounds: list[int] = []
+    retrying = threading.Event()
+
+    def on_progress(step: str, done: int, total: int) -> None:
+        if step != "catch up":
+            return
+        rounds.append(done)
+        if len(rounds) == 1:  # after the last catch-up round, so the (first) swap applies it
+            with psycopg.connect(database_url) as conn:
+                conn.execute(START_FIRST, (first,))
+        else:
+            retrying.set()  # a second round comes only after a swap gave up
+
+    with psycopg.connect(database_url) as reader:
+        reader.execute("SELECT count(*) FROM tasks")  # a long read keeps the live table from being dropped
+        result: dict[str, Any] = {}
+        rebuilding = threading.Thread(target=lambda: result.update(done=rebuild(database_url, INLINE, on_progress)))
+        rebuilding.start()
+        assert retrying.wait(120), "the swap never gave up"
+        reader.commit()
+        rebuilding.join()
+
+    assert rounds == [0, 1]
+    assert result["done"].caught_up == 1
+    with psycopg.connect(database_url) as conn:
+        assert conn.execute("SELECT status FROM tasks WHERE task_id = %s", (first,)).fetchone() == ("running",)
+    report = verify(database_url)
+    assert report.ok, report.summary()
+
+
+START_FIRST = (
+    "INSERT INTO events (stream_id, version, type, data, occurred_at)"
+    " VALUES (%s, 2, 'TaskStarted', '{}', now()) RETURNING position"
+)
+
+
+async def change(database_url: str, task_id: UUID, command: Any) -> None:
+    async with await psycopg.AsyncConnection.connect(database_url, **db.connect_kwargs()) as conn:
+        await writer.change(conn, task_id, command, {})
+
+
+def upcast_progress(data: dict[str, Any]) -> dict[str, Any]:
+    """ProgressReported once stored {"percent": 40}; it is {"progress": 40.0} now."""
+    if "percent" in data:
+        data = {k: v for k, v in data.items() if k != "percent"} | {"progress": float(data["percent"])}
+    return data
+
+
+def test_an_old_shape_event_is_upcast_when_replayed(database_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(events.UPCASTERS, "ProgressReported", upcast_progress)
+    (task_id,) = asyncio.run(seed(database_url, 2))[:1]
+    with psycopg.connect(database_url) as conn:
+        conn.execute(
+            "INSERT INTO events (stream_id, version, type, data, occurred_at)"
+            """ VALUES (%s, 2, 'ProgressReported', '{"percent": 40}', now())""",
+            (task_id,),
+        )
+
+    rebuild(database_url, INLINE)
+
+    with psycopg.connect(database_url) as conn:
+        assert conn.execute("SELECT progress, version FROM tasks WHERE task_id = %s", (task_id,)).fetchone() == (40, 2)
+    stored = asyncio.run(read_stream(database_url, task_id))
+    assert stored[-1].recorded.event == ProgressReported(progress=40.0)
+    report = verify(database_url)
+    assert report.ok, report.summary()
+
+
+async def read_stream(database_url: str, task_id: UUID) -> list[eventstore.Stored]:
+    async with await psycopg.AsyncConnection.connect(database_url, **db.connect_kwargs()) as conn:
+        return await eventstore.read_stream(conn, task_id)
+
+
+@pytest.mark.anyio
+async def test_a_write_is_refused_while_the_live_version_differs(database_url: str) -> None:
+    async with await psycopg.AsyncConnection.connect(database_url, **db.connect_kwargs()) as conn:
+        task = await writer.create(conn, CreateTask(task_type="t"), {})
+        await conn.execute("UPDATE projections SET version = 2 WHERE name = 'tasks'")
+        with pytest.raises(ProjectionOutdated, match="rebuild tasks"):
+            await writer.change(conn, task.task_id, UpdateTask(status=Status.RUNNING), {})
+        cur = await conn.execute("SELECT count(*) FROM events")
+        assert await cur.fetchone() == (1,)
+
+
+class Writer(threading.Thread):
+    """A service instance writing through the real write path, until told to stop."""
+
+    # When its writes are refused because the live read model is of another
+    # version, it "restarts on the new release": it switches to `release`.
+
+    def __init__(self, database_url: str, release: tuple[Any, ...], monkeypatch: pytest.MonkeyPatch) -> None:
+        super().__init__()
+        self.database_url, self.release, self.monkeypatch = database_url, release, monkeypatch
+        self.stop, self.written, self.refused = threading.Event(), 0, 0
+        self.created: list[UUID] = []
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            asyncio.run(self._run())
+        except BaseException as exc:
+            self.error = exc
+
+    async def _run(self) -> None:
+        async with await psycopg.AsyncConnection.connect(self.database_url, **db.connect_kwargs()) as conn:
+            while not self.stop.is_set():
+                i = len(self.created)
+                task = await self._write(writer.create, conn, CreateTask(task_type=f"w{i % 2}"), {})
+                self.created.append(task.task_id)
+                for status in (Status.RUNNING, Status.COMPLETED if i % 3 else Status.FAILED):
+                    await self._write(writer.change, conn, task.task_id, UpdateTask(status=status), {})
+
+    async def _write(self, write: Any, *args: Any) -> Any:
+        while True:
+            try:
+                result = await write(*args)
+            except ProjectionOutdated:
+                self.refused += 1
+                self.monkeypatch.setattr(projections, "INLINE", self.release)
+                continue
+            self.written += 1
+            return result
+
+    def wait_for(self, writes: int) -> None:
+        target = self.written + writes
+        while self.written < target:
+            assert self.error is None, self.error
+            time.sleep(0.01)
+
+
+def test_a_new_version_is_rebuilt_while_writers_keep_writing(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Version 2 of tasks adds duration_seconds; every task, old or written meanwhile, gets it right."""
+    asyncio.run(seed(database_url, 30))
+    service = Writer(database_url, (tasks_v2, stats), monkeypatch)
+    service.start()
+    try:
+        service.wait_for(10)
+
+        def hold_the_replay(step: str, done: int, total: int) -> None:
+            if step in ("replay", "catch up"):
+                service.wait_for(10)  # so events arrive after the replay's snapshot, and during the catch-up
+
+        done = rebuild(database_url, [tasks_v2, stats], hold_the_replay)
+        service.wait_for(10)  # and after the swap, on the new release
+    finally:
+        service.stop.set()
+        service.join()
+    assert service.error is None, service.error
+
+    assert done.caught_up > 0
+    assert service.refused >= 1, "the old release should have been refused once the new table was live"
+    assert registry(database_url)[1][:2] == ("tasks", 2)
+    with psycopg.connect(database_url) as conn:
+        _, states = fold_log(conn)
+        durations = dict(conn.execute("SELECT task_id, duration_seconds FROM tasks").fetchall())
+    live = {task_id: task for task_id, task in states.items() if task is not None}
+    assert durations.keys() == live.keys()
+    assert set(service.created) <= durations.keys()
+    assert {task_id: tasks_v2.duration(task) for task_id, task in live.items()} == durations
+    assert sum(d is not None for d in durations.values()) > len(service.created) // 2
+    report = verify(database_url)
+    assert report.ok, report.summary()
