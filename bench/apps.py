@@ -121,9 +121,18 @@ def migrate(url: str) -> None:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port below the ephemeral range, so no outgoing connection can take it before the server binds."""
+    low, _high = (int(x) for x in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    rng = random.Random()  # noqa: S311 -- a port number, not a secret
+    for _ in range(100):
+        port = rng.randrange(max(1024, low - 12000), low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise SystemExit("bench: no free port found")
 
 
 @dataclass
@@ -148,6 +157,8 @@ class Server:
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait(timeout=10)
+        if self.process.returncode in (0, 143, -signal.SIGTERM):
+            self.log_path.unlink(missing_ok=True)  # kept only when the server did not stop cleanly
 
 
 def _start(name: str, command: list[str], cwd: Path, env: dict[str, str], port: int) -> Server:
@@ -172,11 +183,14 @@ def _start(name: str, command: list[str], cwd: Path, env: dict[str, str], port: 
     raise SystemExit(f"bench: {name} did not answer /health within 90 s; see {log_path}")
 
 
-def start_tasktrail(database_url: str, workers: int) -> Server:
+def start_tasktrail(
+    database_url: str, workers: int, *, name: str = "tasktrail", uv_args: tuple[str, ...] = (), env: dict | None = None
+) -> Server:
+    """`uv run tasktrail serve` of this checkout; uv_args (e.g. --with uvloop) and env make variants."""
     port = free_port()
-    command = ["uv", "run", "--quiet", "tasktrail", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    command = ["uv", "run", "--quiet", *uv_args, "tasktrail", "serve", "--host", "127.0.0.1", "--port", str(port)]
     command += ["--workers", str(workers), "--log-level", "warning"]
-    return _start("tasktrail", command, ROOT, os.environ | {"DATABASE_URL": database_url}, port)
+    return _start(name, command, ROOT, os.environ | {"DATABASE_URL": database_url} | (env or {}), port)
 
 
 def start_baseline(database_url: str, workers: int, bin_dir: Path, app_dir: Path) -> Server:

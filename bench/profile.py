@@ -6,9 +6,10 @@
 1. Round trips: with `log_statement = all` on its own database, a fresh server
    answers a few requests of each kind one at a time; the statements the
    server log shows for that database are counted per request.
-2. CPU per request: under wrk at 16 connections, the CPU time of the server
+2. The Python CPU of one bare round trip through psycopg and the pool.
+3. CPU per request: under wrk at 16 connections, the CPU time of the server
    process and of its PostgreSQL backends, divided by the requests served.
-3. Profile: py-spy (run with uvx, not a project dependency) samples the server
+4. Profile: py-spy (run with uvx, not a project dependency) samples the server
    under the same load; the collapsed stacks go to bench/.work/profile-<scenario>.txt
    (speedscope.app or flamegraph.pl read them), and the top functions are
    printed by own time and by time including callees.
@@ -238,6 +239,47 @@ def direct(url: str, kind: str, seconds: int, running: list[str]) -> None:
           f"PostgreSQL backends {backend_cpu}")  # fmt: skip
 
 
+async def _trips(url: str, seconds: float, transaction: bool) -> tuple[int, float]:
+    import asyncio
+
+    from tasktrail import db
+
+    pool = db.create_pool(url)
+    await pool.open(wait=True)
+    done = 0
+    deadline = time.monotonic() + seconds
+
+    async def worker() -> None:
+        nonlocal done
+        while time.monotonic() < deadline:
+            async with pool.connection() as conn:
+                if transaction:
+                    async with conn.transaction():
+                        await conn.execute("SELECT %(n)s::int", {"n": done})
+                else:
+                    await conn.execute("SELECT %(n)s::int", {"n": done})
+            done += 1
+
+    t0 = time.monotonic()
+    await asyncio.gather(*(worker() for _ in range(16)))
+    elapsed = time.monotonic() - t0
+    await pool.close()
+    return done, elapsed
+
+
+def trip_cost(url: str, seconds: int) -> None:
+    """Python CPU of one round trip through tasktrail's pool and psycopg, with nothing else around it."""
+    import asyncio
+
+    print(f"\n== one round trip (psycopg async, tasktrail's pool settings, 16 tasks, {seconds} s) ==")
+    for transaction, what in ((False, "SELECT, autocommit (1 round trip)"), (True, "BEGIN; SELECT; COMMIT (3)")):
+        before = psutil.Process().cpu_times()
+        n, elapsed = asyncio.run(_trips(url, seconds, transaction))
+        after = psutil.Process().cpu_times()
+        print(f"   {what}: {n / elapsed:.0f}/s, Python CPU per request "
+              f"{_per_request((before.user, before.system), (after.user, after.system), n)}")  # fmt: skip
+
+
 def summarise_stacks(path: Path, top: int) -> None:
     own: Counter[str] = Counter()
     inclusive: Counter[str] = Counter()
@@ -333,6 +375,7 @@ def main() -> int:
     url = apps.create_database(DB)
     try:
         round_trips(url, args.per_kind)
+        trip_cost(url, max(3, args.duration // 2))
         profile(url, args.scenarios.split(","), args.duration, args.top)
     finally:
         apps.drop_database(DB)

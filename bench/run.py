@@ -167,10 +167,12 @@ def median(runs: list[dict], key: str) -> float:
 def summarise(args: argparse.Namespace, results: dict, ceilings: dict) -> dict:
     log(f"\n== side by side: medians of {args.rounds} rounds, {args.duration} s each, "
         f"{args.connections} connections, {args.workers} server process(es) each ==")  # fmt: skip
-    log("throughput x = tasktrail req/s / baseline req/s (higher is better)")
-    log("p99 ratio    = tasktrail p99 / baseline p99     (lower is better)")
+    log("throughput x = tasktrail req/s / baseline req/s (higher is better), from the medians;")
+    log("p99 ratio    = tasktrail p99 / baseline p99     (lower is better), from the medians;")
+    log("paired       = the median of the same ratios taken within each round (the two ran back to back)")
     head = f"{'scenario':8} | {'tasktrail req/s':>15} {'p50 ms':>8} {'p99 ms':>8} | "
-    head += f"{'baseline req/s':>14} {'p50 ms':>8} {'p99 ms':>8} | {'throughput x':>12} {'p99 ratio':>9} | errors"
+    head += f"{'baseline req/s':>14} {'p50 ms':>8} {'p99 ms':>8} | {'throughput x':>12} {'paired':>6} "
+    head += f"{'p99 ratio':>9} {'paired':>6} | errors"
     log(head)
     log("-" * len(head))
     summary = {}
@@ -182,6 +184,8 @@ def summarise(args: argparse.Namespace, results: dict, ceilings: dict) -> dict:
         }
         row["speedup"] = row["tasktrail"]["rps"] / row["baseline"]["rps"]
         row["p99_ratio"] = row["tasktrail"]["p99_us"] / row["baseline"]["p99_us"]
+        row["speedup_paired"] = statistics.median(a["rps"] / b["rps"] for a, b in zip(tt, base, strict=True))
+        row["p99_paired"] = statistics.median(a["p99_us"] / b["p99_us"] for a, b in zip(tt, base, strict=True))
         summary[scenario] = row
         errors = f"tasktrail {row['tasktrail']['errors']}, baseline {row['baseline']['errors']}"
         flagged = row["tasktrail"]["errors"] or row["baseline"]["errors"]
@@ -189,15 +193,19 @@ def summarise(args: argparse.Namespace, results: dict, ceilings: dict) -> dict:
         a, b = row["tasktrail"], row["baseline"]
         log(f"{scenario:8} | {a['rps']:15.1f} {ms(a['p50_us']):>8} {ms(a['p99_us']):>8} | "
             f"{b['rps']:14.1f} {ms(b['p50_us']):>8} {ms(b['p99_us']):>8} | "
-            f"{row['speedup']:11.2f}x {row['p99_ratio']:9.3f} | {errors}{flag}")  # fmt: skip
+            f"{row['speedup']:11.2f}x {row['speedup_paired']:5.2f}x {row['p99_ratio']:9.3f} {row['p99_paired']:6.3f} | "
+            f"{errors}{flag}")  # fmt: skip
     log(f"\n== PostgreSQL ceiling: pgbench -M prepared, {args.connections} clients, medians of {args.rounds} ==")
     create_rps = summary["create"]["tasktrail"]["rps"]
     for script, runs in ceilings.items():
         tps = median(runs, "tps")
+        paired = statistics.median(
+            a["rps"] / c["tps"] for a, c in zip(results["create"]["tasktrail"], runs, strict=True)
+        )
         summary[script] = tps
         failed = sum(r["failed"] for r in runs)
         log(f"{script:26} {tps:9.1f} tx/s  avg latency {median(runs, 'latency_ms'):.2f} ms  "
-            f"failed {failed}; tasktrail create = {create_rps / tps:.1%} of it")  # fmt: skip
+            f"failed {failed}; tasktrail create = {create_rps / tps:.1%} of it (paired: {paired:.1%})")  # fmt: skip
     return summary
 
 
