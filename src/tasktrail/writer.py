@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import AsyncIterator, Collection, Sequence
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID, uuid4
@@ -46,8 +47,20 @@ async def _decide(
     return changes, [afters.get(stream_id, before) for stream_id, before, _ in decided]
 
 
+@asynccontextmanager
+async def _transaction(conn: psycopg.AsyncConnection) -> AsyncIterator[None]:
+    """The append's pipelined transaction; an outdated read model refuses it."""
+    try:
+        async with eventstore.transaction(conn):
+            yield
+    except psycopg.Error as exc:
+        if exc.sqlstate != projections.OUTDATED:
+            raise
+        raise projections.ProjectionOutdated(exc.diag.message_primary) from exc
+
+
 async def _write(conn: psycopg.AsyncConnection, changes: Sequence[Change], metadata: dict[str, Any]) -> None:
-    """Append the events and project them (inside the caller's eventstore.transaction)."""
+    """Append the events and project them (inside the caller's _transaction)."""
     await eventstore.append(conn, [recorded for recorded, _, _ in changes], metadata)
     await projections.project(conn, changes)
 
@@ -61,7 +74,7 @@ async def create(
         task_id, at = uuid4(), now()
         changes, (task,) = await _decide(conn, [(task_id, None, command)], at)
         assert task is not None
-        async with eventstore.transaction(conn):
+        async with _transaction(conn):
             if idempotency_key is None or await idempotency.claim(conn, idempotency_key, print_, task_id, at):
                 await _write(conn, changes, metadata)
                 return task
@@ -94,7 +107,7 @@ async def change(
         if not changes:
             return after
         try:
-            async with eventstore.transaction(conn):
+            async with _transaction(conn):
                 await _write(conn, changes, metadata)
         except eventstore.VersionConflict:
             if expected is not None:
@@ -116,7 +129,7 @@ async def cleanup(conn: psycopg.AsyncConnection, days: int, metadata: dict[str, 
         expired = await tasks_view.finished_before(conn, at - timedelta(days=days), FINISHED)
         changes, _ = await _decide(conn, [(task.task_id, task, retention) for task in expired], at)
         try:
-            async with eventstore.transaction(conn):
+            async with _transaction(conn):
                 await _write(conn, changes, metadata)
                 await idempotency.forget_expired(conn, at)
         except eventstore.VersionConflict:

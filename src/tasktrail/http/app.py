@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import uuid
@@ -136,6 +137,8 @@ def create_app(database_url: str | None = None, api_keys: Sequence[auth.Key] | N
         await app.state.pool.open(wait=False)
         app.state.live = live.Listener(conninfo, app.state.pool, events.render)
         await app.state.live.start()
+        # What start-up made lives as long as the process: keep the collector from rescanning it.
+        gc.freeze()
         try:
             yield
         finally:

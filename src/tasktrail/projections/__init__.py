@@ -20,7 +20,8 @@ class ProjectionOutdated(Exception):
     """The live read model is of another version than the one this code writes."""
 
 
-LIVE_VERSIONS = "SELECT name, version FROM projections"
+OUTDATED = "TT001"  # raised by projections_check (migration 0006)
+CHECK = "SELECT projections_check(%(names)s::text[], %(versions)s::integer[])"
 
 
 async def project(conn: psycopg.AsyncConnection, changes: Sequence[Change]) -> None:
@@ -28,17 +29,12 @@ async def project(conn: psycopg.AsyncConnection, changes: Sequence[Change]) -> N
     # A rebuild can swap in a read model of another version while processes
     # running older (or newer) code keep writing: their rows would have the
     # wrong shape, silently. So each write checks the live versions inside its
-    # transaction, after its append: a swap blocks appends, so this read sees
+    # transaction, after its append: a swap blocks appends, so this check sees
     # either the registry before the swap (and the swap then waits for this
-    # transaction and replays its event) or the one after it.
-    cur = await conn.execute(LIVE_VERSIONS)
-    live = dict(await cur.fetchall())
-    for projection in INLINE:
-        if live.get(projection.NAME) != projection.VERSION:
-            raise ProjectionOutdated(
-                f"the live {projection.NAME} read model is version {live.get(projection.NAME, 'none')}, this code"
-                f" writes version {projection.VERSION}: run `tasktrail projections rebuild {projection.NAME}`,"
-                " or restart on the release that matches it"
-            )
+    # transaction and replays its event) or the one after it. The check raises
+    # in the database, so in a pipelined transaction it costs no round trip;
+    # the writer turns its error into ProjectionOutdated.
+    names = [projection.NAME for projection in INLINE]
+    await conn.execute(CHECK, {"names": names, "versions": [projection.VERSION for projection in INLINE]})
     for projection in INLINE:
         await projection.project(conn, changes)

@@ -130,9 +130,12 @@ async def project(conn: psycopg.AsyncConnection, changes: Sequence[Change]) -> N
             await cur.executemany(statement, params)
 
 
+_STATUS = {status.value: status for status in Status}  # a dict lookup is cheaper than Status(...) per row
+
+
 def to_task(row: tuple[Any, ...]) -> Task:
     return Task(
-        row[0], row[1], row[2], Status(row[3]), row[4], row[5], row[6], row[7],
+        row[0], row[1], row[2], _STATUS[row[3]], row[4], row[5], row[6], row[7],
         row[8], row[9], row[10], row[11], row[12], row[13],
     )  # fmt: skip
 
