@@ -10,12 +10,12 @@ SELECT nextval('events_position_seq') AS position, gen_random_uuid() AS stream_i
 BEGIN;
 INSERT INTO events (position, stream_id, version, type, data, metadata, occurred_at)
 OVERRIDING SYSTEM VALUE
-VALUES (:position, :'stream_id', 1, 'TaskCreated',
+VALUES (:position, :stream_id, 1, 'TaskCreated',
         '{"task_type":"bench","params":{"file_path":"/data/bench.pdf","n":1}}',
         '{"request_id":"0123456789abcdef0123456789abcdef"}', now());
 INSERT INTO tasks (id, task_id, task_type, status, progress, params, result, error, retry_count,
                    created_at, updated_at, started_at, completed_at, version)
-VALUES (:position, :'stream_id', 'bench', 'pending', 0, '{"file_path":"/data/bench.pdf","n":1}', NULL,
+VALUES (:position, :stream_id, 'bench', 'pending', 0, '{"file_path":"/data/bench.pdf","n":1}', NULL,
         NULL, 0, now(), now(), NULL, NULL, 1);
 INSERT INTO task_counts AS c (task_type, status, shard, n)
 SELECT task_type, status, pg_backend_pid() % 16, n

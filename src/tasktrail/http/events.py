@@ -6,7 +6,6 @@ import contextlib
 import logging
 import re
 from collections.abc import AsyncIterator, Callable, Collection
-from datetime import datetime
 from typing import Annotated, Any
 from uuid import UUID
 
@@ -20,11 +19,12 @@ from litestar.params import FromPath, HeaderParameter, QueryParameter
 from litestar.response import Stream
 
 from tasktrail import eventstore
-from tasktrail.domain.events import to_data, type_of
+from tasktrail.domain.events import type_of
 from tasktrail.domain.task import FINISHED
 from tasktrail.eventstore import Cursor, FeedEvent
 from tasktrail.http.auth import SECURITY
 from tasktrail.http.body import invalid
+from tasktrail.http.history import EventView, event_view
 from tasktrail.http.problems import problems
 from tasktrail.http.tasks import ERRORS, Connection, documented, json_response, not_found, parse_task_id
 from tasktrail.live import Listener
@@ -50,17 +50,11 @@ AfterParameter = Annotated[str | None, QueryParameter(max_length=100, pattern=CU
 LastEventId = Annotated[str | None, HeaderParameter(name="Last-Event-ID", max_length=100)]
 
 
-class FeedItem(msgspec.Struct):
+class FeedItem(EventView):
     """An event as the feed and the streams show it: as in the history, plus its task and cursor."""
 
     task_id: UUID
     cursor: str
-    version: int
-    position: int
-    type: str
-    occurred_at: datetime
-    data: dict[str, Any]
-    metadata: dict[str, Any]
 
 
 def encode_cursor(cursor: Cursor) -> str:
@@ -75,17 +69,8 @@ def decode_cursor(field: str, value: str) -> Cursor:
 
 
 def item(event: FeedEvent) -> FeedItem:
-    recorded, stored = event.stored.recorded, event.stored
-    return FeedItem(
-        task_id=recorded.stream_id,
-        cursor=encode_cursor(event.cursor),
-        version=recorded.version,
-        position=recorded.position,
-        type=type_of(recorded.event),
-        occurred_at=recorded.occurred_at,
-        data=to_data(recorded.event),
-        metadata=stored.metadata,
-    )
+    shown = event_view(event.stored)
+    return FeedItem(*msgspec.structs.astuple(shown), event.stored.recorded.stream_id, encode_cursor(event.cursor))
 
 
 def render(event: FeedEvent) -> bytes:
