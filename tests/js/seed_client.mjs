@@ -60,16 +60,19 @@ assert.equal(task.task_type, 'document_process');
 assert.deepEqual(task.params, {file_path: '/tmp/test.pdf'});
 assert.equal(typeof task.id, 'number');
 
+const seen = [];
 const worker = (async () => {
     for (const progress of [10, 50, 90]) {
         const updated = await taskManager.updateTask(task.task_id, {status: 'running', progress});
         assert.equal(updated.progress, progress);
-        await new Promise(r => setTimeout(r, 300));
+        // Wait until the poller has seen it, so the test does not hang on timing.
+        for (let i = 0; i < 500 && !seen.includes(progress); i++) {
+            await new Promise(r => setTimeout(r, 20));
+        }
     }
     await taskManager.updateTask(task.task_id, {status: 'completed', progress: 100.0, result: {files_processed: 10}});
 })();
 
-const seen = [];
 const pollTask = async (taskId) => {
     while (true) {
         const task = await taskManager.getTask(taskId);
@@ -84,7 +87,7 @@ const finished = await pollTask(task.task_id);
 await worker;
 assert.equal(finished.status, 'completed');
 assert.deepEqual(finished.result, {files_processed: 10});
-assert.ok(seen.includes(50), `poll saw progress ${seen}`);
+assert.ok([10, 50, 90].every(p => seen.includes(p)), `poll saw progress ${seen}`);
 assert.ok(!Number.isNaN(Date.parse(finished.completed_at)));
 
 // The rest of the class.
