@@ -131,6 +131,16 @@ async def client(database_url: str) -> AsyncIterator[AsyncTestClient]:
     assert_verifies(database_url)
 
 
+def run_node(script: str, *args: str, timeout: float = 120) -> str:
+    """Run tests/js/<script> with node; its stdout (the test fails on a non-zero exit)."""
+    assert shutil.which("node"), "node is needed for this test (the clients are JavaScript)"
+    done = subprocess.run(
+        ["node", str(ROOT / "tests/js" / script), *args], capture_output=True, text=True, timeout=timeout, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -3,23 +3,13 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 
-from tests.conftest import ROOT
+from tests.conftest import run_node
 
 
 def test_the_seed_javascript_client_works_unchanged(live_server: str) -> None:
-    assert shutil.which("node"), "node is needed for this test (the seed's client is JavaScript)"
-    done = subprocess.run(
-        ["node", str(ROOT / "tests/js/seed_client.mjs"), live_server],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    assert "seed client: ok" in done.stdout
+    assert "seed client: ok" in run_node("seed_client.mjs", live_server, timeout=60)
 
 
 def curl(*args: str) -> dict:
