@@ -43,11 +43,14 @@ def fuzzed_server(server_url: str, template_db: str, tmp_path_factory: pytest.Te
     with fresh_database(server_url, template_db) as url:
         env = os.environ | {"DATABASE_URL": url, "TASKTRAIL_API_KEYS": KEYS}
         server = Server(env, log_dir=tmp_path_factory.mktemp("fuzz"))
-        yield server
-        # The key worked: the run created tasks, it did not just collect 401s.
-        summary = httpx.get(f"{server.url}/tasks/stats/summary", headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+        try:
+            yield server
+            # The key worked: the run created tasks, it did not just collect 401s.
+            admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+            summary = httpx.get(f"{server.url}/tasks/stats/summary", headers=admin)
+        finally:
+            server.stop()  # whatever happened, the server this fixture started goes
         assert summary.json()["total"] > 0
-        server.stop()
         assert "Traceback" not in server.log(), server.log()
         assert_verifies(url)
 
