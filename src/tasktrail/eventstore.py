@@ -82,10 +82,14 @@ async def transaction(conn: psycopg.AsyncConnection) -> AsyncIterator[None]:
 
 
 def _stored(stream_id: UUID, rows: list[tuple[Any, ...]]) -> list[Stored]:
-    return [
-        Stored(Recorded(stream_id, version, position, at, from_data(type_, data)), metadata)
-        for version, position, at, type_, data, metadata in rows
-    ]
+    return [_one(stream_id, *row) for row in rows]
+
+
+def _one(
+    stream_id: UUID, version: int, position: int, at: datetime, type_: str, data: Any, metadata: dict[str, Any]
+) -> Stored:
+    """A stored row as the event it holds (upcast to the current shape)."""
+    return Stored(Recorded(stream_id, version, position, at, from_data(type_, data)), metadata)
 
 
 READ_STREAM = """
@@ -147,11 +151,9 @@ async def read_stream_until(
 # snapshot. Returns one row with NULL event columns when there is nothing new.
 # The held-back check is ordered by transaction_id so that it walks the index
 # from the horizon (a few in-flight rows), never the table.
-READ_FEED = """
+_FEED = """
 WITH horizon AS MATERIALIZED (
-    SELECT oldest_open, (
-        SELECT transaction_id FROM events WHERE transaction_id >= oldest_open ORDER BY transaction_id LIMIT 1
-    ) IS NOT NULL AS held_back
+    SELECT oldest_open, {held_back} AS held_back
     FROM (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS oldest_open) now
 )
 SELECT horizon.oldest_open::text, horizon.held_back,
@@ -159,35 +161,23 @@ SELECT horizon.oldest_open::text, horizon.held_back,
 FROM horizon
 LEFT JOIN LATERAL (
     SELECT * FROM events
-    WHERE (transaction_id, position) > (%(transaction_id)s::xid8, %(position)s)
+    WHERE {in_stream} (transaction_id, position) > (%(transaction_id)s::xid8, %(position)s)
       AND transaction_id < horizon.oldest_open
     ORDER BY transaction_id, position
     LIMIT %(limit)s
 ) e ON true
 ORDER BY e.transaction_id, e.position
 """
-
+READ_FEED = _FEED.format(
+    held_back="(SELECT transaction_id FROM events WHERE transaction_id >= oldest_open"
+    " ORDER BY transaction_id LIMIT 1) IS NOT NULL",
+    in_stream="",
+)
 # The same for one stream (a task's events), through its (stream_id, version) index.
-READ_STREAM_FEED = """
-WITH horizon AS MATERIALIZED (
-    SELECT oldest_open, EXISTS (
-        SELECT FROM events WHERE stream_id = %(stream_id)s AND transaction_id >= oldest_open
-    ) AS held_back
-    FROM (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS oldest_open) now
+READ_STREAM_FEED = _FEED.format(
+    held_back="EXISTS (SELECT FROM events WHERE stream_id = %(stream_id)s AND transaction_id >= oldest_open)",
+    in_stream="stream_id = %(stream_id)s AND",
 )
-SELECT horizon.oldest_open::text, horizon.held_back,
-       e.transaction_id::text, e.position, e.stream_id, e.version, e.occurred_at, e.type, e.data, e.metadata
-FROM horizon
-LEFT JOIN LATERAL (
-    SELECT * FROM events
-    WHERE stream_id = %(stream_id)s
-      AND (transaction_id, position) > (%(transaction_id)s::xid8, %(position)s)
-      AND transaction_id < horizon.oldest_open
-    ORDER BY transaction_id, position
-    LIMIT %(limit)s
-) e ON true
-ORDER BY e.transaction_id, e.position
-"""
 
 # A place in the feed: (transaction id, position). (0, 0) is before everything.
 Cursor = tuple[int, int]
@@ -217,10 +207,7 @@ async def read_feed(
     cur = await conn.execute(READ_FEED if stream_id is None else READ_STREAM_FEED, params)
     rows = await cur.fetchall()
     events = [
-        FeedEvent(
-            (int(txid), position),
-            Stored(Recorded(stream, version, position, at, from_data(type_, data)), metadata),
-        )
+        FeedEvent((int(txid), position), _one(stream, version, position, at, type_, data, metadata))
         for _, _, txid, position, stream, version, at, type_, data, metadata in rows
         if txid is not None
     ]
