@@ -8,7 +8,7 @@ from uuid import UUID, uuid4
 import psycopg
 import pytest
 
-from tasktrail import eventstore, migrations, writer
+from tasktrail import db, eventstore, migrations, writer
 from tasktrail.domain.events import Event, Recorded, TaskCreated, TaskStarted
 from tasktrail.domain.task import CreateTask, Status, TransitionRejected, UpdateTask
 from tasktrail.projections import stats
@@ -125,3 +125,25 @@ def test_migrations_apply_once_even_from_two_processes(server_url: str) -> None:
     finally:
         with psycopg.connect(server_url, autocommit=True) as admin:
             admin.execute(psycopg.sql.SQL("DROP DATABASE {} WITH (FORCE)").format(psycopg.sql.Identifier(name)))
+
+
+async def test_writers_on_different_connections_count_on_different_rows(database_url: str) -> None:
+    # Open connections until two land on different shards (pids differ modulo the shard count).
+    connections: list[psycopg.AsyncConnection] = []
+    try:
+        while len({c.info.backend_pid % stats.SHARDS for c in connections}) < 2:
+            connections.append(await psycopg.AsyncConnection.connect(database_url, **db.connect_kwargs()))
+        first = connections[0]
+        second = next(
+            c for c in connections if c.info.backend_pid % stats.SHARDS != first.info.backend_pid % stats.SHARDS
+        )
+        for conn in (first, second):
+            await writer.create(conn, CreateTask(task_type="hot"), {})
+        cur = await first.execute("SELECT shard, n FROM task_counts WHERE task_type = 'hot' ORDER BY shard")
+        rows = await cur.fetchall()
+        assert len(rows) == 2  # one row each: neither writer waited on the other's row
+        assert [n for _, n in rows] == [1, 1]
+        assert (await stats.summary(first, "hot"))["pending"] == 2
+    finally:
+        for conn in connections:
+            await conn.close()
