@@ -8,8 +8,9 @@
    processes, the same tasks loaded through each HTTP API, then each scenario
    driven by wrk (bench/wrk/tasks.lua) at the same connection count, the two
    apps taking turns (the order flips every scenario and round).
-2. Ceiling: pgbench running the SQL of one tasktrail create (bench/pgbench/create.sql)
-   at the same concurrency, on a database with tasktrail's schema.
+2. Ceiling: pgbench running the statement tasktrail sends for one create (made
+   from tasktrail's code by `create_script`) at the same concurrency, on a
+   database with tasktrail's schema.
 3. Scale: tasks COPYed straight into tasktrail's tables (bench/scale.py), then
    the latency of stats, the first list page and a deep keyset page at one
    connection, at the small and the large size.
@@ -33,8 +34,14 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
+from uuid import UUID
 
+import msgspec
 import psycopg
+
+from tasktrail import eventstore, projections
+from tasktrail.domain.events import Recorded, TaskCreated
+from tasktrail.domain.task import evolve
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -43,7 +50,6 @@ import scale
 
 SCENARIOS = ("get", "list", "stats", "update", "create", "mix")
 LUA = apps.BENCH / "wrk" / "tasks.lua"
-PGBENCH = apps.BENCH / "pgbench"
 TARGETS = {
     "mix_throughput": 8.0,  # tasktrail / baseline requests per second, at least
     "mix_p99": 0.2,  # tasktrail p99 / baseline p99, at most
@@ -97,6 +103,29 @@ def wrk(url: str, scenario: str, seconds: int, connections: int, files=("", ""),
     return result
 
 
+def create_script() -> Path:
+    """pgbench's script: the one statement tasktrail sends for a create, as its code builds it.
+
+    Each transaction gives the write document a fresh task id in SQL (task ids
+    are unique): that replace() is the only work pgbench does beyond tasktrail's.
+    """
+    placeholder, at = UUID(int=0), datetime.now(UTC)
+    created = TaskCreated(task_type="bench", params={"file_path": "/data/bench.pdf", "n": 1})
+    recorded = Recorded(placeholder, 1, 0, at, created)
+    changes = [(recorded, None, evolve(None, recorded))]
+    write = eventstore.document([recorded], {"request_id": "0" * 32})
+    write |= projections.document(changes, projections.INLINE)
+    # ": " and ", " as separators: pgbench would take :name for one of its variables.
+    document = json.dumps(msgspec.to_builtins(write)).replace("'", "''")
+    fresh = f"replace('{document}', '{placeholder}', gen_random_uuid()::text)::jsonb"
+    fresh = f"fresh AS MATERIALIZED (SELECT {fresh} AS doc)"
+    statement = projections.statement(eventstore.APPEND, projections.INLINE)
+    statement = statement.replace("%%", "%").replace("%(write)s", "(SELECT doc FROM fresh)")
+    script = apps.WORK / "create.sql"
+    script.write_text(statement.replace("WITH ", f"WITH {fresh},\n", 1) + ";\n")
+    return script
+
+
 def pgbench(url: str, script: Path, clients: int, seconds: int) -> dict:
     command = ["pgbench", "-n", "-M", "prepared", "-c", str(clients), "-j", "2", "-T", str(seconds)]
     command += ["-f", str(script), url]
@@ -119,7 +148,9 @@ def pgbench(url: str, script: Path, clients: int, seconds: int) -> dict:
 
 def side_by_side(args: argparse.Namespace, bin_dir: Path, app_dir: Path) -> tuple[dict, dict]:
     results: dict[str, dict[str, list[dict]]] = {s: {"tasktrail": [], "baseline": []} for s in SCENARIOS}
-    ceilings: dict[str, list[dict]] = {"create.sql": [], "create_one_statement.sql": []}
+    ceilings: dict[str, list[dict]] = {"create.sql": []}
+    scripts = {"create.sql": create_script()}
+    log.raw(f"pgbench create.sql:\n{scripts['create.sql'].read_text()}")
     names = {k: apps.DB_PREFIX + k for k in ("tasktrail", "baseline", "ceiling")}
     for round_no in range(args.rounds):
         log(f"\n== round {round_no + 1}/{args.rounds} (load average {os.getloadavg()[0]:.2f}) ==")
@@ -152,7 +183,7 @@ def side_by_side(args: argparse.Namespace, bin_dir: Path, app_dir: Path) -> tupl
                 if scenario == "create":
                     for script in ceilings:
                         apps.checkpoint()
-                        c = pgbench(ceiling_url, PGBENCH / script, args.connections, args.duration)
+                        c = pgbench(ceiling_url, scripts[script], args.connections, args.duration)
                         ceilings[script].append(c)
                         log(f"{'pgbench':7} {script:9} {c['tps']:9.1f} tx/s   avg {c['latency_ms']:8.2f} ms")
         for name in names.values():

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
@@ -26,59 +26,52 @@ class Stored(msgspec.Struct, frozen=True):
     metadata: dict[str, Any]
 
 
-# Positions are reserved before the append's transaction, so the whole
-# transaction (append, projections, commit) goes to the server in one round
-# trip, and the projections already know the creating event's position (a
-# task's `id`). Positions are handed out before commit either way; a reserved
-# position that is never used is a gap, as a rolled-back insert would leave.
-RESERVE = "SELECT nextval('events_position_seq') FROM generate_series(1, %(n)s)"
-
-
-async def reserve(conn: psycopg.AsyncConnection, n: int) -> list[int]:
-    """n fresh log positions, in increasing order."""
-    cur = await conn.execute(RESERVE, {"n": n})
-    return [position for (position,) in await cur.fetchall()]
-
-
+# The append, for a write's one statement (see projections.statement), where
+# the log numbers the events as it inserts them; also a statement of its own.
+# Its one parameter is the write document (jsonb, built by `document`), and it
+# yields each new event's stream, version and position. A taken (stream,
+# version) fails it with a unique violation on STREAM_VERSION.
 APPEND = """
-INSERT INTO events (position, stream_id, version, type, data, metadata, occurred_at)
-OVERRIDING SYSTEM VALUE
-VALUES (%(position)s, %(stream_id)s, %(version)s, %(type)s, %(data)s, %(metadata)s, %(occurred_at)s)
+INSERT INTO events (stream_id, version, type, data, metadata, occurred_at)
+SELECT e.stream_id, e.version, e.type, e.data, %(write)s -> 'metadata', e.occurred_at
+FROM jsonb_to_recordset(%(write)s -> 'events')
+    AS e(stream_id uuid, version integer, type text, data jsonb, occurred_at timestamptz)
+RETURNING stream_id, version, position
 """
+STREAM_VERSION = "events_stream_id_version_key"
 
 
-async def append(conn: psycopg.AsyncConnection, recorded: Sequence[Recorded], metadata: dict[str, Any]) -> None:
-    """Queue the events' insert; a taken (stream, version) fails the transaction (see `transaction`)."""
-    shared = Jsonb(metadata)
-    params = [
+def document(recorded: Sequence[Recorded], metadata: dict[str, Any]) -> dict[str, Any]:
+    """APPEND's keys of the write document: the events (positions not yet known) and their metadata."""
+    events = [
         {
-            "position": r.position,
             "stream_id": r.stream_id,
             "version": r.version,
             "type": type_of(r.event),
-            "data": Jsonb(to_data(r.event)),
-            "metadata": shared,
+            "data": to_data(r.event),
             "occurred_at": r.occurred_at,
         }
         for r in recorded
     ]
-    cur = conn.cursor()
-    if len(params) == 1:
-        await cur.execute(APPEND, params[0])
-    else:
-        await cur.executemany(APPEND, params)
+    return {"events": events, "metadata": metadata}
 
 
-@asynccontextmanager
-async def transaction(conn: psycopg.AsyncConnection) -> AsyncIterator[None]:
-    """One pipelined transaction; VersionConflict when another writer took a version first."""
+@contextmanager
+def conflicts() -> Iterator[None]:
+    """A taken (stream, version) as VersionConflict."""
     try:
-        async with conn.pipeline(), conn.transaction():
-            yield
+        yield
     except psycopg.errors.UniqueViolation as exc:
-        if exc.diag.constraint_name != "events_stream_id_version_key":
+        if exc.diag.constraint_name != STREAM_VERSION:
             raise
         raise VersionConflict(str(exc.diag.message_detail)) from exc
+
+
+async def append(conn: psycopg.AsyncConnection, recorded: Sequence[Recorded], metadata: dict[str, Any]) -> list[int]:
+    """Append events alone (no read model sees them); their positions, in order."""
+    with conflicts():
+        cur = await conn.execute(APPEND, {"write": Jsonb(document(recorded, metadata))})
+    return [position for _, _, position in await cur.fetchall()]
 
 
 def _stored(stream_id: UUID, rows: list[tuple[Any, ...]]) -> list[Stored]:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Collection, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID, uuid4
 
+import msgspec
 import psycopg
+from psycopg.types.json import Jsonb
 
 from tasktrail import eventstore, idempotency, projections
 from tasktrail.domain.events import Recorded
@@ -30,55 +32,84 @@ def now() -> datetime:
     return datetime.now(UTC)
 
 
-async def _decide(
-    conn: psycopg.AsyncConnection, commands: Sequence[tuple[UUID, Task | None, Command]], at: datetime
+def _decide(
+    commands: Sequence[tuple[UUID, Task | None, Command]], at: datetime
 ) -> tuple[list[Change], list[Task | None]]:
-    """Decide each command on its state: the changes to write, and every task's state after them."""
-    decided = [(stream_id, before, decide(command, before)) for stream_id, before, command in commands]
-    pending = [(stream_id, before, event) for stream_id, before, event in decided if event is not None]
-    if not pending:
-        return [], [before for _, before, _ in decided]
-    positions = await eventstore.reserve(conn, len(pending))
-    changes = []
-    for (stream_id, before, event), position in zip(pending, positions, strict=True):
-        recorded = Recorded(stream_id, 1 if before is None else before.version + 1, position, at, event)
-        changes.append((recorded, before, evolve(before, recorded)))
-    afters = {recorded.stream_id: after for recorded, _, after in changes}
-    return changes, [afters.get(stream_id, before) for stream_id, before, _ in decided]
+    """Decide each command on its state: the changes to write, and every task's state after them.
+
+    The log numbers events as it appends them, so until then a change's
+    position is 0, and a new task's id (its creating event's position) too.
+    """
+    changes, afters = [], []
+    for stream_id, before, command in commands:
+        event = decide(command, before)
+        if event is None:
+            afters.append(before)
+            continue
+        recorded = Recorded(stream_id, 1 if before is None else before.version + 1, 0, at, event)
+        after = evolve(before, recorded)
+        changes.append((recorded, before, after))
+        afters.append(after)
+    return changes, afters
+
+
+async def _write(conn: psycopg.AsyncConnection, changes: Sequence[Change], metadata: dict[str, Any]) -> dict[UUID, int]:
+    """Append the events and project them in one statement; the new events' positions by stream."""
+    modules = projections.INLINE
+    write = eventstore.document([recorded for recorded, _, _ in changes], metadata)
+    write |= projections.document(changes, modules)
+    cur = await conn.execute(projections.statement(eventstore.APPEND, modules), {"write": Jsonb(write)})
+    return dict(await cur.fetchall())
 
 
 @asynccontextmanager
-async def _transaction(conn: psycopg.AsyncConnection) -> AsyncIterator[None]:
-    """The append's pipelined transaction; an outdated read model refuses it."""
-    try:
-        async with eventstore.transaction(conn):
+async def _refused(conn: psycopg.AsyncConnection) -> AsyncIterator[None]:
+    """The database's refusals of a write as the errors they mean: a taken version, an outdated read model."""
+    with eventstore.conflicts():
+        try:
             yield
-    except psycopg.Error as exc:
-        if exc.sqlstate != projections.OUTDATED:
-            raise
-        raise projections.ProjectionOutdated(exc.diag.message_primary) from exc
+        except psycopg.Error as exc:
+            if isinstance(exc, psycopg.errors.UndefinedColumn | psycopg.errors.UndefinedTable):
+                # The live tables are not of the shape this code writes: a rebuild
+                # swapped in another version (the check alone then says so), or a bug.
+                async with _refused(conn):
+                    await projections.check(conn, projections.INLINE)
+            if exc.sqlstate != projections.OUTDATED:
+                raise
+            raise projections.ProjectionOutdated(exc.diag.message_primary) from exc
 
 
-async def _write(conn: psycopg.AsyncConnection, changes: Sequence[Change], metadata: dict[str, Any]) -> None:
-    """Append the events and project them (inside the caller's _transaction)."""
-    await eventstore.append(conn, [recorded for recorded, _, _ in changes], metadata)
-    await projections.project(conn, changes)
+def _atomic(conn: psycopg.AsyncConnection) -> AbstractAsyncContextManager[Any]:
+    """In autocommit nothing: a write's statement is a transaction of its own. Inside the
+    caller's transaction a savepoint, so that a refused write leaves it usable for a retry."""
+    if conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
+        return nullcontext()
+    return conn.transaction()
+
+
+def _numbered(task: Task, positions: dict[UUID, int]) -> Task:
+    """A new task with its id, the position the log gave its creating event."""
+    return msgspec.structs.replace(task, id=positions[task.task_id])
 
 
 async def create(
     conn: psycopg.AsyncConnection, command: CreateTask, metadata: dict[str, Any], idempotency_key: str | None = None
 ) -> Task:
     """Create a task; with a key, a repeat of the same request returns the task the first one created."""
-    print_ = idempotency.fingerprint(command) if idempotency_key else b""
+    if idempotency_key is None:
+        changes, (task,) = _decide([(uuid4(), None, command)], now())
+        assert task is not None
+        async with _refused(conn):
+            return _numbered(task, await _write(conn, changes, metadata))
+    print_ = idempotency.fingerprint(command)
     for _ in range(MAX_ATTEMPTS):
         task_id, at = uuid4(), now()
-        changes, (task,) = await _decide(conn, [(task_id, None, command)], at)
+        changes, (task,) = _decide([(task_id, None, command)], at)
         assert task is not None
-        async with _transaction(conn):
-            if idempotency_key is None or await idempotency.claim(conn, idempotency_key, print_, task_id, at):
-                await _write(conn, changes, metadata)
-                return task
-        assert idempotency_key is not None
+        # The claim and the write commit together: a key is never claimed for a task that was not created.
+        async with _refused(conn), conn.pipeline(), conn.transaction():
+            if await idempotency.claim(conn, idempotency_key, print_, task_id, at):
+                return _numbered(task, await _write(conn, changes, metadata))
         original = await idempotency.find(conn, idempotency_key, print_)
         if original is None:
             continue  # the claim expired and was cleaned up meanwhile: claim it now
@@ -103,11 +134,11 @@ async def change(
             raise TaskNotFound(f"task {task_id} not found")
         if expected is not None and before.version not in expected:
             raise PreconditionFailed(f"task {task_id} is at version {before.version}, not {_versions(expected)}")
-        changes, (after,) = await _decide(conn, [(task_id, before, command)], now())
+        changes, (after,) = _decide([(task_id, before, command)], now())
         if not changes:
             return after
         try:
-            async with _transaction(conn):
+            async with _refused(conn), _atomic(conn):
                 await _write(conn, changes, metadata)
         except eventstore.VersionConflict:
             if expected is not None:
@@ -127,10 +158,11 @@ async def cleanup(conn: psycopg.AsyncConnection, days: int, metadata: dict[str, 
     for _ in range(MAX_ATTEMPTS):
         at = now()
         expired = await tasks_view.finished_before(conn, at - timedelta(days=days), FINISHED)
-        changes, _ = await _decide(conn, [(task.task_id, task, retention) for task in expired], at)
+        changes, _ = _decide([(task.task_id, task, retention) for task in expired], at)
         try:
-            async with _transaction(conn):
-                await _write(conn, changes, metadata)
+            async with _refused(conn), conn.pipeline(), conn.transaction():
+                if changes:
+                    await _write(conn, changes, metadata)
                 await idempotency.forget_expired(conn, at)
         except eventstore.VersionConflict:
             continue  # one of them changed meanwhile: look again

@@ -45,9 +45,7 @@ async def test_the_log_refuses_changes_even_as_a_replica(conn: psycopg.AsyncConn
 
 
 async def append(conn: psycopg.AsyncConnection, stream: UUID, version: int, event: Event, **metadata: str) -> None:
-    (position,) = await eventstore.reserve(conn, 1)
-    async with eventstore.transaction(conn):
-        await eventstore.append(conn, [Recorded(stream, version, position, writer.now(), event)], metadata)
+    await eventstore.append(conn, [Recorded(stream, version, 0, writer.now(), event)], metadata)
 
 
 async def test_versions_are_unique_per_stream(conn: psycopg.AsyncConnection) -> None:
@@ -65,12 +63,16 @@ async def test_versions_are_unique_per_stream(conn: psycopg.AsyncConnection) -> 
     assert await count(conn, "events") == 2
 
 
-async def test_reserved_positions_increase(conn: psycopg.AsyncConnection) -> None:
-    first = await eventstore.reserve(conn, 3)
-    second = await eventstore.reserve(conn, 1)
+async def test_the_log_numbers_events_in_append_order(conn: psycopg.AsyncConnection) -> None:
+    created = [Recorded(uuid4(), 1, 0, writer.now(), TaskCreated(task_type=f"t{i}")) for i in range(3)]
+    first = await eventstore.append(conn, created, {})
+    (second,) = await eventstore.append(conn, [Recorded(created[0].stream_id, 2, 0, writer.now(), TaskStarted())], {})
     assert first == sorted(first)
     assert len(set(first)) == 3
-    assert second[0] > first[-1]
+    assert second > first[-1]
+    stored = [(await eventstore.read_stream(conn, r.stream_id, limit=1))[0].recorded for r in created]
+    assert [r.position for r in stored] == first
+    assert [r.event for r in stored] == [r.event for r in created]
 
 
 async def test_an_accepted_write_is_one_event_with_its_projections(conn: psycopg.AsyncConnection) -> None:

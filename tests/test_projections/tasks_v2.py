@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
-import psycopg
+import msgspec
 
 from tasktrail.domain.task import Task
 from tasktrail.projections import Change
@@ -23,7 +23,21 @@ AFTER_INDEXES = v1.AFTER_INDEXES
 COPY = f"COPY tasks ({v1.COLUMNS}, duration_seconds) FROM STDIN (FORMAT BINARY, FREEZE)"
 COPY_TYPES = (*v1.COPY_TYPES, "float8")
 
-SET_DURATION = "UPDATE tasks SET duration_seconds = %(duration)s WHERE task_id = %(task_id)s"
+
+def _with_duration(part: str) -> str:
+    """v1's part of a write's statement, writing duration_seconds too."""
+    for old, new in [
+        ("completed_at, version)", "completed_at, version, duration_seconds)"),
+        ("r.completed_at, r.version", "r.completed_at, r.version, r.duration_seconds"),
+        ("version integer)", "version integer, duration_seconds double precision)"),
+        ("version = EXCLUDED.version", "version = EXCLUDED.version, duration_seconds = EXCLUDED.duration_seconds"),
+    ]:
+        assert part.count(old) == 1, old
+        part = part.replace(old, new)
+    return part
+
+
+PART = _with_duration(v1.PART)
 
 
 def duration(task: Task) -> float | None:
@@ -38,8 +52,7 @@ def rows(tasks: Iterable[Task]) -> Iterator[tuple[Any, ...]]:
         yield (*row, duration(task))
 
 
-async def project(conn: psycopg.AsyncConnection, changes: Sequence[Change]) -> None:
-    await v1.project(conn, changes)
-    params = [{"task_id": after.task_id, "duration": duration(after)} for _, _, after in changes if after is not None]
-    if params:
-        await conn.cursor().executemany(SET_DURATION, params)
+def document(changes: Sequence[Change]) -> dict[str, Any]:
+    write = v1.document(changes)
+    write["tasks"] = [msgspec.structs.asdict(task) | {"duration_seconds": duration(task)} for task in write["tasks"]]
+    return write

@@ -1,10 +1,14 @@
-"""Read models kept from the event log, inline in each append's transaction."""
+"""Read models kept from the event log, inline in each write's one statement."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
+from types import ModuleType
+from typing import Any
 
 import psycopg
+from psycopg.types.json import Jsonb
 
 from tasktrail.domain.events import Recorded
 from tasktrail.domain.task import Task
@@ -20,21 +24,42 @@ class ProjectionOutdated(Exception):
     """The live read model is of another version than the one this code writes."""
 
 
-OUTDATED = "TT001"  # raised by projections_check (migration 0006)
-CHECK = "SELECT projections_check(%(names)s::text[], %(versions)s::integer[])"
+# A write is one statement, so one round trip and, in autocommit, a
+# transaction of its own. It starts with the append, a CTE named `appended`
+# that yields (stream_id, version, position) of each new event; then each
+# inline read model's PART, CTEs that write its tables from its keys of the
+# write document (the statement's one parameter, %(write)s, jsonb: a module's
+# `document(changes)`) and, for a new task's id, the positions in `appended`.
+# All parts see the same snapshot, so a module gets one final state per task.
+#
+# A rebuild can swap in a read model of another version while processes
+# running older (or newer) code keep writing: their rows would have the wrong
+# shape, silently. So each write checks the live versions in its statement:
+# PostgreSQL takes the statement's locks before its snapshot, and a swap blocks
+# appends, so the check sees either the registry before the swap (and the swap
+# then waits for this write and replays its event) or the one after it. The
+# check raises TT001 in the database (migration 0007), so it costs no round
+# trip; the writer turns that into ProjectionOutdated.
+OUTDATED = "TT001"
+_CHECK = "projections_check(%(write)s -> 'projections')"
 
 
-async def project(conn: psycopg.AsyncConnection, changes: Sequence[Change]) -> None:
-    """Apply the changes to every inline read model."""
-    # A rebuild can swap in a read model of another version while processes
-    # running older (or newer) code keep writing: their rows would have the
-    # wrong shape, silently. So each write checks the live versions inside its
-    # transaction, after its append: a swap blocks appends, so this check sees
-    # either the registry before the swap (and the swap then waits for this
-    # transaction and replays its event) or the one after it. The check raises
-    # in the database, so in a pipelined transaction it costs no round trip;
-    # the writer turns its error into ProjectionOutdated.
-    names = [projection.NAME for projection in INLINE]
-    await conn.execute(CHECK, {"names": names, "versions": [projection.VERSION for projection in INLINE]})
-    for projection in INLINE:
-        await projection.project(conn, changes)
+@functools.cache
+def statement(appended: str, modules: tuple[ModuleType, ...], *, checked: bool = True) -> str:
+    """The one statement of a write: `appended`, then every module's part, answering (stream_id, position)."""
+    parts = ",\n".join([f"appended AS ({appended})", *(module.PART for module in modules)])
+    check = f" WHERE {_CHECK}" if checked else ""
+    return f"WITH {parts}\nSELECT stream_id, position FROM appended{check}"
+
+
+def document(changes: Sequence[Change], modules: Sequence[ModuleType]) -> dict[str, Any]:
+    """The modules' keys of the write document, and the versions they write (for the check)."""
+    write: dict[str, Any] = {"projections": {module.NAME: module.VERSION for module in modules}}
+    for module in modules:
+        write |= module.document(changes)
+    return write
+
+
+async def check(conn: psycopg.AsyncConnection, modules: Sequence[ModuleType]) -> None:
+    """The version check alone; raises psycopg's error with SQLSTATE TT001 when a read model is outdated."""
+    await conn.execute(f"SELECT {_CHECK}", {"write": Jsonb(document([], modules))})

@@ -9,8 +9,8 @@ it again and it drops what the last run left and starts over.
 2. Load: create each read model's tables in the shadow schema, COPY its rows
    from the folded states, then build its indexes (two at a time) and ANALYZE.
 3. Catch up: apply the events committed since the last snapshot, through each
-   read model's own inline `project`, with the shadow schema first on the
-   search_path; repeat while writers keep appending.
+   read model's own part of a write's statement, with the shadow schema first
+   on the search_path; repeat while writers keep appending.
 4. Swap: in one short transaction, block appends, apply the last stragglers,
    drop each live table, move its shadow into place and record the new
    version in the registry.
@@ -20,7 +20,8 @@ rebuild: NAME, VERSION; TABLES, the tables it owns; CREATE, statements making
 them without indexes; INDEXES, index builds that may run at the same time;
 AFTER_INDEXES, statements to finish with (constraints, ANALYZE); COPY and
 COPY_TYPES, to load them; rows(tasks), their rows from the live tasks' states;
-and project(conn, changes), its inline projector, used to catch up.
+and PART and document(changes), its part of a write's statement (see
+projections.statement), used to catch up.
 """
 
 from __future__ import annotations
@@ -39,8 +40,9 @@ import msgspec
 import psycopg
 from msgspec import UNSET
 from psycopg import sql
+from psycopg.types.json import Jsonb
 
-from tasktrail import db
+from tasktrail import db, projections
 from tasktrail.domain import events as ev
 from tasktrail.domain.events import Recorded, from_data
 from tasktrail.domain.task import TARGET, Status, Task, evolve
@@ -364,6 +366,8 @@ WHERE transaction_id >= pg_snapshot_xmin(%(seen)s::pg_snapshot)
   AND NOT pg_visible_in_snapshot(transaction_id, %(seen)s::pg_snapshot)
 ORDER BY position
 """
+# The events caught up with are in the log already: their tasks' states carry their ids.
+APPENDED = "SELECT NULL::uuid AS stream_id, NULL::integer AS version, NULL::bigint AS position WHERE false"
 CURRENT_SNAPSHOT = "SELECT pg_current_snapshot()::text"
 # SHARE ROW EXCLUSIVE waits for every transaction that has appended and not
 # yet ended, and blocks new appends until the swap commits (readers go on):
@@ -398,8 +402,8 @@ async def _catch_up(
         moved[key] = after = evolve(before, recorded)
         changes.append((recorded, before, after))
     if changes:
-        for module in modules:
-            await module.project(conn, changes)
+        write = projections.document(changes, modules)
+        await conn.execute(projections.statement(APPENDED, tuple(modules), checked=False), {"write": Jsonb(write)})
     return moved, len(changes)
 
 
@@ -461,7 +465,7 @@ async def _swap_in(conninfo: str, modules: Sequence[ModuleType], loaded: Loaded,
     """Steps 3 and 4: catch up with the log, then swap the shadows in."""
     shadow, live = sql.Identifier(SHADOW), sql.Identifier(loaded.live_schema)
     async with await psycopg.AsyncConnection.connect(conninfo, **db.connect_kwargs()) as conn:
-        # The modules' own `project` writes to the shadow tables, found first;
+        # The modules' parts write to the shadow tables, found first;
         # everything else (events, the registry) resolves to the live schema.
         await conn.execute(USE_SHADOW.format(shadow, live))
         seen, caught_up = loaded.snapshot, 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 
@@ -43,35 +43,29 @@ def rows(tasks: Iterable[Task]) -> Iterator[tuple[str, str, int, int]]:
         yield task_type, status, 0, n
 
 
-# Deltas arrive sorted by key, so two writers sharing a shard lock its rows in
-# the same order and cannot deadlock.
-ADD = """
-INSERT INTO task_counts AS c (task_type, status, shard, n)
-SELECT task_type, status, %(shard)s, n
-FROM unnest(%(task_types)s::text[], %(statuses)s::text[], %(deltas)s::bigint[]) AS d(task_type, status, n)
-ON CONFLICT (task_type, status, shard) DO UPDATE SET n = c.n + EXCLUDED.n
-"""
+# Its part of a write's statement (see projections.statement): add each
+# (task type, status) delta to the writing connection's shard. Deltas arrive
+# sorted by key, so two writers sharing a shard lock its rows in the same order
+# and cannot deadlock.
+PART = f"""
+counts_added AS (
+    INSERT INTO task_counts AS c (task_type, status, shard, n)
+    SELECT d.task_type, d.status, pg_backend_pid() %% {SHARDS}, d.n
+    FROM jsonb_to_recordset(%(write)s -> 'counts') AS d(task_type text, status text, n bigint)
+    ON CONFLICT (task_type, status, shard) DO UPDATE SET n = c.n + EXCLUDED.n
+)"""  # noqa: S608 -- SHARDS is a constant
 
 
-async def project(conn: psycopg.AsyncConnection, changes: Sequence[Change]) -> None:
+def document(changes: Sequence[Change]) -> dict[str, Any]:
+    """PART's key of the write document: the counters' nonzero deltas, sorted by key."""
     delta: Counter[tuple[str, str]] = Counter()
     for _, before, after in changes:
         if before is not None:
             delta[before.task_type, before.status.value] -= 1
         if after is not None:
             delta[after.task_type, after.status.value] += 1
-    keys = sorted(key for key, n in delta.items() if n)
-    if not keys:
-        return
-    await conn.execute(
-        ADD,
-        {
-            "shard": conn.info.backend_pid % SHARDS,
-            "task_types": [task_type for task_type, _ in keys],
-            "statuses": [status for _, status in keys],
-            "deltas": [delta[key] for key in keys],
-        },
-    )
+    counts = [{"task_type": task_type, "status": status, "n": n} for (task_type, status), n in sorted(delta.items())]
+    return {"counts": [count for count in counts if count["n"]]}
 
 
 SUMMARY = """

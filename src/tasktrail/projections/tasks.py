@@ -9,7 +9,6 @@ from uuid import UUID
 
 import psycopg
 from psycopg import sql
-from psycopg.types.json import Jsonb
 
 from tasktrail.domain.task import Status, Task
 
@@ -79,55 +78,41 @@ def rows(tasks: Iterable[Task]) -> Iterator[tuple[Any, ...]]:
         )  # fmt: skip
 
 
-INSERT = f"""
-INSERT INTO tasks ({COLUMNS})
-VALUES (%(id)s, %(task_id)s, %(task_type)s, %(status)s, %(progress)s, %(params)s, %(result)s,
-        %(error)s, %(retry_count)s, %(created_at)s, %(updated_at)s, %(started_at)s,
-        %(completed_at)s, %(version)s)
-"""  # noqa: S608 -- COLUMNS is a constant
+# Its part of a write's statement (see projections.statement): each task's
+# state after the write, inserted or updated in place, and the deleted tasks'
+# rows removed. A new task's id is its creating event's position, which the
+# log assigns in the same statement: the state carries a placeholder until then.
+PART = """
+tasks_written AS (
+    INSERT INTO tasks AS t (id, task_id, task_type, status, progress, params, result, error, retry_count,
+                            created_at, updated_at, started_at, completed_at, version)
+    SELECT coalesce(a.position, r.id), r.task_id, r.task_type, r.status, r.progress, r.params, r.result,
+           r.error, r.retry_count, r.created_at, r.updated_at, r.started_at, r.completed_at, r.version
+    FROM jsonb_to_recordset(%(write)s -> 'tasks') AS r(
+        id bigint, task_id uuid, task_type text, status text, progress double precision, params jsonb,
+        result jsonb, error text, retry_count integer, created_at timestamptz, updated_at timestamptz,
+        started_at timestamptz, completed_at timestamptz, version integer)
+    LEFT JOIN appended a ON a.stream_id = r.task_id AND a.version = 1
+    ON CONFLICT (task_id) DO UPDATE SET
+        status = EXCLUDED.status, progress = EXCLUDED.progress, result = EXCLUDED.result,
+        error = EXCLUDED.error, retry_count = EXCLUDED.retry_count, updated_at = EXCLUDED.updated_at,
+        started_at = EXCLUDED.started_at, completed_at = EXCLUDED.completed_at, version = EXCLUDED.version
+),
+tasks_deleted AS (
+    DELETE FROM tasks
+    WHERE task_id IN (SELECT jsonb_array_elements_text(%(write)s -> 'deleted')::uuid)
+)"""
 
-UPDATE = """
-UPDATE tasks SET status = %(status)s, progress = %(progress)s, result = %(result)s,
-    error = %(error)s, retry_count = %(retry_count)s, updated_at = %(updated_at)s,
-    started_at = %(started_at)s, completed_at = %(completed_at)s, version = %(version)s
-WHERE task_id = %(task_id)s
-"""
 
-DELETE = "DELETE FROM tasks WHERE task_id = %(task_id)s"
-
-
-def _params(task: Task) -> dict[str, Any]:
+def document(changes: Sequence[Change]) -> dict[str, Any]:
+    """PART's keys of the write document: the live tasks' final states, and the deleted tasks."""
+    final: dict[UUID, Task | None] = {}
+    for recorded, _, after in changes:
+        final[recorded.stream_id] = after
     return {
-        "id": task.id,
-        "task_id": task.task_id,
-        "task_type": task.task_type,
-        "status": task.status.value,
-        "progress": task.progress,
-        "params": None if task.params is None else Jsonb(task.params),
-        "result": None if task.result is None else Jsonb(task.result),
-        "error": task.error,
-        "retry_count": task.retry_count,
-        "created_at": task.created_at,
-        "updated_at": task.updated_at,
-        "started_at": task.started_at,
-        "completed_at": task.completed_at,
-        "version": task.version,
+        "tasks": [task for task in final.values() if task is not None],
+        "deleted": [task_id for task_id, task in final.items() if task is None],
     }
-
-
-async def project(conn: psycopg.AsyncConnection, changes: Sequence[Change]) -> None:
-    statements: dict[str, list[dict[str, Any]]] = {INSERT: [], UPDATE: [], DELETE: []}
-    for recorded, before, after in changes:
-        if after is None:
-            statements[DELETE].append({"task_id": recorded.stream_id})
-        else:
-            statements[INSERT if before is None else UPDATE].append(_params(after))
-    cur = conn.cursor()
-    for statement, params in statements.items():
-        if len(params) == 1:
-            await cur.execute(statement, params[0])
-        elif params:
-            await cur.executemany(statement, params)
 
 
 _STATUS = {status.value: status for status in Status}  # a dict lookup is cheaper than Status(...) per row
