@@ -1,9 +1,10 @@
 """Live events: one LISTEN connection per process reads the feed and fans it out to open streams.
 
-Every server process runs one Listener. It holds one database connection that
-LISTENs on `tasktrail_events` (notified by a trigger when events commit) and,
-on each wake-up, reads the feed after its cursor once and hands the new events
-to every open stream in memory. A thousand idle streams cost no database
+Every server process runs one Listener. It holds one database connection that,
+while any stream is open, LISTENs on `tasktrail_events` (notified by a trigger
+when events commit) and, on each wake-up, reads the feed after its cursor once
+and hands the new events to every open stream in memory; with none open it
+neither listens nor reads, so writes cost the process nothing. A thousand idle streams cost no database
 connection and a wake-up costs one query, not a thousand. Notifications only
 say "look"; the feed says what is new. So a lost notification, a rolled-back
 writer that held the horizon back, or a write from a process that does not
@@ -40,7 +41,15 @@ from tasktrail.eventstore import Cursor, FeedEvent
 
 log = logging.getLogger("tasktrail.live")
 
-LISTEN = "LISTEN tasktrail_events"  # the channel 0005_live.sql notifies
+# The channel 0005_live.sql notifies; writers notify only while a listener is
+# registered (0008), and a registration clears those of backends that are gone.
+LISTEN = "LISTEN tasktrail_events"
+REGISTER = """
+WITH gone AS (DELETE FROM live_listeners WHERE pid NOT IN (SELECT pid FROM pg_stat_activity))
+INSERT INTO live_listeners (pid) VALUES (pg_backend_pid()) ON CONFLICT DO NOTHING
+"""
+UNLISTEN = "UNLISTEN tasktrail_events"
+UNREGISTER = "DELETE FROM live_listeners WHERE pid = pg_backend_pid()"
 PAGE = 500
 # A stream whose client reads slower than events arrive goes back to the
 # database rather than buffering without bound.
@@ -92,9 +101,11 @@ class Listener:
         self.poll_interval = poll_interval or seconds_from_env("TASKTRAIL_POLL_SECONDS", 1.0)
         self.ping_interval = ping_interval or seconds_from_env("TASKTRAIL_SSE_PING_SECONDS", 15.0)
         # Everything at or below the cursor has been read and handed out; None
-        # until the first read of the head (the database may be down at start).
+        # while the listener does not follow the feed: no stream is open, or
+        # the database is down.
         self.cursor: Cursor | None = None
         self.subscribers: dict[UUID | None, set[Subscriber]] = defaultdict(set)
+        self._wanted = asyncio.Event()  # set while a stream is open
         self.closing = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._previous_handlers: dict[int, Any] = {}
@@ -150,21 +161,32 @@ class Listener:
         while True:
             try:
                 async with await psycopg.AsyncConnection.connect(self.conninfo, **db.connect_kwargs()) as conn:
-                    await conn.execute(LISTEN)
                     delay = 0.5
-                    if self.cursor is None:
+                    while True:
+                        # With no stream open there is nothing to hand events
+                        # to: neither listen nor read the feed, so writes cost
+                        # this process nothing. A stream that opens reads the
+                        # database by itself until the listener is level.
+                        await self._wanted.wait()
+                        await conn.execute(LISTEN)
+                        await conn.execute(REGISTER)
                         self.cursor = await eventstore.head(conn)
                         self._resync()
-                    await self._follow(conn)
+                        await self._follow(conn)
+                        self.cursor = None
+                        await conn.execute(UNREGISTER)
+                        await conn.execute(UNLISTEN)
             except (psycopg.Error, OSError) as exc:
+                self.cursor = None
                 log.warning("listener: %s; reconnecting in %.1fs", exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
     async def _follow(self, conn: psycopg.AsyncConnection) -> None:
+        """Read the feed on every notification (and poll) until the last stream closes."""
         assert self.cursor is not None
         retry = 0.0
-        while True:
+        while self.subscribers:
             page = await eventstore.read_feed(conn, self.cursor, limit=PAGE)
             self._fan_out(page)
             if len(page.events) == PAGE:
@@ -215,6 +237,7 @@ class Listener:
         """
         subscriber = Subscriber(stream_id)
         self.subscribers[stream_id].add(subscriber)
+        self._wanted.set()
         loop = asyncio.get_running_loop()
         cursor, last_sent = after, loop.time()
         try:
@@ -255,3 +278,5 @@ class Listener:
             subscribers.discard(subscriber)
             if not subscribers:
                 del self.subscribers[stream_id]
+            if not self.subscribers:
+                self._wanted.clear()
