@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import itertools
 import logging
 import os
 import uuid
@@ -17,7 +18,6 @@ from litestar.config.cors import CORSConfig
 from litestar.datastructures import MutableScopeHeaders, State
 from litestar.di import Provide
 from litestar.exceptions import HTTPException, ValidationException
-from litestar.middleware import ASGIMiddleware
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from tasktrail import db, eventstore, idempotency, live, writer
@@ -28,6 +28,7 @@ from tasktrail.http.problems import problem
 from tasktrail.projections import ProjectionOutdated
 
 log = logging.getLogger("tasktrail")
+GC_YOUNG = 20_000  # allocations between young collections (CPython's default is 700)
 
 
 def _not_found(_: Request, exc: TaskNotFound) -> Response[bytes]:
@@ -96,26 +97,41 @@ def _unexpected(request: Request, exc: Exception) -> Response[bytes]:
     return problem(500, "an unexpected error occurred; it has been logged")
 
 
-class RequestId(ASGIMiddleware):
-    """Give each request an id (the caller's X-Request-ID if sane), echoed back."""
+# A request's id when the caller gives none: this process's random prefix and a
+# counter, unique without a random draw per request.
+_PROCESS = uuid.uuid4().hex[:12].encode()
+_SEQUENCE = itertools.count(1)
 
-    async def handle(self, scope: Scope, receive: Receive, send: Send, next_app: ASGIApp) -> None:
+
+def request_ids(app: ASGIApp) -> ASGIApp:
+    """Give each request an id (the caller's X-Request-ID if sane), echoed back.
+
+    One plain ASGI wrapper, the cheapest Litestar runs; it also makes OPTIONS
+    list every method of the path, not just its first handler's (litestar#4169,
+    fixed in 3.0).
+    """
+
+    async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
         given = dict(scope["headers"]).get(b"x-request-id", b"")
-        request_id = given.decode() if 0 < len(given) <= 128 and given.isascii() and given.isalnum() else None
-        request_id = request_id or uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = request_id
+        sane = 0 < len(given) <= 128 and given.isascii() and given.isalnum()
+        request_id = given if sane else b"%s%020x" % (_PROCESS, next(_SEQUENCE))
+        scope.setdefault("state", {})["request_id"] = request_id.decode()
+        options = scope.get("method") == "OPTIONS"
 
         async def send_with_id(message: Any) -> None:
             if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id)]
+                if options:
+                    _allow_every_method(message, scope)
             await send(message)
 
-        await next_app(scope, receive, send_with_id)
+        await app(scope, receive, send_with_id)
+
+    return middleware
 
 
-async def allow_every_method(message: Message, scope: Scope) -> None:
-    """Make OPTIONS list every method of the path, not just its first handler's (litestar#4169, fixed in 3.0)."""
-    if message["type"] == "http.response.start" and scope["method"] == "OPTIONS" and "route_handler" in scope:
+def _allow_every_method(message: Message, scope: Scope) -> None:
+    if "route_handler" in scope:
         handlers = scope["app"].route_handler_method_map
         methods = {method for path in scope["route_handler"].paths for method in handlers.get(path, {})}
         MutableScopeHeaders.from_message(message)["allow"] = ", ".join(sorted(methods))
@@ -137,8 +153,11 @@ def create_app(database_url: str | None = None, api_keys: Sequence[auth.Key] | N
         await app.state.pool.open(wait=False)
         app.state.live = live.Listener(conninfo, app.state.pool, events.render)
         await app.state.live.start()
-        # What start-up made lives as long as the process: keep the collector from rescanning it.
+        # What start-up made lives as long as the process: keep the collector from rescanning it,
+        # and let the young generation grow (a request makes a few thousand short-lived objects)
+        # before a collection looks through it.
         gc.freeze()
+        gc.set_threshold(GC_YOUNG, *gc.get_threshold()[1:])
         try:
             yield
         finally:
@@ -149,9 +168,8 @@ def create_app(database_url: str | None = None, api_keys: Sequence[auth.Key] | N
         route_handlers=[*tasks.ROUTES, *history.ROUTES, *events.ROUTES, *health.ROUTES],
         dependencies={"conn": Provide(provide_connection)},
         lifespan=[lifespan],
-        middleware=[RequestId()],
+        middleware=[request_ids],
         guards=auth.guards(keys),
-        before_send=[allow_every_method],
         openapi_config=openapi.CONFIG,
         plugins=[openapi.JsonObjects()],
         request_max_body_size=MAX_BODY_BYTES,
