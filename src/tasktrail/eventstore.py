@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
@@ -29,24 +28,28 @@ class Stored(msgspec.Struct, frozen=True):
 # The append, for a write's one statement (see projections.statement), where
 # the log numbers the events as it inserts them; also a statement of its own.
 # Its one parameter is the write document (jsonb, built by `document`), and it
-# yields each new event's stream, version and position. A taken (stream,
-# version) fails it with a unique violation on STREAM_VERSION.
+# yields each new event's stream, version and position. An event whose (stream,
+# version) is taken is not inserted and not yielded: the writer lost a race.
+# (ON CONFLICT rather than an error: a lost race is routine, not a failure in
+# the server's log, and a racing insert of the same version waits for the
+# first one's transaction, then yields nothing.)
 APPEND = """
 INSERT INTO events (stream_id, version, type, data, metadata, occurred_at)
 SELECT e.stream_id, e.version, e.type, e.data, %(write)s -> 'metadata', e.occurred_at
 FROM jsonb_to_recordset(%(write)s -> 'events')
     AS e(stream_id uuid, version integer, type text, data jsonb, occurred_at timestamptz)
+ON CONFLICT (stream_id, version) DO NOTHING
 RETURNING stream_id, version, position
 """
-STREAM_VERSION = "events_stream_id_version_key"
 
 
 def document(recorded: Sequence[Recorded], metadata: dict[str, Any]) -> dict[str, Any]:
-    """APPEND's keys of the write document: the events (positions not yet known) and their metadata."""
+    """APPEND's keys of the write document: the events (position 0 if not yet appended) and their metadata."""
     events = [
         {
             "stream_id": r.stream_id,
             "version": r.version,
+            "position": r.position,
             "type": type_of(r.event),
             "data": to_data(r.event),
             "occurred_at": r.occurred_at,
@@ -56,22 +59,13 @@ def document(recorded: Sequence[Recorded], metadata: dict[str, Any]) -> dict[str
     return {"events": events, "metadata": metadata}
 
 
-@contextmanager
-def conflicts() -> Iterator[None]:
-    """A taken (stream, version) as VersionConflict."""
-    try:
-        yield
-    except psycopg.errors.UniqueViolation as exc:
-        if exc.diag.constraint_name != STREAM_VERSION:
-            raise
-        raise VersionConflict(str(exc.diag.message_detail)) from exc
-
-
 async def append(conn: psycopg.AsyncConnection, recorded: Sequence[Recorded], metadata: dict[str, Any]) -> list[int]:
     """Append events alone (no read model sees them); their positions, in order."""
-    with conflicts():
-        cur = await conn.execute(APPEND, {"write": Jsonb(document(recorded, metadata))})
-    return [position for _, _, position in await cur.fetchall()]
+    cur = await conn.execute(APPEND, {"write": Jsonb(document(recorded, metadata))})
+    positions = [position for _, _, position in await cur.fetchall()]
+    if len(positions) < len(recorded):
+        raise VersionConflict("another writer appended one of these versions first")
+    return positions
 
 
 def _stored(stream_id: UUID, rows: list[tuple[Any, ...]]) -> list[Stored]:

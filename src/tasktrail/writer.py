@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Collection, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 from datetime import UTC, datetime, timedelta
@@ -14,7 +15,17 @@ from psycopg.types.json import Jsonb
 
 from tasktrail import eventstore, idempotency, projections
 from tasktrail.domain.events import Recorded
-from tasktrail.domain.task import FINISHED, Command, CreateTask, DeleteTask, Task, TaskNotFound, decide, evolve
+from tasktrail.domain.task import (
+    FINISHED,
+    Command,
+    CreateTask,
+    DeleteTask,
+    Task,
+    TaskNotFound,
+    TransitionRejected,
+    decide,
+    evolve,
+)
 from tasktrail.projections import Change
 from tasktrail.projections import tasks as tasks_view
 
@@ -54,37 +65,71 @@ def _decide(
 
 
 async def _write(conn: psycopg.AsyncConnection, changes: Sequence[Change], metadata: dict[str, Any]) -> dict[UUID, int]:
-    """Append the events and project them in one statement; the new events' positions by stream."""
+    """Append the events and project them in one statement; the new events' positions by stream.
+
+    VersionConflict when another writer took one of the versions: then nothing
+    was written for it (inside a transaction, the caller's rollback undoes the rest).
+    """
     modules = projections.INLINE
     write = eventstore.document([recorded for recorded, _, _ in changes], metadata)
     write |= projections.document(changes, modules)
     cur = await conn.execute(projections.statement(eventstore.APPEND, modules), {"write": Jsonb(write)})
-    return dict(await cur.fetchall())
+    positions = dict(await cur.fetchall())
+    if len(positions) < len(changes):
+        raise eventstore.VersionConflict("another writer changed the task first")
+    return positions
 
 
 @asynccontextmanager
 async def _refused(conn: psycopg.AsyncConnection) -> AsyncIterator[None]:
-    """The database's refusals of a write as the errors they mean: a taken version, an outdated read model."""
-    with eventstore.conflicts():
-        try:
-            yield
-        except psycopg.Error as exc:
-            if isinstance(exc, psycopg.errors.UndefinedColumn | psycopg.errors.UndefinedTable):
-                # The live tables are not of the shape this code writes: a rebuild
-                # swapped in another version (the check alone then says so), or a bug.
-                async with _refused(conn):
-                    await projections.check(conn, projections.INLINE)
-            if exc.sqlstate != projections.OUTDATED:
-                raise
-            raise projections.ProjectionOutdated(exc.diag.message_primary) from exc
+    """An outdated read model's refusal of a write as ProjectionOutdated."""
+    try:
+        yield
+    except psycopg.Error as exc:
+        if isinstance(exc, psycopg.errors.UndefinedColumn | psycopg.errors.UndefinedTable):
+            # The live tables are not of the shape this code writes: a rebuild
+            # swapped in another version (the check alone then says so), or a bug.
+            async with _refused(conn):
+                await projections.check(conn, projections.INLINE)
+        if exc.sqlstate != projections.OUTDATED:
+            raise
+        raise projections.ProjectionOutdated(exc.diag.message_primary) from exc
 
 
 def _atomic(conn: psycopg.AsyncConnection) -> AbstractAsyncContextManager[Any]:
     """In autocommit nothing: a write's statement is a transaction of its own. Inside the
     caller's transaction a savepoint, so that a refused write leaves it usable for a retry."""
-    if conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
+    if _committing(conn):
         return nullcontext()
     return conn.transaction()
+
+
+def _committing(conn: psycopg.AsyncConnection) -> bool:
+    """Whether a statement sent now commits by itself (autocommit, no transaction open)."""
+    return conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+
+
+# The state this process last wrote of each recently written task, as a guess
+# for the next change of it: deciding on the guess spares reading the read
+# model first (an update is one round trip instead of two). A guess is only a
+# guess. The append refuses a version that is taken, so a stale one loses like
+# any overtaken writer and the task is read afresh; a guess that refuses the
+# command or changes nothing is checked by a read before that is the answer;
+# and only states that committed are remembered (a caller's transaction may
+# still roll back). A client's requests arrive on its keep-alive connection,
+# so with several server processes the same process mostly serves them.
+RECENT = 10_000
+_recent: OrderedDict[UUID, Task] = OrderedDict()
+
+
+def _remember(task_id: UUID, task: Task | None) -> None:
+    if task is None:
+        _recent.pop(task_id, None)
+        return
+    _recent[task_id] = task
+    _recent.move_to_end(task_id)
+    if len(_recent) > RECENT:
+        _recent.popitem(last=False)
 
 
 def _numbered(task: Task, positions: dict[UUID, int]) -> Task:
@@ -99,8 +144,12 @@ async def create(
     if idempotency_key is None:
         changes, (task,) = _decide([(uuid4(), None, command)], now())
         assert task is not None
+        committing = _committing(conn)
         async with _refused(conn):
-            return _numbered(task, await _write(conn, changes, metadata))
+            task = _numbered(task, await _write(conn, changes, metadata))
+        if committing:
+            _remember(task.task_id, task)
+        return task
     print_ = idempotency.fingerprint(command)
     for _ in range(MAX_ATTEMPTS):
         task_id, at = uuid4(), now()
@@ -128,22 +177,40 @@ async def change(
     expected: Collection[int] | None = None,
 ) -> Task | None:
     """Apply an update or delete to a live task, deciding again on a lost race unless versions were expected."""
+    guess = _recent.get(task_id) if expected is None else None
     for _ in range(MAX_ATTEMPTS):
-        before = await tasks_view.get(conn, task_id)
-        if before is None:
-            raise TaskNotFound(f"task {task_id} not found")
-        if expected is not None and before.version not in expected:
-            raise PreconditionFailed(f"task {task_id} is at version {before.version}, not {_versions(expected)}")
-        changes, (after,) = _decide([(task_id, before, command)], now())
+        if guess is not None:
+            before = guess
+        else:
+            before = await tasks_view.get(conn, task_id)
+            if before is None:
+                _remember(task_id, None)
+                raise TaskNotFound(f"task {task_id} not found")
+            if expected is not None and before.version not in expected:
+                raise PreconditionFailed(f"task {task_id} is at version {before.version}, not {_versions(expected)}")
+        try:
+            changes, (after,) = _decide([(task_id, before, command)], now())
+        except TransitionRejected:
+            if guess is None:
+                raise
+            guess = None  # perhaps only the guess refuses it: decide on the read model
+            continue
+        if not changes and guess is not None:
+            guess = None  # nothing to change, by the guess: make sure on the read model
+            continue
+        guess = None
         if not changes:
             return after
+        committing = _committing(conn)
         try:
             async with _refused(conn), _atomic(conn):
                 await _write(conn, changes, metadata)
         except eventstore.VersionConflict:
+            _remember(task_id, None)
             if expected is not None:
                 raise PreconditionFailed(f"task {task_id} changed after version {before.version}") from None
             continue
+        _remember(task_id, after if committing else None)
         return after
     raise eventstore.VersionConflict(f"task {task_id} is changing too fast; try again")
 
@@ -166,5 +233,7 @@ async def cleanup(conn: psycopg.AsyncConnection, days: int, metadata: dict[str, 
                 await idempotency.forget_expired(conn, at)
         except eventstore.VersionConflict:
             continue  # one of them changed meanwhile: look again
+        for task in expired:
+            _remember(task.task_id, None)
         return len(expired)
     raise eventstore.VersionConflict("tasks are changing too fast to clean up; try again")

@@ -233,6 +233,8 @@ async def test_a_client_that_goes_away_frees_its_stream_and_idle_streams_hold_no
                 await wait_for(lambda: len(app.state.live) == 10)
                 # Idle: ten open streams, and not one database connection in use.
                 await wait_for(lambda: in_use(app.state.pool) == 0)
+                # The listener is registered, so writes notify.
+                await until_listeners(database_url, 1)
                 await client.patch(f"/tasks/{task['task_id']}", json={"progress": 5})
                 for stream_lines in lines:
                     # (The global streams began at the head, which the task's
@@ -240,12 +242,25 @@ async def test_a_client_that_goes_away_frees_its_stream_and_idle_streams_hold_no
                     # on the server was open: then it comes first.)
                     got = [item.event async for item in take_messages(stream_lines, until="ProgressReported")]
                     assert set(got) <= {"snapshot", "TaskCreated", "ProgressReported"}
-            # The clients went away: their streams are gone from the listener.
+            # The clients went away: their streams are gone from the listener,
+            # which no longer listens, so writes no longer notify.
             await wait_for(lambda: len(app.state.live) == 0)
+            await until_listeners(database_url, 0)
     finally:
         uvicorn_server.should_exit = True
         await serving
     assert_verifies(database_url)
+
+
+async def until_listeners(database_url: str, n: int) -> None:
+    """Wait (5 s at most) until n listeners are registered for notifications."""
+    async with await psycopg.AsyncConnection.connect(database_url, **db.connect_kwargs()) as conn:
+        for _ in range(100):
+            cur = await conn.execute("SELECT count(*) FROM live_listeners")
+            if (registered := (await cur.fetchone())[0]) == n:  # type: ignore[index]
+                return
+            await asyncio.sleep(0.05)
+    raise AssertionError(f"{registered} listeners registered, not {n}")
 
 
 def in_use(pool: AsyncConnectionPool) -> int:

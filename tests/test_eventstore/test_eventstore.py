@@ -149,3 +149,46 @@ async def test_writers_on_different_connections_count_on_different_rows(database
     finally:
         for conn in connections:
             await conn.close()
+
+
+async def versions(conn: psycopg.AsyncConnection, task_id: UUID) -> list[int]:
+    return [s.recorded.version for s in await eventstore.read_stream(conn, task_id)]
+
+
+async def test_a_stale_guess_loses_the_race_and_the_task_is_read_afresh(conn: psycopg.AsyncConnection) -> None:
+    task = await writer.create(conn, CreateTask(task_type="t"), {})
+    await writer.change(conn, task.task_id, UpdateTask(status=Status.RUNNING), {})
+    await writer.change(conn, task.task_id, UpdateTask(progress=10), {})
+    # As if another process had written the last two versions: this one's guess is version 1.
+    writer._recent[task.task_id] = task
+    after = await writer.change(conn, task.task_id, UpdateTask(progress=20), {})
+    assert after is not None
+    assert (after.version, after.status, after.progress) == (4, Status.RUNNING, 20)
+    assert await versions(conn, task.task_id) == [1, 2, 3, 4]
+    assert await tasks_view.get(conn, task.task_id) == after
+
+
+async def test_a_guess_that_refuses_is_checked_against_the_read_model(conn: psycopg.AsyncConnection) -> None:
+    task = await writer.create(conn, CreateTask(task_type="t"), {})
+    failed = await writer.change(conn, task.task_id, UpdateTask(status=Status.FAILED), {})
+    # Stale: another process has since retried the task (failed -> pending).
+    await writer.change(conn, task.task_id, UpdateTask(status=Status.PENDING), {})
+    writer._recent[task.task_id] = failed
+    started = await writer.change(conn, task.task_id, UpdateTask(status=Status.RUNNING), {})
+    assert started is not None
+    assert (started.version, started.status) == (4, Status.RUNNING)
+    # And one that changes nothing by the guess is checked too.
+    writer._recent[task.task_id] = failed
+    same = await writer.change(conn, task.task_id, UpdateTask(status=Status.RUNNING), {})
+    assert same == started
+    assert await versions(conn, task.task_id) == [1, 2, 3, 4]
+
+
+async def test_a_write_rolled_back_by_the_caller_is_not_remembered(conn: psycopg.AsyncConnection) -> None:
+    task = await writer.create(conn, CreateTask(task_type="t"), {})
+    async with conn.transaction(force_rollback=True):
+        await writer.change(conn, task.task_id, UpdateTask(status=Status.RUNNING), {})
+    after = await writer.change(conn, task.task_id, UpdateTask(progress=5), {})
+    assert after is not None
+    assert (after.version, after.status) == (2, Status.PENDING)
+    assert await versions(conn, task.task_id) == [1, 2]

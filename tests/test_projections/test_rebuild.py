@@ -298,6 +298,20 @@ async def test_a_write_is_refused_while_the_live_version_differs(database_url: s
         assert await cur.fetchone() == (1,)
 
 
+@pytest.mark.anyio
+async def test_code_of_a_newer_shape_is_refused_as_outdated_not_as_an_error(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The new release started before its rebuild: its statement names a column
+    # the live table lacks, so PostgreSQL cannot even plan it; the check says why.
+    monkeypatch.setattr(projections, "INLINE", (tasks_v2, stats))
+    async with await psycopg.AsyncConnection.connect(database_url, **db.connect_kwargs()) as conn:
+        with pytest.raises(ProjectionOutdated, match="rebuild tasks"):
+            await writer.create(conn, CreateTask(task_type="t"), {})
+        cur = await conn.execute("SELECT count(*) FROM events")
+        assert await cur.fetchone() == (0,)
+
+
 class Writer(threading.Thread):
     """A service instance writing through the real write path, until told to stop."""
 

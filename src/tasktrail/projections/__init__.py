@@ -31,6 +31,8 @@ class ProjectionOutdated(Exception):
 # write document (the statement's one parameter, %(write)s, jsonb: a module's
 # `document(changes)`) and, for a new task's id, the positions in `appended`.
 # All parts see the same snapshot, so a module gets one final state per task.
+# An event whose version another writer took is not appended, and the parts
+# write only for the appended ones, so a lost race writes nothing.
 #
 # A rebuild can swap in a read model of another version while processes
 # running older (or newer) code keep writing: their rows would have the wrong

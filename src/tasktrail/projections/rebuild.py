@@ -42,7 +42,7 @@ from msgspec import UNSET
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from tasktrail import db, projections
+from tasktrail import db, eventstore, projections
 from tasktrail.domain import events as ev
 from tasktrail.domain.events import Recorded, from_data
 from tasktrail.domain.task import TARGET, Status, Task, evolve
@@ -366,8 +366,11 @@ WHERE transaction_id >= pg_snapshot_xmin(%(seen)s::pg_snapshot)
   AND NOT pg_visible_in_snapshot(transaction_id, %(seen)s::pg_snapshot)
 ORDER BY position
 """
-# The events caught up with are in the log already: their tasks' states carry their ids.
-APPENDED = "SELECT NULL::uuid AS stream_id, NULL::integer AS version, NULL::bigint AS position WHERE false"
+# The events caught up with are in the log already, with their positions.
+APPENDED = """
+SELECT e.stream_id, e.version, e.position
+FROM jsonb_to_recordset(%(write)s -> 'events') AS e(stream_id uuid, version integer, position bigint)
+"""
 CURRENT_SNAPSHOT = "SELECT pg_current_snapshot()::text"
 # SHARE ROW EXCLUSIVE waits for every transaction that has appended and not
 # yet ended, and blocks new appends until the swap commits (readers go on):
@@ -402,7 +405,8 @@ async def _catch_up(
         moved[key] = after = evolve(before, recorded)
         changes.append((recorded, before, after))
     if changes:
-        write = projections.document(changes, modules)
+        write = eventstore.document([recorded for recorded, _, _ in changes], {})
+        write |= projections.document(changes, modules)
         await conn.execute(projections.statement(APPENDED, tuple(modules), checked=False), {"write": Jsonb(write)})
     return moved, len(changes)
 

@@ -44,7 +44,8 @@ def rows(tasks: Iterable[Task]) -> Iterator[tuple[str, str, int, int]]:
 
 
 # Its part of a write's statement (see projections.statement): add each
-# (task type, status) delta to the writing connection's shard. Deltas arrive
+# (task type, status) delta to the writing connection's shard, if the write's
+# events were appended (a write of several is all-or-nothing in the writer). Deltas arrive
 # sorted by key, so two writers sharing a shard lock its rows in the same order
 # and cannot deadlock.
 PART = f"""
@@ -52,6 +53,7 @@ counts_added AS (
     INSERT INTO task_counts AS c (task_type, status, shard, n)
     SELECT d.task_type, d.status, pg_backend_pid() %% {SHARDS}, d.n
     FROM jsonb_to_recordset(%(write)s -> 'counts') AS d(task_type text, status text, n bigint)
+    WHERE EXISTS (SELECT FROM appended)
     ON CONFLICT (task_type, status, shard) DO UPDATE SET n = c.n + EXCLUDED.n
 )"""  # noqa: S608 -- SHARDS is a constant
 

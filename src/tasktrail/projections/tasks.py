@@ -80,8 +80,9 @@ def rows(tasks: Iterable[Task]) -> Iterator[tuple[Any, ...]]:
 
 # Its part of a write's statement (see projections.statement): each task's
 # state after the write, inserted or updated in place, and the deleted tasks'
-# rows removed. A new task's id is its creating event's position, which the
-# log assigns in the same statement: the state carries a placeholder until then.
+# rows removed, for the tasks whose events were appended. A new task's id is
+# its creating event's position, which the log assigns in the same statement:
+# the state carries a placeholder until then.
 PART = """
 tasks_written AS (
     INSERT INTO tasks AS t (id, task_id, task_type, status, progress, params, result, error, retry_count,
@@ -93,6 +94,7 @@ tasks_written AS (
         result jsonb, error text, retry_count integer, created_at timestamptz, updated_at timestamptz,
         started_at timestamptz, completed_at timestamptz, version integer)
     LEFT JOIN appended a ON a.stream_id = r.task_id AND a.version = 1
+    WHERE EXISTS (SELECT FROM appended w WHERE w.stream_id = r.task_id)
     ON CONFLICT (task_id) DO UPDATE SET
         status = EXCLUDED.status, progress = EXCLUDED.progress, result = EXCLUDED.result,
         error = EXCLUDED.error, retry_count = EXCLUDED.retry_count, updated_at = EXCLUDED.updated_at,
@@ -101,6 +103,7 @@ tasks_written AS (
 tasks_deleted AS (
     DELETE FROM tasks
     WHERE task_id IN (SELECT jsonb_array_elements_text(%(write)s -> 'deleted')::uuid)
+      AND EXISTS (SELECT FROM appended w WHERE w.stream_id = tasks.task_id)
 )"""
 
 
