@@ -26,7 +26,7 @@ from tasktrail.http.auth import SECURITY
 from tasktrail.http.body import invalid
 from tasktrail.http.history import EventView, event_view
 from tasktrail.http.problems import problems
-from tasktrail.http.tasks import ERRORS, Connection, documented, json_response, not_found, parse_task_id
+from tasktrail.http.tasks import ERRORS, Connection, JsonReply, documented, json_response, not_found, parse_task_id
 from tasktrail.live import Listener
 from tasktrail.projections import tasks as tasks_view
 
@@ -97,7 +97,7 @@ STREAMED = ResponseSpec(
 )
 async def feed(
     conn: Connection, after: AfterParameter = None, limit: Annotated[int, QueryParameter(ge=1, le=1000)] = 100
-) -> Response[bytes]:
+) -> JsonReply:
     """Every event in commit-safe order, after a cursor; next_cursor is there even on an empty page."""
     cursor = decode_cursor("after", after) if after else eventstore.START
     page = await eventstore.read_feed(conn, cursor, limit=limit)

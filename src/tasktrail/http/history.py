@@ -6,7 +6,7 @@ from datetime import datetime
 from typing import Annotated, Any
 
 import msgspec
-from litestar import Response, get
+from litestar import get
 from litestar.params import FromPath, QueryParameter
 
 from tasktrail import eventstore
@@ -14,7 +14,7 @@ from tasktrail.domain.events import to_data, type_of
 from tasktrail.domain.task import TaskNotFound
 from tasktrail.http.auth import SECURITY
 from tasktrail.http.problems import problems
-from tasktrail.http.tasks import ERRORS, Connection, documented, json_response, parse_task_id
+from tasktrail.http.tasks import ERRORS, Connection, JsonReply, documented, json_response, parse_task_id
 
 
 class EventView(msgspec.Struct):
@@ -55,7 +55,7 @@ async def history(
     task_id: FromPath[str],
     after_version: Annotated[int, QueryParameter(ge=0, le=2**31 - 1)] = 0,
     limit: Annotated[int, QueryParameter(ge=1, le=1000)] = 100,
-) -> Response[bytes]:
+) -> JsonReply:
     """The task's events in version order, deleted tasks included; the next page is in the Link header."""
     uuid = parse_task_id(task_id)
     page = await eventstore.read_stream(conn, uuid, after_version=after_version, limit=limit)
