@@ -138,8 +138,15 @@ def _allow_every_method(message: Message, scope: Scope) -> None:
 
 
 async def provide_connection(state: State) -> AsyncIterator[psycopg.AsyncConnection]:
-    async with state.pool.connection() as conn:
+    # getconn/putconn rather than pool.connection(): the same for autocommit
+    # connections (putconn rolls back whatever a request left open), without
+    # two more context managers and a lock around a no-op commit per request.
+    pool = state.pool
+    conn = await pool.getconn()
+    try:
         yield conn
+    finally:
+        await pool.putconn(conn)
 
 
 def create_app(database_url: str | None = None, api_keys: Sequence[auth.Key] | None = None) -> Litestar:
