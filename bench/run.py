@@ -119,7 +119,7 @@ def create_script() -> Path:
     document = json.dumps(msgspec.to_builtins(write)).replace("'", "''")
     fresh = f"replace('{document}', '{placeholder}', gen_random_uuid()::text)::jsonb"
     fresh = f"fresh AS MATERIALIZED (SELECT {fresh} AS doc)"
-    statement = projections.statement(eventstore.APPEND, projections.INLINE)
+    statement = projections.statement(eventstore.APPEND, projections.INLINE, write)
     statement = statement.replace("%%", "%").replace("%(write)s", "(SELECT doc FROM fresh)")
     script = apps.WORK / "create.sql"
     script.write_text(statement.replace("WITH ", f"WITH {fresh},\n", 1) + ";\n")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Collection, Sequence
-from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID, uuid4
@@ -73,7 +73,7 @@ async def _write(conn: psycopg.AsyncConnection, changes: Sequence[Change], metad
     modules = projections.INLINE
     write = eventstore.document([recorded for recorded, _, _ in changes], metadata)
     write |= projections.document(changes, modules)
-    cur = await conn.execute(projections.statement(eventstore.APPEND, modules), {"write": Jsonb(write)})
+    cur = await conn.execute(projections.statement(eventstore.APPEND, modules, write), {"write": Jsonb(write)})
     positions = dict(await cur.fetchall())
     if len(positions) < len(changes):
         raise eventstore.VersionConflict("another writer changed the task first")
@@ -94,14 +94,6 @@ async def _refused(conn: psycopg.AsyncConnection) -> AsyncIterator[None]:
         if exc.sqlstate != projections.OUTDATED:
             raise
         raise projections.ProjectionOutdated(exc.diag.message_primary) from exc
-
-
-def _atomic(conn: psycopg.AsyncConnection) -> AbstractAsyncContextManager[Any]:
-    """In autocommit nothing: a write's statement is a transaction of its own. Inside the
-    caller's transaction a savepoint, so that a refused write leaves it usable for a retry."""
-    if _committing(conn):
-        return nullcontext()
-    return conn.transaction()
 
 
 def _committing(conn: psycopg.AsyncConnection) -> bool:
@@ -203,7 +195,7 @@ async def change(
             return after
         committing = _committing(conn)
         try:
-            async with _refused(conn), _atomic(conn):
+            async with _refused(conn):
                 await _write(conn, changes, metadata)
         except eventstore.VersionConflict:
             _remember(task_id, None)

@@ -25,7 +25,7 @@ COPY_TYPES = (*v1.COPY_TYPES, "float8")
 
 
 def _with_duration(part: str) -> str:
-    """v1's part of a write's statement, writing duration_seconds too."""
+    """v1's part of a write's statement for the tasks' states, writing duration_seconds too."""
     for old, new in [
         ("completed_at, version)", "completed_at, version, duration_seconds)"),
         ("r.completed_at, r.version", "r.completed_at, r.version, r.duration_seconds"),
@@ -37,7 +37,7 @@ def _with_duration(part: str) -> str:
     return part
 
 
-PART = _with_duration(v1.PART)
+PARTS = v1.PARTS | {"tasks": _with_duration(v1.PARTS["tasks"])}
 
 
 def duration(task: Task) -> float | None:

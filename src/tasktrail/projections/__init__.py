@@ -26,13 +26,16 @@ class ProjectionOutdated(Exception):
 
 # A write is one statement, so one round trip and, in autocommit, a
 # transaction of its own. It starts with the append, a CTE named `appended`
-# that yields (stream_id, version, position) of each new event; then each
-# inline read model's PART, CTEs that write its tables from its keys of the
-# write document (the statement's one parameter, %(write)s, jsonb: a module's
-# `document(changes)`) and, for a new task's id, the positions in `appended`.
-# All parts see the same snapshot, so a module gets one final state per task.
-# An event whose version another writer took is not appended, and the parts
-# write only for the appended ones, so a lost race writes nothing.
+# that yields (stream_id, version, position) of each new event; then the
+# inline read models' PARTS: each module maps keys of the write document (the
+# statement's one parameter, %(write)s, jsonb: the modules' `document(changes)`)
+# to a CTE that writes its tables from that key and, for a new task's id, the
+# positions in `appended`. A write includes only the parts whose keys it fills
+# (a progress report touches no counter), so there are a few statements, each
+# prepared once per connection. All parts see the same snapshot, so a module
+# gets one final state per task. An event whose version another writer took is
+# not appended, and the parts write only for the appended ones, so a lost race
+# writes nothing.
 #
 # A rebuild can swap in a read model of another version while processes
 # running older (or newer) code keep writing: their rows would have the wrong
@@ -46,12 +49,17 @@ OUTDATED = "TT001"
 _CHECK = "projections_check(%(write)s -> 'projections')"
 
 
+def statement(appended: str, modules: tuple[ModuleType, ...], write: dict[str, Any], *, checked: bool = True) -> str:
+    """The one statement of a write: `appended`, then the parts the write document fills."""
+    return _statement(appended, modules, frozenset(key for key, value in write.items() if value), checked)
+
+
 @functools.cache
-def statement(appended: str, modules: tuple[ModuleType, ...], *, checked: bool = True) -> str:
-    """The one statement of a write: `appended`, then every module's part, answering (stream_id, position)."""
-    parts = ",\n".join([f"appended AS ({appended})", *(module.PART for module in modules)])
+def _statement(appended: str, modules: tuple[ModuleType, ...], keys: frozenset[str], checked: bool) -> str:
+    parts = [sql for module in modules for key, sql in module.PARTS.items() if key in keys]
+    body = ",\n".join([f"appended AS ({appended})", *parts])
     check = f" WHERE {_CHECK}" if checked else ""
-    return f"WITH {parts}\nSELECT stream_id, position FROM appended{check}"
+    return f"WITH {body}\nSELECT stream_id, position FROM appended{check}"
 
 
 def document(changes: Sequence[Change], modules: Sequence[ModuleType]) -> dict[str, Any]:

@@ -20,7 +20,7 @@ rebuild: NAME, VERSION; TABLES, the tables it owns; CREATE, statements making
 them without indexes; INDEXES, index builds that may run at the same time;
 AFTER_INDEXES, statements to finish with (constraints, ANALYZE); COPY and
 COPY_TYPES, to load them; rows(tasks), their rows from the live tasks' states;
-and PART and document(changes), its part of a write's statement (see
+and PARTS and document(changes), its parts of a write's statement (see
 projections.statement), used to catch up.
 """
 
@@ -407,7 +407,8 @@ async def _catch_up(
     if changes:
         write = eventstore.document([recorded for recorded, _, _ in changes], {})
         write |= projections.document(changes, modules)
-        await conn.execute(projections.statement(APPENDED, tuple(modules), checked=False), {"write": Jsonb(write)})
+        statement = projections.statement(APPENDED, tuple(modules), write, checked=False)
+        await conn.execute(statement, {"write": Jsonb(write)})
     return moved, len(changes)
 
 

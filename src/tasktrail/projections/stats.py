@@ -45,10 +45,11 @@ def rows(tasks: Iterable[Task]) -> Iterator[tuple[str, str, int, int]]:
 
 # Its part of a write's statement (see projections.statement): add each
 # (task type, status) delta to the writing connection's shard, if the write's
-# events were appended (a write of several is all-or-nothing in the writer). Deltas arrive
-# sorted by key, so two writers sharing a shard lock its rows in the same order
-# and cannot deadlock.
-PART = f"""
+# events were appended (a write of several is all-or-nothing in the writer).
+# Deltas arrive sorted by key, so two writers sharing a shard lock its rows in
+# the same order and cannot deadlock.
+PARTS = {
+    "counts": f"""
 counts_added AS (
     INSERT INTO task_counts AS c (task_type, status, shard, n)
     SELECT d.task_type, d.status, pg_backend_pid() %% {SHARDS}, d.n
@@ -56,10 +57,11 @@ counts_added AS (
     WHERE EXISTS (SELECT FROM appended)
     ON CONFLICT (task_type, status, shard) DO UPDATE SET n = c.n + EXCLUDED.n
 )"""  # noqa: S608 -- SHARDS is a constant
+}
 
 
 def document(changes: Sequence[Change]) -> dict[str, Any]:
-    """PART's key of the write document: the counters' nonzero deltas, sorted by key."""
+    """PARTS' key of the write document: the counters' nonzero deltas, sorted by key."""
     delta: Counter[tuple[str, str]] = Counter()
     for _, before, after in changes:
         if before is not None:

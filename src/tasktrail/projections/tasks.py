@@ -78,12 +78,13 @@ def rows(tasks: Iterable[Task]) -> Iterator[tuple[Any, ...]]:
         )  # fmt: skip
 
 
-# Its part of a write's statement (see projections.statement): each task's
+# Its parts of a write's statement (see projections.statement): each task's
 # state after the write, inserted or updated in place, and the deleted tasks'
 # rows removed, for the tasks whose events were appended. A new task's id is
 # its creating event's position, which the log assigns in the same statement:
 # the state carries a placeholder until then.
-PART = """
+PARTS = {
+    "tasks": """
 tasks_written AS (
     INSERT INTO tasks AS t (id, task_id, task_type, status, progress, params, result, error, retry_count,
                             created_at, updated_at, started_at, completed_at, version)
@@ -99,16 +100,18 @@ tasks_written AS (
         status = EXCLUDED.status, progress = EXCLUDED.progress, result = EXCLUDED.result,
         error = EXCLUDED.error, retry_count = EXCLUDED.retry_count, updated_at = EXCLUDED.updated_at,
         started_at = EXCLUDED.started_at, completed_at = EXCLUDED.completed_at, version = EXCLUDED.version
-),
+)""",
+    "deleted": """
 tasks_deleted AS (
     DELETE FROM tasks
     WHERE task_id IN (SELECT jsonb_array_elements_text(%(write)s -> 'deleted')::uuid)
       AND EXISTS (SELECT FROM appended w WHERE w.stream_id = tasks.task_id)
-)"""
+)""",
+}
 
 
 def document(changes: Sequence[Change]) -> dict[str, Any]:
-    """PART's keys of the write document: the live tasks' final states, and the deleted tasks."""
+    """PARTS' keys of the write document: the live tasks' final states, and the deleted tasks."""
     final: dict[UUID, Task | None] = {}
     for recorded, _, after in changes:
         final[recorded.stream_id] = after
