@@ -96,11 +96,6 @@ async def _refused(conn: psycopg.AsyncConnection) -> AsyncIterator[None]:
         raise projections.ProjectionOutdated(exc.diag.message_primary) from exc
 
 
-def _committing(conn: psycopg.AsyncConnection) -> bool:
-    """Whether a statement sent now commits by itself (autocommit, no transaction open)."""
-    return conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
-
-
 # The state this process last wrote of each recently written task, as a guess
 # for the next change of it: deciding on the guess spares reading the read
 # model first (an update is one round trip instead of two). A guess is only a
@@ -124,6 +119,12 @@ def _remember(task_id: UUID, task: Task | None) -> None:
         _recent.popitem(last=False)
 
 
+def _written(conn: psycopg.AsyncConnection, task_id: UUID, task: Task | None) -> None:
+    """Remember a task's state after a write that has committed; forget it while a caller's transaction is open."""
+    committed = conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+    _remember(task_id, task if committed else None)
+
+
 def _numbered(task: Task, positions: dict[UUID, int]) -> Task:
     """A new task with its id, the position the log gave its creating event."""
     return msgspec.structs.replace(task, id=positions[task.task_id])
@@ -136,11 +137,9 @@ async def create(
     if idempotency_key is None:
         changes, (task,) = _decide([(uuid4(), None, command)], now())
         assert task is not None
-        committing = _committing(conn)
         async with _refused(conn):
             task = _numbered(task, await _write(conn, changes, metadata))
-        if committing:
-            _remember(task.task_id, task)
+        _written(conn, task.task_id, task)
         return task
     print_ = idempotency.fingerprint(command)
     for _ in range(MAX_ATTEMPTS):
@@ -171,9 +170,8 @@ async def change(
     """Apply an update or delete to a live task, deciding again on a lost race unless versions were expected."""
     guess = _recent.get(task_id) if expected is None else None
     for _ in range(MAX_ATTEMPTS):
-        if guess is not None:
-            before = guess
-        else:
+        before, guessed, guess = guess, guess is not None, None
+        if before is None:
             before = await tasks_view.get(conn, task_id)
             if before is None:
                 _remember(task_id, None)
@@ -183,17 +181,13 @@ async def change(
         try:
             changes, (after,) = _decide([(task_id, before, command)], now())
         except TransitionRejected:
-            if guess is None:
-                raise
-            guess = None  # perhaps only the guess refuses it: decide on the read model
-            continue
-        if not changes and guess is not None:
-            guess = None  # nothing to change, by the guess: make sure on the read model
-            continue
-        guess = None
+            if guessed:
+                continue  # perhaps only the guess refuses it: decide on the read model
+            raise
         if not changes:
+            if guessed:
+                continue  # nothing to change, by the guess: make sure on the read model
             return after
-        committing = _committing(conn)
         try:
             async with _refused(conn):
                 await _write(conn, changes, metadata)
@@ -202,7 +196,7 @@ async def change(
             if expected is not None:
                 raise PreconditionFailed(f"task {task_id} changed after version {before.version}") from None
             continue
-        _remember(task_id, after if committing else None)
+        _written(conn, task_id, after)
         return after
     raise eventstore.VersionConflict(f"task {task_id} is changing too fast; try again")
 
