@@ -33,7 +33,7 @@ from psycopg import sql
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import apps  # bench/ is not a package: its folder is on sys.path above
-from run import wrk
+from run import create_script, wrk
 
 PG_LOG = Path("/var/log/postgresql/postgresql-15-main.log")
 DB = apps.DB_PREFIX + "profile"
@@ -146,7 +146,7 @@ def ceiling(seconds: int) -> None:
     try:
         apps.migrate(url)
         command = ["pgbench", "-n", "-M", "prepared", "-c", "16", "-j", "2", "-T", str(seconds)]
-        command += ["-f", str(apps.BENCH / "pgbench" / "create.sql"), url]
+        command += ["-f", str(create_script()), url]
         bench = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         time.sleep(1)
         with psycopg.connect(url, autocommit=True) as conn:

@@ -95,6 +95,27 @@ async def check_idle(conn: psycopg.AsyncConnection) -> None:
         raise psycopg.OperationalError("the server closed this connection while it was idle")
 
 
+class Borrowed:
+    """`async with Borrowed(pool) as conn`: one pooled connection, for one request.
+
+    What pool.connection() does for our autocommit connections (putconn rolls
+    back whatever was left open), as a plain class: no generator context
+    managers, and no lock around a no-op commit.
+    """
+
+    __slots__ = ("conn", "pool")
+
+    def __init__(self, pool: AsyncConnectionPool) -> None:
+        self.pool = pool
+
+    async def __aenter__(self) -> psycopg.AsyncConnection:
+        self.conn = await self.pool.getconn()
+        return self.conn
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.pool.putconn(self.conn)
+
+
 def create_pool(conninfo: str, *, max_size: int = 16) -> AsyncConnectionPool:
     return AsyncConnectionPool(
         conninfo,

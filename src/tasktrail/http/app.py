@@ -1,4 +1,4 @@
-"""The application: pool, dependencies, routes, and every error as problem+json."""
+"""The application: pool, routes, and every error as problem+json."""
 
 from __future__ import annotations
 
@@ -15,8 +15,7 @@ import psycopg
 import psycopg_pool
 from litestar import Litestar, Request, Response
 from litestar.config.cors import CORSConfig
-from litestar.datastructures import MutableScopeHeaders, State
-from litestar.di import Provide
+from litestar.datastructures import MutableScopeHeaders
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -137,18 +136,6 @@ def _allow_every_method(message: Message, scope: Scope) -> None:
         MutableScopeHeaders.from_message(message)["allow"] = ", ".join(sorted(methods))
 
 
-async def provide_connection(state: State) -> AsyncIterator[psycopg.AsyncConnection]:
-    # getconn/putconn rather than pool.connection(): the same for autocommit
-    # connections (putconn rolls back whatever a request left open), without
-    # two more context managers and a lock around a no-op commit per request.
-    pool = state.pool
-    conn = await pool.getconn()
-    try:
-        yield conn
-    finally:
-        await pool.putconn(conn)
-
-
 def create_app(database_url: str | None = None, api_keys: Sequence[auth.Key] | None = None) -> Litestar:
     """The app, on DATABASE_URL and the configured API keys unless given others (migrations are the caller's)."""
     conninfo = database_url or os.environ["DATABASE_URL"]
@@ -173,7 +160,6 @@ def create_app(database_url: str | None = None, api_keys: Sequence[auth.Key] | N
 
     return Litestar(
         route_handlers=[*tasks.ROUTES, *history.ROUTES, *events.ROUTES, *health.ROUTES],
-        dependencies={"conn": Provide(provide_connection)},
         lifespan=[lifespan],
         middleware=[request_ids],
         guards=auth.guards(keys),

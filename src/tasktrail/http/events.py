@@ -26,7 +26,15 @@ from tasktrail.http.auth import SECURITY
 from tasktrail.http.body import invalid
 from tasktrail.http.history import EventView, event_view
 from tasktrail.http.problems import problems
-from tasktrail.http.tasks import ERRORS, Connection, JsonReply, documented, json_response, not_found, parse_task_id
+from tasktrail.http.tasks import (
+    ERRORS,
+    JsonReply,
+    connection,
+    documented,
+    json_response,
+    not_found,
+    parse_task_id,
+)
 from tasktrail.live import Listener
 from tasktrail.projections import tasks as tasks_view
 
@@ -96,11 +104,12 @@ STREAMED = ResponseSpec(
     responses={200: documented(Feed, "events after the cursor, and the cursor to read on from")} | problems(*ERRORS),
 )
 async def feed(
-    conn: Connection, after: AfterParameter = None, limit: Annotated[int, QueryParameter(ge=1, le=1000)] = 100
+    request: Request, after: AfterParameter = None, limit: Annotated[int, QueryParameter(ge=1, le=1000)] = 100
 ) -> JsonReply:
     """Every event in commit-safe order, after a cursor; next_cursor is there even on an empty page."""
     cursor = decode_cursor("after", after) if after else eventstore.START
-    page = await eventstore.read_feed(conn, cursor, limit=limit)
+    async with connection(request) as conn:
+        page = await eventstore.read_feed(conn, cursor, limit=limit)
     events = [item(event) for event in page.events]
     return json_response(Feed(events, encode_cursor(page.next_after)))
 

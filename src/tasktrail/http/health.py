@@ -7,7 +7,7 @@ from litestar import Request, get
 
 from tasktrail.http.auth import PUBLIC
 from tasktrail.http.problems import problems
-from tasktrail.http.tasks import JsonReply, documented, json_response
+from tasktrail.http.tasks import JsonReply, connection, documented, json_response
 
 
 class Health(msgspec.Struct):
@@ -23,7 +23,7 @@ async def health() -> JsonReply:
 @get("/health/ready", opt=PUBLIC, responses={200: documented(Health, "the database answers")} | problems(503))
 async def ready(request: Request) -> JsonReply:
     """The database answers: 200, else 503."""
-    async with request.app.state.pool.connection() as conn:
+    async with connection(request) as conn:
         await conn.execute("SELECT 1")
     return json_response(Health("ready"))
 

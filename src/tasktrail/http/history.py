@@ -6,7 +6,7 @@ from datetime import datetime
 from typing import Annotated, Any
 
 import msgspec
-from litestar import get
+from litestar import Request, get
 from litestar.params import FromPath, QueryParameter
 
 from tasktrail import eventstore
@@ -14,7 +14,7 @@ from tasktrail.domain.events import to_data, type_of
 from tasktrail.domain.task import TaskNotFound
 from tasktrail.http.auth import SECURITY
 from tasktrail.http.problems import problems
-from tasktrail.http.tasks import ERRORS, Connection, JsonReply, documented, json_response, parse_task_id
+from tasktrail.http.tasks import ERRORS, JsonReply, connection, documented, json_response, parse_task_id
 
 
 class EventView(msgspec.Struct):
@@ -51,14 +51,15 @@ class History(msgspec.Struct):
     responses={200: documented(History, "the events; a full page has a Link to the next")} | problems(*ERRORS, 404),
 )
 async def history(
-    conn: Connection,
+    request: Request,
     task_id: FromPath[str],
     after_version: Annotated[int, QueryParameter(ge=0, le=2**31 - 1)] = 0,
     limit: Annotated[int, QueryParameter(ge=1, le=1000)] = 100,
 ) -> JsonReply:
     """The task's events in version order, deleted tasks included; the next page is in the Link header."""
     uuid = parse_task_id(task_id)
-    page = await eventstore.read_stream(conn, uuid, after_version=after_version, limit=limit)
+    async with connection(request) as conn:
+        page = await eventstore.read_stream(conn, uuid, after_version=after_version, limit=limit)
     if not page and after_version == 0:
         raise TaskNotFound(f"task {task_id} not found")
     headers = {}

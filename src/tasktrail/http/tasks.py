@@ -13,12 +13,11 @@ from uuid import UUID
 import msgspec
 import psycopg
 from litestar import Request, delete, get, patch, post
-from litestar.di import NamedDependency
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import FromPath, HeaderParameter, JSONBody, QueryParameter
 from litestar.types import Receive, Scope, Send
 
-from tasktrail import eventstore, writer
+from tasktrail import db, eventstore, writer
 from tasktrail.domain.task import CreateTask, DeleteTask, Status, Task, TaskNotFound, UpdateTask, fold
 from tasktrail.http.auth import SECURITY
 from tasktrail.http.body import MAX_BODY_BYTES, Strict, check_json, invalid
@@ -27,7 +26,6 @@ from tasktrail.projections import stats
 from tasktrail.projections import tasks as tasks_view
 
 JSON = "application/json"
-Connection = NamedDependency[psycopg.AsyncConnection]
 _encode = msgspec.json.Encoder().encode
 
 # Filters: an empty value means no filter, as in the seed (`?status=` lists everything).
@@ -137,6 +135,15 @@ async def not_found(conn: psycopg.AsyncConnection, task_id: UUID) -> TaskNotFoun
     return TaskNotFound(f"task {task_id} not found")
 
 
+def connection(request: Request) -> db.Borrowed:
+    """`async with connection(request) as conn`: a pooled connection for the handler.
+
+    Taken in the handler rather than as a Litestar dependency, whose generator
+    cleanup costs 15 us of CPU per request (measured against this).
+    """
+    return db.Borrowed(request.app.state.pool)
+
+
 def metadata(request: Request, **extra: str) -> dict[str, Any]:
     """What the log records of a request beside the event: its id, and the API key's name as the actor."""
     actor = request.state.get("actor")
@@ -159,12 +166,13 @@ IdempotencyKey = Annotated[
     | problems(*ERRORS, 404, 409, 413),
 )
 async def create_task(
-    request: Request, conn: Connection, data: JSONBody[CreateTask], idempotency_key: IdempotencyKey = None
+    request: Request, data: JSONBody[CreateTask], idempotency_key: IdempotencyKey = None
 ) -> JsonReply:
     """Create a task; a repeat with the same Idempotency-Key and body returns the first one's task."""
     check_json("params", data.params)
     extra = {} if idempotency_key is None else {"idempotency_key": idempotency_key}
-    task = await writer.create(conn, data, metadata(request, **extra), idempotency_key)
+    async with connection(request) as conn:
+        task = await writer.create(conn, data, metadata(request, **extra), idempotency_key)
     return task_response(task, 201, {"Location": f"/tasks/{task.task_id}"})
 
 
@@ -192,7 +200,6 @@ async def _as_it_was(conn: psycopg.AsyncConnection, uuid: UUID, version: int | N
 )
 async def get_task(
     request: Request,
-    conn: Connection,
     task_id: FromPath[str],
     version: Annotated[int | None, QueryParameter(ge=1, le=2**31 - 1)] = None,
     as_of: Annotated[datetime | None, QueryParameter()] = None,
@@ -201,13 +208,14 @@ async def get_task(
     uuid = parse_task_id(task_id)
     if version is not None and as_of is not None:
         raise invalid("as_of", "give version or as_of, not both")
-    if version is not None or as_of is not None:
-        task = await _as_it_was(conn, uuid, version, None if as_of is None else _aware(as_of))
-    else:
-        found = await tasks_view.get(conn, uuid)
-        if found is None:
-            raise await not_found(conn, uuid)
-        task = found
+    async with connection(request) as conn:
+        if version is not None or as_of is not None:
+            task = await _as_it_was(conn, uuid, version, None if as_of is None else _aware(as_of))
+        else:
+            found = await tasks_view.get(conn, uuid)
+            if found is None:
+                raise await not_found(conn, uuid)
+            task = found
     cached = request.headers.get("if-none-match")
     if cached is not None and ((tags := matching_versions(cached)) is None or task.version in tags):
         return JsonReply(b"", 304, {"ETag": f'"{task.version}"'})
@@ -227,18 +235,17 @@ def _aware(moment: datetime) -> datetime:
     return_dto=None,
     responses={200: documented(Task, "the task after the change")} | problems(*ERRORS, 404, 409, 412, 413),
 )
-async def update_task(
-    request: Request, conn: Connection, task_id: FromPath[str], data: JSONBody[UpdateTask]
-) -> JsonReply:
+async def update_task(request: Request, task_id: FromPath[str], data: JSONBody[UpdateTask]) -> JsonReply:
     """Change status, progress, result or error; If-Match makes it conditional on the version."""
     uuid = parse_task_id(task_id)
     if data == UpdateTask():
         raise invalid("body", "give at least one of status, progress, result, error")
     check_json("result", data.result)
-    try:
-        task = await writer.change(conn, uuid, data, metadata(request), expected_versions(request))
-    except TaskNotFound:
-        raise await not_found(conn, uuid) from None
+    async with connection(request) as conn:
+        try:
+            task = await writer.change(conn, uuid, data, metadata(request), expected_versions(request))
+        except TaskNotFound:
+            raise await not_found(conn, uuid) from None
     assert task is not None
     return task_response(task)
 
@@ -249,13 +256,14 @@ async def update_task(
     status_code=200,
     responses={200: documented(Deleted, "the task is deleted; its history is kept")} | problems(*ERRORS, 404, 409, 412),
 )
-async def delete_task(request: Request, conn: Connection, task_id: FromPath[str]) -> JsonReply:
+async def delete_task(request: Request, task_id: FromPath[str]) -> JsonReply:
     """Delete the task (its history stays); If-Match makes it conditional on the version."""
     uuid = parse_task_id(task_id)
-    try:
-        await writer.change(conn, uuid, DeleteTask(), metadata(request), expected_versions(request))
-    except TaskNotFound:
-        raise await not_found(conn, uuid) from None
+    async with connection(request) as conn:
+        try:
+            await writer.change(conn, uuid, DeleteTask(), metadata(request), expected_versions(request))
+        except TaskNotFound:
+            raise await not_found(conn, uuid) from None
     return json_response(Deleted())
 
 
@@ -289,7 +297,6 @@ def _decode_cursor(cursor: str) -> int:
 )
 async def list_tasks(
     request: Request,
-    conn: Connection,
     status: StatusFilter = None,
     task_type: TaskTypeFilter = None,
     skip: Annotated[int, QueryParameter(ge=0, le=1_000_000_000)] = 0,
@@ -297,14 +304,11 @@ async def list_tasks(
     cursor: Annotated[str | None, QueryParameter(max_length=100, pattern=CURSOR)] = None,
 ) -> JsonReply:
     """Live tasks, newest first; the next page's URL is in the Link header."""
-    page = await tasks_view.list_page(
-        conn,
-        status=status_filter(status),
-        task_type=task_type or None,
-        before=None if cursor is None else _decode_cursor(cursor),
-        skip=skip,
-        limit=limit,
-    )
+    before = None if cursor is None else _decode_cursor(cursor)
+    async with connection(request) as conn:
+        page = await tasks_view.list_page(
+            conn, status=status_filter(status), task_type=task_type or None, before=before, skip=skip, limit=limit
+        )
     headers = {}
     if len(page) == limit:
         query = {k: v for k, v in request.query_params.items() if k not in ("cursor", "skip")}
@@ -318,9 +322,11 @@ async def list_tasks(
     security=SECURITY,
     responses={200: documented(Summary, "counts per status")} | problems(*ERRORS),
 )
-async def stats_summary(conn: Connection, task_type: TaskTypeFilter = None) -> JsonReply:
+async def stats_summary(request: Request, task_type: TaskTypeFilter = None) -> JsonReply:
     """Counts per status, from the counters (never by counting rows)."""
-    return json_response(Summary(**await stats.summary(conn, task_type or None)))
+    async with connection(request) as conn:
+        counts = await stats.summary(conn, task_type or None)
+    return json_response(Summary(**counts))
 
 
 @post(
@@ -330,11 +336,11 @@ async def stats_summary(conn: Connection, task_type: TaskTypeFilter = None) -> J
     opt={"scope": "admin"},
     responses={200: documented(CleanedUp, "how many finished tasks were deleted")} | problems(*ERRORS, 409),
 )
-async def cleanup(
-    request: Request, conn: Connection, days: Annotated[int, QueryParameter(ge=0, le=100_000)] = 30
-) -> JsonReply:
+async def cleanup(request: Request, days: Annotated[int, QueryParameter(ge=0, le=100_000)] = 30) -> JsonReply:
     """Delete finished tasks completed more than `days` days ago."""
-    return json_response(CleanedUp(await writer.cleanup(conn, days, metadata(request))))
+    async with connection(request) as conn:
+        deleted = await writer.cleanup(conn, days, metadata(request))
+    return json_response(CleanedUp(deleted))
 
 
 ROUTES = [create_task, get_task, update_task, delete_task, list_tasks, stats_summary, cleanup]
