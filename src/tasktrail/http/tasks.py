@@ -146,8 +146,9 @@ def connection(request: Request) -> db.Borrowed:
 
 def metadata(request: Request, **extra: str) -> dict[str, Any]:
     """What the log records of a request beside the event: its id, and the API key's name as the actor."""
-    actor = request.state.get("actor")
-    return {"request_id": request.state.request_id} | ({} if actor is None else {"actor": actor}) | extra
+    state = request.scope["state"]  # the dict itself: request.state wraps it anew on every access
+    actor = state.get("actor")
+    return {"request_id": state["request_id"]} | ({} if actor is None else {"actor": actor}) | extra
 
 
 IdempotencyKey = Annotated[
