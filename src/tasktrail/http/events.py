@@ -173,7 +173,7 @@ async def stream_all(request: Request, after: AfterParameter = None, last_event_
     listener: Listener = request.app.state.live
     cursor = resume_from(last_event_id, after)
     if cursor is None:
-        async with listener.pool.connection() as conn:
+        async with connection(request) as conn:
             cursor = await eventstore.head(conn)
     return event_stream(frames(listener, cursor))
 
@@ -209,7 +209,7 @@ async def stream_task(
     uuid = parse_task_id(task_id)
     listener: Listener = request.app.state.live
     resume = resume_from(last_event_id, after)
-    async with listener.pool.connection() as conn:
+    async with connection(request) as conn:
         cur = await conn.execute(TASK_STREAM_START, {"task_id": uuid})
         row = await cur.fetchone()
         assert row is not None
