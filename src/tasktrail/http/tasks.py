@@ -178,13 +178,23 @@ async def create_task(
 
 
 async def _as_it_was(conn: psycopg.AsyncConnection, uuid: UUID, version: int | None, as_of: datetime | None) -> Task:
+    """The task at a version (404 unless it has that version) or at a moment (404 before creation or after deletion).
+
+    A moment after the last event is the state now: the task has not changed since.
+    A version after the last does not exist (yet): answering the latest state
+    instead would pass off another version as the one asked for.
+    """
     history = await eventstore.read_stream_until(conn, uuid, version=version, as_of=as_of)
-    when = f"version {version}" if version is not None else f"{as_of:%Y-%m-%dT%H:%M:%S.%f%z}"
+    when = f"version {version}" if version is not None else as_of.isoformat()  # type: ignore[union-attr]
     if not history:
         if await eventstore.read_stream(conn, uuid, limit=1):
             raise TaskNotFound(f"task {uuid} did not exist yet at {when}")
         raise TaskNotFound(f"task {uuid} not found")
     task = fold(s.recorded for s in history)
+    last = history[-1].recorded.version
+    if version is not None and last < version:
+        versions = f"{last} version{'s' * (last > 1)}" + (" (the last deleted it)" if task is None else "")
+        raise TaskNotFound(f"task {uuid} has only {versions}: there is no version {version}")
     if task is None:
         raise TaskNotFound(f"task {uuid} had been deleted by {when}")
     return task
