@@ -17,11 +17,22 @@ from psycopg_pool import AsyncConnectionPool
 DEFAULT_DATA_DIR = Path(".tasktrail")
 EMBEDDED_DATABASE = "tasktrail"
 
-# Every connection: UTC timestamps, and no statement or idle transaction that
-# holds a connection for ever (TASKTRAIL_STATEMENT_TIMEOUT overrides the first).
+# Every connection: UTC timestamps, and no statement, lock wait or idle
+# transaction that holds a connection for ever (TASKTRAIL_STATEMENT_TIMEOUT and
+# TASKTRAIL_LOCK_TIMEOUT override the first two).
 STATEMENT_TIMEOUT = "30s"
-_SESSION = "-c TimeZone=UTC -c statement_timeout={} -c idle_in_transaction_session_timeout=60s"
-SESSION_OPTIONS = _SESSION.format(STATEMENT_TIMEOUT)  # the defaults; connect_kwargs() applies the override
+# A write waits on a lock only while another transaction that changed the same
+# task (or claimed the same Idempotency-Key) is still open. Ours are one
+# statement each and hold their locks for milliseconds, so a wait of seconds
+# means a transaction left open elsewhere (a psql session, a stuck batch job):
+# better to give the connection back and answer a retryable 503 than to hold
+# one of the pool's connections for the whole statement timeout while more
+# requests queue behind the same lock and the pool runs dry. 5 s is far above
+# any wait between our own writers, even under load.
+LOCK_TIMEOUT = "5s"
+_SESSION = "-c TimeZone=UTC -c statement_timeout={} -c lock_timeout={} -c idle_in_transaction_session_timeout=60s"
+# The defaults; connect_kwargs() applies the overrides.
+SESSION_OPTIONS = _SESSION.format(STATEMENT_TIMEOUT, LOCK_TIMEOUT)
 _DURATION = re.compile(r"[1-9][0-9]*(?:ms|s|min)?")
 
 # A request waits at most this long for a pooled connection, then answers 503:
@@ -69,15 +80,23 @@ def resolve(data_dir: Path = DEFAULT_DATA_DIR) -> tuple[str, Any]:
     return server.get_uri(EMBEDDED_DATABASE), server
 
 
-def statement_timeout() -> str:
-    value = os.environ.get("TASKTRAIL_STATEMENT_TIMEOUT", STATEMENT_TIMEOUT)
+def _duration(variable: str, default: str) -> str:
+    value = os.environ.get(variable, default)
     if not _DURATION.fullmatch(value):
-        raise ValueError(f"TASKTRAIL_STATEMENT_TIMEOUT={value!r}: give a duration such as 30s, 500ms or 2min")
+        raise ValueError(f"{variable}={value!r}: give a duration such as 30s, 500ms or 2min")
     return value
 
 
+def statement_timeout() -> str:
+    return _duration("TASKTRAIL_STATEMENT_TIMEOUT", STATEMENT_TIMEOUT)
+
+
+def lock_timeout() -> str:
+    return _duration("TASKTRAIL_LOCK_TIMEOUT", LOCK_TIMEOUT)
+
+
 def connect_kwargs() -> dict[str, Any]:
-    options = _SESSION.format(statement_timeout())
+    options = _SESSION.format(statement_timeout(), lock_timeout())
     return {"autocommit": True, "options": options, "connect_timeout": CONNECT_TIMEOUT} | KEEPALIVES
 
 

@@ -86,6 +86,26 @@ def _unavailable(_: Request, exc: Exception) -> Response[bytes]:
     return problem(503, detail, headers={"Retry-After": "1"})
 
 
+def _locked(request: Request, exc: psycopg.errors.LockNotAvailable) -> Response[bytes]:
+    # The context names the relation waited on ('while updating tuple (0,1) in relation "tasks"'), never a value.
+    where = exc.diag.context or ""
+    log.warning("lock timeout on %s %s: %s", request.method, request.url.path, where.strip() or exc)
+    if "idempotency_keys" in where:
+        detail = "the Idempotency-Key is held by another request still in progress; try again shortly"
+    elif request.method in ("GET", "HEAD"):
+        detail = "what this request reads is locked by another transaction; try again shortly"
+    else:
+        detail = "the task is locked by another transaction; try again shortly"
+    return problem(503, detail, headers={"Retry-After": "1"})
+
+
+def _unstorable(request: Request, exc: psycopg.DataError) -> Response[bytes]:
+    # Input the decoders let through but PostgreSQL cannot hold (a NUL in text,
+    # a value out of a column's range): the request's fault, not the server's.
+    log.warning("refused a value on %s %s: %s", request.method, request.url.path, exc.diag.message_primary or exc)
+    return problem(422, "a value in the request cannot be stored: " + (exc.diag.message_primary or str(exc)))
+
+
 def _outdated(_: Request, exc: ProjectionOutdated) -> Response[bytes]:
     log.error("refusing a write: %s", exc)
     return problem(503, "the service is being upgraded; try again shortly")
@@ -184,6 +204,8 @@ def create_app(database_url: str | None = None, api_keys: Sequence[auth.Key] | N
             ValidationException: _invalid_parameter,
             HTTPException: _http,
             psycopg.OperationalError: _unavailable,
+            psycopg.errors.LockNotAvailable: _locked,
+            psycopg.DataError: _unstorable,
             psycopg_pool.PoolTimeout: _unavailable,
             ProjectionOutdated: _outdated,
             Exception: _unexpected,
