@@ -150,14 +150,21 @@ def free_port() -> int:
 class Server:
     """`tasktrail [args] serve` in a real process on a free loopback port; its log in a file."""
 
-    def __init__(self, env: dict[str, str], *args: str, log_dir: Path, serve_args: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        env: dict[str, str],
+        *args: str,
+        log_dir: Path,
+        serve_args: tuple[str, ...] = (),
+        launcher: tuple[str, ...] = (sys.executable, "-m", "tasktrail"),
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_dir / f"server-{self.port}.log"
-        command = [sys.executable, "-m", "tasktrail", *args, "serve", "--host", "127.0.0.1", "--port", str(self.port)]
+        command = [*launcher, *args, "serve", "--host", "127.0.0.1", "--port", str(self.port)]
         command += serve_args
         with self.log_path.open("wb") as log:
-            self.process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
         try:
             self.wait_until_up()
         except BaseException:

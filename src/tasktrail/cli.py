@@ -6,18 +6,42 @@ import argparse
 import ipaddress
 import os
 import re
+import signal
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from tasktrail import db, migrations
 
 
 def _database(args: argparse.Namespace) -> tuple[str, object]:
-    url, server = db.resolve(args.data_dir)
+    with _signals_held():
+        url, server = db.resolve(args.data_dir)
     where = "DATABASE_URL" if server is None else f"embedded PostgreSQL in {args.data_dir / 'pgdata'}"
     print(f"tasktrail: database: {where}", file=sys.stderr)
     return url, server
+
+
+@contextmanager
+def _signals_held() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM while the embedded PostgreSQL starts, and act on them once it has.
+
+    pgserver records this process as a holder of the server only at the end of
+    its start; stopped before that, the process would leave behind a server it
+    started. Held until then, the stop runs the exit hooks that stop it.
+    """
+    caught: list[int] = []
+    stops = (signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.signal(sig, lambda sig, _frame: caught.append(sig)) for sig in stops}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for sig in caught[:1]:
+            signal.raise_signal(sig)
 
 
 def _loopback(host: str) -> bool:
@@ -327,4 +351,14 @@ def _key_name(name: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    return args.func(args)
+    # SIGTERM (what systemd, Docker and Kubernetes send) stops a command as
+    # Ctrl-C does: uvicorn finishes the requests in flight, then the exit hooks
+    # run and stop the embedded PostgreSQL. Python's default for SIGTERM is to
+    # die on the spot, running no hook, and uvicorn, once it has shut down,
+    # raises the signal again under that default.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("tasktrail: stopped", file=sys.stderr)
+        return 130

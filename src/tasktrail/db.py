@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
 import select
@@ -54,14 +55,60 @@ set_json_loads(msgspec.json.decode)
 
 
 def start_embedded(data_dir: Path, cleanup_mode: str = "stop") -> Any:
-    """Start (or reuse) the embedded PostgreSQL kept in data_dir; stopped at exit."""
+    """Start (or reuse) the embedded PostgreSQL kept in data_dir; stopped at exit by the last process using it."""
     with warnings.catch_warnings():
         # platformdirs warns when XDG_RUNTIME_DIR is unset; pgserver then uses /tmp.
         warnings.simplefilter("ignore")
         import pgserver
 
         data_dir.mkdir(parents=True, exist_ok=True)
-        return pgserver.get_server(data_dir.resolve() / "pgdata", cleanup_mode=cleanup_mode)
+        pgdata = data_dir.resolve() / "pgdata"
+        forget_gone_handles(pgdata)
+        server = pgserver.get_server(pgdata, cleanup_mode=cleanup_mode)
+        # atexit runs hooks last in, first out: this runs just before pgserver's own, which stops the server.
+        atexit.register(forget_gone_handles, pgdata)
+        return server
+
+
+# pgserver stops its server when the last process holding a handle to it
+# exits. It keeps the holders' process ids in pgdata/.handle_pids.json, and an
+# id leaves the list only through its own process's atexit hook, which a
+# SIGKILL, a crash or a signal Python does not handle never runs. One such id
+# and the list never empties again: no later process ever stops the server,
+# not even after a clean Ctrl-C. So each start and each exit first drops the
+# ids of processes that are gone. A process that took an id after its holder
+# died is gone too, for this purpose: every holder wrote the list after it
+# started, so a process that started after the list's last write (with a
+# margin for the coarse clock of process start times) cannot be a holder.
+HANDLES = ".handle_pids.json"
+_START_MARGIN = 2.0  # seconds
+
+
+def forget_gone_handles(pgdata: Path) -> list[int]:
+    """Remove the ids of gone processes from pgserver's handle list; the ids kept."""
+    import psutil
+    from pgserver.postgres_server import PostgresServer
+    from pgserver.utils import DiskList
+
+    path = pgdata / HANDLES
+    with PostgresServer._lock:
+        if not path.exists():
+            return []
+        handles = DiskList(path)
+        listed = handles.get()
+        written = path.stat().st_mtime + _START_MARGIN
+        kept = [pid for pid in listed if _holder(psutil, pid, written)]
+        if kept != listed:
+            handles.put(kept)
+        return kept
+
+
+def _holder(psutil: Any, pid: int, written: float) -> bool:
+    try:
+        process = psutil.Process(pid)
+        return process.status() != psutil.STATUS_ZOMBIE and process.create_time() <= written
+    except psutil.NoSuchProcess:
+        return False
 
 
 def ensure_database(server_url: str, name: str) -> None:

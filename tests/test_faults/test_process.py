@@ -135,7 +135,7 @@ def test_sigterm_finishes_in_flight_requests_and_refuses_new_ones(database_url: 
         response = in_flight.result(timeout=10)
     assert response.status_code == 200
     assert [t["task_id"] for t in response.json()] == [task["task_id"]]
-    assert server.process.wait(timeout=15) == -signal.SIGTERM  # uvicorn re-raises the signal once done
+    assert server.process.wait(timeout=15) == 0  # a stop asked for is a clean exit, with the exit hooks run
     log = server.log()
     assert "Application shutdown complete" in log  # the lifespan closed the pool
     assert "Traceback" not in log, log
