@@ -29,8 +29,8 @@ import os
 import signal
 import threading
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any, TypeVar
 from uuid import UUID
 
 import psycopg
@@ -40,6 +40,7 @@ from tasktrail import db, eventstore
 from tasktrail.eventstore import Cursor, FeedEvent
 
 log = logging.getLogger("tasktrail.live")
+T = TypeVar("T")
 
 # The channel 0005_live.sql notifies; writers notify only while a listener is
 # registered (0008), and a registration clears those of backends that are gone.
@@ -230,6 +231,10 @@ class Listener:
                 subscriber.lagging = True
                 subscriber.wake.set()
 
+    async def _read(self, cursor: Cursor, stream_id: UUID | None) -> eventstore.FeedPage:
+        async with self.pool.connection() as conn:
+            return await eventstore.read_feed(conn, cursor, limit=PAGE, stream_id=stream_id)
+
     async def follow(self, after: Cursor, stream_id: UUID | None = None) -> AsyncIterator[list[Delivery]]:
         """Batches of events after the cursor as they commit, for ever; an empty batch when it is time to ping.
 
@@ -247,8 +252,7 @@ class Listener:
                     # then this stream polls the database by itself.
                     subscriber.lagging = self.cursor is None
                     subscriber.pending.clear()
-                    async with self.pool.connection() as conn:
-                        page = await eventstore.read_feed(conn, cursor, limit=PAGE, stream_id=stream_id)
+                    page = await _uncancelled(self._read(cursor, stream_id))
                     cursor = page.next_after
                     if len(page.events) == PAGE:
                         subscriber.lagging = True
@@ -280,3 +284,22 @@ class Listener:
                 del self.subscribers[stream_id]
             if not self.subscribers:
                 self._wanted.clear()
+
+
+async def _uncancelled(read: Coroutine[Any, Any, T]) -> T:
+    """Await a read that a cancellation of the caller lets finish in the background.
+
+    A stream is cancelled when its client leaves, often during its first read.
+    A query interrupted by a cancellation makes psycopg close the connection, so
+    the pool loses it and must open another: a burst of clients that open a
+    stream and leave at once (a reconnect loop, a scanner) emptied the pool and
+    made every other request wait for a connection. Left to finish, the read
+    returns its connection as any other does.
+    """
+    task = asyncio.ensure_future(read)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        # Nobody waits for the result now; retrieve its error, if any, so asyncio does not log it as lost.
+        task.add_done_callback(lambda done: done.cancelled() or done.exception())
+        raise
