@@ -104,6 +104,8 @@ def serve(args: argparse.Namespace) -> int:
         log_level=args.log_level,
         access_log=args.access_log,
         timeout_graceful_shutdown=10,
+        # By name, like the app: a worker process imports it only once it answers uvicorn's health checks.
+        http="tasktrail.http.protocol:BoundedHead",
     )
     return 0
 

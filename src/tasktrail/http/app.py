@@ -21,7 +21,7 @@ from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from tasktrail import db, eventstore, idempotency, live, writer
 from tasktrail.domain.task import TaskNotFound, TransitionRejected
-from tasktrail.http import auth, events, health, history, openapi, tasks
+from tasktrail.http import auth, events, health, history, openapi, tasks, wellformed
 from tasktrail.http.body import MAX_BODY_BYTES, InvalidInput, MalformedBody
 from tasktrail.http.problems import problem
 from tasktrail.projections import ProjectionOutdated
@@ -181,10 +181,10 @@ def create_app(database_url: str | None = None, api_keys: Sequence[auth.Key] | N
     return Litestar(
         route_handlers=[*tasks.ROUTES, *history.ROUTES, *events.ROUTES, *health.ROUTES],
         lifespan=[lifespan],
-        middleware=[request_ids],
+        middleware=[request_ids, wellformed.wellformed],
         guards=auth.guards(keys),
         openapi_config=openapi.CONFIG,
-        plugins=[openapi.JsonObjects()],
+        plugins=[openapi.JsonObjects(), wellformed.Shapes()],
         request_max_body_size=MAX_BODY_BYTES,
         # Browsers on other origins (the seed's front end) may call the API and read its headers.
         cors_config=CORSConfig(

@@ -51,7 +51,8 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 # A cursor is "<transaction id>-<position>": opaque to clients (they only hand
 # it back), plain enough for the OpenAPI schema to say exactly which are valid.
-CURSOR = r"^\d{1,18}-\d{1,18}$"
+# [0-9], not \d: in Python \d is any Unicode digit, and int() reads "١٢" as 12.
+CURSOR = r"^[0-9]{1,18}-[0-9]{1,18}$"
 
 
 AfterParameter = Annotated[str | None, QueryParameter(max_length=100, pattern=CURSOR)]

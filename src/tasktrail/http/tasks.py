@@ -111,8 +111,14 @@ def matching_versions(header: str) -> frozenset[int] | None:
     return frozenset(int(m[1]) for part in header.split(",") if (m := _TAG.fullmatch(part)))
 
 
+def list_header(request: Request, name: str) -> str | None:
+    """A list-valued header, its repeats joined as RFC 9110 says they may be (`If-Match: "1"` twice is one list)."""
+    values = request.headers.getall(name, [])
+    return ", ".join(values) if values else None
+
+
 def expected_versions(request: Request) -> frozenset[int] | None:
-    header = request.headers.get("if-match")
+    header = list_header(request, "if-match")
     return None if header is None else matching_versions(header)
 
 
@@ -227,7 +233,7 @@ async def get_task(
             if found is None:
                 raise await not_found(conn, uuid)
             task = found
-    cached = request.headers.get("if-none-match")
+    cached = list_header(request, "if-none-match")
     if cached is not None and ((tags := matching_versions(cached)) is None or task.version in tags):
         return JsonReply(b"", 304, {"ETag": f'"{task.version}"'})
     return task_response(task)
