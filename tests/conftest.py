@@ -6,6 +6,7 @@ migrated template, so tests never see each other's events.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -20,6 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import psutil
 import psycopg
 import pytest
 from litestar.testing import AsyncTestClient
@@ -168,9 +170,20 @@ class Server:
         try:
             self.wait_until_up()
         except BaseException:
-            self.process.kill()
-            self.process.wait()
+            self.kill()
             raise
+
+    def kill(self) -> None:
+        """SIGKILL the process and what it started: uvicorn's workers (or, under uv, the server) would live on."""
+        try:
+            children = psutil.Process(self.process.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            children = []
+        self.process.kill()
+        self.process.wait()
+        for child in children:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -194,8 +207,7 @@ class Server:
             try:
                 self.process.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+                self.kill()
         return self.process.returncode
 
 
