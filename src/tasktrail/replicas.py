@@ -147,9 +147,11 @@ def split_urls(value: str) -> list[str]:
     """
     urls: list[str] = []
     for piece in value.split(","):
+        if not piece.strip():
+            continue
         if urls and not re.match(r"\s*(?:postgres(?:ql)?://|\w+\s*=)", piece):
             urls[-1] += "," + piece
-        elif piece.strip():
+        else:
             urls.append(piece.strip())
     return urls
 
@@ -163,7 +165,10 @@ def describe(conninfo: str) -> str:
 
 
 def max_lag_from(value: str | float) -> float:
-    seconds = float(value)
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
     if not (math.isfinite(seconds) and 0 < seconds <= 86_400):
         raise ValueError(f"the replica max lag must be a number of seconds above 0 (up to 86400), not {value!r}")
     return seconds
@@ -181,7 +186,7 @@ def check_url(url: str) -> None:
     try:
         conninfo_to_dict(url)
     except psycopg.ProgrammingError as exc:
-        raise ValueError(f"replica {url!r} is not a PostgreSQL connection string: {exc}") from None
+        raise ValueError(f"replica {url!r} is not a PostgreSQL connection string: {str(exc).strip()}") from None
 
 
 class PrimaryPositions:
