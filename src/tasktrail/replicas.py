@@ -201,6 +201,12 @@ class PrimaryPositions:
     def add(self, at: float, position: int) -> None:
         if self.seen and position <= self.seen[-1][1]:
             return  # the primary has not moved: it is the first sighting that counts
+        if self.seen and at - self.seen[-1][0] < self.keep / 1000:
+            # Sightings closer than this share one: a replica between the two counts
+            # as behind since the first (a little early), and `seen` holds at most a
+            # thousand or so whatever the max lag.
+            self.seen[-1] = (self.seen[-1][0], position)
+            return
         self.seen.append((at, position))
         while len(self.seen) > 1 and self.seen[1][0] < at - self.keep:
             self.seen.popleft()
@@ -247,7 +253,7 @@ class Replicas:
         self.primary = primary
         self.replicas = [Replica(url) for url in urls]
         self.max_lag = max_lag
-        self.interval = min(0.25, max_lag / 10)
+        self.interval = max(0.05, min(0.25, max_lag / 10))
         self.positions = PrimaryPositions(keep=2 * max_lag + 1)
         self.serving: list[Replica] = []
         self._turn = 0
@@ -270,6 +276,10 @@ class Replicas:
                 await conn.close()
         for replica in self.replicas:
             await _close_pool(replica)
+
+    def status(self) -> list[tuple[str, str, float]]:
+        """Each replica's name, state (one of STATES) and lag in seconds: what /metrics shows of them."""
+        return [(replica.name, replica.state, replica.lag) for replica in self.replicas]
 
     # --- writes ---------------------------------------------------------------
 

@@ -61,6 +61,16 @@ def test_lag_is_how_long_a_replica_has_been_behind_the_oldest_position_it_lacks(
     assert seen.behind(3950, 40.0) == (1.0, True)
 
 
+def test_sightings_close_together_share_one_so_a_long_max_lag_keeps_few() -> None:
+    seen = PrimaryPositions(keep=2 * 86_400 + 1)
+    for i in range(100_000):
+        seen.add(i * 0.25, 100 * (i + 1))  # four checks a second, the primary always moving
+    assert len(seen.seen) < 200
+    at, position = seen.seen[-1]
+    assert position == 100 * 100_000
+    assert seen.behind(position - 1, 25_000.0)[0] >= 25_000.0 - at  # counted from the shared sighting: not less
+
+
 def test_no_position_seen_yet_is_not_level() -> None:
     assert PrimaryPositions(keep=11).behind(100, 5.0) == (0.0, False)
 

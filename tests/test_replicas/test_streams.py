@@ -20,15 +20,9 @@ from tests.test_replicas.conftest import Database, until_serving
 TIMEOUT = httpx.Timeout(30)
 
 
-def events_scanned_on(pair: Pair, database: Database) -> int:
-    """How often the standby has read the events table (its own statistics: reads served there)."""
-    with pair.standby.connect(database.name) as conn:
-        conn.execute("SELECT pg_stat_clear_snapshot()")
-        row = conn.execute(
-            "SELECT coalesce(seq_scan, 0) + coalesce(idx_scan, 0) FROM pg_stat_user_tables WHERE relname = 'events'"
-        ).fetchone()
-    assert row is not None
-    return row[0]
+def feed_read_on_standby(pair: Pair, database: Database) -> bool:
+    """Whether a session on the standby last ran the feed's query (pg_stat_activity: live, unlike the statistics)."""
+    return any("AS held_back" in backend["query"] for backend in pair.standby_backends(database.name))
 
 
 @pytest.fixture
@@ -39,7 +33,7 @@ def server(database: Database, tmp_path: Path) -> Iterator[str]:
         "TASKTRAIL_POLL_SECONDS": "30",
         "TASKTRAIL_SSE_PING_SECONDS": "0.5",
     }
-    process = Server(env, log_dir=tmp_path, serve_args=("--replica", database.replica, "--replica-max-lag", "3"))
+    process = Server(env, log_dir=tmp_path, serve_args=("--replica", database.replica, "--replica-max-lag", "30"))
     yield process.url
     assert process.stop(signal.SIGINT) == 0, process.log()
 
@@ -47,7 +41,6 @@ def server(database: Database, tmp_path: Path) -> Iterator[str]:
 def test_a_task_stream_sees_every_event_while_the_standby_replays_or_pauses(
     server: str, pair: Pair, database: Database
 ) -> None:
-    scanned = events_scanned_on(pair, database)
     with httpx.Client(base_url=server, timeout=TIMEOUT) as http:
         made = http.post("/tasks/", json={"task_type": "streamed"})
         task_id = made.json()["task_id"]
@@ -70,7 +63,7 @@ def test_a_task_stream_sees_every_event_while_the_standby_replays_or_pauses(
     assert [m.json()["version"] for m in got] == list(range(2, 23))
     assert [m.json()["data"].get("progress") for m in got[:20]] == list(range(1, 21))
     assert got[-1].event == "TaskCompleted"
-    assert events_scanned_on(pair, database) > scanned  # the stream's events were read on the standby
+    assert feed_read_on_standby(pair, database)  # the stream's events were read there
 
 
 def test_the_global_stream_resumes_from_any_server_with_nothing_missed_or_repeated(
