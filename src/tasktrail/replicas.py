@@ -296,21 +296,16 @@ class Replicas:
         if not self.replicas:
             async with db.Borrowed(self.primary) as conn:
                 return await fetch(conn)
-        replica = self._choose(wanted(scope["headers"]))
-        if replica is not None and replica.pool is not None:
-            try:
-                async with db.Borrowed(replica.pool) as conn:
-                    return await fetch(conn)
-            except (psycopg.Error, PoolTimeout) as exc:
-                self._failed(replica, exc)
-        async with db.Borrowed(self.primary) as conn:
-            return await fetch(conn)
+        return await self._on(self._choose(wanted(scope["headers"])), fetch)
 
     async def read_steadily(
         self, fetch: Callable[[psycopg.AsyncConnection], Awaitable[T]], *, primary: bool = False
     ) -> T:
         """fetch(conn) on the first serving replica (the one the listener reads), else (or if asked) the primary."""
-        replica = None if primary or not self.serving else self.serving[0]
+        return await self._on(None if primary or not self.serving else self.serving[0], fetch)
+
+    async def _on(self, replica: Replica | None, fetch: Callable[[psycopg.AsyncConnection], Awaitable[T]]) -> T:
+        """fetch(conn) on the replica; on the primary when there is none, or when the read fails there."""
         if replica is not None and replica.pool is not None:
             try:
                 async with db.Borrowed(replica.pool) as conn:

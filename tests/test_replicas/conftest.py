@@ -7,6 +7,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 from litestar import Litestar
@@ -14,7 +15,7 @@ from litestar.testing import AsyncTestClient
 
 from tasktrail import migrations
 from tasktrail.http.app import create_app
-from tasktrail.replicas import SERVING, Replica
+from tasktrail.replicas import HEADER, SERVING, Replica, lsn
 from tests.conftest import assert_verifies
 from tests.replication import Pair
 
@@ -87,3 +88,18 @@ async def until_serving(client: AsyncTestClient[Litestar]) -> Replica:
     replica = replica_of(client)
     await until(lambda: replica.state == SERVING, "the replica serves reads")
     return replica
+
+
+async def created(client: AsyncTestClient[Litestar], **headers: str) -> tuple[dict[str, Any], str]:
+    """A new task, and the Tasktrail-Read-After token of its create."""
+    response = await client.post("/tasks/", json={"task_type": "replicated"}, headers=headers)
+    assert response.status_code == 201, response.text
+    return response.json(), response.headers[HEADER]
+
+
+async def created_on_replica(client: AsyncTestClient[Litestar]) -> tuple[Replica, dict[str, Any], str]:
+    """Once the replica serves: a new task, its create's token, and the replica seen past that token."""
+    replica = await until_serving(client)
+    task, token = await created(client)
+    await until(lambda: replica.replayed >= lsn(token), "the replica is seen past the create")
+    return replica, task, token

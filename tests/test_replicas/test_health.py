@@ -15,10 +15,10 @@ from litestar import Litestar
 from litestar.testing import AsyncTestClient
 
 from tasktrail.http.app import create_app
-from tasktrail.replicas import DOWN, FOREIGN, HEADER, LAGGING, NOT_A_STANDBY, SERVING, lsn
+from tasktrail.replicas import DOWN, FOREIGN, HEADER, LAGGING, NOT_A_STANDBY, SERVING
 from tests.conftest import Server
 from tests.replication import Pair
-from tests.test_replicas.conftest import Database, replica_of, until, until_serving
+from tests.test_replicas.conftest import Database, created_on_replica, replica_of, until, until_serving
 
 pytestmark = pytest.mark.anyio
 App = Callable[..., AsyncTestClient[Litestar]]
@@ -35,10 +35,8 @@ async def test_a_stopped_replica_fails_no_request_and_serves_again_once_back(
     replicated_app: App, pair: Pair, database: Database
 ) -> None:
     async with replicated_app(max_lag=30) as client:
-        replica = await until_serving(client)
-        response = await client.post("/tasks/", json={"task_type": "survivor"})
-        task_id = response.json()["task_id"]
-        await until(lambda: replica.replayed >= lsn(response.headers[HEADER]), "the replica has the task")
+        replica, task, _token = await created_on_replica(client)
+        task_id = task["task_id"]
         assert await is_stale(client, pair, task_id, 1)  # the replica answers reads
         await client.get("/tasks/")  # its pool holds connections, which the stop breaks
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import pytest
 from litestar import Litestar
@@ -11,25 +10,17 @@ from litestar.testing import AsyncTestClient
 
 from tasktrail.replicas import HEADER, ON_PRIMARY, lsn
 from tests.replication import Pair
-from tests.test_replicas.conftest import Database, until, until_serving
+from tests.test_replicas.conftest import Database, created, created_on_replica, until, until_serving
 
 pytestmark = pytest.mark.anyio
 App = Callable[..., AsyncTestClient[Litestar]]
-
-
-async def created(client: AsyncTestClient[Litestar], **headers: str) -> tuple[dict[str, Any], str]:
-    response = await client.post("/tasks/", json={"task_type": "replicated"}, headers=headers)
-    assert response.status_code == 201, response.text
-    return response.json(), response.headers[HEADER]
 
 
 async def test_a_read_with_the_token_sees_the_write_while_one_without_may_be_older(
     replicated_app: App, pair: Pair, database: Database
 ) -> None:
     async with replicated_app() as client:
-        replica = await until_serving(client)
-        task, first = await created(client)
-        await until(lambda: replica.replayed >= lsn(first), "the replica is seen past the create")
+        replica, task, first = await created_on_replica(client)
         with pair.paused():
             response = await client.patch(f"/tasks/{task['task_id']}", json={"status": "running", "progress": 5})
             assert response.status_code == 200
@@ -110,9 +101,7 @@ async def test_a_token_that_cannot_be_read_reads_from_the_primary(
     replicated_app: App, pair: Pair, database: Database
 ) -> None:
     async with replicated_app() as client:
-        replica = await until_serving(client)
-        task, token = await created(client)
-        await until(lambda: replica.replayed >= lsn(token), "the replica is seen past the create")
+        _replica, task, token = await created_on_replica(client)
         with pair.paused():
             await client.patch(f"/tasks/{task['task_id']}", json={"progress": 7})
             path = f"/tasks/{task['task_id']}"
