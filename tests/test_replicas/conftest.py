@@ -6,6 +6,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,9 +45,9 @@ class Database:
     replica: str  # ... and on the standby
 
 
-@pytest.fixture
-def database(pair: Pair, template: str) -> Iterator[Database]:
-    """A fresh, migrated database that the standby has replayed; replay runs again afterwards, whatever the test did."""
+@contextmanager
+def replicated_database(pair: Pair, template: str) -> Iterator[Database]:
+    """A fresh, migrated database that the standby has replayed; replay runs again afterwards, whatever was done."""
     name = f"tasktrail_test_{uuid.uuid4().hex[:12]}"
     pair.create_database(name, template)
     try:
@@ -58,6 +59,12 @@ def database(pair: Pair, template: str) -> Iterator[Database]:
         pair.wait_replayed()
         assert_verifies(pair.primary.url(name))
         pair.drop_database(name)
+
+
+@pytest.fixture
+def database(pair: Pair, template: str) -> Iterator[Database]:
+    with replicated_database(pair, template) as database:
+        yield database
 
 
 @pytest.fixture

@@ -129,18 +129,18 @@ def test_requests_racing_a_replica_that_stops_and_starts_all_succeed(
     worker.start()
     try:
         for _ in range(2):
-            answered(50)
+            answered(20)
             pair.standby.stop()
-            answered(100)
+            answered(50)
             pair.standby.start()
             deadline = time.monotonic() + 30
             while not pair.standby_backends(database.name):  # the server has reconnected to it
                 assert time.monotonic() < deadline, "the server did not reconnect to the standby"
                 time.sleep(0.05)
-            answered(100)
+            answered(50)
     finally:
         done.set()
         worker.join()
         assert server.stop(signal.SIGINT) == 0, server.log()
-    assert len(answers) > 500
+    assert len(answers) >= 240
     assert set(answers) == {200}, server.log()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
@@ -15,7 +14,7 @@ from tasktrail.replicas import HEADER, ON_PRIMARY
 from tests.conftest import Server
 from tests.replication import Pair
 from tests.sse import messages
-from tests.test_replicas.conftest import Database, until_serving
+from tests.test_replicas.conftest import Database, replicated_database, until_serving
 
 TIMEOUT = httpx.Timeout(30)
 
@@ -25,21 +24,29 @@ def feed_read_on_standby(pair: Pair, database: Database) -> bool:
     return any("AS held_back" in backend["query"] for backend in pair.standby_backends(database.name))
 
 
-@pytest.fixture
-def server(database: Database, tmp_path: Path) -> Iterator[str]:
+@pytest.fixture(scope="module")
+def served(pair: Pair, template: str) -> Iterator[Database]:
+    """One database for the module's server: its tests read only what they write after the feed's head."""
+    with replicated_database(pair, template) as database:
+        yield database
+
+
+@pytest.fixture(scope="module")
+def server(served: Database, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real server reading from the standby; it polls rarely, so the primary's notifications must wake it."""
     env = os.environ | {
-        "DATABASE_URL": database.primary,
+        "DATABASE_URL": served.primary,
         "TASKTRAIL_POLL_SECONDS": "30",
         "TASKTRAIL_SSE_PING_SECONDS": "0.5",
     }
-    process = Server(env, log_dir=tmp_path, serve_args=("--replica", database.replica, "--replica-max-lag", "30"))
+    serve_args = ("--replica", served.replica, "--replica-max-lag", "30")
+    process = Server(env, log_dir=tmp_path_factory.mktemp("server"), serve_args=serve_args)
     yield process.url
     assert process.stop(signal.SIGINT) == 0, process.log()
 
 
 def test_a_task_stream_sees_every_event_while_the_standby_replays_or_pauses(
-    server: str, pair: Pair, database: Database
+    server: str, pair: Pair, served: Database
 ) -> None:
     with httpx.Client(base_url=server, timeout=TIMEOUT) as http:
         made = http.post("/tasks/", json={"task_type": "streamed"})
@@ -63,12 +70,10 @@ def test_a_task_stream_sees_every_event_while_the_standby_replays_or_pauses(
     assert [m.json()["version"] for m in got] == list(range(2, 23))
     assert [m.json()["data"].get("progress") for m in got[:20]] == list(range(1, 21))
     assert got[-1].event == "TaskCompleted"
-    assert feed_read_on_standby(pair, database)  # the stream's events were read there
+    assert feed_read_on_standby(pair, served)  # the stream's events were read there
 
 
-def test_the_global_stream_resumes_from_any_server_with_nothing_missed_or_repeated(
-    server: str, pair: Pair, database: Database
-) -> None:
+def test_the_global_stream_resumes_from_any_server_with_nothing_missed_or_repeated(server: str, pair: Pair) -> None:
     with httpx.Client(base_url=server, timeout=TIMEOUT) as http:
         start = http.get("/events", headers={HEADER: ON_PRIMARY}).json()["next_cursor"]
         made = http.post("/tasks/", json={"task_type": "resumed"}).json()
