@@ -6,9 +6,9 @@ replica; writes, and every read a write makes (the state it decides on, the
 Idempotency-Key check), go to the primary, through `writing`. A replica never
 answers with data older than the client has written:
 
-Tokens. Every 2xx answer to a write carries `Tasktrail-Read-After`: with
-replicas, the primary's WAL insert position taken on the write's connection
-after the write committed (`_Written`). The commit record is inserted before
+Tokens. Every 2xx answer to a write carries `Tasktrail-Read-After` (put there
+by http/app.py's read_after_tokens): with replicas, the primary's WAL insert
+position taken on the write's connection after the write committed (`_Written`). The commit record is inserted before
 COMMIT returns, so that position is at or after the record's end, whatever
 synchronous_commit says (the flush position is not, with synchronous_commit
 off). A position taken inside the write's statement would come before the commit
@@ -54,8 +54,11 @@ Streams. NOTIFY does not reach a standby, so the process's live.Listener
 listens on the primary; when woken it asks the primary where its WAL is and
 reads the feed from a replica in one round trip together with that replica's
 replay position (`read_caught_up`), reading again (with backoff) until the
-replica has replayed what the primary had when woken. Why the feed's order
-holds on a standby is said beside the feed, in eventstore.py.
+replica has replayed what the primary had flushed when woken. That position
+only decides how soon the listener reads again, never what a stream may miss:
+the feed itself is gap-free on any server (why its order holds on a standby is
+said beside the feed, in eventstore.py), and polling picks up whatever a
+notification did not.
 """
 
 from __future__ import annotations
