@@ -18,7 +18,8 @@ DEFAULT_DATA_DIR = Path(".tasktrail")
 EMBEDDED_DATABASE = "tasktrail"
 
 # Every connection: UTC timestamps, and no statement or idle transaction that
-# holds a connection for ever (TASKTRAIL_STATEMENT_TIMEOUT overrides the first).
+# holds a connection for ever (TASKTRAIL_STATEMENT_TIMEOUT overrides the first);
+# connect_kwargs() adds the search_path of this process's read-model versions.
 STATEMENT_TIMEOUT = "30s"
 _SESSION = "-c TimeZone=UTC -c statement_timeout={} -c idle_in_transaction_session_timeout=60s"
 SESSION_OPTIONS = _SESSION.format(STATEMENT_TIMEOUT)  # the defaults; connect_kwargs() applies the override
@@ -77,7 +78,9 @@ def statement_timeout() -> str:
 
 
 def connect_kwargs() -> dict[str, Any]:
-    options = _SESSION.format(statement_timeout())
+    from tasktrail import projections  # the read models' schemas: see projections.INLINE
+
+    options = f"{_SESSION.format(statement_timeout())} -c search_path={projections.search_path(projections.INLINE)}"
     return {"autocommit": True, "options": options, "connect_timeout": CONNECT_TIMEOUT} | KEEPALIVES
 
 
