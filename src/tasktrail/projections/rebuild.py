@@ -40,7 +40,11 @@ version's tables: no migration makes them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
+import itertools
+import queue
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -100,14 +104,24 @@ class SwapFailed(Exception):
 READ_LOG = r"""
 COPY (
     SELECT chunk
-    FROM generate_series(0, %(last)s, %(chunk)s) AS lo,
+    FROM generate_series(%(first)s, %(last)s, %(step)s) AS lo,
     LATERAL (
         SELECT string_agg(concat_ws(E'\x1f', stream_id, version, position, occurred_at, type, data), E'\x1e')
         FROM (SELECT * FROM events WHERE position > lo AND position <= lo + %(chunk)s ORDER BY position) AS e
     ) AS c (chunk)
-    WHERE chunk IS NOT NULL
 ) TO STDOUT
 """
+# Turning the log into text is most of what a replay costs PostgreSQL, about
+# as much as the fold costs Python, so READERS connections share it, each
+# sending every READERS-th chunk (an empty one as NULL, which keeps them in
+# step), all in the replay's one snapshot (exported by the first); the fold
+# takes their chunks in turn. Each connection is held back by a short queue,
+# so memory stays a few chunks per reader, not the log.
+READERS = 2
+READ_AHEAD = 4  # chunks a reader may have waiting
+EXPORT = "SELECT pg_export_snapshot()"
+IMPORT = sql.SQL("SET TRANSACTION SNAPSHOT {}")
+NULL = b"\\N\n"
 CHUNK = 4_000
 SNAPSHOT = "SELECT pg_current_snapshot()::text, coalesce(max(position), 0) FROM events"
 # Text output must be the ISO timestamps and UTF-8 that the replay parses.
@@ -164,6 +178,8 @@ def replay(
     pending = Status.PENDING
     done = 0
     for chunk in chunks:
+        if chunk == NULL:  # a range of positions with no event (all rolled back)
+            continue
         # COPY ends the row with a newline and doubles each backslash; jsonb
         # text has no other character that COPY escapes.
         text = bytes(chunk)[:-1]
@@ -210,6 +226,61 @@ def replay(
         if progress is not None:
             progress(done)
     return states, done
+
+
+class _Stop(Exception):
+    """The fold has stopped taking chunks."""
+
+
+def _read_log(conninfo: str, conn: psycopg.Connection, last: int) -> Iterator[bytes]:
+    """READ_LOG's rows in order, READERS connections sending them at once; `conn` is in the replay's snapshot."""
+    exported = conn.execute(EXPORT).fetchone()[0]  # type: ignore[index]
+    queues: list[queue.Queue[bytes | BaseException | None]] = [queue.Queue(READ_AHEAD) for _ in range(READERS)]
+    stopping = threading.Event()
+
+    def read(i: int) -> None:
+        def put(item: bytes | BaseException | None) -> None:
+            while not stopping.is_set():
+                with contextlib.suppress(queue.Full):
+                    queues[i].put(item, timeout=0.1)
+                    return
+            raise _Stop
+
+        params = {"first": i * CHUNK, "last": last, "step": READERS * CHUNK, "chunk": CHUNK}
+        try:
+            with contextlib.ExitStack() as stack:
+                reader = conn
+                if i:
+                    options = db.SESSION_OPTIONS + REPLAY_OPTIONS
+                    reader = stack.enter_context(psycopg.connect(conninfo, options=options))
+                    reader.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+                    reader.read_only = True
+                    reader.execute(IMPORT.format(exported))
+                with reader.cursor() as cur, cur.copy(READ_LOG, params) as copy:
+                    for chunk in copy:
+                        put(bytes(chunk))
+            put(None)
+        except _Stop:
+            pass
+        except BaseException as exc:
+            with contextlib.suppress(_Stop):
+                put(exc)
+
+    threads = [threading.Thread(target=read, args=(i,), name=f"tasktrail-replay-{i}") for i in range(READERS)]
+    for thread in threads:
+        thread.start()
+    try:
+        for turn in itertools.cycle(queues):
+            item = turn.get()
+            if item is None:
+                return  # the last chunk came from the reader before: the others are done too
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stopping.set()
+        for thread in threads:
+            thread.join()
 
 
 _time = datetime.fromisoformat
@@ -307,8 +378,9 @@ def load(conninfo: str, modules: Sequence[ModuleType], progress: Progress | None
         collecting = gc.isenabled()
         gc.disable()
         try:
-            with conn.cursor() as cur, cur.copy(READ_LOG, {"last": last, "chunk": CHUNK}) as copy:
-                states, total = replay(copy, step)
+            # Closed however the replay ends, so the readers stop before their connections close.
+            with contextlib.closing(_read_log(conninfo, conn, last)) as chunks:
+                states, total = replay(chunks, step)
             conn.rollback()
 
             conn.read_only = False
