@@ -253,7 +253,7 @@ def _rebuild(url: str, name: str | None, *, starting: bool) -> int:
 
         def progress(step: str, done: int, total: int) -> None:
             if step not in steps:
-                unit = "tasks" if step.startswith("load") else "events" if step != "swap" else ""
+                unit = "tasks" if step.startswith("load") or step == "indexes" else "events" if step != "swap" else ""
                 steps[step] = bar.add_task(step, total=total, unit=unit, rate="")
             bar.update(steps[step], completed=done, total=total)
             speed = bar.tasks[steps[step]].speed

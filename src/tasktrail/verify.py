@@ -62,6 +62,7 @@ def _diff(log: Task, model: Task) -> str:
 
 
 USE = sql.SQL('SET search_path = {}, "$user", public')
+EXISTS = "SELECT to_regnamespace(%(schema)s) IS NOT NULL"
 
 
 def verify(conninfo: str, versions: dict[str, int] | None = None) -> Report:
@@ -73,6 +74,14 @@ def verify(conninfo: str, versions: dict[str, int] | None = None) -> Report:
     report = Report(versions=chosen)
     with psycopg.connect(conninfo, **db.connect_kwargs()) as conn:
         schemas = [projections.schema(name, version) for name, version in chosen.items()]
+        missing = [
+            f"read model {name} version {version} has no tables (`tasktrail projections status` says why)"
+            for (name, version), schema in zip(chosen.items(), schemas, strict=True)
+            if not conn.execute(EXISTS, {"schema": schema}).fetchone()[0]  # type: ignore[index]
+        ]
+        if missing:
+            report.differences = missing
+            return report
         conn.execute(USE.format(sql.SQL(", ").join(map(sql.Identifier, schemas))))
         conn.autocommit = False
         conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ

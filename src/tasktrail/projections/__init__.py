@@ -70,8 +70,9 @@ def _modules() -> tuple[ModuleType, ...]:
     for module in modules:
         if not (_NAME.fullmatch(getattr(module, "NAME", "")) and isinstance(getattr(module, "VERSION", None), int)):
             raise ValueError(f"{MODULES_ENV}: {module.__name__} is not a read model (NAME, VERSION, ...)")
-    if len({module.NAME for module in modules}) != len(modules):
-        raise ValueError(f"{MODULES_ENV}: two modules of one read model")
+    names = sorted(module.NAME for module in modules)
+    if names != sorted(module.NAME for module in DEFAULT):
+        raise ValueError(f"{MODULES_ENV}: give one module for each read model ({', '.join(m.NAME for m in DEFAULT)})")
     return modules
 
 

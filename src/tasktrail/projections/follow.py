@@ -197,3 +197,5 @@ class Follower:
                 listening = wanted
             async for _ in conn.notifies(timeout=self.poll_interval, stop_after=1):
                 pass
+            async for _ in conn.notifies(timeout=0.0):  # one round answers every commit notified so far
+                pass

@@ -410,6 +410,8 @@ def load(conninfo: str, modules: Sequence[ModuleType], progress: Progress | None
                 conn.execute(_use([_new(module)]))
                 for statement in module.AFTER_INDEXES:
                     conn.execute(statement)
+        if progress is not None:
+            progress("indexes", len(tasks), len(tasks))
     return Loaded(tasks, snapshot, total)
 
 
