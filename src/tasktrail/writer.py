@@ -79,7 +79,7 @@ async def _write(conn: psycopg.AsyncConnection, changes: Sequence[Change], metad
         # The winner may be a process of another release, which does not write
         # this process's read-model versions: apply its events to them before
         # the caller reads the task again (projections/follow.py).
-        await follow.catch_up(conn, modules)
+        await follow.catch_up(conn, modules, streams=[recorded.stream_id for recorded, _, _ in changes])
         raise eventstore.VersionConflict("another writer changed the task first")
     return positions
 
@@ -174,7 +174,7 @@ async def change(
             before = await tasks_view.get(conn, task_id)
             if before is None:
                 # Perhaps created by another release a moment ago: apply its events here, and look again.
-                await follow.catch_up(conn)
+                await follow.catch_up(conn, streams=[task_id])
                 before = await tasks_view.get(conn, task_id)
             if before is None:
                 _remember(task_id, None)

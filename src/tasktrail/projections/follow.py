@@ -134,13 +134,32 @@ async def _apply(conn: psycopg.AsyncConnection, module: ModuleType, new: set[tup
     await conn.execute(projections.statement(APPENDED, (module,), write), {"write": Jsonb(write)})
 
 
-async def catch_up(conn: psycopg.AsyncConnection, modules: Sequence[ModuleType] | None = None) -> int:
+# Whether this process's tasks rows lag the log for any of these streams: the
+# log has a later version than the row (or the row is missing). A lost race
+# against a writer of the same release never lags (that writer wrote the row),
+# so only a race against another release pays for a round, and a flood of
+# conflicts or of unknown ids does not queue up on the follow lock.
+BEHIND = """
+SELECT EXISTS (
+    SELECT FROM unnest(%(streams)s::uuid[]) AS s (stream_id)
+    WHERE (SELECT max(version) FROM events e WHERE e.stream_id = s.stream_id)
+        > coalesce((SELECT version FROM tasks t WHERE t.task_id = s.stream_id), 0)
+)
+"""
+
+
+async def catch_up(
+    conn: psycopg.AsyncConnection, modules: Sequence[ModuleType] | None = None, *, streams: Sequence[Any] = ()
+) -> int:
     """A round for each version, waiting for a round in progress elsewhere; events applied.
 
+    With `streams`, only if this process's rows of one of them lag the log.
     Only on a connection with no transaction open: a round in a caller's
     transaction would hold the follow lock until the caller ends (none then).
     """
     if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+        return 0
+    if streams and not (await (await conn.execute(BEHIND, {"streams": list(streams)})).fetchone())[0]:  # type: ignore[index]
         return 0
     applied = 0
     for module in projections.INLINE if modules is None else modules:
