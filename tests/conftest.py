@@ -74,14 +74,18 @@ def _admin(server_url: str) -> psycopg.Connection:
     return psycopg.connect(server_url, autocommit=True)
 
 
+def prepared(url: str) -> None:
+    """Migrate the database and build this code's read models, which no migration makes (as `tasktrail migrate`)."""
+    migrations.migrate(url)
+    prepare(url, INLINE)
+
+
 @pytest.fixture(scope="session")
 def template_db(server_url: str) -> Iterator[str]:
     name = f"tasktrail_template_{uuid.uuid4().hex[:8]}"
     with _admin(server_url) as conn:
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    url = make_conninfo(server_url, dbname=name)
-    migrations.migrate(url)
-    prepare(url, INLINE)  # the read models' tables: no migration makes them
+    prepared(make_conninfo(server_url, dbname=name))
     yield name
     with _admin(server_url) as conn:
         conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))

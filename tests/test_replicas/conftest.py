@@ -14,10 +14,9 @@ import pytest
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
 
-from tasktrail import migrations
 from tasktrail.http.app import create_app
 from tasktrail.replicas import HEADER, SERVING, Replica, lsn
-from tests.conftest import assert_verifies
+from tests.conftest import assert_verifies, prepared
 from tests.replication import Pair
 
 
@@ -34,7 +33,7 @@ def pair() -> Iterator[Pair]:
 def template(pair: Pair) -> str:
     name = f"tasktrail_template_{uuid.uuid4().hex[:8]}"
     pair.create_database(name)
-    migrations.migrate(pair.primary.url(name))
+    prepared(pair.primary.url(name))
     return name
 
 
