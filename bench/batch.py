@@ -165,6 +165,10 @@ def explain(url: str, size: int) -> None:
         creates, _ = writer._decide(new, writer.now())
         reports = [(task_id, UpdateTask(progress=rng.uniform(0, 99)), None) for task_id in ids]
         updates, _ = writer._decide_many(reports, found, set(), writer.now())
+        plan = conn.execute(f"EXPLAIN (ANALYZE, BUFFERS) {tasks_view.GET_MANY}", {"task_ids": Jsonb(ids)})
+        log(f"\n-- EXPLAIN ANALYZE of reading the {len(ids)} tasks a batch of progress reports names:")
+        for (line,) in plan:
+            log("   " + line)
         for name, changes in (("creates", creates), ("progress reports", updates)):
             write = eventstore.document([recorded for recorded, _, _ in changes], {"request_id": "0" * 32})
             write |= projections.document(changes, projections.INLINE)

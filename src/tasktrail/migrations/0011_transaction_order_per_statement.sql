@@ -12,10 +12,17 @@ LANGUAGE plpgsql AS $$
 DECLARE
     late record;
 BEGIN
+    -- LIMIT 1 inside LATERAL keeps this a lookup along (stream_id, version) for each appended row
+    -- whatever the planner makes of the row counts: the plan is cached for the session, and a hash
+    -- join chosen for one large batch would scan the whole log for every single write after it.
     SELECT n.stream_id, n.version INTO late
     FROM appended_events n
-    JOIN events e ON e.stream_id = n.stream_id AND e.version = n.version - 1
-    WHERE n.version > 1 AND e.transaction_id > n.transaction_id
+    CROSS JOIN LATERAL (
+        SELECT e.transaction_id FROM events e
+        WHERE e.stream_id = n.stream_id AND e.version = n.version - 1
+        LIMIT 1
+    ) previous
+    WHERE n.version > 1 AND previous.transaction_id > n.transaction_id
     LIMIT 1;
     IF FOUND THEN
         RAISE EXCEPTION 'version % of stream % was written by a transaction newer than this one', late.version - 1, late.stream_id
