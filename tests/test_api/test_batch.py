@@ -51,7 +51,12 @@ async def history(client: AsyncTestClient, task_id: str) -> list[dict]:
 
 
 async def event_count(client: AsyncTestClient) -> int:
-    return len((await client.get("/events", params={"limit": 1000})).json()["events"])
+    """How many events the feed shows, page by page."""
+    count, params = 0, {"limit": 1000}
+    while events := (page := (await client.get("/events", params=params)).json())["events"]:
+        count += len(events)
+        params["after"] = page["next_cursor"]
+    return count
 
 
 # --- POST /tasks/batch ---------------------------------------------------------
@@ -523,3 +528,18 @@ def test_the_streams_show_a_batch_event_by_event_in_order(stream_server: str) ->
         ("TaskCompleted", 4),
     ]
     assert [m.json() for m in mine] == [e for e in feed if e["task_id"] == a["task_id"]][1:]
+
+
+async def test_a_thousand_items_each_way_and_a_batch_of_no_ops(client: AsyncTestClient) -> None:
+    tasks = await create_batch(client, *(f"t{n % 7}" for n in range(1000)))
+    assert len({t["task_id"] for t in tasks}) == 1000
+    updates = [{"task_id": t["task_id"], "status": "running", "progress": n / 10} for n, t in enumerate(tasks)]
+    results = await patch_batch(client, *updates)
+    assert {r["status"] for r in results} == {200}
+    assert [r["task"]["progress"] for r in results] == [u["progress"] for u in updates]
+    summary = (await client.get("/tasks/stats/summary")).json()
+    assert (summary["total"], summary["running"], summary["pending"]) == (1000, 1000, 0)
+    before = await event_count(client)
+    same = await patch_batch(client, *({"task_id": u["task_id"], "status": "running"} for u in updates[:50]))
+    assert [r["task"] for r in same] == [r["task"] for r in results[:50]]
+    assert await event_count(client) == before
