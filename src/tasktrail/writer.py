@@ -216,6 +216,7 @@ async def cleanup(conn: psycopg.AsyncConnection, days: int, metadata: dict[str, 
         try:
             async with _refused(conn), conn.pipeline(), conn.transaction():
                 if changes:
+                    await _lock_buckets(conn, changes)  # it writes many tasks, as a batch does
                     await _write(conn, changes, metadata)
                 await idempotency.forget_expired(conn, at)
         except eventstore.VersionConflict:
@@ -326,7 +327,7 @@ async def change_many(conn: psycopg.AsyncConnection, items: Sequence[Item], meta
             _recent.pop(recorded.stream_id, None)
         try:
             async with _refused(conn), conn.pipeline(), conn.transaction():
-                await conn.execute(LOCK_BUCKETS, {"space": BUCKET_SPACE, "buckets": _buckets(changes)})
+                await _lock_buckets(conn, changes)
                 await _write(conn, changes, metadata)
         except (eventstore.VersionConflict, psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure):
             continue
@@ -341,7 +342,8 @@ async def change_many(conn: psycopg.AsyncConnection, items: Sequence[Item], meta
 # batch takes advisory locks, in one global order, on the buckets its tasks fall
 # in: batches that share a bucket write one after the other, and a batch never
 # waits for one that waits for it. (A single write appends to one task only, so
-# it needs none: nothing it holds can be what a batch waits for while it waits.)
+# it needs none: nothing it holds can be what a batch waits for while it waits.
+# Cleanup writes many tasks too, so it takes them as well.)
 # Buckets rather than one lock per task: advisory locks take room in the server's
 # shared lock table (64 per connection by default), and 1,000 tasks would overflow it.
 BUCKETS = 64
@@ -349,9 +351,10 @@ BUCKET_SPACE = 0x7474  # the first key of the two-key advisory locks: tasktrail'
 LOCK_BUCKETS = "SELECT pg_advisory_xact_lock(%(space)s, bucket) FROM unnest(%(buckets)s::integer[]) AS bucket"
 
 
-def _buckets(changes: Sequence[Change]) -> list[int]:
-    """The buckets of the changed tasks, in the order every batch locks them (unnest keeps it)."""
-    return sorted({recorded.stream_id.int % BUCKETS for recorded, _, _ in changes})
+async def _lock_buckets(conn: psycopg.AsyncConnection, changes: Sequence[Change]) -> None:
+    """Wait for the buckets of the changed tasks, in the one order (unnest keeps the sorted array's)."""
+    buckets = sorted({recorded.stream_id.int % BUCKETS for recorded, _, _ in changes})
+    await conn.execute(LOCK_BUCKETS, {"space": BUCKET_SPACE, "buckets": buckets})
 
 
 def _decide_many(
