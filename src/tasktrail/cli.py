@@ -6,18 +6,42 @@ import argparse
 import ipaddress
 import os
 import re
+import signal
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from tasktrail import db, migrations
 
 
 def _database(args: argparse.Namespace) -> tuple[str, object]:
-    url, server = db.resolve(args.data_dir)
+    with _signals_held():
+        url, server = db.resolve(args.data_dir)
     where = "DATABASE_URL" if server is None else f"embedded PostgreSQL in {args.data_dir / 'pgdata'}"
     print(f"tasktrail: database: {where}", file=sys.stderr)
     return url, server
+
+
+@contextmanager
+def _signals_held() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM while the embedded PostgreSQL starts, and act on them once it has.
+
+    pgserver records this process as a holder of the server only at the end of
+    its start; stopped before that, the process would leave behind a server it
+    started. Held until then, the stop runs the exit hooks that stop it.
+    """
+    caught: list[int] = []
+    stops = (signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.signal(sig, lambda sig, _frame: caught.append(sig)) for sig in stops}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for sig in caught[:1]:
+            signal.raise_signal(sig)
 
 
 def _loopback(host: str) -> bool:
@@ -54,10 +78,33 @@ def _api_keys(args: argparse.Namespace) -> int | None:
     return None
 
 
+def _replicas(args: argparse.Namespace) -> int | None:
+    """Check the replicas as the app will take them, and hand them to the workers; an exit code on failure."""
+    from tasktrail import replicas
+
+    try:
+        if args.replica:
+            for url in args.replica:
+                replicas.check_url(url)
+            os.environ[replicas.URLS_ENV] = ",".join(args.replica)
+        if args.replica_max_lag is not None:
+            os.environ[replicas.MAX_LAG_ENV] = str(replicas.max_lag_from(args.replica_max_lag))
+        urls, max_lag = replicas.configured()
+    except ValueError as exc:
+        print(f"tasktrail: replicas: {exc}", file=sys.stderr)
+        return 2
+    if urls:
+        names = ", ".join(replicas.describe(url) for url in urls)
+        print(f"tasktrail: replicas: {names} (reads, when at most {max_lag:g} s behind)", file=sys.stderr)
+    return None
+
+
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     if (refused := _api_keys(args)) is not None:
+        return refused
+    if (refused := _replicas(args)) is not None:
         return refused
     url, _server = _database(args)  # the embedded server stops when this process exits
     for name in migrations.migrate(url):
@@ -80,6 +127,8 @@ def serve(args: argparse.Namespace) -> int:
         log_level=args.log_level,
         access_log=args.access_log,
         timeout_graceful_shutdown=10,
+        # By name, like the app: a worker process imports it only once it answers uvicorn's health checks.
+        http="tasktrail.http.protocol:BoundedHead",
     )
     return 0
 
@@ -275,6 +324,22 @@ def parser() -> argparse.ArgumentParser:
         "without keys, serve only on a loopback address",
     )
     run.add_argument(
+        "--replica",
+        action="append",
+        metavar="URL",
+        help="a PostgreSQL streaming replica of the database to send reads to (task, list, stats, history, time "
+        "travel, feed, streams); repeat for several; writes go to the primary; a read that sends back a write's "
+        "Tasktrail-Read-After token is answered only from a replica that has replayed that write, else from the "
+        "primary (env DATABASE_REPLICA_URLS, comma-separated)",
+    )
+    run.add_argument(
+        "--replica-max-lag",
+        type=float,
+        metavar="SECONDS",
+        help="a replica that is down, or has not replayed the primary's position within SECONDS, gets no reads "
+        "until it has caught up (default: 5; env TASKTRAIL_REPLICA_MAX_LAG)",
+    )
+    run.add_argument(
         "--rebuild",
         action="store_true",
         help="first rebuild every read model whose code version differs from the live one (one process at a time)",
@@ -327,4 +392,14 @@ def _key_name(name: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    return args.func(args)
+    # SIGTERM (what systemd, Docker and Kubernetes send) stops a command as
+    # Ctrl-C does: uvicorn finishes the requests in flight, then the exit hooks
+    # run and stop the embedded PostgreSQL. Python's default for SIGTERM is to
+    # die on the spot, running no hook, and uvicorn, once it has shut down,
+    # raises the signal again under that default.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("tasktrail: stopped", file=sys.stderr)
+        return 130

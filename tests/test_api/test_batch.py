@@ -171,9 +171,13 @@ async def test_a_malformed_batch_is_a_422_naming_the_item_and_writes_nothing(
 
 
 async def test_bodies_that_are_not_a_batch(shared_client: AsyncTestClient) -> None:
-    assert_problem(await shared_client.post("/tasks/batch", content=b"{nope"), 400)
-    assert_problem(await shared_client.patch("/tasks/batch", content=b'{"updates": '), 400)
-    assert_problem(await shared_client.post("/tasks/batch", content=b""), 422)
+    json_type = {"Content-Type": "application/json"}
+    assert_problem(await shared_client.post("/tasks/batch", content=b"{nope", headers=json_type), 400)
+    assert_problem(await shared_client.patch("/tasks/batch", content=b'{"updates": ', headers=json_type), 400)
+    assert_problem(await shared_client.post("/tasks/batch", content=b"", headers=json_type), 422)
+    text = {"Content-Type": "text/plain"}
+    batch = b'{"tasks": [{"task_type": "x"}]}'
+    assert_problem(await shared_client.post("/tasks/batch", content=batch, headers=text), 415)
     huge = {"tasks": [{"task_type": "x", "params": {"pad": "y" * 60_000}}] * 20}  # each item allowed, the body not
     assert_problem(await shared_client.post("/tasks/batch", json=huge), 413)
     updates = {"updates": [{"task_id": UNKNOWN, "result": {"pad": "y" * 60_000}}] * 20}
