@@ -27,7 +27,7 @@ from tasktrail.domain.task import (
     decide,
     evolve,
 )
-from tasktrail.projections import Change
+from tasktrail.projections import Change, follow
 from tasktrail.projections import tasks as tasks_view
 
 # A writer that loses a race re-reads and decides again. Each lost race means
@@ -77,24 +77,23 @@ async def _write(conn: psycopg.AsyncConnection, changes: Sequence[Change], metad
     cur = await conn.execute(projections.statement(eventstore.APPEND, modules, write), {"write": Jsonb(write)})
     appended = await cur.fetchall()  # a row per event: a batch may append several to one stream
     if len(appended) < len(changes):
+        # The winner may be a process of another release, which does not write
+        # this process's read-model versions: apply its events to them before
+        # the caller reads the task again (projections/follow.py).
+        await follow.catch_up(conn, modules, streams=[recorded.stream_id for recorded, _, _ in changes])
         raise eventstore.VersionConflict("another writer changed the task first")
     return dict(appended)
 
 
 @asynccontextmanager
 async def _refused(conn: psycopg.AsyncConnection) -> AsyncIterator[None]:
-    """An outdated read model's refusal of a write as ProjectionOutdated."""
+    """A write to read-model tables that are gone (a pruned version) as ProjectionOutdated."""
     try:
         yield
-    except psycopg.Error as exc:
-        if isinstance(exc, psycopg.errors.UndefinedColumn | psycopg.errors.UndefinedTable):
-            # The live tables are not of the shape this code writes: a rebuild
-            # swapped in another version (the check alone then says so), or a bug.
-            async with _refused(conn):
-                await projections.check(conn, projections.INLINE)
-        if exc.sqlstate != projections.OUTDATED:
-            raise
-        raise projections.ProjectionOutdated(exc.diag.message_primary) from exc
+    except (psycopg.errors.UndefinedColumn, psycopg.errors.UndefinedTable) as exc:
+        raise projections.ProjectionOutdated(
+            f"this process's read-model tables are missing ({exc.diag.message_primary}): restart it"
+        ) from exc
 
 
 # The state this process last wrote of each recently written task, as a guess
@@ -174,6 +173,10 @@ async def change(
         before, guessed, guess = guess, guess is not None, None
         if before is None:
             before = await tasks_view.get(conn, task_id)
+            if before is None:
+                # Perhaps created by another release a moment ago: apply its events here, and look again.
+                await follow.catch_up(conn, streams=[task_id])
+                before = await tasks_view.get(conn, task_id)
             if before is None:
                 _remember(task_id, None)
                 raise TaskNotFound(f"task {task_id} not found")
@@ -318,6 +321,10 @@ async def change_many(conn: psycopg.AsyncConnection, items: Sequence[Item], meta
     task_ids = list(dict.fromkeys(task_id for task_id, _, _ in items))
     for _ in range(MAX_ATTEMPTS):
         states, deleted = await tasks_view.get_many(conn, task_ids)
+        unknown = [task_id for task_id in task_ids if task_id not in states and task_id not in deleted]
+        # Perhaps created by another release a moment ago: apply its events here, and look again (as change does).
+        if unknown and await follow.catch_up(conn, streams=unknown):
+            states, deleted = await tasks_view.get_many(conn, task_ids)
         changes, outcomes = _decide_many(items, states, deleted, now())
         if not changes:
             return outcomes
@@ -330,6 +337,9 @@ async def change_many(conn: psycopg.AsyncConnection, items: Sequence[Item], meta
                 await _lock_buckets(conn, changes)
                 await _write(conn, changes, metadata)
         except (eventstore.VersionConflict, psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure):
+            # The winner may be a process of another release (see _write): now that the transaction is
+            # over, apply its events to this process's read models before reading the tasks again.
+            await follow.catch_up(conn, streams=[recorded.stream_id for recorded, _, _ in changes])
             continue
         return outcomes
     raise eventstore.VersionConflict("the tasks of this batch are changing too fast; try again")
