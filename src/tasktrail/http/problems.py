@@ -9,6 +9,9 @@ import msgspec
 from litestar import Response
 from litestar.openapi.datastructures import ResponseSpec
 
+from tasktrail.domain.task import TaskNotFound, TransitionRejected
+from tasktrail.writer import PreconditionFailed
+
 PROBLEM = "application/problem+json"
 
 
@@ -24,16 +27,34 @@ class Problem(msgspec.Struct, omit_defaults=True):
     allowed: list[str] | None = None
 
 
-def problem_body(status: int, detail: str, **extra: Any) -> bytes:
+def details(status: int, detail: str, **extra: Any) -> Problem:
     title = HTTPStatus(status).phrase
-    body = Problem(
-        type=f"/problems/{title.lower().replace(' ', '-')}", title=title, status=status, detail=detail, **extra
-    )
-    return msgspec.json.encode(body)
+    kind = f"/problems/{title.lower().replace(' ', '-')}"
+    return Problem(type=kind, title=title, status=status, detail=detail, **extra)
+
+
+def problem_body(status: int, detail: str, **extra: Any) -> bytes:
+    return msgspec.json.encode(details(status, detail, **extra))
 
 
 def problem(status: int, detail: str, headers: dict[str, str] | None = None, **extra: Any) -> Response[bytes]:
-    return Response(problem_body(status, detail, **extra), status_code=status, media_type=PROBLEM, headers=headers)
+    return answer(details(status, detail, **extra), headers)
+
+
+def answer(body: Problem, headers: dict[str, str] | None = None) -> Response[bytes]:
+    return Response(msgspec.json.encode(body), status_code=body.status, media_type=PROBLEM, headers=headers)
+
+
+def refusal(exc: Exception) -> Problem:
+    """What a write the task's state refuses answers: as the whole answer, or as one item's of a batch."""
+    match exc:
+        case TaskNotFound():
+            return details(404, str(exc))
+        case TransitionRejected(current=current, allowed=allowed):
+            return details(409, str(exc), current_status=current.value, allowed=[s.value for s in allowed])
+        case PreconditionFailed():
+            return details(412, str(exc))
+    raise TypeError(f"not a refusal: {exc!r}")
 
 
 # What each error means on any route; a route lists the ones it can answer.
