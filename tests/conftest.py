@@ -199,3 +199,13 @@ def live_server(database_url: str, tmp_path: Path) -> Iterator[str]:
     yield server.url
     server.stop()
     assert_verifies(database_url)
+
+
+@pytest.fixture(scope="module")
+def shared_server(server_url: str, template_db: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One real `tasktrail serve` on a fresh database for a whole module whose tests don't count rows; its URL."""
+    with fresh_database(server_url, template_db) as url:
+        server = Server(os.environ | {"DATABASE_URL": url}, log_dir=tmp_path_factory.mktemp("server"))
+        yield server.url
+        server.stop()
+        assert_verifies(url)
