@@ -108,7 +108,7 @@ await assert.rejects(tasks.watchTask('0b6f4f4e-6a2e-4c1e-9a51-3f1f3c1d2e3f', () 
     const keyed = new TaskManager(keyedBase, {apiKey: writeKey});
     const made = await keyed.createTask('keyed');
     assert.equal(made.status, 'pending');
-    assert.equal((await keyed.history(made.task_id)).events[0].metadata.actor, 'js-worker');
+    assert.equal((await keyed.history(made.task_id)).events[0].metadata.actor, 'worker');
     const watch = keyed.watchTask(made.task_id, () => {});
     await keyed.updateTask(made.task_id, {status: 'canceled'});
     assert.equal((await watch.done).status, 'canceled');

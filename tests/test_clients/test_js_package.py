@@ -3,7 +3,6 @@ against a real server (through its package.json `exports`, as an installed depen
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -11,11 +10,11 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from tests.conftest import ROOT, Server, assert_verifies
+from tests.conftest import ROOT
 from tests.proxy import CutAfter, DropAnswer, Proxy, Relay
+from tests.test_clients.conftest import Keyed
 
 PACKAGE = ROOT / "clients" / "js"
-WRITE_KEY = "k" * 43
 
 
 def node(*args: str, cwd: Path = ROOT, timeout: float = 120) -> str:
@@ -63,22 +62,17 @@ def test_the_types_declare_every_export_and_method() -> None:
         assert re.search(rf"^\s+{method}\(", manager, re.M), f"TaskManager.{method} has no type"
 
 
-def test_the_package_against_a_real_server(server: str, database_url: str, tmp_path: Path) -> None:
+def test_the_package_against_a_real_server(server: str, keyed_server: Keyed, tmp_path: Path) -> None:
     # An installed package: node_modules/tasktrail-client is the folder, as `npm install` would link it.
     (tmp_path / "node_modules").mkdir()
     (tmp_path / "node_modules" / "tasktrail-client").symlink_to(PACKAGE, target_is_directory=True)
     shutil.copy(ROOT / "tests" / "js" / "package_client.mjs", tmp_path / "package_client.mjs")
-    keys = f"js-worker:write:{hashlib.sha256(WRITE_KEY.encode()).hexdigest()}"
-    keyed = Server(os.environ | {"DATABASE_URL": database_url, "TASKTRAIL_API_KEYS": keys}, log_dir=tmp_path)
-    try:
-        with (
-            Proxy(server, lambda n: CutAfter(4) if n == 0 else Relay()) as cut,
-            Proxy(server, lambda n: DropAnswer() if n == 0 else Relay()) as drop,
-        ):
-            out = node("package_client.mjs", server, cut.url, drop.url, keyed.url, WRITE_KEY, cwd=tmp_path)
-            assert "package client: ok" in out
-            assert cut.dropped == [0]
-            assert drop.dropped == [0]
-    finally:
-        keyed.stop()
-    assert_verifies(database_url)
+    with (
+        Proxy(server, lambda n: CutAfter(4) if n == 0 else Relay()) as cut,
+        Proxy(server, lambda n: DropAnswer() if n == 0 else Relay()) as drop,
+    ):
+        args = [server, cut.url, drop.url, keyed_server.url, keyed_server.keys["write"]]
+        out = node("package_client.mjs", *args, cwd=tmp_path)
+        assert "package client: ok" in out
+        assert cut.dropped == [0]
+        assert drop.dropped == [0]

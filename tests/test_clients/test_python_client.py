@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import hashlib
-import os
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
@@ -25,8 +22,9 @@ from tasktrail_client import (
 )
 from tasktrail_client._flows import later
 
-from tests.conftest import Server, assert_verifies, free_port
+from tests.conftest import free_port
 from tests.proxy import CutAfter, DropAnswer, Proxy, Relay
+from tests.test_clients.conftest import Keyed
 
 QUICK = RetryPolicy(attempts=5, base_delay=0.01, max_delay=0.05)
 UNKNOWN = "0b6f4f4e-6a2e-4c1e-9a51-3f1f3c1d2e3f"
@@ -325,27 +323,20 @@ async def test_the_async_client_retries_a_lost_create_and_resumes_a_watch(server
     assert events == ["TaskCreated", "TaskStarted", "ProgressReported", "TaskCompleted"]
 
 
-def _entry(name: str, scope: str, key: str) -> str:
-    return f"{name}:{scope}:{hashlib.sha256(key.encode()).hexdigest()}"
-
-
-def test_the_api_key_is_sent_as_a_bearer_token(database_url: str, tmp_path: Path) -> None:
-    keys = ",".join([_entry("reader", "read", "r" * 43), _entry("worker-7", "write", "w" * 43)])
-    server = Server(os.environ | {"DATABASE_URL": database_url, "TASKTRAIL_API_KEYS": keys}, log_dir=tmp_path)
-    try:
-        with Client(server.url, api_key="w" * 43) as worker:
-            task = worker.create("import")
-            assert worker.history(task.task_id)[0].metadata["actor"] == "worker-7"
-        with Client(server.url, api_key="r" * 43) as reader:
-            assert reader.get(task.task_id) == task
-            with pytest.raises(Forbidden):
-                reader.create("import")
-        with Client(server.url) as nobody, pytest.raises(Unauthorized) as refused:
-            nobody.get(task.task_id)
-        assert refused.value.headers.get("www-authenticate", "").startswith("Bearer")
-    finally:
-        server.stop()
-    assert_verifies(database_url)
+def test_the_api_key_is_sent_as_a_bearer_token(keyed_server: Keyed) -> None:
+    with Client(keyed_server.url, api_key=keyed_server.keys["write"]) as worker:
+        task = worker.create("import")
+        assert worker.history(task.task_id)[0].metadata["actor"] == "worker"
+        worker.update(task.task_id, status="canceled")
+        assert [c.task.status for c in worker.watch(task.task_id)] == ["canceled"]  # the stream takes the key too
+        task = worker.get(task.task_id)
+    with Client(keyed_server.url, api_key=keyed_server.keys["read"]) as reader:
+        assert reader.get(task.task_id) == task
+        with pytest.raises(Forbidden):
+            reader.create("import")
+    with Client(keyed_server.url) as nobody, pytest.raises(Unauthorized) as refused:
+        nobody.get(task.task_id)
+    assert refused.value.headers.get("www-authenticate", "").startswith("Bearer")
 
 
 def test_retry_delays_grow_are_jittered_and_bounded() -> None:
