@@ -95,6 +95,25 @@ assert.equal((await tasks.watchTask(second.task_id, () => {}).done).status, 'com
 await assert.rejects(tasks.watchTask('0b6f4f4e-6a2e-4c1e-9a51-3f1f3c1d2e3f', () => {}).done,
     (error) => error instanceof TaskTrailError && error.status === 404);
 
+// Batch writes: all or none, in order; one result per change.
+{
+    const made = await tasks.createMany([{task_type: kind, params: {n: 1}}, kind]);
+    assert.deepEqual(made.map((t) => [t.task_type, t.params, t.version]), [[kind, {n: 1}, 1], [kind, null, 1]]);
+    const again = await tasks.createMany([kind], {idempotencyKey: `${kind}-batch`});
+    assert.deepEqual(await tasks.createMany([kind], {idempotencyKey: `${kind}-batch`}), again);
+    await assert.rejects(tasks.createMany([]), (error) => error instanceof TaskTrailError && error.status === 422);
+    const results = await tasks.updateMany([
+        {task_id: made[0].task_id, status: 'running', progress: 30},
+        {task_id: made[1].task_id, progress: 5, if_version: 4},
+        {task_id: again[0].task_id, delete: true},
+    ]);
+    assert.deepEqual(results.map((r) => r.status), [200, 412, 200]);
+    assert.equal(results[0].task.progress, 30);
+    assert.equal(results[1].problem.status, 412);
+    assert.equal(results[2].deleted, true);
+    assert.ok(tasks.readAfter === null || typeof tasks.readAfter === 'string');
+}
+
 // applyEvent folds the feed to the state the server shows.
 {
     const {events} = await tasks.history(task.task_id);

@@ -361,3 +361,49 @@ def test_an_unreachable_server_is_a_connection_error_after_bounded_retries() -> 
     with Client(f"http://127.0.0.1:{free_port()}", retry=QUICK) as client, pytest.raises(ConnectionFailed) as failed:
         client.get(UNKNOWN)
     assert isinstance(failed.value.__cause__, httpx.ConnectError)
+
+
+def test_batch_writes_create_all_at_once_and_answer_per_item(server: str, client: Client, kind: str) -> None:
+    made = client.create_many([{"task_type": kind, "params": {"i": 0}}, kind, {"task_type": kind}])
+    assert [(t.task_type, t.params, t.version) for t in made] == [(kind, {"i": 0}, 1), (kind, None, 1), (kind, None, 1)]
+    again = client.create_many([kind], idempotency_key=f"{kind}-batch")
+    assert client.create_many([kind], idempotency_key=f"{kind}-batch") == again  # one batch, however often sent
+    with dropping_first(server) as proxy, Client(proxy.url, retry=QUICK) as lossy:
+        lost = lossy.create_many([kind, kind])
+        assert proxy.dropped == [0]
+    assert client.stats(kind).total == 3 + 1 + 2
+    with pytest.raises(ValidationFailed):
+        client.create_many([])
+
+    first, second, third = made
+    client.update(third.task_id, status="completed")
+    results = client.update_many(
+        [
+            {"task_id": first.task_id, "status": "running", "progress": 10},
+            {"task_id": first.task_id, "progress": 20},  # decided after the item before it
+            {"task_id": UNKNOWN, "progress": 5},
+            {"task_id": third.task_id, "progress": 5},
+            {"task_id": second.task_id, "progress": 5, "if_version": 9},
+            {"task_id": lost[0].task_id, "delete": True},
+        ]
+    )
+    assert [r.status for r in results] == [200, 200, 404, 409, 412, 200]
+    assert (results[1].task.version, results[1].task.progress, results[1].ok) == (3, 20.0, True)
+    assert (results[3].problem["current_status"], results[5].deleted) == ("completed", True)
+    assert [type(r.error).__name__ for r in results[2:5]] == ["NotFound", "Conflict", "PreconditionFailed"]
+    with pytest.raises(Conflict):
+        results[3].raise_for_status()
+    results[0].raise_for_status()  # nothing to raise
+
+    # A conditional batch whose answer is lost: the repeat's 412s are recognised as its own writes.
+    with dropping_first(server) as proxy, Client(proxy.url, retry=QUICK) as lossy:
+        again = lossy.update_many(
+            [
+                {"task_id": second.task_id, "status": "running", "if_version": 1},
+                {"task_id": lost[1].task_id, "delete": True, "if_version": 1},
+            ]
+        )
+        assert proxy.dropped == [0]
+    assert [(r.status, r.ok) for r in again] == [(200, True), (200, True)]
+    assert (again[0].task.status, again[0].task.version, again[1].deleted) == ("running", 2, True)
+    assert [e.type for e in client.history(second.task_id)] == ["TaskCreated", "TaskStarted"]
