@@ -54,10 +54,33 @@ def _api_keys(args: argparse.Namespace) -> int | None:
     return None
 
 
+def _replicas(args: argparse.Namespace) -> int | None:
+    """Check the replicas as the app will take them, and hand them to the workers; an exit code on failure."""
+    from tasktrail import replicas
+
+    try:
+        if args.replica:
+            for url in args.replica:
+                replicas.check_url(url)
+            os.environ[replicas.URLS_ENV] = ",".join(args.replica)
+        if args.replica_max_lag is not None:
+            os.environ[replicas.MAX_LAG_ENV] = str(replicas.max_lag_from(args.replica_max_lag))
+        urls, max_lag = replicas.configured()
+    except ValueError as exc:
+        print(f"tasktrail: replicas: {exc}", file=sys.stderr)
+        return 2
+    if urls:
+        names = ", ".join(replicas.describe(url) for url in urls)
+        print(f"tasktrail: replicas: {names} (reads, when at most {max_lag:g} s behind)", file=sys.stderr)
+    return None
+
+
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     if (refused := _api_keys(args)) is not None:
+        return refused
+    if (refused := _replicas(args)) is not None:
         return refused
     url, _server = _database(args)  # the embedded server stops when this process exits
     for name in migrations.migrate(url):
@@ -273,6 +296,22 @@ def parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="require API keys from FILE (made by `tasktrail keys add`; env TASKTRAIL_API_KEYS_FILE); "
         "without keys, serve only on a loopback address",
+    )
+    run.add_argument(
+        "--replica",
+        action="append",
+        metavar="URL",
+        help="a PostgreSQL streaming replica of the database to send reads to (task, list, stats, history, time "
+        "travel, feed, streams); repeat for several; writes go to the primary; a read that sends back a write's "
+        "Tasktrail-Read-After token is answered only from a replica that has replayed that write, else from the "
+        "primary (env DATABASE_REPLICA_URLS, comma-separated)",
+    )
+    run.add_argument(
+        "--replica-max-lag",
+        type=float,
+        metavar="SECONDS",
+        help="a replica that is down, or has not replayed the primary's position within SECONDS, gets no reads "
+        "until it has caught up (default: 5; env TASKTRAIL_REPLICA_MAX_LAG)",
     )
     run.add_argument(
         "--rebuild",

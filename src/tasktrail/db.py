@@ -116,13 +116,14 @@ class Borrowed:
         await self.pool.putconn(self.conn)
 
 
-def create_pool(conninfo: str, *, max_size: int = 16) -> AsyncConnectionPool:
+def create_pool(conninfo: str, *, max_size: int = 16, timeout: float | None = None) -> AsyncConnectionPool:
+    """A pool whose requests wait `timeout` for a connection (default TASKTRAIL_POOL_TIMEOUT, else POOL_TIMEOUT)."""
     return AsyncConnectionPool(
         conninfo,
         min_size=2,
         max_size=max_size,
         kwargs=connect_kwargs(),
-        timeout=float(os.environ.get("TASKTRAIL_POOL_TIMEOUT", POOL_TIMEOUT)),
+        timeout=timeout or float(os.environ.get("TASKTRAIL_POOL_TIMEOUT", POOL_TIMEOUT)),
         reconnect_timeout=RECONNECT_TIMEOUT,
         check=check_idle,
         open=False,

@@ -19,7 +19,7 @@ from litestar.datastructures import MutableScopeHeaders
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
-from tasktrail import db, eventstore, idempotency, live, writer
+from tasktrail import db, eventstore, idempotency, live, replicas, writer
 from tasktrail.domain.task import TaskNotFound, TransitionRejected
 from tasktrail.http import auth, batch, events, health, history, openapi, tasks
 from tasktrail.http.body import MAX_BODY_BYTES, InvalidInput, MalformedBody
@@ -122,6 +122,34 @@ def request_ids(app: ASGIApp) -> ASGIApp:
     return middleware
 
 
+def read_after_tokens(app: ASGIApp) -> ASGIApp:
+    """Give every 2xx answer to a write its Tasktrail-Read-After token (see replicas.py).
+
+    The write's primary connection leaves the token in the request's state
+    (replicas.Replicas.writing); without replicas, or when none was left, the
+    token is replicas.ON_PRIMARY, which a process with replicas answers from the
+    primary. Reads pass straight through.
+    """
+
+    async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] in replicas.SAFE_METHODS:
+            await app(scope, receive, send)
+            return
+
+        async def send_with_token(message: Any) -> None:
+            if message["type"] == "http.response.start" and 200 <= message["status"] < 300:
+                token = scope["state"].get(replicas.STATE, replicas.ON_PRIMARY)
+                message["headers"] = [*message.get("headers", []), (_READ_AFTER, token.encode())]
+            await send(message)
+
+        await app(scope, receive, send_with_token)
+
+    return middleware
+
+
+_READ_AFTER = replicas.HEADER.lower().encode()
+
+
 def _allow_every_method(message: Message, scope: Scope) -> None:
     if "route_handler" in scope:
         handlers = scope["app"].route_handler_method_map
@@ -129,16 +157,30 @@ def _allow_every_method(message: Message, scope: Scope) -> None:
         MutableScopeHeaders.from_message(message)["allow"] = ", ".join(sorted(methods))
 
 
-def create_app(database_url: str | None = None, api_keys: Sequence[auth.Key] | None = None) -> Litestar:
-    """The app, on DATABASE_URL and the configured API keys unless given others (migrations are the caller's)."""
+def create_app(
+    database_url: str | None = None,
+    api_keys: Sequence[auth.Key] | None = None,
+    *,
+    replica_urls: Sequence[str] | None = None,
+    replica_max_lag: float | None = None,
+) -> Litestar:
+    """The app, on DATABASE_URL, its replicas (DATABASE_REPLICA_URLS) and the configured API keys unless given others.
+
+    Migrations are the caller's.
+    """
     conninfo = database_url or os.environ["DATABASE_URL"]
     keys = auth.load() if api_keys is None else api_keys
+    urls, max_lag = replicas.configured()
+    urls = urls if replica_urls is None else list(replica_urls)
+    max_lag = max_lag if replica_max_lag is None else replicas.max_lag_from(replica_max_lag)
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         app.state.pool = db.create_pool(conninfo)
         await app.state.pool.open(wait=False)
-        app.state.live = live.Listener(conninfo, app.state.pool, events.render)
+        app.state.replicas = replicas.Replicas(conninfo, app.state.pool, urls, max_lag)
+        await app.state.replicas.start()
+        app.state.live = live.Listener(conninfo, app.state.replicas, events.render)
         await app.state.live.start()
         # What start-up made lives as long as the process: keep the collector from rescanning it,
         # and let the young generation grow (a request makes a few thousand short-lived objects)
@@ -149,12 +191,13 @@ def create_app(database_url: str | None = None, api_keys: Sequence[auth.Key] | N
             yield
         finally:
             await app.state.live.stop()
+            await app.state.replicas.stop()
             await app.state.pool.close()
 
     return Litestar(
         route_handlers=[*batch.ROUTES, *tasks.ROUTES, *history.ROUTES, *events.ROUTES, *health.ROUTES],
         lifespan=[lifespan],
-        middleware=[request_ids],
+        middleware=[request_ids, read_after_tokens],
         guards=auth.guards(keys),
         openapi_config=openapi.CONFIG,
         plugins=[openapi.JsonObjects()],
@@ -163,8 +206,15 @@ def create_app(database_url: str | None = None, api_keys: Sequence[auth.Key] | N
         cors_config=CORSConfig(
             allow_origins=["*"],
             allow_methods=["GET", "POST", "PATCH", "DELETE"],
-            allow_headers=["Authorization", "Content-Type", "If-Match", "If-None-Match", "Idempotency-Key"],
-            expose_headers=["ETag", "Link", "Location", "X-Request-ID"],
+            allow_headers=[
+                "Authorization",
+                "Content-Type",
+                "If-Match",
+                "If-None-Match",
+                "Idempotency-Key",
+                replicas.HEADER,
+            ],
+            expose_headers=["ETag", "Link", "Location", "X-Request-ID", replicas.HEADER],
         ),
         exception_handlers={
             TaskNotFound: _refused,
