@@ -1,4 +1,4 @@
-"""One primary and its streaming standby per test module; each test gets its own database on them."""
+"""One primary and its streaming standby for the package's tests; each test gets its own database on them."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from tests.conftest import assert_verifies
 from tests.replication import Pair
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="package")
 def pair() -> Iterator[Pair]:
     pair = Pair()
     try:
@@ -28,7 +28,7 @@ def pair() -> Iterator[Pair]:
         pair.close()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="package")
 def template(pair: Pair) -> str:
     name = f"tasktrail_template_{uuid.uuid4().hex[:8]}"
     pair.create_database(name)
@@ -75,11 +75,11 @@ def replica_of(client: AsyncTestClient[Litestar]) -> Replica:
     return replica
 
 
-async def until(condition: Callable[[], bool], what: str, timeout: float = 30) -> None:
-    """Poll until the condition holds: the health checks run on their own schedule."""
-    deadline = time.monotonic() + timeout
+async def until(condition: Callable[[], bool], what: str) -> None:
+    """Poll until the condition holds (30 s at most): the health checks run on their own schedule."""
+    deadline = time.monotonic() + 30
     while not condition():
-        assert time.monotonic() < deadline, f"not within {timeout} s: {what}"
+        assert time.monotonic() < deadline, f"not within 30 s: {what}"
         await asyncio.sleep(0.02)
 
 

@@ -47,7 +47,8 @@ async def test_a_stopped_replica_fails_no_request_and_serves_again_once_back(
         # At once (the health checks have not noticed yet), and on after they have.
         for progress in range(2, 6):
             statuses.append((await client.patch(f"/tasks/{task_id}", json={"progress": progress})).status_code)
-            for path in (f"/tasks/{task_id}", "/tasks/", "/tasks/stats/summary", f"/tasks/{task_id}/history", "/events"):
+            reads = (f"/tasks/{task_id}", "/tasks/", "/tasks/stats/summary", f"/tasks/{task_id}/history", "/events")
+            for path in reads:
                 statuses.append((await client.get(path)).status_code)
             got = await client.get(f"/tasks/{task_id}")
             assert got.json()["progress"] == progress  # from the primary
