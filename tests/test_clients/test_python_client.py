@@ -50,7 +50,8 @@ def test_the_calls_answer_typed_results(client: Client, kind: str) -> None:
         1,
     )
     assert client.get(task.task_id) == task
-    running = client.update(task.task_id, status="running", progress=40)
+    assert (task["status"], task.as_dict()["task_type"]) == ("pending", kind)  # as with the JSON, too
+    running = client.update(task.task_id, {"status": "running"}, progress=40)
     assert (running.status, running.progress, running.version) == ("running", 40.0, 2)
     assert running.started_at is not None
     assert running.started_at.tzinfo is not None

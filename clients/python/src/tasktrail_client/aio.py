@@ -74,6 +74,7 @@ class AsyncClient:
     async def update(
         self,
         task_id: str,
+        changes: Mapping[str, Any] | None = None,
         *,
         status: str | None = None,
         progress: float | None = None,
@@ -81,7 +82,7 @@ class AsyncClient:
         error: str | None = None,
         if_version: int | None = None,
     ) -> Task:
-        body = flows.changes(status, progress, result, error)
+        body = dict(changes or {}) | flows.changes(status, progress, result, error)
         return await self._call(flows.update(self.session, str(task_id), body, if_version))
 
     async def update_many(self, updates: Iterable[Mapping[str, Any]]) -> list[ItemResult]:

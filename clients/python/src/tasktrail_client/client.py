@@ -83,6 +83,7 @@ class Client:
     def update(
         self,
         task_id: str,
+        changes: Mapping[str, Any] | None = None,
         *,
         status: str | None = None,
         progress: float | None = None,
@@ -90,8 +91,9 @@ class Client:
         error: str | None = None,
         if_version: int | None = None,
     ) -> Task:
-        """Change a task; with `if_version` only if it is still at that version (else `PreconditionFailed`)."""
-        body = flows.changes(status, progress, result, error)
+        """Change a task (`changes` as a PATCH body, or the keywords); with `if_version` only if it is still at
+        that version (else `PreconditionFailed`)."""
+        body = dict(changes or {}) | flows.changes(status, progress, result, error)
         return self._call(flows.update(self.session, str(task_id), body, if_version))
 
     def update_many(self, updates: Iterable[Mapping[str, Any]]) -> list[ItemResult]:

@@ -30,8 +30,20 @@ def _time(value: str | None) -> datetime | None:
     return None if value is None else datetime.fromisoformat(value)
 
 
+class _Fields:
+    """`result["status"]` as well as `result.status`, for code written against the JSON."""
+
+    def __getitem__(self, name: str) -> Any:
+        if name not in {f.name for f in dataclasses.fields(self)}:  # type: ignore[arg-type]
+            raise KeyError(name)
+        return getattr(self, name)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+
 @dataclass(frozen=True)
-class Task:
+class Task(_Fields):
     """A task as `GET /tasks/{task_id}` shows it."""
 
     id: int
@@ -75,7 +87,7 @@ class Task:
 
 
 @dataclass(frozen=True)
-class Event:
+class Event(_Fields):
     """One event of a task's history, or of the global feed (which adds `cursor`)."""
 
     task_id: str
@@ -123,7 +135,7 @@ class History(Sequence[Event]):
 
 
 @dataclass(frozen=True)
-class Stats:
+class Stats(_Fields):
     """Counts per status (`GET /tasks/stats/summary`)."""
 
     total: int
@@ -137,15 +149,9 @@ class Stats:
     def from_json(cls, data: dict[str, Any]) -> Stats:
         return cls(**{f.name: int(data.get(f.name, 0)) for f in dataclasses.fields(cls)})
 
-    def __getitem__(self, status: str) -> int:
-        """`stats["pending"]`, as with the JSON."""
-        if status != "total" and status not in STATUSES:
-            raise KeyError(status)
-        return getattr(self, status)
-
 
 @dataclass(frozen=True)
-class ItemResult:
+class ItemResult(_Fields):
     """One item's outcome in `update_many`: `status` is its HTTP status (200, 404, 409, 412, 422)."""
 
     task_id: str
