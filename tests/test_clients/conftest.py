@@ -12,9 +12,6 @@ import pytest
 
 from tests.conftest import Server, assert_verifies, fresh_database
 
-# A primary and its streaming standby, and a database on both, for the read-after tests (test_read_after.py).
-from tests.test_replicas.conftest import database, pair, template  # noqa: F401 -- fixtures, used by name
-
 
 @pytest.fixture(scope="session")
 def server(shared_server: str) -> str:

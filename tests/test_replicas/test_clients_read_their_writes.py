@@ -1,5 +1,6 @@
-"""The clients read their own writes from a real streaming replica whose replay is paused (SPEC §13): each write's
-Tasktrail-Read-After token goes with the reads after it, by itself, while a read without it gets the older data."""
+"""clients/python and clients/js read their own writes from a real streaming replica whose replay is paused
+(SPEC §13): each write's Tasktrail-Read-After token goes with the reads after it, by itself, while a read without
+it gets the older data. (Here, beside the replica tests, to share their primary and standby.)"""
 
 from __future__ import annotations
 
