@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Collection, Sequence
 from contextlib import asynccontextmanager
@@ -280,17 +281,23 @@ async def _create_many(
 ) -> list[Task] | None:
     """The new tasks; None when a live claim holds the key (key, fingerprint) already."""
     at = now()
-    changes, afters = _decide([(uuid4(), None, command) for command in commands], at)
+    new = zip(_new_ids(len(commands)), commands, strict=True)
+    changes, afters = _decide([(task_id, None, command) for task_id, command in new], at)
     created = [task for task in afters if task is not None]
     async with _refused(conn), conn.pipeline(), conn.transaction():
         # The claim and the write commit together: a key is never claimed for tasks that were not created.
         if key is not None and not await idempotency.claim_batch(conn, *key, [t.task_id for t in created], at):
             return None
         positions = await _write(conn, changes, metadata)
-    created = [_numbered(task, positions) for task in created]
-    for task in created:
-        _written(conn, task.task_id, task)
-    return created
+    # Unlike a single create, a batch leaves its tasks out of the guesses (_recent): a few batches would
+    # push out every single request's guess, and remembering costs 1-2 us a task.
+    return [_numbered(task, positions) for task in created]
+
+
+def _new_ids(n: int) -> list[UUID]:
+    """n random task ids, as uuid4() makes them, from one read of the random source (0.5 us less each)."""
+    random = os.urandom(16 * n)
+    return [UUID(bytes=random[i : i + 16], version=4) for i in range(0, 16 * n, 16)]
 
 
 # One item of a batch of changes: the task, an update or delete, and the version it must be at (or None).
@@ -313,16 +320,16 @@ async def change_many(conn: psycopg.AsyncConnection, items: Sequence[Item], meta
         changes, outcomes = _decide_many(items, states, deleted, now())
         if not changes:
             return outcomes
+        # What this process guessed of these tasks will be stale, whatever happens: forget it. (Remembering
+        # the new states instead would push out single requests' guesses, as in create_many.)
+        for recorded, _, _ in changes:
+            _recent.pop(recorded.stream_id, None)
         try:
             async with _refused(conn), conn.pipeline(), conn.transaction():
                 await conn.execute(LOCK_BUCKETS, {"space": BUCKET_SPACE, "buckets": _buckets(changes)})
                 await _write(conn, changes, metadata)
         except (eventstore.VersionConflict, psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure):
-            for recorded, _, _ in changes:
-                _remember(recorded.stream_id, None)
             continue
-        for recorded, _, _ in changes:
-            _written(conn, recorded.stream_id, states.get(recorded.stream_id))
         return outcomes
     raise eventstore.VersionConflict("the tasks of this batch are changing too fast; try again")
 
