@@ -147,9 +147,11 @@ def split_urls(value: str) -> list[str]:
     """
     urls: list[str] = []
     for piece in value.split(","):
+        if not piece.strip():
+            continue
         if urls and not re.match(r"\s*(?:postgres(?:ql)?://|\w+\s*=)", piece):
             urls[-1] += "," + piece
-        elif piece.strip():
+        else:
             urls.append(piece.strip())
     return urls
 
@@ -163,7 +165,10 @@ def describe(conninfo: str) -> str:
 
 
 def max_lag_from(value: str | float) -> float:
-    seconds = float(value)
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
     if not (math.isfinite(seconds) and 0 < seconds <= 86_400):
         raise ValueError(f"the replica max lag must be a number of seconds above 0 (up to 86400), not {value!r}")
     return seconds
@@ -181,7 +186,7 @@ def check_url(url: str) -> None:
     try:
         conninfo_to_dict(url)
     except psycopg.ProgrammingError as exc:
-        raise ValueError(f"replica {url!r} is not a PostgreSQL connection string: {exc}") from None
+        raise ValueError(f"replica {url!r} is not a PostgreSQL connection string: {str(exc).strip()}") from None
 
 
 class PrimaryPositions:
@@ -196,6 +201,12 @@ class PrimaryPositions:
     def add(self, at: float, position: int) -> None:
         if self.seen and position <= self.seen[-1][1]:
             return  # the primary has not moved: it is the first sighting that counts
+        if self.seen and at - self.seen[-1][0] < self.keep / 1000:
+            # Sightings closer than this share one: a replica between the two counts
+            # as behind since the first (a little early), and `seen` holds at most a
+            # thousand or so whatever the max lag.
+            self.seen[-1] = (self.seen[-1][0], position)
+            return
         self.seen.append((at, position))
         while len(self.seen) > 1 and self.seen[1][0] < at - self.keep:
             self.seen.popleft()
@@ -242,7 +253,7 @@ class Replicas:
         self.primary = primary
         self.replicas = [Replica(url) for url in urls]
         self.max_lag = max_lag
-        self.interval = min(0.25, max_lag / 10)
+        self.interval = max(0.05, min(0.25, max_lag / 10))
         self.positions = PrimaryPositions(keep=2 * max_lag + 1)
         self.serving: list[Replica] = []
         self._turn = 0
@@ -265,6 +276,10 @@ class Replicas:
                 await conn.close()
         for replica in self.replicas:
             await _close_pool(replica)
+
+    def status(self) -> list[tuple[str, str, float]]:
+        """Each replica's name, state (one of STATES) and lag in seconds: what /metrics shows of them."""
+        return [(replica.name, replica.state, replica.lag) for replica in self.replicas]
 
     # --- writes ---------------------------------------------------------------
 
