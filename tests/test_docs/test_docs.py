@@ -113,8 +113,13 @@ def commands(path: Path) -> Iterator[Command]:
             lexer = shlex.shlex(logical, posix=True, punctuation_chars=";&|")
             lexer.whitespace_split = True
             lexer.commenters = "#"
+            try:
+                lexed = list(lexer)
+            except ValueError:  # a quote still open: the command goes on on the next line
+                logical += "\n"
+                continue
             words: list[str] = []
-            for word in [*lexer, "&&"]:
+            for word in [*lexed, "&&"]:
                 if word in {"&&", "||", ";", "|", "&"}:
                     # Leading NAME=value words set the environment; a line of only those runs nothing.
                     while words and re.fullmatch(r"[A-Za-z_]\w*=.*", words[0]):
