@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import pytest
 
 from tests.conftest import Server, assert_verifies, fresh_database
+from tests.test_faults.test_database import own_postgres  # noqa: F401 -- a fixture: PostgreSQL to stop and start
 
 
 @pytest.fixture(scope="session")
