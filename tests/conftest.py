@@ -226,3 +226,14 @@ def live_server(database_url: str, tmp_path: Path) -> Iterator[str]:
     yield server.url
     server.stop()
     assert_verifies(database_url)
+
+
+@pytest.fixture(scope="session")
+def shared_server(server_url: str, template_db: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One real `tasktrail serve` on a fresh database for the tests that don't count rows (the clients', the docs'
+    examples): each keeps to task types of its own. Its URL."""
+    with fresh_database(server_url, template_db) as url:
+        server = Server(os.environ | {"DATABASE_URL": url}, log_dir=tmp_path_factory.mktemp("server"))
+        yield server.url
+        server.stop()
+        assert_verifies(url)

@@ -1,18 +1,24 @@
-// tasktrail's JavaScript client: a plain ES module, no dependencies.
+// tasktrail's JavaScript client: one ES module, no dependencies, for browsers and Node 18+.
 //
-// The calls of the seed's TaskManager, unchanged in shape (each answers the
-// response's JSON, a problem document on an error), plus watchTask: the task's
-// state as it changes, over Server-Sent Events (EventSource), or by polling
-// where there is no EventSource (Node, some workers).
+// TaskManager has the seed's calls, unchanged in name, arguments and answer
+// (each resolves to the response's JSON: the task, or on a refusal the problem
+// document, whose `status` is the HTTP status), plus what the seed did not
+// have: watchTask (the task as it changes, over Server-Sent Events), history,
+// events (the global feed), createMany/updateMany (batch writes) and cleanup.
+// The added calls throw a TaskTrailError on a refusal.
 //
-//   import {TaskTrail} from './tasktrail.mjs';
-//   const tasks = new TaskTrail('http://localhost:8000');
+//   import {TaskManager} from 'tasktrail-client';
+//   const tasks = new TaskManager('http://localhost:8000', {apiKey: 'optional'});
 //   const task = await tasks.createTask('document_process', {file_path: '/tmp/test.pdf'});
 //   const watch = tasks.watchTask(task.task_id, (state, event) => render(state));
 //   const finished = await watch.done;   // the finished task (null if it was deleted)
-//   watch.close();                       // stop early
+//
+// Creates are retried on a 503 or a network error under one Idempotency-Key,
+// so a retry never makes a second task. After a write, the reads that follow
+// send its Tasktrail-Read-After token back, so that they see it.
 
 const FINISHED = new Set(['completed', 'failed', 'canceled']);
+const READ_AFTER = 'Tasktrail-Read-After';
 
 // The status each event moves a task to (the rest leave it as it is).
 const TARGET = {
@@ -28,6 +34,21 @@ export const EVENT_TYPES = [
     'TaskCreated', 'TaskStarted', 'ProgressReported', 'TaskCompleted', 'TaskFailed',
     'TaskCanceled', 'TaskRequeued', 'TaskRetried', 'TaskUpdated', 'TaskDeleted',
 ];
+
+// A refusal by the server (or a network failure, status 0) in the calls the seed did not have.
+export class TaskTrailError extends Error {
+    constructor(status, problem = {}) {
+        super(`${status} ${problem.title ?? 'Error'}${problem.detail ? `: ${problem.detail}` : ''}`);
+        this.name = 'TaskTrailError';
+        this.status = status;
+        this.problem = problem;
+        this.title = problem.title;
+        this.detail = problem.detail;
+        this.errors = problem.errors ?? [];
+        this.currentStatus = problem.current_status;
+        this.allowed = problem.allowed;
+    }
+}
 
 // The task after an event from the feed or a stream, as the server computes it;
 // null once deleted. Mirrors the server's evolve().
@@ -70,62 +91,226 @@ export function applyEvent(task, event) {
     return next;
 }
 
-export class TaskTrail {
-    constructor(baseUrl = 'http://localhost:8000', {EventSource = globalThis.EventSource, pollInterval = 1000} = {}) {
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+function newKey() {
+    if (globalThis.crypto?.randomUUID) return globalThis.crypto.randomUUID();
+    return Array.from({length: 32}, () => Math.floor(Math.random() * 16).toString(16)).join('');
+}
+
+// Exponential, half of it random, at most `max` ms.
+function backoff(failures, base = 100, max = 2000) {
+    const ceiling = Math.min(max, base * 2 ** (failures - 1));
+    return ceiling / 2 + Math.random() * ceiling / 2;
+}
+
+export class TaskManager {
+    // options: apiKey (a bearer token); attempts (tries per create, default 5);
+    // watch: 'stream' (default) or 'poll'; pollInterval (ms, for 'poll');
+    // EventSource: a constructor to stream with instead (it cannot send the API key).
+    constructor(baseUrl = 'http://localhost:8000', options = {}) {
+        const {apiKey, attempts = 5, watch = 'stream', pollInterval = 1000, EventSource} = options;
         this.baseUrl = baseUrl.replace(/\/+$/, '');
-        this.EventSource = EventSource;
+        this.apiKey = apiKey;
+        this.attempts = attempts;
+        this.watchMode = watch;
         this.pollInterval = pollInterval;
+        this.EventSource = EventSource;
+        this.readAfter = null;  // the last write's Tasktrail-Read-After token
     }
 
-    async #json(path, init) {
-        const response = await fetch(`${this.baseUrl}${path}`, init);
+    #headers(method, extra = {}) {
+        const headers = {...extra};
+        if (this.apiKey) headers.Authorization = `Bearer ${this.apiKey}`;
+        if (method === 'GET' && this.readAfter) headers[READ_AFTER] = this.readAfter;
+        return headers;
+    }
+
+    // One request; retried on a 503 or a network error when `retry` (reads, and creates under their key).
+    async #fetch(method, path, {body, headers = {}, retry = method === 'GET'} = {}) {
+        const init = {method, headers: this.#headers(method, headers)};
+        if (body !== undefined) {
+            init.body = JSON.stringify(body);
+            init.headers['Content-Type'] = 'application/json';
+        }
+        for (let failures = 0; ; ) {
+            let response;
+            try {
+                response = await fetch(`${this.baseUrl}${path}`, init);
+            } catch (error) {
+                if (!retry || ++failures >= this.attempts) throw error;
+                await sleep(backoff(failures));
+                continue;
+            }
+            if (response.status === 503 && retry && ++failures < this.attempts) {
+                await response.body?.cancel();
+                await sleep(Math.max(backoff(failures), Math.min(Number(response.headers.get('Retry-After')) * 1000 || 0, 2000)));
+                continue;
+            }
+            const token = response.headers.get(READ_AFTER);
+            if (method !== 'GET' && response.ok && token) this.readAfter = token;
+            return response;
+        }
+    }
+
+    // The seed's calls: the response's JSON, whatever the status.
+
+    async createTask(taskType, params, {idempotencyKey = newKey()} = {}) {
+        const response = await this.#fetch('POST', '/tasks/', {
+            body: {task_type: taskType, params}, headers: {'Idempotency-Key': idempotencyKey}, retry: true,
+        });
         return response.json();
     }
 
-    #send(method, path, body) {
-        return this.#json(path, {method, headers: {'Content-Type': 'application/json'}, body: JSON.stringify(body)});
+    async getTask(taskId) {
+        return (await this.#fetch('GET', `/tasks/${encodeURIComponent(taskId)}`)).json();
     }
 
-    createTask(taskType, params) {
-        return this.#send('POST', '/tasks/', {task_type: taskType, params});
+    async listTasks(filters = {}) {
+        return (await this.#fetch('GET', `/tasks/?${new URLSearchParams(filters)}`)).json();
     }
 
-    getTask(taskId) {
-        return this.#json(`/tasks/${taskId}`);
+    // `ifVersion`: change it only if it is still at that version (else a 412 problem).
+    async updateTask(taskId, updates, {ifVersion} = {}) {
+        const headers = ifVersion === undefined ? {} : {'If-Match': `"${ifVersion}"`};
+        return (await this.#fetch('PATCH', `/tasks/${encodeURIComponent(taskId)}`, {body: updates, headers})).json();
     }
 
-    listTasks(filters = {}) {
-        return this.#json(`/tasks/?${new URLSearchParams(filters)}`);
+    async deleteTask(taskId) {
+        return (await this.#fetch('DELETE', `/tasks/${encodeURIComponent(taskId)}`)).json();
     }
 
-    updateTask(taskId, updates) {
-        return this.#send('PATCH', `/tasks/${taskId}`, updates);
+    async getStats() {
+        return (await this.#fetch('GET', '/tasks/stats/summary')).json();
     }
 
-    deleteTask(taskId) {
-        return this.#json(`/tasks/${taskId}`, {method: 'DELETE'});
+    // The added calls: they throw a TaskTrailError on a refusal.
+
+    async #json(method, path, options = {}) {
+        const response = await this.#fetch(method, path, options);
+        const body = await response.json().catch(() => ({}));
+        if (!response.ok) throw new TaskTrailError(response.status, body);
+        return body;
     }
 
-    getStats() {
-        return this.#json('/tasks/stats/summary');
+    // {task_id, events}: every event of the task in version order (all pages), deleted tasks too.
+    async history(taskId, {afterVersion = 0, limit = 1000} = {}) {
+        const events = [];
+        let path = `/tasks/${encodeURIComponent(taskId)}/history?after_version=${afterVersion}&limit=${limit}`;
+        for (;;) {
+            const response = await this.#fetch('GET', path);
+            const page = await response.json().catch(() => ({}));
+            if (!response.ok) throw new TaskTrailError(response.status, page);
+            events.push(...page.events);
+            const next = /<([^>]+)>;\s*rel="next"/.exec(response.headers.get('Link') ?? '');
+            if (!next) return {task_id: page.task_id, events};
+            path = next[1];
+        }
+    }
+
+    // One page of the global feed: {events, next_cursor}; ask again with after: next_cursor.
+    events({after, limit = 100} = {}) {
+        const query = new URLSearchParams({limit: String(limit), ...(after ? {after} : {})});
+        return this.#json('GET', `/events?${query}`);
+    }
+
+    // 1 to 1,000 tasks, all or none: [{task_type, params?} or a task type]. Resolves to the tasks.
+    async createMany(tasks, {idempotencyKey = newKey()} = {}) {
+        const items = tasks.map((t) => (typeof t === 'string' ? {task_type: t} : t));
+        const body = await this.#json('POST', '/tasks/batch', {
+            body: {tasks: items}, headers: {'Idempotency-Key': idempotencyKey}, retry: true,
+        });
+        return body.tasks;
+    }
+
+    // 1 to 1,000 changes [{task_id, status?, progress?, result?, error?, if_version?}], each decided on its
+    // own. Resolves to one result per item, in order: {task_id, status: <HTTP status>, task or problem}.
+    async updateMany(updates) {
+        return (await this.#json('PATCH', '/tasks/batch', {body: {updates}})).results;
+    }
+
+    // Delete finished tasks completed more than `days` days ago (an admin key). Resolves to how many.
+    async cleanup(days = 30) {
+        return (await this.#json('POST', `/tasks/cleanup?days=${days}`)).deleted;
     }
 
     // Call onUpdate(task, event) with the task's state each time it changes
-    // (event: the feed event that changed it, or null for a state read whole),
+    // (event: the event that changed it, or null for a state read whole),
     // until it reaches a finished status or is deleted (task null).
     // Returns {done, close}: done resolves with the last state, or rejects if
     // the task does not exist.
     watchTask(taskId, onUpdate) {
         let settle;
         const done = new Promise((resolve, reject) => { settle = {resolve, reject}; });
-        const watch = this.EventSource
-            ? this.#stream(taskId, onUpdate, settle)
-            : this.#poll(taskId, onUpdate, settle);
+        let watch;
+        if (this.watchMode === 'poll') watch = this.#poll(taskId, onUpdate, settle);
+        else if (this.EventSource) watch = this.#eventSource(taskId, onUpdate, settle);
+        else watch = this.#stream(taskId, onUpdate, settle);
         return {done, close: () => { watch.close(); settle.resolve(undefined); }};
     }
 
+    // Server-Sent Events over fetch: it can send the API key and the read-after token, which
+    // EventSource cannot. A dropped connection is made again after the last event's id: nothing
+    // missed or repeated; before any event, a fresh snapshot is shown only if the task moved.
     #stream(taskId, onUpdate, settle) {
-        const source = new this.EventSource(`${this.baseUrl}/tasks/${taskId}/stream`);
+        const controller = new AbortController();
+        let task;
+        let lastId = null;
+        let failures = 0;
+        const url = `/tasks/${encodeURIComponent(taskId)}/stream`;
+        const handle = (frame) => {
+            if (frame.event === 'snapshot') {
+                const now = JSON.parse(frame.data);
+                if (task && now.version === task.version) return false;
+                task = now;
+                onUpdate(task, null);
+            } else {
+                const event = JSON.parse(frame.data);
+                if (frame.id) lastId = frame.id;
+                if (task && event.version <= task.version) return false;
+                task = applyEvent(task, event);
+                onUpdate(task, event);
+            }
+            return task === null || FINISHED.has(task.status);
+        };
+        (async () => {
+            while (!controller.signal.aborted) {
+                try {
+                    // Resumes with ?after= (as Last-Event-ID would), a header a browser would first have to ask
+                    // another origin's leave to send.
+                    const resume = lastId ? `?after=${encodeURIComponent(lastId)}` : '';
+                    const headers = this.#headers('GET', {Accept: 'text/event-stream'});
+                    const response = await fetch(`${this.baseUrl}${url}${resume}`, {headers, signal: controller.signal});
+                    if (response.status === 204) return settle.resolve(task);  // resumed after its last event
+                    if (response.status !== 200 && response.status !== 503) {
+                        const problem = await response.json().catch(() => ({}));
+                        return settle.reject(new TaskTrailError(response.status, problem));
+                    }
+                    if (response.status === 200) {
+                        for await (const frame of frames(response.body)) {
+                            failures = 0;
+                            if (handle(frame)) {
+                                controller.abort();
+                                return settle.resolve(task);
+                            }
+                        }
+                    } else {
+                        await response.body?.cancel();
+                    }
+                } catch (error) {
+                    if (controller.signal.aborted) return;
+                    // The network dropped the stream, or the server went away for a moment: come back.
+                }
+                if (++failures > 10) return settle.reject(new TaskTrailError(0, {title: 'gave up reconnecting'}));
+                await sleep(backoff(failures));
+            }
+        })();
+        return {close: () => controller.abort()};
+    }
+
+    // A given EventSource (a browser's, or a polyfill's); it reconnects by itself with Last-Event-ID.
+    #eventSource(taskId, onUpdate, settle) {
+        const source = new this.EventSource(`${this.baseUrl}/tasks/${encodeURIComponent(taskId)}/stream`);
         let task;
         let fallback;
         let over = false;
@@ -154,10 +339,10 @@ export class TaskTrail {
             // gave up: on a 404, or a 204 (nothing more to come). Ask which.
             if (source.readyState !== 2 || over) return;
             over = true;
-            const response = await fetch(`${this.baseUrl}/tasks/${taskId}`);
+            const response = await this.#fetch('GET', `/tasks/${encodeURIComponent(taskId)}`);
             if (response.status === 404) {
                 if (task === undefined) {
-                    settle.reject(new Error(`task ${taskId} not found`));
+                    settle.reject(new TaskTrailError(404, await response.json()));
                     return;
                 }
                 if (task !== null) onUpdate(null, null);
@@ -179,11 +364,11 @@ export class TaskTrail {
         let stopped = false;
         const tick = async () => {
             try {
-                const response = await fetch(`${this.baseUrl}/tasks/${taskId}`);
+                const response = await this.#fetch('GET', `/tasks/${encodeURIComponent(taskId)}`);
                 if (stopped) return;
                 if (response.status === 404) {
                     if (task === undefined) {
-                        settle.reject(new Error(`task ${taskId} not found`));
+                        settle.reject(new TaskTrailError(404, await response.json()));
                     } else {
                         onUpdate(null, null);
                         settle.resolve(null);
@@ -208,5 +393,37 @@ export class TaskTrail {
         };
         tick();
         return {close: () => { stopped = true; clearTimeout(timer); }};
+    }
+}
+
+// The name this module had before it was a package.
+export {TaskManager as TaskTrail};
+
+// The Server-Sent Events of a response body, frame by frame: {event, data, id}.
+async function* frames(body) {
+    let buffer = '';
+    let event = '';
+    let data = [];
+    let id = null;
+    for await (const text of body.pipeThrough(new TextDecoderStream())) {
+        buffer += text;
+        const lines = buffer.split(/\r\n|\r|\n/);
+        buffer = lines.pop();
+        for (const line of lines) {
+            if (line === '') {
+                if (data.length) yield {event: event || 'message', data: data.join('\n'), id};
+                event = '';
+                data = [];
+                id = null;
+                continue;
+            }
+            if (line.startsWith(':')) continue;  // a comment: the ping
+            const colon = line.indexOf(':');
+            const field = colon < 0 ? line : line.slice(0, colon);
+            const value = colon < 0 ? '' : line.slice(colon + 1).replace(/^ /, '');
+            if (field === 'event') event = value;
+            else if (field === 'data') data.push(value);
+            else if (field === 'id') id = value;
+        }
     }
 }

@@ -1,8 +1,9 @@
 // clients/js/tasktrail.mjs against a real tasktrail server: node watch_client.mjs http://127.0.0.1:PORT
-// Node 20 has fetch but no EventSource, so watchTask polls there; the SSE path
-// runs on the minimal EventSource below, built on fetch streaming the way a
-// browser's behaves: named events, Last-Event-ID on reconnect, and giving up on
-// a response that is not an event stream (404, 204).
+// watchTask's polling, and its EventSource path on the minimal EventSource
+// below, built on fetch streaming the way a browser's behaves: named events,
+// Last-Event-ID on reconnect, and giving up on a response that is not an event
+// stream (404, 204). (Its default, Server-Sent Events over fetch, is driven by
+// package_client.mjs.)
 import assert from 'node:assert/strict';
 
 import {TaskTrail, applyEvent} from '../../clients/js/tasktrail.mjs';
@@ -123,7 +124,7 @@ assert.equal((await plain.getTask('0b6f4f4e-6a2e-4c1e-9a51-3f1f3c1d2e3f')).statu
 
 // Polling, where there is no EventSource (Node 20).
 assert.equal(globalThis.EventSource, undefined);
-const polling = new TaskTrail(base, {pollInterval: 50});
+const polling = new TaskTrail(base, {watch: 'poll', pollInterval: 50});
 {
     const watch = watched(polling, task.task_id);
     await watch.started;

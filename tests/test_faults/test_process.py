@@ -19,6 +19,10 @@ MAX_WRITES_PER_WRITER = 500  # the load stops by itself even if the kill never c
 
 COUNT_EVENTS = "SELECT count(*) FROM events"
 CREATES_PER_KEY = "SELECT data->'params'->>'key', count(*) FROM events WHERE type = 'TaskCreated' GROUP BY 1"
+WAITING = """
+SELECT count(*) FROM pg_locks
+WHERE NOT granted AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+"""
 PROGRESS_PER_TASK = "SELECT stream_id, count(*) FROM events WHERE type = 'ProgressReported' GROUP BY 1"
 
 
@@ -115,7 +119,7 @@ def test_sigterm_finishes_in_flight_requests_and_refuses_new_ones(database_url: 
         holder.execute("LOCK TABLE tasks IN ACCESS EXCLUSIVE MODE")
         in_flight = pool.submit(httpx.get, f"{server.url}/tasks/", timeout=30)
         deadline = time.monotonic() + 10
-        while not holder.execute("SELECT count(*) FROM pg_locks WHERE NOT granted").fetchone()[0]:  # type: ignore[index]
+        while not holder.execute(WAITING).fetchone()[0]:  # type: ignore[index]
             assert time.monotonic() < deadline, "the request never reached the database"
             time.sleep(0.05)
 

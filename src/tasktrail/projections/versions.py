@@ -91,6 +91,7 @@ SELECT v.name, v.version, v.state, v.since,
        (SELECT count(DISTINCT coalesce(nullif(a.application_name, ''), l.pid::text))
         FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid
         WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
+          AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
           AND l.classid = hashtext(%(uses)s)::oid AND l.objid = hashtext(v.name || ':' || v.version)::oid) AS processes
 FROM projection_versions v
 ORDER BY v.name, v.version

@@ -1,0 +1,452 @@
+"""What each call does, written once for both clients.
+
+Each operation is a generator that yields steps (send this request, read the
+next line of that stream, sleep, hand this value to the caller) and is driven
+by `Client` with httpx.Client and by `AsyncClient` with httpx.AsyncClient.
+Retries, idempotency keys, paging, the read-after token and the stream's
+resumption are therefore decided in one place, and the two clients cannot
+drift apart. A transport error (connection refused or dropped, a timeout) is
+thrown into the generator at the step that met it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+import threading
+import uuid
+from collections.abc import Generator, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, TypeVar
+from urllib.parse import quote
+
+import httpx
+
+from tasktrail_client.errors import ConnectionFailed, from_problem
+from tasktrail_client.models import Change, Event, History, ItemResult, Stats, Task, apply
+
+T = TypeVar("T")
+
+READ_AFTER = "Tasktrail-Read-After"
+
+
+@dataclass(frozen=True)
+class Request:
+    method: str
+    path: str
+    params: Mapping[str, Any] | None = None
+    json: Any = None
+    headers: Mapping[str, str] = field(default_factory=dict)
+    stream: bool = False  # the driver leaves a 200's body unread, for NextLine
+
+    @property
+    def reads(self) -> bool:
+        return self.method == "GET"
+
+
+@dataclass(frozen=True)
+class NextLine:
+    """The next line of a streamed response's body; None at its end."""
+
+    response: httpx.Response
+
+
+@dataclass(frozen=True)
+class Sleep:
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Emit:
+    """A value for the caller of an iterating call."""
+
+    value: Any
+
+
+Step = Request | NextLine | Sleep | Emit
+Flow = Generator[Step, Any, T]
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How often and how patiently a call is tried again (bounded, with jitter)."""
+
+    attempts: int = 5
+    base_delay: float = 0.1
+    max_delay: float = 2.0
+
+    def delay(self, failures: int, retry_after: str | None = None) -> float:
+        """Exponential, half of it random, never above max_delay; at least what Retry-After asks (up to max)."""
+        ceiling = min(self.max_delay, self.base_delay * 2 ** (failures - 1))
+        delay = ceiling / 2 + random.uniform(0, ceiling / 2)  # noqa: S311 -- jitter, not a secret
+        if retry_after and retry_after.isdigit():
+            delay = max(delay, min(float(retry_after), self.max_delay))
+        return delay
+
+
+class Session:
+    """What a client keeps between calls: its headers and the read-after token of its last write."""
+
+    def __init__(self, api_key: str | None, retry: RetryPolicy) -> None:
+        self.retry = retry
+        self.headers = {"Accept": "application/json"} | (
+            {} if api_key is None else {"Authorization": f"Bearer {api_key}"}
+        )
+        self._token: str | None = None
+        self._lock = threading.Lock()  # a Run's progress thread writes beside the caller's thread
+
+    def headers_for(self, request: Request) -> dict[str, str]:
+        headers = self.headers | dict(request.headers)
+        if request.reads and self._token is not None:
+            headers[READ_AFTER] = self._token
+        return headers
+
+    def observe(self, request: Request, response: httpx.Response) -> None:
+        """Keep a write's read-after token, so that the reads after it see it (SPEC §13)."""
+        token = response.headers.get(READ_AFTER)
+        if token and not request.reads and response.is_success:
+            with self._lock:
+                self._token = later(self._token, token)
+
+    @property
+    def read_after(self) -> str | None:
+        """The token the next read sends: the latest write's (None before any write)."""
+        return self._token
+
+
+_LSN = re.compile(r"([0-9A-Fa-f]{1,8})/([0-9A-Fa-f]{1,8})")
+
+
+def later(held: str | None, new: str) -> str:
+    """Of two tokens, the later. They are opaque; when both read as WAL positions (X/Y), compare them,
+    so that writes answered out of order (threads) never move the token back; else the newest wins."""
+    if held is None:
+        return new
+    a, b = _LSN.fullmatch(held), _LSN.fullmatch(new)
+    if a and b:
+        return held if (int(a[1], 16), int(a[2], 16)) > (int(b[1], 16), int(b[2], 16)) else new
+    return new
+
+
+# Which failures a call retries: an answer lost in transit is retried only
+# where a second attempt cannot make a second change.
+ALWAYS = "always"  # reads, and writes whose repeat is harmless or recognised
+UNSENT = "unsent"  # only failures where the request surely had no effect: no connection, or 503
+
+
+def call(session: Session, request: Request, retry: str = ALWAYS) -> Flow[httpx.Response]:
+    """Send a request, retrying 503s and transport errors with backoff; the final answer, whatever it is."""
+    response, _sends = yield from attempts(session, request, retry)
+    return response
+
+
+def attempts(session: Session, request: Request, retry: str = ALWAYS) -> Flow[tuple[httpx.Response, int]]:
+    """`call`, also saying how often the request was sent (more than once: an earlier one may have been applied)."""
+    failures = 0
+    while True:
+        try:
+            response = yield request
+        except httpx.TransportError as exc:
+            failures += 1
+            unsent = isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout)
+            if failures >= session.retry.attempts or not (retry == ALWAYS or unsent):
+                raise ConnectionFailed(f"{request.method} {request.path}: {exc!r}") from exc
+            yield Sleep(session.retry.delay(failures))
+            continue
+        if response.status_code == 503 and failures + 1 < session.retry.attempts:
+            failures += 1
+            yield Sleep(session.retry.delay(failures, response.headers.get("retry-after")))
+            continue
+        return response, failures + 1
+
+
+def expect(response: httpx.Response, *ok: int) -> Any:
+    """The answer's JSON when its status is one of `ok`; else the problem as an exception."""
+    if response.status_code in ok:
+        return response.json() if response.content else None
+    try:
+        problem = response.json()
+    except ValueError:
+        problem = None
+    if not isinstance(problem, dict):
+        problem = {"title": response.reason_phrase, "detail": response.text[:500]}
+    raise from_problem(response.status_code, problem, dict(response.headers))
+
+
+def task_path(task_id: str | uuid.UUID, suffix: str = "") -> str:
+    return f"/tasks/{quote(str(task_id), safe='')}{suffix}"
+
+
+def _if_match(version: int | None) -> dict[str, str]:
+    return {} if version is None else {"If-Match": f'"{version}"'}
+
+
+def _request_id() -> dict[str, str]:
+    """Each write names itself, so that after a lost answer the history says whether it was applied."""
+    return {"X-Request-ID": uuid.uuid4().hex}
+
+
+def _next(response: httpx.Response) -> str | None:
+    return response.links.get("next", {}).get("url")
+
+
+def create(session: Session, task_type: str, params: dict[str, Any] | None, idempotency_key: str | None) -> Flow[Task]:
+    # One key for every attempt: a retry after a lost answer gets the first attempt's task back.
+    headers = {"Idempotency-Key": idempotency_key or uuid.uuid4().hex} | _request_id()
+    body = {"task_type": task_type} | ({} if params is None else {"params": params})
+    response = yield from call(session, Request("POST", "/tasks/", json=body, headers=headers))
+    return Task.from_json(expect(response, 201))
+
+
+def create_many(
+    session: Session, tasks: Iterable[Mapping[str, Any] | str], idempotency_key: str | None
+) -> Flow[list[Task]]:
+    items = [{"task_type": t} if isinstance(t, str) else dict(t) for t in tasks]
+    headers = {"Idempotency-Key": idempotency_key or uuid.uuid4().hex} | _request_id()
+    response = yield from call(session, Request("POST", "/tasks/batch", json={"tasks": items}, headers=headers))
+    return [Task.from_json(t) for t in expect(response, 201)["tasks"]]
+
+
+def get(session: Session, task_id: str, version: int | None, as_of: datetime | str | None) -> Flow[Task]:
+    params: dict[str, Any] = {}
+    if version is not None:
+        params["version"] = version
+    if as_of is not None:
+        params["as_of"] = as_of.isoformat() if isinstance(as_of, datetime) else as_of
+    response = yield from call(session, Request("GET", task_path(task_id), params=params))
+    return Task.from_json(expect(response, 200))
+
+
+def list_tasks(session: Session, status: str | None, task_type: str | None, page_size: int) -> Flow[None]:
+    params = {"limit": page_size} | ({} if status is None else {"status": status})
+    params |= {} if task_type is None else {"task_type": task_type}
+    request = Request("GET", "/tasks/", params=params)
+    while True:
+        response = yield from call(session, request)
+        for task in expect(response, 200):
+            yield Emit(Task.from_json(task))
+        if (link := _next(response)) is None:
+            return
+        request = Request("GET", link)
+
+
+def changes(
+    status: str | None = None,
+    progress: float | None = None,
+    result: dict[str, Any] | None = None,
+    error: str | None = None,
+) -> dict[str, Any]:
+    body = {"status": status, "progress": progress, "result": result, "error": error}
+    return {name: value for name, value in body.items() if value is not None}
+
+
+def update(session: Session, task_id: str, body: dict[str, Any], if_version: int | None) -> Flow[Task]:
+    """A PATCH. Repeating the same change is harmless (it is a no-op the second time), so lost answers
+    are retried; under If-Match a repeat answers 412 if the first attempt was applied, and the history
+    tells whether that 412 is our own write."""
+    if not body:
+        raise ValueError("give at least one of status, progress, result, error")
+    headers = _if_match(if_version) | _request_id()
+    request = Request("PATCH", task_path(task_id), json=body, headers=headers)
+    response, sends = yield from attempts(session, request)
+    if response.status_code == 412 and sends > 1 and if_version is not None:
+        mine = yield from _own_event(session, task_id, headers["X-Request-ID"], if_version)
+        if mine is not None:
+            return (yield from get(session, task_id, mine.version, None))
+    return Task.from_json(expect(response, 200))
+
+
+def delete(session: Session, task_id: str, if_version: int | None) -> Flow[None]:
+    headers = _if_match(if_version) | _request_id()
+    response, sends = yield from attempts(session, Request("DELETE", task_path(task_id), headers=headers))
+    if response.status_code in (404, 412) and sends > 1:
+        mine = yield from _own_event(session, task_id, headers["X-Request-ID"], if_version or 0)
+        if mine is not None:
+            return
+    expect(response, 200)
+
+
+def _own_event(session: Session, task_id: str, request_id: str, after_version: int) -> Flow[Event | None]:
+    """Our write's event in the task's history after `after_version`, if it was applied."""
+    events = yield from history(session, task_id, after_version, 1000)
+    return next((e for e in events if e.metadata.get("request_id") == request_id), None)
+
+
+def update_many(session: Session, updates: Iterable[Mapping[str, Any]]) -> Flow[list[ItemResult]]:
+    items = [dict(u) for u in updates]
+    headers = _request_id()
+    request = Request("PATCH", "/tasks/batch", json={"updates": items}, headers=headers)
+    response, sends = yield from attempts(session, request)
+    results = []
+    for given, answer in zip(items, expect(response, 200)["results"], strict=True):
+        result = ItemResult(
+            task_id=answer["task_id"],
+            status=answer["status"],
+            task=Task.from_json(answer["task"]) if answer.get("task") else None,
+            deleted=bool(answer.get("deleted")),
+            problem=answer.get("problem"),
+        )
+        if result.status in (404, 412) and sends > 1:
+            # Perhaps a lost first attempt applied this item: its event then carries our request id.
+            mine = yield from _own_event(session, result.task_id, headers["X-Request-ID"], given.get("if_version") or 0)
+            if mine is not None and mine.type == "TaskDeleted":
+                result = ItemResult(result.task_id, 200, deleted=True)
+            elif mine is not None:
+                result = ItemResult(
+                    result.task_id, 200, task=(yield from get(session, result.task_id, mine.version, None))
+                )
+        results.append(result)
+    return results
+
+
+def history(session: Session, task_id: str, after_version: int, page_size: int) -> Flow[History]:
+    request = Request(
+        "GET", task_path(task_id, "/history"), params={"after_version": after_version, "limit": page_size}
+    )
+    events: list[Event] = []
+    while True:
+        response = yield from call(session, request)
+        page = expect(response, 200)
+        events += [Event.from_json(e, page["task_id"]) for e in page["events"]]
+        if (link := _next(response)) is None:
+            return History(page["task_id"], events)
+        request = Request("GET", link)
+
+
+def stats(session: Session, task_type: str | None) -> Flow[Stats]:
+    params = {} if task_type is None else {"task_type": task_type}
+    response = yield from call(session, Request("GET", "/tasks/stats/summary", params=params))
+    return Stats.from_json(expect(response, 200))
+
+
+def cleanup(session: Session, days: int) -> Flow[int]:
+    # Retried only where the first attempt surely did nothing: a repeat would report fewer deletions.
+    request = Request("POST", "/tasks/cleanup", params={"days": days}, headers=_request_id())
+    response = yield from call(session, request, retry=UNSENT)
+    return int(expect(response, 200)["deleted"])
+
+
+def events(session: Session, after: str | None, page_size: int, follow: bool, poll_interval: float) -> Flow[None]:
+    """The global feed from `after` (the start without it), page by page; at its head, stop or poll."""
+    cursor = after
+    while True:
+        params = {"limit": page_size} | ({} if cursor is None else {"after": cursor})
+        response = yield from call(session, Request("GET", "/events", params=params))
+        page = expect(response, 200)
+        for event in page["events"]:
+            yield Emit(Event.from_json(event))
+        cursor = page["next_cursor"]
+        if len(page["events"]) < page_size:
+            if not follow:
+                return
+            yield Sleep(poll_interval)
+
+
+@dataclass
+class Frame:
+    """One Server-Sent Events message."""
+
+    event: str = "message"
+    data: str = ""
+    id: str | None = None
+
+
+class FrameParser:
+    """The SSE wire format, line by line (https://html.spec.whatwg.org/#event-stream-interpretation)."""
+
+    def __init__(self) -> None:
+        self._event, self._data, self._id = "", [], None
+        self.retry: int | None = None
+
+    def feed(self, line: str) -> Frame | None:
+        if line == "":
+            frame = None
+            if self._data:
+                frame = Frame(self._event or "message", "\n".join(self._data), self._id)
+            self._event, self._data, self._id = "", [], None
+            return frame
+        if line.startswith(":"):
+            return None  # a comment: the server's ping
+        name, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if name == "event":
+            self._event = value
+        elif name == "data":
+            self._data.append(value)
+        elif name == "id" and "\0" not in value:
+            self._id = value
+        elif name == "retry" and value.isdigit():
+            self.retry = int(value)
+        return None
+
+
+def watch(session: Session, task_id: str, reconnects: int) -> Flow[None]:
+    """The task as it changes, over its SSE stream, until it finishes or is deleted.
+
+    A dropped connection is made again with the last event's id as
+    Last-Event-ID, so nothing is missed or repeated; before any event it
+    starts afresh from a new snapshot, shown only if the task has moved.
+    """
+    task: Task | None = None
+    last_id: str | None = None
+    failures = 0
+    path = task_path(task_id, "/stream")
+    while True:
+        headers = {"Accept": "text/event-stream"} | ({} if last_id is None else {"Last-Event-ID": last_id})
+        try:
+            response = yield Request("GET", path, headers=headers, stream=True)
+            if response.status_code == 204:
+                return  # resumed after the task's last event: nothing more will come
+            if response.status_code != 200 and response.status_code != 503:
+                expect(response, 200)  # raises: 404, 401, 422 ...
+            if response.status_code == 200:
+                parser = FrameParser()
+                while (line := (yield NextLine(response))) is not None:
+                    failures = 0
+                    frame = parser.feed(line)
+                    if frame is None:
+                        continue
+                    if frame.event == "snapshot":
+                        now = Task.from_json(json.loads(frame.data))
+                        if task is None or now.version != task.version:
+                            task = now
+                            yield Emit(Change("snapshot", task))
+                    else:
+                        event = Event.from_json(json.loads(frame.data))
+                        last_id = frame.id or last_id
+                        if task is not None and event.version <= task.version:
+                            continue  # the snapshot already had it
+                        task = apply(task, event)
+                        yield Emit(Change(event.type, task, event))
+                    if task is None or task.finished:
+                        return
+        except httpx.TransportError as exc:
+            error: Exception = exc
+        else:
+            error = ConnectionError("the stream ended before the task finished")
+        # The server went away (a restart, an outage, the network): come back where we were.
+        failures += 1
+        if failures > reconnects:
+            raise ConnectionFailed(f"GET {path}: gave up after {reconnects} reconnects: {error!r}") from error
+        yield Sleep(session.retry.delay(failures))
+
+
+def check_progress(progress: float) -> float:
+    if isinstance(progress, bool) or not isinstance(progress, int | float) or not math.isfinite(progress):
+        raise ValueError(f"progress must be a number from 0 to 100, not {progress!r}")
+    if not 0 <= progress <= 100:
+        raise ValueError(f"progress must be from 0 to 100, not {progress}")
+    return float(progress)
+
+
+def ending(exc: BaseException) -> dict[str, Any]:
+    """How a run that raised leaves its task: failed with the exception's text; or, when the worker was
+    interrupted (Ctrl-C, SystemExit, a cancelled asyncio task) rather than the work failing, back to pending
+    for another worker. The server refuses NUL and errors over 65,536 characters: neither stops the record."""
+    if not isinstance(exc, Exception):
+        return {"status": "pending"}
+    text = str(exc) or type(exc).__name__
+    return {"status": "failed", "error": text.replace("\0", "\ufffd")[:65_536]}
