@@ -13,7 +13,7 @@ import msgspec
 import psycopg
 from psycopg.types.json import Jsonb
 
-from tasktrail import eventstore, idempotency, projections
+from tasktrail import eventstore, idempotency, metrics, projections
 from tasktrail.domain.events import Recorded
 from tasktrail.domain.task import (
     FINISHED,
@@ -77,6 +77,7 @@ async def _write(conn: psycopg.AsyncConnection, changes: Sequence[Change], metad
     positions = dict(await cur.fetchall())
     if len(positions) < len(changes):
         raise eventstore.VersionConflict("another writer changed the task first")
+    metrics.appended(changes)
     return positions
 
 
@@ -195,6 +196,9 @@ async def change(
             _remember(task_id, None)
             if expected is not None:
                 raise PreconditionFailed(f"task {task_id} changed after version {before.version}") from None
+            if not guessed:
+                # A lost race. (A guess that lost was a stale cache entry, not a race: it is read afresh.)
+                metrics.WRITE_CONFLICTS.inc()
             continue
         _written(conn, task_id, after)
         return after
@@ -218,6 +222,7 @@ async def cleanup(conn: psycopg.AsyncConnection, days: int, metadata: dict[str, 
                     await _write(conn, changes, metadata)
                 await idempotency.forget_expired(conn, at)
         except eventstore.VersionConflict:
+            metrics.WRITE_CONFLICTS.inc()
             continue  # one of them changed meanwhile: look again
         for task in expired:
             _remember(task.task_id, None)
