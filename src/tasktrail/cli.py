@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -82,6 +83,9 @@ def serve(args: argparse.Namespace) -> int:
     metrics_dir = _metrics_directory() if args.metrics else None
     if metrics_dir is None:
         os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    # uvicorn ends by raising the signal it stopped on again, and SIGTERM's
+    # default would end this process before `finally` removes the directory.
+    previous = signal.signal(signal.SIGTERM, _terminated)
     try:
         url, _server = _database(args, log.info)  # the embedded server stops when this process exits
         for name in migrations.migrate(url):
@@ -99,10 +103,25 @@ def serve(args: argparse.Namespace) -> int:
         os.environ[logs.ACCESS_ENV] = "1" if args.access_log else "0"
         os.environ[METRICS_ENV] = "1" if args.metrics else "0"
         _run(args, log_config)
+    except _Terminated:
+        terminated = True
+    else:
+        terminated = False
     finally:
+        signal.signal(signal.SIGTERM, previous)
         if metrics_dir is not None:
             shutil.rmtree(metrics_dir, ignore_errors=True)
+    if terminated:
+        signal.raise_signal(signal.SIGTERM)  # end as uvicorn would have: by the signal
     return 0
+
+
+class _Terminated(Exception):
+    """SIGTERM arrived (or uvicorn raised it again once it had shut down)."""
+
+
+def _terminated(signum: int, frame: object) -> None:
+    raise _Terminated
 
 
 # Mirrors tasktrail.http.app.METRICS_ENV (importing the app here would import prometheus_client too early).
