@@ -119,6 +119,8 @@ def observed(app: ASGIApp, *, count: bool, access: logs.AccessLine | None) -> AS
     not just its first handler's (litestar#4169, fixed in 3.0).
     """
 
+    observing = count or access is not None
+
     async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await app(scope, receive, send)
@@ -126,7 +128,8 @@ def observed(app: ASGIApp, *, count: bool, access: logs.AccessLine | None) -> AS
         started = perf_counter()
         given = dict(scope["headers"]).get(b"x-request-id", b"")
         sane = 0 < len(given) <= 128 and given.isascii() and given.isalnum()
-        request_id = (given if sane else b"%s%020x" % (_PROCESS, next(_SEQUENCE))).decode()
+        header = given if sane else b"%s%020x" % (_PROCESS, next(_SEQUENCE))
+        request_id = header.decode()
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
         logs.request_id.set(request_id)
@@ -137,11 +140,14 @@ def observed(app: ASGIApp, *, count: bool, access: logs.AccessLine | None) -> AS
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", header)]
                 if options:
                     _allow_every_method(message, scope)
             await send(message)
 
+        if not observing:
+            await app(scope, receive, send_with_id)
+            return
         try:
             await app(scope, receive, send_with_id)
         finally:
