@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import re
 import sys
 import time
 from contextvars import ContextVar
@@ -37,6 +38,8 @@ ACCESS_LOGGER = "tasktrail.access"
 request_id: ContextVar[str | None] = ContextVar("tasktrail_request_id", default=None)
 
 _encode = msgspec.json.Encoder().encode
+# What an IPv4 or IPv6 address (or a test client's name) looks like.
+_ADDRESS = re.compile(r"[0-9A-Za-z.:_\[\]-]{1,64}")
 
 
 @functools.lru_cache(maxsize=4)
@@ -158,6 +161,9 @@ class AccessLine:
                 }
             ).decode()
         else:
+            if not _ADDRESS.fullmatch(client):
+                # A trusted proxy's X-Forwarded-For becomes the client, whatever it says: quoted, it stays one field.
+                client = _encode(client).decode()
             line = (
                 f"{now} INFO    {ACCESS_LOGGER}: {method} {route} {status} {seconds * 1000:.2f}ms"
                 f" request_id={request_id} actor={actor or '-'} client={client}"

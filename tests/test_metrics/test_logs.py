@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tasktrail import logs
 from tasktrail.http import auth
@@ -103,3 +104,13 @@ def test_a_line_logged_while_a_request_is_handled_names_it_and_keeps_its_traceba
     assert fields["level"] == "error"
     assert fields["request_id"] == "req-9"
     assert "RuntimeError: boom" in fields["exception"]
+
+
+def test_a_client_address_a_proxy_made_up_stays_one_field_of_a_text_line(capsys: pytest.CaptureFixture[str]) -> None:
+    """uvicorn takes the client from a trusted proxy's X-Forwarded-For, whatever it holds."""
+    line = logs.AccessLine("text")
+    line("r1", "GET", "/tasks", 200, 0.001, None, "10.0.0.7")
+    line("r2", "GET", "/tasks", 200, 0.001, "k", "1.2.3.4 actor=admin\x1b[2J")
+    first, second = capsys.readouterr().err.splitlines()
+    assert first.endswith(" request_id=r1 actor=- client=10.0.0.7")
+    assert second.endswith(' request_id=r2 actor=k client="1.2.3.4 actor=admin\\u001b[2J"')

@@ -97,7 +97,9 @@ def _outdated(_: Request, exc: ProjectionOutdated) -> Response[bytes]:
 
 
 def _unexpected(request: Request, exc: Exception) -> Response[bytes]:
-    log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    # The route's template, not the path as sent (which is the client's to fill); the line has the request's id.
+    route = request.scope.get("path_template") or metrics.UNMATCHED
+    log.exception("unhandled error on %s %s", request.method, route, exc_info=exc)
     return problem(500, "an unexpected error occurred; it has been logged")
 
 
