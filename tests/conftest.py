@@ -6,6 +6,7 @@ migrated template, so tests never see each other's events.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -20,6 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import psutil
 import psycopg
 import pytest
 from litestar.testing import AsyncTestClient
@@ -150,20 +152,38 @@ def free_port() -> int:
 class Server:
     """`tasktrail [args] serve` in a real process on a free loopback port; its log in a file."""
 
-    def __init__(self, env: dict[str, str], *args: str, log_dir: Path, serve_args: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        env: dict[str, str],
+        *args: str,
+        log_dir: Path,
+        serve_args: tuple[str, ...] = (),
+        launcher: tuple[str, ...] = (sys.executable, "-m", "tasktrail"),
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_dir / f"server-{self.port}.log"
-        command = [sys.executable, "-m", "tasktrail", *args, "serve", "--host", "127.0.0.1", "--port", str(self.port)]
+        command = [*launcher, *args, "serve", "--host", "127.0.0.1", "--port", str(self.port)]
         command += serve_args
         with self.log_path.open("wb") as log:
-            self.process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
         try:
             self.wait_until_up()
         except BaseException:
-            self.process.kill()
-            self.process.wait()
+            self.kill()
             raise
+
+    def kill(self) -> None:
+        """SIGKILL the process and what it started: uvicorn's workers (or, under uv, the server) would live on."""
+        try:
+            children = psutil.Process(self.process.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            children = []
+        self.process.kill()
+        self.process.wait()
+        for child in children:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -187,8 +207,7 @@ class Server:
             try:
                 self.process.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+                self.kill()
         return self.process.returncode
 
 

@@ -12,7 +12,8 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from tasktrail import db, migrations
@@ -26,10 +27,31 @@ def _stderr(message: str) -> None:
 
 
 def _database(args: argparse.Namespace, say: Callable[[str], None] = _stderr) -> tuple[str, object]:
-    url, server = db.resolve(args.data_dir)
+    with _signals_held():
+        url, server = db.resolve(args.data_dir)
     where = "DATABASE_URL" if server is None else f"embedded PostgreSQL in {args.data_dir / 'pgdata'}"
     say(f"database: {where}")
     return url, server
+
+
+@contextmanager
+def _signals_held() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM while the embedded PostgreSQL starts, and act on them once it has.
+
+    pgserver records this process as a holder of the server only at the end of
+    its start; stopped before that, the process would leave behind a server it
+    started. Held until then, the stop runs the exit hooks that stop it.
+    """
+    caught: list[int] = []
+    stops = (signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.signal(sig, lambda sig, _frame: caught.append(sig)) for sig in stops}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for sig in caught[:1]:
+            signal.raise_signal(sig)
 
 
 def _loopback(host: str) -> bool:
@@ -65,6 +87,27 @@ def _api_keys(args: argparse.Namespace) -> int | None:
     return None
 
 
+def _replicas(args: argparse.Namespace) -> int | None:
+    """Check the replicas as the app will take them, and hand them to the workers; an exit code on failure."""
+    from tasktrail import replicas
+
+    try:
+        if args.replica:
+            for url in args.replica:
+                replicas.check_url(url)
+            os.environ[replicas.URLS_ENV] = ",".join(args.replica)
+        if args.replica_max_lag is not None:
+            os.environ[replicas.MAX_LAG_ENV] = str(replicas.max_lag_from(args.replica_max_lag))
+        urls, max_lag = replicas.configured()
+    except ValueError as exc:
+        log.error("replicas: %s", exc)
+        return 2
+    if urls:
+        names = ", ".join(replicas.describe(url) for url in urls)
+        log.info("replicas: %s (reads, when at most %g s behind)", names, max_lag)
+    return None
+
+
 def serve(args: argparse.Namespace) -> int:
     import logging.config
 
@@ -79,13 +122,12 @@ def serve(args: argparse.Namespace) -> int:
     logging.config.dictConfig(log_config)
     if (refused := _api_keys(args)) is not None:
         return refused
+    if (refused := _replicas(args)) is not None:
+        return refused
     # Before anything imports prometheus_client (the rebuild below might): it reads the directory then.
     metrics_dir = _metrics_directory() if args.metrics else None
     if metrics_dir is None:
         os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    # uvicorn ends by raising the signal it stopped on again, and SIGTERM's
-    # default would end this process before `finally` removes the directory.
-    previous = signal.signal(signal.SIGTERM, _terminated)
     try:
         url, _server = _database(args, log.info)  # the embedded server stops when this process exits
         for name in migrations.migrate(url):
@@ -103,25 +145,10 @@ def serve(args: argparse.Namespace) -> int:
         os.environ[logs.ACCESS_ENV] = "1" if args.access_log else "0"
         os.environ[METRICS_ENV] = "1" if args.metrics else "0"
         _run(args, log_config)
-    except _Terminated:
-        terminated = True
-    else:
-        terminated = False
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    finally:  # also when a stop (Ctrl-C, SIGTERM: see main) ends it
         if metrics_dir is not None:
             shutil.rmtree(metrics_dir, ignore_errors=True)
-    if terminated:
-        signal.raise_signal(signal.SIGTERM)  # end as uvicorn would have: by the signal
     return 0
-
-
-class _Terminated(Exception):
-    """SIGTERM arrived (or uvicorn raised it again once it had shut down)."""
-
-
-def _terminated(signum: int, frame: object) -> None:
-    raise _Terminated
 
 
 # Mirrors tasktrail.http.app.METRICS_ENV (importing the app here would import prometheus_client too early).
@@ -171,6 +198,8 @@ def _run(args: argparse.Namespace, log_config: dict[str, object]) -> None:
         # Each request's line comes from the app (tasktrail.logs), with its route and actor.
         access_log=False,
         timeout_graceful_shutdown=10,
+        # By name, like the app: a worker process imports it only once it answers uvicorn's health checks.
+        http="tasktrail.http.protocol:BoundedHead",
     )
 
 
@@ -387,6 +416,22 @@ def parser() -> argparse.ArgumentParser:
         "without keys, serve only on a loopback address",
     )
     run.add_argument(
+        "--replica",
+        action="append",
+        metavar="URL",
+        help="a PostgreSQL streaming replica of the database to send reads to (task, list, stats, history, time "
+        "travel, feed, streams); repeat for several; writes go to the primary; a read that sends back a write's "
+        "Tasktrail-Read-After token is answered only from a replica that has replayed that write, else from the "
+        "primary (env DATABASE_REPLICA_URLS, comma-separated)",
+    )
+    run.add_argument(
+        "--replica-max-lag",
+        type=float,
+        metavar="SECONDS",
+        help="a replica that is down, or has not replayed the primary's position within SECONDS, gets no reads "
+        "until it has caught up (default: 5; env TASKTRAIL_REPLICA_MAX_LAG)",
+    )
+    run.add_argument(
         "--rebuild",
         action="store_true",
         help="first rebuild every read model whose code version differs from the live one (one process at a time)",
@@ -448,4 +493,17 @@ def _key_name(name: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    return args.func(args)
+    # SIGTERM (what systemd, Docker and Kubernetes send) stops a command as
+    # Ctrl-C does: uvicorn finishes the requests in flight, then the exit hooks
+    # run and stop the embedded PostgreSQL. Python's default for SIGTERM is to
+    # die on the spot, running no hook, and uvicorn, once it has shut down,
+    # raises the signal again under that default.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        if args.func is serve:
+            log.info("stopped")  # through serve's logging: a JSON line in JSON mode
+        else:
+            print("tasktrail: stopped", file=sys.stderr)
+        return 130

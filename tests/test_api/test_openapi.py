@@ -7,7 +7,7 @@ import re
 import pytest
 from litestar.testing import AsyncTestClient
 
-from tests.test_api.test_errors import problem
+from tests.test_api.test_errors import JSON, problem
 
 pytestmark = pytest.mark.anyio
 
@@ -26,7 +26,7 @@ async def test_request_bodies_are_declared_and_still_strict(shared_client: Async
         assert body["content"]["application/json"]["schema"] == {"$ref": f"#/components/schemas/{name}"}
     task = (await shared_client.post("/tasks/", json={"task_type": "x"})).json()
     assert problem(await shared_client.patch(f"/tasks/{task['task_id']}", json={"progress": "50"}), 422)
-    assert problem(await shared_client.patch(f"/tasks/{task['task_id']}", content=b"{nope"), 400)
+    assert problem(await shared_client.patch(f"/tasks/{task['task_id']}", content=b"{nope", headers=JSON), 400)
     errors = problem(await shared_client.post("/tasks/", content=b""), 422)["errors"]
     assert errors == [{"field": "body", "message": "required"}]
 

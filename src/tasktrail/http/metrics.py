@@ -58,6 +58,7 @@ async def scrape(request: Request) -> Response[bytes]:
     """Every tasktrail_* metric, for Prometheus; the database's gauges are left out while it does not answer."""
     database: list[Metric] = []
     try:
+        # The primary, never a replica: the transactions that hold the feed back run there.
         async with connection(request) as conn:
             database = await database_families(conn)
     except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as exc:

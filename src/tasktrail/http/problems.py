@@ -24,12 +24,16 @@ class Problem(msgspec.Struct, omit_defaults=True):
     allowed: list[str] | None = None
 
 
-def problem(status: int, detail: str, headers: dict[str, str] | None = None, **extra: Any) -> Response[bytes]:
+def problem_body(status: int, detail: str, **extra: Any) -> bytes:
     title = HTTPStatus(status).phrase
     body = Problem(
         type=f"/problems/{title.lower().replace(' ', '-')}", title=title, status=status, detail=detail, **extra
     )
-    return Response(msgspec.json.encode(body), status_code=status, media_type=PROBLEM, headers=headers)
+    return msgspec.json.encode(body)
+
+
+def problem(status: int, detail: str, headers: dict[str, str] | None = None, **extra: Any) -> Response[bytes]:
+    return Response(problem_body(status, detail, **extra), status_code=status, media_type=PROBLEM, headers=headers)
 
 
 # What each error means on any route; a route lists the ones it can answer.
@@ -41,8 +45,9 @@ MEANINGS = {
     409: "the task's status does not allow the change",
     412: "the task is not at the version If-Match names",
     413: "the body is over 1 MiB",
+    415: "the body is not sent as JSON: give `Content-Type: application/json` (charset, if any, utf-8)",
     422: "well-formed input that breaks a rule; `errors` names the fields",
-    503: "the database is unreachable or too slow; try again shortly",
+    503: "the database is unreachable or too slow, or the task is locked by another transaction; try again shortly",
 }
 
 

@@ -432,7 +432,7 @@ LOCK_KEY = "tasktrail.rebuild"
 TRY_LOCK = "SELECT pg_try_advisory_lock(hashtext(%(key)s))"
 WAIT_LOCK = "SELECT pg_advisory_lock(hashtext(%(key)s))"
 LIVE_VERSIONS = "SELECT name, version FROM projections"
-NO_TIMEOUT = " -c statement_timeout=0"  # waiting for another rebuild may take a while
+NO_TIMEOUT = " -c statement_timeout=0 -c lock_timeout=0"  # waiting for another rebuild may take a while
 
 
 def rebuild(
