@@ -30,6 +30,8 @@ from psycopg.conninfo import make_conninfo
 
 from tasktrail import db, migrations
 from tasktrail.http.app import create_app
+from tasktrail.projections import INLINE
+from tasktrail.projections.rebuild import prepare
 from tasktrail.verify import verify
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -77,7 +79,9 @@ def template_db(server_url: str) -> Iterator[str]:
     name = f"tasktrail_template_{uuid.uuid4().hex[:8]}"
     with _admin(server_url) as conn:
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    migrations.migrate(make_conninfo(server_url, dbname=name))
+    url = make_conninfo(server_url, dbname=name)
+    migrations.migrate(url)
+    prepare(url, INLINE)  # the read models' tables: no migration makes them
     yield name
     with _admin(server_url) as conn:
         conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))

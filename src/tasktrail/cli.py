@@ -114,40 +114,64 @@ def serve(args: argparse.Namespace) -> int:
     from tasktrail import logs
 
     if args.log_format not in logs.FORMATS:  # from the environment: argparse checks only what it parses
-        print(
-            f"tasktrail: {logs.FORMAT_ENV}={args.log_format!r}: give one of {', '.join(logs.FORMATS)}", file=sys.stderr
-        )
+        _stderr(f"{logs.FORMAT_ENV}={args.log_format!r}: give one of {', '.join(logs.FORMATS)}")
         return 2
     log_config = logs.config(args.log_format, args.log_level)
     logging.config.dictConfig(log_config)
-    if (refused := _api_keys(args)) is not None:
-        return refused
-    if (refused := _replicas(args)) is not None:
-        return refused
-    # Before anything imports prometheus_client (the rebuild below might): it reads the directory then.
+    # First: prometheus_client reads the directory when it is first imported, which what follows may do.
+    # (A worker process imports it afresh; only a single process that serves itself must not have yet.)
+    too_early = args.metrics and args.workers == 1 and "prometheus_client" in sys.modules
     metrics_dir = _metrics_directory() if args.metrics else None
     if metrics_dir is None:
         os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
     try:
-        url, _server = _database(args, log.info)  # the embedded server stops when this process exits
-        for name in migrations.migrate(url):
-            log.info("applied migration %s", name)
-        if args.rebuild:
-            # Processes started together wait for each other; the first rebuilds.
-            failed = _rebuild(url, None, starting=True, say=log.info, bar=args.log_format == "text")
-            if failed:
-                return failed
-        else:
-            _warn_outdated(url, log.warning)
-        # Worker processes find the database where this one put it, and read how to log and count from here.
-        os.environ["DATABASE_URL"] = url
-        os.environ[logs.FORMAT_ENV] = args.log_format
-        os.environ[logs.ACCESS_ENV] = "1" if args.access_log else "0"
-        os.environ[METRICS_ENV] = "1" if args.metrics else "0"
-        _run(args, log_config)
+        return _serve(args, log_config, metrics_too_early=too_early)
     finally:  # also when a stop (Ctrl-C, SIGTERM: see main) ends it
         if metrics_dir is not None:
             shutil.rmtree(metrics_dir, ignore_errors=True)
+            os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+
+
+def _serve(args: argparse.Namespace, log_config: dict[str, object], *, metrics_too_early: bool) -> int:
+    import uvicorn
+
+    from tasktrail import logs
+
+    if (refused := _api_keys(args)) is not None:
+        return refused
+    if (refused := _replicas(args)) is not None:
+        return refused
+    url, _server = _database(args, log.info)  # the embedded server stops when this process exits
+    for name in migrations.migrate(url):
+        log.info("applied migration %s", name)
+    # This process's read-model versions are in use from now until it exits
+    # (`projections prune` refuses them), and any that has no tables yet is
+    # built from the log first, while other releases keep serving.
+    _guard = _hold_read_models(url)
+    failed = _rebuild(url, None, starting=True, say=log.info, bar=args.log_format == "text")
+    if failed:
+        return failed
+    # Worker processes find the database where this one put it, and read how to log and count from here.
+    os.environ["DATABASE_URL"] = url
+    os.environ[logs.FORMAT_ENV] = args.log_format
+    os.environ[logs.ACCESS_ENV] = "1" if args.access_log else "0"
+    os.environ[METRICS_ENV] = "1" if args.metrics else "0"
+    if metrics_too_early:
+        raise RuntimeError("prometheus_client was imported before serve chose its directory: metrics would not add up")
+    uvicorn.run(
+        "tasktrail.http.app:create_app",
+        factory=True,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        log_level=args.log_level,
+        log_config=log_config,
+        # Each request's line comes from the app (tasktrail.logs), with its route and actor.
+        access_log=False,
+        timeout_graceful_shutdown=10,
+        # By name, like the app: a worker process imports it only once it answers uvicorn's health checks.
+        http="tasktrail.http.protocol:BoundedHead",
+    )
     return 0
 
 
@@ -162,8 +186,6 @@ def _metrics_directory() -> str:
     Its name holds this process's id: directories of earlier runs whose process is gone (killed before it could
     remove its own) are removed first.
     """
-    if "prometheus_client" in sys.modules:
-        raise RuntimeError("prometheus_client was imported before serve chose its directory; metrics would not add up")
     for old in Path(tempfile.gettempdir()).glob(f"{METRICS_DIR_PREFIX}*"):
         pid = old.name.removeprefix(METRICS_DIR_PREFIX).split("-", 1)[0]
         mine = old.is_dir() and not old.is_symlink() and old.stat().st_uid == os.getuid()
@@ -184,39 +206,44 @@ def _running(pid: int) -> bool:
     return True
 
 
-def _run(args: argparse.Namespace, log_config: dict[str, object]) -> None:
-    import uvicorn
+def _hold_read_models(url: str) -> object:
+    """A connection that marks this release's read-model versions in use for as long as it is open."""
+    import psycopg
 
-    uvicorn.run(
-        "tasktrail.http.app:create_app",
-        factory=True,
-        host=args.host,
-        port=args.port,
-        workers=args.workers,
-        log_level=args.log_level,
-        log_config=log_config,
-        # Each request's line comes from the app (tasktrail.logs), with its route and actor.
-        access_log=False,
-        timeout_graceful_shutdown=10,
-        # By name, like the app: a worker process imports it only once it answers uvicorn's health checks.
-        http="tasktrail.http.protocol:BoundedHead",
-    )
+    from tasktrail.projections import INLINE, versions
+
+    conn = psycopg.connect(url, **db.connect_kwargs() | versions.application_name())
+    versions.hold(conn, INLINE)
+    return conn
 
 
 def migrate(args: argparse.Namespace) -> int:
     url, _server = _database(args)
     applied = migrations.migrate(url)
     print("\n".join(f"applied {name}" for name in applied) or "up to date")
-    return 0
+    # And this code's read-model versions, which no migration makes (see projections/rebuild.py).
+    return _rebuild(url, None, starting=True)
 
 
 def verify(args: argparse.Namespace) -> int:
+    from tasktrail.projections import INLINE
     from tasktrail.verify import verify as run
 
     url, _server = _database(args)
-    report = run(url)
+    chosen = dict(args.version or [])
+    report = run(url, {m.NAME: chosen.pop(m.NAME, m.VERSION) for m in INLINE})
+    if chosen:
+        print(f"tasktrail verify: no read model named {', '.join(chosen)}", file=sys.stderr)
+        return 2
     print(report.summary())
     return 0 if report.ok else 1
+
+
+def _name_version(text: str) -> tuple[str, int]:
+    name, _, version = text.partition("=")
+    if not (name and version.isdigit() and int(version) > 0):
+        raise argparse.ArgumentTypeError("NAME=VERSION, such as tasks=2")
+    return name, int(version)
 
 
 def _keys_file(args: argparse.Namespace) -> Path:
@@ -270,43 +297,51 @@ def keys_remove(args: argparse.Namespace) -> int:
     return 0
 
 
-def _warn_outdated(url: str, warn: Callable[[str], None]) -> None:
-    from tasktrail.projections import INLINE
-    from tasktrail.projections.rebuild import status
-
-    standings, _head, _left = status(url, INLINE)
-    for standing in standings:
-        if standing.outdated:
-            warn(
-                f"the {standing.name} read model is version {standing.live}, this code's is"
-                f" {standing.code}: writes are refused until you run `tasktrail projections rebuild"
-                f" {standing.name}` (the service keeps serving meanwhile), or start with `serve --rebuild`"
-            )
-
-
 def projections_status(args: argparse.Namespace) -> int:
-    from tasktrail.projections import INLINE
-    from tasktrail.projections.rebuild import SHADOW, status
+    from tasktrail.projections import INLINE, versions
 
     url, _server = _database(args)
-    standings, head, left = status(url, INLINE)
-    print(f"{'projection':<12}{'live':>6}{'code':>6}  {'applied':<28}rebuilt")
-    for s in standings:
-        # Inline read models commit with each append: they hold every committed event.
-        applied = "-" if s.live is None else f"log head (position {head})"
-        rebuilt = "never (made by migrations)" if s.rebuilt_at is None else f"{s.rebuilt_at:%Y-%m-%d %H:%M:%S %Z}"
-        if s.position is not None:
-            rebuilt += f", live since position {s.position}"
-        print(f"{s.name:<12}{s.live or '-':>6}{s.code:>6}  {applied:<28}{rebuilt}")
-    for s in standings:
-        if s.outdated:
-            print(
-                f"{s.name}: live version {s.live or 'none'}, code version {s.code}:"
-                f" run `tasktrail projections rebuild {s.name}`"
-            )
-    if left:
-        print(f"schema {SHADOW} is left from an interrupted rebuild; the next rebuild drops it")
+    found, head, left = versions.status(url, INLINE)
+    print(f"{'projection':<12}{'version':>8}  {'state':<9}{'behind':>8}{'processes':>11}  since")
+    for v in found:
+        mark = "  (this code)" if v.code else ""
+        since = "-" if v.since is None else f"{v.since:%Y-%m-%d %H:%M:%S %Z}"
+        behind = "-" if v.state != "live" else f"{v.behind:,}"
+        print(f"{v.name:<12}{v.version:>8}  {v.state:<9}{behind:>8}{v.processes:>11}  {since}{mark}")
+    print(f"log head: position {head:,}")
+    for v in found:
+        if v.state == "missing":
+            print(f"{v.name} version {v.version} has no tables yet: `tasktrail serve` builds it before it serves")
+        elif v.state == "building" and v.processes == 0:
+            print(f"{v.name} version {v.version} was being built and was interrupted: the next `serve` starts over")
+        elif v.state == "live" and v.processes == 0 and not v.code:
+            print(f"{v.name} version {v.version} is used by no process: `tasktrail projections prune` drops it")
+    for schema in left:
+        print(f"schema {schema} is left from an interrupted rebuild; the next rebuild drops it")
     return 0
+
+
+def projections_prune(args: argparse.Namespace) -> int:
+    from tasktrail.projections import INLINE, versions
+
+    url, _server = _database(args)
+    if args.name is None:
+        targets = versions.unused(url, INLINE)
+        if not targets:
+            print("nothing to prune: every version left is this code's")
+            return 0
+    elif args.version is None:
+        targets = [(n, v) for n, v in versions.unused(url, INLINE) if n == args.name]
+    else:
+        targets = [(args.name, args.version)]
+    failed = 0
+    for name, version in targets:
+        try:
+            print(versions.prune(url, name, version))
+        except (versions.InUse, LookupError) as exc:
+            print(f"tasktrail projections prune: {exc.args[0]}", file=sys.stderr)
+            failed = 1
+    return failed
 
 
 def projections_rebuild(args: argparse.Namespace) -> int:
@@ -317,7 +352,7 @@ def projections_rebuild(args: argparse.Namespace) -> int:
 def _rebuild(
     url: str, name: str | None, *, starting: bool, say: Callable[[str], None] | None = None, bar: bool = True
 ) -> int:
-    """Rebuild with a progress bar; when `starting` a server, wait for the lock and rebuild only what is outdated.
+    """Rebuild with a progress bar; when `starting` a server, wait for the lock and build only what is not live.
 
     `say` takes the messages instead of the terminal (serve's log); `bar=False` shows no bar (JSON logs).
     """
@@ -325,7 +360,7 @@ def _rebuild(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
 
     from tasktrail.projections import INLINE
-    from tasktrail.projections.rebuild import RebuildBusy, SwapFailed, rebuild
+    from tasktrail.projections.rebuild import RebuildBusy, SwapFailed, prepare, rebuild
 
     modules = [m for m in INLINE if name in (None, m.NAME)]
     if not modules:
@@ -346,7 +381,7 @@ def _rebuild(
 
         def progress(step: str, done: int, total: int) -> None:
             if step not in steps:
-                unit = "tasks" if step.startswith("load") else "events" if step != "swap" else ""
+                unit = "tasks" if step.startswith("load") or step == "indexes" else "events" if step != "swap" else ""
                 steps[step] = shown.add_task(step, total=total, unit=unit, rate="")
             shown.update(steps[step], completed=done, total=total)
             speed = shown.tasks[steps[step]].speed
@@ -354,7 +389,7 @@ def _rebuild(
                 shown.update(steps[step], rate=f"{speed:>10,.0f} events/s")
 
         try:
-            done = rebuild(url, modules, progress, wait=starting, outdated_only=starting)
+            done = prepare(url, modules, progress) if starting else rebuild(url, modules, progress)
         except (RebuildBusy, SwapFailed) as exc:
             say(str(exc))
             return 1
@@ -363,10 +398,11 @@ def _rebuild(
             return 130
     seconds = time.perf_counter() - started
     if done.names:
+        built = ", ".join(f"{m.NAME} version {m.VERSION}" for m in modules if m.NAME in done.names)
         say(
             f"rebuilt {', '.join(done.names)} from {done.events:,} events in {seconds:.1f} s"
             f" ({done.events / seconds:,.0f} events/s), and {done.caught_up:,} appended meanwhile;"
-            f" live since position {done.position:,}"
+            f" live since position {done.position:,}: {built}"
         )
     return 0
 
@@ -434,27 +470,44 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--rebuild",
         action="store_true",
-        help="first rebuild every read model whose code version differs from the live one (one process at a time)",
+        help=argparse.SUPPRESS,  # what serve always does now: build the versions that are not live, then serve
     )
     run.set_defaults(func=serve)
 
     mig = commands.add_parser("migrate", help="apply pending migrations and exit (safe to repeat)")
     mig.set_defaults(func=migrate)
 
-    proj = commands.add_parser("projections", help="the read models: their versions, and rebuilding them")
+    proj = commands.add_parser(
+        "projections", help="the read models: their versions, rebuilding them, and pruning unused ones"
+    )
     proj_commands = proj.add_subparsers(dest="projections_command", required=True, metavar="ACTION")
     proj_commands.add_parser(
-        "status", help="each read model's live version, code version and how far it has applied the log"
+        "status", help="every version of each read model: its state, how far behind the log, processes using it"
     ).set_defaults(func=projections_status)
     again = proj_commands.add_parser(
         "rebuild",
-        help="rebuild read models from the whole log into fresh tables while the service runs, then swap them in",
+        help="rebuild this code's read-model versions from the whole log while the service runs, then swap them in",
     )
     again.add_argument("name", nargs="?", help="one read model (default: all)")
     again.set_defaults(func=projections_rebuild)
+    prune = proj_commands.add_parser(
+        "prune",
+        help="drop the tables of versions no process uses (default: every version but this code's); "
+        "refuses a version while a process of it runs",
+    )
+    prune.add_argument("name", nargs="?", help="one read model (default: all)")
+    prune.add_argument("version", nargs="?", type=int, help="one version of it (default: every one but this code's)")
+    prune.set_defaults(func=projections_prune)
 
     check = commands.add_parser(
-        "verify", help="fold the whole log in memory and compare it with the read model and counters"
+        "verify", help="fold the whole log in memory and compare it with a read-model version and its counters"
+    )
+    check.add_argument(
+        "--version",
+        action="append",
+        type=_name_version,
+        metavar="NAME=VERSION",
+        help="verify this version of a read model instead of this code's (repeatable), e.g. tasks=2",
     )
     check.set_defaults(func=verify)
 

@@ -20,7 +20,8 @@ EMBEDDED_DATABASE = "tasktrail"
 
 # Every connection: UTC timestamps, and no statement, lock wait or idle
 # transaction that holds a connection for ever (TASKTRAIL_STATEMENT_TIMEOUT and
-# TASKTRAIL_LOCK_TIMEOUT override the first two).
+# TASKTRAIL_LOCK_TIMEOUT override the first two); connect_kwargs() adds the
+# search_path of this process's read-model versions.
 STATEMENT_TIMEOUT = "30s"
 # A write waits on a lock only while another transaction that changed the same
 # task (or claimed the same Idempotency-Key) is still open. Ours are one
@@ -143,7 +144,10 @@ def lock_timeout() -> str:
 
 
 def connect_kwargs() -> dict[str, Any]:
-    options = _SESSION.format(statement_timeout(), lock_timeout())
+    from tasktrail import projections  # the read models' schemas: see projections.INLINE
+
+    session = _SESSION.format(statement_timeout(), lock_timeout())
+    options = f"{session} -c search_path={projections.search_path(projections.INLINE)}"
     return {"autocommit": True, "options": options, "connect_timeout": CONNECT_TIMEOUT} | KEEPALIVES
 
 

@@ -32,10 +32,12 @@ class Stored(msgspec.Struct, frozen=True):
 # version) is taken is not inserted and not yielded: the writer lost a race.
 # (ON CONFLICT rather than an error: a lost race is routine, not a failure in
 # the server's log, and a racing insert of the same version waits for the
-# first one's transaction, then yields nothing.)
+# first one's transaction, then yields nothing.) `projected` names the read-model
+# versions the same statement writes (see projections: a follower applies the
+# event to every other version); none when appended alone.
 APPEND = """
-INSERT INTO events (stream_id, version, type, data, metadata, occurred_at)
-SELECT e.stream_id, e.version, e.type, e.data, %(write)s -> 'metadata', e.occurred_at
+INSERT INTO events (stream_id, version, type, data, metadata, occurred_at, projected)
+SELECT e.stream_id, e.version, e.type, e.data, %(write)s -> 'metadata', e.occurred_at, %(write)s ->> 'projected'
 FROM jsonb_to_recordset(%(write)s -> 'events')
     AS e(stream_id uuid, version integer, type text, data jsonb, occurred_at timestamptz)
 ON CONFLICT (stream_id, version) DO NOTHING

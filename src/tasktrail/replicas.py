@@ -79,6 +79,7 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from tasktrail import db
+from tasktrail.domain.task import TaskNotFound
 
 log = logging.getLogger("tasktrail.replicas")
 T = TypeVar("T")
@@ -308,11 +309,18 @@ class Replicas:
         return await self._on(None if primary or not self.serving else self.serving[0], fetch)
 
     async def _on(self, replica: Replica | None, fetch: Callable[[psycopg.AsyncConnection], Awaitable[T]]) -> T:
-        """fetch(conn) on the replica; on the primary when there is none, or when the read fails there."""
+        """fetch(conn) on the replica; on the primary when there is none, or when the read fails there.
+
+        A task the replica does not know (yet), or a version it has not
+        replayed, is asked of the primary too: a replica may answer older
+        data, but never "no such task" for one the primary has.
+        """
         if replica is not None and replica.pool is not None:
             try:
                 async with db.Borrowed(replica.pool) as conn:
                     return await fetch(conn)
+            except TaskNotFound:
+                pass
             except (psycopg.Error, PoolTimeout) as exc:
                 self._failed(replica, exc)
         async with db.Borrowed(self.primary) as conn:

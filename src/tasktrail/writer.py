@@ -26,7 +26,7 @@ from tasktrail.domain.task import (
     decide,
     evolve,
 )
-from tasktrail.projections import Change
+from tasktrail.projections import Change, follow
 from tasktrail.projections import tasks as tasks_view
 
 # A writer that loses a race re-reads and decides again. Each lost race means
@@ -76,6 +76,10 @@ async def _write(conn: psycopg.AsyncConnection, changes: Sequence[Change], metad
     cur = await conn.execute(projections.statement(eventstore.APPEND, modules, write), {"write": Jsonb(write)})
     positions = dict(await cur.fetchall())
     if len(positions) < len(changes):
+        # The winner may be a process of another release, which does not write
+        # this process's read-model versions: apply its events to them before
+        # the caller reads the task again (projections/follow.py).
+        await follow.catch_up(conn, modules, streams=[recorded.stream_id for recorded, _, _ in changes])
         raise eventstore.VersionConflict("another writer changed the task first")
     metrics.appended(changes)
     return positions
@@ -83,18 +87,13 @@ async def _write(conn: psycopg.AsyncConnection, changes: Sequence[Change], metad
 
 @asynccontextmanager
 async def _refused(conn: psycopg.AsyncConnection) -> AsyncIterator[None]:
-    """An outdated read model's refusal of a write as ProjectionOutdated."""
+    """A write to read-model tables that are gone (a pruned version) as ProjectionOutdated."""
     try:
         yield
-    except psycopg.Error as exc:
-        if isinstance(exc, psycopg.errors.UndefinedColumn | psycopg.errors.UndefinedTable):
-            # The live tables are not of the shape this code writes: a rebuild
-            # swapped in another version (the check alone then says so), or a bug.
-            async with _refused(conn):
-                await projections.check(conn, projections.INLINE)
-        if exc.sqlstate != projections.OUTDATED:
-            raise
-        raise projections.ProjectionOutdated(exc.diag.message_primary) from exc
+    except (psycopg.errors.UndefinedColumn, psycopg.errors.UndefinedTable) as exc:
+        raise projections.ProjectionOutdated(
+            f"this process's read-model tables are missing ({exc.diag.message_primary}): restart it"
+        ) from exc
 
 
 # The state this process last wrote of each recently written task, as a guess
@@ -174,6 +173,10 @@ async def change(
         before, guessed, guess = guess, guess is not None, None
         if before is None:
             before = await tasks_view.get(conn, task_id)
+            if before is None:
+                # Perhaps created by another release a moment ago: apply its events here, and look again.
+                await follow.catch_up(conn, streams=[task_id])
+                before = await tasks_view.get(conn, task_id)
             if before is None:
                 _remember(task_id, None)
                 raise TaskNotFound(f"task {task_id} not found")

@@ -53,9 +53,15 @@ async def test_a_read_with_the_token_sees_the_write_while_one_without_may_be_old
                 "list": ([], [task["task_id"]]),
                 "stats": (0, 1),
                 "history": (1, 2),
-                "time travel": ("pending", "running"),  # the replica's log ends at version 1
+                # The replica's log ends at version 1: it does not know version 2, so the primary answers.
+                "time travel": ("running", "running"),
                 "feed": (["TaskCreated"], ["TaskCreated", "TaskStarted"]),
             }
+            # A task the replica has not replayed at all: the primary answers, never a 404.
+            unseen = (await client.post("/tasks/", json={"task_type": "unseen"})).json()
+            again = await client.get(f"/tasks/{unseen['task_id']}")
+            assert (again.status_code, again.json()["version"]) == (200, 1)
+            assert (await client.get(f"/tasks/{unseen['task_id']}/history")).status_code == 200
         # Replay resumed: the replica catches up and shows the change without a token too.
         await until(lambda: replica.replayed >= lsn(second), "the replica is seen past the change")
         assert (await client.get(f"/tasks/{task['task_id']}")).json()["version"] == 2

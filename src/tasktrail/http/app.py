@@ -28,7 +28,7 @@ from tasktrail.http import auth, events, health, history, openapi, tasks, wellfo
 from tasktrail.http import metrics as scrape
 from tasktrail.http.body import MAX_BODY_BYTES, InvalidInput, MalformedBody
 from tasktrail.http.problems import problem
-from tasktrail.projections import ProjectionOutdated
+from tasktrail.projections import ProjectionOutdated, follow
 
 log = logging.getLogger("tasktrail")
 GC_YOUNG = 20_000  # allocations between young collections (CPython's default is 700)
@@ -113,7 +113,7 @@ def _unstorable(request: Request, exc: psycopg.DataError) -> Response[bytes]:
 
 def _outdated(_: Request, exc: ProjectionOutdated) -> Response[bytes]:
     log.error("refusing a write: %s", exc)
-    return problem(503, "the service is being upgraded; try again shortly")
+    return problem(503, "the service is being upgraded; try again shortly", headers={"Retry-After": "1"})
 
 
 def _unexpected(request: Request, exc: Exception) -> Response[bytes]:
@@ -247,6 +247,9 @@ def create_app(
         await app.state.replicas.start()
         app.state.live = live.Listener(conninfo, app.state.replicas, events.render)
         await app.state.live.start()
+        # Marks this process's read-model versions in use, and applies to them what other releases write.
+        app.state.follower = follow.Follower(conninfo)
+        await app.state.follower.start()
         sampler = asyncio.create_task(metrics.keep_sampling_pool(app.state.pool)) if counting else None
         # What start-up made lives as long as the process: keep the collector from rescanning it,
         # and let the young generation grow (a request makes a few thousand short-lived objects)
@@ -260,6 +263,7 @@ def create_app(
                 sampler.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await sampler
+            await app.state.follower.stop()
             await app.state.live.stop()
             await app.state.replicas.stop()
             await app.state.pool.close()

@@ -6,6 +6,7 @@ from datetime import datetime
 from typing import Annotated, Any
 
 import msgspec
+import psycopg
 from litestar import Request, get
 from litestar.params import FromPath, QueryParameter
 
@@ -58,11 +59,14 @@ async def history(
 ) -> JsonReply:
     """The task's events in version order, deleted tasks included; the next page is in the Link header."""
     uuid = parse_task_id(task_id)
-    page = await read(
-        request, lambda conn: eventstore.read_stream(conn, uuid, after_version=after_version, limit=limit)
-    )
-    if not page and after_version == 0:
-        raise TaskNotFound(f"task {task_id} not found")
+
+    async def fetch(conn: psycopg.AsyncConnection) -> list[eventstore.Stored]:
+        page = await eventstore.read_stream(conn, uuid, after_version=after_version, limit=limit)
+        if not page and after_version == 0:
+            raise TaskNotFound(f"task {task_id} not found")
+        return page
+
+    page = await read(request, fetch)
     headers = {}
     if len(page) == limit:
         last = page[-1].recorded.version

@@ -21,7 +21,10 @@ from tasktrail.projections import stats
 
 log = logging.getLogger("tasktrail")
 
-PROJECTION_VERSIONS = "SELECT name, version FROM projections ORDER BY name"
+# The newest live version of each read model (migration 0014): while two releases run, the one the newer serves.
+PROJECTION_VERSIONS = """
+SELECT name, max(version) FROM projection_versions WHERE state = 'live' GROUP BY name ORDER BY name
+"""
 
 
 async def database_families(conn: psycopg.AsyncConnection) -> list[Metric]:
