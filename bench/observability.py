@@ -16,7 +16,8 @@ same tasks loaded through their APIs, then drives the mix of bench/wrk/tasks.lua
 (20% create, 40% update, 30% get, 5% list, 5% stats) at each in turn, the order
 flipping every round. Besides requests per second it counts the CPU time the server
 processes used per request (less disturbed than throughput by other load on a shared
-machine). Medians, and the median of the ratios within each round, are printed. In the
+machine), and after each round drives both at once (other load then weighs on both
+alike). Medians, and the median of the ratios within each round, are printed. In the
 last round py-spy samples the "on" server while it runs, and the share of its samples in
 the code of metrics and logs (tasktrail.metrics, tasktrail.logs, tasktrail.http.metrics,
 prometheus_client) is printed: a measure of their cost that other load hardly moves.
@@ -32,6 +33,7 @@ import statistics
 import subprocess
 import sys
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -129,6 +131,24 @@ def measure(server: apps.Server, args: argparse.Namespace, *, scrape: bool, prof
     return result
 
 
+def together(servers: list[apps.Server], args: argparse.Namespace) -> dict[str, dict]:
+    """Both servers driven at once: whatever else loads the machine loads both alike, so the ratio of their
+    throughputs is the ratio of what a request costs each (when, as here, the servers' CPU is what limits)."""
+    apps.checkpoint()
+    with ThreadPoolExecutor(len(servers)) as pool, contextlib.ExitStack() as stack:
+        for server in servers:
+            if server.name == "on":
+                stack.enter_context(Scraper(server, args.scrape_every))
+        runs = {
+            server.name: pool.submit(
+                wrk, server.url, "mix", args.duration, args.connections,
+                (apps.ids_file(server, "ids"), apps.ids_file(server, "running")),
+            )
+            for server in servers
+        }  # fmt: skip
+        return {name: run.result() for name, run in runs.items()}
+
+
 # The wrapper alone: run in a process of its own, as prometheus_client's mode is chosen at import.
 WRAPPER = """
 import asyncio, os, sys, tempfile, time
@@ -203,6 +223,7 @@ def main() -> int:
     metrics_us, json_us = costs["metrics"] - costs["off"], costs["metrics+json"] - costs["metrics"]
     log(f"metrics add {metrics_us:.2f} us a request, the JSON line {json_us:.2f} us")
     results: dict[str, list[dict]] = {name: [] for name in VARIANTS}
+    at_once: list[dict[str, dict]] = []
     apps.drop_leftovers()
     try:
         for round_no in range(args.rounds):
@@ -228,9 +249,13 @@ def main() -> int:
                     if "profile" in r:
                         share, samples = r["profile"]
                         log(f"    py-spy: {share:.2%} of {samples} samples of the on server in metrics and logs code")
+                both = together(servers, args)
+                at_once.append(both)
+                log("at once: " + "  ".join(f"{name} {r['rps']:8.1f} req/s" for name, r in both.items())
+                    + f"  on / off {both['on']['rps'] / both['off']['rps']:.3f}")  # fmt: skip
             for name in urls:
                 apps.drop_database(apps.DB_PREFIX + f"obs_{name}")
-        summarise(results)
+        summarise(results, at_once)
     finally:
         apps.drop_leftovers()
         out_dir = apps.WORK / "results" if args.quick else apps.BENCH / "results"
@@ -244,7 +269,7 @@ def main() -> int:
     return 0
 
 
-def summarise(results: dict[str, list[dict]]) -> None:
+def summarise(results: dict[str, list[dict]], at_once: list[dict[str, dict]]) -> None:
     off, on = results["off"], results["on"]
 
     def med(runs: list[dict], key: str) -> float:
@@ -263,6 +288,9 @@ def summarise(results: dict[str, list[dict]]) -> None:
         f"target >= {TARGET}: {'met' if min(throughput, paired) >= TARGET else 'NOT MET'}")  # fmt: skip
     log(f"server CPU per request on / off: {cpu:.3f} (paired: {cpu_paired:.3f}), "
         f"+{med(on, 'cpu_us') - med(off, 'cpu_us'):.1f} us a request")  # fmt: skip
+    simultaneous = statistics.median(both["on"]["rps"] / both["off"]["rps"] for both in at_once)
+    log(f"mixed throughput on / off, both driven at once: {simultaneous:.3f} (median of {len(at_once)}); "
+        f"target >= {TARGET}: {'met' if simultaneous >= TARGET else 'NOT MET'}")  # fmt: skip
 
 
 if __name__ == "__main__":
