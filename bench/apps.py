@@ -197,12 +197,18 @@ def _start(name: str, command: list[str], cwd: Path, env: dict[str, str], port: 
 
 
 def start_tasktrail(
-    database_url: str, workers: int, *, name: str = "tasktrail", uv_args: tuple[str, ...] = (), env: dict | None = None
+    database_url: str,
+    workers: int,
+    *,
+    name: str = "tasktrail",
+    uv_args: tuple[str, ...] = (),
+    env: dict | None = None,
+    serve_args: tuple[str, ...] = (),
 ) -> Server:
-    """`uv run tasktrail serve` of this checkout; uv_args (e.g. --with uvloop) and env make variants."""
+    """`uv run tasktrail serve` of this checkout; uv_args (e.g. --with uvloop), env and serve_args make variants."""
     port = free_port()
     command = ["uv", "run", "--quiet", *uv_args, "tasktrail", "serve", "--host", "127.0.0.1", "--port", str(port)]
-    command += ["--workers", str(workers), "--log-level", "warning"]
+    command += ["--workers", str(workers), "--log-level", "warning", *serve_args]  # a later option wins
     return _start(name, command, ROOT, os.environ | {"DATABASE_URL": database_url} | (env or {}), port)
 
 

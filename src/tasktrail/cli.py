@@ -4,23 +4,33 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import logging
 import os
 import re
+import shutil
 import signal
 import sys
+import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from tasktrail import db, migrations
 
+# What `serve` says before and while it starts, through the logging it configures (text or JSON lines).
+log = logging.getLogger("tasktrail")
 
-def _database(args: argparse.Namespace) -> tuple[str, object]:
+
+def _stderr(message: str) -> None:
+    print(f"tasktrail: {message}", file=sys.stderr)
+
+
+def _database(args: argparse.Namespace, say: Callable[[str], None] = _stderr) -> tuple[str, object]:
     with _signals_held():
         url, server = db.resolve(args.data_dir)
     where = "DATABASE_URL" if server is None else f"embedded PostgreSQL in {args.data_dir / 'pgdata'}"
-    print(f"tasktrail: database: {where}", file=sys.stderr)
+    say(f"database: {where}")
     return url, server
 
 
@@ -61,20 +71,19 @@ def _api_keys(args: argparse.Namespace) -> int | None:
     try:
         keys = auth.load()
     except auth.BadKeys as exc:
-        print(f"tasktrail: API keys: {exc}", file=sys.stderr)
+        log.error("API keys: %s", exc)
         return 2
     if not keys and not _loopback(args.host):
-        print(
-            f"tasktrail: refusing to serve on {args.host} with no API keys: anyone who can reach it could change "
-            "and delete tasks.\n"
+        log.error(
+            "refusing to serve on %s with no API keys: anyone who can reach it could change and delete tasks.\n"
             "  Make a key:  tasktrail keys add NAME --scope admin --file keys.txt  (prints the key once)\n"
             "  then serve:  tasktrail serve --host HOST --api-keys keys.txt  (or set TASKTRAIL_API_KEYS_FILE)\n"
             "  or bind to 127.0.0.1 to serve without keys on this machine only.",
-            file=sys.stderr,
+            args.host,
         )
         return 2
     scopes = ", ".join(f"{key.name} ({key.scope})" for key in keys)
-    print(f"tasktrail: API keys: {scopes or 'none: open to this machine only'}", file=sys.stderr)
+    log.info("API keys: %s", scopes or "none: open to this machine only")
     return None
 
 
@@ -91,33 +100,64 @@ def _replicas(args: argparse.Namespace) -> int | None:
             os.environ[replicas.MAX_LAG_ENV] = str(replicas.max_lag_from(args.replica_max_lag))
         urls, max_lag = replicas.configured()
     except ValueError as exc:
-        print(f"tasktrail: replicas: {exc}", file=sys.stderr)
+        log.error("replicas: %s", exc)
         return 2
     if urls:
         names = ", ".join(replicas.describe(url) for url in urls)
-        print(f"tasktrail: replicas: {names} (reads, when at most {max_lag:g} s behind)", file=sys.stderr)
+        log.info("replicas: %s (reads, when at most %g s behind)", names, max_lag)
     return None
 
 
 def serve(args: argparse.Namespace) -> int:
+    import logging.config
+
+    from tasktrail import logs
+
+    if args.log_format not in logs.FORMATS:  # from the environment: argparse checks only what it parses
+        _stderr(f"{logs.FORMAT_ENV}={args.log_format!r}: give one of {', '.join(logs.FORMATS)}")
+        return 2
+    log_config = logs.config(args.log_format, args.log_level)
+    logging.config.dictConfig(log_config)
+    # First: prometheus_client reads the directory when it is first imported, which what follows may do.
+    # (A worker process imports it afresh; only a single process that serves itself must not have yet.)
+    too_early = args.metrics and args.workers == 1 and "prometheus_client" in sys.modules
+    metrics_dir = _metrics_directory() if args.metrics else None
+    if metrics_dir is None:
+        os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    try:
+        return _serve(args, log_config, metrics_too_early=too_early)
+    finally:  # also when a stop (Ctrl-C, SIGTERM: see main) ends it
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+            os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+
+
+def _serve(args: argparse.Namespace, log_config: dict[str, object], *, metrics_too_early: bool) -> int:
     import uvicorn
+
+    from tasktrail import logs
 
     if (refused := _api_keys(args)) is not None:
         return refused
     if (refused := _replicas(args)) is not None:
         return refused
-    url, _server = _database(args)  # the embedded server stops when this process exits
+    url, _server = _database(args, log.info)  # the embedded server stops when this process exits
     for name in migrations.migrate(url):
-        print(f"tasktrail: applied migration {name}", file=sys.stderr)
+        log.info("applied migration %s", name)
     # This process's read-model versions are in use from now until it exits
     # (`projections prune` refuses them), and any that has no tables yet is
     # built from the log first, while other releases keep serving.
     _guard = _hold_read_models(url)
-    failed = _rebuild(url, None, starting=True)
+    failed = _rebuild(url, None, starting=True, say=log.info, bar=args.log_format == "text")
     if failed:
         return failed
-    # Worker processes find the database where this one put it.
+    # Worker processes find the database where this one put it, and read how to log and count from here.
     os.environ["DATABASE_URL"] = url
+    os.environ[logs.FORMAT_ENV] = args.log_format
+    os.environ[logs.ACCESS_ENV] = "1" if args.access_log else "0"
+    os.environ[METRICS_ENV] = "1" if args.metrics else "0"
+    if metrics_too_early:
+        raise RuntimeError("prometheus_client was imported before serve chose its directory: metrics would not add up")
     uvicorn.run(
         "tasktrail.http.app:create_app",
         factory=True,
@@ -125,12 +165,45 @@ def serve(args: argparse.Namespace) -> int:
         port=args.port,
         workers=args.workers,
         log_level=args.log_level,
-        access_log=args.access_log,
+        log_config=log_config,
+        # Each request's line comes from the app (tasktrail.logs), with its route and actor.
+        access_log=False,
         timeout_graceful_shutdown=10,
         # By name, like the app: a worker process imports it only once it answers uvicorn's health checks.
         http="tasktrail.http.protocol:BoundedHead",
     )
     return 0
+
+
+# Mirrors tasktrail.http.app.METRICS_ENV (importing the app here would import prometheus_client too early).
+METRICS_ENV = "TASKTRAIL_METRICS"
+METRICS_DIR_PREFIX = "tasktrail-metrics-"
+
+
+def _metrics_directory() -> str:
+    """A fresh private directory for this run's metric files (see tasktrail.metrics), in PROMETHEUS_MULTIPROC_DIR.
+
+    Its name holds this process's id: directories of earlier runs whose process is gone (killed before it could
+    remove its own) are removed first.
+    """
+    for old in Path(tempfile.gettempdir()).glob(f"{METRICS_DIR_PREFIX}*"):
+        pid = old.name.removeprefix(METRICS_DIR_PREFIX).split("-", 1)[0]
+        mine = old.is_dir() and not old.is_symlink() and old.stat().st_uid == os.getuid()
+        if mine and pid.isdigit() and not _running(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    path = tempfile.mkdtemp(prefix=f"{METRICS_DIR_PREFIX}{os.getpid()}-")  # mode 0700
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+    return path
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # someone else's process
+    return True
 
 
 def _hold_read_models(url: str) -> object:
@@ -276,8 +349,13 @@ def projections_rebuild(args: argparse.Namespace) -> int:
     return _rebuild(url, args.name, starting=False)
 
 
-def _rebuild(url: str, name: str | None, *, starting: bool) -> int:
-    """Rebuild with a progress bar; when `starting` a server, wait for the lock and build only what is not live."""
+def _rebuild(
+    url: str, name: str | None, *, starting: bool, say: Callable[[str], None] | None = None, bar: bool = True
+) -> int:
+    """Rebuild with a progress bar; when `starting` a server, wait for the lock and build only what is not live.
+
+    `say` takes the messages instead of the terminal (serve's log); `bar=False` shows no bar (JSON logs).
+    """
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
 
@@ -289,6 +367,7 @@ def _rebuild(url: str, name: str | None, *, starting: bool) -> int:
         print(f"no projection named {name!r}; there are: {', '.join(m.NAME for m in INLINE)}", file=sys.stderr)
         return 2
     console = Console(stderr=True, highlight=False)
+    say = say or (lambda message: console.print(f"tasktrail: {message}"))
     columns = (
         TextColumn("{task.description:<12}"),
         BarColumn(),
@@ -297,31 +376,31 @@ def _rebuild(url: str, name: str | None, *, starting: bool) -> int:
         TimeRemainingColumn(),
     )
     started = time.perf_counter()
-    with Progress(*columns, console=console) as bar:
+    with Progress(*columns, console=console, disable=not bar) as shown:
         steps: dict[str, TaskID] = {}
 
         def progress(step: str, done: int, total: int) -> None:
             if step not in steps:
                 unit = "tasks" if step.startswith("load") or step == "indexes" else "events" if step != "swap" else ""
-                steps[step] = bar.add_task(step, total=total, unit=unit, rate="")
-            bar.update(steps[step], completed=done, total=total)
-            speed = bar.tasks[steps[step]].speed
+                steps[step] = shown.add_task(step, total=total, unit=unit, rate="")
+            shown.update(steps[step], completed=done, total=total)
+            speed = shown.tasks[steps[step]].speed
             if speed and step == "replay":
-                bar.update(steps[step], rate=f"{speed:>10,.0f} events/s")
+                shown.update(steps[step], rate=f"{speed:>10,.0f} events/s")
 
         try:
             done = prepare(url, modules, progress) if starting else rebuild(url, modules, progress)
         except (RebuildBusy, SwapFailed) as exc:
-            console.print(f"tasktrail: {exc}")
+            say(str(exc))
             return 1
         except KeyboardInterrupt:
-            console.print("tasktrail: interrupted; the live read models are untouched, and a new rebuild starts over")
+            say("interrupted; the live read models are untouched, and a new rebuild starts over")
             return 130
     seconds = time.perf_counter() - started
     if done.names:
         built = ", ".join(f"{m.NAME} version {m.VERSION}" for m in modules if m.NAME in done.names)
-        console.print(
-            f"tasktrail: rebuilt {', '.join(done.names)} from {done.events:,} events in {seconds:.1f} s"
+        say(
+            f"rebuilt {', '.join(done.names)} from {done.events:,} events in {seconds:.1f} s"
             f" ({done.events / seconds:,.0f} events/s), and {done.caught_up:,} appended meanwhile;"
             f" live since position {done.position:,}: {built}"
         )
@@ -347,7 +426,24 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--port", type=int, default=8000, help="port to bind (default: %(default)s)")
     run.add_argument("--workers", type=int, default=1, help="server processes (default: %(default)s)")
     run.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
-    run.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=False, help="log every request")
+    run.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        default=os.environ.get("TASKTRAIL_LOG_FORMAT") or "text",
+        help="every log line as text, or as one JSON object (default: %(default)s; env TASKTRAIL_LOG_FORMAT)",
+    )
+    run.add_argument(
+        "--access-log",
+        action=argparse.BooleanOptionalAction,
+        default=_flag("TASKTRAIL_ACCESS_LOG", default=True),
+        help="log a line for every request, at level info (default: on; env TASKTRAIL_ACCESS_LOG=0 turns it off)",
+    )
+    run.add_argument(
+        "--metrics",
+        action=argparse.BooleanOptionalAction,
+        default=_flag(METRICS_ENV, default=True),
+        help="count requests and serve GET /metrics for Prometheus (default: on; env TASKTRAIL_METRICS=0 turns it off)",
+    )
     run.add_argument(
         "--api-keys",
         type=Path,
@@ -431,6 +527,15 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
+def _flag(name: str, *, default: bool) -> bool:
+    value = os.environ.get(name, "").strip().lower()
+    if not value:
+        return default
+    if value not in ("0", "1", "true", "false", "yes", "no", "on", "off"):
+        raise SystemExit(f"tasktrail: {name}={value!r}: give 1 or 0")
+    return value in ("1", "true", "yes", "on")
+
+
 def _key_name(name: str) -> str:
     from tasktrail.http import auth
 
@@ -450,5 +555,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except KeyboardInterrupt:
-        print("tasktrail: stopped", file=sys.stderr)
+        if args.func is serve:
+            log.info("stopped")  # through serve's logging: a JSON line in JSON mode
+        else:
+            print("tasktrail: stopped", file=sys.stderr)
         return 130

@@ -231,3 +231,41 @@ async def head(conn: psycopg.AsyncConnection) -> Cursor:
     """The cursor after every event read_feed can show now: only events committed later follow it."""
     cur = await conn.execute(HEAD)
     return (int((await cur.fetchone())[0]), 0)  # type: ignore[index]
+
+
+# The price of the commit-safe feed, as an operator sees it (SPEC §11): how
+# long the oldest transaction still open that began before events the feed
+# cannot show yet (committed, at or above the horizon) has been open; no row
+# when the feed shows every committed event. Such a transaction has an id below
+# the newest held-back event's (age() compares the 32-bit ids pg_stat_activity
+# shows, across wraparound); a prepared transaction (two-phase commit) counts
+# from when it was prepared. pg_stat_activity hides other roles' xact_start
+# from a role without pg_read_all_stats: then the oldest held-back event's time
+# stands in, a lower bound. The held-back events are found from both ends of
+# the index on (transaction_id, position): a few entries, however many wait.
+HELD_BACK_SECONDS = """
+WITH held AS MATERIALIZED (
+    SELECT (SELECT transaction_id FROM events WHERE transaction_id >= oldest_open
+            ORDER BY transaction_id DESC LIMIT 1) AS newest,
+           (SELECT occurred_at FROM events WHERE transaction_id >= oldest_open
+            ORDER BY transaction_id LIMIT 1) AS oldest_at
+    FROM (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS oldest_open) now
+)
+SELECT greatest(0, extract(epoch FROM now() - coalesce(
+    (SELECT min(started) FROM (
+        SELECT xact_start FROM pg_stat_activity WHERE age(backend_xid) > age(held.newest::xid)
+        UNION ALL
+        SELECT prepared FROM pg_prepared_xacts WHERE age(transaction) > age(held.newest::xid)
+    ) AS holders (started)),
+    held.oldest_at
+)))::float8
+FROM held
+WHERE held.newest IS NOT NULL
+"""
+
+
+async def held_back_seconds(conn: psycopg.AsyncConnection) -> float:
+    """How long the feed has been held back (0: it shows every committed event); see HELD_BACK_SECONDS."""
+    cur = await conn.execute(HELD_BACK_SECONDS)
+    row = await cur.fetchone()
+    return 0.0 if row is None else row[0]

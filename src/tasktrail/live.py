@@ -44,7 +44,7 @@ from uuid import UUID
 
 import psycopg
 
-from tasktrail import db, eventstore
+from tasktrail import db, eventstore, metrics
 from tasktrail.eventstore import Cursor, FeedEvent
 from tasktrail.replicas import Replicas
 
@@ -273,6 +273,7 @@ class Listener:
         subscriber = Subscriber(stream_id)
         self.subscribers[stream_id].add(subscriber)
         self._wanted.set()
+        metrics.STREAM_CLIENTS.inc()
         loop = asyncio.get_running_loop()
         cursor, last_sent = after, loop.time()
         try:
@@ -309,6 +310,7 @@ class Listener:
                     last_sent = loop.time()
                     yield fresh
         finally:
+            metrics.STREAM_CLIENTS.dec()
             subscribers = self.subscribers[stream_id]
             subscribers.discard(subscriber)
             if not subscribers:

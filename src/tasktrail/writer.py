@@ -14,7 +14,7 @@ import msgspec
 import psycopg
 from psycopg.types.json import Jsonb
 
-from tasktrail import eventstore, idempotency, projections
+from tasktrail import eventstore, idempotency, metrics, projections
 from tasktrail.domain.events import Recorded
 from tasktrail.domain.task import (
     FINISHED,
@@ -82,6 +82,7 @@ async def _write(conn: psycopg.AsyncConnection, changes: Sequence[Change], metad
         # the caller reads the task again (projections/follow.py).
         await follow.catch_up(conn, modules, streams=[recorded.stream_id for recorded, _, _ in changes])
         raise eventstore.VersionConflict("another writer changed the task first")
+    metrics.appended(changes)
     return dict(appended)
 
 
@@ -199,6 +200,9 @@ async def change(
             _remember(task_id, None)
             if expected is not None:
                 raise PreconditionFailed(f"task {task_id} changed after version {before.version}") from None
+            if not guessed:
+                # A lost race. (A guess that lost was a stale cache entry, not a race: it is read afresh.)
+                metrics.WRITE_CONFLICTS.inc()
             continue
         _written(conn, task_id, after)
         return after
@@ -223,6 +227,7 @@ async def cleanup(conn: psycopg.AsyncConnection, days: int, metadata: dict[str, 
                     await _write(conn, changes, metadata)
                 await idempotency.forget_expired(conn, at)
         except eventstore.VersionConflict:
+            metrics.WRITE_CONFLICTS.inc()
             continue  # one of them changed meanwhile: look again
         for task in expired:
             _remember(task.task_id, None)
@@ -339,6 +344,7 @@ async def change_many(conn: psycopg.AsyncConnection, items: Sequence[Item], meta
         except (eventstore.VersionConflict, psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure):
             # The winner may be a process of another release (see _write): now that the transaction is
             # over, apply its events to this process's read models before reading the tasks again.
+            metrics.WRITE_CONFLICTS.inc()
             await follow.catch_up(conn, streams=[recorded.stream_id for recorded, _, _ in changes])
             continue
         return outcomes

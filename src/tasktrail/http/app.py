@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import gc
 import itertools
 import logging
@@ -9,6 +11,7 @@ import os
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from time import perf_counter
 from typing import Any
 
 import psycopg
@@ -19,9 +22,10 @@ from litestar.datastructures import MutableScopeHeaders
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
-from tasktrail import db, eventstore, idempotency, live, replicas, writer
+from tasktrail import db, eventstore, idempotency, live, logs, metrics, replicas, writer
 from tasktrail.domain.task import TaskNotFound, TransitionRejected
 from tasktrail.http import auth, batch, events, health, history, openapi, tasks, wellformed
+from tasktrail.http import metrics as scrape
 from tasktrail.http.body import MAX_BODY_BYTES, InvalidInput, MalformedBody
 from tasktrail.http.problems import answer, problem, refusal
 from tasktrail.projections import ProjectionOutdated, follow
@@ -72,6 +76,7 @@ def _http(_: Request, exc: HTTPException) -> Response[bytes]:
 
 def _unavailable(_: Request, exc: Exception) -> Response[bytes]:
     log.warning("database unavailable: %s", exc)
+    metrics.DB_UNAVAILABLE.inc()
     if isinstance(exc, psycopg.errors.QueryCanceled):
         detail = "the database did not answer within the statement timeout; try again shortly"
     else:
@@ -105,7 +110,9 @@ def _outdated(_: Request, exc: ProjectionOutdated) -> Response[bytes]:
 
 
 def _unexpected(request: Request, exc: Exception) -> Response[bytes]:
-    log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    # The route's template, not the path as sent (which is the client's to fill); the line has the request's id.
+    route = request.scope.get("path_template") or metrics.UNMATCHED
+    log.exception("unhandled error on %s %s", request.method, route, exc_info=exc)
     return problem(500, "an unexpected error occurred; it has been logged")
 
 
@@ -113,31 +120,61 @@ def _unexpected(request: Request, exc: Exception) -> Response[bytes]:
 # counter, unique without a random draw per request.
 _PROCESS = uuid.uuid4().hex[:12].encode()
 _SEQUENCE = itertools.count(1)
+# Whether this process counts requests (`serve --no-metrics` sets it to 0).
+METRICS_ENV = "TASKTRAIL_METRICS"
 
 
-def request_ids(app: ASGIApp) -> ASGIApp:
-    """Give each request an id (the caller's X-Request-ID if sane), echoed back.
+def observed(app: ASGIApp, *, count: bool, access: logs.AccessLine | None) -> ASGIApp:
+    """Give each request an id (the caller's X-Request-ID if sane), echoed back; count, time and log it.
 
-    One plain ASGI wrapper, the cheapest Litestar runs; it also makes OPTIONS
-    list every method of the path, not just its first handler's (litestar#4169,
-    fixed in 3.0).
+    One plain ASGI wrapper, the cheapest Litestar runs, around the whole app
+    (router, CORS and error mapping included), so that a request that matches no
+    route is counted and logged too, and a response is seen with the status the
+    error mapping gave it. It also makes OPTIONS list every method of the path,
+    not just its first handler's (litestar#4169, fixed in 3.0).
     """
 
+    observing = count or access is not None
+
     async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+        started = perf_counter()
         given = dict(scope["headers"]).get(b"x-request-id", b"")
         sane = 0 < len(given) <= 128 and given.isascii() and given.isalnum()
-        request_id = given if sane else b"%s%020x" % (_PROCESS, next(_SEQUENCE))
-        scope.setdefault("state", {})["request_id"] = request_id.decode()
-        options = scope.get("method") == "OPTIONS"
+        header = given if sane else b"%s%020x" % (_PROCESS, next(_SEQUENCE))
+        request_id = header.decode()
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id
+        logs.request_id.set(request_id)
+        options = scope["method"] == "OPTIONS"
+        status = 500  # what the server answers if the app sends nothing
 
         async def send_with_id(message: Any) -> None:
+            nonlocal status
             if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id)]
+                status = message["status"]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", header)]
                 if options:
                     _allow_every_method(message, scope)
             await send(message)
 
-        await app(scope, receive, send_with_id)
+        if not observing:
+            await app(scope, receive, send_with_id)
+            return
+        try:
+            await app(scope, receive, send_with_id)
+        finally:
+            seconds = perf_counter() - started
+            method = scope["method"] if scope["method"] in metrics.METHODS else metrics.OTHER_METHOD
+            # The template of the route the router matched, never the path as sent.
+            route = scope.get("path_template") or metrics.UNMATCHED
+            if count:
+                metrics.request_done(method, route, status, seconds)
+            if access is not None:
+                client = scope.get("client")
+                access(request_id, method, route, status, seconds, state.get("actor"), client[0] if client else "-")
 
     return middleware
 
@@ -193,6 +230,7 @@ def create_app(
     urls, max_lag = replicas.configured()
     urls = urls if replica_urls is None else list(replica_urls)
     max_lag = max_lag if replica_max_lag is None else replicas.max_lag_from(replica_max_lag)
+    counting = os.environ.get(METRICS_ENV, "1") != "0"
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -205,6 +243,7 @@ def create_app(
         # Marks this process's read-model versions in use, and applies to them what other releases write.
         app.state.follower = follow.Follower(conninfo)
         await app.state.follower.start()
+        sampler = asyncio.create_task(metrics.keep_sampling_pool(app.state.pool)) if counting else None
         # What start-up made lives as long as the process: keep the collector from rescanning it,
         # and let the young generation grow (a request makes a few thousand short-lived objects)
         # before a collection looks through it.
@@ -213,16 +252,31 @@ def create_app(
         try:
             yield
         finally:
+            if sampler is not None:
+                sampler.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await sampler
             await app.state.follower.stop()
             await app.state.live.stop()
             await app.state.replicas.stop()
             await app.state.pool.close()
+            metrics.process_exiting()
 
-    return Litestar(
-        route_handlers=[*batch.ROUTES, *tasks.ROUTES, *history.ROUTES, *events.ROUTES, *health.ROUTES],
+    app = Litestar(
+        route_handlers=[
+            *batch.ROUTES,
+            *tasks.ROUTES,
+            *history.ROUTES,
+            *events.ROUTES,
+            *health.ROUTES,
+            *(scrape.ROUTES if counting else ()),
+        ],
         lifespan=[lifespan],
-        middleware=[request_ids, wellformed.wellformed, read_after_tokens],
+        # (Request ids, counting and logging wrap the whole app: see `observed` below.)
+        middleware=[wellformed.wellformed, read_after_tokens],
         guards=auth.guards(keys),
+        # `serve` configures logging (tasktrail.logs) before it makes the app: Litestar must leave it as it is.
+        logging_config=None,
         openapi_config=openapi.CONFIG,
         plugins=[openapi.JsonObjects(), wellformed.Shapes()],
         request_max_body_size=MAX_BODY_BYTES,
@@ -258,3 +312,6 @@ def create_app(
             Exception: _unexpected,
         },
     )
+    # Outermost, around the router: see `observed`.
+    app.asgi_handler = observed(app.asgi_handler, count=counting, access=logs.access_line())
+    return app

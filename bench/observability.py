@@ -1,0 +1,297 @@
+"""What metrics and JSON logs cost: mixed throughput with them off and on, side by side (SPEC §11: 5% at most).
+
+    uv run python bench/observability.py            # 6 rounds of 8 s (about 5 minutes)
+    uv run python bench/observability.py --quick    # 2 rounds of 3 s, to check the harness
+
+off: `serve --no-metrics --no-access-log` (the request id is still given: it was there before).
+on:  `serve --log-format json --log-level info`: every request counted and timed into
+     prometheus_client's multiprocess files, a JSON line per request (to a file), and
+     GET /metrics scraped every --scrape-every seconds (default 5; Prometheus's default is 15).
+
+First, the one ASGI wrapper that gives request ids, counts and logs, alone: its CPU
+time per request in one process, with metrics (multiprocess mode) and the JSON line
+(to a file) off and on, around an app that only answers. Then the whole service.
+Each round gives both fresh databases on the same PostgreSQL (BENCH_PG_URL) and the
+same tasks loaded through their APIs, then drives the mix of bench/wrk/tasks.lua
+(20% create, 40% update, 30% get, 5% list, 5% stats) at each in turn, the order
+flipping every round. Besides requests per second it counts the CPU time the server
+processes used per request (less disturbed than throughput by other load on a shared
+machine), and after each round drives both at once (other load then weighs on both
+alike). Medians, and the median of the ratios within each round, are printed. In the
+last round py-spy samples the "on" server while it runs, and the share of its samples in
+the code of metrics and logs (tasktrail.metrics, tasktrail.logs, tasktrail.http.metrics,
+prometheus_client) is printed: a measure of their cost that other load hardly moves.
+The raw output goes to bench/results/observability-<date>.txt (quick runs: bench/.work/results/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import statistics
+import subprocess
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from pathlib import Path
+
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import apps  # bench/ is not a package: its folder is on sys.path above
+from run import Log, machine, wrk
+
+VARIANTS = {
+    "off": ("--no-metrics", "--no-access-log"),
+    "on": ("--log-format", "json", "--log-level", "info"),
+}
+TARGET = 0.95  # on / off mixed throughput, at least
+
+log = Log()
+
+
+def cpu_seconds(server: apps.Server) -> float:
+    """User and system CPU time of the server's processes so far (uv, the server and its workers)."""
+    total = 0.0
+    root = psutil.Process(server.process.pid)
+    for process in [root, *root.children(recursive=True)]:
+        try:
+            times = process.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system
+    return total
+
+
+class Scraper:
+    """GET /metrics every `every` seconds while it runs, as Prometheus would."""
+
+    def __init__(self, server: apps.Server, every: float) -> None:
+        self.server, self.every = server, every
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.scrapes = 0
+
+    def run(self) -> None:
+        while not self.stop.wait(self.every):
+            status, _, _ = apps.request(self.server.port, "GET", "/metrics")
+            assert status == 200, status
+            self.scrapes += 1
+
+    def __enter__(self) -> Scraper:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
+# Frames of the code that metrics and logs add (py-spy names a frame "function (path:line)").
+OBSERVING = ("tasktrail/metrics.py", "tasktrail/logs.py", "tasktrail/http/metrics.py", "prometheus_client/")
+
+
+class Profile:
+    """py-spy sampling a server's Python processes for `seconds`; then the share of samples in OBSERVING code."""
+
+    def __init__(self, server: apps.Server, seconds: int) -> None:
+        root = psutil.Process(server.process.pid)
+        pythons = [p for p in root.children(recursive=True) if p.name().startswith(("python", "tasktrail"))]
+        self.out = apps.WORK / f"profile-{server.name}.txt"
+        command = ["py-spy", "record", "--pid", str(pythons[0].pid), "--subprocesses", "--nonblocking"]
+        command += ["--rate", "200", "--duration", str(seconds), "--format", "raw", "--output", str(self.out)]
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def share(self) -> tuple[float, int]:
+        self.process.wait(timeout=120)
+        observing = total = 0
+        for line in self.out.read_text().splitlines():
+            stack, _, count = line.rpartition(" ")
+            total += int(count)
+            if any(part in stack for part in OBSERVING):
+                observing += int(count)
+        return observing / max(total, 1), total
+
+
+def measure(server: apps.Server, args: argparse.Namespace, *, scrape: bool, profile: bool) -> dict:
+    apps.checkpoint()
+    files = (apps.ids_file(server, "ids"), apps.ids_file(server, "running"))
+    cpu_before = cpu_seconds(server)
+    profiling = Profile(server, args.duration) if profile else None
+    with contextlib.ExitStack() as stack:
+        scraper = stack.enter_context(Scraper(server, args.scrape_every)) if scrape else None
+        result = wrk(server.url, "mix", args.duration, args.connections, files)
+    result["scrapes"] = scraper.scrapes if scraper else 0
+    result["cpu_us"] = (cpu_seconds(server) - cpu_before) / result["requests"] * 1e6
+    if profiling is not None:
+        result["profile"] = profiling.share()
+    return result
+
+
+def together(servers: list[apps.Server], args: argparse.Namespace) -> dict[str, dict]:
+    """Both servers driven at once: whatever else loads the machine loads both alike, so the ratio of their
+    throughputs is the ratio of what a request costs each (when, as here, the servers' CPU is what limits)."""
+    apps.checkpoint()
+    with ThreadPoolExecutor(len(servers)) as pool, contextlib.ExitStack() as stack:
+        for server in servers:
+            if server.name == "on":
+                stack.enter_context(Scraper(server, args.scrape_every))
+        runs = {
+            server.name: pool.submit(
+                wrk, server.url, "mix", args.duration, args.connections,
+                (apps.ids_file(server, "ids"), apps.ids_file(server, "running")),
+            )
+            for server in servers
+        }  # fmt: skip
+        return {name: run.result() for name, run in runs.items()}
+
+
+# The wrapper alone: run in a process of its own, as prometheus_client's mode is chosen at import.
+WRAPPER = """
+import asyncio, os, sys, tempfile, time
+files = tempfile.TemporaryDirectory(prefix="tasktrail-bench-")
+os.environ["PROMETHEUS_MULTIPROC_DIR"] = files.name
+from tasktrail import logs
+from tasktrail.http.app import observed
+
+async def app(scope, receive, send):
+    scope["path_template"] = "/tasks/{task_id}"
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
+    await send({"type": "http.response.body", "body": b"{}"})
+
+async def sent(message): pass
+async def receive(): return {"type": "http.request"}
+HEADERS = [(b"host", b"127.0.0.1"), (b"content-type", b"application/json"), (b"authorization", b"Bearer k")]
+
+async def per_request(wrapped, n):
+    started = time.process_time()
+    for _ in range(n):
+        scope = {"type": "http", "method": "PATCH", "path": "/tasks/x", "headers": HEADERS,
+                 "client": ("127.0.0.1", 1), "state": {}}
+        await wrapped(scope, receive, sent)
+    return (time.process_time() - started) / n * 1e6
+
+async def main():
+    variants = {"off": observed(app, count=False, access=None),
+                "metrics": observed(app, count=True, access=None),
+                "metrics+json": observed(app, count=True, access=logs.AccessLine("json"))}
+    best = {}
+    for _ in range(5):  # interleaved; the least disturbed of five
+        for name, wrapped in variants.items():
+            best[name] = min(best.get(name, 1e9), await per_request(wrapped, 20_000))
+    print(" ".join(f"{name}={us:.2f}" for name, us in best.items()), file=sys.__stdout__)
+
+asyncio.run(main())
+files.cleanup()
+"""
+
+
+def wrapper_cost() -> dict[str, float]:
+    """CPU us a request of the wrapper alone, by variant (its JSON lines go to a file, as a server's would)."""
+    with (apps.WORK / "wrapper-access.log").open("w") as lines:
+        done = subprocess.run(
+            [sys.executable, "-c", WRAPPER], stdout=subprocess.PIPE, stderr=lines, text=True, check=True, timeout=600
+        )
+    return {name: float(us) for name, us in (item.split("=") for item in done.stdout.split())}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="2 rounds of 3 s, to check the harness")
+    p.add_argument("--rounds", type=int, help="alternating rounds (default 6; quick 2)")
+    p.add_argument("--duration", type=int, help="seconds per wrk run (default 8; quick 3)")
+    p.add_argument("--connections", type=int, default=16)
+    p.add_argument("--workers", type=int, default=1, help="server processes each (default 1)")
+    p.add_argument("--tasks", type=int, default=2000, help="tasks loaded through each API (default 2000)")
+    p.add_argument("--scrape-every", type=float, default=5.0, help="seconds between scrapes of 'on' (default 5)")
+    p.add_argument("--no-profile", dest="profile", action="store_false", help="no py-spy in the last round")
+    args = p.parse_args()
+    args.rounds = args.rounds or (2 if args.quick else 6)
+    args.duration = args.duration or (3 if args.quick else 8)
+
+    apps.WORK.mkdir(parents=True, exist_ok=True)
+    log(f"tasktrail observability cost, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC; machine: {machine()}")
+    log(f"load average at start {' '.join(f'{x:.2f}' for x in os.getloadavg())}; settings: {vars(args)}")
+    for name, serve_args in VARIANTS.items():
+        log(f"{name:>3}: tasktrail serve {' '.join(serve_args)}")
+    costs = wrapper_cost()
+    log("\n== the wrapper alone (one process, CPU us a request, best of 5 interleaved runs of 20,000) ==")
+    log("  ".join(f"{name} {us:.2f}" for name, us in costs.items()))
+    metrics_us, json_us = costs["metrics"] - costs["off"], costs["metrics+json"] - costs["metrics"]
+    log(f"metrics add {metrics_us:.2f} us a request, the JSON line {json_us:.2f} us")
+    results: dict[str, list[dict]] = {name: [] for name in VARIANTS}
+    at_once: list[dict[str, dict]] = []
+    apps.drop_leftovers()
+    try:
+        for round_no in range(args.rounds):
+            log(f"\n== round {round_no + 1}/{args.rounds} (load average {os.getloadavg()[0]:.2f}) ==")
+            urls = {name: apps.create_database(apps.DB_PREFIX + f"obs_{name}") for name in VARIANTS}
+            starters = [
+                lambda name=name, url=url: apps.start_tasktrail(url, args.workers, name=name, serve_args=VARIANTS[name])
+                for name, url in urls.items()
+            ]
+            with apps.running(*starters) as servers:
+                for server in servers:
+                    apps.load(server, args.tasks, 0.5)
+                    wrk(server.url, "get", 2, args.connections, (apps.ids_file(server, "ids"), ""))  # warm up
+                order = servers if round_no % 2 == 0 else servers[::-1]
+                for server in order:
+                    last_on = server.name == "on" and round_no == args.rounds - 1
+                    r = measure(server, args, scrape=server.name == "on", profile=last_on and args.profile)
+                    results[server.name].append(r)
+                    flag = f"  !! {r['errors']} errors, e.g. {r['sample']}" if r["errors"] else ""
+                    log(f"{server.name:>3} {r['rps']:9.1f} req/s  p50 {r['p50_us'] / 1000:6.2f} ms  "
+                        f"p99 {r['p99_us'] / 1000:7.2f} ms  server CPU {r['cpu_us']:6.1f} us/request  "
+                        f"scrapes {r['scrapes']}{flag}")  # fmt: skip
+                    if "profile" in r:
+                        share, samples = r["profile"]
+                        log(f"    py-spy: {share:.2%} of {samples} samples of the on server in metrics and logs code")
+                both = together(servers, args)
+                at_once.append(both)
+                log("at once: " + "  ".join(f"{name} {r['rps']:8.1f} req/s" for name, r in both.items())
+                    + f"  on / off {both['on']['rps'] / both['off']['rps']:.3f}")  # fmt: skip
+            for name in urls:
+                apps.drop_database(apps.DB_PREFIX + f"obs_{name}")
+        summarise(results, at_once)
+    finally:
+        apps.drop_leftovers()
+        out_dir = apps.WORK / "results" if args.quick else apps.BENCH / "results"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        out = out_dir / f"observability-{datetime.now(UTC):%Y-%m-%d}.txt"
+        n = 2
+        while out.exists():
+            out, n = out.with_name(f"observability-{datetime.now(UTC):%Y-%m-%d}-{n}.txt"), n + 1
+        out.write_text("\n".join(log.lines) + "\n")
+        print(f"raw output: {out.relative_to(apps.ROOT)}")
+    return 0
+
+
+def summarise(results: dict[str, list[dict]], at_once: list[dict[str, dict]]) -> None:
+    off, on = results["off"], results["on"]
+
+    def med(runs: list[dict], key: str) -> float:
+        return statistics.median(r[key] for r in runs)
+
+    log(f"\n== medians of {len(off)} rounds ==")
+    log(f"{'':>3} {'req/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'CPU us/req':>10} {'errors':>6}")
+    for name, runs in results.items():
+        log(f"{name:>3} {med(runs, 'rps'):9.1f} {med(runs, 'p50_us') / 1000:7.2f} {med(runs, 'p99_us') / 1000:7.2f} "
+            f"{med(runs, 'cpu_us'):10.1f} {sum(r['errors'] for r in runs):6d}")  # fmt: skip
+    throughput = med(on, "rps") / med(off, "rps")
+    paired = statistics.median(b["rps"] / a["rps"] for a, b in zip(off, on, strict=True))
+    cpu = med(on, "cpu_us") / med(off, "cpu_us")
+    cpu_paired = statistics.median(b["cpu_us"] / a["cpu_us"] for a, b in zip(off, on, strict=True))
+    log(f"\nmixed throughput on / off: {throughput:.3f} (paired within rounds: {paired:.3f}); "
+        f"target >= {TARGET}: {'met' if min(throughput, paired) >= TARGET else 'NOT MET'}")  # fmt: skip
+    log(f"server CPU per request on / off: {cpu:.3f} (paired: {cpu_paired:.3f}), "
+        f"+{med(on, 'cpu_us') - med(off, 'cpu_us'):.1f} us a request")  # fmt: skip
+    simultaneous = statistics.median(both["on"]["rps"] / both["off"]["rps"] for both in at_once)
+    log(f"mixed throughput on / off, both driven at once: {simultaneous:.3f} (median of {len(at_once)}); "
+        f"target >= {TARGET}: {'met' if simultaneous >= TARGET else 'NOT MET'}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""GET /metrics: Prometheus's scrape (SPEC §11), this service's families and the database's."""
+
+from __future__ import annotations
+
+import gzip
+import logging
+
+import psycopg
+import psycopg_pool
+from litestar import Request, Response, get
+from litestar.openapi import ResponseSpec
+from prometheus_client.exposition import gzip_accepted
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+
+from tasktrail import eventstore, metrics
+from tasktrail.domain.task import Status
+from tasktrail.http.auth import SECURITY
+from tasktrail.http.problems import problems
+from tasktrail.http.tasks import connection
+from tasktrail.projections import stats
+
+log = logging.getLogger("tasktrail")
+
+# The newest live version of each read model (migration 0014): while two releases run, the one the newer serves.
+PROJECTION_VERSIONS = """
+SELECT name, max(version) FROM projection_versions WHERE state = 'live' GROUP BY name ORDER BY name
+"""
+
+
+async def database_families(conn: psycopg.AsyncConnection) -> list[Metric]:
+    """What describes the database: the same whichever process asks, so read at scrape time, never added up."""
+    counts = await stats.summary(conn)
+    tasks = GaugeMetricFamily("tasktrail_tasks", "Tasks by status, from the stats counters", labels=["status"])
+    for status in Status:
+        tasks.add_metric([status.value], counts[status.value])
+    held = GaugeMetricFamily(
+        "tasktrail_feed_held_back_seconds",
+        "How long the oldest open transaction that began before events the feed cannot show yet has held them back;"
+        " 0 when nothing is held back",
+        value=await eventstore.held_back_seconds(conn),
+    )
+    versions = GaugeMetricFamily("tasktrail_projection_version", "The live version of each read model", labels=["name"])
+    cur = await conn.execute(PROJECTION_VERSIONS)
+    for name, version in await cur.fetchall():
+        versions.add_metric([name], version)
+    return [tasks, held, versions]
+
+
+@get(
+    "/metrics",
+    security=SECURITY,
+    responses={
+        200: ResponseSpec(
+            str, description="Prometheus text format (or OpenMetrics, if asked)", media_type="text/plain",
+            generate_examples=False,
+        )
+    }
+    | problems(401, 403),
+)  # fmt: skip
+async def scrape(request: Request) -> Response[bytes]:
+    """Every tasktrail_* metric, for Prometheus; the database's gauges are left out while it does not answer."""
+    database: list[Metric] = []
+    try:
+        # The primary, never a replica: the transactions that hold the feed back run there.
+        async with connection(request) as conn:
+            database = await database_families(conn)
+    except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as exc:
+        # The service's own figures matter most now (tasktrail_db_unavailable_total among them): answer with them.
+        log.warning("metrics: the database did not answer, its gauges are left out: %s", exc)
+    body, content_type = metrics.exposition(request.headers.get("accept", ""), database)
+    headers = {"Cache-Control": "no-store"}
+    if gzip_accepted(request.headers.get("accept-encoding", "")):
+        body = gzip.compress(body, compresslevel=1)
+        headers["Content-Encoding"] = "gzip"
+    return Response(body, media_type=content_type, headers=headers)
+
+
+ROUTES = [scrape]

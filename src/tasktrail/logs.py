@@ -1,0 +1,178 @@
+"""Logs as text or as one JSON object a line (`serve --log-format`): a line per request, and every other line.
+
+Every line, a request's or not (start-up, warnings, errors with their
+tracebacks, uvicorn's own), has `time` (UTC, ISO 8601), `level`, `logger` and
+`message`; a line logged while a request is handled also has its `request_id`.
+A request's line adds `method`, `route` (the route template, never the path as
+sent), `status`, `duration` (seconds), `actor` (the API key's name, or null)
+and `client`. Nothing else of a request is written: never a key, a header, a
+body, or a query or body value.
+
+A request's line is written straight to stderr, not through `logging`: making
+a LogRecord and passing it through logger, handler and formatter costs 11 us
+of CPU a request, this 3 us (measured on this machine), and the line is the
+same. It is written when the access log is on (`serve --no-access-log` turns it
+off) and the `tasktrail.access` logger is enabled for INFO (`--log-level`).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import re
+import sys
+import time
+from contextvars import ContextVar
+from typing import Any
+
+import msgspec
+
+FORMATS = ("text", "json")
+# How `serve` tells its worker processes (and create_app) what it was asked.
+FORMAT_ENV = "TASKTRAIL_LOG_FORMAT"
+ACCESS_ENV = "TASKTRAIL_ACCESS_LOG"
+ACCESS_LOGGER = "tasktrail.access"
+
+# The id of the request being handled, for lines logged while it is.
+request_id: ContextVar[str | None] = ContextVar("tasktrail_request_id", default=None)
+
+_encode = msgspec.json.Encoder().encode
+# What an IPv4 or IPv6 address (or a test client's name) looks like.
+_ADDRESS = re.compile(r"[0-9A-Za-z.:_\[\]-]{1,64}")
+
+
+@functools.lru_cache(maxsize=4)
+def _second(seconds: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+
+
+def timestamp(at: float) -> str:
+    """ISO 8601 in UTC to the millisecond, e.g. 2026-12-03T10:11:12.345Z."""
+    whole = int(at)
+    return f"{_second(whole)}.{int((at - whole) * 1000):03d}Z"
+
+
+def log_format() -> str:
+    value = os.environ.get(FORMAT_ENV) or "text"
+    if value not in FORMATS:
+        raise ValueError(f"{FORMAT_ENV}={value!r}: give one of {', '.join(FORMATS)}")
+    return value
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object a line: time, level, logger, message, and request_id and exception when there are."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        fields: dict[str, Any] = {
+            "time": timestamp(record.created),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if (current := request_id.get()) is not None:
+            fields["request_id"] = current
+        if record.exc_info:
+            fields["exception"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            fields["stack"] = self.formatStack(record.stack_info)
+        return _encode(fields).decode()
+
+
+class TextFormatter(logging.Formatter):
+    """`time LEVEL logger: message`, then request_id=… while a request is handled, then any traceback."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = f"{timestamp(record.created)} {record.levelname:<7} {record.name}: {record.getMessage()}"
+        if (current := request_id.get()) is not None:
+            line += f" request_id={current}"
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        if record.stack_info:
+            line += "\n" + self.formatStack(record.stack_info)
+        return line
+
+
+class Stderr(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever sys.stderr is when a line is written (as logging's last resort does)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        # A Python warning would otherwise print as bare text.
+        logging.captureWarnings(True)
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _: Any) -> None:
+        pass
+
+
+def config(fmt: str, level: str) -> dict[str, Any]:
+    """The logging configuration (dictConfig) `serve` and its workers apply: every logger through one handler."""
+    level = level.upper()
+    formatter = JsonFormatter if fmt == "json" else TextFormatter
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"tasktrail": {"()": f"{__name__}.{formatter.__name__}"}},
+        "handlers": {"stderr": {"()": f"{__name__}.Stderr", "formatter": "tasktrail"}},
+        "loggers": {
+            "tasktrail": {"level": level},
+            "uvicorn": {"level": level, "handlers": [], "propagate": True},
+            "uvicorn.error": {"level": level, "handlers": [], "propagate": True},
+            # Replaced by the line create_app's middleware writes for each request.
+            "uvicorn.access": {"handlers": [], "propagate": False},
+            "litestar": {"level": level, "handlers": [], "propagate": True},
+        },
+        # Other libraries: their warnings and errors.
+        "root": {"handlers": ["stderr"], "level": "WARNING"},
+    }
+
+
+class AccessLine:
+    """Writes one line per request to stderr, in the configured format (see the module's docstring)."""
+
+    __slots__ = ("json",)
+
+    def __init__(self, fmt: str) -> None:
+        self.json = fmt == "json"
+
+    def __call__(
+        self, request_id: str, method: str, route: str, status: int, seconds: float, actor: str | None, client: str
+    ) -> None:
+        now = timestamp(time.time())
+        if self.json:
+            line = _encode(
+                {
+                    "time": now,
+                    "level": "info",
+                    "logger": ACCESS_LOGGER,
+                    "message": f"{method} {route} {status}",
+                    "request_id": request_id,
+                    "method": method,
+                    "route": route,
+                    "status": status,
+                    "duration": round(seconds, 6),
+                    "actor": actor,
+                    "client": client,
+                }
+            ).decode()
+        else:
+            if not _ADDRESS.fullmatch(client):
+                # A trusted proxy's X-Forwarded-For becomes the client, whatever it says: quoted, it stays one field.
+                client = _encode(client).decode()
+            line = (
+                f"{now} INFO    {ACCESS_LOGGER}: {method} {route} {status} {seconds * 1000:.2f}ms"
+                f" request_id={request_id} actor={actor or '-'} client={client}"
+            )
+        sys.stderr.write(line + "\n")
+
+
+def access_line() -> AccessLine | None:
+    """What writes a request's line, or None when the access log is off (the default outside `serve`)."""
+    if os.environ.get(ACCESS_ENV, "0") != "1" or not logging.getLogger(ACCESS_LOGGER).isEnabledFor(logging.INFO):
+        return None
+    return AccessLine(log_format())

@@ -1,0 +1,116 @@
+"""`serve --log-format json`: one JSON object a line, a line per request, never a key or a value sent."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tasktrail import logs
+from tasktrail.http import auth
+from tests.conftest import Server, assert_verifies
+
+SECRET_QUERY = "query-value-8c1f"  # noqa: S105 -- a value the log must not show, not a password
+SECRET_BODY = "body-value-5e2a"  # noqa: S105 -- the same
+REQUEST_FIELDS = {"time", "level", "logger", "message", "request_id", "method", "route", "status", "duration", "actor"}
+
+
+def test_json_logs_parse_line_by_line_and_hold_no_key_or_value(database_url: str, tmp_path: Path) -> None:
+    writer, reader = auth.new_key(), auth.new_key()
+    entries = [auth.Key("worker-7", "write", auth.digest(writer)), auth.Key("grafana", "read", auth.digest(reader))]
+    keys = " ".join(key.entry() for key in entries)
+    env = os.environ | {"DATABASE_URL": database_url, "TASKTRAIL_API_KEYS": keys}
+    server = Server(env, log_dir=tmp_path, serve_args=("--log-format", "json"))
+    as_writer = {"Authorization": f"Bearer {writer}", "X-Request-ID": "traceme123"}
+    try:
+        with httpx.Client(base_url=server.url) as client:
+            created = client.post(
+                "/tasks/", json={"task_type": "logged", "params": {"token": SECRET_BODY}}, headers=as_writer
+            )
+            assert created.status_code == 201
+            task_id = created.json()["task_id"]
+            listed = client.get(f"/tasks/?task_type={SECRET_QUERY}", headers={"Authorization": f"Bearer {reader}"})
+            assert listed.status_code == 200
+            assert client.get("/tasks/", headers={"Authorization": f"Bearer {writer}x"}).status_code == 401
+            assert client.get(f"/nowhere/{SECRET_QUERY}?key={writer}").status_code in (401, 404)
+            assert client.get("/metrics", headers={"Authorization": f"Bearer {reader}"}).status_code == 200
+            history = client.get(f"/tasks/{task_id}/history", headers=as_writer).json()
+    finally:
+        server.stop()
+    assert history["events"][0]["metadata"] == {"request_id": "traceme123", "actor": "worker-7"}
+
+    text = server.log()
+    for secret in (writer, reader, writer[3:20], reader[3:20], SECRET_QUERY, SECRET_BODY, task_id):
+        assert secret not in text
+    lines = [json.loads(line) for line in text.splitlines()]  # every line is one JSON object
+    assert all({"time", "level", "logger", "message"} <= line.keys() for line in lines)
+    assert any("Application startup complete" in line["message"] for line in lines)  # uvicorn's own lines too
+    requests = [line for line in lines if line["logger"] == "tasktrail.access"]
+    assert all(line.keys() >= REQUEST_FIELDS for line in requests)
+    (create,) = [line for line in requests if line["request_id"] == "traceme123" and line["method"] == "POST"]
+    assert create["route"] == "/tasks"
+    assert create["status"] == 201
+    assert create["actor"] == "worker-7"
+    assert 0 < create["duration"] < 30  # seconds
+    routes = {(line["method"], line["route"], line["status"], line["actor"]) for line in requests}
+    assert ("GET", "/tasks", 200, "grafana") in routes
+    assert ("GET", "/tasks", 401, None) in routes
+    assert ("GET", "/tasks/{task_id}/history", 200, "worker-7") in routes
+    assert ("GET", "/metrics", 200, "grafana") in routes
+    assert_verifies(database_url)
+
+
+def test_text_logs_by_default_and_the_access_log_and_metrics_can_be_turned_off(
+    database_url: str, tmp_path: Path
+) -> None:
+    env = os.environ | {"DATABASE_URL": database_url}
+    server = Server(env, log_dir=tmp_path)
+    try:
+        assert httpx.get(f"{server.url}/tasks/", headers={"X-Request-ID": "plain42"}).status_code == 200
+    finally:
+        server.stop()
+    line = next(line for line in server.log().splitlines() if "plain42" in line)
+    assert " INFO " in line
+    assert "tasktrail.access: GET /tasks 200 " in line
+
+    server = Server(env, log_dir=tmp_path, serve_args=("--no-access-log", "--no-metrics"))
+    try:
+        assert httpx.get(f"{server.url}/tasks/", headers={"X-Request-ID": "quiet42"}).status_code == 200
+        assert httpx.get(f"{server.url}/metrics").status_code == 404
+    finally:
+        server.stop()
+    assert "quiet42" not in server.log()
+    assert "tasktrail.access" not in server.log()
+
+
+def test_a_line_logged_while_a_request_is_handled_names_it_and_keeps_its_traceback_on_one_line() -> None:
+    try:
+        raise RuntimeError("boom")
+    except RuntimeError:
+        record = logging.LogRecord("tasktrail", logging.ERROR, __file__, 1, "failed %s", ("here",), sys.exc_info())
+    token = logs.request_id.set("req-9")
+    try:
+        line = logs.JsonFormatter().format(record)
+    finally:
+        logs.request_id.reset(token)
+    assert "\n" not in line
+    fields = json.loads(line)
+    assert fields["message"] == "failed here"
+    assert fields["level"] == "error"
+    assert fields["request_id"] == "req-9"
+    assert "RuntimeError: boom" in fields["exception"]
+
+
+def test_a_client_address_a_proxy_made_up_stays_one_field_of_a_text_line(capsys: pytest.CaptureFixture[str]) -> None:
+    """uvicorn takes the client from a trusted proxy's X-Forwarded-For, whatever it holds."""
+    line = logs.AccessLine("text")
+    line("r1", "GET", "/tasks", 200, 0.001, None, "10.0.0.7")
+    line("r2", "GET", "/tasks", 200, 0.001, "k", "1.2.3.4 actor=admin\x1b[2J")
+    first, second = capsys.readouterr().err.splitlines()
+    assert first.endswith(" request_id=r1 actor=- client=10.0.0.7")
+    assert second.endswith(' request_id=r2 actor=k client="1.2.3.4 actor=admin\\u001b[2J"')

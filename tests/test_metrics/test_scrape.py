@@ -1,0 +1,207 @@
+"""GET /metrics through the real app on a real PostgreSQL, in one process (as create_app runs without serve).
+
+The metrics of this process are shared by every app it makes, so each test
+compares a scrape after its requests with one before them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import string
+import uuid
+
+import psycopg
+import pytest
+from litestar.testing import AsyncTestClient
+
+from tasktrail import db, metrics, writer
+from tasktrail.domain.task import CreateTask, UpdateTask
+from tasktrail.http import auth
+from tasktrail.http.app import create_app
+from tasktrail.projections import INLINE
+from tests.conftest import free_port
+from tests.prom import FAMILIES, Scrape
+
+pytestmark = pytest.mark.anyio
+
+
+async def scrape(client: AsyncTestClient, headers: dict[str, str] | None = None) -> Scrape:
+    response = await client.get("/metrics", headers=headers)
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("text/plain")
+    return Scrape(response.text)
+
+
+def delta(after: Scrape, before: Scrape, name: str, /, **labels: str) -> float:
+    return after.value(name, **labels) - before.value(name, **labels)
+
+
+async def test_every_family_the_spec_names_is_there_with_its_labels(client: AsyncTestClient) -> None:
+    task = (await client.post("/tasks/", json={"task_type": "m"})).json()
+    await client.get(f"/tasks/{task['task_id']}")
+    got = await scrape(client)
+    for name, (kind, labels) in FAMILIES.items():
+        assert name in got.families, f"{name} is missing"
+        family = got.families[name]
+        assert family.type == kind, name
+        assert family.samples, name
+        for sample in family.samples:
+            assert set(sample.labels) - {"le"} == labels, (name, sample)
+    assert {s["state"] for s in got.series("tasktrail_db_pool_connections")} == {"in_use", "idle", "waiting"}
+    assert got.value("tasktrail_projection_version", name="tasks") == 1
+    assert {s["name"] for s in got.series("tasktrail_projection_version")} == {m.NAME for m in INLINE}
+
+
+async def test_requests_are_counted_by_method_route_template_and_status(client: AsyncTestClient) -> None:
+    before = await scrape(client)
+    task_id = (await client.post("/tasks/", json={"task_type": "m"})).json()["task_id"]
+    for _ in range(3):
+        assert (await client.get(f"/tasks/{task_id}")).status_code == 200
+    await client.patch(f"/tasks/{task_id}", json={"progress": 5})
+    await client.get(f"/tasks/{uuid.uuid4()}")  # 404, on the same route
+    await client.get(f"/tasks/{task_id}/history")
+    await client.get("/tasks/?status=pending&task_type=m")
+    after = await scrape(client)
+
+    def requests(method: str, route: str, status: str) -> float:
+        return delta(after, before, "tasktrail_http_requests_total", method=method, route=route, status=status)
+
+    assert requests("POST", "/tasks", "201") == 1
+    assert requests("GET", "/tasks/{task_id}", "200") == 3
+    assert requests("GET", "/tasks/{task_id}", "404") == 1
+    assert requests("PATCH", "/tasks/{task_id}", "200") == 1
+    assert requests("GET", "/tasks/{task_id}/history", "200") == 1
+    assert requests("GET", "/tasks", "200") == 1
+    count = "tasktrail_http_request_duration_seconds_count"
+    assert delta(after, before, count, method="GET", route="/tasks/{task_id}") == 4
+    inf = delta(
+        after,
+        before,
+        "tasktrail_http_request_duration_seconds_bucket",
+        method="GET",
+        route="/tasks/{task_id}",
+        le="+Inf",
+    )
+    assert inf == 4
+    assert task_id not in after.text  # a path is never a label
+    labels = [value for series in after.series("tasktrail_http_requests_total") for value in series.values()]
+    assert not [value for value in labels if "pending" in value]  # nor a query value
+
+
+def random_path(rng: random.Random) -> str:
+    parts = [
+        "".join(rng.choices(string.ascii_letters + string.digits + "-._~%", k=rng.randint(1, 30)))
+        for _ in range(rng.randint(1, 5))
+    ]
+    query = f"?{rng.choice(string.ascii_lowercase)}={uuid.uuid4()}" if rng.random() < 0.5 else ""
+    return "/zz" + "/".join(["", *parts]) + query
+
+
+async def test_paths_that_match_no_route_share_one_label_whatever_is_sent(client: AsyncTestClient) -> None:
+    """Bounded cardinality: random paths and methods make no new series after the first of each status."""
+    rng = random.Random(13)  # noqa: S311 -- test data
+    methods = ["GET", "POST", "DELETE", "PUT", "BREW", "PROPFIND", "X" * 40]
+
+    async def send(n: int) -> None:
+        for _ in range(n):
+            response = await client.request(rng.choice(methods), random_path(rng))
+            assert response.status_code in (404, 405)
+
+    await send(30)
+    before = await scrape(client)
+    await send(200)
+    after = await scrape(client)
+    assert after.series("tasktrail_http_requests_total") == before.series("tasktrail_http_requests_total")
+    assert after.series("tasktrail_http_request_duration_seconds_bucket") == before.series(
+        "tasktrail_http_request_duration_seconds_bucket"
+    )
+    unmatched = after.total("tasktrail_http_requests_total", route=metrics.UNMATCHED)
+    assert unmatched - before.total("tasktrail_http_requests_total", route=metrics.UNMATCHED) == 200
+    assert {s["method"] for s in after.series("tasktrail_http_requests_total")} <= metrics.METHODS | {"other"}
+    for series in after.series("tasktrail_http_requests_total"):
+        assert series["route"] == metrics.UNMATCHED or series["route"].startswith("/")
+        assert "/zz" not in series["route"]
+        assert series["status"].isdigit()
+        assert len(series["status"]) == 3
+
+
+async def test_events_appended_and_tasks_by_status_follow_the_log(client: AsyncTestClient) -> None:
+    before = await scrape(client)
+    made = [(await client.post("/tasks/", json={"task_type": "m"})).json()["task_id"] for _ in range(3)]
+    await client.patch(f"/tasks/{made[0]}", json={"status": "running"})
+    await client.patch(f"/tasks/{made[1]}", json={"status": "completed"})
+    await client.patch(f"/tasks/{made[1]}", json={"status": "completed"})  # a no-op appends nothing
+    await client.delete(f"/tasks/{made[2]}")
+    after = await scrape(client)
+    appended = {
+        kind: delta(after, before, "tasktrail_events_appended_total", type=kind)
+        for kind in ("TaskCreated", "TaskStarted", "TaskCompleted", "TaskDeleted", "ProgressReported")
+    }
+    assert appended == {"TaskCreated": 3, "TaskStarted": 1, "TaskCompleted": 1, "TaskDeleted": 1, "ProgressReported": 0}
+    summary = (await client.get("/tasks/stats/summary")).json()
+    for status in ("pending", "running", "completed", "failed", "canceled"):
+        assert after.value("tasktrail_tasks", status=status) == summary[status]
+    assert summary["running"] == 1
+    assert summary["completed"] == 1
+
+
+async def test_a_write_that_loses_a_race_is_counted_as_a_conflict(database_url: str) -> None:
+    """The loser decided on version 1, waits on the winner's uncommitted version 2, loses, and decides again."""
+    connect = psycopg.AsyncConnection.connect
+    async with (
+        await connect(database_url, **db.connect_kwargs()) as winner,
+        await connect(database_url, **db.connect_kwargs()) as loser,
+    ):
+        task = await writer.create(winner, CreateTask(task_type="race"), {})
+        conflicts = conflicts_so_far()
+        async with winner.transaction():
+            await writer.change(winner, task.task_id, UpdateTask(progress=1), {})
+            racing = asyncio.create_task(writer.change(loser, task.task_id, UpdateTask(progress=2), {}))
+            for _ in range(200):  # until the loser waits on the winner's row
+                cur = await winner.execute("SELECT count(*) FROM pg_locks WHERE NOT granted")
+                if (await cur.fetchone())[0]:  # type: ignore[index]
+                    break
+                await asyncio.sleep(0.02)
+            else:
+                raise AssertionError("the second writer never waited on the first")
+        after = await racing
+    assert after is not None
+    assert after.version == 3
+    assert conflicts_so_far() - conflicts == 1
+
+
+def conflicts_so_far() -> float:
+    value = metrics.REGISTRY.get_sample_value("tasktrail_write_conflicts_total")
+    assert value is not None
+    return value
+
+
+async def test_answers_503_for_an_unreachable_database_are_counted(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TASKTRAIL_POOL_TIMEOUT", "0.2")
+    app = create_app(f"postgresql://postgres@127.0.0.1:{free_port()}/nothing", api_keys=[])
+    async with AsyncTestClient(app=app) as client:
+        before = await scrape(client)
+        for _ in range(3):
+            assert (await client.get("/tasks/")).status_code == 503
+        after = await scrape(client)  # answered all the same, with what the process knows
+    assert delta(after, before, "tasktrail_db_unavailable_total") == 3
+    assert delta(after, before, "tasktrail_http_requests_total", method="GET", route="/tasks", status="503") == 3
+    assert "tasktrail_tasks" not in after.families  # the database's gauges are left out, never made up
+
+
+async def test_metrics_needs_a_read_key_when_keys_are_configured(database_url: str) -> None:
+    keys = {scope: auth.new_key() for scope in auth.SCOPES}
+    configured = [auth.Key(f"{scope}-key", scope, auth.digest(key)) for scope, key in keys.items()]
+    async with AsyncTestClient(app=create_app(database_url, api_keys=configured)) as client:
+        assert (await client.get("/metrics")).status_code == 401
+        assert (await client.get("/metrics", headers={"Authorization": "Bearer tt_not-a-key"})).status_code == 401
+        for scope in auth.SCOPES:
+            await scrape(client, {"Authorization": f"Bearer {keys[scope]}"})
+
+
+async def test_openmetrics_when_prometheus_asks_for_it(client: AsyncTestClient) -> None:
+    response = await client.get("/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"})
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("application/openmetrics-text")
+    assert response.text.endswith("# EOF\n")
