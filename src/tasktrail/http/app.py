@@ -19,9 +19,9 @@ from litestar.datastructures import MutableScopeHeaders
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
-from tasktrail import db, eventstore, idempotency, live, writer
+from tasktrail import dashboard, db, eventstore, idempotency, live, writer
 from tasktrail.domain.task import TaskNotFound, TransitionRejected
-from tasktrail.http import auth, events, health, history, openapi, tasks
+from tasktrail.http import auth, events, health, history, openapi, sessions, tasks
 from tasktrail.http.body import MAX_BODY_BYTES, InvalidInput, MalformedBody
 from tasktrail.http.problems import problem
 from tasktrail.projections import ProjectionOutdated
@@ -140,6 +140,8 @@ def create_app(database_url: str | None = None, api_keys: Sequence[auth.Key] | N
     """The app, on DATABASE_URL and the configured API keys unless given others (migrations are the caller's)."""
     conninfo = database_url or os.environ["DATABASE_URL"]
     keys = auth.load() if api_keys is None else api_keys
+    # Signs the dashboard's session cookies; the guard checks them.
+    signer = sessions.Signer(sessions.secret_from_env())
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -159,10 +161,16 @@ def create_app(database_url: str | None = None, api_keys: Sequence[auth.Key] | N
             await app.state.pool.close()
 
     return Litestar(
-        route_handlers=[*tasks.ROUTES, *history.ROUTES, *events.ROUTES, *health.ROUTES],
+        route_handlers=[
+            *tasks.ROUTES,
+            *history.ROUTES,
+            *events.ROUTES,
+            *health.ROUTES,
+            dashboard.router(keys, signer),
+        ],
         lifespan=[lifespan],
         middleware=[request_ids],
-        guards=auth.guards(keys),
+        guards=auth.guards(keys, signer),
         openapi_config=openapi.CONFIG,
         plugins=[openapi.JsonObjects()],
         request_max_body_size=MAX_BODY_BYTES,

@@ -1,0 +1,517 @@
+"""The dashboard's pages: /ui (tasks and counts), /ui/tasks/{task_id}, /ui/events, and signing in.
+
+Every page is whole HTML from the server, so the first page works without
+JavaScript and every `data-*` hook (SPEC §10) has one definition: the
+templates. The page reads the read models and the log through the same
+functions and pooled connections as the API (`tasks.connection(request)`).
+
+Templates are rendered by one Jinja2 environment with autoescape on, so
+whatever a task carries (its type, params, result, error, an actor's name)
+reaches the page as text. Pages are sent as a bare ASGI reply, as JSON
+answers are (http/tasks.JsonReply): Litestar's Template response costs a
+response object per request, and /ui is meant to cost no more than the list
+call it shows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any, NamedTuple
+from urllib.parse import parse_qs, urlencode
+from uuid import UUID
+
+import jinja2
+import psycopg
+import psycopg_pool
+from litestar import Request, Router, get, post
+from litestar.exceptions import NotAuthorizedException, PermissionDeniedException, ValidationException
+from litestar.params import FromPath, FromQuery
+from litestar.response import Redirect
+from litestar.static_files import create_static_files_router
+from litestar.types import Receive, Scope, Send
+
+from tasktrail import eventstore
+from tasktrail.domain.events import EVENT_TYPES, TaskCreated, TaskDeleted, type_of
+from tasktrail.domain.task import FINISHED, MOVES, Status, Task, evolve
+from tasktrail.http import auth, sessions
+from tasktrail.http.body import InvalidInput, invalid
+from tasktrail.http.events import FeedItem, encode_cursor, item
+from tasktrail.http.tasks import _decode_cursor, _encode_cursor, connection
+from tasktrail.projections import stats
+from tasktrail.projections import tasks as tasks_view
+
+HERE = Path(__file__).parent
+STATIC = "/ui/static"
+PAGE_SIZE = 50  # rows on /ui unless ?limit= says otherwise (1..1000, as the API)
+TIMELINE_CAP = 1000  # newest events shown on a task page; the API's history has them all
+FEED_SIZE = 100  # events /ui/events opens with
+
+# Scripts and styles from this origin only: no inline script, no inline style, no other host.
+POLICY = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self';"
+    " font-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+)
+HEADERS = [
+    (b"content-type", b"text/html; charset=utf-8"),
+    (b"content-security-policy", POLICY.encode()),
+    (b"x-content-type-options", b"nosniff"),
+    (b"x-frame-options", b"DENY"),
+    (b"referrer-policy", b"same-origin"),
+    # Live data and a CSRF token: never from a cache.
+    (b"cache-control", b"no-store"),
+]
+
+
+class HtmlReply:
+    """A page as a bare ASGI app (see the module docstring)."""
+
+    __slots__ = ("body", "headers", "status")
+
+    def __init__(self, body: str, status: int = 200, extra: Sequence[tuple[bytes, bytes]] = ()) -> None:
+        self.body = body.encode()
+        self.status = status
+        self.headers = [*HEADERS, (b"content-length", b"%d" % len(self.body)), *extra]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status, "headers": self.headers})
+        await send({"type": "http.response.body", "body": self.body})
+
+
+# Formatting for the templates.
+
+
+def when(moment: datetime | None) -> str:
+    return "" if moment is None else f"{moment:%Y-%m-%d %H:%M:%S}"
+
+
+def when_precise(moment: datetime) -> str:
+    return f"{moment:%H:%M:%S}.{moment.microsecond // 1000:03d}"
+
+
+def iso(moment: datetime | None) -> str:
+    return "" if moment is None else moment.isoformat()
+
+
+def percent(progress: float) -> str:
+    return f"{progress:.0f}%" if progress == int(progress) else f"{progress:.1f}%"
+
+
+def pretty(value: Any) -> str:
+    return json.dumps(value, indent=2, ensure_ascii=False)
+
+
+def compact(value: Any, limit: int = 160) -> str:
+    """JSON on one line, cut at `limit` characters (the feed's and the timeline's summaries)."""
+    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _static_url(name: str) -> str:
+    # A hash of the file in its URL: a new release's script is never taken from an old cache.
+    return f"{STATIC}/{name}?v={hashlib.sha256((HERE / 'static' / name).read_bytes()).hexdigest()[:12]}"
+
+
+ENV = jinja2.Environment(
+    loader=jinja2.FileSystemLoader(HERE / "templates"),
+    autoescape=True,
+    undefined=jinja2.StrictUndefined,
+    trim_blocks=True,
+    lstrip_blocks=True,
+)
+ENV.filters.update(when=when, when_precise=when_precise, iso=iso, percent=percent, pretty=pretty, compact=compact)
+ENV.globals.update(
+    static={name: _static_url(name) for name in ("dashboard.css", "dashboard.js", "favicon.svg")},
+    STATUSES=[status.value for status in Status],
+    EVENT_TYPES=" ".join(EVENT_TYPES),
+)
+
+
+def render(template: str, status: int = 200, extra: Sequence[tuple[bytes, bytes]] = (), **context: Any) -> HtmlReply:
+    return HtmlReply(ENV.get_template(template).render(**context), status, extra)
+
+
+# Who is looking, and what they may do.
+
+
+class Viewer(NamedTuple):
+    name: str | None  # the API key's name; None when the service has no keys
+    scope: str
+    csrf: str | None  # the session's CSRF token, when a session cookie signed the request in
+    keys_configured: bool
+
+    @property
+    def can_write(self) -> bool:
+        return auth.SCOPES.index(self.scope) >= auth.SCOPES.index("write")
+
+    @property
+    def signed_in(self) -> bool:
+        return self.csrf is not None
+
+
+def viewer(request: Request) -> Viewer:
+    state = request.scope["state"]  # the guard's findings (none without keys)
+    keys_configured = bool(request.route_handler.opt.get("keys"))
+    return Viewer(state.get("actor"), state.get("scope", "admin"), state.get("csrf"), keys_configured)
+
+
+# The task list.
+
+
+class Filters(NamedTuple):
+    status: Status | None
+    task_type: str | None
+    before: int | None
+    cursor: str | None
+    limit: int
+
+    def url(self, **changes: str | None) -> str:
+        """/ui with these filters, changed as given (None drops one); the cursor is dropped unless given."""
+        query = {"status": self.status and self.status.value, "task_type": self.task_type, "cursor": None}
+        if self.limit != PAGE_SIZE:
+            query["limit"] = str(self.limit)
+        query |= changes
+        kept = {name: value for name, value in query.items() if value}
+        return f"/ui?{urlencode(kept)}" if kept else "/ui"
+
+    def describe(self, counts: dict[str, int]) -> tuple[int, str]:
+        """How many tasks match, from the counters, and what they are in words ("failed tasks of type import")."""
+        matching = counts[self.status.value] if self.status else counts["total"]
+        noun = f"{self.status.value} tasks" if self.status else "tasks"
+        return matching, noun + (f" of type {self.task_type}" if self.task_type else "")
+
+
+def _text_parameter(name: str, value: str | None, max_length: int = 200) -> str | None:
+    if not value:
+        return None
+    if len(value) > max_length or "\x00" in value:
+        raise invalid(name, f"at most {max_length} characters, no NUL")
+    return value
+
+
+def parse_filters(status: str | None, task_type: str | None, cursor: str | None, limit: str | None) -> Filters:
+    """The API's list filters, taken from the page's URL; a bad one is a 400 page that says which."""
+    if status and status not in Status.__members__.values():
+        raise invalid("status", f"one of {', '.join(Status)}, or empty for any")
+    size = PAGE_SIZE
+    if limit:
+        if not limit.isdigit() or not 1 <= int(limit) <= 1000:
+            raise invalid("limit", "a whole number from 1 to 1000")
+        size = int(limit)
+    cursor = _text_parameter("cursor", cursor, 100)
+    return Filters(
+        Status(status) if status else None,
+        _text_parameter("task_type", task_type),
+        None if cursor is None else _decode_cursor(cursor),
+        cursor,
+        size,
+    )
+
+
+@get("/", opt=auth.PUBLIC, include_in_schema=False)
+async def index() -> Redirect:
+    return Redirect("/ui", status_code=302)
+
+
+@get("/ui", include_in_schema=False)
+async def tasks_page(
+    request: Request,
+    status: FromQuery[str | None] = None,
+    task_type: FromQuery[str | None] = None,
+    cursor: FromQuery[str | None] = None,
+    limit: FromQuery[str | None] = None,
+) -> HtmlReply:
+    """Counts, filters and the task list, newest first, with keyset paging."""
+    filters = parse_filters(status, task_type, cursor, limit)
+    async with connection(request) as conn:
+        page = await tasks_view.list_page(
+            conn, status=filters.status, task_type=filters.task_type, before=filters.before, limit=filters.limit
+        )
+        counts = await stats.summary(conn, filters.task_type)
+    matching, noun = filters.describe(counts)
+    return render(
+        "tasks.html",
+        viewer=viewer(request),
+        filters=filters,
+        tasks=page,
+        counts=counts,
+        matching=matching,
+        noun=noun,
+        older=filters.url(cursor=_encode_cursor(page[-1])) if len(page) == filters.limit else None,
+    )
+
+
+# A task's page.
+
+
+class Entry(NamedTuple):
+    """One event on a task's timeline: the event, what it changed, and the task after it."""
+
+    stored: eventstore.Stored
+    type: str
+    changes: list[tuple[str, str]]
+    after: Task | None
+
+
+TRACKED = ("status", "progress", "retry_count", "result", "error", "started_at", "completed_at")
+LABELS = {"retry_count": "retries", "started_at": "started", "completed_at": "finished"}
+
+
+def _shown(field: str, value: Any) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, datetime):
+        return when(value)
+    if field == "progress":
+        return percent(value)
+    if isinstance(value, dict):
+        return compact(value)
+    return str(value)
+
+
+def changes(before: Task | None, after: Task | None, stored: eventstore.Stored) -> list[tuple[str, str]]:
+    """What an event changed, in words: (field, "old → new")."""
+    event = stored.recorded.event
+    if isinstance(event, TaskCreated):
+        created = [("type", event.task_type)]
+        return created + ([("params", compact(event.params))] if event.params is not None else [])
+    if isinstance(event, TaskDeleted):
+        return [("deleted", f"reason: {event.reason}")]
+    assert before is not None
+    assert after is not None
+    found = []
+    for field in TRACKED:
+        old, new = getattr(before, field), getattr(after, field)
+        if old == new:
+            continue
+        if field in ("result", "error"):
+            found.append((field, "cleared" if new is None else _shown(field, new)))
+        else:
+            found.append((LABELS.get(field, field), f"{_shown(field, old)} → {_shown(field, new)}"))
+    return found
+
+
+def timeline(history: Sequence[eventstore.Stored]) -> list[Entry]:
+    """The task's events folded one by one, each with what it changed."""
+    entries, state = [], None
+    for stored in history:
+        after = evolve(state, stored.recorded)
+        entries.append(Entry(stored, type_of(stored.recorded.event), changes(state, after, stored), after))
+        state = after
+    return entries
+
+
+def actions(task: Task | None) -> dict[str, bool]:
+    """Which of the page's actions the task's status allows."""
+    if task is None:
+        return {"cancel": False, "retry": False, "delete": False}
+    return {
+        "cancel": Status.CANCELED in MOVES[task.status],
+        "retry": task.status in FINISHED and Status.PENDING in MOVES[task.status],
+        "delete": True,
+    }
+
+
+def not_found_page(request: Request, message: str, status: int = 404) -> HtmlReply:
+    return render("not_found.html", status, viewer=viewer(request), message=message, status=status)
+
+
+@get("/ui/tasks/{task_id:str}", include_in_schema=False)
+async def task_page(request: Request, task_id: FromPath[str], version: FromQuery[str | None] = None) -> HtmlReply:
+    """The task now (or at ?version=N), its history as a timeline, and its actions."""
+    try:
+        uuid = UUID(task_id)
+    except ValueError:
+        return not_found_page(request, "Task ids are UUIDs: this is not one.")
+    if version is not None and (not version.isdigit() or not 1 <= int(version) <= 2**31 - 1):
+        raise invalid("version", "a version number: a whole number from 1")
+    async with connection(request) as conn:
+        history = await eventstore.read_stream(conn, uuid)
+    if not history:
+        return not_found_page(request, f"No task {uuid} has ever existed here.")
+    entries = timeline(history)
+    latest = entries[-1]
+    picked = latest if version is None else None
+    if version is not None:
+        if int(version) > len(entries):
+            return not_found_page(request, f"Task {uuid} has no version {version}: its latest is {len(entries)}.")
+        picked = entries[int(version) - 1]
+    assert picked is not None
+    deleted = latest if latest.after is None else None
+    # At a deletion the task has no state: show the one it had just before.
+    index = picked.stored.recorded.version - 1
+    shown = picked.after if picked.after is not None else entries[index - 1].after if index else None
+    return render(
+        "task.html",
+        viewer=viewer(request),
+        task_id=uuid,
+        entries=entries[::-1][:TIMELINE_CAP],
+        hidden_entries=max(0, len(entries) - TIMELINE_CAP),
+        latest=latest,
+        picked=picked,
+        viewing_past=picked is not latest,
+        shown=shown,
+        deleted=deleted,
+        actions=actions(latest.after),
+        stream=None if deleted is not None else f"/tasks/{uuid}/stream",
+    )
+
+
+# The global feed.
+
+
+@get("/ui/events", include_in_schema=False)
+async def events_page(request: Request) -> HtmlReply:
+    """The newest events, newest on top; the page follows the feed from where this read ended."""
+    async with connection(request) as conn:
+        page = await eventstore.read_feed_tail(conn, limit=FEED_SIZE)
+    items: list[FeedItem] = [item(event) for event in page.events]
+    return render(
+        "events.html", viewer=viewer(request), items=items, follow_from=encode_cursor(page.next_after), blank=None
+    )
+
+
+# Signing in: a key, once, for a session cookie (see http/sessions.py).
+
+
+def _local(target: str | None) -> str:
+    """Where to go after signing in: a dashboard path only, never another site."""
+    if (
+        target
+        and target.startswith("/ui")
+        and len(target) <= 2000
+        and "\\" not in target
+        and not target.startswith("//")
+        and target.isprintable()
+    ):
+        return target
+    return "/ui"
+
+
+def _same_origin(request: Request) -> bool:
+    """A form posted from this site: browsers say where a POST comes from, and another site's form is refused."""
+    if request.headers.get("sec-fetch-site", "same-origin") not in ("same-origin", "none"):
+        return False
+    origin = request.headers.get("origin")
+    return origin is None or origin == f"{request.url.scheme}://{request.headers.get('host', '')}"
+
+
+def _form(body: bytes) -> dict[str, str]:
+    fields = parse_qs(body.decode("utf-8", "replace"), max_num_fields=10)
+    return {name: values[0] for name, values in fields.items()}
+
+
+def _cookie(request: Request, value: str, max_age: int) -> tuple[bytes, bytes]:
+    secure = "; Secure" if request.url.scheme == "https" else ""
+    return (
+        b"set-cookie",
+        f"{sessions.COOKIE}={value}; Path=/; Max-Age={max_age}; HttpOnly; SameSite=Strict{secure}".encode(),
+    )
+
+
+def _see_other(location: str, *extra: tuple[bytes, bytes]) -> HtmlReply:
+    reply = HtmlReply("", 303, [(b"location", location.encode()), *extra])
+    return reply
+
+
+@get("/ui/sign-in", opt=auth.PUBLIC, include_in_schema=False)
+async def sign_in_page(request: Request, next: FromQuery[str | None] = None) -> HtmlReply:  # noqa: A002 -- the form's field
+    """The sign-in form (with no keys configured there is nothing to sign in to)."""
+    if not request.route_handler.opt.get("keys"):
+        return _see_other(_local(next))
+    return render(
+        "sign_in.html", viewer=viewer(request), next=_local(next), error=None, signed_out="out" in request.query_params
+    )
+
+
+@post("/ui/sign-in", opt=auth.PUBLIC, include_in_schema=False, status_code=303)
+async def sign_in(request: Request) -> HtmlReply:
+    """Check the key; on success a session cookie and back to the page asked for."""
+    keys: Sequence[auth.Key] = request.route_handler.opt.get("keys") or ()
+    form = _form(await request.body())
+    target = _local(form.get("next"))
+    if not keys:
+        return _see_other(target)
+    if not _same_origin(request):
+        return render(
+            "sign_in.html",
+            403,
+            viewer=viewer(request),
+            next=target,
+            error="Sign in from this site's own page.",
+            signed_out=False,
+        )
+    key = auth.authenticate(keys, form.get("key", "").strip())
+    if key is None:
+        # Never echo what was typed: it may be a key of another service.
+        error = "That is not a key this service knows." if form.get("key") else "Enter an API key."
+        return render("sign_in.html", 401, viewer=viewer(request), next=target, error=error, signed_out=False)
+    signer: sessions.Signer = request.route_handler.opt["signer"]
+    value, _session = sessions.issue(await signer.secret(request.app.state.pool), key.name, key.digest)
+    return _see_other(target, _cookie(request, value, sessions.LIFETIME))
+
+
+@post("/ui/sign-out", opt=auth.PUBLIC, include_in_schema=False, status_code=303)
+async def sign_out(request: Request) -> HtmlReply:
+    """End the session: the cookie is cleared (a form of the page; its CSRF token must match)."""
+    form = _form(await request.body())
+    signer: sessions.Signer | None = request.route_handler.opt.get("signer")
+    cookie = request.cookies.get(sessions.COOKIE)
+    if signer is not None and cookie is not None:
+        secret = await signer.secret(request.app.state.pool)
+        session = sessions.read(secret, cookie)
+        if session is not None and not hmac.compare_digest(sessions.csrf_token(secret, session), form.get("csrf", "")):
+            return not_found_page(request, "Sign out from the dashboard's own page.", 403)
+    return _see_other("/ui/sign-in?out", _cookie(request, "", 0))
+
+
+# What goes wrong on a page is a page too.
+
+
+def _to_sign_in(request: Request, _: Exception) -> HtmlReply:
+    target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+    return _see_other(f"/ui/sign-in?{urlencode({'next': _local(target)})}")
+
+
+def _forbidden(request: Request, exc: PermissionDeniedException) -> HtmlReply:
+    return not_found_page(request, str(exc.detail), 403)
+
+
+def _bad_input(request: Request, exc: InvalidInput | ValidationException) -> HtmlReply:
+    detail = str(exc) if isinstance(exc, InvalidInput) else str(exc.detail)
+    return not_found_page(request, f"This address asks for something the dashboard cannot show: {detail}", 400)
+
+
+def _unavailable(request: Request, _: Exception) -> HtmlReply:
+    reply = not_found_page(request, "The database is unavailable; this page will work again when it returns.", 503)
+    reply.headers.append((b"retry-after", b"1"))
+    return reply
+
+
+def router(keys: Sequence[auth.Key], signer: sessions.Signer) -> Router:
+    """The dashboard's pages and files, knowing the configured keys (for signing in) and the session signer."""
+    static = create_static_files_router(
+        path=STATIC,
+        directories=[HERE / "static"],
+        opt=auth.PUBLIC,
+        include_in_schema=False,
+        name="dashboard-static",
+    )
+    return Router(
+        path="/",
+        route_handlers=[index, tasks_page, task_page, events_page, sign_in_page, sign_in, sign_out, static],
+        opt={"keys": tuple(keys), "signer": signer},
+        include_in_schema=False,
+        exception_handlers={
+            NotAuthorizedException: _to_sign_in,
+            PermissionDeniedException: _forbidden,
+            InvalidInput: _bad_input,
+            ValidationException: _bad_input,
+            psycopg.OperationalError: _unavailable,
+            psycopg_pool.PoolTimeout: _unavailable,
+        },
+    )
