@@ -317,7 +317,7 @@ def actions(task: Task | None) -> dict[str, bool]:
 
 
 def not_found_page(request: Request, message: str, status: int = 404) -> HtmlReply:
-    return render("not_found.html", status, viewer=viewer(request), message=message, status=status)
+    return render("not_found.html", status, viewer=viewer(request), message=message, code=status)
 
 
 @get("/ui/tasks/{task_id:str}", include_in_schema=False)
