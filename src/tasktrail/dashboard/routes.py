@@ -28,7 +28,7 @@ from uuid import UUID
 import jinja2
 import psycopg
 import psycopg_pool
-from litestar import Request, Router, get, post
+from litestar import Request, Response, Router, get, post
 from litestar.exceptions import NotAuthorizedException, PermissionDeniedException, ValidationException
 from litestar.params import FromPath, FromQuery
 from litestar.response import Redirect
@@ -80,6 +80,11 @@ class HtmlReply:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": self.status, "headers": self.headers})
         await send({"type": "http.response.body", "body": self.body})
+
+    def response(self) -> Response[bytes]:
+        """The same page as a Litestar Response, which exception handlers must return."""
+        headers = {name.decode(): value.decode() for name, value in self.headers if name != b"content-length"}
+        return Response(self.body, status_code=self.status, headers=headers)
 
 
 # Formatting for the templates.
@@ -472,24 +477,26 @@ async def sign_out(request: Request) -> HtmlReply:
 # What goes wrong on a page is a page too.
 
 
-def _to_sign_in(request: Request, _: Exception) -> HtmlReply:
+def _to_sign_in(request: Request, _: Exception) -> Response[bytes]:
     target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-    return _see_other(f"/ui/sign-in?{urlencode({'next': _local(target)})}")
+    return _see_other(f"/ui/sign-in?{urlencode({'next': _local(target)})}").response()
 
 
-def _forbidden(request: Request, exc: PermissionDeniedException) -> HtmlReply:
-    return not_found_page(request, str(exc.detail), 403)
+def _forbidden(request: Request, exc: PermissionDeniedException) -> Response[bytes]:
+    return not_found_page(request, str(exc.detail), 403).response()
 
 
-def _bad_input(request: Request, exc: InvalidInput | ValidationException) -> HtmlReply:
+def _bad_input(request: Request, exc: InvalidInput | ValidationException) -> Response[bytes]:
     detail = str(exc) if isinstance(exc, InvalidInput) else str(exc.detail)
-    return not_found_page(request, f"This address asks for something the dashboard cannot show: {detail}", 400)
+    return not_found_page(
+        request, f"This address asks for something the dashboard cannot show: {detail}", 400
+    ).response()
 
 
-def _unavailable(request: Request, _: Exception) -> HtmlReply:
+def _unavailable(request: Request, _: Exception) -> Response[bytes]:
     reply = not_found_page(request, "The database is unavailable; this page will work again when it returns.", 503)
     reply.headers.append((b"retry-after", b"1"))
-    return reply
+    return reply.response()
 
 
 def router(keys: Sequence[auth.Key], signer: sessions.Signer) -> Router:
