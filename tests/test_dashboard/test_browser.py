@@ -120,7 +120,7 @@ def test_the_timeline_shows_every_event_and_the_version_picker_an_old_state(ui: 
     expect(completed).to_contain_text("running → completed")
     expect(completed).to_contain_text("request")
     expect(page.locator("#now")).to_have_attribute("data-status", "completed")
-    expect(page.locator("#now pre").nth(1)).to_contain_text('"rows": 3')
+    expect(page.locator("#now")).to_contain_text('"rows": 3')
 
     page.get_by_label("Show the task at version").select_option("2")
     page.get_by_role("button", name="Show").click()
@@ -253,3 +253,18 @@ def test_the_api_docs_load_from_this_server_only(ui: Dashboard) -> None:
     expect(page).to_have_url(re.compile(r"/schema$"))
     expect(page.get_by_text("/tasks/{task_id}/history").first).to_be_visible()
     # The `ui` fixture checks every request stayed on the server's origin.
+
+
+def test_a_finished_task_page_notices_a_retry_and_follows_the_task_again(ui: Dashboard) -> None:
+    task = create(ui, "retry", status="failed")
+    page = ui.page()
+    page.goto(f"/ui/tasks/{task['task_id']}")
+    expect(page.locator("#live")).to_contain_text("finished")
+    with ui.api() as api:
+        api.patch(f"/tasks/{task['task_id']}", json={"status": "pending"})
+    expect(page.locator("#now")).to_have_attribute("data-status", "pending")
+    expect(page.locator('#timeline [data-type="TaskRetried"]')).to_have_count(1)
+    expect(page.locator("#live")).to_have_attribute("data-state", "live")
+    with ui.api() as api:
+        api.patch(f"/tasks/{task['task_id']}", json={"status": "running"})
+    expect(page.locator("#now")).to_have_attribute("data-status", "running")

@@ -475,13 +475,16 @@ function taskPage() {
   const refresh = coalesce(refreshNow);
 
   // While the task can still change, its stream says when; once it has finished (the stream
-  // ends), a cheap conditional GET each second notices a retry, then the stream resumes.
+  // ends), asking the history for anything newer each second notices a retry (an answer that is
+  // 200 even for a deleted task, so the browser logs no error), then the stream resumes.
   function watch() {
     if (!taskId) return;
     if (FINISHED.has(history().dataset.latestStatus)) {
       poll();
       return;
     }
+    clearInterval(polling);
+    if (stream) return;
     stream = follow(body.dataset.stream, {
       onOpen: refresh,
       onEvent: (type) => {
@@ -500,13 +503,13 @@ function taskPage() {
     setLive("live", "Live (finished task)");
     clearInterval(polling);
     polling = setInterval(async () => {
-      const version = history().dataset.latest;
-      const response = await fetch(`/tasks/${taskId}`, { headers: { "If-None-Match": `"${version}"` }, cache: "no-store" });
-      if (response.status === 304) return;
+      const after = history().dataset.latest;
+      const response = await fetch(`/tasks/${taskId}/history?after_version=${after}&limit=1`, { cache: "no-store" });
+      if (!response.ok || !(await response.json()).events.length) return;
       clearInterval(polling);
       await refreshNow();
-      if (response.status === 200) watch();
-      else setLive("ended", response.status === 404 ? "Deleted" : "Stopped");
+      if (history().dataset.latestStatus === "deleted") setLive("ended", "Deleted");
+      else watch();
     }, 1000);
   }
 
