@@ -117,6 +117,19 @@ def migrate(url: str) -> None:
     )
 
 
+def verify(url: str) -> tuple[bool, str]:
+    """`tasktrail verify` on the database: whether the read model and the counters match the log, and its report."""
+    done = subprocess.run(
+        ["uv", "run", "--quiet", "tasktrail", "verify"],
+        cwd=ROOT,
+        env=os.environ | {"DATABASE_URL": url},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return done.returncode == 0, (done.stdout + done.stderr).strip()
+
+
 # --- servers -----------------------------------------------------------------
 
 

@@ -317,14 +317,7 @@ def scale_test(args: argparse.Namespace) -> dict:
         urls[label] = url
         deep[label] = {"deep": _deep_id(url, n, None), "deep_pending": _deep_id(url, n, "pending")}
         if args.verify_scale:
-            done = subprocess.run(
-                ["uv", "run", "--quiet", "tasktrail", "verify"],
-                cwd=apps.ROOT,
-                env=os.environ | {"DATABASE_URL": url},
-                capture_output=True,
-                text=True,
-            )
-            log(f"{label}: tasktrail verify: {done.stdout.strip()}")
+            log(f"{label}: tasktrail verify: {apps.verify(url)[1]}")
     starters = [lambda label=label: apps.start_tasktrail(urls[label], args.workers) for label in sizes]
     timings: dict[str, dict[str, list[dict]]] = {}
     with apps.running(*starters) as servers:

@@ -74,10 +74,10 @@ async def _write(conn: psycopg.AsyncConnection, changes: Sequence[Change], metad
     write = eventstore.document([recorded for recorded, _, _ in changes], metadata)
     write |= projections.document(changes, modules)
     cur = await conn.execute(projections.statement(eventstore.APPEND, modules, write), {"write": Jsonb(write)})
-    positions = dict(await cur.fetchall())
-    if len(positions) < len(changes):
+    appended = await cur.fetchall()  # a row per event: a batch may append several to one stream
+    if len(appended) < len(changes):
         raise eventstore.VersionConflict("another writer changed the task first")
-    return positions
+    return dict(appended)
 
 
 @asynccontextmanager
@@ -223,3 +223,155 @@ async def cleanup(conn: psycopg.AsyncConnection, days: int, metadata: dict[str, 
             _remember(task.task_id, None)
         return len(expired)
     raise eventstore.VersionConflict("tasks are changing too fast to clean up; try again")
+
+
+# Batches (SPEC §12): many commands, one `_write`. Each command is decided as
+# a single request would decide it, so each accepted one appends the event a
+# single request would; all of them go into one statement, in one transaction,
+# so they commit together or not at all. (The statement alone is atomic, but
+# it appends what it can and skips a version another writer took, so only the
+# transaction's rollback makes a lost race write nothing.) The events keep the
+# commands' order: positions, the history, the feed and the streams show them
+# as if the requests had come one by one.
+
+
+def missing(task_id: UUID, deleted: bool) -> TaskNotFound:
+    """A 404 that says whether the task never existed or was deleted."""
+    if deleted:
+        return TaskNotFound(f"task {task_id} was deleted (its history is kept)")
+    return TaskNotFound(f"task {task_id} not found")
+
+
+async def create_many(
+    conn: psycopg.AsyncConnection,
+    commands: Sequence[CreateTask],
+    metadata: dict[str, Any],
+    idempotency_key: str | None = None,
+) -> list[Task]:
+    """Create tasks in order, all or none; with a key, a repeat of the same batch returns the first one's tasks."""
+    if idempotency_key is None:
+        created = await _create_many(conn, commands, metadata, None)
+        assert created is not None
+        return created
+    print_ = idempotency.batch_fingerprint(commands)
+    for _ in range(MAX_ATTEMPTS):
+        created = await _create_many(conn, commands, metadata, (idempotency_key, print_))
+        if created is not None:
+            return created
+        original = await idempotency.find_batch(conn, idempotency_key, print_)
+        if original is None:
+            continue  # the claim expired and was cleaned up meanwhile: claim it now
+        found, _ = await tasks_view.get_many(conn, original)
+        gone = [task_id for task_id in original if task_id not in found]
+        if gone:
+            raise TaskNotFound(
+                f"{len(gone)} of the {len(original)} tasks created with this Idempotency-Key"
+                f" have been deleted (the first: {gone[0]})"
+            )
+        return [found[task_id] for task_id in original]
+    raise eventstore.VersionConflict("could not claim the Idempotency-Key; try again")
+
+
+async def _create_many(
+    conn: psycopg.AsyncConnection,
+    commands: Sequence[CreateTask],
+    metadata: dict[str, Any],
+    key: tuple[str, bytes] | None,
+) -> list[Task] | None:
+    """The new tasks; None when a live claim holds the key (key, fingerprint) already."""
+    at = now()
+    changes, afters = _decide([(uuid4(), None, command) for command in commands], at)
+    created = [task for task in afters if task is not None]
+    async with _refused(conn), conn.pipeline(), conn.transaction():
+        # The claim and the write commit together: a key is never claimed for tasks that were not created.
+        if key is not None and not await idempotency.claim_batch(conn, *key, [t.task_id for t in created], at):
+            return None
+        positions = await _write(conn, changes, metadata)
+    created = [_numbered(task, positions) for task in created]
+    for task in created:
+        _written(conn, task.task_id, task)
+    return created
+
+
+# One item of a batch of changes: the task, an update or delete, and the version it must be at (or None).
+Item = tuple[UUID, Command, int | None]
+# What became of it: the task after it (unchanged for a no-op), None when it deleted the task, or the
+# refusal a single request would have raised (TaskNotFound, TransitionRejected, PreconditionFailed).
+Outcome = Task | None | Exception
+
+
+async def change_many(conn: psycopg.AsyncConnection, items: Sequence[Item], metadata: dict[str, Any]) -> list[Outcome]:
+    """Decide each item in order on the state the items before it left; write the accepted ones together.
+
+    A lost race (another writer took a version, or a deadlock between batches
+    that name the same tasks in different orders) rolls the whole batch back;
+    then the tasks are read again and every item is decided again.
+    """
+    task_ids = list(dict.fromkeys(task_id for task_id, _, _ in items))
+    for _ in range(MAX_ATTEMPTS):
+        states, deleted = await tasks_view.get_many(conn, task_ids)
+        changes, outcomes = _decide_many(items, states, deleted, now())
+        if not changes:
+            return outcomes
+        try:
+            async with _refused(conn), conn.pipeline(), conn.transaction():
+                await conn.execute(LOCK_BUCKETS, {"space": BUCKET_SPACE, "buckets": _buckets(changes)})
+                await _write(conn, changes, metadata)
+        except (eventstore.VersionConflict, psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure):
+            for recorded, _, _ in changes:
+                _remember(recorded.stream_id, None)
+            continue
+        for recorded, _, _ in changes:
+            _written(conn, recorded.stream_id, states.get(recorded.stream_id))
+        return outcomes
+    raise eventstore.VersionConflict("the tasks of this batch are changing too fast; try again")
+
+
+# Two batches that name the same tasks in different orders would deadlock on
+# the events' (stream_id, version) keys: each appends in its items' order, and
+# holds what it appended until it commits. PostgreSQL would find the deadlock
+# only after deadlock_timeout (1 s) and abort one. So before its statement a
+# batch takes advisory locks, in one global order, on the buckets its tasks fall
+# in: batches that share a bucket write one after the other, and a batch never
+# waits for one that waits for it. (A single write appends to one task only, so
+# it needs none: nothing it holds can be what a batch waits for while it waits.)
+# Buckets rather than one lock per task: advisory locks take room in the server's
+# shared lock table (64 per connection by default), and 1,000 tasks would overflow it.
+BUCKETS = 64
+BUCKET_SPACE = 0x7474  # the first key of the two-key advisory locks: tasktrail's batches
+LOCK_BUCKETS = "SELECT pg_advisory_xact_lock(%(space)s, bucket) FROM unnest(%(buckets)s::integer[]) AS bucket"
+
+
+def _buckets(changes: Sequence[Change]) -> list[int]:
+    """The buckets of the changed tasks, in the order every batch locks them (unnest keeps it)."""
+    return sorted({recorded.stream_id.int % BUCKETS for recorded, _, _ in changes})
+
+
+def _decide_many(
+    items: Sequence[Item], states: dict[UUID, Task], deleted: set[UUID], at: datetime
+) -> tuple[list[Change], list[Outcome]]:
+    """The changes to write and each item's outcome; leaves in `states` and `deleted` where the items took them."""
+    changes: list[Change] = []
+    outcomes: list[Outcome] = []
+    for task_id, command, version in items:
+        before = states.get(task_id)
+        if before is None:
+            outcomes.append(missing(task_id, task_id in deleted))
+            continue
+        if version is not None and before.version != version:
+            outcomes.append(PreconditionFailed(f"task {task_id} is at version {before.version}, not {version}"))
+            continue
+        try:
+            decided, (after,) = _decide([(task_id, before, command)], at)
+        except TransitionRejected as exc:
+            outcomes.append(exc)
+            continue
+        if decided:
+            changes += decided
+            if after is None:
+                del states[task_id]
+                deleted.add(task_id)
+            else:
+                states[task_id] = after
+        outcomes.append(after)
+    return changes, outcomes

@@ -21,29 +21,22 @@ from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from tasktrail import dashboard, db, eventstore, idempotency, live, writer
 from tasktrail.domain.task import TaskNotFound, TransitionRejected
-from tasktrail.http import auth, events, health, history, openapi, sessions, tasks
+from tasktrail.http import auth, batch, events, health, history, openapi, sessions, tasks
 from tasktrail.http.body import MAX_BODY_BYTES, InvalidInput, MalformedBody
-from tasktrail.http.problems import problem
+from tasktrail.http.problems import answer, problem, refusal
 from tasktrail.projections import ProjectionOutdated
 
 log = logging.getLogger("tasktrail")
 GC_YOUNG = 20_000  # allocations between young collections (CPython's default is 700)
 
 
-def _not_found(_: Request, exc: TaskNotFound) -> Response[bytes]:
-    return problem(404, str(exc))
-
-
-def _rejected(_: Request, exc: TransitionRejected) -> Response[bytes]:
-    return problem(409, str(exc), current_status=exc.current.value, allowed=[s.value for s in exc.allowed])
+def _refused(_: Request, exc: Exception) -> Response[bytes]:
+    """404, 409 or 412: the same problem a batch shows for one of its items."""
+    return answer(refusal(exc))
 
 
 def _conflict(_: Request, exc: eventstore.VersionConflict) -> Response[bytes]:
     return problem(409, str(exc))
-
-
-def _precondition(_: Request, exc: writer.PreconditionFailed) -> Response[bytes]:
-    return problem(412, str(exc))
 
 
 def _key_reused(_: Request, exc: idempotency.KeyReused) -> Response[bytes]:
@@ -162,6 +155,7 @@ def create_app(database_url: str | None = None, api_keys: Sequence[auth.Key] | N
 
     return Litestar(
         route_handlers=[
+            *batch.ROUTES,
             *tasks.ROUTES,
             *history.ROUTES,
             *events.ROUTES,
@@ -182,10 +176,10 @@ def create_app(database_url: str | None = None, api_keys: Sequence[auth.Key] | N
             expose_headers=["ETag", "Link", "Location", "X-Request-ID"],
         ),
         exception_handlers={
-            TaskNotFound: _not_found,
-            TransitionRejected: _rejected,
+            TaskNotFound: _refused,
+            TransitionRejected: _refused,
             eventstore.VersionConflict: _conflict,
-            writer.PreconditionFailed: _precondition,
+            writer.PreconditionFailed: _refused,
             idempotency.KeyReused: _key_reused,
             MalformedBody: _malformed,
             InvalidInput: _invalid,

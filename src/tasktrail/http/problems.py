@@ -9,6 +9,9 @@ import msgspec
 from litestar import Response
 from litestar.openapi.datastructures import ResponseSpec
 
+from tasktrail.domain.task import TaskNotFound, TransitionRejected
+from tasktrail.writer import PreconditionFailed
+
 PROBLEM = "application/problem+json"
 
 
@@ -24,12 +27,30 @@ class Problem(msgspec.Struct, omit_defaults=True):
     allowed: list[str] | None = None
 
 
-def problem(status: int, detail: str, headers: dict[str, str] | None = None, **extra: Any) -> Response[bytes]:
+def details(status: int, detail: str, **extra: Any) -> Problem:
     title = HTTPStatus(status).phrase
-    body = Problem(
-        type=f"/problems/{title.lower().replace(' ', '-')}", title=title, status=status, detail=detail, **extra
-    )
-    return Response(msgspec.json.encode(body), status_code=status, media_type=PROBLEM, headers=headers)
+    kind = f"/problems/{title.lower().replace(' ', '-')}"
+    return Problem(type=kind, title=title, status=status, detail=detail, **extra)
+
+
+def problem(status: int, detail: str, headers: dict[str, str] | None = None, **extra: Any) -> Response[bytes]:
+    return answer(details(status, detail, **extra), headers)
+
+
+def answer(body: Problem, headers: dict[str, str] | None = None) -> Response[bytes]:
+    return Response(msgspec.json.encode(body), status_code=body.status, media_type=PROBLEM, headers=headers)
+
+
+def refusal(exc: Exception) -> Problem:
+    """What a write the task's state refuses answers: as the whole answer, or as one item's of a batch."""
+    match exc:
+        case TaskNotFound():
+            return details(404, str(exc))
+        case TransitionRejected(current=current, allowed=allowed):
+            return details(409, str(exc), current_status=current.value, allowed=[s.value for s in allowed])
+        case PreconditionFailed():
+            return details(412, str(exc))
+    raise TypeError(f"not a refusal: {exc!r}")
 
 
 # What each error means on any route; a route lists the ones it can answer.

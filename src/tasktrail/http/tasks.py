@@ -130,9 +130,7 @@ async def not_found(conn: psycopg.AsyncConnection, task_id: UUID) -> TaskNotFoun
     """A 404 that says whether the task never existed or was deleted."""
     cur = await conn.execute(STREAM_STATE, {"stream_id": task_id})
     _version, deleted = await cur.fetchone()  # type: ignore[misc]
-    if deleted:
-        return TaskNotFound(f"task {task_id} was deleted (its history is kept)")
-    return TaskNotFound(f"task {task_id} not found")
+    return writer.missing(task_id, bool(deleted))
 
 
 def connection(request: Request) -> db.Borrowed:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
@@ -176,3 +176,27 @@ ORDER BY id
 async def finished_before(conn: psycopg.AsyncConnection, cutoff: datetime, finished: Iterable[Status]) -> list[Task]:
     cur = await conn.execute(FINISHED_BEFORE, {"cutoff": cutoff, "finished": [status.value for status in finished]})
     return [to_task(row) for row in await cur.fetchall()]
+
+
+# The states of many tasks in one query, for a batch of changes; for each one
+# not found, whether its stream ends deleted (so its 404 can say so, as a
+# single request's does). Each task_id once, in any order.
+GET_MANY = f"""
+SELECT {COLUMNS}, wanted,
+       CASE WHEN task_id IS NULL
+            THEN EXISTS (SELECT FROM events e WHERE e.stream_id = wanted AND e.type = 'TaskDeleted') END
+FROM unnest(%(task_ids)s::uuid[]) AS w (wanted)
+LEFT JOIN tasks ON task_id = wanted
+"""  # noqa: S608 -- COLUMNS is a constant
+
+
+async def get_many(conn: psycopg.AsyncConnection, task_ids: Collection[UUID]) -> tuple[dict[UUID, Task], set[UUID]]:
+    """The live tasks among task_ids by id, and those that were deleted."""
+    cur = await conn.execute(GET_MANY, {"task_ids": list(task_ids)}, binary=True)
+    found, deleted = {}, set()
+    for row in await cur.fetchall():
+        if row[1] is not None:
+            found[row[1]] = to_task(row)
+        elif row[-1]:
+            deleted.add(row[-2])
+    return found, deleted
