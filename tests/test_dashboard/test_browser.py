@@ -268,3 +268,61 @@ def test_a_finished_task_page_notices_a_retry_and_follows_the_task_again(ui: Das
     with ui.api() as api:
         api.patch(f"/tasks/{task['task_id']}", json={"status": "running"})
     expect(page.locator("#now")).to_have_attribute("data-status", "running")
+
+
+def test_bulk_cancel_of_selected_rows_reports_each_task(ui: Dashboard) -> None:
+    first, second = create(ui, "bulk-a"), create(ui, "bulk-a", status="running")
+    done = create(ui, "bulk-a", status="completed")
+    page = ui.page()
+    writes: list[str] = []
+    page.on("request", lambda r: writes.append(f"{r.method} {r.url}") if r.method != "GET" else None)
+    page.goto("/ui?task_type=bulk-a")
+    expect(page.locator("#live")).to_have_attribute("data-state", "live")
+    for task in (first, second):
+        row(page, task).get_by_role("checkbox").check()
+    row(page, done).get_by_role("checkbox").focus()
+    page.keyboard.press("Space")  # keyboard operable
+    expect(page.locator("#selection")).to_have_text("3 selected.")
+
+    page.locator('#bulk [data-bulk="cancel"]').click()
+    dialog = page.get_by_role("dialog")
+    expect(dialog).to_contain_text("Cancel 3 tasks?")
+    dialog.get_by_role("button", name="Cancel 3 tasks").click()
+    results = page.locator("#bulk-run")
+    expect(results).to_contain_text("finished. 2 done")
+    expect(results).to_contain_text("1 not allowed (already finished)")
+    expect(results.locator("details").filter(has_text="not allowed")).to_contain_text(done["task_id"])
+    expect(row(page, first)).to_have_attribute("data-status", "canceled")
+    expect(row(page, second)).to_have_attribute("data-status", "canceled")
+    expect(row(page, done)).to_have_attribute("data-status", "completed")
+
+    row(page, done).get_by_role("checkbox").check()
+    page.locator('#bulk [data-bulk="delete"]').click()
+    dialog.get_by_role("button", name="Delete 1 task").click()
+    expect(results).to_contain_text("Delete: finished. 1 done.")
+    expect(row(page, done)).to_have_count(0)
+    assert writes == [f"PATCH {ui.url}/tasks/batch"] * 2
+
+
+def test_bulk_retry_of_every_task_matching_the_filter(ui: Dashboard) -> None:
+    failed = [create(ui, "bulk-b", status="failed") for _ in range(3)]
+    pending = create(ui, "bulk-b")
+    page = ui.page()
+    page.goto("/ui?status=failed&task_type=bulk-b")
+    expect(page.locator("#live")).to_have_attribute("data-state", "live")
+    page.get_by_role("button", name="Select all 3 failed tasks of type bulk-b").click()
+    expect(page.locator("#selection")).to_have_text("All 3 failed tasks of type bulk-b selected.")
+    page.locator('#bulk [data-bulk="retry"]').click()
+    dialog = page.get_by_role("dialog")
+    expect(dialog).to_contain_text("Retry all 3 failed tasks of type bulk-b")
+    dialog.get_by_role("button", name="Go back").click()
+    expect(dialog).to_be_hidden()
+    page.locator('#bulk [data-bulk="retry"]').click()
+    dialog.get_by_role("button", name="Retry 3 tasks").click()
+    expect(page.locator("#bulk-run")).to_contain_text("Retry: finished. 3 done.")
+    expect(page.locator('[data-count="failed"]')).to_have_text("0")
+    expect(page.locator("#task-rows tr[data-task-id]")).to_have_count(0)
+    with ui.api() as api:
+        for task in failed:
+            assert api.get(f"/tasks/{task['task_id']}").json()["status"] == "pending"
+        assert api.get(f"/tasks/{pending['task_id']}").json()["version"] == 1
