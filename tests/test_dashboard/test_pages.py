@@ -140,6 +140,13 @@ async def test_a_session_cookie_is_signed_expiring_and_strict(secured: AsyncTest
     assert KEYS["read"] not in cookie
 
 
+async def test_over_https_the_session_cookie_is_secure(database: str) -> None:
+    async with AsyncTestClient(app=create_app(database, api_keys=CONFIGURED), base_url="https://testserver.local") as client:
+        answer = await client.post("/ui/sign-in", data={"key": KEYS["read"]}, follow_redirects=False)
+        assert answer.status_code == 303
+        assert "; Secure" in answer.headers["set-cookie"]
+
+
 @pytest.mark.parametrize("target", ["https://evil.example/", "//evil.example/ui", "/tasks/", "/ui\\@evil", None])
 async def test_signing_in_goes_back_to_a_dashboard_page_only(secured: AsyncTestClient, target: str | None) -> None:
     data = {"key": KEYS["read"]} | ({} if target is None else {"next": target})
@@ -153,6 +160,10 @@ async def test_a_sign_in_from_another_site_is_refused(secured: AsyncTestClient) 
         answer = await secured.post("/ui/sign-in", data={"key": KEYS["read"]}, headers=headers, follow_redirects=False)
         assert answer.status_code == 403
         assert "set-cookie" not in answer.headers
+    # Behind a proxy that rewrites Host, the browser's Sec-Fetch-Site still says it is this site's page.
+    proxied = {"Origin": "https://tasks.example", "Sec-Fetch-Site": "same-origin"}
+    answer = await secured.post("/ui/sign-in", data={"key": KEYS["read"]}, headers=proxied, follow_redirects=False)
+    assert answer.status_code == 303
 
 
 async def test_a_cookie_write_needs_the_csrf_token_and_a_read_session_cannot_write(secured: AsyncTestClient) -> None:

@@ -454,9 +454,15 @@ def _local(target: str | None) -> str:
 
 
 def _same_origin(request: Request) -> bool:
-    """A form posted from this site: browsers say where a POST comes from, and another site's form is refused."""
-    if request.headers.get("sec-fetch-site", "same-origin") not in ("same-origin", "none"):
-        return False
+    """A form posted from this site's own page, not another site's (login CSRF).
+
+    Browsers say where a request comes from in Sec-Fetch-Site; an older one only
+    in Origin, compared with the Host it was sent to (behind a proxy that rewrites
+    Host, Sec-Fetch-Site still decides for every current browser).
+    """
+    site = request.headers.get("sec-fetch-site")
+    if site is not None:
+        return site in ("same-origin", "none")
     origin = request.headers.get("origin")
     return origin is None or origin == f"{request.url.scheme}://{request.headers.get('host', '')}"
 
