@@ -9,14 +9,15 @@
    CPU time per request (psutil, the server process and its workers) and the
    median latency of each are printed, and their ratio. Also a filtered page
    (?status=failed&task_type=...) both ways.
-2. A page open during a storm: wrk writes (creates and progress reports through
-   the API) for --storm seconds while a real Chromium holds /ui and /ui/events open.
+2. A page open during a storm: about --rate events a second for --storm seconds
+   (every 100 ms a POST /tasks/batch of creates and a PATCH /tasks/batch of progress
+   reports, through the API) while a real Chromium holds /ui and /ui/events open.
    The page records, for each task row that appears, how long after the task's
    commit it appeared, its DOM size and how late its own timers ran (a measure
    of how responsive it stays); after the storm, how long until it shows the last
    task written.
 
-Needs the PostgreSQL of BENCH_PG_URL (see bench/apps.py), wrk and Chromium. Raw
+Needs the PostgreSQL of BENCH_PG_URL (see bench/apps.py) and Chromium. Raw
 output goes to bench/results/dashboard-<date>.txt. Figures are for this machine,
 whatever else it is running: compare the two sides of one run, not runs.
 """
@@ -42,7 +43,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import apps  # bench/ is not a package: its folder is on sys.path above
 import scale
-from run import wrk
 
 RESULTS = Path(__file__).parent / "results"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking"]
@@ -143,11 +143,38 @@ def head_position(url: str) -> int:
         return conn.execute("SELECT coalesce(max(position), 0) FROM events").fetchone()[0]
 
 
-def storm(server: apps.Server, url: str, seconds: int, connections: int, log: Callable[[str], None]) -> dict:
+def paced_writes(server: apps.Server, running: list[str], rate: int, seconds: float, done: dict) -> None:
+    """About `rate` events a second for `seconds`: every 100 ms one POST /tasks/batch of creates and one
+    PATCH /tasks/batch of progress reports on running tasks (half the events each), through the API."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    per_tick = max(1, rate // 20)
+    creates = json.dumps({"tasks": [{"task_type": "storm", "params": {"n": i}} for i in range(per_tick)]})
+    start, tick, sent, late = time.monotonic(), 0, 0, 0
+    while time.monotonic() - start < seconds:
+        chosen = running[(tick * per_tick) % len(running) :][:per_tick] or running[:per_tick]
+        updates = {"updates": [{"task_id": t, "progress": float((tick + i) % 100)} for i, t in enumerate(chosen)]}
+        for method, body in (("POST", creates), ("PATCH", json.dumps(updates))):
+            conn.request(method, "/tasks/batch", body, {"Content-Type": "application/json"})
+            response = conn.getresponse()
+            response.read()
+            assert response.status in (200, 201), response.status
+            sent += per_tick if method == "POST" else len(chosen)
+        tick += 1
+        pause = start + tick * 0.1 - time.monotonic()
+        if pause > 0:
+            time.sleep(pause)
+        else:
+            late += 1
+    conn.close()
+    done.update(sent=sent, seconds=time.monotonic() - start, late_ticks=late, ticks=tick)
+
+
+def storm(server: apps.Server, url: str, seconds: int, rate: int, log: Callable[[str], None]) -> dict:
     from playwright.sync_api import sync_playwright
 
-    running = apps.WORK / "dashboard-running.txt"
-    running_ids(url, running)
+    with psycopg.connect(url) as conn:
+        rows = conn.execute("SELECT task_id::text FROM tasks WHERE status = 'running' LIMIT 20000").fetchall()
+    running = [task_id for (task_id,) in rows]
     results: dict = {}
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=shutil.which("chromium"), args=CHROMIUM_ARGS)
@@ -161,42 +188,39 @@ def storm(server: apps.Server, url: str, seconds: int, connections: int, log: Ca
         events_page.evaluate(WATCH.replace('node.matches("tr[data-task-id]")', 'node.matches("tr[data-type]")'))
 
         first = head_position(url)
-        outcome: dict[str, dict] = {}
-
-        def write(scenario: str) -> None:
-            outcome[scenario] = wrk(server.url, scenario, seconds, connections, (running, running))
-
-        writers = [threading.Thread(target=write, args=(s,)) for s in ("create", "update")]
+        writes: dict = {}
+        writer = threading.Thread(target=paced_writes, args=(server, running, rate, seconds, writes))
         started = time.monotonic()
-        for thread in writers:
-            thread.start()
+        writer.start()
         # Browser calls stay on this thread (Playwright's sync API is not thread-safe).
-        while any(thread.is_alive() for thread in writers):
+        while writer.is_alive():
             tasks_page.wait_for_timeout(500)
         elapsed = time.monotonic() - started
         last = head_position(url)
         with psycopg.connect(url) as conn:
             (newest,) = conn.execute("SELECT task_id FROM tasks ORDER BY id DESC LIMIT 1").fetchone()
-        caught_up = time.monotonic()
+        ended = time.monotonic()
         tasks_page.locator(f'tr[data-task-id="{newest}"]').wait_for(timeout=60_000)
-        catch_up = time.monotonic() - caught_up
+        catch_up = time.monotonic() - ended
         for name, page in (("/ui", tasks_page), ("/ui/events", events_page)):
             data = page.evaluate(
                 "() => ({lags: __bench.lags, delays: __bench.delays, doms: __bench.doms, shown: __bench.seen.size})"
             )
             lags = sorted(data["lags"]) or [0]
+            delays = sorted(data["delays"]) or [0]
             results[name] = {
                 "rows_seen": data["shown"],
                 "lag_p50_ms": lags[len(lags) // 2],
                 "lag_p99_ms": lags[int(len(lags) * 0.99)],
                 "lag_max_ms": lags[-1],
-                "dom_max": max(data["doms"] or [0]),
-                "timer_late_p99_ms": sorted(data["delays"] or [0])[int(len(data["delays"] or [0]) * 0.99)],
-                "timer_late_max_ms": max(data["delays"] or [0]),
+                "dom_elements_max": max(data["doms"] or [0]),
+                "timer_late_p50_ms": round(delays[len(delays) // 2]),
+                "timer_late_p99_ms": round(delays[int(len(delays) * 0.99)]),
+                "timer_late_max_ms": round(delays[-1]),
             }
-        results["events_per_s"] = (last - first) / elapsed
-        results["catch_up_s"] = catch_up
-        results["wrk"] = {name: round(r["rps"]) for name, r in outcome.items()}
+        results["events_per_s"] = round((last - first) / elapsed)
+        results["writer"] = writes
+        results["catch_up_s_after_storm"] = round(catch_up, 3)
         browser.close()
     log(json.dumps(results, indent=2))
     return results
@@ -208,7 +232,7 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=300, help="requests per path per round")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--storm", type=int, default=30, help="seconds of writes with the pages open (0: none)")
-    parser.add_argument("--connections", type=int, default=2, help="wrk connections per writer (create, update)")
+    parser.add_argument("--rate", type=int, default=2000, help="events a second during the storm")
     parser.add_argument("--workers", type=int, default=1)
     args = parser.parse_args()
 
@@ -251,8 +275,11 @@ def main() -> int:
                     f" latency x{page['p50_ms'] / api['p50_ms']:.2f} (target: within x2)"
                 )
             if args.storm:
-                log(f"\nstorm: {args.storm} s of creates and progress reports, /ui and /ui/events open in Chromium")
-                storm(server, url, args.storm, args.connections, log)
+                log(
+                    f"\nstorm: {args.storm} s of about {args.rate} events/s (batches of creates and progress"
+                    " reports through the API), /ui and /ui/events open in Chromium"
+                )
+                storm(server, url, args.storm, args.rate, log)
     finally:
         apps.drop_database(name)
     out.write_text("\n".join(lines) + "\n")

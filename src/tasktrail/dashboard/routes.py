@@ -200,23 +200,17 @@ def render(template: str, status: int = 200, extra: Sequence[tuple[bytes, bytes]
 
 class Viewer(NamedTuple):
     name: str | None  # the API key's name; None when the service has no keys
-    scope: str
+    scope: str  # with no keys, everything is allowed
     csrf: str | None  # the session's CSRF token, when a session cookie signed the request in
-    keys_configured: bool
 
     @property
     def can_write(self) -> bool:
         return auth.SCOPES.index(self.scope) >= auth.SCOPES.index("write")
 
-    @property
-    def signed_in(self) -> bool:
-        return self.csrf is not None
-
 
 def viewer(request: Request) -> Viewer:
-    state = request.scope["state"]  # the guard's findings (none without keys)
-    keys_configured = bool(request.route_handler.opt.get("keys"))
-    return Viewer(state.get("actor"), state.get("scope", "admin"), state.get("csrf"), keys_configured)
+    state = request.scope["state"]  # what the guard found (nothing without keys)
+    return Viewer(state.get("actor"), state.get("scope", "admin"), state.get("csrf"))
 
 
 # The task list.

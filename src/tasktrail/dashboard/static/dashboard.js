@@ -77,8 +77,8 @@ function follow(url, { onEvent, onOpen }) {
   };
 }
 
-// Runs job() at most every APPLY_EVERY ms while something asked for it, never two at once.
-function coalesce(job) {
+// Runs job() at most every every() ms while something asked for it, never two at once.
+function coalesce(job, every = () => APPLY_EVERY) {
   let wanted = false;
   let running = false;
   let last = 0;
@@ -100,7 +100,7 @@ function coalesce(job) {
     }
   }
   function schedule() {
-    if (timer === null && !running) timer = setTimeout(run, Math.max(0, last + APPLY_EVERY - performance.now()));
+    if (timer === null && !running) timer = setTimeout(run, Math.max(0, last + every() - performance.now()));
   }
   return () => {
     wanted = true;
@@ -582,6 +582,7 @@ function eventsPage() {
   const pause = document.getElementById("pause");
   let waiting = []; // raw JSON of events not yet shown, oldest first, at most `cap`
   let skipped = 0;
+  let flooded = false; // more than a screenful came since the last update: nobody reads rows that fast
 
   const time = (iso) => {
     const d = new Date(iso);
@@ -619,6 +620,7 @@ function eventsPage() {
     if (!waiting.length) return;
     const batch = waiting;
     waiting = [];
+    flooded = batch.length >= cap;
     const fragment = document.createDocumentFragment();
     for (let i = batch.length - 1; i >= 0; i -= 1) fragment.append(row(JSON.parse(batch[i])));
     rows.prepend(fragment);
@@ -628,7 +630,7 @@ function eventsPage() {
       ? `Showing the newest ${cap}; ${number.format(skipped)} more came faster than a page can show.`
       : "";
     skipped = 0;
-  });
+  }, () => (flooded ? 4 * APPLY_EVERY : APPLY_EVERY));
 
   follow(body.dataset.stream, {
     onEvent: (type, data) => {
