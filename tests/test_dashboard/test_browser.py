@@ -123,11 +123,14 @@ def test_the_timeline_shows_every_event_and_the_version_picker_an_old_state(ui: 
     expect(page.locator("#now")).to_contain_text('"rows": 3')
 
     page.get_by_label("Show the task at version").select_option("2")
-    page.get_by_role("button", name="Show").click()
     expect(page).to_have_url(re.compile(r"version=2"))
     expect(page.locator("#now")).to_have_attribute("data-status", "running")
     expect(page.locator(".notice.past")).to_contain_text("version 2 of 4")
     expect(page.locator("#now")).to_contain_text("0%")
+    expect(page.locator('[data-version="2"]')).to_have_attribute("aria-current", "true")
+    page.locator('[data-version="1"] .changes').click()
+    expect(page).to_have_url(re.compile(r"version=1"))
+    expect(page.locator("#now")).to_have_attribute("data-status", "pending")
 
 
 def test_cancel_from_the_task_page_and_the_timeline_grows_live(ui: Dashboard) -> None:

@@ -141,7 +141,9 @@ async def test_a_session_cookie_is_signed_expiring_and_strict(secured: AsyncTest
 
 
 async def test_over_https_the_session_cookie_is_secure(database: str) -> None:
-    async with AsyncTestClient(app=create_app(database, api_keys=CONFIGURED), base_url="https://testserver.local") as client:
+    async with AsyncTestClient(
+        app=create_app(database, api_keys=CONFIGURED), base_url="https://testserver.local"
+    ) as client:
         answer = await client.post("/ui/sign-in", data={"key": KEYS["read"]}, follow_redirects=False)
         assert answer.status_code == 303
         assert "; Secure" in answer.headers["set-cookie"]

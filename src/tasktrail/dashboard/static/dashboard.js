@@ -513,6 +513,15 @@ function taskPage() {
     }, 1000);
   }
 
+  // Time travel: choosing a version, or clicking an entry of the timeline, shows the task at it.
+  const picker = document.getElementById("version");
+  picker?.addEventListener("change", () => document.getElementById("version-form").requestSubmit());
+  document.getElementById("timeline").addEventListener("click", (e) => {
+    const entry = e.target.closest("li[data-version]");
+    if (!entry || e.target.closest("a, button, input, select") || getSelection()?.toString()) return;
+    entry.querySelector("a.ev-version")?.click();
+  });
+
   watch();
   if (!actions) return;
 
