@@ -300,6 +300,7 @@ def test_bulk_cancel_of_selected_rows_reports_each_task(ui: Dashboard) -> None:
     expect(row(page, done)).to_have_attribute("data-status", "completed")
 
     row(page, done).get_by_role("checkbox").check()
+    expect(page.locator("#selection")).to_have_text("1 selected.")
     page.locator('#bulk [data-bulk="delete"]').click()
     dialog.get_by_role("button", name="Delete 1 task").click()
     expect(results).to_contain_text("Delete: finished. 1 done.")
