@@ -128,6 +128,7 @@ ENV = jinja2.Environment(
     undefined=jinja2.StrictUndefined,
     trim_blocks=True,
     lstrip_blocks=True,
+    auto_reload=False,  # templates change only with a release: no stat() of each file per page
 )
 ENV.filters.update(when=when, when_precise=when_precise, iso=iso, percent=percent, pretty=pretty, compact=compact)
 ENV.globals.update(
