@@ -217,7 +217,7 @@ function tasksPage() {
     for (const box of rows.querySelectorAll("input.pick")) box.checked = allMatching || selected.has(box.value);
     syncText(fresh, "[data-count]");
     syncText(fresh, ".head .sub");
-    syncText(fresh, "[data-matching]");
+    syncText(fresh, "#select-matching .n");
     const freshBulk = fresh.getElementById("bulk");
     if (bulk && freshBulk) syncAttributes(bulk, freshBulk, ["data-matching"]);
     updateBulk();
