@@ -155,9 +155,9 @@ def explain(url: str, size: int) -> None:
     from tasktrail.domain.task import CreateTask, UpdateTask
     from tasktrail.projections import tasks as tasks_view
 
-    assert db  # importing it makes psycopg encode JSON with msgspec (UUIDs, datetimes)
     rng = random.Random(1)  # noqa: S311 -- load data, not secrets
-    with psycopg.connect(url, autocommit=True) as conn:
+    # db's settings: psycopg encodes JSON with msgspec (UUIDs, datetimes), the read models' schemas come first.
+    with psycopg.connect(url, **db.connect_kwargs()) as conn:
         ids = [row[0] for row in conn.execute("SELECT task_id FROM tasks LIMIT %s", (size,))]
         query = f"SELECT {tasks_view.COLUMNS} FROM tasks WHERE task_id = ANY(%s)"  # noqa: S608 -- a constant
         found = {task.task_id: task for task in map(tasks_view.to_task, conn.execute(query, (ids,)))}
@@ -165,6 +165,10 @@ def explain(url: str, size: int) -> None:
         creates, _ = writer._decide(new, writer.now())
         reports = [(task_id, UpdateTask(progress=rng.uniform(0, 99)), None) for task_id in ids]
         updates, _ = writer._decide_many(reports, found, set(), writer.now())
+        plan = conn.execute(f"EXPLAIN (ANALYZE, BUFFERS) {tasks_view.GET_MANY}", {"task_ids": Jsonb(ids)})
+        log(f"\n-- EXPLAIN ANALYZE of reading the {len(ids)} tasks a batch of progress reports names:")
+        for (line,) in plan:
+            log("   " + line)
         for name, changes in (("creates", creates), ("progress reports", updates)):
             write = eventstore.document([recorded for recorded, _, _ in changes], {"request_id": "0" * 32})
             write |= projections.document(changes, projections.INLINE)

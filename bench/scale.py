@@ -19,6 +19,8 @@ from uuid import UUID
 
 import psycopg
 
+from tasktrail import projections
+
 TASK_TYPES = ("document_process", "email_send", "image_resize", "report_build")
 SHARDS = 16  # projections/stats.py SHARDS
 # Final status of a task and how often; 40% stay pending so status=pending lists are long.
@@ -89,6 +91,8 @@ def _rows(n: int, seed: int):
         yield lines, task + "\n", (task_type, status)
 
 
+# The read models' tables are found through this code's search_path (rm_tasks_v1, ...): see projections.
+SEARCH_PATH = f"-c search_path={projections.search_path(projections.INLINE)}"
 COPY_EVENTS = "COPY events (position, stream_id, version, type, data, metadata, occurred_at) FROM STDIN"
 COPY_TASKS = (
     "COPY tasks (id, task_id, task_type, status, progress, params, result, error, retry_count,"
@@ -105,7 +109,7 @@ def load(url: str, n: int, spool: Path, seed: int = 11) -> int:
     """
     counts: Counter[tuple[str, str]] = Counter()
     n_events = 0
-    with psycopg.connect(url) as conn, conn.cursor() as cur:
+    with psycopg.connect(url, options=SEARCH_PATH) as conn, conn.cursor() as cur:
         with spool.open("w") as tasks_out, cur.copy(COPY_EVENTS) as copy:
             buf: list[str] = []
             for lines, task, key in _rows(n, seed):
@@ -129,6 +133,6 @@ def load(url: str, n: int, spool: Path, seed: int = 11) -> int:
         cur.execute(SET_POSITION)
         conn.commit()
     spool.unlink()
-    with psycopg.connect(url, autocommit=True) as conn:
+    with psycopg.connect(url, autocommit=True, options=SEARCH_PATH) as conn:
         conn.execute("VACUUM (ANALYZE) events, tasks, task_counts")
     return n_events

@@ -6,6 +6,7 @@ migrated template, so tests never see each other's events.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -20,6 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import psutil
 import psycopg
 import pytest
 from litestar.testing import AsyncTestClient
@@ -28,6 +30,8 @@ from psycopg.conninfo import make_conninfo
 
 from tasktrail import db, migrations
 from tasktrail.http.app import create_app
+from tasktrail.projections import INLINE
+from tasktrail.projections.rebuild import prepare
 from tasktrail.verify import verify
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,12 +74,18 @@ def _admin(server_url: str) -> psycopg.Connection:
     return psycopg.connect(server_url, autocommit=True)
 
 
+def prepared(url: str) -> None:
+    """Migrate the database and build this code's read models, which no migration makes (as `tasktrail migrate`)."""
+    migrations.migrate(url)
+    prepare(url, INLINE)
+
+
 @pytest.fixture(scope="session")
 def template_db(server_url: str) -> Iterator[str]:
     name = f"tasktrail_template_{uuid.uuid4().hex[:8]}"
     with _admin(server_url) as conn:
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    migrations.migrate(make_conninfo(server_url, dbname=name))
+    prepared(make_conninfo(server_url, dbname=name))
     yield name
     with _admin(server_url) as conn:
         conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
@@ -150,20 +160,38 @@ def free_port() -> int:
 class Server:
     """`tasktrail [args] serve` in a real process on a free loopback port; its log in a file."""
 
-    def __init__(self, env: dict[str, str], *args: str, log_dir: Path, serve_args: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        env: dict[str, str],
+        *args: str,
+        log_dir: Path,
+        serve_args: tuple[str, ...] = (),
+        launcher: tuple[str, ...] = (sys.executable, "-m", "tasktrail"),
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_dir / f"server-{self.port}.log"
-        command = [sys.executable, "-m", "tasktrail", *args, "serve", "--host", "127.0.0.1", "--port", str(self.port)]
+        command = [*launcher, *args, "serve", "--host", "127.0.0.1", "--port", str(self.port)]
         command += serve_args
         with self.log_path.open("wb") as log:
-            self.process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
         try:
             self.wait_until_up()
         except BaseException:
-            self.process.kill()
-            self.process.wait()
+            self.kill()
             raise
+
+    def kill(self) -> None:
+        """SIGKILL the process and what it started: uvicorn's workers (or, under uv, the server) would live on."""
+        try:
+            children = psutil.Process(self.process.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            children = []
+        self.process.kill()
+        self.process.wait()
+        for child in children:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -187,8 +215,7 @@ class Server:
             try:
                 self.process.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+                self.kill()
         return self.process.returncode
 
 

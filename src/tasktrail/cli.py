@@ -6,18 +6,42 @@ import argparse
 import ipaddress
 import os
 import re
+import signal
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from tasktrail import db, migrations
 
 
 def _database(args: argparse.Namespace) -> tuple[str, object]:
-    url, server = db.resolve(args.data_dir)
+    with _signals_held():
+        url, server = db.resolve(args.data_dir)
     where = "DATABASE_URL" if server is None else f"embedded PostgreSQL in {args.data_dir / 'pgdata'}"
     print(f"tasktrail: database: {where}", file=sys.stderr)
     return url, server
+
+
+@contextmanager
+def _signals_held() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM while the embedded PostgreSQL starts, and act on them once it has.
+
+    pgserver records this process as a holder of the server only at the end of
+    its start; stopped before that, the process would leave behind a server it
+    started. Held until then, the stop runs the exit hooks that stop it.
+    """
+    caught: list[int] = []
+    stops = (signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.signal(sig, lambda sig, _frame: caught.append(sig)) for sig in stops}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for sig in caught[:1]:
+            signal.raise_signal(sig)
 
 
 def _loopback(host: str) -> bool:
@@ -54,21 +78,44 @@ def _api_keys(args: argparse.Namespace) -> int | None:
     return None
 
 
+def _replicas(args: argparse.Namespace) -> int | None:
+    """Check the replicas as the app will take them, and hand them to the workers; an exit code on failure."""
+    from tasktrail import replicas
+
+    try:
+        if args.replica:
+            for url in args.replica:
+                replicas.check_url(url)
+            os.environ[replicas.URLS_ENV] = ",".join(args.replica)
+        if args.replica_max_lag is not None:
+            os.environ[replicas.MAX_LAG_ENV] = str(replicas.max_lag_from(args.replica_max_lag))
+        urls, max_lag = replicas.configured()
+    except ValueError as exc:
+        print(f"tasktrail: replicas: {exc}", file=sys.stderr)
+        return 2
+    if urls:
+        names = ", ".join(replicas.describe(url) for url in urls)
+        print(f"tasktrail: replicas: {names} (reads, when at most {max_lag:g} s behind)", file=sys.stderr)
+    return None
+
+
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     if (refused := _api_keys(args)) is not None:
         return refused
+    if (refused := _replicas(args)) is not None:
+        return refused
     url, _server = _database(args)  # the embedded server stops when this process exits
     for name in migrations.migrate(url):
         print(f"tasktrail: applied migration {name}", file=sys.stderr)
-    if args.rebuild:
-        # Processes started together wait for each other; the first rebuilds.
-        failed = _rebuild(url, None, starting=True)
-        if failed:
-            return failed
-    else:
-        _warn_outdated(url)
+    # This process's read-model versions are in use from now until it exits
+    # (`projections prune` refuses them), and any that has no tables yet is
+    # built from the log first, while other releases keep serving.
+    _guard = _hold_read_models(url)
+    failed = _rebuild(url, None, starting=True)
+    if failed:
+        return failed
     # Worker processes find the database where this one put it.
     os.environ["DATABASE_URL"] = url
     uvicorn.run(
@@ -80,24 +127,50 @@ def serve(args: argparse.Namespace) -> int:
         log_level=args.log_level,
         access_log=args.access_log,
         timeout_graceful_shutdown=10,
+        # By name, like the app: a worker process imports it only once it answers uvicorn's health checks.
+        http="tasktrail.http.protocol:BoundedHead",
     )
     return 0
+
+
+def _hold_read_models(url: str) -> object:
+    """A connection that marks this release's read-model versions in use for as long as it is open."""
+    import psycopg
+
+    from tasktrail.projections import INLINE, versions
+
+    conn = psycopg.connect(url, **db.connect_kwargs() | versions.application_name())
+    versions.hold(conn, INLINE)
+    return conn
 
 
 def migrate(args: argparse.Namespace) -> int:
     url, _server = _database(args)
     applied = migrations.migrate(url)
     print("\n".join(f"applied {name}" for name in applied) or "up to date")
-    return 0
+    # And this code's read-model versions, which no migration makes (see projections/rebuild.py).
+    return _rebuild(url, None, starting=True)
 
 
 def verify(args: argparse.Namespace) -> int:
+    from tasktrail.projections import INLINE
     from tasktrail.verify import verify as run
 
     url, _server = _database(args)
-    report = run(url)
+    chosen = dict(args.version or [])
+    report = run(url, {m.NAME: chosen.pop(m.NAME, m.VERSION) for m in INLINE})
+    if chosen:
+        print(f"tasktrail verify: no read model named {', '.join(chosen)}", file=sys.stderr)
+        return 2
     print(report.summary())
     return 0 if report.ok else 1
+
+
+def _name_version(text: str) -> tuple[str, int]:
+    name, _, version = text.partition("=")
+    if not (name and version.isdigit() and int(version) > 0):
+        raise argparse.ArgumentTypeError("NAME=VERSION, such as tasks=2")
+    return name, int(version)
 
 
 def _keys_file(args: argparse.Namespace) -> Path:
@@ -151,44 +224,51 @@ def keys_remove(args: argparse.Namespace) -> int:
     return 0
 
 
-def _warn_outdated(url: str) -> None:
-    from tasktrail.projections import INLINE
-    from tasktrail.projections.rebuild import status
-
-    standings, _head, _left = status(url, INLINE)
-    for standing in standings:
-        if standing.outdated:
-            print(
-                f"tasktrail: the {standing.name} read model is version {standing.live}, this code's is"
-                f" {standing.code}: writes are refused until you run `tasktrail projections rebuild"
-                f" {standing.name}` (the service keeps serving meanwhile), or start with `serve --rebuild`",
-                file=sys.stderr,
-            )
-
-
 def projections_status(args: argparse.Namespace) -> int:
-    from tasktrail.projections import INLINE
-    from tasktrail.projections.rebuild import SHADOW, status
+    from tasktrail.projections import INLINE, versions
 
     url, _server = _database(args)
-    standings, head, left = status(url, INLINE)
-    print(f"{'projection':<12}{'live':>6}{'code':>6}  {'applied':<28}rebuilt")
-    for s in standings:
-        # Inline read models commit with each append: they hold every committed event.
-        applied = "-" if s.live is None else f"log head (position {head})"
-        rebuilt = "never (made by migrations)" if s.rebuilt_at is None else f"{s.rebuilt_at:%Y-%m-%d %H:%M:%S %Z}"
-        if s.position is not None:
-            rebuilt += f", live since position {s.position}"
-        print(f"{s.name:<12}{s.live or '-':>6}{s.code:>6}  {applied:<28}{rebuilt}")
-    for s in standings:
-        if s.outdated:
-            print(
-                f"{s.name}: live version {s.live or 'none'}, code version {s.code}:"
-                f" run `tasktrail projections rebuild {s.name}`"
-            )
-    if left:
-        print(f"schema {SHADOW} is left from an interrupted rebuild; the next rebuild drops it")
+    found, head, left = versions.status(url, INLINE)
+    print(f"{'projection':<12}{'version':>8}  {'state':<9}{'behind':>8}{'processes':>11}  since")
+    for v in found:
+        mark = "  (this code)" if v.code else ""
+        since = "-" if v.since is None else f"{v.since:%Y-%m-%d %H:%M:%S %Z}"
+        behind = "-" if v.state != "live" else f"{v.behind:,}"
+        print(f"{v.name:<12}{v.version:>8}  {v.state:<9}{behind:>8}{v.processes:>11}  {since}{mark}")
+    print(f"log head: position {head:,}")
+    for v in found:
+        if v.state == "missing":
+            print(f"{v.name} version {v.version} has no tables yet: `tasktrail serve` builds it before it serves")
+        elif v.state == "building" and v.processes == 0:
+            print(f"{v.name} version {v.version} was being built and was interrupted: the next `serve` starts over")
+        elif v.state == "live" and v.processes == 0 and not v.code:
+            print(f"{v.name} version {v.version} is used by no process: `tasktrail projections prune` drops it")
+    for schema in left:
+        print(f"schema {schema} is left from an interrupted rebuild; the next rebuild drops it")
     return 0
+
+
+def projections_prune(args: argparse.Namespace) -> int:
+    from tasktrail.projections import INLINE, versions
+
+    url, _server = _database(args)
+    if args.name is None:
+        targets = versions.unused(url, INLINE)
+        if not targets:
+            print("nothing to prune: every version left is this code's")
+            return 0
+    elif args.version is None:
+        targets = [(n, v) for n, v in versions.unused(url, INLINE) if n == args.name]
+    else:
+        targets = [(args.name, args.version)]
+    failed = 0
+    for name, version in targets:
+        try:
+            print(versions.prune(url, name, version))
+        except (versions.InUse, LookupError) as exc:
+            print(f"tasktrail projections prune: {exc.args[0]}", file=sys.stderr)
+            failed = 1
+    return failed
 
 
 def projections_rebuild(args: argparse.Namespace) -> int:
@@ -197,12 +277,12 @@ def projections_rebuild(args: argparse.Namespace) -> int:
 
 
 def _rebuild(url: str, name: str | None, *, starting: bool) -> int:
-    """Rebuild with a progress bar; when `starting` a server, wait for the lock and rebuild only what is outdated."""
+    """Rebuild with a progress bar; when `starting` a server, wait for the lock and build only what is not live."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
 
     from tasktrail.projections import INLINE
-    from tasktrail.projections.rebuild import RebuildBusy, SwapFailed, rebuild
+    from tasktrail.projections.rebuild import RebuildBusy, SwapFailed, prepare, rebuild
 
     modules = [m for m in INLINE if name in (None, m.NAME)]
     if not modules:
@@ -222,7 +302,7 @@ def _rebuild(url: str, name: str | None, *, starting: bool) -> int:
 
         def progress(step: str, done: int, total: int) -> None:
             if step not in steps:
-                unit = "tasks" if step.startswith("load") else "events" if step != "swap" else ""
+                unit = "tasks" if step.startswith("load") or step == "indexes" else "events" if step != "swap" else ""
                 steps[step] = bar.add_task(step, total=total, unit=unit, rate="")
             bar.update(steps[step], completed=done, total=total)
             speed = bar.tasks[steps[step]].speed
@@ -230,7 +310,7 @@ def _rebuild(url: str, name: str | None, *, starting: bool) -> int:
                 bar.update(steps[step], rate=f"{speed:>10,.0f} events/s")
 
         try:
-            done = rebuild(url, modules, progress, wait=starting, outdated_only=starting)
+            done = prepare(url, modules, progress) if starting else rebuild(url, modules, progress)
         except (RebuildBusy, SwapFailed) as exc:
             console.print(f"tasktrail: {exc}")
             return 1
@@ -239,10 +319,11 @@ def _rebuild(url: str, name: str | None, *, starting: bool) -> int:
             return 130
     seconds = time.perf_counter() - started
     if done.names:
+        built = ", ".join(f"{m.NAME} version {m.VERSION}" for m in modules if m.NAME in done.names)
         console.print(
             f"tasktrail: rebuilt {', '.join(done.names)} from {done.events:,} events in {seconds:.1f} s"
             f" ({done.events / seconds:,.0f} events/s), and {done.caught_up:,} appended meanwhile;"
-            f" live since position {done.position:,}"
+            f" live since position {done.position:,}: {built}"
         )
     return 0
 
@@ -275,29 +356,62 @@ def parser() -> argparse.ArgumentParser:
         "without keys, serve only on a loopback address",
     )
     run.add_argument(
+        "--replica",
+        action="append",
+        metavar="URL",
+        help="a PostgreSQL streaming replica of the database to send reads to (task, list, stats, history, time "
+        "travel, feed, streams); repeat for several; writes go to the primary; a read that sends back a write's "
+        "Tasktrail-Read-After token is answered only from a replica that has replayed that write, else from the "
+        "primary (env DATABASE_REPLICA_URLS, comma-separated)",
+    )
+    run.add_argument(
+        "--replica-max-lag",
+        type=float,
+        metavar="SECONDS",
+        help="a replica that is down, or has not replayed the primary's position within SECONDS, gets no reads "
+        "until it has caught up (default: 5; env TASKTRAIL_REPLICA_MAX_LAG)",
+    )
+    run.add_argument(
         "--rebuild",
         action="store_true",
-        help="first rebuild every read model whose code version differs from the live one (one process at a time)",
+        help=argparse.SUPPRESS,  # what serve always does now: build the versions that are not live, then serve
     )
     run.set_defaults(func=serve)
 
     mig = commands.add_parser("migrate", help="apply pending migrations and exit (safe to repeat)")
     mig.set_defaults(func=migrate)
 
-    proj = commands.add_parser("projections", help="the read models: their versions, and rebuilding them")
+    proj = commands.add_parser(
+        "projections", help="the read models: their versions, rebuilding them, and pruning unused ones"
+    )
     proj_commands = proj.add_subparsers(dest="projections_command", required=True, metavar="ACTION")
     proj_commands.add_parser(
-        "status", help="each read model's live version, code version and how far it has applied the log"
+        "status", help="every version of each read model: its state, how far behind the log, processes using it"
     ).set_defaults(func=projections_status)
     again = proj_commands.add_parser(
         "rebuild",
-        help="rebuild read models from the whole log into fresh tables while the service runs, then swap them in",
+        help="rebuild this code's read-model versions from the whole log while the service runs, then swap them in",
     )
     again.add_argument("name", nargs="?", help="one read model (default: all)")
     again.set_defaults(func=projections_rebuild)
+    prune = proj_commands.add_parser(
+        "prune",
+        help="drop the tables of versions no process uses (default: every version but this code's); "
+        "refuses a version while a process of it runs",
+    )
+    prune.add_argument("name", nargs="?", help="one read model (default: all)")
+    prune.add_argument("version", nargs="?", type=int, help="one version of it (default: every one but this code's)")
+    prune.set_defaults(func=projections_prune)
 
     check = commands.add_parser(
-        "verify", help="fold the whole log in memory and compare it with the read model and counters"
+        "verify", help="fold the whole log in memory and compare it with a read-model version and its counters"
+    )
+    check.add_argument(
+        "--version",
+        action="append",
+        type=_name_version,
+        metavar="NAME=VERSION",
+        help="verify this version of a read model instead of this code's (repeatable), e.g. tasks=2",
     )
     check.set_defaults(func=verify)
 
@@ -327,4 +441,14 @@ def _key_name(name: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    return args.func(args)
+    # SIGTERM (what systemd, Docker and Kubernetes send) stops a command as
+    # Ctrl-C does: uvicorn finishes the requests in flight, then the exit hooks
+    # run and stop the embedded PostgreSQL. Python's default for SIGTERM is to
+    # die on the spot, running no hook, and uvicorn, once it has shut down,
+    # raises the signal again under that default.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("tasktrail: stopped", file=sys.stderr)
+        return 130

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
 import select
@@ -17,11 +18,23 @@ from psycopg_pool import AsyncConnectionPool
 DEFAULT_DATA_DIR = Path(".tasktrail")
 EMBEDDED_DATABASE = "tasktrail"
 
-# Every connection: UTC timestamps, and no statement or idle transaction that
-# holds a connection for ever (TASKTRAIL_STATEMENT_TIMEOUT overrides the first).
+# Every connection: UTC timestamps, and no statement, lock wait or idle
+# transaction that holds a connection for ever (TASKTRAIL_STATEMENT_TIMEOUT and
+# TASKTRAIL_LOCK_TIMEOUT override the first two); connect_kwargs() adds the
+# search_path of this process's read-model versions.
 STATEMENT_TIMEOUT = "30s"
-_SESSION = "-c TimeZone=UTC -c statement_timeout={} -c idle_in_transaction_session_timeout=60s"
-SESSION_OPTIONS = _SESSION.format(STATEMENT_TIMEOUT)  # the defaults; connect_kwargs() applies the override
+# A write waits on a lock only while another transaction that changed the same
+# task (or claimed the same Idempotency-Key) is still open. Ours are one
+# statement each and hold their locks for milliseconds, so a wait of seconds
+# means a transaction left open elsewhere (a psql session, a stuck batch job):
+# better to give the connection back and answer a retryable 503 than to hold
+# one of the pool's connections for the whole statement timeout while more
+# requests queue behind the same lock and the pool runs dry. 5 s is far above
+# any wait between our own writers, even under load.
+LOCK_TIMEOUT = "5s"
+_SESSION = "-c TimeZone=UTC -c statement_timeout={} -c lock_timeout={} -c idle_in_transaction_session_timeout=60s"
+# The defaults; connect_kwargs() applies the overrides.
+SESSION_OPTIONS = _SESSION.format(STATEMENT_TIMEOUT, LOCK_TIMEOUT)
 _DURATION = re.compile(r"[1-9][0-9]*(?:ms|s|min)?")
 
 # A request waits at most this long for a pooled connection, then answers 503:
@@ -43,14 +56,60 @@ set_json_loads(msgspec.json.decode)
 
 
 def start_embedded(data_dir: Path, cleanup_mode: str = "stop") -> Any:
-    """Start (or reuse) the embedded PostgreSQL kept in data_dir; stopped at exit."""
+    """Start (or reuse) the embedded PostgreSQL kept in data_dir; stopped at exit by the last process using it."""
     with warnings.catch_warnings():
         # platformdirs warns when XDG_RUNTIME_DIR is unset; pgserver then uses /tmp.
         warnings.simplefilter("ignore")
         import pgserver
 
         data_dir.mkdir(parents=True, exist_ok=True)
-        return pgserver.get_server(data_dir.resolve() / "pgdata", cleanup_mode=cleanup_mode)
+        pgdata = data_dir.resolve() / "pgdata"
+        forget_gone_handles(pgdata)
+        server = pgserver.get_server(pgdata, cleanup_mode=cleanup_mode)
+        # atexit runs hooks last in, first out: this runs just before pgserver's own, which stops the server.
+        atexit.register(forget_gone_handles, pgdata)
+        return server
+
+
+# pgserver stops its server when the last process holding a handle to it
+# exits. It keeps the holders' process ids in pgdata/.handle_pids.json, and an
+# id leaves the list only through its own process's atexit hook, which a
+# SIGKILL, a crash or a signal Python does not handle never runs. One such id
+# and the list never empties again: no later process ever stops the server,
+# not even after a clean Ctrl-C. So each start and each exit first drops the
+# ids of processes that are gone. A process that took an id after its holder
+# died is gone too, for this purpose: every holder wrote the list after it
+# started, so a process that started after the list's last write (with a
+# margin for the coarse clock of process start times) cannot be a holder.
+HANDLES = ".handle_pids.json"
+_START_MARGIN = 2.0  # seconds
+
+
+def forget_gone_handles(pgdata: Path) -> list[int]:
+    """Remove the ids of gone processes from pgserver's handle list; the ids kept."""
+    import psutil
+    from pgserver.postgres_server import PostgresServer
+    from pgserver.utils import DiskList
+
+    path = pgdata / HANDLES
+    with PostgresServer._lock:
+        if not path.exists():
+            return []
+        handles = DiskList(path)
+        listed = handles.get()
+        written = path.stat().st_mtime + _START_MARGIN
+        kept = [pid for pid in listed if _holder(psutil, pid, written)]
+        if kept != listed:
+            handles.put(kept)
+        return kept
+
+
+def _holder(psutil: Any, pid: int, written: float) -> bool:
+    try:
+        process = psutil.Process(pid)
+        return process.status() != psutil.STATUS_ZOMBIE and process.create_time() <= written
+    except psutil.NoSuchProcess:
+        return False
 
 
 def ensure_database(server_url: str, name: str) -> None:
@@ -69,15 +128,26 @@ def resolve(data_dir: Path = DEFAULT_DATA_DIR) -> tuple[str, Any]:
     return server.get_uri(EMBEDDED_DATABASE), server
 
 
-def statement_timeout() -> str:
-    value = os.environ.get("TASKTRAIL_STATEMENT_TIMEOUT", STATEMENT_TIMEOUT)
+def _duration(variable: str, default: str) -> str:
+    value = os.environ.get(variable, default)
     if not _DURATION.fullmatch(value):
-        raise ValueError(f"TASKTRAIL_STATEMENT_TIMEOUT={value!r}: give a duration such as 30s, 500ms or 2min")
+        raise ValueError(f"{variable}={value!r}: give a duration such as 30s, 500ms or 2min")
     return value
 
 
+def statement_timeout() -> str:
+    return _duration("TASKTRAIL_STATEMENT_TIMEOUT", STATEMENT_TIMEOUT)
+
+
+def lock_timeout() -> str:
+    return _duration("TASKTRAIL_LOCK_TIMEOUT", LOCK_TIMEOUT)
+
+
 def connect_kwargs() -> dict[str, Any]:
-    options = _SESSION.format(statement_timeout())
+    from tasktrail import projections  # the read models' schemas: see projections.INLINE
+
+    session = _SESSION.format(statement_timeout(), lock_timeout())
+    options = f"{session} -c search_path={projections.search_path(projections.INLINE)}"
     return {"autocommit": True, "options": options, "connect_timeout": CONNECT_TIMEOUT} | KEEPALIVES
 
 
@@ -116,13 +186,14 @@ class Borrowed:
         await self.pool.putconn(self.conn)
 
 
-def create_pool(conninfo: str, *, max_size: int = 16) -> AsyncConnectionPool:
+def create_pool(conninfo: str, *, max_size: int = 16, timeout: float | None = None) -> AsyncConnectionPool:
+    """A pool whose requests wait `timeout` for a connection (default TASKTRAIL_POOL_TIMEOUT, else POOL_TIMEOUT)."""
     return AsyncConnectionPool(
         conninfo,
         min_size=2,
         max_size=max_size,
         kwargs=connect_kwargs(),
-        timeout=float(os.environ.get("TASKTRAIL_POOL_TIMEOUT", POOL_TIMEOUT)),
+        timeout=timeout or float(os.environ.get("TASKTRAIL_POOL_TIMEOUT", POOL_TIMEOUT)),
         reconnect_timeout=RECONNECT_TIMEOUT,
         check=check_idle,
         open=False,

@@ -32,10 +32,12 @@ class Stored(msgspec.Struct, frozen=True):
 # version) is taken is not inserted and not yielded: the writer lost a race.
 # (ON CONFLICT rather than an error: a lost race is routine, not a failure in
 # the server's log, and a racing insert of the same version waits for the
-# first one's transaction, then yields nothing.)
+# first one's transaction, then yields nothing.) `projected` names the read-model
+# versions the same statement writes (see projections: a follower applies the
+# event to every other version); none when appended alone.
 APPEND = """
-INSERT INTO events (stream_id, version, type, data, metadata, occurred_at)
-SELECT e.stream_id, e.version, e.type, e.data, %(write)s -> 'metadata', e.occurred_at
+INSERT INTO events (stream_id, version, type, data, metadata, occurred_at, projected)
+SELECT e.stream_id, e.version, e.type, e.data, %(write)s -> 'metadata', e.occurred_at, %(write)s ->> 'projected'
 FROM jsonb_to_recordset(%(write)s -> 'events')
     AS e(stream_id uuid, version integer, type text, data jsonb, occurred_at timestamptz)
 ON CONFLICT (stream_id, version) DO NOTHING
@@ -133,6 +135,21 @@ async def read_stream_until(
 # gap-detecting reader that waits for missing positions must guess how long a
 # rolled-back position may stay missing; xid8 is exact and costs writers nothing
 # (the column defaults to pg_current_xact_id()).
+#
+# On a streaming replica (replicas.py) the horizon is the standby's own:
+# pg_current_snapshot() there is built from the WAL it has replayed, and its
+# xmin is the oldest transaction that, as far as replay has got, may still be
+# running. A transaction leaves that set only when its commit or abort record
+# is replayed, or when a replayed running-xacts record (logged after it ended,
+# so after its commit record) says it is gone; a transaction the standby has
+# not heard of yet is counted as running from the first record of any later
+# one. So below the standby's horizon every transaction has finished and its
+# events are exactly those the primary has there, and no more can come: a
+# standby's feed is a prefix of the same (transaction_id, position) order, only
+# a shorter one. A cursor from any server is a place in that one order, and a
+# client (or the listener) may read its next page from another server: one that
+# is behind shows nothing after the cursor and gives the cursor back, never an
+# event twice, never a gap.
 #
 # One statement, so the events, the horizon and the held-back check share one
 # snapshot. Returns one row with NULL event columns when there is nothing new.

@@ -10,6 +10,7 @@ from uuid import UUID
 
 import msgspec
 import psycopg
+from psycopg.types.json import Jsonb
 
 TTL = timedelta(hours=24)
 
@@ -41,7 +42,10 @@ def batch_fingerprint(commands: Sequence[msgspec.Struct]) -> bytes:
 # (migration 0010); the other column is NULL.
 CLAIM = """
 INSERT INTO idempotency_keys AS k (key, fingerprint, task_id, task_ids, created_at)
-VALUES (%(key)s, %(fingerprint)s, %(task_id)s, %(task_ids)s, %(now)s)
+VALUES (%(key)s, %(fingerprint)s, %(task_id)s,
+        (SELECT array_agg(id::uuid ORDER BY n) FROM jsonb_array_elements_text(%(task_ids)s::jsonb)
+             WITH ORDINALITY AS ids (id, n)),
+        %(now)s)
 ON CONFLICT (key) DO UPDATE
     SET fingerprint = EXCLUDED.fingerprint, task_id = EXCLUDED.task_id, task_ids = EXCLUDED.task_ids,
         created_at = EXCLUDED.created_at
@@ -70,7 +74,9 @@ async def _claim(
     task_id: UUID | None = None,
     task_ids: list[UUID] | None = None,
 ) -> bool:
-    params = {"key": key, "fingerprint": print_, "task_id": task_id, "task_ids": task_ids, "now": now}
+    # The ids as a JSON array: psycopg dumps a list of UUIDs one by one in Python (1.4 us each), msgspec in C.
+    ids = None if task_ids is None else Jsonb(task_ids)
+    params = {"key": key, "fingerprint": print_, "task_id": task_id, "task_ids": ids, "now": now}
     cur = await conn.execute(CLAIM, params | {"expired_before": now - TTL})
     return await cur.fetchone() is not None
 

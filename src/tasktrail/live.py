@@ -18,6 +18,15 @@ makes the hand-over gap-free: whatever the listener delivers later lies above
 the listener's cursor at registration, and everything at or below it was
 already safe to read, so the stream's own read covers it. A stream that falls
 too far behind (a slow client) is dropped back to reading the database.
+
+With replicas (replicas.py) the listener still listens on the primary, whose
+notifications a standby never sees, and reads the feed from a replica once it
+has replayed what the primary had when woken; streams catch up from a replica
+too. Cursors of any server are places in one order (eventstore.py), so the
+listener and a stream may read different servers; but a stream's own read must
+reach the listener's cursor before it takes events from memory, or the events
+between would be lost: if its server is behind, it reads again on the primary,
+which is never behind a replica.
 """
 
 from __future__ import annotations
@@ -29,17 +38,18 @@ import os
 import signal
 import threading
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
 from uuid import UUID
 
 import psycopg
-from psycopg_pool import AsyncConnectionPool
 
 from tasktrail import db, eventstore
 from tasktrail.eventstore import Cursor, FeedEvent
+from tasktrail.replicas import Replicas
 
 log = logging.getLogger("tasktrail.live")
+T = TypeVar("T")
 
 # The channel 0005_live.sql notifies; writers notify only while a listener is
 # registered (0008), and a registration clears those of backends that are gone.
@@ -89,14 +99,14 @@ class Listener:
     def __init__(
         self,
         conninfo: str,
-        pool: AsyncConnectionPool,
+        reads: Replicas,
         render: Callable[[FeedEvent], bytes],
         *,
         poll_interval: float | None = None,
         ping_interval: float | None = None,
     ) -> None:
         self.conninfo = conninfo
-        self.pool = pool
+        self.reads = reads
         self.render = render
         self.poll_interval = poll_interval or seconds_from_env("TASKTRAIL_POLL_SECONDS", 1.0)
         self.ping_interval = ping_interval or seconds_from_env("TASKTRAIL_SSE_PING_SECONDS", 15.0)
@@ -187,17 +197,31 @@ class Listener:
         assert self.cursor is not None
         retry = 0.0
         while self.subscribers:
-            page = await eventstore.read_feed(conn, self.cursor, limit=PAGE)
+            page, caught_up = await self._read(conn)
             self._fan_out(page)
             if len(page.events) == PAGE:
                 continue
             wait = self.poll_interval
-            if page.held_back:
+            if page.held_back or not caught_up:
                 wait = retry = min(retry * 2, HELD_BACK_LAST_RETRY, wait) if retry else HELD_BACK_FIRST_RETRY
             else:
                 retry = 0.0
             async for _ in conn.notifies(timeout=wait, stop_after=1):
                 pass
+
+    async def _read(self, conn: psycopg.AsyncConnection) -> tuple[eventstore.FeedPage, bool]:
+        """The feed after the cursor, and whether it holds everything committed before the listener woke.
+
+        Without replicas, from the primary on the listener's own connection.
+        With them, from a replica, which may not have replayed the latest
+        commits yet: then it is read again soon, as for held-back events.
+        """
+        assert self.cursor is not None
+        after = self.cursor
+        if not self.reads.replicas:
+            return await eventstore.read_feed(conn, after, limit=PAGE), True
+        target = await self.reads.position(conn)
+        return await self.reads.read_caught_up(lambda c: eventstore.read_feed(c, after, limit=PAGE), target)
 
     def _fan_out(self, page: eventstore.FeedPage) -> None:
         self.cursor = page.next_after
@@ -222,6 +246,17 @@ class Listener:
                 subscriber.lagging = True
             subscriber.wake.set()
 
+    async def _catch_up(self, after: Cursor, stream_id: UUID | None, level: Cursor | None) -> eventstore.FeedPage:
+        """A stream's own read of the feed, which reaches `level` (the listener's cursor) unless the page is full."""
+
+        def fetch(conn: psycopg.AsyncConnection) -> Awaitable[eventstore.FeedPage]:
+            return eventstore.read_feed(conn, after, limit=PAGE, stream_id=stream_id)
+
+        page = await self.reads.read_steadily(fetch)
+        if level is not None and len(page.events) < PAGE and page.next_after < level:
+            page = await self.reads.read_steadily(fetch, primary=True)  # that replica is behind the listener
+        return page
+
     def _resync(self) -> None:
         """Send every stream back to the database (the listener's cursor jumped)."""
         for subscribers in self.subscribers.values():
@@ -245,10 +280,10 @@ class Listener:
                 if subscriber.lagging:
                     # Level with the listener only once it has a cursor; until
                     # then this stream polls the database by itself.
-                    subscriber.lagging = self.cursor is None
+                    level = self.cursor
+                    subscriber.lagging = level is None
                     subscriber.pending.clear()
-                    async with self.pool.connection() as conn:
-                        page = await eventstore.read_feed(conn, cursor, limit=PAGE, stream_id=stream_id)
+                    page = await _uncancelled(self._catch_up(cursor, stream_id, level))
                     cursor = page.next_after
                     if len(page.events) == PAGE:
                         subscriber.lagging = True
@@ -280,3 +315,22 @@ class Listener:
                 del self.subscribers[stream_id]
             if not self.subscribers:
                 self._wanted.clear()
+
+
+async def _uncancelled(read: Coroutine[Any, Any, T]) -> T:
+    """Await a read that a cancellation of the caller lets finish in the background.
+
+    A stream is cancelled when its client leaves, often during its first read.
+    A query interrupted by a cancellation makes psycopg close the connection, so
+    the pool loses it and must open another: a burst of clients that open a
+    stream and leave at once (a reconnect loop, a scanner) emptied the pool and
+    made every other request wait for a connection. Left to finish, the read
+    returns its connection as any other does.
+    """
+    task = asyncio.ensure_future(read)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        # Nobody waits for the result now; retrieve its error, if any, so asyncio does not log it as lost.
+        task.add_done_callback(lambda done: done.cancelled() or done.exception())
+        raise

@@ -7,8 +7,9 @@ from dataclasses import dataclass, field
 from uuid import UUID
 
 import psycopg
+from psycopg import sql
 
-from tasktrail import db
+from tasktrail import db, projections
 from tasktrail.domain.events import Recorded, from_data
 from tasktrail.domain.task import Task, evolve
 from tasktrail.projections import tasks as tasks_view
@@ -26,13 +27,15 @@ class Report:
     streams: int = 0
     live: int = 0
     differences: list[str] = field(default_factory=list)
+    versions: dict[str, int] = field(default_factory=dict)  # the read-model versions compared
 
     @property
     def ok(self) -> bool:
         return not self.differences
 
     def summary(self) -> str:
-        head = f"{self.events} events in {self.streams} streams, {self.live} live tasks"
+        compared = ", ".join(f"{name} version {version}" for name, version in sorted(self.versions.items()))
+        head = f"{self.events} events in {self.streams} streams, {self.live} live tasks ({compared})"
         if self.ok:
             return f"{head}: the read model and the counters match the log"
         more = f" (and {len(self.differences) - 1} more)" if len(self.differences) > 1 else ""
@@ -58,10 +61,28 @@ def _diff(log: Task, model: Task) -> str:
     return ", ".join(f"{f}: read model {getattr(model, f)!r}, log {getattr(log, f)!r}" for f in fields)
 
 
-def verify(conninfo: str) -> Report:
-    """Compare in one snapshot, so concurrent writers cannot cause false differences."""
-    report = Report()
+USE = sql.SQL('SET search_path = {}, "$user", public')
+EXISTS = "SELECT to_regnamespace(%(schema)s) IS NOT NULL"
+
+
+def verify(conninfo: str, versions: dict[str, int] | None = None) -> Report:
+    """Compare in one snapshot, so concurrent writers cannot cause false differences.
+
+    `versions` names the read-model version to compare (default: this code's), by read model.
+    """
+    chosen = {module.NAME: module.VERSION for module in projections.INLINE} | (versions or {})
+    report = Report(versions=chosen)
     with psycopg.connect(conninfo, **db.connect_kwargs()) as conn:
+        schemas = [projections.schema(name, version) for name, version in chosen.items()]
+        missing = [
+            f"read model {name} version {version} has no tables (`tasktrail projections status` says why)"
+            for (name, version), schema in zip(chosen.items(), schemas, strict=True)
+            if not conn.execute(EXISTS, {"schema": schema}).fetchone()[0]  # type: ignore[index]
+        ]
+        if missing:
+            report.differences = missing
+            return report
+        conn.execute(USE.format(sql.SQL(", ").join(map(sql.Identifier, schemas))))
         conn.autocommit = False
         conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
         conn.read_only = True

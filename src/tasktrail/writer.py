@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Collection, Sequence
 from contextlib import asynccontextmanager
@@ -26,7 +27,7 @@ from tasktrail.domain.task import (
     decide,
     evolve,
 )
-from tasktrail.projections import Change
+from tasktrail.projections import Change, follow
 from tasktrail.projections import tasks as tasks_view
 
 # A writer that loses a race re-reads and decides again. Each lost race means
@@ -76,24 +77,23 @@ async def _write(conn: psycopg.AsyncConnection, changes: Sequence[Change], metad
     cur = await conn.execute(projections.statement(eventstore.APPEND, modules, write), {"write": Jsonb(write)})
     appended = await cur.fetchall()  # a row per event: a batch may append several to one stream
     if len(appended) < len(changes):
+        # The winner may be a process of another release, which does not write
+        # this process's read-model versions: apply its events to them before
+        # the caller reads the task again (projections/follow.py).
+        await follow.catch_up(conn, modules, streams=[recorded.stream_id for recorded, _, _ in changes])
         raise eventstore.VersionConflict("another writer changed the task first")
     return dict(appended)
 
 
 @asynccontextmanager
 async def _refused(conn: psycopg.AsyncConnection) -> AsyncIterator[None]:
-    """An outdated read model's refusal of a write as ProjectionOutdated."""
+    """A write to read-model tables that are gone (a pruned version) as ProjectionOutdated."""
     try:
         yield
-    except psycopg.Error as exc:
-        if isinstance(exc, psycopg.errors.UndefinedColumn | psycopg.errors.UndefinedTable):
-            # The live tables are not of the shape this code writes: a rebuild
-            # swapped in another version (the check alone then says so), or a bug.
-            async with _refused(conn):
-                await projections.check(conn, projections.INLINE)
-        if exc.sqlstate != projections.OUTDATED:
-            raise
-        raise projections.ProjectionOutdated(exc.diag.message_primary) from exc
+    except (psycopg.errors.UndefinedColumn, psycopg.errors.UndefinedTable) as exc:
+        raise projections.ProjectionOutdated(
+            f"this process's read-model tables are missing ({exc.diag.message_primary}): restart it"
+        ) from exc
 
 
 # The state this process last wrote of each recently written task, as a guess
@@ -174,6 +174,10 @@ async def change(
         if before is None:
             before = await tasks_view.get(conn, task_id)
             if before is None:
+                # Perhaps created by another release a moment ago: apply its events here, and look again.
+                await follow.catch_up(conn, streams=[task_id])
+                before = await tasks_view.get(conn, task_id)
+            if before is None:
                 _remember(task_id, None)
                 raise TaskNotFound(f"task {task_id} not found")
             if expected is not None and before.version not in expected:
@@ -215,6 +219,7 @@ async def cleanup(conn: psycopg.AsyncConnection, days: int, metadata: dict[str, 
         try:
             async with _refused(conn), conn.pipeline(), conn.transaction():
                 if changes:
+                    await _lock_buckets(conn, changes)  # it writes many tasks, as a batch does
                     await _write(conn, changes, metadata)
                 await idempotency.forget_expired(conn, at)
         except eventstore.VersionConflict:
@@ -280,17 +285,23 @@ async def _create_many(
 ) -> list[Task] | None:
     """The new tasks; None when a live claim holds the key (key, fingerprint) already."""
     at = now()
-    changes, afters = _decide([(uuid4(), None, command) for command in commands], at)
+    new = zip(_new_ids(len(commands)), commands, strict=True)
+    changes, afters = _decide([(task_id, None, command) for task_id, command in new], at)
     created = [task for task in afters if task is not None]
     async with _refused(conn), conn.pipeline(), conn.transaction():
         # The claim and the write commit together: a key is never claimed for tasks that were not created.
         if key is not None and not await idempotency.claim_batch(conn, *key, [t.task_id for t in created], at):
             return None
         positions = await _write(conn, changes, metadata)
-    created = [_numbered(task, positions) for task in created]
-    for task in created:
-        _written(conn, task.task_id, task)
-    return created
+    # Unlike a single create, a batch leaves its tasks out of the guesses (_recent): a few batches would
+    # push out every single request's guess, and remembering costs 1-2 us a task.
+    return [_numbered(task, positions) for task in created]
+
+
+def _new_ids(n: int) -> list[UUID]:
+    """n random task ids, as uuid4() makes them, from one read of the random source (0.5 us less each)."""
+    random = os.urandom(16 * n)
+    return [UUID(bytes=random[i : i + 16], version=4) for i in range(0, 16 * n, 16)]
 
 
 # One item of a batch of changes: the task, an update or delete, and the version it must be at (or None).
@@ -310,19 +321,26 @@ async def change_many(conn: psycopg.AsyncConnection, items: Sequence[Item], meta
     task_ids = list(dict.fromkeys(task_id for task_id, _, _ in items))
     for _ in range(MAX_ATTEMPTS):
         states, deleted = await tasks_view.get_many(conn, task_ids)
+        unknown = [task_id for task_id in task_ids if task_id not in states and task_id not in deleted]
+        # Perhaps created by another release a moment ago: apply its events here, and look again (as change does).
+        if unknown and await follow.catch_up(conn, streams=unknown):
+            states, deleted = await tasks_view.get_many(conn, task_ids)
         changes, outcomes = _decide_many(items, states, deleted, now())
         if not changes:
             return outcomes
+        # What this process guessed of these tasks will be stale, whatever happens: forget it. (Remembering
+        # the new states instead would push out single requests' guesses, as in create_many.)
+        for recorded, _, _ in changes:
+            _recent.pop(recorded.stream_id, None)
         try:
             async with _refused(conn), conn.pipeline(), conn.transaction():
-                await conn.execute(LOCK_BUCKETS, {"space": BUCKET_SPACE, "buckets": _buckets(changes)})
+                await _lock_buckets(conn, changes)
                 await _write(conn, changes, metadata)
         except (eventstore.VersionConflict, psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure):
-            for recorded, _, _ in changes:
-                _remember(recorded.stream_id, None)
+            # The winner may be a process of another release (see _write): now that the transaction is
+            # over, apply its events to this process's read models before reading the tasks again.
+            await follow.catch_up(conn, streams=[recorded.stream_id for recorded, _, _ in changes])
             continue
-        for recorded, _, _ in changes:
-            _written(conn, recorded.stream_id, states.get(recorded.stream_id))
         return outcomes
     raise eventstore.VersionConflict("the tasks of this batch are changing too fast; try again")
 
@@ -334,7 +352,8 @@ async def change_many(conn: psycopg.AsyncConnection, items: Sequence[Item], meta
 # batch takes advisory locks, in one global order, on the buckets its tasks fall
 # in: batches that share a bucket write one after the other, and a batch never
 # waits for one that waits for it. (A single write appends to one task only, so
-# it needs none: nothing it holds can be what a batch waits for while it waits.)
+# it needs none: nothing it holds can be what a batch waits for while it waits.
+# Cleanup writes many tasks too, so it takes them as well.)
 # Buckets rather than one lock per task: advisory locks take room in the server's
 # shared lock table (64 per connection by default), and 1,000 tasks would overflow it.
 BUCKETS = 64
@@ -342,9 +361,10 @@ BUCKET_SPACE = 0x7474  # the first key of the two-key advisory locks: tasktrail'
 LOCK_BUCKETS = "SELECT pg_advisory_xact_lock(%(space)s, bucket) FROM unnest(%(buckets)s::integer[]) AS bucket"
 
 
-def _buckets(changes: Sequence[Change]) -> list[int]:
-    """The buckets of the changed tasks, in the order every batch locks them (unnest keeps it)."""
-    return sorted({recorded.stream_id.int % BUCKETS for recorded, _, _ in changes})
+async def _lock_buckets(conn: psycopg.AsyncConnection, changes: Sequence[Change]) -> None:
+    """Wait for the buckets of the changed tasks, in the one order (unnest keeps the sorted array's)."""
+    buckets = sorted({recorded.stream_id.int % BUCKETS for recorded, _, _ in changes})
+    await conn.execute(LOCK_BUCKETS, {"space": BUCKET_SPACE, "buckets": buckets})
 
 
 def _decide_many(

@@ -159,3 +159,19 @@ def test_a_bad_keys_file_is_refused_without_echoing_it(text: str) -> None:
 def test_entries_may_be_commented_and_comma_separated() -> None:
     text = "# ops keys\n" + CONFIGURED[0].entry() + ", " + CONFIGURED[1].entry() + "  # CI\n\n" + CONFIGURED[2].entry()
     assert auth.parse(text, "keys.txt") == CONFIGURED
+
+
+async def test_batches_need_the_write_scope_and_record_the_actor(secured: AsyncTestClient) -> None:
+    body = {"tasks": [{"task_type": "auth"}, {"task_type": "auth"}]}
+    problem(await secured.post("/tasks/batch", json=body), 401)
+    problem(await secured.post("/tasks/batch", json=body, headers=bearer("read")), 403)
+    created = await secured.post("/tasks/batch", json=body, headers=bearer("write"))
+    assert created.status_code == 201
+    first, second = (task["task_id"] for task in created.json()["tasks"])
+    updates = {"updates": [{"task_id": first, "progress": 5}, {"task_id": second, "delete": True}]}
+    problem(await secured.patch("/tasks/batch", json=updates, headers=bearer("read")), 403)
+    changed = await secured.patch("/tasks/batch", json=updates, headers=bearer("admin"))
+    assert [r["status"] for r in changed.json()["results"]] == [200, 200]
+    for task_id, actors in ((first, ["write-key", "admin-key"]), (second, ["write-key", "admin-key"])):
+        history = (await secured.get(f"/tasks/{task_id}/history", headers=bearer("read"))).json()
+        assert [event["metadata"]["actor"] for event in history["events"]] == actors

@@ -10,6 +10,7 @@ from litestar.testing import AsyncTestClient
 pytestmark = pytest.mark.anyio
 
 DEEP = "[" * 100_000 + "]" * 100_000
+JSON = {"Content-Type": "application/json"}
 
 
 def problem(response, status: int) -> dict:  # type: ignore[no-untyped-def]
@@ -24,9 +25,9 @@ def problem(response, status: int) -> dict:  # type: ignore[no-untyped-def]
 
 
 async def test_malformed_json_is_400(shared_client: AsyncTestClient) -> None:
-    problem(await shared_client.post("/tasks/", content=b'{"task_type": '), 400)
+    problem(await shared_client.post("/tasks/", content=b'{"task_type": ', headers=JSON), 400)
     task = (await shared_client.post("/tasks/", json={"task_type": "x"})).json()
-    problem(await shared_client.patch(f"/tasks/{task['task_id']}", content=b"{nope}"), 400)
+    problem(await shared_client.patch(f"/tasks/{task['task_id']}", content=b"{nope}", headers=JSON), 400)
 
 
 @pytest.mark.parametrize(
@@ -77,15 +78,16 @@ async def test_update_names_the_offending_field(shared_client: AsyncTestClient, 
 async def test_huge_numbers_are_422(shared_client: AsyncTestClient) -> None:
     task = (await shared_client.post("/tasks/", json={"task_type": "x"})).json()
     for raw in (b'{"progress": 1e308}', b'{"progress": 1e400}', b'{"progress": -1e308}'):
-        problem(await shared_client.patch(f"/tasks/{task['task_id']}", content=raw), 422)
-    problem(await shared_client.post("/tasks/", content=b'{"task_type": "x", "params": {"n": 1e400}}'), 422)
+        problem(await shared_client.patch(f"/tasks/{task['task_id']}", content=raw, headers=JSON), 422)
+    raw = b'{"task_type": "x", "params": {"n": 1e400}}'
+    problem(await shared_client.post("/tasks/", content=raw, headers=JSON), 422)
 
 
 async def test_bodies_over_one_mebibyte_are_413(shared_client: AsyncTestClient) -> None:
     big = b'{"task_type": "x", "params": {"k": "' + b"a" * (1024 * 1024) + b'"}}'
-    problem(await shared_client.post("/tasks/", content=big), 413)
+    problem(await shared_client.post("/tasks/", content=big, headers=JSON), 413)
     task = (await shared_client.post("/tasks/", json={"task_type": "x"})).json()
-    problem(await shared_client.patch(f"/tasks/{task['task_id']}", content=big), 413)
+    problem(await shared_client.patch(f"/tasks/{task['task_id']}", content=big, headers=JSON), 413)
 
 
 @pytest.mark.parametrize(
@@ -140,8 +142,8 @@ HOSTILE_BODIES = [
 async def test_no_hostile_body_gets_a_5xx(shared_client: AsyncTestClient, body: bytes) -> None:
     task = (await shared_client.post("/tasks/", json={"task_type": "x"})).json()
     for response in (
-        await shared_client.post("/tasks/", content=body),
-        await shared_client.patch(f"/tasks/{task['task_id']}", content=body),
+        await shared_client.post("/tasks/", content=body, headers=JSON),
+        await shared_client.patch(f"/tasks/{task['task_id']}", content=body, headers=JSON),
     ):
         assert 200 <= response.status_code < 500, (response.status_code, response.text)
         if response.status_code >= 400:

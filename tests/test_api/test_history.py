@@ -87,7 +87,7 @@ async def test_time_travel_by_version_and_by_time(client: AsyncTestClient) -> No
 
     assert (await client.get(f"{url}?version=1")).json() == task
     assert (await client.get(f"{url}?version=2")).json() == running
-    assert (await client.get(f"{url}?version=99")).json() == done
+    assert (await client.get(f"{url}?version=3")).json() == done
     assert (await client.get(f"{url}?version=2")).headers["etag"] == '"2"'
 
     at = datetime.fromisoformat(running["updated_at"])
@@ -146,7 +146,8 @@ async def test_if_none_match_answers_304(client: AsyncTestClient) -> None:
 async def test_an_idempotency_key_creates_once(client: AsyncTestClient, database_url: str) -> None:
     key = {"Idempotency-Key": "order-42"}
     first = await client.post("/tasks/", json={"task_type": "k", "params": {"a": 1, "b": 2}}, headers=key)
-    again = await client.post("/tasks/", content=b'{"params": {"b": 2, "a": 1}, "task_type": "k"}', headers=key)
+    reordered = b'{"params": {"b": 2, "a": 1}, "task_type": "k"}'
+    again = await client.post("/tasks/", content=reordered, headers=key | {"Content-Type": "application/json"})
     assert (first.status_code, again.status_code) == (201, 201)
     assert again.json()["task_id"] == first.json()["task_id"]
     other = await client.post("/tasks/", json={"task_type": "k", "params": {"a": 2}}, headers=key)
@@ -186,3 +187,74 @@ async def test_idempotency_keys_outlive_a_restart_and_expire_after_a_day(databas
         with psycopg.connect(database_url, autocommit=True) as conn:
             conn.execute("UPDATE idempotency_keys SET created_at = created_at - interval '25 hours'")
         assert (await client.post("/tasks/", json=body, headers=key)).json()["task_id"] != first["task_id"]
+
+
+async def test_a_version_after_the_last_is_404_naming_how_many_there_are(client: AsyncTestClient) -> None:
+    task = await create(client)
+    url = f"/tasks/{task['task_id']}"
+    await patch(client, task["task_id"], {"progress": 10})
+    done = (await patch(client, task["task_id"], {"status": "completed"})).json()
+    assert (await client.get(f"{url}?version=3")).json() == done
+    for asked in (4, 5, 2**31 - 1):
+        missing = await client.get(f"{url}?version={asked}")
+        assert missing.status_code == 404
+        assert missing.headers["content-type"] == "application/problem+json"
+        assert "has only 3 versions" in missing.json()["detail"]
+        assert f"no version {asked}" in missing.json()["detail"]
+    await client.delete(url)
+    for asked in (4, 9):  # version 4 deleted it
+        detail = (await client.get(f"{url}?version={asked}")).json()["detail"]
+        assert "deleted" in detail
+        if asked > 4:
+            assert "has only 4 versions (the last deleted it)" in detail
+    assert (await client.get(f"{url}?version=3")).json() == done  # what it was stays readable
+    only_one = (await create(client))["task_id"]
+    assert "has only 1 version:" in (await client.get(f"/tasks/{only_one}?version=2")).json()["detail"]
+    unknown = await client.get(f"/tasks/{uuid4()}?version=2")
+    assert (unknown.status_code, "not found" in unknown.json()["detail"]) == (404, True)
+
+
+@pytest.mark.parametrize(
+    ("as_of", "status"),
+    [
+        ("0001-01-01T00:00:00Z", 404),  # the far past: not created yet
+        ("0001-01-01T00:00:00+23:59", 404),  # before year 1 in UTC
+        ("1970-01-01T00:00:00Z", 404),
+        ("9999-12-31T23:59:59.999999Z", 200),  # the far future: the state now
+        ("9999-12-31T23:59:59-23:59", 200),  # after year 9999 in UTC
+        ("2999-01-01T00:00:00+14:00", 200),
+        ("2030-01-01T00:00:00.123456789Z", 200),  # more digits than microseconds
+        ("10000-01-01T00:00:00Z", 422),  # out of range years
+        ("-0001-01-01T00:00:00Z", 422),
+        ("0000-01-01T00:00:00Z", 422),
+        ("2030-02-30T00:00:00Z", 422),  # no such day
+        ("2030-01-01T24:00:01Z", 422),
+        ("2030-01-01T00:00:60Z", 422),
+        ("2030-01-01T00:00:00+24:00", 422),  # no such offset
+        ("2030-01-01T00:00:00+99:99", 422),
+        ("1e308", 422),
+        ("99999999999999999999", 422),
+        ("", 422),
+    ],
+)
+async def test_as_of_odd_times(shared_client: AsyncTestClient, as_of: str, status: int) -> None:
+    task = await create(shared_client)
+    response = await shared_client.get(f"/tasks/{task['task_id']}", params={"as_of": as_of})
+    assert response.status_code == status, response.text
+    if status == 200:
+        assert response.json() == task
+    else:
+        assert response.headers["content-type"] == "application/problem+json"
+
+
+async def test_as_of_a_deleted_task(client: AsyncTestClient) -> None:
+    task = await create(client)
+    url = f"/tasks/{task['task_id']}"
+    await client.delete(url)
+    deleted_at = (await client.get(f"{url}/history")).json()["events"][-1]["occurred_at"]
+    before = datetime.fromisoformat(deleted_at) - timedelta(microseconds=1)
+    assert (await client.get(url, params={"as_of": before.isoformat()})).json() == task
+    for after in (deleted_at, "9999-12-31T23:59:59Z"):
+        gone = await client.get(url, params={"as_of": after})
+        assert gone.status_code == 404
+        assert "had been deleted by" in gone.json()["detail"]

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import httpx
 
 from tasktrail.http.body import MAX_BODY_BYTES, MAX_JSON_BYTES
-from tests.test_api.test_errors import problem
+from tests.test_api.test_errors import JSON, problem
 
 
 def body_of(size: int) -> bytes:
@@ -19,17 +19,17 @@ def body_of(size: int) -> bytes:
 def test_a_body_over_one_mebibyte_is_413_however_it_is_sent(live_server: str) -> None:
     too_big = body_of(MAX_BODY_BYTES + 1)
     with httpx.Client(base_url=live_server) as client:
-        problem(client.post("/tasks/", content=too_big), 413)  # with Content-Length
+        problem(client.post("/tasks/", content=too_big, headers=JSON), 413)  # with Content-Length
 
         def chunks() -> Iterator[bytes]:
             for start in range(0, len(too_big), 64 * 1024):
                 yield too_big[start : start + 64 * 1024]
 
-        problem(client.post("/tasks/", content=chunks()), 413)  # chunked: no length given up front
+        problem(client.post("/tasks/", content=chunks(), headers=JSON), 413)  # chunked: no length given up front
         task = client.post("/tasks/", json={"task_type": "x"}).json()
-        problem(client.patch(f"/tasks/{task['task_id']}", content=too_big), 413)
+        problem(client.patch(f"/tasks/{task['task_id']}", content=too_big, headers=JSON), 413)
         # At the limit the body is read, and the params cap answers instead.
-        errors = problem(client.post("/tasks/", content=body_of(MAX_BODY_BYTES)), 422)["errors"]
+        errors = problem(client.post("/tasks/", content=body_of(MAX_BODY_BYTES), headers=JSON), 422)["errors"]
         assert errors[0]["field"] == "params"
         assert str(MAX_JSON_BYTES) in errors[0]["message"]
         assert client.get("/health").status_code == 200
@@ -40,5 +40,6 @@ def test_strict_types_and_nul_through_a_real_server(live_server: str) -> None:
         task = client.post("/tasks/", json={"task_type": "x"}).json()
         assert problem(client.patch(f"/tasks/{task['task_id']}", json={"progress": "50"}), 422)
         assert problem(client.post("/tasks/", json={"task_type": "a\u0000b"}), 422)
-        assert problem(client.post("/tasks/", content=b'{"task_type": "x", "params": {"k": "\\u0000"}}'), 422)
+        nul = b'{"task_type": "x", "params": {"k": "\\u0000"}}'
+        assert problem(client.post("/tasks/", content=nul, headers=JSON), 422)
         assert client.get(f"/tasks/{task['task_id']}").json()["progress"] == 0.0

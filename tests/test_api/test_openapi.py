@@ -7,7 +7,7 @@ import re
 import pytest
 from litestar.testing import AsyncTestClient
 
-from tests.test_api.test_errors import problem
+from tests.test_api.test_errors import JSON, problem
 
 pytestmark = pytest.mark.anyio
 
@@ -26,7 +26,7 @@ async def test_request_bodies_are_declared_and_still_strict(shared_client: Async
         assert body["content"]["application/json"]["schema"] == {"$ref": f"#/components/schemas/{name}"}
     task = (await shared_client.post("/tasks/", json={"task_type": "x"})).json()
     assert problem(await shared_client.patch(f"/tasks/{task['task_id']}", json={"progress": "50"}), 422)
-    assert problem(await shared_client.patch(f"/tasks/{task['task_id']}", content=b"{nope"), 400)
+    assert problem(await shared_client.patch(f"/tasks/{task['task_id']}", content=b"{nope", headers=JSON), 400)
     errors = problem(await shared_client.post("/tasks/", content=b""), 422)["errors"]
     assert errors == [{"field": "body", "message": "required"}]
 
@@ -94,3 +94,32 @@ async def test_reusing_an_idempotency_key_is_a_documented_422(shared_client: Asy
     headers = {"Idempotency-Key": "fuzz-reused"}
     assert (await shared_client.post("/tasks/", json={"task_type": "a"}, headers=headers)).status_code == 201
     problem(await shared_client.post("/tasks/", json={"task_type": "b"}, headers=headers), 422)
+
+
+async def test_the_batch_routes_are_documented_with_their_bodies_and_problems(shared_client: AsyncTestClient) -> None:
+    doc = await openapi(shared_client)
+    schemas = doc["components"]["schemas"]
+    batch = doc["paths"]["/tasks/batch"]
+    for method, name, answer in (("post", "NewTasks", "201"), ("patch", "TaskChanges", "200")):
+        operation = batch[method]
+        assert operation["requestBody"]["content"]["application/json"]["schema"] == {
+            "$ref": f"#/components/schemas/{name}"
+        }
+        assert {answer, "400", "413", "422"} <= operation["responses"].keys()
+    assert schemas["NewTasks"]["properties"]["tasks"] | {"items": None} == {
+        "type": "array", "items": None, "minItems": 1, "maxItems": 1000
+    }  # fmt: skip
+    assert schemas["CreatedTasks"]["properties"]["tasks"]["items"] == {"$ref": "#/components/schemas/Task"}
+    # An item is an update that changes something, or a delete that changes nothing: the rest is a 422.
+    item = schemas["TaskChange"]
+    assert [kind["title"] for kind in item["oneOf"]] == ["update", "delete"]
+    assert item["properties"]["if_version"]["oneOf"][0] == {"type": "integer"}
+    result = schemas["ItemResult"]["properties"]
+    assert result["problem"]["oneOf"][0] == {"$ref": "#/components/schemas/Problem"}
+    assert result["task"]["oneOf"][0] == {"$ref": "#/components/schemas/Task"}
+    (task,) = (await shared_client.post("/tasks/batch", json={"tasks": [{"task_type": "x"}]})).json()["tasks"]
+    # What the schema excludes the server refuses; what it allows, it takes.
+    nothing = {"updates": [{"task_id": task["task_id"], "status": None}]}
+    assert problem(await shared_client.patch("/tasks/batch", json=nothing), 422)["errors"][0]["field"] == "updates[0]"
+    whole = {"updates": [{"task_id": task["task_id"], "progress": 1, "if_version": 1.0}]}
+    assert (await shared_client.patch("/tasks/batch", json=whole)).json()["results"][0]["status"] == 200

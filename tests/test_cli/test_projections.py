@@ -1,4 +1,4 @@
-"""`tasktrail projections status | rebuild` and `serve --rebuild`, in real processes."""
+"""`tasktrail projections status | rebuild | prune`, and `serve` building what is missing, in real processes."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx
 import psycopg
 
+from tasktrail import db
 from tests.conftest import Server
 
 
@@ -20,6 +21,10 @@ def tasktrail(database_url: str, *args: str) -> subprocess.CompletedProcess[str]
     return subprocess.run(
         [sys.executable, "-m", "tasktrail", *args], env=env, capture_output=True, text=True, check=False, timeout=120
     )
+
+
+def connect(database_url: str) -> psycopg.Connection:
+    return psycopg.connect(database_url, **db.connect_kwargs())
 
 
 def test_status_then_rebuild_then_status(live_server: str, database_url: str) -> None:
@@ -31,14 +36,17 @@ def test_status_then_rebuild_then_status(live_server: str, database_url: str) ->
     before = tasktrail(database_url, "projections", "status")
     assert before.returncode == 0, before.stderr
     lines = before.stdout.splitlines()
-    assert lines[0].split()[:4] == ["projection", "live", "code", "applied"]
-    assert lines[1].split()[:3] == ["tasks", "1", "1"]
-    assert "position 10" in lines[1]
-    assert "never" in lines[1]
+    assert lines[0].split() == ["projection", "version", "state", "behind", "processes", "since"]
+    # Both of this code's versions, live, nothing behind, used by the one server process.
+    assert lines[1].split()[:5] == ["stats", "1", "live", "0", "1"]
+    assert lines[2].split()[:5] == ["tasks", "1", "live", "0", "1"]
+    assert "(this code)" in lines[2]
+    assert lines[3] == "log head: position 10"
 
     done = tasktrail(database_url, "projections", "rebuild")
     assert done.returncode == 0, done.stderr
     assert "rebuilt tasks, stats from 10 events in" in done.stderr
+    assert "tasks version 1, stats version 1" in done.stderr
     assert "replay" in done.stderr  # the progress bar's first step
 
     with httpx.Client(base_url=live_server) as client:  # the running server goes on, on the new tables
@@ -46,33 +54,45 @@ def test_status_then_rebuild_then_status(live_server: str, database_url: str) ->
         assert client.post("/tasks/", json={"task_type": "after"}).status_code == 201
 
     after = tasktrail(database_url, "projections", "status")
-    assert "live since position 10" in after.stdout
-    assert "never" not in after.stdout
+    assert after.stdout.splitlines()[3] == "log head: position 11"
     assert tasktrail(database_url, "projections", "rebuild", "nope").returncode == 2
 
 
-def test_serve_names_an_outdated_read_model_and_rebuilds_it_with_the_flag(database_url: str, tmp_path: Path) -> None:
-    with psycopg.connect(database_url) as conn:
-        conn.execute("DELETE FROM projections WHERE name = 'stats'")  # as if stats were new in this release
+def test_serve_builds_a_version_that_has_no_tables_and_prune_drops_only_unused_ones(
+    database_url: str, tmp_path: Path
+) -> None:
     env = os.environ | {"DATABASE_URL": database_url}
-
     server = Server(env, log_dir=tmp_path)
     try:
-        refused = httpx.post(f"{server.url}/tasks/", json={"task_type": "t"})
-        assert refused.status_code == 503
-        assert refused.headers["content-type"] == "application/problem+json"
+        with httpx.Client(base_url=server.url) as client:
+            for i in range(3):
+                assert client.post("/tasks/", json={"task_type": f"t{i}"}).status_code == 201
+        refused = tasktrail(database_url, "projections", "prune", "stats", "1")
+        assert refused.returncode == 1
+        assert "stats version 1 is in use by a running process" in refused.stderr
+        assert tasktrail(database_url, "projections", "prune").stdout == (
+            "nothing to prune: every version left is this code's\n"
+        )
     finally:
         server.stop()
-    assert "run `tasktrail projections rebuild stats`" in server.log()
 
-    server = Server(env, log_dir=tmp_path, serve_args=("--rebuild",))
+    pruned = tasktrail(database_url, "projections", "prune", "stats", "1")
+    assert pruned.returncode == 0, pruned.stderr
+    assert "pruned stats version 1: dropped schema rm_stats_v1" in pruned.stdout
+    status = tasktrail(database_url, "projections", "status").stdout
+    assert "stats              1  retired" in status
+
+    server = Server(env, log_dir=tmp_path)  # this release again: it builds stats version 1 anew
     try:
+        assert httpx.get(f"{server.url}/tasks/stats/summary").json()["pending"] == 3
         assert httpx.post(f"{server.url}/tasks/", json={"task_type": "t"}).status_code == 201
     finally:
         server.stop()
-    assert "rebuilt stats" in server.log()
-    with psycopg.connect(database_url) as conn:
-        assert conn.execute("SELECT version FROM projections WHERE name = 'stats'").fetchone() == (1,)
+    assert "rebuilt stats from 3 events" in server.log()
+    with connect(database_url) as conn:
+        assert conn.execute("SELECT state FROM projection_versions WHERE name = 'stats'").fetchone() == ("live",)
+    checked = tasktrail(database_url, "verify")
+    assert checked.returncode == 0, checked.stdout
 
 
 def test_ctrl_c_leaves_the_live_read_model_alone_and_the_next_rebuild_starts_over(
@@ -86,11 +106,11 @@ def test_ctrl_c_leaves_the_live_read_model_alone_and_the_next_rebuild_starts_ove
                 client.post("/tasks/", json={"task_type": f"t{i}"})
     finally:
         server.stop()
-    with psycopg.connect(database_url) as conn:
+    with connect(database_url) as conn:
         before = conn.execute("SELECT * FROM tasks ORDER BY id").fetchall()
-        registry = conn.execute("SELECT * FROM projections ORDER BY name").fetchall()
+        registry = conn.execute("SELECT name, version, state, since FROM projection_versions ORDER BY 1, 2").fetchall()
 
-    with psycopg.connect(database_url) as reader:
+    with psycopg.connect(database_url, **db.connect_kwargs() | {"autocommit": False}) as reader:
         reader.execute("SELECT count(*) FROM tasks")  # holds the swap off, so Ctrl-C comes mid-rebuild
         rebuilding = subprocess.Popen(
             [sys.executable, "-m", "tasktrail", "projections", "rebuild"],
@@ -104,17 +124,19 @@ def test_ctrl_c_leaves_the_live_read_model_alone_and_the_next_rebuild_starts_ove
     assert rebuilding.returncode == 130, stderr
     assert "interrupted; the live read models are untouched" in stderr
 
-    with psycopg.connect(database_url) as conn:
+    with connect(database_url) as conn:
         assert conn.execute("SELECT * FROM tasks ORDER BY id").fetchall() == before
-        assert conn.execute("SELECT * FROM projections ORDER BY name").fetchall() == registry
+        assert (
+            conn.execute("SELECT name, version, state, since FROM projection_versions ORDER BY 1, 2").fetchall()
+            == registry
+        )
     assert "left from an interrupted rebuild" in tasktrail(database_url, "projections", "status").stdout
 
     again = tasktrail(database_url, "projections", "rebuild")
     assert again.returncode == 0, again.stderr
     status = tasktrail(database_url, "projections", "status").stdout
     assert "interrupted" not in status
-    assert "never" not in status
-    with psycopg.connect(database_url) as conn:
+    with connect(database_url) as conn:
         assert conn.execute("SELECT * FROM tasks ORDER BY id").fetchall() == before
 
 

@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import psutil
 import psycopg
+import pytest
 
-from tasktrail import migrations
+from tasktrail import db, migrations
 from tests.conftest import Server, embedded_data_dir
+
+PYTHON = (sys.executable, "-m", "tasktrail")
+UV_RUN = (shutil.which("uv") or "uv", "run", "--no-sync", "tasktrail")  # uv forwards signals to its child
 
 
 def test_serve_with_no_database_configured_uses_embedded_postgres(tmp_path: Path) -> None:
@@ -72,3 +80,104 @@ def test_help_names_every_command() -> None:
     done = subprocess.run([sys.executable, "-m", "tasktrail", "--help"], capture_output=True, text=True, check=True)
     for word in ("serve", "migrate", "DATABASE_URL"):
         assert word in done.stdout
+
+
+# --- stopping the embedded PostgreSQL -------------------------------------------------------------
+# One data folder for the tests below (initdb once): each must leave its server stopped for the next.
+
+
+@pytest.fixture(scope="module")
+def data_dir() -> Iterator[Path]:
+    with embedded_data_dir() as path:
+        yield path
+        info = path / "pgdata" / "postmaster.pid"
+        if info.exists():  # a failed test left it running: stop it, as a user would
+            subprocess.run([*PYTHON, "--data-dir", str(path), "migrate"], check=False, capture_output=True)
+
+
+def embedded_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+
+
+def postmaster(data_dir: Path) -> int:
+    """The running embedded server's process id, from its postmaster.pid."""
+    return int((data_dir / "pgdata" / "postmaster.pid").read_text().split()[0])
+
+
+def handles(data_dir: Path) -> list[int]:
+    """pgserver's list of the processes that hold the embedded server."""
+    path = data_dir / "pgdata" / db.HANDLES
+    return json.loads(path.read_text()) if path.exists() else []
+
+
+def gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def assert_stopped(data_dir: Path, pid: int) -> None:
+    assert gone(pid), f"the embedded PostgreSQL (pid {pid}) was left running"
+    assert not (data_dir / "pgdata" / "postmaster.pid").exists()
+    assert handles(data_dir) == []
+
+
+@pytest.mark.parametrize(
+    ("launcher", "sig"),
+    # Ctrl-C on `python -m tasktrail serve` is in the tests above and below.
+    [(UV_RUN, signal.SIGTERM), (UV_RUN, signal.SIGINT), (PYTHON, signal.SIGTERM)],
+    ids=["uv run, SIGTERM", "uv run, SIGINT", "python -m, SIGTERM"],
+)
+def test_any_stop_stops_the_embedded_postgres(data_dir: Path, tmp_path: Path, launcher: tuple, sig: int) -> None:
+    server = Server(embedded_env(), "--data-dir", str(data_dir), log_dir=tmp_path, launcher=launcher)
+    try:
+        created = httpx.post(f"{server.url}/tasks/", json={"task_type": "stopped"})
+        assert created.status_code == 201
+        pid = postmaster(data_dir)
+        assert handles(data_dir) != []
+    finally:
+        code = server.stop(sig)  # to uv itself under `uv run`: it passes the signal on
+    assert code == 0, server.log()
+    assert_stopped(data_dir, pid)
+    assert "Traceback" not in server.log(), server.log()
+
+
+def test_a_killed_serve_does_not_keep_the_next_from_stopping_postgres(data_dir: Path, tmp_path: Path) -> None:
+    killed = Server(embedded_env(), "--data-dir", str(data_dir), log_dir=tmp_path)
+    task = httpx.post(f"{killed.url}/tasks/", json={"task_type": "survivor"}).json()
+    pid = postmaster(data_dir)
+    assert killed.stop(signal.SIGKILL) == -signal.SIGKILL
+    # What a SIGKILL leaves: the server running, and the dead process's id in pgserver's list.
+    assert not gone(pid)
+    assert handles(data_dir) == [killed.process.pid]
+
+    again = Server(embedded_env(), "--data-dir", str(data_dir), log_dir=tmp_path)
+    try:
+        assert postmaster(data_dir) == pid  # it took over the running server
+        assert handles(data_dir) == [again.process.pid]
+        assert httpx.get(f"{again.url}/tasks/{task['task_id']}").json() == task
+    finally:
+        assert again.stop(signal.SIGINT) == 0
+    assert_stopped(data_dir, pid)
+
+
+def test_a_stop_while_the_embedded_postgres_starts_still_stops_it(data_dir: Path, tmp_path: Path) -> None:
+    log = (tmp_path / "early.log").open("wb")
+    command = [*PYTHON, "--data-dir", str(data_dir), "serve", "--port", "0"]
+    process = subprocess.Popen(command, env=embedded_env(), stdout=log, stderr=subprocess.STDOUT)
+    try:
+        info = data_dir / "pgdata" / "postmaster.pid"
+        deadline = time.monotonic() + 30
+        while not info.exists() and process.poll() is None:
+            assert time.monotonic() < deadline, "the embedded PostgreSQL never started"
+            time.sleep(0.01)
+        pid = postmaster(data_dir)
+        process.send_signal(signal.SIGTERM)  # during the start, or just after it: either way it must stop
+        assert process.wait(timeout=30) in (0, 130)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        log.close()
+    assert_stopped(data_dir, pid)

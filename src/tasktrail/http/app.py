@@ -19,12 +19,12 @@ from litestar.datastructures import MutableScopeHeaders
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
-from tasktrail import dashboard, db, eventstore, idempotency, live, writer
+from tasktrail import dashboard, db, eventstore, idempotency, live, replicas, writer
 from tasktrail.domain.task import TaskNotFound, TransitionRejected
-from tasktrail.http import auth, batch, events, health, history, openapi, sessions, tasks
+from tasktrail.http import auth, batch, events, health, history, openapi, sessions, tasks, wellformed
 from tasktrail.http.body import MAX_BODY_BYTES, InvalidInput, MalformedBody
 from tasktrail.http.problems import answer, problem, refusal
-from tasktrail.projections import ProjectionOutdated
+from tasktrail.projections import ProjectionOutdated, follow
 
 log = logging.getLogger("tasktrail")
 GC_YOUNG = 20_000  # allocations between young collections (CPython's default is 700)
@@ -79,9 +79,29 @@ def _unavailable(_: Request, exc: Exception) -> Response[bytes]:
     return problem(503, detail, headers={"Retry-After": "1"})
 
 
+def _locked(request: Request, exc: psycopg.errors.LockNotAvailable) -> Response[bytes]:
+    # The context names the relation waited on ('while updating tuple (0,1) in relation "tasks"'), never a value.
+    where = exc.diag.context or ""
+    log.warning("lock timeout on %s %s: %s", request.method, request.url.path, where.strip() or exc)
+    if "idempotency_keys" in where:
+        detail = "the Idempotency-Key is held by another request still in progress; try again shortly"
+    elif request.method in ("GET", "HEAD"):
+        detail = "what this request reads is locked by another transaction; try again shortly"
+    else:
+        detail = "the task is locked by another transaction; try again shortly"
+    return problem(503, detail, headers={"Retry-After": "1"})
+
+
+def _unstorable(request: Request, exc: psycopg.DataError) -> Response[bytes]:
+    # Input the decoders let through but PostgreSQL cannot hold (a NUL in text,
+    # a value out of a column's range): the request's fault, not the server's.
+    log.warning("refused a value on %s %s: %s", request.method, request.url.path, exc.diag.message_primary or exc)
+    return problem(422, "a value in the request cannot be stored: " + (exc.diag.message_primary or str(exc)))
+
+
 def _outdated(_: Request, exc: ProjectionOutdated) -> Response[bytes]:
     log.error("refusing a write: %s", exc)
-    return problem(503, "the service is being upgraded; try again shortly")
+    return problem(503, "the service is being upgraded; try again shortly", headers={"Retry-After": "1"})
 
 
 def _unexpected(request: Request, exc: Exception) -> Response[bytes]:
@@ -122,6 +142,34 @@ def request_ids(app: ASGIApp) -> ASGIApp:
     return middleware
 
 
+def read_after_tokens(app: ASGIApp) -> ASGIApp:
+    """Give every 2xx answer to a write its Tasktrail-Read-After token (see replicas.py).
+
+    The write's primary connection leaves the token in the request's state
+    (replicas.Replicas.writing); without replicas, or when none was left, the
+    token is replicas.ON_PRIMARY, which a process with replicas answers from the
+    primary. Reads pass straight through.
+    """
+
+    async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] in replicas.SAFE_METHODS:
+            await app(scope, receive, send)
+            return
+
+        async def send_with_token(message: Any) -> None:
+            if message["type"] == "http.response.start" and 200 <= message["status"] < 300:
+                token = scope["state"].get(replicas.STATE, replicas.ON_PRIMARY)
+                message["headers"] = [*message.get("headers", []), (_READ_AFTER, token.encode())]
+            await send(message)
+
+        await app(scope, receive, send_with_token)
+
+    return middleware
+
+
+_READ_AFTER = replicas.HEADER.lower().encode()
+
+
 def _allow_every_method(message: Message, scope: Scope) -> None:
     if "route_handler" in scope:
         handlers = scope["app"].route_handler_method_map
@@ -129,10 +177,22 @@ def _allow_every_method(message: Message, scope: Scope) -> None:
         MutableScopeHeaders.from_message(message)["allow"] = ", ".join(sorted(methods))
 
 
-def create_app(database_url: str | None = None, api_keys: Sequence[auth.Key] | None = None) -> Litestar:
-    """The app, on DATABASE_URL and the configured API keys unless given others (migrations are the caller's)."""
+def create_app(
+    database_url: str | None = None,
+    api_keys: Sequence[auth.Key] | None = None,
+    *,
+    replica_urls: Sequence[str] | None = None,
+    replica_max_lag: float | None = None,
+) -> Litestar:
+    """The app, on DATABASE_URL, its replicas (DATABASE_REPLICA_URLS) and the configured API keys unless given others.
+
+    Migrations are the caller's.
+    """
     conninfo = database_url or os.environ["DATABASE_URL"]
     keys = auth.load() if api_keys is None else api_keys
+    urls, max_lag = replicas.configured()
+    urls = urls if replica_urls is None else list(replica_urls)
+    max_lag = max_lag if replica_max_lag is None else replicas.max_lag_from(replica_max_lag)
     # Signs the dashboard's session cookies; the guard checks them.
     signer = sessions.Signer(sessions.secret_from_env())
 
@@ -140,8 +200,13 @@ def create_app(database_url: str | None = None, api_keys: Sequence[auth.Key] | N
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         app.state.pool = db.create_pool(conninfo)
         await app.state.pool.open(wait=False)
-        app.state.live = live.Listener(conninfo, app.state.pool, events.render)
+        app.state.replicas = replicas.Replicas(conninfo, app.state.pool, urls, max_lag)
+        await app.state.replicas.start()
+        app.state.live = live.Listener(conninfo, app.state.replicas, events.render)
         await app.state.live.start()
+        # Marks this process's read-model versions in use, and applies to them what other releases write.
+        app.state.follower = follow.Follower(conninfo)
+        await app.state.follower.start()
         # What start-up made lives as long as the process: keep the collector from rescanning it,
         # and let the young generation grow (a request makes a few thousand short-lived objects)
         # before a collection looks through it.
@@ -150,7 +215,9 @@ def create_app(database_url: str | None = None, api_keys: Sequence[auth.Key] | N
         try:
             yield
         finally:
+            await app.state.follower.stop()
             await app.state.live.stop()
+            await app.state.replicas.stop()
             await app.state.pool.close()
 
     return Litestar(
@@ -163,17 +230,24 @@ def create_app(database_url: str | None = None, api_keys: Sequence[auth.Key] | N
             dashboard.router(keys, signer),
         ],
         lifespan=[lifespan],
-        middleware=[request_ids],
+        middleware=[request_ids, wellformed.wellformed, read_after_tokens],
         guards=auth.guards(keys, signer),
         openapi_config=openapi.CONFIG,
-        plugins=[openapi.JsonObjects()],
+        plugins=[openapi.JsonObjects(), wellformed.Shapes()],
         request_max_body_size=MAX_BODY_BYTES,
         # Browsers on other origins (the seed's front end) may call the API and read its headers.
         cors_config=CORSConfig(
             allow_origins=["*"],
             allow_methods=["GET", "POST", "PATCH", "DELETE"],
-            allow_headers=["Authorization", "Content-Type", "If-Match", "If-None-Match", "Idempotency-Key"],
-            expose_headers=["ETag", "Link", "Location", "X-Request-ID"],
+            allow_headers=[
+                "Authorization",
+                "Content-Type",
+                "If-Match",
+                "If-None-Match",
+                "Idempotency-Key",
+                replicas.HEADER,
+            ],
+            expose_headers=["ETag", "Link", "Location", "X-Request-ID", replicas.HEADER],
         ),
         exception_handlers={
             TaskNotFound: _refused,
@@ -186,6 +260,8 @@ def create_app(database_url: str | None = None, api_keys: Sequence[auth.Key] | N
             ValidationException: _invalid_parameter,
             HTTPException: _http,
             psycopg.OperationalError: _unavailable,
+            psycopg.errors.LockNotAvailable: _locked,
+            psycopg.DataError: _unstorable,
             psycopg_pool.PoolTimeout: _unavailable,
             ProjectionOutdated: _outdated,
             Exception: _unexpected,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import re
 from collections.abc import Iterator
 from typing import Any, Generic, TypeVar
@@ -52,7 +53,12 @@ def decode(body: bytes, type_: type[T]) -> T:
             path = f"{path}.{missing[1]}".lstrip(".")
         raise invalid(path or "body", match["message"]) from exc
     except msgspec.DecodeError as exc:
+        if body.startswith(codecs.BOM_UTF8):
+            raise MalformedBody("the body starts with a byte order mark: send JSON as UTF-8 without one") from exc
         raise MalformedBody(f"the body is not valid JSON: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        # msgspec decodes a string's bytes only when it builds the string, and raises this, not a DecodeError.
+        raise MalformedBody(f"the body is not UTF-8 text (byte {exc.start}): JSON must be sent as UTF-8") from exc
     except RecursionError as exc:
         raise invalid("body", f"nested deeper than {MAX_JSON_DEPTH} levels") from exc
 
@@ -61,8 +67,14 @@ def check_json(field: str, value: Any) -> None:
     """Refuse a params/result value PostgreSQL cannot store or we will not keep."""
     if value is None:
         return
-    if len(msgspec.json.encode(value)) > MAX_JSON_BYTES:
+    encoded = msgspec.json.encode(value)
+    if len(encoded) > MAX_JSON_BYTES:
         raise invalid(field, f"larger than {MAX_JSON_BYTES} bytes of JSON")
+    # The walk below is exact, and costs a microsecond or two (per item of a batch). Most values cannot
+    # fail it, as their JSON shows: a NUL in a key or string is encoded as \u0000, and a value too deep
+    # has at least MAX_JSON_DEPTH nested objects or arrays, so as many opening brackets.
+    if b"\\u0000" not in encoded and encoded.count(b"{") + encoded.count(b"[") < MAX_JSON_DEPTH:
+        return
     stack = [(value, 1)]
     while stack:
         item, depth = stack.pop()

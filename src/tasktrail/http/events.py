@@ -29,11 +29,11 @@ from tasktrail.http.problems import problems
 from tasktrail.http.tasks import (
     ERRORS,
     JsonReply,
-    connection,
     documented,
     json_response,
     not_found,
     parse_task_id,
+    read,
 )
 from tasktrail.live import Listener
 from tasktrail.projections import tasks as tasks_view
@@ -51,7 +51,8 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 # A cursor is "<transaction id>-<position>": opaque to clients (they only hand
 # it back), plain enough for the OpenAPI schema to say exactly which are valid.
-CURSOR = r"^\d{1,18}-\d{1,18}$"
+# [0-9], not \d: in Python \d is any Unicode digit, and int() reads "١٢" as 12.
+CURSOR = r"^[0-9]{1,18}-[0-9]{1,18}$"
 
 
 AfterParameter = Annotated[str | None, QueryParameter(max_length=100, pattern=CURSOR)]
@@ -108,8 +109,7 @@ async def feed(
 ) -> JsonReply:
     """Every event in commit-safe order, after a cursor; next_cursor is there even on an empty page."""
     cursor = decode_cursor("after", after) if after else eventstore.START
-    async with connection(request) as conn:
-        page = await eventstore.read_feed(conn, cursor, limit=limit)
+    page = await read(request, lambda conn: eventstore.read_feed(conn, cursor, limit=limit))
     events = [item(event) for event in page.events]
     return json_response(Feed(events, encode_cursor(page.next_after)))
 
@@ -173,8 +173,7 @@ async def stream_all(request: Request, after: AfterParameter = None, last_event_
     listener: Listener = request.app.state.live
     cursor = resume_from(last_event_id, after)
     if cursor is None:
-        async with connection(request) as conn:
-            cursor = await eventstore.head(conn)
+        cursor = await read(request, eventstore.head)
     return event_stream(frames(listener, cursor))
 
 
@@ -209,13 +208,17 @@ async def stream_task(
     uuid = parse_task_id(task_id)
     listener: Listener = request.app.state.live
     resume = resume_from(last_event_id, after)
-    async with connection(request) as conn:
+
+    async def fetch(conn: psycopg.AsyncConnection) -> tuple[Any, ...]:
         cur = await conn.execute(TASK_STREAM_START, {"task_id": uuid})
         row = await cur.fetchone()
         assert row is not None
-        head, seen, latest_txid, latest_position, latest_type = row[:5]
-        if latest_type is None:
+        if row[4] is None:
             raise await not_found(conn, uuid)
+        return row
+
+    row = await read(request, fetch)
+    head, seen, latest_txid, latest_position, _latest_type = row[:5]
     task = None if row[5] is None else tasks_view.to_task(row[5:])
     latest = (int(latest_txid), latest_position)
     ended = task is None or task.status in FINISHED

@@ -6,6 +6,7 @@ from datetime import datetime
 from typing import Annotated, Any
 
 import msgspec
+import psycopg
 from litestar import Request, get
 from litestar.params import FromPath, QueryParameter
 
@@ -14,7 +15,7 @@ from tasktrail.domain.events import to_data, type_of
 from tasktrail.domain.task import TaskNotFound
 from tasktrail.http.auth import SECURITY
 from tasktrail.http.problems import problems
-from tasktrail.http.tasks import ERRORS, JsonReply, connection, documented, json_response, parse_task_id
+from tasktrail.http.tasks import ERRORS, JsonReply, documented, json_response, parse_task_id, read
 
 
 class EventView(msgspec.Struct):
@@ -58,10 +59,14 @@ async def history(
 ) -> JsonReply:
     """The task's events in version order, deleted tasks included; the next page is in the Link header."""
     uuid = parse_task_id(task_id)
-    async with connection(request) as conn:
+
+    async def fetch(conn: psycopg.AsyncConnection) -> list[eventstore.Stored]:
         page = await eventstore.read_stream(conn, uuid, after_version=after_version, limit=limit)
-    if not page and after_version == 0:
-        raise TaskNotFound(f"task {task_id} not found")
+        if not page and after_version == 0:
+            raise TaskNotFound(f"task {task_id} not found")
+        return page
+
+    page = await read(request, fetch)
     headers = {}
     if len(page) == limit:
         last = page[-1].recorded.version

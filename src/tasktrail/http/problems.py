@@ -33,6 +33,10 @@ def details(status: int, detail: str, **extra: Any) -> Problem:
     return Problem(type=kind, title=title, status=status, detail=detail, **extra)
 
 
+def problem_body(status: int, detail: str, **extra: Any) -> bytes:
+    return msgspec.json.encode(details(status, detail, **extra))
+
+
 def problem(status: int, detail: str, headers: dict[str, str] | None = None, **extra: Any) -> Response[bytes]:
     return answer(details(status, detail, **extra), headers)
 
@@ -62,8 +66,9 @@ MEANINGS = {
     409: "the task's status does not allow the change",
     412: "the task is not at the version If-Match names",
     413: "the body is over 1 MiB",
+    415: "the body is not sent as JSON: give `Content-Type: application/json` (charset, if any, utf-8)",
     422: "well-formed input that breaks a rule; `errors` names the fields",
-    503: "the database is unreachable or too slow; try again shortly",
+    503: "the database is unreachable or too slow, or the task is locked by another transaction; try again shortly",
 }
 
 

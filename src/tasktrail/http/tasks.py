@@ -5,8 +5,9 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 from urllib.parse import urlencode
 from uuid import UUID
 
@@ -111,8 +112,14 @@ def matching_versions(header: str) -> frozenset[int] | None:
     return frozenset(int(m[1]) for part in header.split(",") if (m := _TAG.fullmatch(part)))
 
 
+def list_header(request: Request, name: str) -> str | None:
+    """A list-valued header, its repeats joined as RFC 9110 says they may be (`If-Match: "1"` twice is one list)."""
+    values = request.headers.getall(name, [])
+    return ", ".join(values) if values else None
+
+
 def expected_versions(request: Request) -> frozenset[int] | None:
-    header = request.headers.get("if-match")
+    header = list_header(request, "if-match")
     return None if header is None else matching_versions(header)
 
 
@@ -134,12 +141,29 @@ async def not_found(conn: psycopg.AsyncConnection, task_id: UUID) -> TaskNotFoun
 
 
 def connection(request: Request) -> db.Borrowed:
-    """`async with connection(request) as conn`: a pooled connection for the handler.
+    """`async with connection(request) as conn`: a pooled connection to the primary, for a write handler.
 
+    Writes, and every read a write makes (the state it decides on, the
+    Idempotency-Key check), use the primary; with replicas, a write's
+    connection also takes the Tasktrail-Read-After token (replicas.py).
     Taken in the handler rather than as a Litestar dependency, whose generator
     cleanup costs 15 us of CPU per request (measured against this).
     """
-    return db.Borrowed(request.app.state.pool)
+    return request.app.state.replicas.writing(request.scope)
+
+
+T = TypeVar("T")
+
+
+async def read(request: Request, fetch: Callable[[psycopg.AsyncConnection], Awaitable[T]]) -> T:
+    """`await read(request, fetch)`: fetch(conn) for a read handler, on a replica fresh enough for the request.
+
+    Every read handler takes its connection here: on a replica that has
+    replayed the request's Tasktrail-Read-After, else on the primary; a read
+    that fails on a replica runs again on the primary, so fetch must only read.
+    Without replicas it is the primary, at the cost of `connection`.
+    """
+    return await request.app.state.replicas.read(request.scope, fetch)
 
 
 def metadata(request: Request, **extra: str) -> dict[str, Any]:
@@ -176,13 +200,23 @@ async def create_task(
 
 
 async def _as_it_was(conn: psycopg.AsyncConnection, uuid: UUID, version: int | None, as_of: datetime | None) -> Task:
+    """The task at a version (404 unless it has that version) or at a moment (404 before creation or after deletion).
+
+    A moment after the last event is the state now: the task has not changed since.
+    A version after the last does not exist (yet): answering the latest state
+    instead would pass off another version as the one asked for.
+    """
     history = await eventstore.read_stream_until(conn, uuid, version=version, as_of=as_of)
-    when = f"version {version}" if version is not None else f"{as_of:%Y-%m-%dT%H:%M:%S.%f%z}"
+    when = f"version {version}" if version is not None else as_of.isoformat()  # type: ignore[union-attr]
     if not history:
         if await eventstore.read_stream(conn, uuid, limit=1):
             raise TaskNotFound(f"task {uuid} did not exist yet at {when}")
         raise TaskNotFound(f"task {uuid} not found")
     task = fold(s.recorded for s in history)
+    last = history[-1].recorded.version
+    if version is not None and last < version:
+        versions = f"{last} version{'s' * (last > 1)}" + (" (the last deleted it)" if task is None else "")
+        raise TaskNotFound(f"task {uuid} has only {versions}: there is no version {version}")
     if task is None:
         raise TaskNotFound(f"task {uuid} had been deleted by {when}")
     return task
@@ -207,15 +241,17 @@ async def get_task(
     uuid = parse_task_id(task_id)
     if version is not None and as_of is not None:
         raise invalid("as_of", "give version or as_of, not both")
-    async with connection(request) as conn:
+
+    async def fetch(conn: psycopg.AsyncConnection) -> Task:
         if version is not None or as_of is not None:
-            task = await _as_it_was(conn, uuid, version, None if as_of is None else _aware(as_of))
-        else:
-            found = await tasks_view.get(conn, uuid)
-            if found is None:
-                raise await not_found(conn, uuid)
-            task = found
-    cached = request.headers.get("if-none-match")
+            return await _as_it_was(conn, uuid, version, None if as_of is None else _aware(as_of))
+        found = await tasks_view.get(conn, uuid)
+        if found is None:
+            raise await not_found(conn, uuid)
+        return found
+
+    task = await read(request, fetch)
+    cached = list_header(request, "if-none-match")
     if cached is not None and ((tags := matching_versions(cached)) is None or task.version in tags):
         return JsonReply(b"", 304, {"ETag": f'"{task.version}"'})
     return task_response(task)
@@ -304,10 +340,13 @@ async def list_tasks(
 ) -> JsonReply:
     """Live tasks, newest first; the next page's URL is in the Link header."""
     before = None if cursor is None else _decode_cursor(cursor)
-    async with connection(request) as conn:
-        page = await tasks_view.list_page(
-            conn, status=status_filter(status), task_type=task_type or None, before=before, skip=skip, limit=limit
-        )
+    wanted = status_filter(status)
+    page = await read(
+        request,
+        lambda conn: tasks_view.list_page(
+            conn, status=wanted, task_type=task_type or None, before=before, skip=skip, limit=limit
+        ),
+    )
     headers = {}
     if len(page) == limit:
         query = {k: v for k, v in request.query_params.items() if k not in ("cursor", "skip")}
@@ -323,8 +362,7 @@ async def list_tasks(
 )
 async def stats_summary(request: Request, task_type: TaskTypeFilter = None) -> JsonReply:
     """Counts per status, from the counters (never by counting rows)."""
-    async with connection(request) as conn:
-        counts = await stats.summary(conn, task_type or None)
+    counts = await read(request, lambda conn: stats.summary(conn, task_type or None))
     return json_response(Summary(**counts))
 
 

@@ -9,6 +9,7 @@ from uuid import UUID
 
 import psycopg
 from psycopg import sql
+from psycopg.types.json import Jsonb
 
 from tasktrail.domain.task import Status, Task
 
@@ -180,19 +181,27 @@ async def finished_before(conn: psycopg.AsyncConnection, cutoff: datetime, finis
 
 # The states of many tasks in one query, for a batch of changes; for each one
 # not found, whether its stream ends deleted (so its 404 can say so, as a
-# single request's does). Each task_id once, in any order.
+# single request's does). A deleted stream's last event is its TaskDeleted: one
+# step back along the (stream_id, version) index, and only for a task not found.
+# (As an EXISTS over the stream's events, the planner may hash every TaskDeleted
+# in the log instead.) Each task_id once, in any order.
 GET_MANY = f"""
-SELECT {COLUMNS}, wanted,
-       CASE WHEN task_id IS NULL
-            THEN EXISTS (SELECT FROM events e WHERE e.stream_id = wanted AND e.type = 'TaskDeleted') END
-FROM unnest(%(task_ids)s::uuid[]) AS w (wanted)
+SELECT {COLUMNS}, wanted, last.type = 'TaskDeleted'
+FROM (SELECT value::uuid FROM jsonb_array_elements_text(%(task_ids)s)) AS w (wanted)
 LEFT JOIN tasks ON task_id = wanted
+LEFT JOIN LATERAL (
+    SELECT e.type FROM events e
+    WHERE e.stream_id = wanted AND tasks.task_id IS NULL
+    ORDER BY e.version DESC
+    LIMIT 1
+) last ON true
 """  # noqa: S608 -- COLUMNS is a constant
 
 
 async def get_many(conn: psycopg.AsyncConnection, task_ids: Collection[UUID]) -> tuple[dict[UUID, Task], set[UUID]]:
     """The live tasks among task_ids by id, and those that were deleted."""
-    cur = await conn.execute(GET_MANY, {"task_ids": list(task_ids)}, binary=True)
+    # The ids as a JSON array: psycopg dumps a list of UUIDs one by one in Python (1.4 us each), msgspec in C.
+    cur = await conn.execute(GET_MANY, {"task_ids": Jsonb(list(task_ids))}, binary=True)
     found, deleted = {}, set()
     for row in await cur.fetchall():
         if row[1] is not None:

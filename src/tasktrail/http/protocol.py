@@ -1,0 +1,107 @@
+"""The HTTP/1.1 protocol `serve` runs: uvicorn's httptools one, with bounds on a request's head.
+
+uvicorn's own keeps reading a request's line and headers for as long as a
+client sends them, however many and however slowly (httptools sets no limit,
+and uvicorn times out only idle keep-alive connections), so one connection
+could make the server hold any amount of memory, and a few thousand slow ones
+every file descriptor, before the app sees a byte. This one answers 431 once a
+head passes MAX_HEAD_BYTES, and 408 when a connection's next head has not
+arrived within the read timeout (TASKTRAIL_READ_TIMEOUT), and closes. It also
+answers the parser's own refusals (a NUL or a bare CR in a header, a
+Content-Length that is not a number or comes twice, Content-Length beside
+chunked, a broken chunk size) as problem+json, like every other error, where
+uvicorn answers plain text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+
+from tasktrail.http.problems import PROBLEM, problem_body
+from tasktrail.http.wellformed import MAX_HEADER_BYTES, MAX_URL_BYTES, read_timeout
+
+# The app refuses longer URLs (414) and larger headers (431) itself, precisely;
+# this bound, with room to spare above both, only caps what a connection can hold.
+MAX_HEAD_BYTES = 2 * (MAX_URL_BYTES + MAX_HEADER_BYTES)
+
+
+# After a refusal the client may still be sending: closing at once would reset
+# the connection, and a reset can destroy the answer before the client reads
+# it. So the answer goes out, the sending side closes, and whatever still
+# arrives is dropped for this long before the connection closes.
+LINGER_SECONDS = 2.0
+
+
+class BoundedHead(HttpToolsProtocol):
+    reading_head = False
+    head_bytes = 0
+    refused = False
+    head_due: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self.head_due = self.loop.call_later(read_timeout(), self.head_late)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.head_due is not None:
+            self.head_due.cancel()
+        super().connection_lost(exc)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self.reading_head, self.head_bytes = True, 0
+        if self.head_due is None:
+            self.head_due = self.loop.call_later(read_timeout(), self.head_late)
+
+    def on_headers_complete(self) -> None:
+        self.reading_head = False
+        if self.head_due is not None:
+            self.head_due.cancel()
+            self.head_due = None
+        super().on_headers_complete()
+
+    def head_late(self) -> None:
+        if not self.transport.is_closing():
+            self.refuse(408, f"the request's line and headers did not arrive within {read_timeout():g} s")
+
+    def data_received(self, data: bytes) -> None:
+        if self.refused:
+            return
+        super().data_received(data)
+        # Counted only while a head is still incomplete once the bytes are parsed: they are all head.
+        if self.reading_head and not self.transport.is_closing():
+            self.head_bytes += len(data)
+            if self.head_bytes > MAX_HEAD_BYTES:
+                self.logger.warning("refused a request whose head passed %d bytes", MAX_HEAD_BYTES)
+                self.refuse(431, f"the request's line and headers are larger than {MAX_HEAD_BYTES} bytes")
+
+    def send_400_response(self, msg: str) -> None:
+        self.refuse(
+            400,
+            "the request is not valid HTTP/1.1 (for example a NUL or a bare CR in a header, a Content-Length "
+            "that is not a number or is given twice or beside chunked, or a broken chunk)",
+        )
+
+    def refuse(self, status: int, detail: str) -> None:
+        if self.cycle is not None and not self.cycle.response_complete:
+            # A request read before the broken bytes is still being answered: this answer replaces it.
+            self.cycle.disconnected = True
+        body = problem_body(status, detail)
+        content = [STATUS_LINE[status]]
+        for name, value in self.server_state.default_headers:
+            content += [name, b": ", value, b"\r\n"]
+        content += [
+            b"content-type: ", PROBLEM.encode(), b"\r\n",
+            b"content-length: %d\r\n" % len(body),
+            b"connection: close\r\n\r\n",
+            body,
+        ]  # fmt: skip
+        self.transport.write(b"".join(content))
+        self.refused = True
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+            self.loop.call_later(LINGER_SECONDS, self.transport.close)
+        else:
+            self.transport.close()

@@ -1,0 +1,284 @@
+"""What every request must be before a handler reads any of it, checked once for every route.
+
+Handlers decode what they read as text: a path segment, a query parameter, a
+header, a JSON body. Bytes that are not text broke those decoders in different
+ways: msgspec raised UnicodeDecodeError on a body that is not UTF-8 (a 500),
+and the query parser quietly turned %ff into U+FFFD and filtered on that. So
+the checks below run before any handler, on every route, the ones added later
+included, and answer problem+json:
+
+- the URL is at most MAX_URL_BYTES (414); its path and query string
+  percent-decode to UTF-8 (400); a query value holds no NUL (422: PostgreSQL
+  text cannot), and a parameter comes once unless its handler takes a list
+  (422: a filter given twice is ambiguous, and a proxy may have checked the
+  other one);
+- the headers are at most MAX_HEADER_BYTES in all (431), and a header the
+  service reads as one value (SINGLE) does not come twice with different
+  values (400);
+- a route that takes a JSON body (a `data` parameter, JSON being Litestar's
+  default body encoding) needs Content-Type `application/json` or
+  `application/*+json` (RFC 6839: JSON all the same), with charset utf-8 if
+  any; a body without a Content-Type is refused too (415). A cross-site HTML
+  form can post `text/plain` without a CORS preflight; it cannot post JSON.
+  The body must be UTF-8 (400) and arrive within the read timeout (408), so a
+  client that announces more bytes than it sends cannot hold a request open.
+
+`Shapes` (a plugin) works out once per route handler which body and which
+list parameters it takes, and adds 415 to its OpenAPI responses; `wellformed`
+(a middleware) checks each request against that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import os
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import unquote_to_bytes
+
+from litestar.enums import RequestEncodingType
+from litestar.exceptions import ClientException
+from litestar.handlers import HTTPRouteHandler
+from litestar.plugins import ReceiveRoutePlugin
+from litestar.routes import BaseRoute, HTTPRoute
+from litestar.types import ASGIApp, Message, Receive, Scope, Send
+
+from tasktrail.http.body import MalformedBody
+from tasktrail.http.problems import PROBLEM, problem_body, problems
+
+MAX_URL_BYTES = 16 * 1024
+MAX_HEADER_BYTES = 32 * 1024
+# A request of up to 1 MiB arrives in well under a second on any working link;
+# a client that stops sending mid-way would otherwise hold its connection (and,
+# mid-body, its request) until it disconnects. TASKTRAIL_READ_TIMEOUT, seconds:
+# for the head (http/protocol.py) and again for the body.
+READ_TIMEOUT = 30.0
+# Headers read as one value: two that differ leave it to chance which one counts.
+SINGLE = {
+    b"authorization": "Authorization",
+    b"content-type": "Content-Type",
+    b"idempotency-key": "Idempotency-Key",
+    b"last-event-id": "Last-Event-ID",
+}
+_BODY_HEADERS = (b"content-length", b"transfer-encoding")
+_WATCHED = frozenset(SINGLE) | frozenset(_BODY_HEADERS)
+_CHARSETS = ("utf-8", "utf8")
+SHAPE = "tasktrail.shape"  # the key of a handler's Shape in its opt
+_PROBLEM = PROBLEM.encode()
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What a route handler reads: a JSON body or not, and which query parameters may repeat."""
+
+    json_body: bool
+    lists: frozenset[str]
+
+
+def shape_of(handler: HTTPRouteHandler) -> Shape:
+    fields = handler.parsed_fn_signature.parameters
+    data = fields.get("data")
+    json_body = data is not None and getattr(data.kwarg_definition, "media_type", None) in (
+        None,
+        RequestEncodingType.JSON,
+    )
+    lists = set()
+    for name, field in fields.items():
+        where = field.kwarg_definition
+        if field.is_non_string_sequence and not (getattr(where, "header", None) or getattr(where, "cookie", None)):
+            lists.add(getattr(where, "query", None) or name)
+    return Shape(json_body, frozenset(lists))
+
+
+class Shapes(ReceiveRoutePlugin):
+    """Records each route handler's Shape as it is registered, and documents its 415."""
+
+    def receive_route(self, route: BaseRoute) -> None:
+        if not isinstance(route, HTTPRoute):
+            return
+        for handler in route.route_handlers:
+            handler.opt[SHAPE] = shape = shape_of(handler)
+            if shape.json_body:
+                handler.responses = {**(handler.responses or {}), **problems(415)}
+
+
+def read_timeout() -> float:
+    return float(os.environ.get("TASKTRAIL_READ_TIMEOUT", READ_TIMEOUT))
+
+
+def wellformed(app: ASGIApp) -> ASGIApp:
+    """The middleware: refuse a request that breaks a rule above, before the handler runs."""
+    body_timeout = read_timeout()
+
+    async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+        handler = scope.get("route_handler")
+        shape = None if handler is None else handler.opt.get(SHAPE)
+        refusal = _refusal(scope, shape)
+        if refusal is not None:
+            status, detail, extra = refusal
+            body = problem_body(status, detail, **extra)
+            headers = [(b"content-type", _PROBLEM), (b"content-length", b"%d" % len(body))]
+            await send({"type": "http.response.start", "status": status, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+            return
+        if shape is not None and shape.json_body:
+            receive = _text_body(receive, body_timeout)
+        await app(scope, receive, send)
+
+    return middleware
+
+
+Refusal = tuple[int, str, dict[str, Any]]
+
+
+def _refusal(scope: Scope, shape: Shape | None) -> Refusal | None:
+    seen: dict[bytes, bytes] = {}
+    size = 0
+    for name, value in scope["headers"]:
+        size += len(name) + len(value)
+        if name in _WATCHED and seen.setdefault(name, value) != value and name in SINGLE:
+            return 400, f"give one {SINGLE[name]} header, not several that differ", {}
+    if size > MAX_HEADER_BYTES:
+        return 431, f"the headers are larger than {MAX_HEADER_BYTES} bytes in all", {}
+    # Litestar's test client puts the query string in raw_path too (uvicorn, as ASGI says, does not).
+    raw_path = (scope.get("raw_path") or scope["path"].encode()).partition(b"?")[0]
+    query = scope.get("query_string", b"")
+    if len(raw_path) + len(query) > MAX_URL_BYTES:
+        return 414, f"the URL is longer than {MAX_URL_BYTES} bytes", {}
+    refusal = _path_refusal(raw_path) or (_query_refusal(query, shape) if query else None)
+    if refusal is None and shape is not None and shape.json_body:
+        has_body = seen.get(b"content-length", b"0").strip() != b"0" or b"transfer-encoding" in seen
+        detail = _content_type_refusal(seen.get(b"content-type"), has_body)
+        if detail is not None:
+            refusal = 415, detail, {}
+    return refusal
+
+
+def _path_refusal(raw_path: bytes) -> Refusal | None:
+    if b"%" not in raw_path and b"\x00" not in raw_path and raw_path.isascii():
+        return None  # nothing escaped: plain ASCII text
+    try:
+        path = unquote_to_bytes(raw_path).decode()
+    except UnicodeDecodeError:
+        return 400, "the URL's path is not UTF-8 text once its %-escapes are decoded", {}
+    if "\x00" in path:
+        return 400, "the URL's path holds NUL (%00)", {}
+    return None
+
+
+def _query_refusal(query: bytes, shape: Shape | None) -> Refusal | None:
+    if b"%" in query or b"+" in query or b"\x00" in query or not query.isascii():
+        return _escaped_query_refusal(query, shape)
+    # Nothing escaped (the common case): plain ASCII text; only a repeat can be wrong.
+    names = [part.partition(b"=")[0].decode("ascii") for part in query.split(b"&") if part]
+    return _repeat_refusal(names, shape)
+
+
+def _escaped_query_refusal(query: bytes, shape: Shape | None) -> Refusal | None:
+    names = []
+    for part in query.split(b"&"):
+        if not part:
+            continue
+        raw_name, _, raw_value = part.partition(b"=")
+        try:
+            name = _decoded(raw_name)
+        except UnicodeDecodeError:
+            return 400, "a query parameter's name is not UTF-8 text once its %-escapes are decoded", {}
+        try:
+            value = _decoded(raw_value)
+        except UnicodeDecodeError:
+            return _invalid(400, name, "not UTF-8 text once its %-escapes are decoded")
+        if "\x00" in name:
+            return 400, "a query parameter's name holds NUL (%00)", {}
+        if "\x00" in value:
+            return _invalid(422, name, "must not contain NUL (%00)")
+        names.append(name)
+    return _repeat_refusal(names, shape)
+
+
+def _repeat_refusal(names: list[str], shape: Shape | None) -> Refusal | None:
+    if len(set(names)) < len(names):
+        lists = frozenset() if shape is None else shape.lists
+        for name in names:
+            if names.count(name) > 1 and name not in lists:
+                return _invalid(422, name, "given more than once; give it once")
+    return None
+
+
+def _decoded(raw: bytes) -> str:
+    """A query string's name or value as text: + is a space, %-escapes are UTF-8 bytes."""
+    if b"%" not in raw and b"+" not in raw and raw.isascii():
+        return raw.decode("ascii")  # a raw NUL stays, and is refused
+    return unquote_to_bytes(raw.replace(b"+", b" ")).decode()
+
+
+def _invalid(status: int, field: str, message: str) -> Refusal:
+    shown = field if len(field) <= 100 else field[:100] + "..."
+    return status, f"{shown}: {message}", {"errors": [{"field": shown, "message": message}]}
+
+
+def _content_type_refusal(value: bytes | None, has_body: bool) -> str | None:
+    """Why a JSON route refuses this Content-Type; None when it takes it."""
+    if value is None:
+        return "this route takes a JSON body: send it with Content-Type: application/json" if has_body else None
+    media, *parameters = value.decode("latin-1").split(";")
+    media = media.strip().lower()
+    shown = media if len(media) <= 100 else media[:100] + "..."
+    json = media == "application/json" or (
+        media.startswith("application/") and media.endswith("+json") and len(media) > len("application/+json")
+    )
+    if not json:
+        given = shown or "an empty Content-Type"
+        return f"this route takes a JSON body, not {given}: send Content-Type: application/json"
+    for parameter in parameters:
+        key, _, charset = parameter.partition("=")
+        charset = charset.strip().strip('"').lower()
+        if key.strip().lower() == "charset" and charset not in _CHARSETS:
+            shown = charset if len(charset) <= 40 else charset[:40] + "..."
+            return f"JSON is read as UTF-8 only, not charset {shown!r}: send the body as UTF-8"
+    return None
+
+
+def _text_body(receive: Receive, timeout: float) -> Receive:
+    """`receive` that refuses a body that is not UTF-8, or that does not arrive in time."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    state = {"read": 0, "ascii": True, "complete": False, "deadline": 0.0}
+
+    async def checked() -> Message:
+        if state["complete"]:
+            return await receive()
+        loop = asyncio.get_running_loop()
+        if not state["deadline"]:
+            state["deadline"] = loop.time() + timeout
+        try:
+            async with asyncio.timeout_at(state["deadline"]):
+                message = await receive()
+        except TimeoutError:
+            # The rest of the body may still come: close the connection rather than read it as the next request.
+            raise ClientException(
+                status_code=408,
+                detail=f"the body did not arrive within {timeout:g} s of the request",
+                headers={"Connection": "close"},
+            ) from None
+        if message["type"] != "http.request":
+            # Gone mid-body: nobody reads this answer, but logs and metrics should not count a server error.
+            raise ClientException(detail="the client closed the connection before it had sent the whole body")
+        chunk = message.get("body", b"")
+        state["complete"] = not message.get("more_body", False)
+        if not (state["ascii"] and chunk.isascii()):
+            # Past plain ASCII (the common case, checked in C): decode to find any invalid or cut-off sequence.
+            state["ascii"] = False
+            held = len(decoder.getstate()[0])
+            try:
+                decoder.decode(chunk, final=state["complete"])
+            except UnicodeDecodeError as exc:
+                at = state["read"] - held + exc.start
+                raise MalformedBody(f"the body is not UTF-8 text (byte {at}): JSON must be sent as UTF-8") from None
+        state["read"] += len(chunk)
+        return message
+
+    return checked

@@ -1,0 +1,220 @@
+"""Follow the log for this process's read-model versions: apply what other releases wrote.
+
+Why each version needs this (see projections/__init__.py): a write projects its
+events only into the versions of the process that wrote it, and says which in
+events.projected. While two releases run side by side, each version's tables
+would therefore miss the other release's writes. So every server process runs
+a Follower that, for each of its versions, applies the events committed since
+that version's checkpoint whose `projected` does not name it, and moves the
+checkpoint in the same transaction. Events its own release wrote are skipped:
+their writers put them in already. Each event thus reaches each version exactly
+once, which the counters need (a counter cannot tell whether it has seen an
+event; a row can, by its version, and the tasks upsert never goes backwards).
+
+The checkpoint is a snapshot ("every event visible in it is applied"), not a
+position: positions are taken before commit, so a lower one can commit after a
+higher one (see eventstore's feed comment). A round takes the current snapshot
+and applies the events visible in it but not in the checkpoint, found through
+the (transaction_id, position) index, as the rebuild's catch-up does; every
+query of the round filters by that snapshot, so what it applies is exactly
+what the new checkpoint says.
+
+One round per version at a time, by an advisory transaction lock: processes of
+one release share the work, and the one that finds the lock taken skips the
+round (the holder is doing it). The before-state of each task an event changes
+comes from the log (its stream folded up to the event), not from the tables,
+so a version whose tables lag, or a read model without per-task rows
+(counters), is handled alike.
+
+Rounds run on a timer (TASKTRAIL_POLL_SECONDS) and, while another version of
+one of this process's read models exists, also on every commit: the follower
+then LISTENs and registers as a listener (0008), so writes notify. With one
+version per read model nothing needs following quickly (every writer writes
+every version), and writes stay free of notifications.
+
+A writer whose append lost the version race may have decided on a row the
+other release changed meanwhile; it calls `catch_up` (a round on its own,
+idle connection, waiting for the lock), then decides again on the fresh row.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Sequence
+from types import ModuleType
+from typing import Any
+
+import psycopg
+from psycopg.types.json import Jsonb
+
+from tasktrail import db, eventstore, live, projections
+from tasktrail.domain.events import Recorded, from_data
+from tasktrail.domain.task import Task, evolve
+from tasktrail.projections import versions
+
+log = logging.getLogger("tasktrail.follow")
+
+# The events a round applies are in the log already, with their positions: the
+# read models' parts take them from the write document instead of an append.
+APPENDED = """
+SELECT e.stream_id, e.version, e.position
+FROM jsonb_to_recordset(%(write)s -> 'events') AS e(stream_id uuid, version integer, position bigint)
+"""
+LOCK = "SELECT pg_advisory_xact_lock(hashtext(%(space)s), hashtext(%(version)s))"
+TRY_LOCK = "SELECT pg_try_advisory_xact_lock(hashtext(%(space)s), hashtext(%(version)s))"
+CHECKPOINT = """
+SELECT checkpoint::text, pg_current_snapshot()::text FROM projection_versions
+WHERE name = %(name)s AND version = %(version)s AND state = 'live'
+"""
+# Committed after the checkpoint, visible in the round's snapshot, and not
+# written into this version by the writer (`mine` is ",name:version,").
+NEW = """
+SELECT stream_id, version FROM events
+WHERE transaction_id >= pg_snapshot_xmin(%(seen)s::pg_snapshot)
+  AND NOT pg_visible_in_snapshot(transaction_id, %(seen)s::pg_snapshot)
+  AND pg_visible_in_snapshot(transaction_id, %(now)s::pg_snapshot)
+  AND strpos(',' || coalesce(projected, '') || ',', %(mine)s) = 0
+"""
+HISTORIES = """
+SELECT stream_id, version, position, occurred_at, type, data FROM events
+WHERE stream_id = ANY(%(streams)s) AND pg_visible_in_snapshot(transaction_id, %(now)s::pg_snapshot)
+ORDER BY stream_id, version
+"""
+ADVANCE = """
+UPDATE projection_versions SET checkpoint = %(now)s::pg_snapshot
+WHERE name = %(name)s AND version = %(version)s
+"""
+
+
+async def _round(conn: psycopg.AsyncConnection, module: ModuleType, *, wait: bool) -> int | None:
+    """Apply to one version what other releases wrote since its checkpoint; how many events (None: busy)."""
+    lock = versions.key(versions.FOLLOWS, module.NAME, module.VERSION)
+    async with conn.transaction():
+        if wait:
+            await conn.execute(LOCK, lock)
+        elif not (await (await conn.execute(TRY_LOCK, lock)).fetchone())[0]:  # type: ignore[index]
+            return None
+        cur = await conn.execute(CHECKPOINT, {"name": module.NAME, "version": module.VERSION})
+        found = await cur.fetchone()
+        if found is None:
+            raise projections.ProjectionOutdated(
+                f"read model {module.NAME} version {module.VERSION} is not live (pruned?): restart to rebuild it"
+            )
+        seen, now = found
+        if seen == now:
+            return 0
+        mine = f",{module.NAME}:{module.VERSION},"
+        cur = await conn.execute(NEW, {"seen": seen, "now": now, "mine": mine})
+        new = {(stream_id, version) for stream_id, version in await cur.fetchall()}
+        if new:
+            await _apply(conn, module, new, now)
+        await conn.execute(ADVANCE, {"now": now, "name": module.NAME, "version": module.VERSION})
+    return len(new)
+
+
+async def _apply(conn: psycopg.AsyncConnection, module: ModuleType, new: set[tuple[Any, int]], now: str) -> None:
+    """Write the new events into the version, each with its task's state before and after it."""
+    streams = sorted({stream_id for stream_id, _ in new})
+    cur = await conn.execute(HISTORIES, {"streams": streams, "now": now})
+    changes: list[projections.Change] = []
+    state: Task | None = None
+    stream = None
+    for stream_id, version, position, at, type_, data in await cur.fetchall():
+        if stream_id != stream:
+            stream, state = stream_id, None
+        recorded = Recorded(stream_id, version, position, at, from_data(type_, data))
+        after = evolve(state, recorded)
+        if (stream_id, version) in new:
+            changes.append((recorded, state, after))
+        state = after
+    write = eventstore.document([recorded for recorded, _, _ in changes], {})
+    write |= projections.document(changes, [module])
+    await conn.execute(projections.statement(APPENDED, (module,), write), {"write": Jsonb(write)})
+
+
+# Whether this process's tasks rows lag the log for any of these streams: the
+# log has a later version than the row (or the row is missing). A lost race
+# against a writer of the same release never lags (that writer wrote the row),
+# so only a race against another release pays for a round, and a flood of
+# conflicts or of unknown ids does not queue up on the follow lock.
+BEHIND = """
+SELECT EXISTS (
+    SELECT FROM unnest(%(streams)s::uuid[]) AS s (stream_id)
+    WHERE (SELECT max(version) FROM events e WHERE e.stream_id = s.stream_id)
+        > coalesce((SELECT version FROM tasks t WHERE t.task_id = s.stream_id), 0)
+)
+"""
+
+
+async def catch_up(
+    conn: psycopg.AsyncConnection, modules: Sequence[ModuleType] | None = None, *, streams: Sequence[Any] = ()
+) -> int:
+    """A round for each version, waiting for a round in progress elsewhere; events applied.
+
+    With `streams`, only if this process's rows of one of them lag the log.
+    Only on a connection with no transaction open: a round in a caller's
+    transaction would hold the follow lock until the caller ends (none then).
+    """
+    if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+        return 0
+    if streams and not (await (await conn.execute(BEHIND, {"streams": list(streams)})).fetchone())[0]:  # type: ignore[index]
+        return 0
+    applied = 0
+    for module in projections.INLINE if modules is None else modules:
+        applied += await _round(conn, module, wait=True) or 0
+    return applied
+
+
+class Follower:
+    """The process's follower: one connection that holds its versions' liveness locks and runs rounds."""
+
+    def __init__(
+        self, conninfo: str, modules: Sequence[ModuleType] | None = None, *, poll_interval: float | None = None
+    ) -> None:
+        self.conninfo = conninfo
+        self.modules = tuple(projections.INLINE if modules is None else modules)
+        self.poll_interval = poll_interval or live.seconds_from_env("TASKTRAIL_POLL_SECONDS", 1.0)
+        self.holding = asyncio.Event()  # set while this process's liveness locks are held
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="tasktrail-follower")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        delay = 0.5
+        while True:
+            try:
+                kwargs = db.connect_kwargs() | versions.application_name()
+                async with await psycopg.AsyncConnection.connect(self.conninfo, **kwargs) as conn:
+                    await versions.hold_async(conn, self.modules)
+                    self.holding.set()
+                    delay = 0.5
+                    await self._follow(conn)
+            except (psycopg.Error, OSError, versions.NotBuilt, projections.ProjectionOutdated) as exc:
+                self.holding.clear()
+                log.warning("follower: %s; trying again in %.1fs", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def _follow(self, conn: psycopg.AsyncConnection) -> None:
+        listening = False
+        while True:
+            for module in self.modules:
+                await _round(conn, module, wait=False)
+            wanted = await versions.others(conn, self.modules)
+            if wanted != listening:
+                for statement in (live.LISTEN, live.REGISTER) if wanted else (live.UNREGISTER, live.UNLISTEN):
+                    await conn.execute(statement)
+                listening = wanted
+            async for _ in conn.notifies(timeout=self.poll_interval, stop_after=1):
+                pass
+            async for _ in conn.notifies(timeout=0.0):  # one round answers every commit notified so far
+                pass

@@ -1,0 +1,174 @@
+"""The registry of read-model versions: which exist, which processes use them, and pruning the unused.
+
+A version is `building` while a rebuild fills its schema, `live` once it is
+complete and followed (projections/follow.py), and `retired` once pruned.
+Whether a process uses a version is not a row that a crash could leave
+behind: every server process holds a shared advisory lock per version it
+uses, on its follower's connection (and `serve` on its own while it starts),
+so a process that dies lets go of it with its connection. `prune` drops a
+version's schema only in a transaction that holds the same lock exclusively,
+which PostgreSQL grants only while no process holds it shared; a process that
+starts meanwhile waits for the prune to commit, finds the version retired,
+and (in `serve`) builds it again.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from types import ModuleType
+
+import psycopg
+from psycopg import sql
+
+from tasktrail import db, projections
+
+# Advisory lock keys are pairs: a space per purpose, and the version as "name:version".
+USES = "tasktrail.uses"  # held shared by each process using a version; exclusively by prune
+FOLLOWS = "tasktrail.follows"  # held by the one transaction applying the log to a version
+
+
+def key(space: str, name: str, version: int) -> dict[str, str]:
+    return {"space": space, "version": f"{name}:{version}"}
+
+
+HOLD = "SELECT pg_advisory_lock_shared(hashtext(%(space)s), hashtext(%(version)s))"
+LIVE = "SELECT state = 'live' FROM projection_versions WHERE name = %(name)s AND version = %(version)s"
+
+
+class NotBuilt(Exception):
+    """A version this process uses has no tables: `serve` builds it."""
+
+
+def hold(conn: psycopg.Connection, modules: Sequence[ModuleType]) -> None:
+    """Mark the versions as in use for as long as this connection lives (waits while one is being pruned)."""
+    for module in modules:
+        conn.execute(HOLD, key(USES, module.NAME, module.VERSION))
+
+
+async def hold_async(conn: psycopg.AsyncConnection, modules: Sequence[ModuleType]) -> None:
+    """`hold` on an async connection; NotBuilt if a version is not live."""
+    for module in modules:
+        await conn.execute(HOLD, key(USES, module.NAME, module.VERSION))
+        cur = await conn.execute(LIVE, {"name": module.NAME, "version": module.VERSION})
+        row = await cur.fetchone()
+        if row is None or not row[0]:
+            raise NotBuilt(
+                f"read model {module.NAME} version {module.VERSION} has no tables (never built, or pruned):"
+                " restart with `tasktrail serve`, which builds it from the log"
+            )
+
+
+OTHERS = """
+SELECT EXISTS (
+    SELECT FROM projection_versions
+    WHERE name = ANY(%(names)s) AND state <> 'retired' AND NOT (name || ':' || version) = ANY(%(mine)s)
+)
+"""
+
+
+async def others(conn: psycopg.AsyncConnection, modules: Sequence[ModuleType]) -> bool:
+    """Whether another version of any of these read models exists (so another release may be writing)."""
+    params = {"names": [m.NAME for m in modules], "mine": [f"{m.NAME}:{m.VERSION}" for m in modules]}
+    cur = await conn.execute(OTHERS, params)
+    return (await cur.fetchone())[0]  # type: ignore[index]
+
+
+# --- status -----------------------------------------------------------------
+
+# Per version: its state, how many committed events it lacks (after its
+# checkpoint, and written by another release: its own release's are in it
+# already, by their writers), and how many processes hold its liveness lock.
+STATUS = """
+SELECT v.name, v.version, v.state, v.since,
+       (SELECT count(*) FROM events
+        WHERE v.checkpoint IS NOT NULL
+          AND transaction_id >= pg_snapshot_xmin(v.checkpoint)
+          AND NOT pg_visible_in_snapshot(transaction_id, v.checkpoint)
+          AND strpos(',' || coalesce(projected, '') || ',', ',' || v.name || ':' || v.version || ',') = 0) AS behind,
+       (SELECT count(DISTINCT coalesce(nullif(a.application_name, ''), l.pid::text))
+        FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid
+        WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
+          AND l.classid = hashtext(%(uses)s)::oid AND l.objid = hashtext(v.name || ':' || v.version)::oid) AS processes
+FROM projection_versions v
+ORDER BY v.name, v.version
+"""
+HEAD = "SELECT coalesce(max(position), 0) FROM events"
+LEFT_OVER = r"SELECT nspname FROM pg_namespace WHERE nspname LIKE 'rm\_%%\_new' ORDER BY 1"
+
+
+def application_name() -> dict[str, str]:
+    """Connection settings that say which process holds a version (a process may hold it on two connections)."""
+    return {"application_name": f"tasktrail[{os.getpid()}]"}
+
+
+@dataclass
+class Version:
+    name: str
+    version: int
+    state: str
+    since: datetime
+    behind: int  # events of other releases committed after its checkpoint (0 when not live)
+    processes: int  # server processes using it now
+    code: bool  # this code's version
+
+
+def status(conninfo: str, modules: Sequence[ModuleType]) -> tuple[list[Version], int, list[str]]:
+    """Every version in the registry, and each of the code's that is not there yet; the log head; the
+    schemas interrupted builds left."""
+    mine = {(m.NAME, m.VERSION) for m in modules}
+    with psycopg.connect(conninfo, **db.connect_kwargs()) as conn:
+        rows = conn.execute(STATUS, {"uses": USES}).fetchall()
+        head = conn.execute(HEAD).fetchone()[0]  # type: ignore[index]
+        left = [name for (name,) in conn.execute(LEFT_OVER).fetchall()]
+    found = [Version(*row, code=(row[0], row[1]) in mine) for row in rows]
+    missing = mine - {(v.name, v.version) for v in found}
+    found += [Version(name, version, "missing", None, 0, 0, True) for name, version in sorted(missing)]  # type: ignore[arg-type]
+    return found, head, left
+
+
+# --- prune ------------------------------------------------------------------
+
+TRY_EXCLUSIVE = "SELECT pg_try_advisory_xact_lock(hashtext(%(space)s), hashtext(%(version)s))"
+STATE = "SELECT state FROM projection_versions WHERE name = %(name)s AND version = %(version)s FOR UPDATE"
+DROP_SCHEMA = sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE")
+RETIRE = """
+UPDATE projection_versions SET state = 'retired', checkpoint = NULL, since = now()
+WHERE name = %(name)s AND version = %(version)s
+"""
+VIEWS = "SELECT projection_views(%(name)s)"  # migration 0014: views of the newest live version, for psql
+PRUNABLE = "SELECT name, version FROM projection_versions WHERE state <> 'retired' ORDER BY name, version"
+
+
+class InUse(Exception):
+    """A process uses the version: it cannot be pruned now."""
+
+
+def prune(conninfo: str, name: str, version: int) -> str:
+    """Drop one version's tables and retire it, unless a process uses it (InUse); what was done, in words."""
+    schema = projections.schema(name, version)
+    with psycopg.connect(conninfo, **db.connect_kwargs()) as conn, conn.transaction():
+        found = conn.execute(STATE, {"name": name, "version": version}).fetchone()
+        if found is None:
+            raise LookupError(f"there is no version {version} of read model {name!r}")
+        if found[0] == "retired":
+            return f"{name} version {version} was pruned already"
+        if not conn.execute(TRY_EXCLUSIVE, key(USES, name, version)).fetchone()[0]:  # type: ignore[index]
+            raise InUse(
+                f"{name} version {version} is in use by a running process; stop every process of that release first"
+            )
+        # Held until this commits: a process starting on this version meanwhile waits, then finds it retired.
+        conn.execute(DROP_SCHEMA.format(sql.Identifier(schema)))
+        conn.execute(DROP_SCHEMA.format(sql.Identifier(f"{schema}_new")))
+        conn.execute(RETIRE, {"name": name, "version": version})
+        conn.execute(VIEWS, {"name": name})
+    return f"pruned {name} version {version}: dropped schema {schema}"
+
+
+def unused(conninfo: str, modules: Sequence[ModuleType]) -> list[tuple[str, int]]:
+    """The versions `prune` without arguments considers: every one that exists, except this code's."""
+    mine = {(m.NAME, m.VERSION) for m in modules}
+    with psycopg.connect(conninfo, **db.connect_kwargs()) as conn:
+        return [(n, v) for n, v in conn.execute(PRUNABLE).fetchall() if (n, v) not in mine]

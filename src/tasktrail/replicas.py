@@ -1,0 +1,499 @@
+"""Which connection a read uses, and why it is fresh enough.
+
+With streaming replicas configured (`serve --replica URL`, DATABASE_REPLICA_URLS),
+reads (a task, lists, stats, history, time travel, the feed, streams) go to a
+replica; writes, and every read a write makes (the state it decides on, the
+Idempotency-Key check), go to the primary, through `writing`. A replica never
+answers with data older than the client has written:
+
+Tokens. Every 2xx answer to a write carries `Tasktrail-Read-After` (put there
+by http/app.py's read_after_tokens): with replicas, the primary's WAL insert
+position taken on the write's connection after the write committed (`_Written`). The commit record is inserted before
+COMMIT returns, so that position is at or after the record's end, whatever
+synchronous_commit says (the flush position is not, with synchronous_commit
+off). A position taken inside the write's statement would come before the commit
+record, and a replica at exactly that position would not show the write yet;
+and the writer cannot take it in `writer._write`, since a write in an explicit
+transaction (an Idempotency-Key create, cleanup, a batch) commits after it, and
+a no-op writes nothing. The price is one more statement after each write (on
+the connection the write already holds): +60-100 us of app CPU and a round trip
+(tests/replication.py's pair, 4 x 2,000 creates, A/B in one process: 203-238 us
+of app CPU per create plain, 281-383 us with it), which only a process with
+replicas pays. Without replicas no read is routed, so the token needs no
+position: it is ON_PRIMARY, "read this from the primary", which costs nothing
+and stays correct if it reaches a process that has replicas (a rolling change
+of configuration). A token names at most a position; a replica is fresh enough
+for it when its replay position (`pg_last_wal_replay_lsn()`) is at or past it,
+and a statement on the replica takes its snapshot after that replay, so it sees
+the commit. A request that sends a token this service did not give out (or
+ON_PRIMARY) cannot prove any replica fresh enough: it is answered from the
+primary, never refused (a client that wants fresh reads can always have them;
+a forged high position only costs the primary a read it could be asked for
+anyway).
+
+Health. Each process checks its replicas in the background, never in a
+request: every `interval` it samples the primary's flushed WAL position, then
+asks each replica how far it has replayed. The replay positions the checks see
+serve the tokens: they only grow, so a replica seen past a token is past it
+now. A replica's lag is how long it has been behind the primary's positions:
+the time since the health checks first saw the oldest position it has not
+replayed (`PrimaryPositions`). An idle primary does not move, so a replica that
+has replayed everything has no lag however long ago the last write was, which
+`now() - pg_last_xact_replay_timestamp()` would count. A replica that does not
+answer, lags more than `max_lag`, has not yet been seen level with a position
+of the primary (just after start), is not in recovery (promoted), or belongs to
+another cluster or database gets no reads until a check finds it serving again.
+
+Failures. A read that fails on a replica for any database reason (the replica
+died mid-request, its pool has no connection for REPLICA_POOL_TIMEOUT, a query
+cancelled by a conflict with recovery) runs again on the primary: no request
+fails because of a replica. A dead connection also takes the replica out of
+service at once; the next check that reaches it puts it back.
+
+Streams. NOTIFY does not reach a standby, so the process's live.Listener
+listens on the primary; when woken it asks the primary where its WAL is and
+reads the feed from a replica in one round trip together with that replica's
+replay position (`read_caught_up`), reading again (with backoff) until the
+replica has replayed what the primary had flushed when woken. That position
+only decides how soon the listener reads again, never what a stream may miss:
+the feed itself is gap-free on any server (why its order holds on a standby is
+said beside the feed, in eventstore.py), and polling picks up whatever a
+notification did not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import os
+import re
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from typing import Any, TypeVar
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+
+from tasktrail import db
+from tasktrail.domain.task import TaskNotFound
+
+log = logging.getLogger("tasktrail.replicas")
+T = TypeVar("T")
+
+HEADER = "Tasktrail-Read-After"
+_HEADER = HEADER.lower().encode()
+# Where a write handler's connection leaves the token, in the request's state dict.
+STATE = "read_after"
+ON_PRIMARY = "primary"
+# A position no replica reaches: what a token names when it cannot be read.
+EVERYTHING = 1 << 64
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+URLS_ENV = "DATABASE_REPLICA_URLS"
+MAX_LAG_ENV = "TASKTRAIL_REPLICA_MAX_LAG"
+DEFAULT_MAX_LAG = 5.0
+# A request waits this long for a replica's pooled connection before it reads from the primary.
+REPLICA_POOL_TIMEOUT = 0.5
+# A health check that takes longer than this finds the replica down (or the primary not answering).
+CHECK_TIMEOUT = 2.0
+
+SERVING = "serving"
+STARTING = "starting"
+LAGGING = "lagging"
+DOWN = "down"
+NOT_A_STANDBY = "not a standby"
+FOREIGN = "not a replica of the primary"
+STATES = (SERVING, STARTING, LAGGING, DOWN, NOT_A_STANDBY, FOREIGN)
+
+INSERTED = "SELECT pg_current_wal_insert_lsn()::text"
+FLUSHED = "SELECT pg_current_wal_flush_lsn()::text"
+REPLAYED = "SELECT pg_last_wal_replay_lsn()::text"
+IDENTITY = "SELECT system_identifier, current_database() FROM pg_control_system()"
+
+_LSN = re.compile(rb"\s*([0-9A-Fa-f]{1,8})/([0-9A-Fa-f]{1,8})\s*")
+
+
+def lsn(text: str) -> int:
+    """A WAL position from PostgreSQL's text form (`16/B374D848`)."""
+    high, _, low = text.partition("/")
+    return int(high, 16) << 32 | int(low, 16)
+
+
+def wanted(headers: Iterable[tuple[bytes, bytes]]) -> int | None:
+    """The WAL position a request's Tasktrail-Read-After asks a replica to have replayed; None when it asks none.
+
+    Several tokens (repeated headers, or a comma-separated list) ask for the
+    latest of them; one this service did not give out asks for EVERYTHING.
+    """
+    position = None
+    for name, value in headers:
+        if name != _HEADER:
+            continue
+        for token in value.split(b","):
+            if not token.strip():
+                continue
+            m = _LSN.fullmatch(token)
+            at = int(m[1], 16) << 32 | int(m[2], 16) if m else EVERYTHING
+            position = at if position is None else max(position, at)
+    return position
+
+
+def split_urls(value: str) -> list[str]:
+    """DATABASE_REPLICA_URLS' connection strings: comma-separated, though a multi-host URL has commas of its own.
+
+    A piece starts a new connection string when it starts with a URL scheme or
+    a `keyword=`; any other piece (`h2:5433/db` of `postgresql://h1,h2:5433/db`)
+    continues the one before.
+    """
+    urls: list[str] = []
+    for piece in value.split(","):
+        if not piece.strip():
+            continue
+        if urls and not re.match(r"\s*(?:postgres(?:ql)?://|\w+\s*=)", piece):
+            urls[-1] += "," + piece
+        else:
+            urls.append(piece.strip())
+    return urls
+
+
+def describe(conninfo: str) -> str:
+    """host:port/dbname of a connection string, without its credentials (for logs and metrics)."""
+    parts = conninfo_to_dict(conninfo)
+    host = parts.get("host") or parts.get("hostaddr") or "localhost"
+    where = f"{host}:{parts['port']}" if parts.get("port") else str(host)
+    return f"{where}/{parts['dbname']}" if parts.get("dbname") else where
+
+
+def max_lag_from(value: str | float) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and 0 < seconds <= 86_400):
+        raise ValueError(f"the replica max lag must be a number of seconds above 0 (up to 86400), not {value!r}")
+    return seconds
+
+
+def configured(environ: Mapping[str, str] = os.environ) -> tuple[list[str], float]:
+    """The replica connection strings and max lag the environment names (what `serve` hands its workers)."""
+    urls = split_urls(environ.get(URLS_ENV, ""))
+    for url in urls:
+        check_url(url)
+    return urls, max_lag_from(environ.get(MAX_LAG_ENV, DEFAULT_MAX_LAG))
+
+
+def check_url(url: str) -> None:
+    try:
+        conninfo_to_dict(url)
+    except psycopg.ProgrammingError as exc:
+        raise ValueError(f"replica {url!r} is not a PostgreSQL connection string: {str(exc).strip()}") from None
+
+
+class PrimaryPositions:
+    """The primary's WAL positions as the health checks saw them, each with when it was first seen."""
+
+    def __init__(self, keep: float) -> None:
+        # Positions older than `keep` are forgotten, except the newest of them:
+        # a replica behind that one has been behind for at least `keep`.
+        self.keep = keep
+        self.seen: deque[tuple[float, int]] = deque()
+
+    def add(self, at: float, position: int) -> None:
+        if self.seen and position <= self.seen[-1][1]:
+            return  # the primary has not moved: it is the first sighting that counts
+        if self.seen and at - self.seen[-1][0] < self.keep / 1000:
+            # Sightings closer than this share one: a replica between the two counts
+            # as behind since the first (a little early), and `seen` holds at most a
+            # thousand or so whatever the max lag.
+            self.seen[-1] = (self.seen[-1][0], position)
+            return
+        self.seen.append((at, position))
+        while len(self.seen) > 1 and self.seen[1][0] < at - self.keep:
+            self.seen.popleft()
+
+    def behind(self, replayed: int, now: float) -> tuple[float, bool]:
+        """How long a replica at `replayed` has been behind the primary, and whether that is exact.
+
+        Not exact when it is behind every position remembered: then it has been
+        behind at least since the oldest (or since before the checks began), and
+        with no position seen yet nothing is known.
+        """
+        if not self.seen or replayed < self.seen[0][1]:
+            return (now - self.seen[0][0] if self.seen else 0.0), False
+        for at, position in self.seen:
+            if position > replayed:
+                return now - at, True
+        return 0.0, True
+
+
+class Replica:
+    """One standby: its pool for reads, and what the health checks found."""
+
+    def __init__(self, conninfo: str) -> None:
+        self.conninfo = conninfo
+        self.name = describe(conninfo)
+        # Opened when a check finds the replica serving, closed when one finds it
+        # down: a replica that comes back gets fresh connections, and one that
+        # is away costs no reconnection attempts beyond the checks'.
+        self.pool: AsyncConnectionPool | None = None
+        self.state = STARTING
+        self.replayed = 0
+        self.lag = 0.0
+        self.identity: tuple[Any, ...] | None = None
+        self.check_conn: psycopg.AsyncConnection | None = None
+
+
+class Replicas:
+    """The process's read routing: the primary's pool, and its replicas' pools and health."""
+
+    def __init__(
+        self, conninfo: str, primary: AsyncConnectionPool, urls: Sequence[str] = (), max_lag: float = DEFAULT_MAX_LAG
+    ) -> None:
+        self.conninfo = conninfo
+        self.primary = primary
+        self.replicas = [Replica(url) for url in urls]
+        self.max_lag = max_lag
+        self.interval = max(0.05, min(0.25, max_lag / 10))
+        self.positions = PrimaryPositions(keep=2 * max_lag + 1)
+        self.serving: list[Replica] = []
+        self._turn = 0
+        self._identity: tuple[Any, ...] | None = None
+        self._primary_conn: psycopg.AsyncConnection | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        if not self.replicas:
+            return
+        self._task = asyncio.create_task(self._watch(), name="tasktrail-replicas")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        for conn in [self._primary_conn, *(r.check_conn for r in self.replicas)]:
+            if conn is not None:
+                await conn.close()
+        for replica in self.replicas:
+            await _close_pool(replica)
+
+    def status(self) -> list[tuple[str, str, float]]:
+        """Each replica's name, state (one of STATES) and lag in seconds: what /metrics shows of them."""
+        return [(replica.name, replica.state, replica.lag) for replica in self.replicas]
+
+    # --- writes ---------------------------------------------------------------
+
+    def writing(self, scope: Mapping[str, Any]) -> db.Borrowed:
+        """A primary connection for a handler; for a write (with replicas) it leaves the token in the state."""
+        if not self.replicas or scope["method"] in SAFE_METHODS:
+            return db.Borrowed(self.primary)
+        return _Written(self.primary, scope["state"])
+
+    # --- reads ----------------------------------------------------------------
+
+    async def read(self, scope: Mapping[str, Any], fetch: Callable[[psycopg.AsyncConnection], Awaitable[T]]) -> T:
+        """fetch(conn) on a serving replica fresh enough for the request's token, else on the primary."""
+        if not self.replicas:
+            async with db.Borrowed(self.primary) as conn:
+                return await fetch(conn)
+        return await self._on(self._choose(wanted(scope["headers"])), fetch)
+
+    async def read_steadily(
+        self, fetch: Callable[[psycopg.AsyncConnection], Awaitable[T]], *, primary: bool = False
+    ) -> T:
+        """fetch(conn) on the first serving replica (the one the listener reads), else (or if asked) the primary."""
+        return await self._on(None if primary or not self.serving else self.serving[0], fetch)
+
+    async def _on(self, replica: Replica | None, fetch: Callable[[psycopg.AsyncConnection], Awaitable[T]]) -> T:
+        """fetch(conn) on the replica; on the primary when there is none, or when the read fails there.
+
+        A task the replica does not know (yet), or a version it has not
+        replayed, is asked of the primary too: a replica may answer older
+        data, but never "no such task" for one the primary has.
+        """
+        if replica is not None and replica.pool is not None:
+            try:
+                async with db.Borrowed(replica.pool) as conn:
+                    return await fetch(conn)
+            except TaskNotFound:
+                pass
+            except (psycopg.Error, PoolTimeout) as exc:
+                self._failed(replica, exc)
+        async with db.Borrowed(self.primary) as conn:
+            return await fetch(conn)
+
+    async def read_caught_up(
+        self, fetch: Callable[[psycopg.AsyncConnection], Awaitable[T]], target: int
+    ) -> tuple[T, bool]:
+        """fetch(conn) on the first serving replica, and whether that replica had replayed `target` before it.
+
+        The replay position is asked first, in the same round trip: the fetch's
+        statement takes its snapshot after it, so it sees every commit up to it.
+        With no replica serving, fetch runs on the primary, which has everything.
+        """
+        replica = self.serving[0] if self.serving else None
+        if replica is not None and replica.pool is not None:
+            try:
+                async with db.Borrowed(replica.pool) as conn:
+                    async with conn.pipeline():
+                        cur = await conn.execute(REPLAYED)
+                        result = await fetch(conn)
+                    (replayed,) = await cur.fetchone()  # type: ignore[misc]
+                if replayed is None:
+                    raise psycopg.OperationalError("the replica is not in recovery")
+                replica.replayed = max(replica.replayed, lsn(replayed))
+                return result, replica.replayed >= target
+            except (psycopg.Error, PoolTimeout) as exc:
+                self._failed(replica, exc)
+        async with db.Borrowed(self.primary) as conn:
+            return await fetch(conn), True
+
+    async def position(self, conn: psycopg.AsyncConnection) -> int:
+        """The primary's flushed WAL position, on a connection to it."""
+        cur = await conn.execute(FLUSHED)
+        return lsn((await cur.fetchone())[0])  # type: ignore[index]
+
+    def _choose(self, after: int | None) -> Replica | None:
+        serving = self.serving
+        if after is not None:
+            serving = [replica for replica in serving if replica.replayed >= after]
+        if not serving:
+            return None
+        self._turn += 1
+        return serving[self._turn % len(serving)]
+
+    def _failed(self, replica: Replica, exc: BaseException) -> None:
+        log.warning("replica %s: a read failed (%s); read from the primary instead", replica.name, exc)
+        if isinstance(exc, psycopg.OperationalError | PoolTimeout):
+            self._set(replica, DOWN, str(exc))
+
+    # --- health ---------------------------------------------------------------
+
+    async def _watch(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            began = loop.time()
+            try:
+                await self.check()
+            except Exception:  # a bug here must not stop the checks (reads then keep their last routing)
+                log.exception("replica health check failed")
+            await asyncio.sleep(max(0.0, self.interval - (loop.time() - began)))
+
+    async def check(self) -> None:
+        """One round: where the primary's WAL is, then how far each replica has replayed it."""
+        now = time.monotonic()
+        position = await self._primary_position()
+        if position is not None:
+            self.positions.add(now, position)
+        await asyncio.gather(*(self._check(replica, now) for replica in self.replicas))
+
+    async def _primary_position(self) -> int | None:
+        try:
+            async with asyncio.timeout(CHECK_TIMEOUT):
+                if self._primary_conn is None or self._primary_conn.closed:
+                    self._primary_conn = await psycopg.AsyncConnection.connect(self.conninfo, **db.connect_kwargs())
+                    self._identity = await _identity(self._primary_conn)
+                return await self.position(self._primary_conn)
+        except (psycopg.Error, OSError, TimeoutError) as exc:
+            # Replicas keep the positions seen so far: with the primary down they can still serve reads.
+            log.debug("replica check: the primary's position is unknown: %s", exc)
+            await _close(self._primary_conn)
+            self._primary_conn = None
+            return None
+
+    async def _check(self, replica: Replica, now: float) -> None:
+        try:
+            async with asyncio.timeout(CHECK_TIMEOUT):
+                if replica.check_conn is None or replica.check_conn.closed:
+                    replica.check_conn = await psycopg.AsyncConnection.connect(replica.conninfo, **db.connect_kwargs())
+                    replica.identity = await _identity(replica.check_conn)
+                cur = await replica.check_conn.execute(REPLAYED)
+                (replayed,) = await cur.fetchone()  # type: ignore[misc]
+        except (psycopg.Error, OSError, TimeoutError) as exc:
+            await _close(replica.check_conn)
+            replica.check_conn = None
+            self._set(replica, DOWN, str(exc) or type(exc).__name__)
+            await _close_pool(replica)
+            return
+        if self._identity is not None and replica.identity != self._identity:
+            self._set(replica, FOREIGN, f"it is {replica.identity}, the primary {self._identity}")
+            return
+        if replayed is None:
+            self._set(replica, NOT_A_STANDBY, "pg_is_in_recovery() is false")
+            return
+        replica.replayed = max(replica.replayed, lsn(replayed))
+        replica.lag, exact = self.positions.behind(replica.replayed, now)
+        if not exact:
+            self._set(replica, STARTING if replica.state == STARTING else LAGGING, "not yet level with the primary")
+        elif replica.lag > self.max_lag:
+            self._set(replica, LAGGING, f"{replica.lag:.1f} s behind the primary")
+        elif await _open_pool(replica):
+            self._set(replica, SERVING, "")
+        else:
+            self._set(replica, DOWN, "no connection for its pool")
+
+    def _set(self, replica: Replica, state: str, why: str) -> None:
+        if state != replica.state:
+            if state == SERVING:
+                log.info("replica %s: serving reads", replica.name)
+            else:
+                log.warning("replica %s: %s (%s): its reads go elsewhere", replica.name, state, why)
+            replica.state = state
+            self.serving = [r for r in self.replicas if r.state == SERVING]
+
+
+class _Written(db.Borrowed):
+    """A primary connection for a write handler: once the handler is done with it, the token of what it wrote."""
+
+    __slots__ = ("state",)
+
+    def __init__(self, pool: AsyncConnectionPool, state: dict[str, Any]) -> None:
+        super().__init__(pool)
+        self.state = state
+
+    async def __aexit__(self, kind: type[BaseException] | None, *rest: object) -> None:
+        try:
+            if kind is None and self.conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
+                cur = await self.conn.execute(INSERTED)
+                self.state[STATE] = (await cur.fetchone())[0]  # type: ignore[index]
+        except psycopg.Error as exc:
+            # The write committed; without its position the answer says ON_PRIMARY, which is never stale.
+            log.warning("no WAL position for the read-after token: %s", exc)
+        finally:
+            await super().__aexit__(kind, *rest)
+
+
+async def _identity(conn: psycopg.AsyncConnection) -> tuple[Any, ...]:
+    """The cluster (its system identifier) and database a connection reaches: a replica's must be the primary's."""
+    cur = await conn.execute(IDENTITY)
+    return tuple(await cur.fetchone())  # type: ignore[arg-type]
+
+
+async def _open_pool(replica: Replica) -> bool:
+    """Give a replica a pool with its first connections open, unless it has one; whether it has."""
+    if replica.pool is None:
+        pool = db.create_pool(replica.conninfo, timeout=REPLICA_POOL_TIMEOUT)
+        try:
+            await pool.open(wait=True, timeout=CHECK_TIMEOUT)
+        except (PoolTimeout, psycopg.Error) as exc:
+            log.debug("replica %s: no pool: %s", replica.name, exc)
+            await pool.close()
+            return False
+        replica.pool = pool
+    return True
+
+
+async def _close_pool(replica: Replica) -> None:
+    pool, replica.pool = replica.pool, None
+    if pool is not None:
+        await pool.close()
+
+
+async def _close(conn: psycopg.AsyncConnection | None) -> None:
+    if conn is not None:
+        with contextlib.suppress(psycopg.Error, OSError):
+            await conn.close()

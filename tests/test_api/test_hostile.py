@@ -1,0 +1,167 @@
+"""Hostile requests beyond encodings (SPEC 8): repeated parameters and headers, oversized heads, lying lengths."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import httpx
+import msgspec
+import pytest
+from litestar import Request, get
+from litestar.params import FromQuery
+from litestar.testing import AsyncTestClient
+
+from tasktrail.http.app import create_app
+from tasktrail.http.protocol import MAX_HEAD_BYTES
+from tasktrail.http.tasks import connection
+from tasktrail.http.wellformed import MAX_HEADER_BYTES, MAX_URL_BYTES
+from tests.conftest import Server
+from tests.test_api.test_encodings import call
+from tests.test_api.test_errors import problem
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "limit=5&limit=10",
+        "status=running&status=failed",
+        "status=&status=running",
+        "task_type=a&task_type=a",
+        "skip=0&cursor=aWQ6MTIz&cursor=aWQ6MTI0",
+        "limit=5&%6cimit=10",  # the same name, one of them escaped
+    ],
+)
+async def test_a_query_parameter_given_twice_is_422(shared_client: AsyncTestClient, query: str) -> None:
+    errors = problem(await shared_client.get(f"/tasks/?{query}"), 422)["errors"]
+    assert errors[0]["message"] == "given more than once; give it once"
+    assert errors[0]["field"] in query
+
+
+@get("/tags", opt={"public": True})
+async def tags(tag: FromQuery[list[str]]) -> list[str]:
+    return tag
+
+
+async def test_a_parameter_that_takes_a_list_may_repeat(database_url: str) -> None:
+    app = create_app(database_url)
+    app.register(tags)
+    async with AsyncTestClient(app=app) as client:
+        assert (await client.get("/tags?tag=a&tag=b")).json() == ["a", "b"]
+        problem(await client.get("/tags?tag=a&tag=%00"), 422)
+
+
+async def test_a_raw_nul_in_the_url_is_refused_like_an_escaped_one(shared_client: AsyncTestClient) -> None:
+    """uvicorn refuses a raw NUL in the request line; an ASGI server that passes one on gets the same answers."""
+    assert (await call(shared_client.app, "GET", b"/tasks/a\x00b")).status == 400
+    assert (await call(shared_client.app, "GET", b"/tasks/", b"task_type=a\x00b")).status == 422
+
+
+@get("/stored", opt={"public": True})
+async def stored(request: Request, text: FromQuery[str]) -> str:
+    """A route that hands PostgreSQL what it was given, as a handler added later might."""
+    async with connection(request) as conn:
+        cur = await conn.execute("SELECT %s::text", (text.replace("~", "\x00"),))
+        return str((await cur.fetchone())[0])  # type: ignore[index]
+
+
+async def test_a_value_postgresql_cannot_hold_is_422_not_500(database_url: str) -> None:
+    app = create_app(database_url)
+    app.register(stored)
+    async with AsyncTestClient(app=app) as client:
+        assert (await client.get("/stored?text=ok")).text == "ok"
+        assert "cannot be stored" in problem(await client.get("/stored?text=a~b"), 422)["detail"]
+
+
+async def test_a_singleton_header_given_twice_with_different_values_is_400(shared_client: AsyncTestClient) -> None:
+    app = shared_client.app
+    for name in (b"idempotency-key", b"authorization", b"last-event-id", b"content-type"):
+        headers = [(b"content-type", b"application/json"), (name, b"one"), (name, b"two")]
+        answer = await call(app, "POST", b"/tasks/", headers=headers, body=b'{"task_type": "x"}')
+        assert answer.status == 400, (name, answer)
+        assert name.decode() in msgspec.json.decode(answer.body)["detail"].lower()
+    same = [(b"content-type", b"application/json"), (b"idempotency-key", b"k1"), (b"idempotency-key", b"k1")]
+    assert (await call(app, "POST", b"/tasks/", headers=same, body=b'{"task_type": "x"}')).status == 201
+
+
+async def test_repeated_if_match_headers_are_one_list(shared_client: AsyncTestClient) -> None:
+    task = (await shared_client.post("/tasks/", json={"task_type": "x"})).json()
+    path = f"/tasks/{task['task_id']}".encode()
+    headers = [(b"content-type", b"application/json"), (b"if-match", b'"7"'), (b"if-match", b'"1"')]
+    assert (await call(shared_client.app, "PATCH", path, headers=headers, body=b'{"progress": 1}')).status == 200
+    cached = [(b"if-none-match", b'"9"'), (b"if-none-match", b'"2"')]
+    assert (await call(shared_client.app, "GET", path, headers=cached)).status == 304
+
+
+async def test_oversized_urls_and_headers_are_refused(shared_client: AsyncTestClient) -> None:
+    problem(await shared_client.get("/tasks/", params={"task_type": "x" * MAX_URL_BYTES}), 414)
+    big = {f"x-filler-{n}": "y" * 1000 for n in range(MAX_HEADER_BYTES // 1000 + 1)}
+    problem(await shared_client.get("/tasks/", headers=big), 431)
+    assert (await shared_client.get("/tasks/", headers={"x-filler": "y" * 1000})).status_code == 200
+
+
+async def test_a_burst_of_streams_left_at_once_costs_the_pool_no_connection(shared_client: AsyncTestClient) -> None:
+    """A client that leaves during a stream's first read used to cancel the query, and psycopg closed the connection."""
+    pool = shared_client.app.state.pool
+    before = pool.get_stats().get("returns_bad", 0)
+    for _ in range(40):
+        assert (await call(shared_client.app, "GET", b"/events/stream")).status == 200
+    assert pool.get_stats().get("returns_bad", 0) == before
+    assert (await shared_client.get("/tasks/?limit=1")).status_code == 200
+
+
+def exchange(server: Server, request: bytes, chunk: int = 64 * 1024) -> bytes:
+    """Send raw bytes (as far as the server lets us) and read until it closes the connection."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        try:
+            for start in range(0, len(request), chunk):
+                sock.sendall(request[start : start + chunk])
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the server stopped reading: its answer is already on its way
+        answer = b""
+        while data := sock.recv(65536):
+            answer += data
+        return answer
+
+
+def problem_of(answer: bytes, status: int) -> dict:
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 %d " % status), answer[:300]
+    assert b"content-type: application/problem+json" in head.lower(), head
+    document = msgspec.json.decode(body)
+    assert document["status"] == status
+    return document
+
+
+def test_what_the_http_parser_refuses_is_problem_json_too(database_url: str, tmp_path: Path) -> None:
+    env = os.environ | {"DATABASE_URL": database_url, "TASKTRAIL_READ_TIMEOUT": "1"}
+    server = Server(env, log_dir=tmp_path)
+    try:
+        huge = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (64 * MAX_HEAD_BYTES) + b"\r\n\r\n"
+        assert "larger than" in problem_of(exchange(server, huge), 431)["detail"]
+        many = b"GET /health HTTP/1.1\r\nHost: x\r\n" + b"X-A: b\r\n" * MAX_HEAD_BYTES + b"\r\n"
+        problem_of(exchange(server, many), 431)
+        for broken in (
+            b"GET /health HTTP/1.1\r\nHost: x\r\nX-Request-ID: a\x00b\r\n\r\n",
+            b"GET /tasks/\xff HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"POST /tasks/ HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{}",
+            b"POST /tasks/ HTTP/1.1\r\nHost: x\r\nContent-Length: -2\r\n\r\n{}",
+            b"POST /tasks/ HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n",
+        ):
+            problem_of(exchange(server, broken), 400)
+        # A head that never ends, and a body shorter than its Content-Length: 408 once the read timeout passes.
+        assert "did not arrive" in problem_of(exchange(server, b"GET /health HTTP/1.1\r\nHost: x\r\n"), 408)["detail"]
+        lying = (
+            b"POST /tasks/ HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 500\r\n\r\n"
+            b'{"task_type": "x"}'
+        )
+        assert "did not arrive" in problem_of(exchange(server, lying), 408)["detail"]
+        with httpx.Client(base_url=server.url) as client:
+            assert client.get("/health").status_code == 200
+            assert client.get("/tasks/stats/summary").json()["total"] == 0
+    finally:
+        server.stop()
+    assert "Traceback" not in server.log(), server.log()

@@ -1,0 +1,356 @@
+"""A rolling deploy of a new read-model version: two releases' server processes on one PostgreSQL.
+
+Release N runs this code's read models (tasks version 1); release N+1 runs the
+test-only tasks version 2 (tasks_v2.py: duration_seconds), chosen through
+TASKTRAIL_READ_MODELS. Both take writes at the same time; neither refuses one.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+
+from tasktrail import db, projections
+from tasktrail.projections import stats, versions
+from tasktrail.verify import fold_log
+from tests.conftest import Server
+from tests.test_projections import tasks_v2
+
+RELEASE_N1 = {"TASKTRAIL_READ_MODELS": "tests.test_projections.tasks_v2,tasktrail.projections.stats"}
+V2 = (tasks_v2, stats)
+
+
+def env(database_url: str, release: dict[str, str] | None = None) -> dict[str, str]:
+    base = {k: v for k, v in os.environ.items() if k != projections.MODULES_ENV}
+    return base | {"DATABASE_URL": database_url} | (release or {})
+
+
+def tasktrail(database_url: str, *args: str, release: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "tasktrail", *args],
+        env=env(database_url, release),
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+
+
+class Starting(Server):
+    """A server process that may take a while to come up (it builds its read models first)."""
+
+    def wait_until_up(self, timeout: float = 30.0) -> None:
+        pass  # the test waits, with Server.wait_until_up, when it wants to
+
+
+def up(server: Server, timeout: float = 60.0) -> Server:
+    Server.wait_until_up(server, timeout)
+    return server
+
+
+class Load(threading.Thread):
+    """One client writing to whichever servers it is given: creates, updates of any task, deletes."""
+
+    def __init__(self, urls: list[str], known: list[str], deleting: set[str], seed: int) -> None:
+        super().__init__()
+        self.urls, self.known, self.deleting = urls, known, deleting
+        self.rng = random.Random(seed)  # noqa: S311 -- test data
+        self.stop = threading.Event()
+        self.answers: Counter[int] = Counter()
+        self.refused: list[str] = []  # answers that refuse or lose a write
+        self.unanswered = 0  # requests to a process that was killed
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            with httpx.Client(timeout=30) as client:
+                while not self.stop.is_set():
+                    try:
+                        self.once(client, self.rng.choice(self.urls))
+                    except httpx.TransportError:
+                        self.unanswered += 1
+        except BaseException as exc:
+            self.error = exc
+
+    def once(self, client: httpx.Client, url: str) -> None:
+        roll = self.rng.random()
+        if roll < 0.35 or len(self.known) < 5:
+            answer = client.post(f"{url}/tasks/", json={"task_type": self.rng.choice(["a", "b"]), "params": {}})
+            if answer.status_code == 201:
+                self.known.append(answer.json()["task_id"])
+        elif roll < 0.93:
+            task_id = self.rng.choice(self.known[-200:])
+            change = self.rng.choice(
+                [
+                    {"status": "running"},
+                    {"progress": round(self.rng.uniform(0, 100), 2)},
+                    {"status": "completed", "result": {"n": self.rng.randrange(100)}},
+                    {"status": "failed", "error": "boom"},
+                    {"status": "pending"},
+                ]
+            )
+            answer = client.patch(f"{url}/tasks/{task_id}", json=change)
+        else:
+            task_id = self.rng.choice(self.known[-200:])
+            self.deleting.add(task_id)
+            answer = client.delete(f"{url}/tasks/{task_id}")
+        self.answers[answer.status_code] += 1
+        problem = answer.json() if answer.headers.get("content-type") == "application/problem+json" else {}
+        if answer.status_code >= 500:
+            self.refused.append(f"{answer.request.method} {answer.request.url}: {answer.status_code} {answer.text}")
+        elif answer.status_code == 404 and answer.request.method != "POST":
+            if answer.request.url.path.rsplit("/", 1)[-1] not in self.deleting:
+                self.refused.append(f"{answer.request.method} {answer.request.url}: 404 for a live task")
+        elif answer.status_code == 409 and "current_status" not in problem:
+            self.refused.append(f"{answer.request.method} {answer.request.url}: 409 {problem.get('detail')}")
+
+
+class Clients:
+    def __init__(self, urls: list[str], n: int = 2) -> None:
+        known: list[str] = []
+        deleting: set[str] = set()
+        self.loads = [Load(urls, known, deleting, seed) for seed in range(n)]
+        self.known = known
+        for load in self.loads:
+            load.start()
+
+    def use(self, urls: list[str]) -> None:
+        for load in self.loads:
+            load.urls = urls
+
+    def writes(self) -> int:
+        return sum(sum(load.answers.values()) for load in self.loads)
+
+    def wait_for(self, writes: int, timeout: float = 60) -> None:
+        target, deadline = self.writes() + writes, time.monotonic() + timeout
+        while self.writes() < target:
+            assert all(load.error is None for load in self.loads), [load.error for load in self.loads]
+            assert time.monotonic() < deadline, "the clients stopped making progress"
+            time.sleep(0.05)
+
+    def run_for(self, seconds: float) -> None:
+        """Let the clients write for a while (a bounded load, not a timing: nothing asserts how much)."""
+        self.wait_for(20)
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            assert all(load.error is None for load in self.loads), [load.error for load in self.loads]
+            time.sleep(0.05)
+
+    def stop(self) -> tuple[Counter[int], list[str]]:
+        for load in self.loads:
+            load.stop.set()
+        for load in self.loads:
+            load.join()
+        assert all(load.error is None for load in self.loads), [load.error for load in self.loads]
+        answers: Counter[int] = Counter()
+        for load in self.loads:
+            answers += load.answers
+        return answers, [refused for load in self.loads for refused in load.refused]
+
+
+def caught_up(database_url: str, timeout: float = 30) -> None:
+    """Until every live version has applied every event other releases wrote."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found, _, _ = versions.status(database_url, ())
+        if all(v.behind == 0 for v in found if v.state == "live"):
+            return
+        assert time.monotonic() < deadline, [(v.name, v.version, v.behind) for v in found]
+        time.sleep(0.1)
+
+
+def connect(database_url: str, modules: tuple[Any, ...] | None = None) -> psycopg.Connection:
+    conn = psycopg.connect(database_url, **db.connect_kwargs())
+    if modules is not None:
+        conn.execute(f"SET search_path = {projections.search_path(modules)}")
+    return conn
+
+
+def verified(database_url: str, *args: str) -> str:
+    done = tasktrail(database_url, "verify", *args)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+@pytest.fixture
+def servers(tmp_path: Path) -> Iterator[list[Server]]:
+    """Servers a test starts; each is stopped afterwards, by its handle."""
+    started: list[Server] = []
+    yield started
+    for server in started:
+        server.stop()
+
+
+def test_two_releases_serve_and_write_side_by_side_then_the_old_version_is_pruned(
+    database_url: str, tmp_path: Path, servers: list[Server]
+) -> None:
+    old = Server(env(database_url), log_dir=tmp_path)
+    servers.append(old)
+    clients = Clients([old.url])
+    clients.wait_for(150)
+
+    # Release N+1 starts: it builds tasks version 2 from the log while release N takes writes.
+    new = up(Starting(env(database_url, RELEASE_N1), log_dir=tmp_path))
+    servers.append(new)
+    assert "rebuilt tasks from" in new.log()
+    clients.use([old.url, new.url])
+    clients.run_for(4)  # writes on both, each changing the other's tasks
+    answers, refused = clients.stop()
+
+    assert refused == [], refused[:5]
+    assert not [code for code in answers if code >= 500]
+    assert answers[201] > 20
+    assert answers[200] > 20
+
+    caught_up(database_url)
+    assert "tasks version 1" in verified(database_url)
+    assert "tasks version 2" in verified(database_url, "--version", "tasks=2")
+    with connect(database_url) as conn:
+        conn.autocommit = False
+        _, states = fold_log(conn)
+    live = {str(task_id): task for task_id, task in states.items() if task is not None}
+    with connect(database_url, V2) as conn:
+        durations = {str(k): v for k, v in conn.execute("SELECT task_id, duration_seconds FROM tasks").fetchall()}
+    assert durations == {task_id: tasks_v2.duration(task) for task_id, task in live.items()}
+    assert any(d is not None for d in durations.values())
+    with connect(database_url) as conn:
+        columns = [c.name for c in conn.execute("SELECT * FROM tasks LIMIT 0").description]
+        assert "duration_seconds" not in columns
+
+    # Each release reads its own version's rows: a mark made in version 1 only is seen by release N only.
+    task_id = next(iter(live))
+    with connect(database_url) as conn:
+        conn.execute("UPDATE tasks SET progress = 42.25 WHERE task_id = %s", (task_id,))
+    assert httpx.get(f"{old.url}/tasks/{task_id}").json()["progress"] == 42.25
+    assert httpx.get(f"{new.url}/tasks/{task_id}").json()["progress"] == live[task_id].progress != 42.25
+    with connect(database_url) as conn:
+        conn.execute("UPDATE tasks SET progress = %s WHERE task_id = %s", (live[task_id].progress, task_id))
+
+    # Version 1 cannot go while release N runs; it goes once its last process has stopped.
+    refused_prune = tasktrail(database_url, "projections", "prune", release=RELEASE_N1)
+    assert refused_prune.returncode == 1
+    assert "tasks version 1 is in use by a running process" in refused_prune.stderr
+    status = tasktrail(database_url, "projections", "status", release=RELEASE_N1).stdout
+    assert [line.split()[:5] for line in status.splitlines()[1:4]] == [
+        ["stats", "1", "live", "0", "2"],
+        ["tasks", "1", "live", "0", "1"],
+        ["tasks", "2", "live", "0", "1"],
+    ]
+    old.stop()
+    pruned = tasktrail(database_url, "projections", "prune", release=RELEASE_N1)
+    assert pruned.returncode == 0, pruned.stderr
+    assert pruned.stdout == "pruned tasks version 1: dropped schema rm_tasks_v1\n"
+    assert httpx.post(f"{new.url}/tasks/", json={"task_type": "after"}).status_code == 201
+    assert "tasks version 2" in verified(database_url, "--version", "tasks=2")
+
+    # And back: release N starting again builds its version anew, from the log.
+    again = up(Starting(env(database_url), log_dir=tmp_path))
+    servers.append(again)
+    assert "rebuilt tasks from" in again.log()
+    created = httpx.post(f"{again.url}/tasks/", json={"task_type": "again"}).json()
+    assert httpx.patch(f"{new.url}/tasks/{created['task_id']}", json={"status": "running"}).status_code == 200
+    caught_up(database_url)
+    assert httpx.get(f"{again.url}/tasks/{created['task_id']}").json()["status"] == "running"
+    verified(database_url)
+
+
+BLOCKED = """
+SELECT count(*) FROM pg_locks
+WHERE locktype = 'advisory' AND NOT granted AND classid = hashtext(%(space)s)::oid
+"""
+
+
+def wait_until_blocked(database_url: str, space: str) -> None:
+    with connect(database_url) as conn:
+        for _ in range(1200):
+            if conn.execute(BLOCKED, {"space": space}).fetchone()[0]:
+                return
+            time.sleep(0.05)
+    raise AssertionError(f"nothing waited for a {space} lock")
+
+
+def test_a_new_release_killed_while_it_builds_starts_over_and_the_old_one_never_notices(
+    database_url: str, tmp_path: Path, servers: list[Server]
+) -> None:
+    old = Server(env(database_url), log_dir=tmp_path)
+    servers.append(old)
+    clients = Clients([old.url], n=1)
+    clients.wait_for(100)
+
+    with connect(database_url) as holder:
+        # The build's last step waits for this lock: the new release is killed there, its tables built.
+        holder.execute("SELECT pg_advisory_lock(hashtext('tasktrail.follows'), hashtext('tasks:2'))")
+        new = Starting(env(database_url, RELEASE_N1), log_dir=tmp_path)
+        servers.append(new)
+        wait_until_blocked(database_url, versions.FOLLOWS)
+        new.stop(signal.SIGKILL)
+    status = tasktrail(database_url, "projections", "status", release=RELEASE_N1).stdout
+    assert "tasks version 2 was being built and was interrupted" in status
+    assert "schema rm_tasks_v2_new is left from an interrupted rebuild" in status
+
+    again = up(Starting(env(database_url, RELEASE_N1), log_dir=tmp_path))
+    servers.append(again)
+    clients.use([old.url, again.url])
+    clients.wait_for(300)
+    # Release N is killed too, in the middle of writes, and comes back.
+    old.stop(signal.SIGKILL)
+    clients.use([again.url])
+    clients.wait_for(100)
+    back = up(Starting(env(database_url), log_dir=tmp_path))
+    servers.append(back)
+    clients.use([back.url, again.url])
+    clients.wait_for(200)
+    answers, refused = clients.stop()
+
+    # The only failures are the requests the killed process never answered (transport errors, not answers).
+    assert refused == [], refused[:5]
+    assert not [code for code in answers if code >= 500]
+    caught_up(database_url)
+    verified(database_url)
+    verified(database_url, "--version", "tasks=2")
+    status = tasktrail(database_url, "projections", "status", release=RELEASE_N1).stdout
+    assert "interrupted" not in status
+
+
+def test_a_prune_killed_halfway_changes_nothing(database_url: str, tmp_path: Path) -> None:
+    done = tasktrail(database_url, "migrate", release=RELEASE_N1)  # builds tasks version 2 beside version 1
+    assert done.returncode == 0, done.stderr
+    with connect(database_url) as reader:
+        reader.autocommit = False
+        reader.execute("SELECT count(*) FROM rm_tasks_v1.tasks")  # holds the drop off
+        pruning = subprocess.Popen(
+            [sys.executable, "-m", "tasktrail", "projections", "prune", "tasks", "1"],
+            env=env(database_url, RELEASE_N1),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        waiting = "SELECT count(*) FROM pg_locks WHERE mode = 'AccessExclusiveLock' AND NOT granted"
+        with connect(database_url) as watcher:
+            for _ in range(1200):
+                if watcher.execute(waiting).fetchone()[0]:
+                    break
+                time.sleep(0.05)
+        pruning.kill()
+        pruning.communicate(timeout=30)
+    with connect(database_url) as conn:
+        assert conn.execute(
+            "SELECT state FROM projection_versions WHERE name = 'tasks' AND version = 1"
+        ).fetchone() == ("live",)
+        assert conn.execute("SELECT to_regnamespace('rm_tasks_v1') IS NOT NULL").fetchone() == (True,)
+    verified(database_url)
+    done = tasktrail(database_url, "projections", "prune", "tasks", "1", release=RELEASE_N1)
+    assert done.returncode == 0, done.stderr
+    assert "tasks version 2" in verified(database_url, "--version", "tasks=2")

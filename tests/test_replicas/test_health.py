@@ -1,0 +1,146 @@
+"""Replicas that stop, fall behind, or are not replicas at all: no request fails, and reads go elsewhere (SPEC §13)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import pytest
+from litestar import Litestar
+from litestar.testing import AsyncTestClient
+
+from tasktrail.http.app import create_app
+from tasktrail.replicas import DOWN, FOREIGN, HEADER, LAGGING, NOT_A_STANDBY, SERVING
+from tests.conftest import Server
+from tests.replication import Pair
+from tests.test_replicas.conftest import Database, created_on_replica, replica_of, until, until_serving
+
+pytestmark = pytest.mark.anyio
+App = Callable[..., AsyncTestClient[Litestar]]
+
+
+async def is_stale(client: AsyncTestClient[Litestar], pair: Pair, task_id: str, progress: float) -> bool:
+    """With replay paused, change the task; whether a read without the token still shows it as before (the replica)."""
+    with pair.paused():
+        assert (await client.patch(f"/tasks/{task_id}", json={"progress": progress})).status_code == 200
+        return (await client.get(f"/tasks/{task_id}")).json()["progress"] != progress
+
+
+async def test_a_stopped_replica_fails_no_request_and_serves_again_once_back(
+    replicated_app: App, pair: Pair, database: Database
+) -> None:
+    async with replicated_app(max_lag=30) as client:
+        replica, task, _token = await created_on_replica(client)
+        task_id = task["task_id"]
+        assert await is_stale(client, pair, task_id, 1)  # the replica answers reads
+        await client.get("/tasks/")  # its pool holds connections, which the stop breaks
+
+        pair.standby.stop()
+        statuses: list[int] = []
+        # At once (the health checks have not noticed yet), and on after they have.
+        for progress in range(2, 6):
+            statuses.append((await client.patch(f"/tasks/{task_id}", json={"progress": progress})).status_code)
+            reads = (f"/tasks/{task_id}", "/tasks/", "/tasks/stats/summary", f"/tasks/{task_id}/history", "/events")
+            for path in reads:
+                statuses.append((await client.get(path)).status_code)
+            got = await client.get(f"/tasks/{task_id}")
+            assert got.json()["progress"] == progress  # from the primary
+        await until(lambda: replica.state == DOWN, "the replica is found down")
+        statuses.append((await client.get(f"/tasks/{task_id}")).status_code)
+        assert set(statuses) == {200}
+
+        pair.standby.start()
+        await until(lambda: replica.state == SERVING, "the replica serves again")
+        assert await is_stale(client, pair, task_id, 6)
+
+
+async def test_a_replica_that_falls_behind_gets_no_reads_until_it_catches_up(
+    replicated_app: App, pair: Pair, database: Database
+) -> None:
+    async with replicated_app(max_lag=0.5) as client:
+        replica = await until_serving(client)
+        response = await client.post("/tasks/", json={"task_type": "lagged"})
+        task_id = response.json()["task_id"]
+        with pair.paused():
+            await client.patch(f"/tasks/{task_id}", json={"progress": 10})
+            await until(lambda: replica.state == LAGGING, "the replica is found lagging")
+            assert replica.lag > 0.5
+            # Out of service: a read without a token comes from the primary.
+            assert (await client.get(f"/tasks/{task_id}")).json()["progress"] == 10
+        await until(lambda: replica.state == SERVING, "the replica serves again once it has replayed")
+        assert replica.lag <= 0.5
+        assert (await client.get(f"/tasks/{task_id}")).json()["progress"] == 10
+
+
+async def test_a_primary_or_another_database_named_as_a_replica_never_serves(
+    pair: Pair, database: Database, template: str
+) -> None:
+    # The primary itself (not in recovery), and the standby's copy of another database.
+    urls = [database.primary, pair.standby.url(template)]
+    async with AsyncTestClient(app=create_app(database.primary, replica_urls=urls, replica_max_lag=1)) as client:
+        primary, other = client.app.state.replicas.replicas
+        await until(lambda: (primary.state, other.state) == (NOT_A_STANDBY, FOREIGN), "both are found out")
+        response = await client.post("/tasks/", json={"task_type": "t"})
+        assert (await client.get(f"/tasks/{response.json()['task_id']}")).status_code == 200
+
+
+async def test_an_unreachable_replica_fails_no_request(database: Database) -> None:
+    nowhere = "postgresql://postgres@127.0.0.1:9/nowhere?connect_timeout=1"
+    async with AsyncTestClient(app=create_app(database.primary, replica_urls=[nowhere])) as client:
+        replica = replica_of(client)
+        await until(lambda: replica.state == DOWN, "the replica is found down")
+        response = await client.post("/tasks/", json={"task_type": "t"})
+        got = await client.get(f"/tasks/{response.json()['task_id']}", headers={HEADER: response.headers[HEADER]})
+        assert got.status_code == 200
+
+
+def test_requests_racing_a_replica_that_stops_and_starts_all_succeed(
+    pair: Pair, database: Database, tmp_path: Path
+) -> None:
+    """A real server under steady load while its standby is stopped and started under it, twice: every answer 2xx."""
+    env = os.environ | {"DATABASE_URL": database.primary}
+    server = Server(env, log_dir=tmp_path, serve_args=("--replica", database.replica, "--replica-max-lag", "5"))
+    answers: list[int] = []
+    done = threading.Event()
+
+    def load() -> None:
+        with httpx.Client(base_url=server.url, timeout=30) as http:
+            task_id = http.post("/tasks/", json={"task_type": "raced"}).json()["task_id"]
+            progress = 0
+            while not done.is_set():
+                progress = progress % 100 + 1
+                answers.append(http.patch(f"/tasks/{task_id}", json={"progress": progress}).status_code)
+                for path in (f"/tasks/{task_id}", "/tasks/", f"/tasks/{task_id}/history", "/events?limit=5"):
+                    answers.append(http.get(path).status_code)
+
+    def answered(more: int) -> None:
+        target = len(answers) + more
+        deadline = time.monotonic() + 30
+        while len(answers) < target and worker.is_alive():
+            assert time.monotonic() < deadline, "the load stalled"
+            time.sleep(0.01)
+
+    worker = threading.Thread(target=load)
+    worker.start()
+    try:
+        for _ in range(2):
+            answered(20)
+            pair.standby.stop()
+            answered(50)
+            pair.standby.start()
+            deadline = time.monotonic() + 30
+            while not pair.standby_backends(database.name):  # the server has reconnected to it
+                assert time.monotonic() < deadline, "the server did not reconnect to the standby"
+                time.sleep(0.05)
+            answered(50)
+    finally:
+        done.set()
+        worker.join()
+        assert server.stop(signal.SIGINT) == 0, server.log()
+    assert len(answers) >= 240
+    assert set(answers) == {200}, server.log()
