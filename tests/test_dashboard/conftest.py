@@ -52,12 +52,17 @@ def chromium_executable(playwright: Playwright) -> str | None:
     pytest.fail(HOW_TO_INSTALL)
 
 
+def launched() -> Iterator[Browser]:
+    """A headless Chromium, until the generator is closed (for a fixture: `yield from launched()`)."""
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium_executable(playwright), args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
-    with sync_playwright() as playwright:
-        launched = playwright.chromium.launch(executable_path=chromium_executable(playwright), args=CHROMIUM_ARGS)
-        yield launched
-        launched.close()
+    yield from launched()
 
 
 @dataclass

@@ -82,18 +82,41 @@ async def test_pages_allow_scripts_and_styles_from_this_origin_only(open_client:
     [
         ("/ui/tasks/not-a-uuid", 404),
         ("/ui/tasks/00000000-0000-4000-8000-000000000000", 404),
-        ("/ui?status=bogus", 400),
-        ("/ui?task_type=a%00b", 400),
-        ("/ui?task_type=" + "x" * 201, 400),
-        ("/ui?cursor=nope", 400),
-        ("/ui?limit=0", 400),
-        ("/ui?limit=abc", 400),
-        ("/ui/tasks/00000000-0000-4000-8000-000000000000?version=x", 400),
+        ("/ui/tasks/%ff", 400),
+        ("/ui/tasks/00000000-0000-4000-8000-000000000000?version=x", 422),
+        ("/ui/events?x=%ff", 400),
     ],
 )
 async def test_a_bad_address_is_an_html_page_never_a_5xx(open_client: AsyncTestClient, path: str, status: int) -> None:
     page = await open_client.get(path)
     assert page.status_code == status
+    assert page.headers["content-type"] == "text/html; charset=utf-8"
+    assert page.headers["content-security-policy"].startswith("default-src 'none'")
+    assert "Back to the tasks" in page.text
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "status=bogus",
+        "task_type=a%00b",
+        "task_type=%ff",
+        "task_type=" + "x" * 201,
+        "cursor=nope",
+        "limit=0",
+        "limit=abc",
+        "status=failed&status=running",
+    ],
+)
+async def test_a_bad_filter_is_refused_as_the_api_refuses_it_but_as_a_page(
+    open_client: AsyncTestClient, query: str
+) -> None:
+    """The list's filters are the API's: the same status (from the same checks), as HTML rather than a problem."""
+    api = await open_client.get(f"/tasks/?{query}")
+    page = await open_client.get(f"/ui?{query}")
+    assert api.status_code in (400, 422)
+    assert api.headers["content-type"] == "application/problem+json"
+    assert page.status_code == api.status_code
     assert page.headers["content-type"] == "text/html; charset=utf-8"
     assert "Back to the tasks" in page.text
 
@@ -247,8 +270,76 @@ async def test_every_process_and_restart_shares_the_secret_unless_the_environmen
 
 async def test_signing_out_clears_the_cookie_and_needs_the_pages_token(secured: AsyncTestClient) -> None:
     csrf = await signed_in(secured, "read")
-    refused = await secured.post("/ui/sign-out", data={"csrf": "wrong"}, follow_redirects=False)
-    assert refused.status_code == 403
+    for wrong in ("wrong", "é", csrf + "\x00", ""):
+        refused = await secured.post("/ui/sign-out", data={"csrf": wrong}, follow_redirects=False)
+        assert refused.status_code in (403, 422), wrong
+        assert "set-cookie" not in refused.headers
     answer = await secured.post("/ui/sign-out", data={"csrf": csrf}, follow_redirects=False)
     assert answer.status_code == 303
     assert "Max-Age=0" in answer.headers["set-cookie"]
+
+
+FORM = "application/x-www-form-urlencoded"
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "status", "says"),
+    [
+        # Not sent as the page's form is: a cross-site page can post text/plain without a preflight.
+        (b'{"key": "x"}', "application/json", 415, "not as application/json"),
+        (b"key=x", "text/plain", 415, "not as text/plain"),
+        (b"key=x", None, 415, "without a Content-Type"),
+        (b"key=x", "multipart/form-data; boundary=x", 415, "not as multipart/form-data"),
+        (b"key=x", f"{FORM}; charset=latin-1", 415, "(UTF-8)"),
+        (b"key=x", f"{FORM}; charset=\xff", 415, "(UTF-8)"),
+        # Not UTF-8 text, raw or %-escaped: no key is looked up.
+        (b"key=\xff", FORM, 400, "key: not UTF-8 text"),
+        (b"key=%ff", FORM, 400, "key: not UTF-8 text"),
+        (b"%c3=x", FORM, 400, "a form field&#39;s name is not UTF-8 text"),
+        # Text that breaks a rule.
+        (b"key=a%00b", FORM, 422, "key: must not contain NUL"),
+        (b"key=a&key=b", FORM, 422, "key: given more than once"),
+    ],
+)
+async def test_the_sign_in_form_takes_its_own_encoding_only(
+    secured: AsyncTestClient, body: bytes, content_type: str | None, status: int, says: str
+) -> None:
+    headers = [] if content_type is None else [(b"content-type", content_type.encode("latin-1"))]
+    answer = await secured.post("/ui/sign-in", content=body, headers=headers, follow_redirects=False)
+    assert answer.status_code == status
+    assert answer.headers["content-type"] == "text/html; charset=utf-8"
+    assert says in answer.text
+    assert "set-cookie" not in answer.headers
+
+
+async def test_the_sign_in_form_as_a_browser_sends_it(secured: AsyncTestClient) -> None:
+    """URL-encoded UTF-8, with or without a charset; a field the form does not know is ignored."""
+    for content_type in (FORM, f"{FORM}; charset=UTF-8", f"{FORM.upper()};charset=utf-8"):
+        body = f"next=%2Fui%2Fevents&key={KEYS['read']}&other=%C3%A9".encode()
+        answer = await secured.post("/ui/sign-in", content=body, headers={"Content-Type": content_type})
+        assert answer.status_code == 200, content_type
+        assert str(answer.url).endswith("/ui/events")
+    wrong = await secured.post("/ui/sign-in", data={"key": "tt_é✓"})
+    assert wrong.status_code == 401
+    assert "That is not a key this service knows." in wrong.text
+
+
+async def test_a_broken_session_cookie_or_csrf_token_is_refused_never_a_5xx(secured: AsyncTestClient) -> None:
+    """What a browser may bring: another app's cookie on the same host, a garbled one of ours, a garbled token."""
+    csrf = await signed_in(secured, "write")
+    task = (await secured.post("/tasks/", json={"task_type": "garbled"}, headers={"X-CSRF-Token": csrf})).json()
+    path = f"/tasks/{task['task_id']}"
+    garbled = [b"\xff", b"\xc3\xa9", "é".encode("latin-1"), b"x\x00"]
+    for raw in garbled:
+        headers = [(b"x-csrf-token", raw), (b"content-type", b"application/json")]
+        refused = await secured.patch(path, content=b'{"progress": 1}', headers=headers)
+        assert refused.status_code == 403, raw
+    session = secured.cookies[sessions.COOKIE]
+    secured.cookies.clear()
+    for raw in garbled:
+        for cookie in (b"tasktrail_session=" + raw, b"other=" + raw + b"; tasktrail_session=" + session.encode()):
+            valid = b"other" in cookie
+            api = await secured.get("/tasks/", headers=[(b"cookie", cookie)])
+            assert api.status_code == (200 if valid else 401), cookie
+            page = await secured.get("/ui", headers=[(b"cookie", cookie)], follow_redirects=False)
+            assert page.status_code == (200 if valid else 303), cookie

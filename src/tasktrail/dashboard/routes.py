@@ -3,7 +3,13 @@
 Every page is whole HTML from the server, so the first page works without
 JavaScript and every `data-*` hook (SPEC §10) has one definition: the
 templates. The page reads the read models and the log through the same
-functions and pooled connections as the API (`tasks.connection(request)`).
+functions as the API, and where the API reads (`tasks.read`: a replica fresh
+enough for the request's Tasktrail-Read-After, else the primary). The page's
+script keeps the token of its latest write in a cookie that `read_after_cookie`
+passes on, so a page navigated to after a write shows it too (SPEC §13).
+
+Errors are pages too, with the status the API would answer (http/app.PROBLEMS
+and http/wellformed's refusals): a browser shows HTML, not a problem document.
 
 Templates are rendered by one Jinja2 environment with autoescape on, so
 whatever a task carries (its type, params, result, error, an actor's name)
@@ -16,33 +22,34 @@ call it shows.
 from __future__ import annotations
 
 import hashlib
-import hmac
 import json
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
+from http import HTTPStatus
 from pathlib import Path
-from typing import Any, NamedTuple
-from urllib.parse import parse_qs, urlencode
+from typing import Any, NamedTuple, TypeVar
+from urllib.parse import parse_qsl, urlencode
 from uuid import UUID
 
 import jinja2
+import msgspec
 import psycopg
-import psycopg_pool
 from litestar import Request, Response, Router, get, post
-from litestar.exceptions import NotAuthorizedException, PermissionDeniedException, ValidationException
+from litestar.exceptions import ClientException, NotAuthorizedException
 from litestar.params import FromPath, FromQuery
 from litestar.response import Redirect
 from litestar.static_files import create_static_files_router
-from litestar.types import Receive, Scope, Send
+from litestar.types import ASGIApp, Receive, Scope, Send
 from markupsafe import Markup, escape
 
-from tasktrail import eventstore
+from tasktrail import eventstore, replicas
 from tasktrail.domain.events import EVENT_TYPES, TaskCreated, TaskDeleted, type_of
-from tasktrail.domain.task import FINISHED, MOVES, Status, Task, evolve
-from tasktrail.http import auth, sessions
-from tasktrail.http.body import InvalidInput, invalid
+from tasktrail.domain.task import FINISHED, MOVES, Status, Task, TaskNotFound, evolve
+from tasktrail.http import auth, sessions, wellformed
+from tasktrail.http.body import invalid
 from tasktrail.http.events import FeedItem, encode_cursor, item
-from tasktrail.http.tasks import _decode_cursor, _encode_cursor, connection
+from tasktrail.http.tasks import _decode_cursor, _encode_cursor, read
 from tasktrail.projections import stats
 from tasktrail.projections import tasks as tasks_view
 
@@ -192,8 +199,20 @@ class Rows:
 ROWS = Rows()
 
 
-def render(template: str, status: int = 200, extra: Sequence[tuple[bytes, bytes]] = (), **context: Any) -> HtmlReply:
-    return HtmlReply(ENV.get_template(template).render(**context), status, extra)
+def render(
+    request: Request | None, template: str, status: int = 200, extra: Sequence[tuple[bytes, bytes]] = (), **context: Any
+) -> HtmlReply:
+    """A page for whoever is looking (nobody known before the guard has run: `request` None)."""
+    opt = {} if request is None else request.route_handler.opt
+    return HtmlReply(
+        ENV.get_template(template).render(
+            viewer=NOBODY if request is None else viewer(request),
+            read_after_max_age=opt.get(READ_AFTER_MAX_AGE, 0),
+            **context,
+        ),
+        status,
+        extra,
+    )
 
 
 # Who is looking, and what they may do.
@@ -212,6 +231,9 @@ class Viewer(NamedTuple):
 def viewer(request: Request) -> Viewer:
     state = request.scope["state"]  # what the guard found (nothing without keys)
     return Viewer(state.get("actor"), state.get("scope", "admin"), state.get("csrf"))
+
+
+NOBODY = Viewer(None, "read", None)  # on a page answered before the guard has looked
 
 
 # The task list.
@@ -282,16 +304,19 @@ async def tasks_page(
 ) -> HtmlReply:
     """Counts, filters and the task list, newest first, with keyset paging."""
     filters = parse_filters(status, task_type, cursor, limit)
-    async with connection(request) as conn:
+
+    async def fetch(conn: psycopg.AsyncConnection) -> tuple[list[Task], dict[str, int]]:
         page = await tasks_view.list_page(
             conn, status=filters.status, task_type=filters.task_type, before=filters.before, limit=filters.limit
         )
-        counts = await stats.summary(conn, filters.task_type)
+        return page, await stats.summary(conn, filters.task_type)
+
+    page, counts = await read(request, fetch)
     matching, noun = filters.describe(counts)
     looking = viewer(request)
     return render(
+        request,
         "tasks.html",
-        viewer=looking,
         filters=filters,
         rows=[ROWS(task, looking.can_write) for task in page],
         counts=counts,
@@ -372,8 +397,11 @@ def actions(task: Task | None) -> dict[str, bool]:
     }
 
 
-def not_found_page(request: Request, message: str, status: int = 404) -> HtmlReply:
-    return render("not_found.html", status, viewer=viewer(request), message=message, code=status)
+def error_page(
+    request: Request | None, message: str, status: int = 404, extra: Sequence[tuple[bytes, bytes]] = ()
+) -> HtmlReply:
+    title = HTTPStatus(status).phrase.capitalize()
+    return render(request, "error.html", status, extra, message=message, title=title)
 
 
 @get("/ui/tasks/{task_id:str}", include_in_schema=False)
@@ -382,28 +410,33 @@ async def task_page(request: Request, task_id: FromPath[str], version: FromQuery
     try:
         uuid = UUID(task_id)
     except ValueError:
-        return not_found_page(request, "Task ids are UUIDs: this is not one.")
+        return error_page(request, "Task ids are UUIDs: this is not one.")
     if version is not None and (not version.isdigit() or not 1 <= int(version) <= 2**31 - 1):
         raise invalid("version", "a version number: a whole number from 1")
-    async with connection(request) as conn:
+
+    async def fetch(conn: psycopg.AsyncConnection) -> list[eventstore.Stored]:
+        # Raised where a replica may only be behind: `read` then asks the primary.
         history = await eventstore.read_stream(conn, uuid)
-    if not history:
-        return not_found_page(request, f"No task {uuid} has ever existed here.")
+        if not history:
+            raise TaskNotFound(f"No task {uuid} has ever existed here.")
+        if version is not None and int(version) > len(history):
+            raise TaskNotFound(f"Task {uuid} has no version {version}: its latest is {len(history)}.")
+        return history
+
+    try:
+        history = await read(request, fetch)
+    except TaskNotFound as exc:
+        return error_page(request, str(exc))
     entries = timeline(history)
     latest = entries[-1]
-    picked = latest if version is None else None
-    if version is not None:
-        if int(version) > len(entries):
-            return not_found_page(request, f"Task {uuid} has no version {version}: its latest is {len(entries)}.")
-        picked = entries[int(version) - 1]
-    assert picked is not None
+    picked = latest if version is None else entries[int(version) - 1]
     deleted = latest if latest.after is None else None
     # At a deletion the task has no state: show the one it had just before.
     index = picked.stored.recorded.version - 1
     shown = picked.after if picked.after is not None else entries[index - 1].after if index else None
     return render(
+        request,
         "task.html",
-        viewer=viewer(request),
         task_id=uuid,
         entries=entries[::-1][:TIMELINE_CAP],
         hidden_entries=max(0, len(entries) - TIMELINE_CAP),
@@ -423,15 +456,52 @@ async def task_page(request: Request, task_id: FromPath[str], version: FromQuery
 @get("/ui/events", include_in_schema=False)
 async def events_page(request: Request) -> HtmlReply:
     """The newest events, newest on top; the page follows the feed from where this read ended."""
-    async with connection(request) as conn:
-        page = await eventstore.read_feed_tail(conn, limit=FEED_SIZE)
+    page = await read(request, lambda conn: eventstore.read_feed_tail(conn, limit=FEED_SIZE))
     items: list[FeedItem] = [item(event) for event in page.events]
-    return render(
-        "events.html", viewer=viewer(request), items=items, follow_from=encode_cursor(page.next_after), blank=None
-    )
+    return render(request, "events.html", items=items, follow_from=encode_cursor(page.next_after), blank=None)
+
+
+@get("/ui/{rest:path}", include_in_schema=False)
+async def no_page(request: Request, rest: FromPath[str]) -> HtmlReply:
+    """Any other address under /ui: a page that says so (a mistyped or outdated link), not a problem document."""
+    return error_page(request, "There is no dashboard page at this address.")
 
 
 # Signing in: a key, once, for a session cookie (see http/sessions.py).
+
+FORM = "tasktrail.form"  # the key of a page's form (a msgspec Struct of text fields) in its handler's opt
+FORM_TYPE = "application/x-www-form-urlencoded"
+F = TypeVar("F", bound=msgspec.Struct)
+
+
+class SignInForm(msgspec.Struct):
+    key: str = ""
+    next: str = ""
+
+
+class SignOutForm(msgspec.Struct):
+    csrf: str = ""
+
+
+async def read_form(request: Request, kind: type[F]) -> F:
+    """The form a page posted, as a browser sends it: URL-encoded UTF-8 text, by the query string's rules.
+
+    Anything else is refused before a field is looked at: another Content-Type
+    (415, as the API's JSON routes refuse one that is not JSON), text that is
+    not UTF-8 once decoded (400), a NUL in a value or a field given twice (422).
+    """
+    body = await request.body()
+    content_type = request.headers.get("content-type")
+    if content_type is not None or body:
+        media, _, parameters = (content_type or "").partition(";")
+        charset = parameters.partition("charset=")[2].strip().strip('"').lower()
+        if media.strip().lower() != FORM_TYPE or charset not in ("", "utf-8", "utf8"):
+            given = "without a Content-Type" if content_type is None else f"not as {content_type[:100]}"
+            raise ClientException(status_code=415, detail=f"this form is sent as {FORM_TYPE} (UTF-8), {given}")
+    refusal = wellformed.urlencoded_refusal(body)
+    if refusal is not None:
+        raise ClientException(status_code=refusal[0], detail=refusal[1])
+    return msgspec.convert(dict(parse_qsl(body.decode(), keep_blank_values=True)), kind)
 
 
 def _local(target: str | None) -> str:
@@ -462,11 +532,6 @@ def _same_origin(request: Request) -> bool:
     return origin is None or origin == f"{request.url.scheme}://{request.headers.get('host', '')}"
 
 
-def _form(body: bytes) -> dict[str, str]:
-    fields = parse_qs(body.decode("utf-8", "replace"), max_num_fields=10)
-    return {name: values[0] for name, values in fields.items()}
-
-
 def _cookie(request: Request, value: str, max_age: int) -> tuple[bytes, bytes]:
     secure = "; Secure" if request.url.scheme == "https" else ""
     return (
@@ -476,8 +541,7 @@ def _cookie(request: Request, value: str, max_age: int) -> tuple[bytes, bytes]:
 
 
 def _see_other(location: str, *extra: tuple[bytes, bytes]) -> HtmlReply:
-    reply = HtmlReply("", 303, [(b"location", location.encode()), *extra])
-    return reply
+    return HtmlReply("", 303, [(b"location", location.encode()), *extra])
 
 
 @get("/ui/sign-in", opt=auth.PUBLIC, include_in_schema=False)
@@ -485,50 +549,86 @@ async def sign_in_page(request: Request, next: FromQuery[str | None] = None) -> 
     """The sign-in form (with no keys configured there is nothing to sign in to)."""
     if not request.route_handler.opt.get("keys"):
         return _see_other(_local(next))
-    return render(
-        "sign_in.html", viewer=viewer(request), next=_local(next), error=None, signed_out="out" in request.query_params
-    )
+    return render(request, "sign_in.html", next=_local(next), error=None, signed_out="out" in request.query_params)
 
 
-@post("/ui/sign-in", opt=auth.PUBLIC, include_in_schema=False, status_code=303)
+@post("/ui/sign-in", opt={**auth.PUBLIC, FORM: SignInForm}, include_in_schema=False, status_code=303)
 async def sign_in(request: Request) -> HtmlReply:
     """Check the key; on success a session cookie and back to the page asked for."""
     keys: Sequence[auth.Key] = request.route_handler.opt.get("keys") or ()
-    form = _form(await request.body())
-    target = _local(form.get("next"))
+    form = await read_form(request, SignInForm)
+    target = _local(form.next)
     if not keys:
         return _see_other(target)
     if not _same_origin(request):
-        return render(
-            "sign_in.html",
-            403,
-            viewer=viewer(request),
-            next=target,
-            error="Sign in from this site's own page.",
-            signed_out=False,
-        )
-    key = auth.authenticate(keys, form.get("key", "").strip())
+        error = "Sign in from this site's own page."
+        return render(request, "sign_in.html", 403, next=target, error=error, signed_out=False)
+    key = auth.authenticate(keys, form.key.strip())
     if key is None:
         # Never echo what was typed: it may be a key of another service.
-        error = "That is not a key this service knows." if form.get("key") else "Enter an API key."
-        return render("sign_in.html", 401, viewer=viewer(request), next=target, error=error, signed_out=False)
+        error = "That is not a key this service knows." if form.key else "Enter an API key."
+        return render(request, "sign_in.html", 401, next=target, error=error, signed_out=False)
     signer: sessions.Signer = request.route_handler.opt["signer"]
     value, _session = sessions.issue(await signer.secret(request.app.state.pool), key.name, key.digest)
     return _see_other(target, _cookie(request, value, sessions.LIFETIME))
 
 
-@post("/ui/sign-out", opt=auth.PUBLIC, include_in_schema=False, status_code=303)
+@post("/ui/sign-out", opt={**auth.PUBLIC, FORM: SignOutForm}, include_in_schema=False, status_code=303)
 async def sign_out(request: Request) -> HtmlReply:
     """End the session: the cookie is cleared (a form of the page; its CSRF token must match)."""
-    form = _form(await request.body())
+    form = await read_form(request, SignOutForm)
     signer: sessions.Signer | None = request.route_handler.opt.get("signer")
     cookie = request.cookies.get(sessions.COOKIE)
     if signer is not None and cookie is not None:
         secret = await signer.secret(request.app.state.pool)
         session = sessions.read(secret, cookie)
-        if session is not None and not hmac.compare_digest(sessions.csrf_token(secret, session), form.get("csrf", "")):
-            return not_found_page(request, "Sign out from the dashboard's own page.", 403)
+        if session is not None and not sessions.csrf_matches(secret, session, form.csrf):
+            return error_page(request, "Sign out from the dashboard's own page.", 403)
     return _see_other("/ui/sign-in?out", _cookie(request, "", 0))
+
+
+# Read-your-writes across pages (SPEC §13).
+
+READ_AFTER_COOKIE = b"tasktrail_read_after"
+READ_AFTER_MAX_AGE = "read_after_max_age"  # the key of the cookie's lifetime, in seconds, in the router's opt
+_READ_AFTER = replicas.HEADER.lower().encode()
+
+
+def read_after_max_age(max_lag: float) -> int:
+    """How long the page keeps a write's token: until no replica that serves reads can still be behind it.
+
+    A replica more than max_lag behind the primary stops serving at its next
+    health check; twice that, and ten seconds more, covers the checks' own delays.
+    """
+    return math.ceil(2 * max_lag) + 10
+
+
+def read_after_cookie(app: ASGIApp) -> ASGIApp:
+    """Pass the page's read-after cookie on as the Tasktrail-Read-After header that `read` routes by.
+
+    The page's script sets the cookie (Path=/ui) to the token of its latest
+    write, so a page the browser then opens or reloads is read where that write
+    is. A header the request brings counts too: `read` takes the later of them.
+    """
+
+    async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            token = _cookie_value(scope["headers"], READ_AFTER_COOKIE)
+            if token:
+                scope["headers"] = [*scope["headers"], (_READ_AFTER, token)]
+        await app(scope, receive, send)
+
+    return middleware
+
+
+def _cookie_value(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+    for header, value in headers:
+        if header == b"cookie":
+            for pair in value.split(b";"):
+                key, _, found = pair.strip().partition(b"=")
+                if key == name:
+                    return found.strip().strip(b'"')
+    return None
 
 
 # What goes wrong on a page is a page too.
@@ -539,25 +639,32 @@ def _to_sign_in(request: Request, _: Exception) -> Response[bytes]:
     return _see_other(f"/ui/sign-in?{urlencode({'next': _local(target)})}").response()
 
 
-def _forbidden(request: Request, exc: PermissionDeniedException) -> Response[bytes]:
-    return not_found_page(request, str(exc.detail), 403).response()
+ProblemHandler = Callable[[Request, Any], Response[bytes]]
 
 
-def _bad_input(request: Request, exc: InvalidInput | ValidationException) -> Response[bytes]:
-    detail = str(exc) if isinstance(exc, InvalidInput) else str(exc.detail)
-    return not_found_page(
-        request, f"This address asks for something the dashboard cannot show: {detail}", 400
-    ).response()
+def as_page(handler: ProblemHandler) -> ProblemHandler:
+    """The API's answer to an error (a problem document) as a page: its status, headers and detail."""
+
+    def page(request: Request, exc: Exception) -> Response[bytes]:
+        answer = handler(request, exc)
+        detail = msgspec.json.decode(answer.content).get("detail", "")
+        kept = [(n.lower().encode(), str(v).encode()) for n, v in answer.headers.items() if n.lower() != "content-type"]
+        return error_page(request, detail, answer.status_code, kept).response()
+
+    return page
 
 
-def _unavailable(request: Request, _: Exception) -> Response[bytes]:
-    reply = not_found_page(request, "The database is unavailable; this page will work again when it returns.", 503)
-    reply.headers.append((b"retry-after", b"1"))
-    return reply.response()
+def router(
+    keys: Sequence[auth.Key],
+    signer: sessions.Signer,
+    problems: Mapping[type[Exception], ProblemHandler],
+    max_lag: float = replicas.DEFAULT_MAX_LAG,
+) -> Router:
+    """The dashboard's pages and files, knowing the configured keys (for signing in) and the session signer.
 
-
-def router(keys: Sequence[auth.Key], signer: sessions.Signer) -> Router:
-    """The dashboard's pages and files, knowing the configured keys (for signing in) and the session signer."""
+    `problems` is the app's answer to each error; a page answers the same as a
+    page. `max_lag` is the replicas' (see read_after_max_age).
+    """
     static = create_static_files_router(
         path=STATIC,
         directories=[HERE / "static"],
@@ -565,17 +672,17 @@ def router(keys: Sequence[auth.Key], signer: sessions.Signer) -> Router:
         include_in_schema=False,
         name="dashboard-static",
     )
+    max_age = read_after_max_age(max_lag)
+
+    def refusal(status: int, detail: str) -> HtmlReply:
+        return error_page(None, detail, status)
+
     return Router(
         path="/",
-        route_handlers=[index, tasks_page, task_page, events_page, sign_in_page, sign_in, sign_out, static],
-        opt={"keys": tuple(keys), "signer": signer},
+        route_handlers=[index, tasks_page, task_page, events_page, sign_in_page, sign_in, sign_out, no_page, static],
+        opt={"keys": tuple(keys), "signer": signer, READ_AFTER_MAX_AGE: max_age, wellformed.PAGE: refusal},
+        middleware=[read_after_cookie],
         include_in_schema=False,
-        exception_handlers={
-            NotAuthorizedException: _to_sign_in,
-            PermissionDeniedException: _forbidden,
-            InvalidInput: _bad_input,
-            ValidationException: _bad_input,
-            psycopg.OperationalError: _unavailable,
-            psycopg_pool.PoolTimeout: _unavailable,
-        },
+        exception_handlers={kind: as_page(handler) for kind, handler in problems.items()}
+        | {NotAuthorizedException: _to_sign_in},
     )

@@ -7,7 +7,7 @@ import itertools
 import logging
 import os
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -107,6 +107,26 @@ def _outdated(_: Request, exc: ProjectionOutdated) -> Response[bytes]:
 def _unexpected(request: Request, exc: Exception) -> Response[bytes]:
     log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return problem(500, "an unexpected error occurred; it has been logged")
+
+
+# Every error's problem document, in one place; the dashboard shows the same (status, detail) as a page.
+PROBLEMS: dict[type[Exception], Callable[[Request, Any], Response[bytes]]] = {
+    TaskNotFound: _refused,
+    TransitionRejected: _refused,
+    eventstore.VersionConflict: _conflict,
+    writer.PreconditionFailed: _refused,
+    idempotency.KeyReused: _key_reused,
+    MalformedBody: _malformed,
+    InvalidInput: _invalid,
+    ValidationException: _invalid_parameter,
+    HTTPException: _http,
+    psycopg.OperationalError: _unavailable,
+    psycopg.errors.LockNotAvailable: _locked,
+    psycopg.DataError: _unstorable,
+    psycopg_pool.PoolTimeout: _unavailable,
+    ProjectionOutdated: _outdated,
+    Exception: _unexpected,
+}
 
 
 # A request's id when the caller gives none: this process's random prefix and a
@@ -227,7 +247,7 @@ def create_app(
             *history.ROUTES,
             *events.ROUTES,
             *health.ROUTES,
-            dashboard.router(keys, signer),
+            dashboard.router(keys, signer, PROBLEMS, max_lag),
         ],
         lifespan=[lifespan],
         middleware=[request_ids, wellformed.wellformed, read_after_tokens],
@@ -249,21 +269,5 @@ def create_app(
             ],
             expose_headers=["ETag", "Link", "Location", "X-Request-ID", replicas.HEADER],
         ),
-        exception_handlers={
-            TaskNotFound: _refused,
-            TransitionRejected: _refused,
-            eventstore.VersionConflict: _conflict,
-            writer.PreconditionFailed: _refused,
-            idempotency.KeyReused: _key_reused,
-            MalformedBody: _malformed,
-            InvalidInput: _invalid,
-            ValidationException: _invalid_parameter,
-            HTTPException: _http,
-            psycopg.OperationalError: _unavailable,
-            psycopg.errors.LockNotAvailable: _locked,
-            psycopg.DataError: _unstorable,
-            psycopg_pool.PoolTimeout: _unavailable,
-            ProjectionOutdated: _outdated,
-            Exception: _unexpected,
-        },
+        exception_handlers=PROBLEMS,
     )

@@ -85,7 +85,7 @@ def issue(secret: bytes, key_name: str, key_digest: bytes, *, now: float | None 
 def read(secret: bytes, value: str, *, now: float | None = None) -> Session | None:
     """The session a cookie holds if its signature is ours and it has not expired; else None."""
     payload, _, signature = value.partition(".")
-    if not payload or len(value) > 512 or not hmac.compare_digest(_sign(secret, payload), signature):
+    if not payload or len(value) > 512 or not _same(_sign(secret, payload), signature):
         return None
     try:
         session = _decode(_unb64(payload))
@@ -100,7 +100,16 @@ def csrf_token(secret: bytes, session: Session) -> str:
 
 
 def csrf_matches(secret: bytes, session: Session, presented: str | None) -> bool:
-    return presented is not None and hmac.compare_digest(csrf_token(secret, session), presented)
+    return presented is not None and _same(csrf_token(secret, session), presented)
+
+
+def _same(ours: str, presented: str) -> bool:
+    """A constant-time comparison with what a request brought, which may be any text.
+
+    hmac.compare_digest takes str only when both are ASCII, and raises otherwise (a
+    500): a cookie or header is decoded as latin-1, a form field as UTF-8.
+    """
+    return hmac.compare_digest(ours.encode(), presented.encode("utf-8", "surrogatepass"))
 
 
 def secret_from_env(environ: dict[str, str] | os._Environ[str] = os.environ) -> bytes | None:

@@ -6,7 +6,10 @@
 //     the page a few fetches a second, not one update per event, and focus and selection survive;
 //   - the events page builds its rows from the stream's JSON with textContent only, into a copy of
 //     the server's own <template> row, and keeps at most CAP of them;
-//   - actions go to the API as JSON with If-Match (and the session's X-CSRF-Token when signed in).
+//   - actions go to the API as JSON with If-Match (and the session's X-CSRF-Token when signed in);
+//   - every read after a write carries the write's Tasktrail-Read-After token (SPEC §13), so a replica
+//     that has not replayed the write does not answer it: fetches send it in the header, and a
+//     short-lived cookie (Path=/ui) carries it to the pages the browser opens next.
 // No innerHTML anywhere: text from the server or the stream only ever becomes text.
 
 const APPLY_EVERY = 250; // ms between two updates of the page, at most
@@ -20,6 +23,31 @@ const csrf = document.querySelector('meta[name="csrf-token"]')?.content ?? null;
 const eventTypes = (body.dataset.eventTypes || "").split(" ").filter(Boolean);
 const liveBadge = document.getElementById("live");
 const number = new Intl.NumberFormat("en");
+
+// The token of this browser's latest write; another tab's later write replaces the cookie, and wins.
+const READ_AFTER = "Tasktrail-Read-After";
+const READ_AFTER_COOKIE = "tasktrail_read_after";
+let readAfter = null;
+
+function readAfterToken() {
+  const cookie = document.cookie.split("; ").find((c) => c.startsWith(`${READ_AFTER_COOKIE}=`));
+  return cookie ? cookie.slice(READ_AFTER_COOKIE.length + 1) : readAfter;
+}
+
+function remember(response) {
+  const token = response.headers.get(READ_AFTER);
+  // Tokens are the service's own (a WAL position, or a word): nothing a cookie would need to escape.
+  if (!token || !/^[0-9A-Za-z/]{1,64}$/.test(token)) return;
+  readAfter = token;
+  const secure = location.protocol === "https:" ? "; Secure" : "";
+  document.cookie = `${READ_AFTER_COOKIE}=${token}; Path=/ui; Max-Age=${body.dataset.readAfterMaxAge}; SameSite=Strict${secure}`;
+}
+
+// Headers for a read: the latest write's token, if any.
+function readHeaders(headers = {}) {
+  const token = readAfterToken();
+  return token ? { ...headers, [READ_AFTER]: token } : headers;
+}
 
 function setLive(state, text) {
   liveBadge.hidden = false;
@@ -110,7 +138,7 @@ function coalesce(job, every = () => APPLY_EVERY) {
 
 // This page as the server renders it now; null when the session has ended.
 async function fetchPage(url = location.pathname + location.search) {
-  const response = await fetch(url, { headers: { Accept: "text/html" }, cache: "no-store" });
+  const response = await fetch(url, { headers: readHeaders({ Accept: "text/html" }), cache: "no-store" });
   if (response.redirected && new URL(response.url).pathname === "/ui/sign-in") {
     setLive("offline", "Signed out: reload to sign in");
     return null;
@@ -160,13 +188,14 @@ function replaceIfChanged(element, fresh) {
 }
 
 async function api(method, url, payload, headers = {}) {
-  const init = { method, headers: { Accept: "application/json", ...headers } };
+  const init = { method, headers: readHeaders({ Accept: "application/json", ...headers }) };
   if (csrf) init.headers["X-CSRF-Token"] = csrf;
   if (payload !== undefined) {
     init.headers["Content-Type"] = "application/json";
     init.body = JSON.stringify(payload);
   }
   const response = await fetch(url, init);
+  if (method !== "GET" && response.ok) remember(response);
   let answer = null;
   if ((response.headers.get("content-type") || "").includes("json")) answer = await response.json();
   return { status: response.status, answer, headers: response.headers };
@@ -504,7 +533,10 @@ function taskPage() {
     clearInterval(polling);
     polling = setInterval(async () => {
       const after = history().dataset.latest;
-      const response = await fetch(`/tasks/${taskId}/history?after_version=${after}&limit=1`, { cache: "no-store" });
+      const response = await fetch(`/tasks/${taskId}/history?after_version=${after}&limit=1`, {
+        headers: readHeaders(),
+        cache: "no-store",
+      });
       if (!response.ok || !(await response.json()).events.length) return;
       clearInterval(polling);
       await refreshNow();
