@@ -269,3 +269,34 @@ async def held_back_seconds(conn: psycopg.AsyncConnection) -> float:
     cur = await conn.execute(HELD_BACK_SECONDS)
     row = await cur.fetchone()
     return 0.0 if row is None else row[0]
+
+
+# The newest committed events, for a page that shows the feed newest first and
+# then follows it: the last `limit` events below the horizon, newest first, and
+# the horizon as the cursor to follow from (everything below it is committed;
+# everything that commits later lies above it). Walks the commit-order index backwards.
+READ_FEED_TAIL = """
+WITH horizon AS MATERIALIZED (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS oldest_open)
+SELECT horizon.oldest_open::text,
+       e.transaction_id::text, e.position, e.stream_id, e.version, e.occurred_at, e.type, e.data, e.metadata
+FROM horizon
+LEFT JOIN LATERAL (
+    SELECT * FROM events
+    WHERE transaction_id < horizon.oldest_open
+    ORDER BY transaction_id DESC, position DESC
+    LIMIT %(limit)s
+) e ON true
+ORDER BY e.transaction_id DESC, e.position DESC
+"""
+
+
+async def read_feed_tail(conn: psycopg.AsyncConnection, *, limit: int = 100) -> FeedPage:
+    """The newest committed events, newest first, and the cursor that follows on after them."""
+    cur = await conn.execute(READ_FEED_TAIL, {"limit": limit})
+    rows = await cur.fetchall()
+    events = [
+        FeedEvent((int(txid), position), _one(stream, version, position, at, type_, data, metadata))
+        for _, txid, position, stream, version, at, type_, data, metadata in rows
+        if txid is not None
+    ]
+    return FeedPage(events, (int(rows[0][0]), 0), held_back=False)

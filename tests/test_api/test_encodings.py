@@ -3,9 +3,12 @@
 The routes come from the app itself, so routes added later are covered
 without a change here. Requests go to the real app as raw ASGI messages, the
 only way to put any byte in a header or path: each must get a response (no
-exception, no silence), never a 5xx, and every error is problem+json. Broken
-text in the URL or the body is refused outright: 400 when it is not UTF-8 text
-(or not JSON), 422 for well-formed text that breaks a rule (a NUL).
+exception, no silence), never a 5xx, and every error is problem+json, except
+on a web page's route (its handler's opt names wellformed.PAGE: the
+dashboard's), where it is an HTML page with the same status. Broken text in
+the URL or the body is refused outright: 400 when it is not UTF-8 text (or not
+JSON), 422 for well-formed text that breaks a rule (a NUL). A page's form
+(its handler's opt names its fields under routes.FORM) is a body too, URL-encoded.
 
 Litestar's own handlers (OPTIONS, the schema pages) read nothing of a request
 but its path: they get one broken encoding at each point, and only "no 5xx"
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Any
 from urllib.parse import quote_from_bytes, unquote
 
@@ -27,9 +31,11 @@ from litestar import Litestar
 from litestar.routes import HTTPRoute
 from litestar.testing import AsyncTestClient
 
+from tasktrail.dashboard.routes import FORM, FORM_TYPE
 from tasktrail.http import auth
 from tasktrail.http.app import create_app
-from tasktrail.http.wellformed import SHAPE
+from tasktrail.http.sessions import COOKIE
+from tasktrail.http.wellformed import PAGE, SHAPE
 from tests.conftest import assert_verifies, fresh_database
 
 pytestmark = pytest.mark.anyio
@@ -76,6 +82,8 @@ BODIES = {
     "latin-1 JSON": '{"x": "café"}'.encode("latin-1"),
 }
 # Headers that something in the service (or Litestar) decodes, each as a plausible value around the bytes.
+# The Content-Type names the route's own body type; a session cookie is sent without the Authorization
+# header, which would otherwise decide alone.
 HEADERS = {
     b"if-match": (b'"', b'"'),
     b"if-none-match": (b'W/"', b'"'),
@@ -83,8 +91,10 @@ HEADERS = {
     b"x-request-id": (b"req", b""),
     b"last-event-id": (b"1-", b""),
     b"authorization": (b"Bearer tt_", b""),
-    b"content-type": (b"application/json; charset=", b""),
-    b"cookie": (b"session=", b"; other=1"),
+    b"content-type": (b"; charset=", b""),
+    b"cookie": (COOKIE.encode() + b"=session.", b"; other=1"),
+    b"x-csrf-token": (b"token", b""),
+    b"tasktrail-read-after": (b"0/", b""),
     b"user-agent": (b"agent/", b""),
 }
 
@@ -143,7 +153,9 @@ class Endpoint:
     parameters: list[str]
     query: list[str]
     body: Any  # the data type of a JSON body, or None
+    form: Any  # the Struct of a page's form (a URL-encoded body), or None
     ours: bool  # False for Litestar's own handlers (OPTIONS, the schema pages): see the test
+    page: bool  # a web page's route: its errors are HTML pages
 
     def __str__(self) -> str:
         return f"{self.method} {self.template}"
@@ -166,8 +178,14 @@ def endpoints(app: Litestar) -> list[Endpoint]:
             shape = handler.opt[SHAPE]
             body = fields["data"].annotation if shape.json_body else None
             ours = handler.fn.__module__.startswith("tasktrail")
+            page = PAGE in handler.opt
             for method in sorted(handler.http_methods):
-                found.append(Endpoint(method, route.path_format, list(route.path_parameters), query, body, ours))
+                found.append(
+                    Endpoint(
+                        method, route.path_format, list(route.path_parameters), query, body, handler.opt.get(FORM),
+                        ours, page,
+                    )
+                )  # fmt: skip
     return found
 
 
@@ -262,14 +280,25 @@ def quoted(raw: bytes) -> bytes:
     return quote_from_bytes(raw, safe="").encode()
 
 
+def form_template(form_type: Any) -> tuple[bytes, list[bytes]]:
+    """A form of the type, URL-encoded, with a distinct marker as every field's value; the markers."""
+    names = [field.encode_name.encode() for field in msgspec.structs.fields(form_type)]
+    made = [b"MARK%03dZ" % n for n in range(len(names))]
+    return b"&".join(name + b"=" + mark for name, mark in zip(names, made, strict=True)), made
+
+
 def cases(endpoint: Endpoint, task_id: str) -> Iterator[Case]:
     path = endpoint.template
     for name in endpoint.parameters:
         path = path.replace(f"{{{name}}}", task_id)
     base = path.encode()
-    document, leaves = (b"", []) if endpoint.body is None else template(endpoint.body, task_id)
+    media = FORM_TYPE.encode() if endpoint.form is not None else b"application/json"
+    if endpoint.form is not None:
+        document, leaves = form_template(endpoint.form)
+    else:
+        document, leaves = (b"", []) if endpoint.body is None else template(endpoint.body, task_id)
     body = filled(document, leaves)
-    sent = ((b"authorization", BEARER),) + (((b"content-type", b"application/json"),) if body else ())
+    sent = ((b"authorization", BEARER),) + (((b"content-type", media),) if body else ())
 
     yield Case("as is", base, headers=sent, body=body)
     encodings = {**BROKEN, **VALID} if endpoint.ours else dict([next(iter(BROKEN.items()))])
@@ -283,23 +312,36 @@ def cases(endpoint: Endpoint, task_id: str) -> Iterator[Case]:
             yield Case(f"query {name}: {encoding}", base, query, sent, body, _4xx(broken, 400, 422))
         yield Case(f"query name: {encoding}", base, quoted(raw) + b"=1", sent, body, _4xx(broken, 400))
         for header, (before, after) in HEADERS.items():
-            headers = (*(h for h in sent if h[0] != header), (header, before + raw + after))
+            if header == b"content-type":
+                before = media + before
+            unsent = (header, b"authorization") if header == b"cookie" else (header,)
+            headers = (*(h for h in sent if h[0] not in unsent), (header, before + raw + after))
             expect = frozenset({415}) if header == b"content-type" and body and broken else None
             yield Case(f"header {header.decode()}: {encoding}", base, headers=headers, body=body, expect=expect)
+        # In a form, a NUL is text that breaks a rule, as in a query string: 422.
+        in_body = _4xx(broken, 400, 422) if endpoint.form is not None else _4xx(broken, 400)
         for leaf in leaves:
             injected = filled(document, leaves, leaf, raw)
-            yield Case(
-                f"body at {leaf.decode()}: {encoding}", base, headers=sent, body=injected, expect=_4xx(broken, 400)
-            )
-    for leaf in leaves:
-        for encoding, escape in ESCAPES.items():
-            injected = filled(document, leaves, leaf, escape)
-            yield Case(
-                f"body at {leaf.decode()}: {encoding}", base, headers=sent, body=injected, expect=_4xx(True, 400, 422)
-            )
-    if body:
+            yield Case(f"body at {leaf.decode()}: {encoding}", base, headers=sent, body=injected, expect=in_body)
+            if endpoint.form is not None:
+                injected = filled(document, leaves, leaf, quoted(raw))
+                where = f"form field {leaf.decode()} %-escaped: {encoding}"
+                yield Case(where, base, headers=sent, body=injected, expect=in_body)
+    if endpoint.body is not None:
+        for leaf in leaves:
+            for encoding, escape in ESCAPES.items():
+                injected = filled(document, leaves, leaf, escape)
+                expect = _4xx(True, 400, 422)
+                yield Case(f"body at {leaf.decode()}: {encoding}", base, headers=sent, body=injected, expect=expect)
         for name, whole in BODIES.items():
             yield Case(name, base, headers=sent, body=whole, expect=frozenset({400}))
+    if endpoint.form is not None:
+        for name, raw in BROKEN.items():
+            yield Case(f"body of {name}", base, headers=sent, body=raw, expect=frozenset({400}))
+        others = tuple(h for h in sent if h[0] != b"content-type")
+        for name, given in {"JSON": b"application/json", "text": b"text/plain", "nothing": None}.items():
+            headers = others if given is None else (*others, (b"content-type", given))
+            yield Case(f"form sent as {name}", base, headers=headers, body=body, expect=frozenset({415}))
 
 
 def _4xx(broken: bool, *statuses: int) -> frozenset[int] | None:
@@ -323,20 +365,39 @@ async def test_no_broken_encoding_gets_a_5xx(target: Target, endpoint: Endpoint)
         if case.where == "as is" and endpoint.body is not None:
             # Each injection changes one thing in a body that is accepted as it is, so the decoders do see it.
             assert answer.status < 400, f"{endpoint} as is: {answer.status} {answer.body[:300]!r}"
-        problem = None
+        if case.where == "as is" and endpoint.form is not None:
+            # A form that is taken (its fields need not sign anyone in): the decoders see every injection.
+            assert answer.status not in (400, 415, 422), f"{endpoint} as is: {answer.status} {answer.body[:300]!r}"
+        described = None  # whether an error says what it is: a problem document, or a page
         if answer.status >= 400:
-            problem = (
-                answer.content_type.startswith(b"application/problem+json")
-                and msgspec.json.decode(answer.body).get("status") == answer.status
-            )
+            described = page_of(answer) if endpoint.page else problem_of(answer)
         allowed = answer.status < 500 if case.expect is None or not endpoint.ours else answer.status in case.expect
-        if not allowed or (problem is False and endpoint.ours):
+        if not allowed or (described is False and endpoint.ours):
             wrong.append(f"{case.where}: {answer.status} {answer.content_type.decode()} {answer.body[:200]!r}")
     assert not wrong, f"{endpoint}:\n" + "\n".join(wrong)
 
 
+def problem_of(answer: Answer) -> bool:
+    return (
+        answer.content_type.startswith(b"application/problem+json")
+        and msgspec.json.decode(answer.body).get("status") == answer.status
+    )
+
+
+def page_of(answer: Answer) -> bool:
+    """An HTML page that names its status (the error page's title is the status's phrase)."""
+    title = HTTPStatus(answer.status).phrase.capitalize().encode()
+    return answer.content_type == b"text/html; charset=utf-8" and (
+        b"<title>" + title in answer.body or b'role="alert"' in answer.body  # the sign-in form, with its error
+    )
+
+
 def test_every_route_is_in_the_matrix() -> None:
-    """The matrix walks the app's routes: the task, event, health and schema routes at least, and both JSON bodies."""
+    """The matrix walks the app's routes: the task, event, health, schema and page routes, the bodies and the forms."""
     names = {str(e) for e in ENDPOINTS}
     assert {"POST /tasks", "PATCH /tasks/{task_id}", "GET /events/stream", "GET /health"} <= names
     assert {str(e) for e in ENDPOINTS if e.body is not None} >= {"POST /tasks", "PATCH /tasks/{task_id}"}
+    pages = {str(e) for e in ENDPOINTS if e.page and e.ours}
+    assert {"GET /ui", "GET /ui/tasks/{task_id}", "GET /ui/events", "POST /ui/sign-in"} <= pages
+    assert not any(e.page for e in ENDPOINTS if e.template.startswith(("/tasks", "/events", "/health", "/schema")))
+    assert {str(e) for e in ENDPOINTS if e.form is not None} == {"POST /ui/sign-in", "POST /ui/sign-out"}

@@ -9,7 +9,7 @@ import itertools
 import logging
 import os
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from time import perf_counter
 from typing import Any
@@ -22,9 +22,9 @@ from litestar.datastructures import MutableScopeHeaders
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
-from tasktrail import db, eventstore, idempotency, live, logs, metrics, replicas, writer
+from tasktrail import dashboard, db, eventstore, idempotency, live, logs, metrics, replicas, writer
 from tasktrail.domain.task import TaskNotFound, TransitionRejected
-from tasktrail.http import auth, batch, events, health, history, openapi, tasks, wellformed
+from tasktrail.http import auth, batch, events, health, history, openapi, sessions, tasks, wellformed
 from tasktrail.http import metrics as scrape
 from tasktrail.http.body import MAX_BODY_BYTES, InvalidInput, MalformedBody
 from tasktrail.http.problems import answer, problem, refusal
@@ -87,7 +87,7 @@ def _unavailable(_: Request, exc: Exception) -> Response[bytes]:
 def _locked(request: Request, exc: psycopg.errors.LockNotAvailable) -> Response[bytes]:
     # The context names the relation waited on ('while updating tuple (0,1) in relation "tasks"'), never a value.
     where = exc.diag.context or ""
-    log.warning("lock timeout on %s %s: %s", request.method, request.url.path, where.strip() or exc)
+    log.warning("lock timeout on %s %s: %s", request.method, _route(request), where.strip() or exc)
     if "idempotency_keys" in where:
         detail = "the Idempotency-Key is held by another request still in progress; try again shortly"
     elif request.method in ("GET", "HEAD"):
@@ -100,7 +100,7 @@ def _locked(request: Request, exc: psycopg.errors.LockNotAvailable) -> Response[
 def _unstorable(request: Request, exc: psycopg.DataError) -> Response[bytes]:
     # Input the decoders let through but PostgreSQL cannot hold (a NUL in text,
     # a value out of a column's range): the request's fault, not the server's.
-    log.warning("refused a value on %s %s: %s", request.method, request.url.path, exc.diag.message_primary or exc)
+    log.warning("refused a value on %s %s: %s", request.method, _route(request), exc.diag.message_primary or exc)
     return problem(422, "a value in the request cannot be stored: " + (exc.diag.message_primary or str(exc)))
 
 
@@ -109,11 +109,35 @@ def _outdated(_: Request, exc: ProjectionOutdated) -> Response[bytes]:
     return problem(503, "the service is being upgraded; try again shortly", headers={"Retry-After": "1"})
 
 
+def _route(request: Request) -> str:
+    """What a log line names a request by: its route's template, not the path as sent (the client's to fill)."""
+    return request.scope.get("path_template") or metrics.UNMATCHED
+
+
 def _unexpected(request: Request, exc: Exception) -> Response[bytes]:
-    # The route's template, not the path as sent (which is the client's to fill); the line has the request's id.
-    route = request.scope.get("path_template") or metrics.UNMATCHED
-    log.exception("unhandled error on %s %s", request.method, route, exc_info=exc)
+    # The line has the request's id, which finds the rest.
+    log.exception("unhandled error on %s %s", request.method, _route(request), exc_info=exc)
     return problem(500, "an unexpected error occurred; it has been logged")
+
+
+# Every error's problem document, in one place; the dashboard shows the same (status, detail) as a page.
+PROBLEMS: dict[type[Exception], Callable[[Request, Any], Response[bytes]]] = {
+    TaskNotFound: _refused,
+    TransitionRejected: _refused,
+    eventstore.VersionConflict: _conflict,
+    writer.PreconditionFailed: _refused,
+    idempotency.KeyReused: _key_reused,
+    MalformedBody: _malformed,
+    InvalidInput: _invalid,
+    ValidationException: _invalid_parameter,
+    HTTPException: _http,
+    psycopg.OperationalError: _unavailable,
+    psycopg.errors.LockNotAvailable: _locked,
+    psycopg.DataError: _unstorable,
+    psycopg_pool.PoolTimeout: _unavailable,
+    ProjectionOutdated: _outdated,
+    Exception: _unexpected,
+}
 
 
 # A request's id when the caller gives none: this process's random prefix and a
@@ -231,6 +255,8 @@ def create_app(
     urls = urls if replica_urls is None else list(replica_urls)
     max_lag = max_lag if replica_max_lag is None else replicas.max_lag_from(replica_max_lag)
     counting = os.environ.get(METRICS_ENV, "1") != "0"
+    # Signs the dashboard's session cookies; the guard checks them.
+    signer = sessions.Signer(sessions.secret_from_env())
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -270,11 +296,12 @@ def create_app(
             *events.ROUTES,
             *health.ROUTES,
             *(scrape.ROUTES if counting else ()),
+            dashboard.router(keys, signer, PROBLEMS, max_lag),
         ],
         lifespan=[lifespan],
         # (Request ids, counting and logging wrap the whole app: see `observed` below.)
         middleware=[wellformed.wellformed, read_after_tokens],
-        guards=auth.guards(keys),
+        guards=auth.guards(keys, signer),
         # `serve` configures logging (tasktrail.logs) before it makes the app: Litestar must leave it as it is.
         logging_config=None,
         openapi_config=openapi.CONFIG,
@@ -294,23 +321,7 @@ def create_app(
             ],
             expose_headers=["ETag", "Link", "Location", "X-Request-ID", replicas.HEADER],
         ),
-        exception_handlers={
-            TaskNotFound: _refused,
-            TransitionRejected: _refused,
-            eventstore.VersionConflict: _conflict,
-            writer.PreconditionFailed: _refused,
-            idempotency.KeyReused: _key_reused,
-            MalformedBody: _malformed,
-            InvalidInput: _invalid,
-            ValidationException: _invalid_parameter,
-            HTTPException: _http,
-            psycopg.OperationalError: _unavailable,
-            psycopg.errors.LockNotAvailable: _locked,
-            psycopg.DataError: _unstorable,
-            psycopg_pool.PoolTimeout: _unavailable,
-            ProjectionOutdated: _outdated,
-            Exception: _unexpected,
-        },
+        exception_handlers=PROBLEMS,
     )
     # Outermost, around the router: see `observed`.
     app.asgi_handler = observed(app.asgi_handler, count=counting, access=logs.access_line())

@@ -28,6 +28,8 @@ from litestar.exceptions import NotAuthorizedException, PermissionDeniedExceptio
 from litestar.handlers import BaseRouteHandler
 from litestar.types import Guard
 
+from tasktrail.http import sessions
+
 SCOPES = ("read", "write", "admin")  # each includes the ones before it
 PUBLIC = {"public": True}
 # How the OpenAPI schema marks a route that needs a key (see http/openapi.py).
@@ -112,32 +114,73 @@ def needed_scope(connection: ASGIConnection, handler: BaseRouteHandler) -> str |
     return handler.opt.get("scope", default)
 
 
-def guards(keys: Sequence[Key]) -> list[Guard]:
-    """The guard that asks for a key with a large enough scope; none when no keys are configured."""
+def guards(keys: Sequence[Key], signer: sessions.Signer | None = None) -> list[Guard]:
+    """The guard that asks for a key with a large enough scope; none when no keys are configured.
+
+    A request without an Authorization header may instead bring the dashboard's
+    session cookie (see http/sessions.py), given the signer that checks it.
+    """
     if not keys:
         return []
     configured = tuple(keys)
 
-    def require_key(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
+    async def require_key(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
         needed = needed_scope(connection, handler)
         if needed is None:
             return
-        match = _BEARER.fullmatch(connection.headers.get("authorization", ""))
-        if match is None:
-            raise NotAuthorizedException(
-                "this route needs an API key: send `Authorization: Bearer <key>`", headers={"WWW-Authenticate": _REALM}
-            )
-        key = authenticate(configured, match["key"])
-        if key is None:
-            raise NotAuthorizedException(
-                "the API key is not one this service knows",
-                headers={"WWW-Authenticate": f'{_REALM}, error="invalid_token"'},
-            )
+        header = connection.headers.get("authorization")
+        if header is None and signer is not None and sessions.COOKIE in connection.cookies:
+            key = await session_key(connection, configured, signer)
+        else:
+            key = bearer_key(configured, header or "")
         if SCOPES.index(key.scope) < SCOPES.index(needed):
             raise PermissionDeniedException(
                 f"the API key {key.name!r} has scope {key.scope}; this route needs {needed}",
                 headers={"WWW-Authenticate": f'{_REALM}, error="insufficient_scope", scope="{needed}"'},
             )
         connection.state.actor = key.name
+        connection.state.scope = key.scope
 
     return [require_key]
+
+
+def bearer_key(configured: Sequence[Key], header: str) -> Key:
+    match = _BEARER.fullmatch(header)
+    if match is None:
+        raise NotAuthorizedException(
+            "this route needs an API key: send `Authorization: Bearer <key>`", headers={"WWW-Authenticate": _REALM}
+        )
+    key = authenticate(configured, match["key"])
+    if key is None:
+        raise NotAuthorizedException(
+            "the API key is not one this service knows",
+            headers={"WWW-Authenticate": f'{_REALM}, error="invalid_token"'},
+        )
+    return key
+
+
+_SAFE = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+async def session_key(
+    connection: ASGIConnection[Any, Any, Any, Any], configured: Sequence[Key], signer: sessions.Signer
+) -> Key:
+    """The key a valid session cookie signed in with; a write must also carry the session's CSRF token."""
+    secret = await signer.secret(connection.app.state.pool)
+    session = sessions.read(secret, connection.cookies[sessions.COOKIE])
+    key = None if session is None else next((k for k in configured if k.name == session.key), None)
+    if session is None or key is None or sessions.fingerprint(key.digest) != session.fingerprint:
+        raise NotAuthorizedException(
+            "the dashboard session has expired or is no longer valid: sign in again at /ui/sign-in,"
+            " or send `Authorization: Bearer <key>`",
+            headers={"WWW-Authenticate": _REALM},
+        )
+    if connection.scope["method"] not in _SAFE and not sessions.csrf_matches(  # type: ignore[typeddict-item]
+        secret, session, connection.headers.get(sessions.CSRF_HEADER)
+    ):
+        raise PermissionDeniedException(
+            "a write authenticated by the dashboard's session cookie needs the session's X-CSRF-Token header"
+        )
+    connection.state.session = session
+    connection.state.csrf = sessions.csrf_token(secret, session)
+    return key

@@ -1,13 +1,18 @@
-"""What the OpenAPI schema says that Litestar cannot infer: the JSON objects tasks carry, and the API key."""
+"""What the OpenAPI schema says that Litestar cannot infer (the JSON objects tasks carry, the API key),
+and the interactive docs page, served from vendored assets."""
 
 from __future__ import annotations
 
 import dataclasses
+from html import escape
 from typing import Any
 
+from litestar import Request
 from litestar.openapi import OpenAPIConfig
+from litestar.openapi.plugins import JsonRenderPlugin, SwaggerRenderPlugin
 from litestar.openapi.spec import Components, OpenAPIType, Reference, Schema, SecurityScheme
 from litestar.plugins import OpenAPISchemaPlugin
+from litestar.router import Router
 from litestar.typing import FieldDefinition
 
 from tasktrail.http.body import MAX_JSON_BYTES, MAX_JSON_DEPTH
@@ -58,6 +63,61 @@ class JsonObjects(OpenAPISchemaPlugin):
         return registry.get_reference_for_field_definition(FieldDefinition.from_annotation(JsonObject))
 
 
+# The docs page loads only what the dashboard vendors (src/tasktrail/dashboard/static/vendor:
+# pinned npm releases with their licences), so it works offline and tells no third party of a
+# visit. Litestar's defaults load Redoc "latest", Swagger UI, fonts and an icon from CDNs and
+# start them with an inline script; this page starts Swagger UI from a script of ours instead,
+# so its Content-Security-Policy can allow scripts from this origin only. Redoc is left out:
+# both its 2.x and 3.x bundles always load their logo (and 3.x icons) from Redocly's CDN.
+STATIC = "/ui/static"
+SWAGGER = f"{STATIC}/vendor/swagger-ui-dist-5.35.0"
+DOCS_JS = f"{STATIC}/api-docs.js"
+FAVICON = f"<link rel='icon' href='{STATIC}/favicon.svg' type='image/svg+xml'>"
+# Swagger UI styles its elements inline.
+DOCS_POLICY = (
+    "default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:;"
+    " font-src 'self' data:; connect-src 'self'; base-uri 'none'; form-action 'none'"
+)
+
+
+class Swagger(SwaggerRenderPlugin):
+    """Swagger UI from the vendored bundle: read the API and try it out from the browser."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            path="/swagger",
+            js_url=f"{SWAGGER}/swagger-ui-bundle.js",
+            css_url=f"{SWAGGER}/swagger-ui.css",
+            standalone_preset_js_url=f"{SWAGGER}/swagger-ui-standalone-preset.js",
+            favicon=FAVICON,
+        )
+
+    def render(self, request: Request, openapi_schema: dict[str, Any]) -> bytes:
+        # Signed in to the dashboard, "try it out" sends the session's CSRF token with each write.
+        csrf = request.scope["state"].get("csrf")
+        return f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta http-equiv="Content-Security-Policy" content="{DOCS_POLICY}">
+{"" if csrf is None else f'<meta name="csrf-token" content="{escape(csrf)}">'}
+<title>{escape(openapi_schema["info"]["title"])} · API docs</title>
+{self.favicon}
+<link rel="stylesheet" href="{self.css_url}">
+<script src="{self.js_url}" defer></script>
+<script src="{self.standalone_preset_js_url}" defer></script>
+<script src="{DOCS_JS}" defer></script>
+</head>
+<body>
+<div id="api-docs" data-spec-url="{escape(self.get_openapi_json_route(request))}"></div>
+</body>
+</html>""".encode()
+
+    def receive_router(self, router: Router) -> None:
+        """No OAuth2 redirect page: the API takes bearer keys, and Litestar's page loads from a CDN."""
+
+
 CONFIG = OpenAPIConfig(
     title="tasktrail",
     version="1",
@@ -71,4 +131,6 @@ CONFIG = OpenAPIConfig(
             )
         },
     ),
+    # Swagger UI at /schema and /schema/swagger; the schema at /schema/openapi.json.
+    render_plugins=[Swagger(), JsonRenderPlugin()],
 )

@@ -26,6 +26,11 @@ included, and answer problem+json:
 `Shapes` (a plugin) works out once per route handler which body and which
 list parameters it takes, and adds 415 to its OpenAPI responses; `wellformed`
 (a middleware) checks each request against that.
+
+A web page's route (the dashboard's: its handler's opt names a PAGE) gets the
+same refusal, with the same status, as an HTML page a browser shows rather
+than a problem document; `urlencoded_refusal` applies the query string's rules
+to a form's body (the same encoding).
 """
 
 from __future__ import annotations
@@ -65,6 +70,8 @@ _BODY_HEADERS = (b"content-length", b"transfer-encoding")
 _WATCHED = frozenset(SINGLE) | frozenset(_BODY_HEADERS)
 _CHARSETS = ("utf-8", "utf8")
 SHAPE = "tasktrail.shape"  # the key of a handler's Shape in its opt
+# The key of a page route's refusal in its opt: (status, detail) -> the ASGI app that answers it.
+PAGE = "tasktrail.page"
 _PROBLEM = PROBLEM.encode()
 
 
@@ -120,6 +127,10 @@ def wellformed(app: ASGIApp) -> ASGIApp:
         refusal = _refusal(scope, shape)
         if refusal is not None:
             status, detail, extra = refusal
+            page = None if handler is None else handler.opt.get(PAGE)
+            if page is not None:
+                await page(status, detail)(scope, receive, send)
+                return
             body = problem_body(status, detail, **extra)
             headers = [(b"content-type", _PROBLEM), (b"content-length", b"%d" % len(body))]
             await send({"type": "http.response.start", "status": status, "headers": headers})
@@ -170,15 +181,15 @@ def _path_refusal(raw_path: bytes) -> Refusal | None:
     return None
 
 
-def _query_refusal(query: bytes, shape: Shape | None) -> Refusal | None:
+def _query_refusal(query: bytes, shape: Shape | None, noun: str = "query parameter") -> Refusal | None:
     if b"%" in query or b"+" in query or b"\x00" in query or not query.isascii():
-        return _escaped_query_refusal(query, shape)
+        return _escaped_query_refusal(query, shape, noun)
     # Nothing escaped (the common case): plain ASCII text; only a repeat can be wrong.
     names = [part.partition(b"=")[0].decode("ascii") for part in query.split(b"&") if part]
     return _repeat_refusal(names, shape)
 
 
-def _escaped_query_refusal(query: bytes, shape: Shape | None) -> Refusal | None:
+def _escaped_query_refusal(query: bytes, shape: Shape | None, noun: str) -> Refusal | None:
     names = []
     for part in query.split(b"&"):
         if not part:
@@ -187,17 +198,22 @@ def _escaped_query_refusal(query: bytes, shape: Shape | None) -> Refusal | None:
         try:
             name = _decoded(raw_name)
         except UnicodeDecodeError:
-            return 400, "a query parameter's name is not UTF-8 text once its %-escapes are decoded", {}
+            return 400, f"a {noun}'s name is not UTF-8 text once its %-escapes are decoded", {}
         try:
             value = _decoded(raw_value)
         except UnicodeDecodeError:
             return _invalid(400, name, "not UTF-8 text once its %-escapes are decoded")
         if "\x00" in name:
-            return 400, "a query parameter's name holds NUL (%00)", {}
+            return 400, f"a {noun}'s name holds NUL (%00)", {}
         if "\x00" in value:
             return _invalid(422, name, "must not contain NUL (%00)")
         names.append(name)
     return _repeat_refusal(names, shape)
+
+
+def urlencoded_refusal(data: bytes) -> Refusal | None:
+    """Why a form's body (application/x-www-form-urlencoded) is refused, by the query string's rules; None if not."""
+    return _query_refusal(data, None, "form field") if data else None
 
 
 def _repeat_refusal(names: list[str], shape: Shape | None) -> Refusal | None:

@@ -1,0 +1,699 @@
+// The dashboard's one script. The server renders every page whole (it works without this file);
+// this makes it live and runs its actions:
+//   - it listens to the API's own event streams (/events/stream, /tasks/{id}/stream) and, at most
+//     every APPLY_EVERY ms and never two at once, fetches the page again and patches what changed
+//     in place (rows by data-task-id, counts, the timeline by data-version), so a write storm costs
+//     the page a few fetches a second, not one update per event, and focus and selection survive;
+//   - the events page builds its rows from the stream's JSON with textContent only, into a copy of
+//     the server's own <template> row, and keeps at most CAP of them;
+//   - actions go to the API as JSON with If-Match (and the session's X-CSRF-Token when signed in);
+//   - every read after a write carries the write's Tasktrail-Read-After token (SPEC §13), so a replica
+//     that has not replayed the write does not answer it: fetches send it in the header, and a
+//     short-lived cookie (Path=/ui) carries it to the pages the browser opens next.
+// No innerHTML anywhere: text from the server or the stream only ever becomes text.
+
+const APPLY_EVERY = 250; // ms between two updates of the page, at most
+const FINISHING = new Set(["TaskCompleted", "TaskFailed", "TaskCanceled", "TaskDeleted"]);
+const FINISHED = new Set(["completed", "failed", "canceled"]);
+const BATCH = 1000; // items per PATCH /tasks/batch, the API's limit
+
+document.documentElement.classList.add("js");
+const body = document.body;
+const csrf = document.querySelector('meta[name="csrf-token"]')?.content ?? null;
+const eventTypes = (body.dataset.eventTypes || "").split(" ").filter(Boolean);
+const liveBadge = document.getElementById("live");
+const number = new Intl.NumberFormat("en");
+
+// The token of this browser's latest write; another tab's later write replaces the cookie, and wins.
+const READ_AFTER = "Tasktrail-Read-After";
+const READ_AFTER_COOKIE = "tasktrail_read_after";
+let readAfter = null;
+
+function readAfterToken() {
+  const cookie = document.cookie.split("; ").find((c) => c.startsWith(`${READ_AFTER_COOKIE}=`));
+  return cookie ? cookie.slice(READ_AFTER_COOKIE.length + 1) : readAfter;
+}
+
+function remember(response) {
+  const token = response.headers.get(READ_AFTER);
+  // Tokens are the service's own (a WAL position, or a word): nothing a cookie would need to escape.
+  if (!token || !/^[0-9A-Za-z/]{1,64}$/.test(token)) return;
+  readAfter = token;
+  const secure = location.protocol === "https:" ? "; Secure" : "";
+  document.cookie = `${READ_AFTER_COOKIE}=${token}; Path=/ui; Max-Age=${body.dataset.readAfterMaxAge}; SameSite=Strict${secure}`;
+}
+
+// Headers for a read: the latest write's token, if any.
+function readHeaders(headers = {}) {
+  const token = readAfterToken();
+  return token ? { ...headers, [READ_AFTER]: token } : headers;
+}
+
+function setLive(state, text) {
+  liveBadge.hidden = false;
+  liveBadge.dataset.state = state;
+  liveBadge.textContent = text;
+}
+
+function withParam(url, name, value) {
+  const u = new URL(url, location.origin);
+  u.searchParams.set(name, value);
+  return u.pathname + u.search;
+}
+
+// Follows a Server-Sent Events stream: onEvent(type, data, id) per message; reconnects with
+// backoff (from the last id) when the browser gives up, e.g. after a 401 or a restart.
+function follow(url, { onEvent, onOpen }) {
+  let source = null;
+  let lastId = null;
+  let delay = 1000;
+  let stopped = false;
+  let timer = null;
+  const handler = (e) => {
+    if (e.lastEventId) lastId = e.lastEventId;
+    onEvent(e.type, e.data, lastId);
+  };
+  function open() {
+    timer = null;
+    source = new EventSource(lastId ? withParam(url, "after", lastId) : url);
+    source.onopen = () => {
+      delay = 1000;
+      if (!paused) setLive("live", "Live");
+      onOpen?.();
+    };
+    for (const type of [...eventTypes, "snapshot"]) source.addEventListener(type, handler);
+    source.onerror = () => {
+      if (stopped) return;
+      setLive("reconnecting", "Reconnecting…");
+      if (source.readyState === EventSource.CLOSED) {
+        source.close();
+        timer = setTimeout(open, delay);
+        delay = Math.min(delay * 2, 30000);
+      }
+    };
+  }
+  open();
+  return {
+    close() {
+      stopped = true;
+      clearTimeout(timer);
+      source?.close();
+    },
+    get lastId() {
+      return lastId;
+    },
+  };
+}
+
+// Runs job() at most every every() ms while something asked for it, never two at once.
+function coalesce(job, every = () => APPLY_EVERY) {
+  let wanted = false;
+  let running = false;
+  let last = 0;
+  let timer = null;
+  async function run() {
+    timer = null;
+    if (running || !wanted) return;
+    wanted = false;
+    running = true;
+    last = performance.now();
+    try {
+      await job();
+    } catch {
+      setLive("reconnecting", "Update failed; retrying…");
+      wanted = true;
+    } finally {
+      running = false;
+      if (wanted) schedule();
+    }
+  }
+  function schedule() {
+    if (timer === null && !running) timer = setTimeout(run, Math.max(0, last + every() - performance.now()));
+  }
+  return () => {
+    wanted = true;
+    schedule();
+  };
+}
+
+// This page as the server renders it now; null when the session has ended.
+async function fetchPage(url = location.pathname + location.search) {
+  const response = await fetch(url, { headers: readHeaders({ Accept: "text/html" }), cache: "no-store" });
+  if (response.redirected && new URL(response.url).pathname === "/ui/sign-in") {
+    setLive("offline", "Signed out: reload to sign in");
+    return null;
+  }
+  if (!response.ok) throw new Error(`page answered ${response.status}`);
+  return new DOMParser().parseFromString(await response.text(), "text/html");
+}
+
+function syncText(fresh, selector) {
+  const now = fresh.querySelectorAll(selector);
+  document.querySelectorAll(selector).forEach((element, i) => {
+    if (now[i] && element.textContent !== now[i].textContent) element.textContent = now[i].textContent;
+  });
+}
+
+function syncAttributes(element, fresh, names) {
+  for (const name of names) {
+    const value = fresh.getAttribute(name);
+    if (value === null) element.removeAttribute(name);
+    else if (element.getAttribute(name) !== value) element.setAttribute(name, value);
+  }
+}
+
+// Brings a list in line with the fresh one, keyed by an attribute: removes what went, inserts what
+// came, and patches what stayed cell by cell, so a focused or checked control is left alone.
+function syncKeyed(list, fresh, key, patch) {
+  const keyOf = (element) => element.getAttribute(key) ?? "";
+  const incoming = [...fresh.children];
+  const wanted = new Set(incoming.map(keyOf));
+  for (const element of [...list.children]) if (!wanted.has(keyOf(element))) element.remove();
+  const present = new Map([...list.children].map((element) => [keyOf(element), element]));
+  let next = list.firstElementChild;
+  for (const element of incoming) {
+    const old = present.get(keyOf(element));
+    if (old) {
+      patch(old, element);
+      if (old === next) next = next.nextElementSibling;
+      else list.insertBefore(old, next);
+    } else {
+      list.insertBefore(document.importNode(element, true), next);
+    }
+  }
+}
+
+function replaceIfChanged(element, fresh) {
+  if (element && fresh && !element.isEqualNode(fresh)) element.replaceWith(document.importNode(fresh, true));
+}
+
+async function api(method, url, payload, headers = {}) {
+  const init = { method, headers: readHeaders({ Accept: "application/json", ...headers }) };
+  if (csrf) init.headers["X-CSRF-Token"] = csrf;
+  if (payload !== undefined) {
+    init.headers["Content-Type"] = "application/json";
+    init.body = JSON.stringify(payload);
+  }
+  const response = await fetch(url, init);
+  if (method !== "GET" && response.ok) remember(response);
+  let answer = null;
+  if ((response.headers.get("content-type") || "").includes("json")) answer = await response.json();
+  return { status: response.status, answer, headers: response.headers };
+}
+
+function problemText(result) {
+  if (result.status === 401) return "Your session has ended: reload the page to sign in again.";
+  if (result.status === 403) return result.answer?.detail || "Your key's scope does not allow this.";
+  return result.answer?.detail || `The service answered ${result.status}.`;
+}
+
+function el(tag, text, attributes = {}) {
+  const element = document.createElement(tag);
+  if (text !== undefined && text !== null) element.textContent = text;
+  for (const [name, value] of Object.entries(attributes)) element.setAttribute(name, value);
+  return element;
+}
+
+let paused = false;
+
+// ---- /ui: counts and the task list ----------------------------------------------------------
+
+function tasksPage() {
+  const rows = document.getElementById("task-rows");
+  const selected = new Map(); // task id -> {version, status}, kept across live updates
+  let allMatching = false;
+  const bulk = document.getElementById("bulk");
+
+  function patchRow(old, fresh) {
+    syncAttributes(old, fresh, ["data-status"]);
+    [...fresh.cells].forEach((cell, i) => {
+      const current = old.cells[i];
+      if (!current || current.isEqualNode(cell)) return;
+      const box = current.querySelector("input.pick");
+      if (box) {
+        box.dataset.ifVersion = cell.querySelector("input.pick").dataset.ifVersion;
+        if (selected.has(box.value)) selected.set(box.value, { version: box.dataset.ifVersion, status: fresh.dataset.status });
+      } else {
+        current.replaceWith(document.importNode(cell, true));
+      }
+    });
+  }
+
+  const refresh = coalesce(async () => {
+    const fresh = await fetchPage();
+    if (!fresh) return;
+    syncKeyed(rows, fresh.getElementById("task-rows"), "data-task-id", patchRow);
+    for (const box of rows.querySelectorAll("input.pick")) box.checked = allMatching || selected.has(box.value);
+    syncText(fresh, "[data-count]");
+    syncText(fresh, ".head .sub");
+    syncText(fresh, "#select-matching .n");
+    const freshBulk = fresh.getElementById("bulk");
+    if (bulk && freshBulk) syncAttributes(bulk, freshBulk, ["data-matching"]);
+    updateBulk();
+  });
+
+  follow(body.dataset.stream, { onEvent: refresh, onOpen: refresh });
+  if (bulk) bulkActions();
+
+  function updateBulk() {
+    if (!bulk) return;
+    const matching = Number(bulk.dataset.matching);
+    const count = allMatching ? matching : selected.size;
+    document.getElementById("selection").textContent = allMatching
+      ? `All ${number.format(matching)} ${bulk.dataset.noun} selected.`
+      : count
+        ? `${number.format(count)} selected.`
+        : "No tasks selected.";
+    for (const button of bulk.querySelectorAll("[data-bulk]")) button.disabled = count === 0;
+    document.getElementById("select-matching").setAttribute("aria-pressed", String(allMatching));
+    const boxes = [...rows.querySelectorAll("input.pick")];
+    const pagePick = document.getElementById("pick-page");
+    pagePick.checked = boxes.length > 0 && boxes.every((box) => box.checked);
+    pagePick.indeterminate = !pagePick.checked && boxes.some((box) => box.checked);
+  }
+
+  function bulkActions() {
+    rows.addEventListener("change", (e) => {
+      const box = e.target.closest("input.pick");
+      if (!box) return;
+      allMatching = false;
+      if (box.checked) selected.set(box.value, { version: box.dataset.ifVersion, status: box.closest("tr").dataset.status });
+      else selected.delete(box.value);
+      for (const other of rows.querySelectorAll("input.pick")) other.checked = selected.has(other.value);
+      updateBulk();
+    });
+    document.getElementById("pick-page").addEventListener("change", (e) => {
+      allMatching = false;
+      for (const box of rows.querySelectorAll("input.pick")) {
+        box.checked = e.target.checked;
+        if (box.checked) selected.set(box.value, { version: box.dataset.ifVersion, status: box.closest("tr").dataset.status });
+        else selected.delete(box.value);
+      }
+      updateBulk();
+    });
+    document.getElementById("select-matching").addEventListener("click", () => {
+      allMatching = !allMatching;
+      if (!allMatching) selected.clear();
+      for (const box of rows.querySelectorAll("input.pick")) box.checked = allMatching;
+      updateBulk();
+    });
+    const dialog = document.getElementById("bulk-confirm");
+    let chosen = null;
+    for (const button of bulk.querySelectorAll("[data-bulk]")) {
+      button.addEventListener("click", () => {
+        chosen = button.dataset.bulk;
+        const verb = { cancel: "Cancel", retry: "Retry", delete: "Delete" }[chosen];
+        const count = allMatching ? Number(bulk.dataset.matching) : selected.size;
+        const what = allMatching ? `all ${number.format(count)} ${bulk.dataset.noun}` : `${number.format(count)} selected ${count === 1 ? "task" : "tasks"}`;
+        document.getElementById("bulk-confirm-title").textContent = `${verb} ${number.format(count)} ${count === 1 ? "task" : "tasks"}?`;
+        document.getElementById("bulk-confirm-text").textContent =
+          `${verb} ${what}. ` +
+          (chosen === "delete" ? "Their histories stay. " : "") +
+          "A task that changed since this page showed it is left alone and reported.";
+        document.getElementById("bulk-confirm-go").textContent = `${verb} ${number.format(count)} ${count === 1 ? "task" : "tasks"}`;
+        dialog.returnValue = "";
+        dialog.showModal();
+      });
+    }
+    dialog.addEventListener("close", () => {
+      if (dialog.returnValue === "go" && chosen) runBulk(chosen, allMatching);
+    });
+  }
+
+  async function runBulk(action, everyMatching) {
+    const panel = document.getElementById("bulk-run");
+    const verb = { cancel: "Canceling", retry: "Retrying", delete: "Deleting" }[action];
+    const total = everyMatching ? Number(bulk.dataset.matching) : selected.size;
+    const chosenRows = everyMatching ? null : [...selected.entries()];
+    selected.clear();
+    allMatching = false;
+    for (const box of rows.querySelectorAll("input.pick")) box.checked = false;
+    updateBulk();
+    for (const button of bulk.querySelectorAll("button")) button.disabled = true;
+
+    const groups = {
+      done: { label: "done", items: [] },
+      unchanged: { label: "already so", items: [] },
+      skipped: { label: "skipped: not failed or canceled", items: [] },
+      finished: { label: "not allowed (already finished)", items: [] },
+      conflict: { label: "changed since shown", items: [] },
+      gone: { label: "gone", items: [] },
+      failed: { label: "failed", items: [] },
+    };
+    let handled = 0;
+    let stop = false;
+    panel.hidden = false;
+    panel.replaceChildren();
+    const title = el("h2", `${verb} ${number.format(total)} tasks…`);
+    const bar = el("progress", null, { max: String(Math.max(total, 1)), value: "0", "aria-label": "Bulk action progress" });
+    const status = el("p", `0 of ${number.format(total)} handled.`);
+    const tally = el("ul", null, { class: "tally" });
+    const details = el("div");
+    const stopButton = el("button", "Stop after this batch", { type: "button" });
+    stopButton.addEventListener("click", () => {
+      stop = true;
+      stopButton.disabled = true;
+    });
+    panel.append(title, bar, status, stopButton, tally, details);
+
+    function show() {
+      bar.max = Math.max(total, handled, 1);
+      bar.value = handled;
+      status.textContent = `${number.format(handled)} of ${number.format(Math.max(total, handled))} handled.`;
+      tally.replaceChildren(
+        ...Object.values(groups)
+          .filter((g) => g.items.length)
+          .map((g) => {
+            const li = el("li");
+            li.append(el("strong", number.format(g.items.length)), ` ${g.label}`);
+            return li;
+          }),
+      );
+      details.replaceChildren(
+        ...Object.values(groups)
+          .filter((g) => g.items.length)
+          .map((g) => {
+            const box = el("details");
+            box.append(el("summary", `${g.label}: ${number.format(g.items.length)}`));
+            const list = el("ul");
+            for (const [taskId, note] of g.items.slice(0, 200)) {
+              const li = el("li");
+              li.append(el("a", taskId, { href: `/ui/tasks/${encodeURIComponent(taskId)}` }));
+              if (note) li.append(` — ${note}`);
+              list.append(li);
+            }
+            if (g.items.length > 200) list.append(el("li", `and ${number.format(g.items.length - 200)} more`));
+            box.append(list);
+            return box;
+          }),
+      );
+    }
+
+    function item(taskId, version) {
+      const ifVersion = Number(version);
+      if (action === "delete") return { task_id: taskId, delete: true, if_version: ifVersion };
+      return { task_id: taskId, status: action === "cancel" ? "canceled" : "pending", if_version: ifVersion };
+    }
+
+    async function send(batch) {
+      const wanted = [];
+      for (const { id, version, status: taskStatus } of batch) {
+        if (action === "retry" && taskStatus !== "failed" && taskStatus !== "canceled") {
+          groups.skipped.items.push([id, `it is ${taskStatus}`]);
+          handled += 1;
+        } else wanted.push({ id, version });
+      }
+      if (!wanted.length) return true;
+      const result = await api("PATCH", "/tasks/batch", { updates: wanted.map((w) => item(w.id, w.version)) });
+      if (result.status !== 200 || !Array.isArray(result.answer?.results)) {
+        groups.failed.items.push(...wanted.map((w) => [w.id, problemText(result)]));
+        handled += wanted.length;
+        status.textContent = `Stopped: ${problemText(result)}`;
+        return false;
+      }
+      result.answer.results.forEach((r, i) => {
+        const id = r.task_id ?? wanted[i].id;
+        const detail = r.problem?.detail ?? "";
+        if (r.status === 200) {
+          const same = !r.deleted && r.task && String(r.task.version) === String(wanted[i].version);
+          (same ? groups.unchanged : groups.done).items.push([id, ""]);
+        } else if (r.status === 409) groups.finished.items.push([id, detail]);
+        else if (r.status === 412) groups.conflict.items.push([id, detail]);
+        else if (r.status === 404) groups.gone.items.push([id, detail]);
+        else groups.failed.items.push([id, detail || String(r.status)]);
+      });
+      handled += wanted.length;
+      return true;
+    }
+
+    let ok = true;
+    if (chosenRows) {
+      for (let i = 0; ok && !stop && i < chosenRows.length; i += BATCH) {
+        const batch = chosenRows.slice(i, i + BATCH).map(([id, v]) => ({ id, version: v.version, status: v.status }));
+        ok = await send(batch);
+        show();
+      }
+    } else {
+      // Every task the filter matches, a page of the API's list at a time, keyset-paged by its cursor.
+      const query = new URLSearchParams({ limit: String(BATCH) });
+      if (bulk.dataset.statusFilter) query.set("status", bulk.dataset.statusFilter);
+      if (bulk.dataset.typeFilter) query.set("task_type", bulk.dataset.typeFilter);
+      let url = `/tasks/?${query}`;
+      while (ok && !stop && url) {
+        const page = await api("GET", url);
+        if (page.status !== 200) {
+          status.textContent = `Stopped: ${problemText(page)}`;
+          break;
+        }
+        const next = /<([^>]+)>;\s*rel="next"/.exec(page.headers.get("link") || "");
+        url = next ? next[1] : null;
+        if (!page.answer.length) break;
+        ok = await send(page.answer.map((t) => ({ id: t.task_id, version: t.version, status: t.status })));
+        show();
+      }
+    }
+    show();
+    stopButton.remove();
+    const name = { cancel: "Cancel", retry: "Retry", delete: "Delete" }[action];
+    title.textContent = `${name}: ${stop ? "stopped" : "finished"}. ${number.format(groups.done.items.length)} done.`;
+    for (const button of bulk.querySelectorAll("button:not([data-bulk])")) button.disabled = false;
+    updateBulk();
+    refresh();
+  }
+}
+
+// ---- /ui/tasks/{id}: the task now, its timeline, its actions ------------------------------------
+
+function taskPage() {
+  const taskId = body.dataset.task; // absent for a deleted task: nothing more can happen to it
+  const actions = document.getElementById("actions");
+  const message = document.getElementById("action-message");
+  let stream = null;
+  let polling = null;
+
+  const history = () => document.getElementById("history");
+
+  async function refreshNow() {
+    const fresh = await fetchPage();
+    if (!fresh) return;
+    replaceIfChanged(document.getElementById("notices"), fresh.getElementById("notices"));
+    replaceIfChanged(document.getElementById("now"), fresh.getElementById("now"));
+    syncAttributes(history(), fresh.getElementById("history"), ["data-latest", "data-latest-status"]);
+    syncText(fresh, "#history-count");
+    syncKeyed(document.getElementById("timeline"), fresh.getElementById("timeline"), "data-version", (old, now) =>
+      replaceIfChanged(old, now),
+    );
+    const picker = document.getElementById("version");
+    const freshPicker = fresh.getElementById("version");
+    if (picker?.tagName === "SELECT" && freshPicker?.tagName === "SELECT" && picker.options.length !== freshPicker.options.length) {
+      const value = picker.value;
+      picker.replaceChildren(...[...freshPicker.options].map((o) => document.importNode(o, true)));
+      picker.value = value;
+    } else if (picker && freshPicker) syncAttributes(picker, freshPicker, ["max"]);
+    const freshActions = fresh.getElementById("actions");
+    if (actions && freshActions) {
+      syncAttributes(actions, freshActions, ["data-if-version"]);
+      for (const button of actions.querySelectorAll("[data-action]")) {
+        const now = freshActions.querySelector(`[data-action="${button.dataset.action}"]`);
+        button.hidden = !now || now.hidden;
+      }
+    } else if (actions && !freshActions) {
+      actions.hidden = true; // deleted
+    }
+  }
+  const refresh = coalesce(refreshNow);
+
+  // While the task can still change, its stream says when; once it has finished (the stream
+  // ends), asking the history for anything newer each second notices a retry (an answer that is
+  // 200 even for a deleted task, so the browser logs no error), then the stream resumes.
+  function watch() {
+    if (!taskId) return;
+    if (FINISHED.has(history().dataset.latestStatus)) {
+      poll();
+      return;
+    }
+    clearInterval(polling);
+    if (stream) return;
+    stream = follow(body.dataset.stream, {
+      onOpen: refresh,
+      onEvent: (type) => {
+        refresh();
+        if (FINISHING.has(type)) {
+          stream.close();
+          stream = null;
+          if (type === "TaskDeleted") setLive("ended", "Deleted");
+          else setTimeout(() => refreshNow().then(watch, poll), APPLY_EVERY);
+        }
+      },
+    });
+  }
+
+  function poll() {
+    setLive("live", "Live (finished task)");
+    clearInterval(polling);
+    polling = setInterval(async () => {
+      const after = history().dataset.latest;
+      const response = await fetch(`/tasks/${taskId}/history?after_version=${after}&limit=1`, {
+        headers: readHeaders(),
+        cache: "no-store",
+      });
+      if (!response.ok || !(await response.json()).events.length) return;
+      clearInterval(polling);
+      await refreshNow();
+      if (history().dataset.latestStatus === "deleted") setLive("ended", "Deleted");
+      else watch();
+    }, 1000);
+  }
+
+  // Time travel: choosing a version, or clicking an entry of the timeline, shows the task at it.
+  const picker = document.getElementById("version");
+  picker?.addEventListener("change", () => document.getElementById("version-form").requestSubmit());
+  document.getElementById("timeline").addEventListener("click", (e) => {
+    const entry = e.target.closest("li[data-version]");
+    if (!entry || e.target.closest("a, button, input, select") || getSelection()?.toString()) return;
+    entry.querySelector("a.ev-version")?.click();
+  });
+
+  watch();
+  if (!actions) return;
+
+  const dialog = document.getElementById("delete-confirm");
+  for (const button of actions.querySelectorAll("[data-action]")) {
+    button.addEventListener("click", () => {
+      if (button.dataset.action === "delete") {
+        dialog.returnValue = "";
+        dialog.showModal();
+      } else act(button.dataset.action);
+    });
+  }
+  dialog.addEventListener("close", () => {
+    if (dialog.returnValue === "go") act("delete");
+  });
+
+  async function act(action) {
+    const version = actions.dataset.ifVersion;
+    const buttons = actions.querySelectorAll("button");
+    buttons.forEach((b) => (b.disabled = true));
+    message.dataset.kind = "working";
+    message.textContent = { cancel: "Canceling…", retry: "Retrying…", delete: "Deleting…" }[action];
+    let result;
+    try {
+      const headers = { "If-Match": `"${version}"` };
+      result =
+        action === "delete"
+          ? await api("DELETE", `/tasks/${taskId}`, undefined, headers)
+          : await api("PATCH", `/tasks/${taskId}`, { status: action === "cancel" ? "canceled" : "pending" }, headers);
+    } catch {
+      result = { status: 0, answer: { detail: "The service could not be reached; nothing was changed." } };
+    }
+    await refreshNow().catch(() => {});
+    buttons.forEach((b) => (b.disabled = false));
+    const now = history().dataset.latest;
+    const nowStatus = history().dataset.latestStatus;
+    if (result.status === 200) {
+      message.dataset.kind = "ok";
+      message.textContent = { cancel: "Canceled.", retry: "Retried: the task is pending again.", delete: "Deleted." }[action];
+      if (action === "retry" && !stream) watch();
+    } else if (result.status === 412) {
+      message.dataset.kind = "conflict";
+      message.textContent =
+        `Conflict: nothing was changed. The task changed after this page showed version ${version}; ` +
+        `it is now at version ${now}${nowStatus ? ` (${nowStatus})` : ""}. The page shows its latest state: ` +
+        `check it, then try again if you still want to.`;
+    } else if (result.status === 409) {
+      message.dataset.kind = "conflict";
+      message.textContent = `Not allowed: ${problemText(result)} The page shows the latest state.`;
+    } else if (result.status === 404) {
+      message.dataset.kind = "conflict";
+      message.textContent = "The task was deleted meanwhile; the page shows its history.";
+    } else {
+      message.dataset.kind = "error";
+      message.textContent = `Nothing was changed: ${problemText(result)}`;
+    }
+  }
+}
+
+// ---- /ui/events: the global feed -------------------------------------------------------------
+
+function eventsPage() {
+  const rows = document.getElementById("feed-rows");
+  const template = document.getElementById("feed-row");
+  const cap = Number(rows.dataset.cap);
+  const note = document.getElementById("feed-note");
+  const pause = document.getElementById("pause");
+  let waiting = []; // raw JSON of events not yet shown, oldest first, at most `cap`
+  let skipped = 0;
+  let flooded = false; // more than a screenful came since the last update: nobody reads rows that fast
+
+  const time = (iso) => {
+    const d = new Date(iso);
+    const two = (n) => String(n).padStart(2, "0");
+    return `${two(d.getUTCHours())}:${two(d.getUTCMinutes())}:${two(d.getUTCSeconds())}.${String(d.getUTCMilliseconds()).padStart(3, "0")}`;
+  };
+  const compact = (value) => {
+    const text = JSON.stringify(value);
+    return text.length <= 160 ? text : `${text.slice(0, 159)}…`;
+  };
+  const field = (row, name) => row.querySelector(`[data-field="${name}"]`);
+
+  function row(e) {
+    const tr = template.content.firstElementChild.cloneNode(true);
+    tr.dataset.taskId = e.task_id;
+    tr.dataset.version = String(e.version);
+    tr.dataset.type = e.type;
+    field(tr, "time").textContent = time(e.occurred_at);
+    field(tr, "time").dateTime = e.occurred_at;
+    field(tr, "type").textContent = e.type;
+    field(tr, "task").href = `/ui/tasks/${encodeURIComponent(e.task_id)}`;
+    field(tr, "task-id").textContent = e.task_id;
+    field(tr, "version").textContent = String(e.version);
+    field(tr, "data").textContent = compact(e.data);
+    field(tr, "actor").textContent = e.metadata?.actor ?? "";
+    field(tr, "request-id").textContent = e.metadata?.request_id ?? "";
+    return tr;
+  }
+
+  const apply = coalesce(async () => {
+    if (paused) {
+      note.textContent = `${number.format(waiting.length + skipped)} new events while paused.`;
+      return;
+    }
+    if (!waiting.length) return;
+    const batch = waiting;
+    waiting = [];
+    flooded = batch.length >= cap;
+    const fragment = document.createDocumentFragment();
+    for (let i = batch.length - 1; i >= 0; i -= 1) fragment.append(row(JSON.parse(batch[i])));
+    rows.prepend(fragment);
+    while (rows.rows.length > cap) rows.lastElementChild.remove();
+    document.getElementById("feed-empty")?.remove();
+    note.textContent = skipped
+      ? `Showing the newest ${cap}; ${number.format(skipped)} more came faster than a page can show.`
+      : "";
+    skipped = 0;
+  }, () => (flooded ? 4 * APPLY_EVERY : APPLY_EVERY));
+
+  follow(body.dataset.stream, {
+    onEvent: (type, data) => {
+      if (type === "snapshot") return;
+      waiting.push(data);
+      if (waiting.length > cap) {
+        waiting = waiting.slice(-cap);
+        skipped += 1;
+      }
+      apply();
+    },
+  });
+
+  pause.addEventListener("click", () => {
+    paused = !paused;
+    pause.setAttribute("aria-pressed", String(paused));
+    pause.textContent = paused ? "Resume" : "Pause";
+    if (paused) setLive("paused", "Paused");
+    else setLive("live", "Live");
+    apply();
+  });
+}
+
+const pages = { tasks: tasksPage, task: taskPage, events: eventsPage };
+pages[body.dataset.page]?.();

@@ -1,0 +1,332 @@
+"""The dashboard in a real Chromium against a real server: what an operator sees and does.
+
+Every test also checks, through the `ui` fixture, that no request left the
+server's origin, nothing was logged as a console error, and no dialog opened.
+Waits are on conditions (Playwright's expect retries until its timeout), never sleeps.
+"""
+
+from __future__ import annotations
+
+import re
+
+from playwright.sync_api import Locator, Page, expect
+
+from tests.test_dashboard.conftest import Dashboard
+
+expect.set_options(timeout=10_000)
+
+XSS = "<img src=x onerror=alert(1)>"
+
+
+def create(ui: Dashboard, task_type: str, **fields: object) -> dict:
+    with ui.api() as api:
+        created = api.post("/tasks/", json={"task_type": task_type})
+        assert created.status_code == 201
+        task = created.json()
+        for name, value in fields.items():
+            changed = api.patch(f"/tasks/{task['task_id']}", json={name: value})
+            assert changed.status_code == 200, changed.text
+            task = changed.json()
+    return task
+
+
+def row(page: Page, task: dict) -> Locator:
+    return page.locator(f'tr[data-task-id="{task["task_id"]}"]')
+
+
+def test_tasks_created_changed_and_deleted_through_the_api_show_up_live(ui: Dashboard) -> None:
+    page = ui.page()
+    page.goto("/ui")
+    expect(page.locator("#live")).to_have_attribute("data-state", "live")
+    total = int(page.locator('[data-count="total"]').inner_text())
+    running = int(page.locator('[data-count="running"]').inner_text())
+
+    first, second = create(ui, "live"), create(ui, "live")
+    expect(row(page, second)).to_have_attribute("data-status", "pending")
+    expect(row(page, first)).to_be_visible()
+    # Newest first.
+    ids = page.locator("#task-rows tr").evaluate_all("rows => rows.map(r => r.dataset.taskId)")
+    assert ids.index(second["task_id"]) < ids.index(first["task_id"])
+    expect(page.locator('[data-count="total"]')).to_have_text(str(total + 2))
+
+    with ui.api() as api:
+        api.patch(f"/tasks/{first['task_id']}", json={"status": "running"})
+    expect(row(page, first)).to_have_attribute("data-status", "running")
+    expect(row(page, first).locator(".status")).to_have_text("running")
+    expect(page.locator('[data-count="running"]')).to_have_text(str(running + 1))
+
+    with ui.api() as api:
+        api.delete(f"/tasks/{second['task_id']}")
+    expect(row(page, second)).to_have_count(0)
+    expect(page.locator('[data-count="total"]')).to_have_text(str(total + 1))
+
+
+def test_a_filtered_list_shows_only_matching_tasks_as_new_ones_arrive(ui: Dashboard) -> None:
+    page = ui.page()
+    page.goto("/ui?status=pending&task_type=wanted")
+    expect(page.locator("#live")).to_have_attribute("data-state", "live")
+    expect(page.get_by_label("Status")).to_have_value("pending")
+    expect(page.get_by_label("Task type")).to_have_value("wanted")
+
+    other = create(ui, "other")
+    started = create(ui, "wanted", status="running")
+    wanted = create(ui, "wanted")
+    expect(row(page, wanted)).to_be_visible()
+    expect(row(page, other)).to_have_count(0)
+    expect(row(page, started)).to_have_count(0)
+    for status in page.locator("#task-rows tr").evaluate_all("rows => rows.map(r => r.dataset.status)"):
+        assert status == "pending"
+    # Counts are the filter's task type's.
+    expect(page.locator('[data-count="running"]')).to_have_text("1")
+
+
+def test_a_progress_bar_moves(ui: Dashboard) -> None:
+    task = create(ui, "progress", status="running")
+    page = ui.page()
+    page.goto("/ui")
+    bar = row(page, task).locator("progress")
+    expect(bar).to_have_attribute("value", "0.0")
+    for progress in (25, 60.5):
+        with ui.api() as api:
+            api.patch(f"/tasks/{task['task_id']}", json={"progress": progress})
+        expect(bar).to_have_attribute("value", str(float(progress)))
+    expect(row(page, task).locator(".pct")).to_have_text("60.5%")
+
+
+def test_older_pages_follow_the_keyset_cursor(ui: Dashboard) -> None:
+    tasks = [create(ui, "paged") for _ in range(5)]
+    page = ui.page()
+    page.goto("/ui?task_type=paged&limit=2")
+    expect(page.locator("#task-rows tr")).to_have_count(2)
+    page.get_by_role("link", name="Older").click()
+    expect(page).to_have_url(re.compile(r"cursor="))
+    expect(row(page, tasks[2])).to_be_visible()
+    page.get_by_role("link", name="Older").click()
+    expect(row(page, tasks[0])).to_be_visible()
+    expect(page.get_by_role("link", name="Older")).to_have_count(0)
+
+
+def test_the_timeline_shows_every_event_and_the_version_picker_an_old_state(ui: Dashboard) -> None:
+    task = create(ui, "timeline", status="running", progress=40)
+    with ui.api() as api:
+        api.patch(f"/tasks/{task['task_id']}", json={"status": "completed", "result": {"rows": 3}})
+    page = ui.page()
+    page.goto(f"/ui/tasks/{task['task_id']}")
+    entries = page.locator("#timeline [data-version]")
+    expect(entries).to_have_count(4)
+    types = entries.evaluate_all("items => items.map(i => [i.dataset.version, i.dataset.type])")
+    assert types == [["4", "TaskCompleted"], ["3", "ProgressReported"], ["2", "TaskStarted"], ["1", "TaskCreated"]]
+    completed = page.locator('[data-version="4"]')
+    expect(completed).to_contain_text("running → completed")
+    expect(completed).to_contain_text("request")
+    expect(page.locator("#now")).to_have_attribute("data-status", "completed")
+    expect(page.locator("#now")).to_contain_text('"rows": 3')
+
+    page.get_by_label("Show the task at version").select_option("2")
+    expect(page).to_have_url(re.compile(r"version=2"))
+    expect(page.locator("#now")).to_have_attribute("data-status", "running")
+    expect(page.locator(".notice.past")).to_contain_text("version 2 of 4")
+    expect(page.locator("#now")).to_contain_text("0%")
+    expect(page.locator('[data-version="2"]')).to_have_attribute("aria-current", "true")
+    page.locator('[data-version="1"] .changes').click()
+    expect(page).to_have_url(re.compile(r"version=1"))
+    expect(page.locator("#now")).to_have_attribute("data-status", "pending")
+
+
+def test_cancel_from_the_task_page_and_the_timeline_grows_live(ui: Dashboard) -> None:
+    task = create(ui, "cancel", status="running")
+    page = ui.page()
+    page.goto(f"/ui/tasks/{task['task_id']}")
+    expect(page.locator("#live")).to_have_attribute("data-state", "live")
+    with ui.api() as api:
+        api.patch(f"/tasks/{task['task_id']}", json={"progress": 10})
+    expect(page.locator('#timeline [data-type="ProgressReported"]')).to_have_count(1)
+
+    page.get_by_role("button", name="Cancel").click()
+    expect(page.locator("#now")).to_have_attribute("data-status", "canceled")
+    expect(page.locator("#action-message")).to_have_text("Canceled.")
+    expect(page.locator('#timeline [data-version="4"]')).to_have_attribute("data-type", "TaskCanceled")
+    with ui.api() as api:
+        assert api.get(f"/tasks/{task['task_id']}").json()["status"] == "canceled"
+    # Canceled: retry is offered now, cancel no longer.
+    expect(page.get_by_role("button", name="Retry")).to_be_visible()
+    expect(page.get_by_role("button", name="Cancel")).to_be_hidden()
+
+
+def test_a_stale_page_gets_a_conflict_message_and_the_latest_state(ui: Dashboard) -> None:
+    task = create(ui, "stale", status="running")
+    page = ui.page()
+    # The page hears nothing live: it still shows version 2 when the task moves on.
+    page.route("**/stream*", lambda route: route.abort())
+    page.goto(f"/ui/tasks/{task['task_id']}")
+    with ui.api() as api:
+        api.patch(f"/tasks/{task['task_id']}", json={"progress": 50})
+
+    page.get_by_role("button", name="Cancel").click()
+    message = page.locator("#action-message")
+    expect(message).to_contain_text("Conflict: nothing was changed")
+    expect(message).to_contain_text("version 2")
+    expect(message).to_contain_text("now at version 3")
+    expect(page.locator("#now")).to_contain_text("50%")
+    with ui.api() as api:
+        assert api.get(f"/tasks/{task['task_id']}").json()["status"] == "running"
+    ui.allow("status of 412", "net::ERR_FAILED")
+
+
+def test_delete_after_a_confirmation_and_a_deleted_task_keeps_its_history(ui: Dashboard) -> None:
+    task = create(ui, "delete")
+    page = ui.page()
+    page.goto(f"/ui/tasks/{task['task_id']}")
+    page.get_by_role("button", name="Delete").click()
+    page.get_by_role("button", name="Delete the task").click()
+    expect(page.locator(".notice.deleted")).to_contain_text("Deleted")
+    expect(page.locator('#timeline [data-type="TaskDeleted"]')).to_have_count(1)
+    page.reload()
+    expect(page.locator(".notice.deleted")).to_contain_text("Its history is kept")
+    expect(page.locator("#timeline [data-version]")).to_have_count(2)
+
+
+def test_an_unknown_task_is_a_404_page(ui: Dashboard) -> None:
+    page = ui.page()
+    response = page.goto("/ui/tasks/00000000-0000-4000-8000-000000000000")
+    assert response is not None
+    assert response.status == 404
+    expect(page.get_by_role("heading", name="Not found")).to_be_visible()
+    ui.allow("status of 404")  # the browser logs the answer itself
+
+
+def test_user_supplied_text_is_shown_as_text(ui: Dashboard) -> None:
+    task = create(ui, XSS, error=f"<script>alert(2)</script>{XSS}")
+    page = ui.page()
+    for path in ("/ui", f"/ui/tasks/{task['task_id']}", "/ui/events"):
+        page.goto(path)
+        expect(page.get_by_text(XSS).first).to_be_visible()
+        assert page.locator("main img").count() == 0
+    page.goto("/ui")
+    with ui.api() as api:
+        fresh = api.post("/tasks/", json={"task_type": XSS}).json()
+    expect(row(page, fresh).locator(".type")).to_have_text(XSS)
+    assert page.locator("main img").count() == 0
+    # The `ui` fixture checks that no dialog opened.
+
+
+def test_the_first_page_works_without_javascript(ui: Dashboard) -> None:
+    task = create(ui, "no-js", status="running", progress=30)
+    page = ui.page(java_script_enabled=False)
+    page.goto("/")
+    expect(page).to_have_url(re.compile(r"/ui$"))
+    expect(row(page, task)).to_have_attribute("data-status", "running")
+    expect(page.locator('[data-count="total"]')).not_to_have_text("0")
+    page.get_by_label("Task type").fill("no-js")
+    page.get_by_role("button", name="Filter").click()
+    expect(page).to_have_url(re.compile(r"task_type=no-js"))
+    expect(page.locator("#task-rows tr")).to_have_count(1)
+    page.get_by_role("link", name=task["task_id"]).click()
+    expect(page.locator("#timeline [data-version]")).to_have_count(3)
+
+
+def test_the_events_page_is_live_newest_on_top_with_pause_and_resume(ui: Dashboard) -> None:
+    page = ui.page()
+    page.goto("/ui/events")
+    expect(page.locator("#live")).to_have_attribute("data-state", "live")
+    first = create(ui, "feed")
+    expect(page.locator(f'#feed-rows tr[data-task-id="{first["task_id"]}"]')).to_have_attribute(
+        "data-type", "TaskCreated"
+    )
+    with ui.api() as api:
+        api.patch(f"/tasks/{first['task_id']}", json={"status": "running"})
+    top = page.locator("#feed-rows tr").first
+    expect(top).to_have_attribute("data-type", "TaskStarted")
+    expect(top).to_have_attribute("data-version", "2")
+
+    pause = page.get_by_role("button", name="Pause")
+    pause.press("Enter")  # keyboard operable
+    expect(page.get_by_role("button", name="Resume")).to_have_attribute("aria-pressed", "true")
+    second = create(ui, "feed")
+    expect(page.locator("#feed-note")).to_contain_text("1 new event")
+    expect(page.locator(f'#feed-rows tr[data-task-id="{second["task_id"]}"]')).to_have_count(0)
+    page.get_by_role("button", name="Resume").click()
+    expect(page.locator("#feed-rows tr").first).to_have_attribute("data-task-id", second["task_id"])
+
+
+def test_the_api_docs_load_from_this_server_only(ui: Dashboard) -> None:
+    page = ui.page()
+    page.goto("/ui")
+    page.get_by_role("link", name="API docs").click()
+    expect(page).to_have_url(re.compile(r"/schema$"))
+    expect(page.get_by_text("/tasks/{task_id}/history").first).to_be_visible()
+    # The `ui` fixture checks every request stayed on the server's origin.
+
+
+def test_a_finished_task_page_notices_a_retry_and_follows_the_task_again(ui: Dashboard) -> None:
+    task = create(ui, "retry", status="failed")
+    page = ui.page()
+    page.goto(f"/ui/tasks/{task['task_id']}")
+    expect(page.locator("#live")).to_contain_text("finished")
+    with ui.api() as api:
+        api.patch(f"/tasks/{task['task_id']}", json={"status": "pending"})
+    expect(page.locator("#now")).to_have_attribute("data-status", "pending")
+    expect(page.locator('#timeline [data-type="TaskRetried"]')).to_have_count(1)
+    expect(page.locator("#live")).to_have_attribute("data-state", "live")
+    with ui.api() as api:
+        api.patch(f"/tasks/{task['task_id']}", json={"status": "running"})
+    expect(page.locator("#now")).to_have_attribute("data-status", "running")
+
+
+def test_bulk_cancel_of_selected_rows_reports_each_task(ui: Dashboard) -> None:
+    first, second = create(ui, "bulk-a"), create(ui, "bulk-a", status="running")
+    done = create(ui, "bulk-a", status="completed")
+    page = ui.page()
+    writes: list[str] = []
+    page.on("request", lambda r: writes.append(f"{r.method} {r.url}") if r.method != "GET" else None)
+    page.goto("/ui?task_type=bulk-a")
+    expect(page.locator("#live")).to_have_attribute("data-state", "live")
+    for task in (first, second):
+        row(page, task).get_by_role("checkbox").check()
+    row(page, done).get_by_role("checkbox").focus()
+    page.keyboard.press("Space")  # keyboard operable
+    expect(page.locator("#selection")).to_have_text("3 selected.")
+
+    page.locator('#bulk [data-bulk="cancel"]').click()
+    dialog = page.get_by_role("dialog")
+    expect(dialog).to_contain_text("Cancel 3 tasks?")
+    dialog.get_by_role("button", name="Cancel 3 tasks").click()
+    results = page.locator("#bulk-run")
+    expect(results).to_contain_text("finished. 2 done")
+    expect(results).to_contain_text("1 not allowed (already finished)")
+    expect(results.locator("details").filter(has_text="not allowed")).to_contain_text(done["task_id"])
+    expect(row(page, first)).to_have_attribute("data-status", "canceled")
+    expect(row(page, second)).to_have_attribute("data-status", "canceled")
+    expect(row(page, done)).to_have_attribute("data-status", "completed")
+
+    row(page, done).get_by_role("checkbox").check()
+    expect(page.locator("#selection")).to_have_text("1 selected.")
+    page.locator('#bulk [data-bulk="delete"]').click()
+    dialog.get_by_role("button", name="Delete 1 task").click()
+    expect(results).to_contain_text("Delete: finished. 1 done.")
+    expect(row(page, done)).to_have_count(0)
+    assert writes == [f"PATCH {ui.url}/tasks/batch"] * 2
+
+
+def test_bulk_retry_of_every_task_matching_the_filter(ui: Dashboard) -> None:
+    failed = [create(ui, "bulk-b", status="failed") for _ in range(3)]
+    pending = create(ui, "bulk-b")
+    page = ui.page()
+    page.goto("/ui?status=failed&task_type=bulk-b")
+    expect(page.locator("#live")).to_have_attribute("data-state", "live")
+    page.get_by_role("button", name="Select all 3 failed tasks of type bulk-b").click()
+    expect(page.locator("#selection")).to_have_text("All 3 failed tasks of type bulk-b selected.")
+    page.locator('#bulk [data-bulk="retry"]').click()
+    dialog = page.get_by_role("dialog")
+    expect(dialog).to_contain_text("Retry all 3 failed tasks of type bulk-b")
+    dialog.get_by_role("button", name="Go back").click()
+    expect(dialog).to_be_hidden()
+    page.locator('#bulk [data-bulk="retry"]').click()
+    dialog.get_by_role("button", name="Retry 3 tasks").click()
+    expect(page.locator("#bulk-run")).to_contain_text("Retry: finished. 3 done.")
+    expect(page.locator('[data-count="failed"]')).to_have_text("0")
+    expect(page.locator("#task-rows tr[data-task-id]")).to_have_count(0)
+    with ui.api() as api:
+        for task in failed:
+            assert api.get(f"/tasks/{task['task_id']}").json()["status"] == "pending"
+        assert api.get(f"/tasks/{pending['task_id']}").json()["version"] == 1

@@ -1,0 +1,345 @@
+"""The dashboard's pages and sessions through the real app (no browser): answers, headers, refusals."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+
+import psycopg
+import pytest
+from litestar.testing import AsyncTestClient
+
+from tasktrail.http import auth, sessions
+from tasktrail.http.app import create_app
+from tests.conftest import assert_verifies, fresh_database
+
+pytestmark = pytest.mark.anyio
+
+KEYS = {scope: auth.new_key() for scope in auth.SCOPES}
+CONFIGURED = [auth.Key(f"{scope}-key", scope, auth.digest(key)) for scope, key in KEYS.items()]
+XSS = "<img src=x onerror=alert(1)>"
+
+
+@pytest.fixture(scope="module")
+async def database(server_url: str, template_db: str) -> AsyncIterator[str]:
+    with fresh_database(server_url, template_db) as url:
+        yield url
+        assert_verifies(url)
+
+
+@pytest.fixture
+async def open_client(database: str) -> AsyncIterator[AsyncTestClient]:
+    async with AsyncTestClient(app=create_app(database, api_keys=[])) as client:
+        yield client
+
+
+@pytest.fixture
+async def secured(database: str) -> AsyncIterator[AsyncTestClient]:
+    async with AsyncTestClient(app=create_app(database, api_keys=CONFIGURED)) as client:
+        yield client
+
+
+async def signed_in(client: AsyncTestClient, scope: str) -> str:
+    """Sign in as the browser does; the CSRF token the page then carries."""
+    answer = await client.post("/ui/sign-in", data={"key": KEYS[scope], "next": "/ui"}, follow_redirects=False)
+    assert answer.status_code == 303
+    assert answer.headers["location"] == "/ui"
+    page = await client.get("/ui")
+    assert page.status_code == 200
+    match = re.search(r'<meta name="csrf-token" content="([^"]+)">', page.text)
+    assert match
+    return match[1]
+
+
+async def test_the_root_redirects_to_the_dashboard(open_client: AsyncTestClient) -> None:
+    answer = await open_client.get("/", follow_redirects=False)
+    assert answer.status_code in (301, 302, 303, 307, 308)
+    assert answer.headers["location"] == "/ui"
+
+
+async def test_pages_allow_scripts_and_styles_from_this_origin_only(open_client: AsyncTestClient) -> None:
+    task = (await open_client.post("/tasks/", json={"task_type": XSS, "params": {"<b>": "</pre>"}})).json()
+    for path in ("/ui", f"/ui/tasks/{task['task_id']}", "/ui/events"):
+        page = await open_client.get(path)
+        assert page.status_code == 200
+        assert page.headers["content-type"] == "text/html; charset=utf-8"
+        policy = page.headers["content-security-policy"]
+        assert "script-src 'self'" in policy
+        assert "style-src 'self'" in policy
+        assert "unsafe-inline" not in policy
+        assert page.headers["x-content-type-options"] == "nosniff"
+        assert XSS not in page.text
+        assert "&lt;img src=x onerror=alert(1)&gt;" in page.text
+        assert '</pre>"' not in page.text
+        # No inline script or handler: every <script> has a src, and no on* attribute appears.
+        assert all("src=" in tag for tag in re.findall(r"<script[^>]*>", page.text))
+        assert not re.search(r"<[^>]+\son[a-z]+=", page.text)
+        assert " style=" not in page.text
+
+
+@pytest.mark.parametrize(
+    ("path", "status"),
+    [
+        ("/ui/tasks/not-a-uuid", 404),
+        ("/ui/tasks/00000000-0000-4000-8000-000000000000", 404),
+        ("/ui/tasks/%ff", 400),
+        ("/ui/tasks/00000000-0000-4000-8000-000000000000?version=x", 422),
+        ("/ui/events?x=%ff", 400),
+    ],
+)
+async def test_a_bad_address_is_an_html_page_never_a_5xx(open_client: AsyncTestClient, path: str, status: int) -> None:
+    page = await open_client.get(path)
+    assert page.status_code == status
+    assert page.headers["content-type"] == "text/html; charset=utf-8"
+    assert page.headers["content-security-policy"].startswith("default-src 'none'")
+    assert "Back to the tasks" in page.text
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "status=bogus",
+        "task_type=a%00b",
+        "task_type=%ff",
+        "task_type=" + "x" * 201,
+        "cursor=nope",
+        "limit=0",
+        "limit=abc",
+        "status=failed&status=running",
+    ],
+)
+async def test_a_bad_filter_is_refused_as_the_api_refuses_it_but_as_a_page(
+    open_client: AsyncTestClient, query: str
+) -> None:
+    """The list's filters are the API's: the same status (from the same checks), as HTML rather than a problem."""
+    api = await open_client.get(f"/tasks/?{query}")
+    page = await open_client.get(f"/ui?{query}")
+    assert api.status_code in (400, 422)
+    assert api.headers["content-type"] == "application/problem+json"
+    assert page.status_code == api.status_code
+    assert page.headers["content-type"] == "text/html; charset=utf-8"
+    assert "Back to the tasks" in page.text
+
+
+async def test_a_version_past_the_latest_is_a_404_page(open_client: AsyncTestClient) -> None:
+    task = (await open_client.post("/tasks/", json={"task_type": "versions"})).json()
+    assert (await open_client.get(f"/ui/tasks/{task['task_id']}?version=1")).status_code == 200
+    page = await open_client.get(f"/ui/tasks/{task['task_id']}?version=2")
+    assert page.status_code == 404
+    assert "its latest is 1" in page.text
+
+
+async def test_the_api_docs_page_names_no_other_host(open_client: AsyncTestClient) -> None:
+    for path in ("/schema", "/schema/swagger"):
+        page = await open_client.get(path)
+        assert page.status_code == 200
+        assert not re.search(r"(src|href)=['\"](https?:)?//", page.text), page.text
+        assert "script-src 'self'" in page.text
+        assert "<script>" not in page.text
+        for asset in re.findall(r"(?:src|href)=['\"](/ui/static/[^'\"?]+)", page.text):
+            assert (await open_client.get(asset)).status_code == 200, asset
+    assert (await open_client.get("/schema/openapi.json")).status_code == 200
+
+
+async def test_without_a_session_pages_ask_to_sign_in_and_the_api_still_says_401(secured: AsyncTestClient) -> None:
+    page = await secured.get("/ui/events?x=1", follow_redirects=False)
+    assert page.status_code == 303
+    assert page.headers["location"] == "/ui/sign-in?next=%2Fui%2Fevents%3Fx%3D1"
+    assert (await secured.get("/tasks/")).status_code == 401
+    form = await secured.get("/ui/sign-in?next=/ui/events")
+    assert form.status_code == 200
+    assert 'type="password"' in form.text
+    # Statics and the sign-in form need no key.
+    assert (await secured.get("/ui/static/dashboard.js")).status_code == 200
+
+
+async def test_a_session_cookie_is_signed_expiring_and_strict(secured: AsyncTestClient) -> None:
+    answer = await secured.post("/ui/sign-in", data={"key": KEYS["read"]}, follow_redirects=False)
+    cookie = answer.headers["set-cookie"]
+    assert cookie.startswith(f"{sessions.COOKIE}=")
+    for attribute in ("HttpOnly", "SameSite=Strict", "Path=/", f"Max-Age={sessions.LIFETIME}"):
+        assert attribute in cookie
+    assert "Secure" not in cookie  # plain http here
+    assert KEYS["read"] not in cookie
+
+
+async def test_over_https_the_session_cookie_is_secure(database: str) -> None:
+    async with AsyncTestClient(
+        app=create_app(database, api_keys=CONFIGURED), base_url="https://testserver.local"
+    ) as client:
+        answer = await client.post("/ui/sign-in", data={"key": KEYS["read"]}, follow_redirects=False)
+        assert answer.status_code == 303
+        assert "; Secure" in answer.headers["set-cookie"]
+
+
+@pytest.mark.parametrize("target", ["https://evil.example/", "//evil.example/ui", "/tasks/", "/ui\\@evil", None])
+async def test_signing_in_goes_back_to_a_dashboard_page_only(secured: AsyncTestClient, target: str | None) -> None:
+    data = {"key": KEYS["read"]} | ({} if target is None else {"next": target})
+    answer = await secured.post("/ui/sign-in", data=data, follow_redirects=False)
+    assert answer.status_code == 303
+    assert answer.headers["location"] == "/ui"
+
+
+async def test_a_sign_in_from_another_site_is_refused(secured: AsyncTestClient) -> None:
+    for headers in ({"Origin": "https://evil.example"}, {"Sec-Fetch-Site": "cross-site"}):
+        answer = await secured.post("/ui/sign-in", data={"key": KEYS["read"]}, headers=headers, follow_redirects=False)
+        assert answer.status_code == 403
+        assert "set-cookie" not in answer.headers
+    # Behind a proxy that rewrites Host, the browser's Sec-Fetch-Site still says it is this site's page.
+    proxied = {"Origin": "https://tasks.example", "Sec-Fetch-Site": "same-origin"}
+    answer = await secured.post("/ui/sign-in", data={"key": KEYS["read"]}, headers=proxied, follow_redirects=False)
+    assert answer.status_code == 303
+
+
+async def test_a_cookie_write_needs_the_csrf_token_and_a_read_session_cannot_write(secured: AsyncTestClient) -> None:
+    csrf = await signed_in(secured, "write")
+    task = (await secured.post("/tasks/", json={"task_type": "csrf"}, headers={"X-CSRF-Token": csrf})).json()
+    assert task["task_type"] == "csrf"
+    path = f"/tasks/{task['task_id']}"
+    assert (await secured.patch(path, json={"progress": 5})).status_code == 403
+    assert (await secured.patch(path, json={"progress": 5}, headers={"X-CSRF-Token": "x" + csrf})).status_code == 403
+    changed = await secured.patch(path, json={"progress": 5}, headers={"X-CSRF-Token": csrf})
+    assert changed.status_code == 200
+    history = (await secured.get(f"{path}/history")).json()["events"]
+    assert [e["metadata"]["actor"] for e in history] == ["write-key", "write-key"]
+    # Reads and streams need no token.
+    assert (await secured.get("/tasks/stats/summary")).status_code == 200
+
+    read_csrf = await signed_in(secured, "read")
+    assert (await secured.patch(path, json={"progress": 6}, headers={"X-CSRF-Token": read_csrf})).status_code == 403
+    page = await secured.get(f"/ui/tasks/{task['task_id']}")
+    assert 'data-action="cancel"' not in page.text
+
+
+async def test_a_bearer_key_works_as_before_and_wins_over_a_cookie(secured: AsyncTestClient) -> None:
+    await signed_in(secured, "admin")
+    task = (await secured.post("/tasks/", json={"task_type": "bearer"}, headers=bearer("write"))).json()
+    assert (await secured.get(f"/tasks/{task['task_id']}/history", headers=bearer("read"))).status_code == 200
+    # With a header the cookie is not looked at: a read key cannot write, even beside an admin session.
+    refused = await secured.patch(f"/tasks/{task['task_id']}", json={"progress": 1}, headers=bearer("read"))
+    assert refused.status_code == 403
+    assert (await secured.get("/tasks/", headers={"Authorization": "Bearer nope"})).status_code == 401
+
+
+def bearer(scope: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {KEYS[scope]}"}
+
+
+async def test_a_forged_expired_or_orphaned_session_is_refused(database: str) -> None:
+    async with await psycopg.AsyncConnection.connect(database, autocommit=True) as conn:
+        secret = await sessions.stored_secret(conn)
+    write = CONFIGURED[1]
+    forged, _ = sessions.issue(b"another secret of thirty-two bytes!", write.name, write.digest)
+    expired, _ = sessions.issue(secret, write.name, write.digest, now=0)
+    replaced, _ = sessions.issue(secret, write.name, auth.digest("an old key under the same name"))
+    valid, session = sessions.issue(secret, write.name, write.digest)
+    tampered = valid.replace(valid[3], "A" if valid[3] != "A" else "B", 1)
+    async with AsyncTestClient(app=create_app(database, api_keys=CONFIGURED)) as client:
+        for value in (forged, expired, replaced, tampered, "garbage", "a.b"):
+            client.cookies.set(sessions.COOKIE, value)
+            assert (await client.get("/tasks/")).status_code == 401, value
+            assert (await client.get("/ui", follow_redirects=False)).status_code == 303
+        client.cookies.set(sessions.COOKIE, valid)
+        assert (await client.get("/tasks/")).status_code == 200
+    # Without the key in the configuration its sessions end.
+    async with AsyncTestClient(app=create_app(database, api_keys=CONFIGURED[:1])) as client:
+        client.cookies.set(sessions.COOKIE, valid)
+        assert (await client.get("/tasks/")).status_code == 401
+    assert session.key == "write-key"
+
+
+async def test_every_process_and_restart_shares_the_secret_unless_the_environment_gives_one(
+    database: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with AsyncTestClient(app=create_app(database, api_keys=CONFIGURED)) as first:
+        await signed_in(first, "read")
+        cookie = first.cookies[sessions.COOKIE]
+    async with AsyncTestClient(app=create_app(database, api_keys=CONFIGURED)) as second:
+        second.cookies.set(sessions.COOKIE, cookie)
+        assert (await second.get("/tasks/")).status_code == 200
+
+    monkeypatch.setenv(sessions.SECRET_ENV, "s" * 40)
+    async with AsyncTestClient(app=create_app(database, api_keys=CONFIGURED)) as configured:
+        configured.cookies.set(sessions.COOKIE, cookie)
+        assert (await configured.get("/tasks/")).status_code == 401
+        await signed_in(configured, "read")
+    monkeypatch.setenv(sessions.SECRET_ENV, "too short")
+    with pytest.raises(sessions.BadSecret):
+        create_app(database, api_keys=CONFIGURED)
+
+
+async def test_signing_out_clears_the_cookie_and_needs_the_pages_token(secured: AsyncTestClient) -> None:
+    csrf = await signed_in(secured, "read")
+    for wrong in ("wrong", "é", csrf + "\x00", ""):
+        refused = await secured.post("/ui/sign-out", data={"csrf": wrong}, follow_redirects=False)
+        assert refused.status_code in (403, 422), wrong
+        assert "set-cookie" not in refused.headers
+    answer = await secured.post("/ui/sign-out", data={"csrf": csrf}, follow_redirects=False)
+    assert answer.status_code == 303
+    assert "Max-Age=0" in answer.headers["set-cookie"]
+
+
+FORM = "application/x-www-form-urlencoded"
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "status", "says"),
+    [
+        # Not sent as the page's form is: a cross-site page can post text/plain without a preflight.
+        (b'{"key": "x"}', "application/json", 415, "not as application/json"),
+        (b"key=x", "text/plain", 415, "not as text/plain"),
+        (b"key=x", None, 415, "without a Content-Type"),
+        (b"key=x", "multipart/form-data; boundary=x", 415, "not as multipart/form-data"),
+        (b"key=x", f"{FORM}; charset=latin-1", 415, "(UTF-8)"),
+        (b"key=x", f"{FORM}; charset=\xff", 415, "(UTF-8)"),
+        # Not UTF-8 text, raw or %-escaped: no key is looked up.
+        (b"key=\xff", FORM, 400, "key: not UTF-8 text"),
+        (b"key=%ff", FORM, 400, "key: not UTF-8 text"),
+        (b"%c3=x", FORM, 400, "a form field&#39;s name is not UTF-8 text"),
+        # Text that breaks a rule.
+        (b"key=a%00b", FORM, 422, "key: must not contain NUL"),
+        (b"key=a&key=b", FORM, 422, "key: given more than once"),
+    ],
+)
+async def test_the_sign_in_form_takes_its_own_encoding_only(
+    secured: AsyncTestClient, body: bytes, content_type: str | None, status: int, says: str
+) -> None:
+    headers = [] if content_type is None else [(b"content-type", content_type.encode("latin-1"))]
+    answer = await secured.post("/ui/sign-in", content=body, headers=headers, follow_redirects=False)
+    assert answer.status_code == status
+    assert answer.headers["content-type"] == "text/html; charset=utf-8"
+    assert says in answer.text
+    assert "set-cookie" not in answer.headers
+
+
+async def test_the_sign_in_form_as_a_browser_sends_it(secured: AsyncTestClient) -> None:
+    """URL-encoded UTF-8, with or without a charset; a field the form does not know is ignored."""
+    for content_type in (FORM, f"{FORM}; charset=UTF-8", f"{FORM.upper()};charset=utf-8"):
+        body = f"next=%2Fui%2Fevents&key={KEYS['read']}&other=%C3%A9".encode()
+        answer = await secured.post("/ui/sign-in", content=body, headers={"Content-Type": content_type})
+        assert answer.status_code == 200, content_type
+        assert str(answer.url).endswith("/ui/events")
+    wrong = await secured.post("/ui/sign-in", data={"key": "tt_é✓"})
+    assert wrong.status_code == 401
+    assert "That is not a key this service knows." in wrong.text
+
+
+async def test_a_broken_session_cookie_or_csrf_token_is_refused_never_a_5xx(secured: AsyncTestClient) -> None:
+    """What a browser may bring: another app's cookie on the same host, a garbled one of ours, a garbled token."""
+    csrf = await signed_in(secured, "write")
+    task = (await secured.post("/tasks/", json={"task_type": "garbled"}, headers={"X-CSRF-Token": csrf})).json()
+    path = f"/tasks/{task['task_id']}"
+    garbled = [b"\xff", b"\xc3\xa9", "é".encode("latin-1"), b"x\x00"]
+    for raw in garbled:
+        headers = [(b"x-csrf-token", raw), (b"content-type", b"application/json")]
+        refused = await secured.patch(path, content=b'{"progress": 1}', headers=headers)
+        assert refused.status_code == 403, raw
+    session = secured.cookies[sessions.COOKIE]
+    secured.cookies.clear()
+    for raw in garbled:
+        for cookie in (b"tasktrail_session=" + raw, b"other=" + raw + b"; tasktrail_session=" + session.encode()):
+            valid = b"other" in cookie
+            api = await secured.get("/tasks/", headers=[(b"cookie", cookie)])
+            assert api.status_code == (200 if valid else 401), cookie
+            page = await secured.get("/ui", headers=[(b"cookie", cookie)], follow_redirects=False)
+            assert page.status_code == (200 if valid else 303), cookie

@@ -1,0 +1,139 @@
+"""With API keys configured: sign in once for a session cookie, see and do only what the key's scope allows."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+
+import pytest
+from playwright.sync_api import Browser, Page, expect
+
+from tasktrail.http import auth
+from tests.test_dashboard.conftest import Dashboard, serve
+
+expect.set_options(timeout=10_000)
+
+KEYS = {scope: auth.new_key() for scope in ("read", "write")}
+ENTRIES = " ".join(auth.Key(f"{scope}-key", scope, auth.digest(key)).entry() for scope, key in KEYS.items())
+
+
+@pytest.fixture(scope="module")
+def secured(
+    server_url: str, template_db: str, tmp_path_factory: pytest.TempPathFactory, browser: Browser
+) -> Iterator[Dashboard]:
+    yield from serve(
+        server_url, template_db, tmp_path_factory.mktemp("server"), browser, {"TASKTRAIL_API_KEYS": ENTRIES}
+    )
+
+
+@pytest.fixture
+def ui(secured: Dashboard) -> Iterator[Dashboard]:
+    yield secured
+    secured.close_contexts()
+
+
+def sign_in(page: Page, scope: str, path: str = "/ui") -> None:
+    page.goto(path)
+    expect(page).to_have_url(re.compile(r"/ui/sign-in\?next="))
+    page.get_by_label("API key").fill(KEYS[scope])
+    page.get_by_role("button", name="Sign in").click()
+    expect(page.locator("header .who")).to_contain_text(f"Signed in as {scope}-key")
+
+
+def a_task(ui: Dashboard, **fields: object) -> dict:
+    with ui.api(Authorization=f"Bearer {KEYS['write']}") as api:
+        task = api.post("/tasks/", json={"task_type": "secured"}).json()
+        if fields:
+            task = api.patch(f"/tasks/{task['task_id']}", json=fields).json()
+    return task
+
+
+def test_a_read_key_signs_in_for_a_strict_http_only_cookie_and_sees_no_write_actions(ui: Dashboard) -> None:
+    task = a_task(ui, status="running")
+    context, _ = ui.context()
+    page = context.new_page()
+    sign_in(page, "read", f"/ui/tasks/{task['task_id']}")
+    expect(page).to_have_url(re.compile(rf"/ui/tasks/{task['task_id']}$"))
+
+    (cookie,) = context.cookies()
+    assert cookie["name"] == "tasktrail_session"
+    assert cookie["httpOnly"] is True
+    assert cookie["sameSite"] == "Strict"
+    assert cookie["secure"] is False  # plain http here; https sets Secure
+    assert cookie["expires"] > 0
+    assert KEYS["read"] not in cookie["value"]
+    assert page.evaluate("document.cookie") == ""  # no script can read it
+
+    # Nothing to write with: no actions, no selection, and the server refuses anyway.
+    expect(page.locator("#now")).to_have_attribute("data-status", "running")
+    expect(page.get_by_role("button", name="Cancel")).to_have_count(0)
+    page.goto("/ui")
+    expect(row_of(page, task)).to_be_visible()
+    expect(page.locator("input.pick")).to_have_count(0)
+    expect(page.locator("#bulk")).to_have_count(0)
+    refused = page.evaluate(
+        """async (id) => (await fetch(`/tasks/${id}`, {method: "PATCH", headers: {"Content-Type": "application/json"},
+            body: JSON.stringify({status: "canceled"})})).status""",
+        task["task_id"],
+    )
+    assert refused == 403
+
+    # Live through the cookie (EventSource sends no header).
+    fresh = a_task(ui)
+    expect(row_of(page, fresh)).to_be_visible()
+
+    # The key is in no URL, no page, no log.
+    for visited in ui.contexts[-1][1].requests:
+        assert KEYS["read"] not in visited
+    assert KEYS["read"] not in page.content()
+    assert KEYS["read"] not in ui.server.log()
+    ui.allow("status of 403")
+
+
+def row_of(page: Page, task: dict):
+    return page.locator(f'tr[data-task-id="{task["task_id"]}"]')
+
+
+def test_a_wrong_key_is_refused_without_echoing_it(ui: Dashboard) -> None:
+    page = ui.page()
+    page.goto("/ui/events")
+    page.get_by_label("API key").fill("tt_not-a-key-of-ours")
+    page.get_by_role("button", name="Sign in").click()
+    expect(page.get_by_role("alert")).to_have_text("That is not a key this service knows.")
+    assert "tt_not-a-key-of-ours" not in page.content()
+    ui.allow("status of 401")
+
+
+def test_a_write_key_cancels_with_the_csrf_token_and_a_cookie_alone_cannot_write(ui: Dashboard) -> None:
+    task = a_task(ui, status="running")
+    page = ui.page()
+    sign_in(page, "write", f"/ui/tasks/{task['task_id']}")
+    page.get_by_role("button", name="Cancel").click()
+    expect(page.locator("#now")).to_have_attribute("data-status", "canceled")
+    expect(page.locator('#timeline [data-type="TaskCanceled"] .actor')).to_have_text("write-key")
+
+    # The same session without the page's token: refused. A body a cross-site form could send (text/plain)
+    # is refused before anyone is asked for (415, as for any client); a JSON one needs the token (403).
+    other = a_task(ui)
+    statuses = page.evaluate(
+        """async (id) => [
+            (await fetch(`/tasks/${id}`, {method: "PATCH", headers: {"Content-Type": "application/json"},
+                body: JSON.stringify({status: "canceled"})})).status,
+            (await fetch("/tasks/", {method: "POST", headers: {"Content-Type": "application/json"},
+                body: JSON.stringify({task_type: "csrf"})})).status,
+            (await fetch("/tasks/", {method: "POST", headers: {"Content-Type": "text/plain"},
+                body: JSON.stringify({task_type: "csrf"})})).status,
+            (await fetch(`/tasks/${id}`, {method: "DELETE"})).status,
+        ]""",
+        other["task_id"],
+    )
+    assert statuses == [403, 403, 415, 403]
+    with ui.api(Authorization=f"Bearer {KEYS['read']}") as api:
+        assert api.get(f"/tasks/{other['task_id']}").json()["version"] == 1
+        assert api.get("/tasks/", params={"task_type": "csrf"}).json() == []
+    ui.allow("status of 403", "status of 415")
+
+    page.get_by_role("button", name="Sign out").click()
+    expect(page).to_have_url(re.compile(r"/ui/sign-in"))
+    # The session is gone; what stays is the cancel's read-after token (a WAL position, no one's identity).
+    assert {cookie["name"] for cookie in page.context.cookies()} == {"tasktrail_read_after"}
