@@ -13,6 +13,7 @@ import httpx
 import pytest
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
+from prometheus_client.parser import text_string_to_metric_families
 
 from tasktrail.http.app import create_app
 from tasktrail.replicas import DOWN, FOREIGN, HEADER, LAGGING, NOT_A_STANDBY, SERVING
@@ -29,6 +30,20 @@ async def is_stale(client: AsyncTestClient[Litestar], pair: Pair, task_id: str, 
     with pair.paused():
         assert (await client.patch(f"/tasks/{task_id}", json={"progress": progress})).status_code == 200
         return (await client.get(f"/tasks/{task_id}")).json()["progress"] != progress
+
+
+async def replica_gauges(client: AsyncTestClient[Litestar]) -> tuple[dict[str, float], dict[str, str]]:
+    """/metrics' tasktrail_replica_lag_seconds by replica, and the state each replica's one-hot state set names."""
+    scraped = (await client.get("/metrics")).text
+    lags, states = {}, {}
+    for family in text_string_to_metric_families(scraped):
+        for sample in family.samples:
+            if sample.name == "tasktrail_replica_lag_seconds":
+                lags[sample.labels["replica"]] = sample.value
+            elif sample.name == "tasktrail_replica_state" and sample.value == 1:
+                assert sample.labels["replica"] not in states, "one state at a time"
+                states[sample.labels["replica"]] = sample.labels["state"]
+    return lags, states
 
 
 async def test_a_stopped_replica_fails_no_request_and_serves_again_once_back(
@@ -70,11 +85,14 @@ async def test_a_replica_that_falls_behind_gets_no_reads_until_it_catches_up(
             await client.patch(f"/tasks/{task_id}", json={"progress": 10})
             await until(lambda: replica.state == LAGGING, "the replica is found lagging")
             assert replica.lag > 0.5
+            lags, states = await replica_gauges(client)
+            assert (states, lags[replica.name] > 0.5) == ({replica.name: LAGGING}, True)
             # Out of service: a read without a token comes from the primary.
             assert (await client.get(f"/tasks/{task_id}")).json()["progress"] == 10
         await until(lambda: replica.state == SERVING, "the replica serves again once it has replayed")
         assert replica.lag <= 0.5
         assert (await client.get(f"/tasks/{task_id}")).json()["progress"] == 10
+        assert (await replica_gauges(client))[1] == {replica.name: SERVING}
 
 
 async def test_a_primary_or_another_database_named_as_a_replica_never_serves(
@@ -94,6 +112,7 @@ async def test_an_unreachable_replica_fails_no_request(database: Database) -> No
     async with AsyncTestClient(app=create_app(database.primary, replica_urls=[nowhere])) as client:
         replica = replica_of(client)
         await until(lambda: replica.state == DOWN, "the replica is found down")
+        assert (await replica_gauges(client))[1] == {replica.name: DOWN}
         response = await client.post("/tasks/", json={"task_type": "t"})
         got = await client.get(f"/tasks/{response.json()['task_id']}", headers={HEADER: response.headers[HEADER]})
         assert got.status_code == 200

@@ -12,7 +12,7 @@ from litestar.openapi import ResponseSpec
 from prometheus_client.exposition import gzip_accepted
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
-from tasktrail import eventstore, metrics
+from tasktrail import eventstore, metrics, replicas
 from tasktrail.domain.task import Status
 from tasktrail.http.auth import SECURITY
 from tasktrail.http.problems import problems
@@ -46,6 +46,29 @@ async def database_families(conn: psycopg.AsyncConnection) -> list[Metric]:
     return [tasks, held, versions]
 
 
+def replica_families(status: list[tuple[str, str, float]]) -> list[Metric]:
+    """Each replica as this process sees it (SPEC §13): its lag, and its state as a one-hot state set.
+
+    Per process, like the routing it describes: each process checks its replicas
+    itself. A replica's name is its host, port and database, never a password.
+    """
+    lag = GaugeMetricFamily(
+        "tasktrail_replica_lag_seconds",
+        "How long the replica has been behind a WAL position the primary had (0: level), as this process last saw",
+        labels=["replica"],
+    )
+    state = GaugeMetricFamily(
+        "tasktrail_replica_state",
+        "1 for the replica's current state in this process's routing (serving gets reads; the others get none)",
+        labels=["replica", "state"],
+    )
+    for name, current, seconds in status:
+        lag.add_metric([name], seconds)
+        for each in replicas.STATES:
+            state.add_metric([name, each], 1.0 if each == current else 0.0)
+    return [lag, state]
+
+
 @get(
     "/metrics",
     security=SECURITY,
@@ -67,6 +90,7 @@ async def scrape(request: Request) -> Response[bytes]:
     except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as exc:
         # The service's own figures matter most now (tasktrail_db_unavailable_total among them): answer with them.
         log.warning("metrics: the database did not answer, its gauges are left out: %s", exc)
+    database += replica_families(request.app.state.replicas.status())
     body, content_type = metrics.exposition(request.headers.get("accept", ""), database)
     headers = {"Cache-Control": "no-store"}
     if gzip_accepted(request.headers.get("accept-encoding", "")):
