@@ -22,7 +22,7 @@ from tests.sse import Message, parse
 
 WRITERS = 16
 TASKS = 64
-SECONDS = 10.0
+SECONDS = 6.0
 
 
 async def write(database_url: str, task_ids: list[UUID], seed: int, deadline: float, outcomes: Counter) -> None:

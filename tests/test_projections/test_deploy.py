@@ -288,7 +288,7 @@ def test_a_new_release_killed_while_it_builds_starts_over_and_the_old_one_never_
     old = Server(env(database_url), log_dir=tmp_path)
     servers.append(old)
     clients = Clients([old.url], n=1)
-    clients.wait_for(100)
+    clients.wait_for(50)
 
     with connect(database_url) as holder:
         # The build's last step waits for this lock: the new release is killed there, its tables built.
@@ -304,15 +304,15 @@ def test_a_new_release_killed_while_it_builds_starts_over_and_the_old_one_never_
     again = up(Starting(env(database_url, RELEASE_N1), log_dir=tmp_path))
     servers.append(again)
     clients.use([old.url, again.url])
-    clients.wait_for(300)
+    clients.wait_for(150)
     # Release N is killed too, in the middle of writes, and comes back.
     old.stop(signal.SIGKILL)
     clients.use([again.url])
-    clients.wait_for(100)
+    clients.wait_for(50)
     back = up(Starting(env(database_url), log_dir=tmp_path))
     servers.append(back)
     clients.use([back.url, again.url])
-    clients.wait_for(200)
+    clients.wait_for(100)
     answers, refused = clients.stop()
 
     # The only failures are the requests the killed process never answered (transport errors, not answers).
