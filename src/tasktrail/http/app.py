@@ -257,6 +257,7 @@ def create_app(
     counting = os.environ.get(METRICS_ENV, "1") != "0"
     # Signs the dashboard's session cookies; the guard checks them.
     signer = sessions.Signer(sessions.secret_from_env())
+    access = logs.access_line()
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -269,7 +270,7 @@ def create_app(
         # Marks this process's read-model versions in use, and applies to them what other releases write.
         app.state.follower = follow.Follower(conninfo)
         await app.state.follower.start()
-        sampler = asyncio.create_task(metrics.keep_sampling_pool(app.state.pool)) if counting else None
+        sampler = asyncio.create_task(metrics.keep_writing_down(app.state.pool)) if counting else None
         # What start-up made lives as long as the process: keep the collector from rescanning it,
         # and let the young generation grow (a request makes a few thousand short-lived objects)
         # before a collection looks through it.
@@ -287,6 +288,8 @@ def create_app(
             await app.state.replicas.stop()
             await app.state.pool.close()
             metrics.process_exiting()
+            if access is not None:
+                access.flush()
 
     app = Litestar(
         route_handlers=[
@@ -324,5 +327,5 @@ def create_app(
         exception_handlers=PROBLEMS,
     )
     # Outermost, around the router: see `observed`.
-    app.asgi_handler = observed(app.asgi_handler, count=counting, access=logs.access_line())
+    app.asgi_handler = observed(app.asgi_handler, count=counting, access=access)
     return app

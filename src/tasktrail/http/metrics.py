@@ -91,6 +91,7 @@ async def scrape(request: Request) -> Response[bytes]:
         # The service's own figures matter most now (tasktrail_db_unavailable_total among them): answer with them.
         log.warning("metrics: the database did not answer, its gauges are left out: %s", exc)
     database += replica_families(request.app.state.replicas.status())
+    metrics.sample_pool(request.app.state.pool)
     body, content_type = metrics.exposition(request.headers.get("accept", ""), database)
     headers = {"Cache-Control": "no-store"}
     if gzip_accepted(request.headers.get("accept-encoding", "")):
