@@ -310,7 +310,7 @@ _THREE = f"{_TWO}[w-z0-5]"
 CURSOR = f"^aWQ6(?:{_THREE}){{0,5}}(?:{_THREE}|{_TWO}|{_ONE})$"
 
 
-def _encode_cursor(task: Task) -> str:
+def _encode_cursor(task: Task | tasks_view.Listed) -> str:
     return base64.urlsafe_b64encode(f"id:{task.id}".encode()).decode().rstrip("=")
 
 

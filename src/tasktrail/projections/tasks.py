@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Iterator, Sequence
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 from uuid import UUID
 
 import psycopg
 from psycopg import sql
+from psycopg.rows import args_row
 from psycopg.types.json import Jsonb
 
 from tasktrail.domain.task import Status, Task
@@ -142,12 +143,32 @@ async def get(conn: psycopg.AsyncConnection, task_id: UUID) -> Task | None:
 
 
 # The list query is put together from these fixed pieces only; values are parameters.
-LIST = sql.SQL(f"SELECT {COLUMNS} FROM tasks WHERE {{}} ORDER BY id DESC LIMIT %(limit)s OFFSET %(skip)s")  # noqa: S608
+LIST = "SELECT {} FROM tasks WHERE {} ORDER BY id DESC LIMIT %(limit)s OFFSET %(skip)s"
 FILTERS = {
     "status": sql.SQL("status = %(status)s"),
     "task_type": sql.SQL("task_type = %(task_type)s"),
     "before": sql.SQL("id < %(before)s"),
 }
+
+
+class Listed(NamedTuple):
+    """What the dashboard's list shows of a task (dashboard.routes.task_row): no params, result or error."""
+
+    id: int
+    task_id: UUID
+    task_type: str
+    status: str
+    progress: float
+    updated_at: datetime
+    version: int
+
+
+LISTED = ", ".join(Listed._fields)
+
+
+def _list_query(columns: str, params: dict[str, Any]) -> sql.Composed:
+    where = [FILTERS[name] for name in FILTERS if params[name] is not None] or [sql.SQL("true")]
+    return sql.SQL(LIST).format(sql.SQL(columns), sql.SQL(" AND ").join(where))  # type: ignore[arg-type]
 
 
 async def list_page(
@@ -161,10 +182,24 @@ async def list_page(
 ) -> list[Task]:
     """Live tasks newest first; `before` is the keyset cursor (an id)."""
     params = {"status": status, "task_type": task_type, "before": before, "skip": skip, "limit": limit}
-    where = [FILTERS[name] for name in FILTERS if params[name] is not None] or [sql.SQL("true")]
     # Rows in the binary format: less converting on both sides (7% less CPU per page of 100).
-    cur = await conn.execute(LIST.format(sql.SQL(" AND ").join(where)), params, binary=True)
+    cur = await conn.execute(_list_query(COLUMNS, params), params, binary=True)
     return [to_task(row) for row in await cur.fetchall()]
+
+
+async def list_shown(
+    conn: psycopg.AsyncConnection,
+    *,
+    status: Status | None = None,
+    task_type: str | None = None,
+    before: int | None = None,
+    limit: int = 100,
+) -> list[Listed]:
+    """The same page as list_page, with only what a list shows (the dashboard's: params can be large)."""
+    params = {"status": status, "task_type": task_type, "before": before, "skip": 0, "limit": limit}
+    cur = conn.cursor(binary=True, row_factory=args_row(Listed))
+    await cur.execute(_list_query(LISTED, params), params)
+    return await cur.fetchall()
 
 
 FINISHED_BEFORE = f"""
