@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
+import psutil
 import psycopg
 from psycopg import sql
 
@@ -65,6 +66,27 @@ def baseline_versions(bin_dir: Path) -> str:
     return " ".join(line for line in out.split() if line.lower().startswith(keep))
 
 
+# --- CPU time ----------------------------------------------------------------
+
+
+def process_tree(pid: int) -> list[psutil.Process]:
+    """A process and all its descendants (uv, the server, its workers; a postmaster and its backends)."""
+    root = psutil.Process(pid)
+    return [root, *root.children(recursive=True)]
+
+
+def cpu_seconds(processes: list[psutil.Process]) -> float:
+    """User and system CPU time the processes have used so far (one that has exited counts 0)."""
+    total = 0.0
+    for process in processes:
+        try:
+            times = process.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system
+    return total
+
+
 # --- databases ---------------------------------------------------------------
 
 
@@ -89,15 +111,18 @@ def create_database(name: str) -> str:
     drop_database(name)
     with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    _made.add(name)
     return db_url(name)
 
 
+_made: set[str] = set()
+
+
 def drop_leftovers() -> None:
-    with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
-        found = conn.execute("SELECT datname FROM pg_database WHERE datname LIKE %s", (DB_PREFIX + "%",))
-        names = [row[0] for row in found]
-    for name in names:
+    """Drop the databases this run made (never another run's: two benchmarks may share a server)."""
+    for name in sorted(_made):
         drop_database(name)
+    _made.clear()
 
 
 def checkpoint() -> None:

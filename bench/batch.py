@@ -100,17 +100,6 @@ class Sender(threading.Thread):
             conn.close()
 
 
-def _cpu(processes: list[psutil.Process]) -> float:
-    total = 0.0
-    for process in processes:
-        try:
-            times = process.cpu_times()
-        except psutil.NoSuchProcess:
-            continue
-        total += times.user + times.system
-    return total
-
-
 def backends(url: str) -> list[psutil.Process]:
     with psycopg.connect(url, autocommit=True) as conn:
         rows = conn.execute(
@@ -126,14 +115,14 @@ def send(server: apps.Server, url: str, method: str, bodies: list[bytes], connec
     root = psutil.Process(server.process.pid)
     pythons = [root, *root.children(recursive=True)]
     pgs = backends(url)
-    before = (_cpu(pythons), _cpu(pgs), time.process_time())
+    before = (apps.cpu_seconds(pythons), apps.cpu_seconds(pgs), time.process_time())
     start = time.perf_counter()
     for sender in senders:
         sender.start()
     for sender in senders:
         sender.join()
     elapsed = time.perf_counter() - start
-    after = (_cpu(pythons), _cpu(pgs), time.process_time())
+    after = (apps.cpu_seconds(pythons), apps.cpu_seconds(pgs), time.process_time())
     errors = [s.error for s in senders if s.error]
     if errors:
         raise SystemExit(f"bench: {method} /tasks/batch failed: {errors[0]}")

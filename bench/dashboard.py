@@ -76,17 +76,6 @@ WATCH = """
 """
 
 
-def cpu_seconds(root: psutil.Process) -> float:
-    total = 0.0
-    for process in [root, *root.children(recursive=True)]:
-        try:
-            times = process.cpu_times()
-            total += times.user + times.system
-        except psutil.NoSuchProcess:
-            pass
-    return total
-
-
 def page_cost(server: apps.Server, paths: dict[str, list[str]], requests: int, rounds: int) -> dict[str, dict]:
     """CPU ms per request of the server and median latency, per kind of request, alternating in rounds.
 
@@ -105,14 +94,14 @@ def page_cost(server: apps.Server, paths: dict[str, list[str]], requests: int, r
     for round_no in range(rounds):
         order = list(paths.items()) if round_no % 2 == 0 else list(paths.items())[::-1]
         for name, candidates in order:
-            before = cpu_seconds(root)
+            before = apps.cpu_seconds(apps.process_tree(root.pid))
             for i in range(requests):
                 path = candidates[(round_no * requests + i) % len(candidates)]
                 start = time.perf_counter()
                 status, _, _ = apps.request(server.port, "GET", path, conn=conn)
                 wall[name].append((time.perf_counter() - start) * 1000)
                 assert status == 200, (path, status)
-            cpu[name].append((cpu_seconds(root) - before) * 1000 / requests)
+            cpu[name].append((apps.cpu_seconds(apps.process_tree(root.pid)) - before) * 1000 / requests)
     conn.close()
     return {name: {"cpu_ms": statistics.median(cpu[name]), "p50_ms": statistics.median(wall[name])} for name in paths}
 

@@ -55,15 +55,7 @@ log = Log()
 
 def cpu_seconds(server: apps.Server) -> float:
     """User and system CPU time of the server's processes so far (uv, the server and its workers)."""
-    total = 0.0
-    root = psutil.Process(server.process.pid)
-    for process in [root, *root.children(recursive=True)]:
-        try:
-            times = process.cpu_times()
-        except psutil.NoSuchProcess:
-            continue
-        total += times.user + times.system
-    return total
+    return apps.cpu_seconds(apps.process_tree(server.process.pid))
 
 
 class Scraper:

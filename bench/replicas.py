@@ -51,22 +51,6 @@ NOTE = (
 )
 
 
-def tree(pid: int) -> list[psutil.Process]:
-    root = psutil.Process(pid)
-    return [root, *root.children(recursive=True)]
-
-
-def cpu(processes: list[psutil.Process]) -> float:
-    total = 0.0
-    for process in processes:
-        try:
-            times = process.cpu_times()
-        except psutil.NoSuchProcess:
-            continue
-        total += times.user + times.system
-    return total
-
-
 class IdlePool:
     """A pool stand-in whose connections cost nothing: what is left is the routing's own Python."""
 
@@ -189,6 +173,7 @@ def main() -> int:
                 apps.ids_file(replica, kind).write_text(apps.ids_file(none, kind).read_text())
             pair.wait_replayed()
             time.sleep(1)  # the replica server's health checks find the standby level
+            tree = apps.process_tree
             nodes = {"primary": tree(pair.primary.pid() or 0), "standby": tree(pair.standby.pid() or 0)}
             for server in servers:
                 wrk(server.url, "get", 2, args.connections, (apps.ids_file(server, "ids"), ""))  # warm up
@@ -201,6 +186,7 @@ def main() -> int:
                         files = (apps.ids_file(server, "ids"), apps.ids_file(server, "running"))
                         app = tree(server.process.pid)
                         nodes = {name: tree(processes[0].pid) for name, processes in nodes.items()}
+                        cpu = apps.cpu_seconds
                         before = {"app": cpu(app)} | {name: cpu(ps) for name, ps in nodes.items()}
                         r = wrk(server.url, scenario, args.duration, args.connections, files)
                         after = {"app": cpu(app)} | {name: cpu(ps) for name, ps in nodes.items()}
