@@ -29,7 +29,7 @@ from bisect import bisect_left
 from collections import Counter as Tally
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess
 from prometheus_client.exposition import choose_encoder
@@ -90,9 +90,8 @@ POOL_CONNECTIONS = Gauge(
     multiprocess_mode="livesum",
 )
 POOL_STATES = ("in_use", "idle", "waiting")
-# How often each process writes down its requests' tallies and its pool's state (the answering process
-# also does at each scrape).
-WRITE_DOWN_SECONDS = 1.0
+# How often each process writes down its pool's state (the answering process also does at each scrape).
+POOL_SAMPLE_SECONDS = 1.0
 
 # Every series a rate() will be taken of exists from the start, at 0: a series
 # that appears with its first increment hides that increment from rate().
@@ -106,42 +105,60 @@ OTHER_METHOD = "other"
 # the path does not have, a CORS preflight): one value, whatever the path was.
 UNMATCHED = "unmatched"
 
-# A finished request is first counted in this process's tallies below (two dict
-# updates, under 1 us), and goes into the library's values once a second and
-# before this process answers a scrape (`write_down`): in multiprocess mode every
-# increment of a library value takes a lock and writes an mmap'd file, three a
-# request (the count, the duration's sum and its bucket), 5 us of CPU in all. So
-# a scrape shows this process's requests up to the moment it answers, and the
-# other processes' up to a second before.
+# A finished request is first counted in this process's tallies below (dict
+# updates, under 1 us), and goes into the library's values at the end of the
+# event loop's turn in which it finished (`write_down`), together with the other
+# requests that finished in that turn: in multiprocess mode every increment of a
+# library value takes a lock and writes an mmap'd file, three a request (the
+# count, the duration's sum and its bucket), so a busy server's requests of one
+# route share them. A scrape that follows a response sees it counted, whichever
+# process answered either.
 _BOUNDS = (*LATENCY_BUCKETS, math.inf)
 _counted: Tally[tuple[str, str, int]] = Tally()  # (method, route, status) -> requests
-_timed: dict[tuple[str, str], list[float]] = {}  # (method, route) -> [sum of seconds, count per bucket...]
+_timed: dict[tuple[str, str], tuple[list[float], Tally[int]]] = {}  # (method, route) -> ([seconds], bucket -> n)
+_children: dict[tuple[str, ...], Any] = {}  # the library's labelled values, looked up once (labels() takes a lock)
+_pending = False  # whether a write_down is scheduled
 
 
 def request_done(method: str, route: str, status: int, seconds: float) -> None:
     """Count a finished request and its duration (method and route already bounded: METHODS, the app's routes)."""
+    global _pending
     _counted[method, route, status] += 1
-    try:
-        timed = _timed[method, route]
-    except KeyError:
-        timed = _timed[method, route] = [0.0] * (len(_BOUNDS) + 1)
-    timed[0] += seconds
-    timed[bisect_left(_BOUNDS, seconds) + 1] += 1  # the first bucket whose bound is >= seconds, as observe() picks
+    timed = _timed.get((method, route))
+    if timed is None:
+        timed = _timed[method, route] = ([0.0], Tally())
+    timed[0][0] += seconds
+    timed[1][bisect_left(_BOUNDS, seconds)] += 1  # the first bucket whose bound is >= seconds, as observe() picks
+    if not _pending:
+        _pending = True
+        try:
+            asyncio.get_running_loop().call_soon(write_down)
+        except RuntimeError:  # no loop: called on its own
+            write_down()
+
+
+def _child(family: Counter | Histogram, *labels: str) -> Any:
+    key = (family._name, *labels)
+    found = _children.get(key)
+    if found is None:
+        found = _children[key] = family.labels(*labels)
+    return found
 
 
 def write_down() -> None:
     """Add the tallies of requests since the last call to the library's values (the files other processes read)."""
+    global _pending
+    _pending = False
     for (method, route, status), n in _counted.items():
-        REQUESTS.labels(method, route, str(status)).inc(n)
+        _child(REQUESTS, method, route, str(status)).inc(n)
     _counted.clear()
-    for (method, route), timed in _timed.items():
+    for (method, route), (seconds, buckets) in _timed.items():
         # What observe() does, for many observations at once: its sum and its buckets
         # (the library has no public call for that; tests/test_metrics checks the counts).
-        child = DURATION.labels(method, route)
-        child._sum.inc(timed[0])
-        for bucket, n in zip(child._buckets, timed[1:], strict=True):
-            if n:
-                bucket.inc(n)
+        child = _child(DURATION, method, route)
+        child._sum.inc(seconds[0])
+        for index, n in buckets.items():
+            child._buckets[index].inc(n)
     _timed.clear()
 
 
@@ -162,12 +179,11 @@ def sample_pool(pool: AsyncConnectionPool) -> None:
     _pool["waiting"].set(stats.get("requests_waiting", 0))
 
 
-async def keep_writing_down(pool: AsyncConnectionPool) -> None:
-    """Every WRITE_DOWN_SECONDS, the requests' tallies and the pool's state: every process's, to add up."""
+async def keep_sampling_pool(pool: AsyncConnectionPool) -> None:
+    """Write down the pool's state every POOL_SAMPLE_SECONDS, so that every process's is there to add up."""
     while True:
-        write_down()
         sample_pool(pool)
-        await asyncio.sleep(WRITE_DOWN_SECONDS)
+        await asyncio.sleep(POOL_SAMPLE_SECONDS)
 
 
 def process_exiting() -> None:

@@ -270,7 +270,7 @@ def create_app(
         # Marks this process's read-model versions in use, and applies to them what other releases write.
         app.state.follower = follow.Follower(conninfo)
         await app.state.follower.start()
-        sampler = asyncio.create_task(metrics.keep_writing_down(app.state.pool)) if counting else None
+        sampler = asyncio.create_task(metrics.keep_sampling_pool(app.state.pool)) if counting else None
         # What start-up made lives as long as the process: keep the collector from rescanning it,
         # and let the young generation grow (a request makes a few thousand short-lived objects)
         # before a collection looks through it.
