@@ -116,7 +116,7 @@ UNMATCHED = "unmatched"
 _BOUNDS = (*LATENCY_BUCKETS, math.inf)
 _counted: Tally[tuple[str, str, int]] = Tally()  # (method, route, status) -> requests
 _timed: dict[tuple[str, str], tuple[list[float], Tally[int]]] = {}  # (method, route) -> ([seconds], bucket -> n)
-_children: dict[tuple[str, ...], Any] = {}  # the library's labelled values, looked up once (labels() takes a lock)
+_children: dict[tuple[Any, ...], Any] = {}  # the library's labelled values, looked up once (labels() takes a lock)
 _pending = False  # whether a write_down is scheduled
 
 
@@ -138,7 +138,7 @@ def request_done(method: str, route: str, status: int, seconds: float) -> None:
 
 
 def _child(family: Counter | Histogram, *labels: str) -> Any:
-    key = (family._name, *labels)
+    key = (family, *labels)
     found = _children.get(key)
     if found is None:
         found = _children[key] = family.labels(*labels)
