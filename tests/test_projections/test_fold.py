@@ -33,6 +33,7 @@ from tasktrail.domain.task import (
     evolve,
 )
 from tasktrail.projections import rebuild
+from tasktrail.projections.replayed import to_task
 
 TEXT = st.text(st.characters(blacklist_categories=["Cs"], blacklist_characters="\x00"), max_size=12)
 JSON: st.SearchStrategy[Any] = st.recursive(
@@ -67,7 +68,8 @@ def history(steps: list[tuple[str, Any, int, int]]) -> list[Recorded]:
     """The events the commands produce, decided one after another on the streams' states."""
     states: dict[UUID, Task | None] = {}
     recorded: list[Recorded] = []
-    at = datetime(2026, 1, 1, tzinfo=UTC)
+    # Just before 2000-01-01, where READ_LOG's times (microseconds since then) turn from negative to positive.
+    at = datetime(1999, 12, 31, 23, 59, 59, 500_000, tzinfo=UTC)
     for kind, command, pick, micros in steps:
         live = [stream for stream, state in states.items() if state is not None]
         if kind == "create" or not live:
@@ -91,9 +93,9 @@ def history(steps: list[tuple[str, Any, int, int]]) -> list[Recorded]:
 
 
 def pg_time(at: datetime) -> str:
-    """A timestamptz as PostgreSQL writes it (DateStyle ISO, UTC)."""
-    fraction = f".{at.microsecond:06d}".rstrip("0") if at.microsecond else ""
-    return f"{at:%Y-%m-%d %H:%M:%S}{fraction}+00"
+    """A timestamptz as READ_LOG sends it: the hex of timestamptz_send (microseconds since 2000, two's complement)."""
+    micros = (at - datetime(2000, 1, 1, tzinfo=UTC)) // timedelta(microseconds=1)
+    return (micros % (1 << 64)).to_bytes(8, "big").hex()
 
 
 def copy_rows(recorded: list[Recorded], cuts: list[int]) -> list[bytes]:
@@ -101,7 +103,7 @@ def copy_rows(recorded: list[Recorded], cuts: list[int]) -> list[bytes]:
     lines = [
         "\x1f".join(
             [
-                str(r.stream_id),
+                r.stream_id.hex,
                 str(r.version),
                 str(r.position),
                 pg_time(r.occurred_at),
@@ -133,7 +135,7 @@ def test_the_fast_fold_equals_evolve_on_any_valid_history(steps: list[Any], cuts
     expected = {stream: task for stream, task in folded.items() if task is not None}
 
     states, counted = rebuild.replay(copy_rows(recorded, cuts))
-    replayed = {task.task_id: task for task in map(rebuild.to_task, states.values())}
+    replayed = {task.task_id: task for task in map(to_task, states.values())}
 
     assert counted == len(recorded)
     assert replayed == expected
