@@ -3,7 +3,7 @@
 Any valid history (commands decided one after another, so every kind of event
 in every order the rules allow) is folded both ways and must give the same
 tasks. The histories are fed to the replay as the log leaves PostgreSQL
-(READ_LOG's rows), cut into chunks at arbitrary places; test_replay.py does the
+(READ_LOG's chunks), cut at arbitrary places; test_replay.py does the
 same through a real database. A new kind of event fails here until the fast
 fold knows it.
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import struct
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID, uuid4
@@ -92,30 +93,30 @@ def history(steps: list[tuple[str, Any, int, int]]) -> list[Recorded]:
     return recorded
 
 
-def pg_time(at: datetime) -> str:
-    """A timestamptz as READ_LOG sends it: the hex of timestamptz_send (microseconds since 2000, two's complement)."""
-    micros = (at - datetime(2000, 1, 1, tzinfo=UTC)) // timedelta(microseconds=1)
-    return (micros % (1 << 64)).to_bytes(8, "big").hex()
+def micros(at: datetime) -> int:
+    """A timestamptz as PostgreSQL holds it: microseconds since 2000-01-01 UTC."""
+    return (at - datetime(2000, 1, 1, tzinfo=UTC)) // timedelta(microseconds=1)
 
 
-def copy_rows(recorded: list[Recorded], cuts: list[int]) -> list[bytes]:
-    """The events as READ_LOG's COPY rows, cut into chunks after the given counts of events."""
-    lines = [
-        "\x1f".join(
-            [
-                r.stream_id.hex,
-                str(r.version),
-                str(r.position),
-                pg_time(r.occurred_at),
-                type_of(r.event),
-                msgspec.json.encode(to_data(r.event)).decode(),
-            ]
-        )
-        for r in recorded
-    ]
-    edges = sorted({0, len(lines), *(cut % (len(lines) + 1) for cut in cuts)})
-    chunks = ["\x1e".join(lines[a:b]) for a, b in itertools.pairwise(edges) if b > a]
-    return [(chunk.replace("\\", "\\\\") + "\n").encode() for chunk in chunks]
+def copy_rows(recorded: list[Recorded], cuts: list[int]) -> list[rebuild.Chunk]:
+    """The events as READ_LOG's chunks, cut after the given counts of events (and an empty range among them)."""
+    edges = sorted({0, len(recorded), *(cut % (len(recorded) + 1) for cut in cuts)})
+    chunks: list[rebuild.Chunk] = [(None,) * 6]
+    for a, b in itertools.pairwise(edges):
+        part = recorded[a:b]
+        if not part:
+            continue
+        chunks.append((
+            b"".join(r.stream_id.bytes for r in part),
+            struct.pack(f">{len(part)}i", *(r.version for r in part)),
+            struct.pack(f">{len(part)}q", *(r.position for r in part)),
+            struct.pack(f">{len(part)}q", *(micros(r.occurred_at) for r in part)),
+            "\x1f".join(type_of(r.event) for r in part).encode(),
+            b"\x1e".join(msgspec.json.encode(to_data(r.event)) for r in part),
+        ))  # fmt: skip
+        if len(chunks) == 2:
+            chunks.append((None,) * 6)
+    return chunks
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -87,7 +87,7 @@ async def test_the_replay_equals_evolve_on_random_histories(database_url: str) -
     replayed = {task.task_id: task for task in map(to_task, loaded.states.values())}
     assert replayed == live
     assert list(replayed) == sorted(live, key=lambda stream: live[stream].id)  # creation order
-    assert list(loaded.states) == [stream.hex.encode() for stream in replayed]
+    assert list(loaded.states) == [stream.bytes for stream in replayed]
     assert live == states
 
     # The read models' fast rows (COPY data straight from the states) load the

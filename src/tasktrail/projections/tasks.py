@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import struct
-from binascii import unhexlify
 from collections.abc import Collection, Iterable, Iterator, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -100,10 +99,10 @@ def replayed_rows(states: Iterable[replayed.State]) -> Iterator[bytes]:
             type_field = types[task_type] = text(task_type)
         block.append(
             b"".join((
-                _HEAD.pack(14, 8, int(id_), 16), unhexlify(task_id), type_field, statuses[status],
+                _HEAD.pack(14, 8, id_, 16), task_id, type_field, statuses[status],
                 float8(8, progress), jsonb(params), jsonb(result), NULL if error is None else text(error),
-                INT4.pack(4, retry_count), TIME, unhexlify(created_at), TIME, unhexlify(updated_at),
-                time(started_at), time(completed_at), INT4.pack(4, int(version)),
+                INT4.pack(4, retry_count), TIME, created_at, TIME, updated_at,
+                time(started_at), time(completed_at), INT4.pack(4, version),
             ))
         )  # fmt: skip
         if len(block) == ROWS_PER_BLOCK:
