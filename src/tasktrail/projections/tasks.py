@@ -14,7 +14,7 @@ from psycopg.types.json import Jsonb
 
 from tasktrail.domain.task import Status, Task
 from tasktrail.projections import replayed
-from tasktrail.projections.replayed import INT4, NULL, TIME, jsonb, text
+from tasktrail.projections.replayed import INT4, NULL, jsonb, text
 
 if TYPE_CHECKING:
     from tasktrail.projections import Change
@@ -82,7 +82,10 @@ def rows(tasks: Iterable[Task]) -> Iterator[tuple[Any, ...]]:
         )  # fmt: skip
 
 
-_HEAD = struct.Struct(">hiqi")  # the number of fields; id's length and value; task_id's length
+# The fixed-width runs of a row, each field its length and value: the number
+# of fields, id and task_id; retry_count, created_at and updated_at.
+_HEAD = struct.Struct(">hiqi16s")
+_MIDDLE = struct.Struct(">iii8si8s")
 ROWS_PER_BLOCK = 2_000
 
 
@@ -91,7 +94,7 @@ def replayed_rows(states: Iterable[replayed.State]) -> Iterator[bytes]:
     # The fast form of `rows`, held equal to it by test_replay.py: change both together.
     types: dict[str, bytes] = {}  # few task types and statuses, many rows
     statuses = {status: text(status.value) for status in Status}
-    time, float8, block = replayed.time, replayed.FLOAT8.pack, []
+    head, middle, float8, time, block = _HEAD.pack, _MIDDLE.pack, replayed.FLOAT8.pack, replayed.time, []
     for state in states:
         (id_, task_id, task_type, status, progress, params, result, error, retry_count,
          created_at, updated_at, started_at, completed_at, version) = state  # fmt: skip
@@ -99,9 +102,9 @@ def replayed_rows(states: Iterable[replayed.State]) -> Iterator[bytes]:
             type_field = types[task_type] = text(task_type)
         block.append(
             b"".join((
-                _HEAD.pack(14, 8, id_, 16), task_id, type_field, statuses[status],
-                float8(8, progress), jsonb(params), jsonb(result), NULL if error is None else text(error),
-                INT4.pack(4, retry_count), TIME, created_at, TIME, updated_at,
+                head(14, 8, id_, 16, task_id), type_field, statuses[status], float8(8, progress),
+                jsonb(params), jsonb(result), NULL if error is None else text(error),
+                middle(4, retry_count, 8, created_at, 8, updated_at),
                 time(started_at), time(completed_at), INT4.pack(4, version),
             ))
         )  # fmt: skip
