@@ -7,8 +7,9 @@ commits, nothing any process reads or writes changes: interrupt it anywhere
 and the service never notices; run it again and it drops what the last run
 left and starts over.
 
-1. Replay: in one REPEATABLE READ snapshot, stream the whole log (COPY, text)
-   and fold it in memory, one state per live task; remember the snapshot.
+1. Replay: in one REPEATABLE READ snapshot, stream the whole log (binary COPY,
+   a row per chunk of events) and fold it in memory, one state per live task
+   (a projections.replayed.State); remember the snapshot.
 2. Load: create each read model's tables in its new schema, COPY its rows
    from the folded states, then build its indexes (two at a time) and ANALYZE.
 3. Catch up: apply the events committed since the last snapshot, through each
@@ -32,8 +33,10 @@ rebuild: NAME, VERSION; TABLES, the tables it owns; CREATE, statements making
 them without indexes; INDEXES, index builds that may run at the same time;
 AFTER_INDEXES, statements to finish with (constraints, ANALYZE); COPY and
 COPY_TYPES, to load them; rows(tasks), their rows from the live tasks' states;
-and PARTS and document(changes), its parts of a write's statement (see
-projections.statement), used to catch up. These are the one definition of a
+optionally replayed_rows(states), the same rows as COPY (FORMAT BINARY) data
+straight from the replayed states, skipping a Task per state (see
+projections.replayed); and PARTS and document(changes), its parts of a
+write's statement (see projections.statement), used to catch up. These are the one definition of a
 version's tables: no migration makes them.
 """
 
