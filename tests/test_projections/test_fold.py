@@ -3,7 +3,7 @@
 Any valid history (commands decided one after another, so every kind of event
 in every order the rules allow) is folded both ways and must give the same
 tasks. The histories are fed to the replay as the log leaves PostgreSQL
-(READ_LOG's rows), cut into chunks at arbitrary places; test_replay.py does the
+(READ_LOG's chunks), cut at arbitrary places; test_replay.py does the
 same through a real database. A new kind of event fails here until the fast
 fold knows it.
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import struct
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID, uuid4
@@ -33,6 +34,7 @@ from tasktrail.domain.task import (
     evolve,
 )
 from tasktrail.projections import rebuild
+from tasktrail.projections.replayed import to_task
 
 TEXT = st.text(st.characters(blacklist_categories=["Cs"], blacklist_characters="\x00"), max_size=12)
 JSON: st.SearchStrategy[Any] = st.recursive(
@@ -67,7 +69,8 @@ def history(steps: list[tuple[str, Any, int, int]]) -> list[Recorded]:
     """The events the commands produce, decided one after another on the streams' states."""
     states: dict[UUID, Task | None] = {}
     recorded: list[Recorded] = []
-    at = datetime(2026, 1, 1, tzinfo=UTC)
+    # Just before 2000-01-01, where READ_LOG's times (microseconds since then) turn from negative to positive.
+    at = datetime(1999, 12, 31, 23, 59, 59, 500_000, tzinfo=UTC)
     for kind, command, pick, micros in steps:
         live = [stream for stream, state in states.items() if state is not None]
         if kind == "create" or not live:
@@ -90,30 +93,30 @@ def history(steps: list[tuple[str, Any, int, int]]) -> list[Recorded]:
     return recorded
 
 
-def pg_time(at: datetime) -> str:
-    """A timestamptz as PostgreSQL writes it (DateStyle ISO, UTC)."""
-    fraction = f".{at.microsecond:06d}".rstrip("0") if at.microsecond else ""
-    return f"{at:%Y-%m-%d %H:%M:%S}{fraction}+00"
+def micros(at: datetime) -> int:
+    """A timestamptz as PostgreSQL holds it: microseconds since 2000-01-01 UTC."""
+    return (at - datetime(2000, 1, 1, tzinfo=UTC)) // timedelta(microseconds=1)
 
 
-def copy_rows(recorded: list[Recorded], cuts: list[int]) -> list[bytes]:
-    """The events as READ_LOG's COPY rows, cut into chunks after the given counts of events."""
-    lines = [
-        "\x1f".join(
-            [
-                str(r.stream_id),
-                str(r.version),
-                str(r.position),
-                pg_time(r.occurred_at),
-                type_of(r.event),
-                msgspec.json.encode(to_data(r.event)).decode(),
-            ]
-        )
-        for r in recorded
-    ]
-    edges = sorted({0, len(lines), *(cut % (len(lines) + 1) for cut in cuts)})
-    chunks = ["\x1e".join(lines[a:b]) for a, b in itertools.pairwise(edges) if b > a]
-    return [(chunk.replace("\\", "\\\\") + "\n").encode() for chunk in chunks]
+def copy_rows(recorded: list[Recorded], cuts: list[int]) -> list[rebuild.Chunk]:
+    """The events as READ_LOG's chunks, cut after the given counts of events (and an empty range among them)."""
+    edges = sorted({0, len(recorded), *(cut % (len(recorded) + 1) for cut in cuts)})
+    chunks: list[rebuild.Chunk] = [(None,) * 6]
+    for a, b in itertools.pairwise(edges):
+        part = recorded[a:b]
+        if not part:
+            continue
+        chunks.append((
+            b"".join(r.stream_id.bytes for r in part),
+            struct.pack(f">{len(part)}i", *(r.version for r in part)),
+            struct.pack(f">{len(part)}q", *(r.position for r in part)),
+            struct.pack(f">{len(part)}q", *(micros(r.occurred_at) for r in part)),
+            "\x1f".join(type_of(r.event) for r in part).encode(),
+            b"\x1e".join(msgspec.json.encode(to_data(r.event)) for r in part),
+        ))  # fmt: skip
+        if len(chunks) == 2:
+            chunks.append((None,) * 6)
+    return chunks
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -133,7 +136,7 @@ def test_the_fast_fold_equals_evolve_on_any_valid_history(steps: list[Any], cuts
     expected = {stream: task for stream, task in folded.items() if task is not None}
 
     states, counted = rebuild.replay(copy_rows(recorded, cuts))
-    replayed = {task.task_id: task for task in map(rebuild.to_task, states.values())}
+    replayed = {task.task_id: task for task in map(to_task, states.values())}
 
     assert counted == len(recorded)
     assert replayed == expected
