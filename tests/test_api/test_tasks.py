@@ -254,6 +254,25 @@ async def test_writes_record_the_request_id(client: AsyncTestClient, database_ur
         assert conn.execute("SELECT metadata FROM events").fetchone() == ({"request_id": "abc123"},)
 
 
+@pytest.mark.parametrize(
+    "given",
+    ["0b8e5f4e-3c1a-4d2b-9f6e-1a2b3c4d5e6f", "trace_42", "svc.web:7", "Root=1-5759e988-bd862e3fe1be46a994272793"],
+)
+async def test_a_request_id_in_a_usual_shape_is_kept(client: AsyncTestClient, database_url: str, given: str) -> None:
+    """UUIDs, AWS trace ids and dotted ids are what proxies and clients send: echoed and recorded as sent."""
+    response = await client.post("/tasks/", json={"task_type": "x"}, headers={"X-Request-ID": given})
+    assert response.headers["x-request-id"] == given
+    with psycopg.connect(database_url) as conn:
+        assert conn.execute("SELECT metadata FROM events").fetchone() == ({"request_id": given},)
+
+
+@pytest.mark.parametrize("given", ["has space", "semi;colon", 'quote"d', "<b>", "x" * 129])
+async def test_a_request_id_that_is_not_a_plain_token_is_replaced(client: AsyncTestClient, given: str) -> None:
+    response = await client.get("/health", headers={"X-Request-ID": given})
+    assert response.headers["x-request-id"] != given
+    assert response.headers["x-request-id"].isalnum()
+
+
 async def test_browsers_on_other_origins_may_call_and_read_headers(client: AsyncTestClient) -> None:
     preflight = await client.options(
         "/tasks/",
