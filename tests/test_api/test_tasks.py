@@ -283,3 +283,31 @@ async def test_browsers_on_other_origins_may_call_and_read_headers(client: Async
     assert preflight.headers["access-control-allow-origin"] in ("*", "http://app.example")
     created = await client.post("/tasks/", json={"task_type": "x"}, headers={"Origin": "http://app.example"})
     assert "etag" in created.headers["access-control-expose-headers"].lower()
+
+
+async def test_head_answers_as_get_without_the_body(client: AsyncTestClient) -> None:
+    """RFC 9110: a server supports HEAD wherever it supports GET (curl -I, link checkers, monitors)."""
+    created = (await client.post("/tasks/", json={"task_type": "x"})).json()
+    task_id = created["task_id"]
+    for path in ("/health", "/health/ready", f"/tasks/{task_id}", "/tasks/", "/tasks/stats/summary", "/metrics", "/ui"):
+        got, head = await client.get(path), await client.head(path)
+        assert head.status_code == got.status_code == 200, (path, head.status_code)
+        assert head.content == b"", path
+        assert head.headers["content-type"] == got.headers["content-type"], path
+    head = await client.head(f"/tasks/{task_id}", headers={"If-None-Match": '"1"'})
+    assert head.status_code == 304
+    head = await client.head(f"/tasks/{task_id}")
+    assert head.headers["etag"] == '"1"'
+    missing = await client.head(f"/tasks/{uuid4()}")
+    assert (missing.status_code, missing.content) == (404, b"")
+    assert (await client.head("/tasks/batch")).status_code == 405
+    assert (await client.head("/tasks/cleanup")).status_code == 405
+
+
+async def test_head_on_an_event_stream_ends_with_its_headers(client: AsyncTestClient) -> None:
+    task_id = (await client.post("/tasks/", json={"task_type": "x"})).json()["task_id"]
+    for path in ("/events/stream", f"/tasks/{task_id}/stream"):
+        head = await client.head(path)
+        assert head.status_code == 200
+        assert head.headers["content-type"].startswith("text/event-stream")
+        assert head.content == b""

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import copy
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -108,6 +109,13 @@ class Shapes(ReceiveRoutePlugin):
             handler.opt[SHAPE] = shape = shape_of(handler)
             if shape.json_body:
                 handler.responses = {**(handler.responses or {}), **problems(415)}
+        # HEAD is GET without the body (RFC 9110 9.3.2), on every GET route: the router finds the GET
+        # handler's copy, left out of the OpenAPI document, and `wellformed` runs the GET itself.
+        if "GET" in route.route_handler_map and "HEAD" not in route.route_handler_map:
+            handler, kwargs = route.route_handler_map["GET"]
+            head = copy.copy(handler)
+            head._resolved_include_in_schema = False
+            route.route_handler_map["HEAD"] = (head, kwargs)
 
 
 def read_timeout() -> float:
@@ -138,9 +146,36 @@ def wellformed(app: ASGIApp) -> ASGIApp:
             return
         if shape is not None and shape.json_body:
             receive = _text_body(receive, body_timeout)
+        if scope["method"] == "HEAD":
+            await _as_get(app, scope, receive, send)
+            return
         await app(scope, receive, send)
 
     return middleware
+
+
+async def _as_get(app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
+    """Answer HEAD as the route's GET would, headers only; an event stream ends once its headers are out.
+
+    The GET runs on a copy of the scope, so the server, which reads the method
+    from its own, still sends no body.
+    """
+    done = False
+
+    async def head_only(message: Message) -> None:
+        nonlocal done
+        if done:
+            return
+        if message["type"] == "http.response.start":
+            await send(message)
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            done = True
+
+    async def until_answered() -> Message:
+        # A stream's handler waits on receive() for the client to leave: once answered, it has.
+        return {"type": "http.disconnect"} if done else await receive()
+
+    await app({**scope, "method": "GET"}, until_answered, head_only)
 
 
 Refusal = tuple[int, str, dict[str, Any]]
