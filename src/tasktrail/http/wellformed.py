@@ -68,7 +68,7 @@ SINGLE = {
     b"last-event-id": "Last-Event-ID",
 }
 _BODY_HEADERS = (b"content-length", b"transfer-encoding")
-_WATCHED = frozenset(SINGLE) | frozenset(_BODY_HEADERS)
+_WATCHED = frozenset(SINGLE) | frozenset(_BODY_HEADERS) | {b"content-encoding"}
 _CHARSETS = ("utf-8", "utf8")
 SHAPE = "tasktrail.shape"  # the key of a handler's Shape in its opt
 # The key of a page route's refusal in its opt: (status, detail) -> the ASGI app that answers it.
@@ -199,6 +199,11 @@ def _refusal(scope: Scope, shape: Shape | None) -> Refusal | None:
     if refusal is None and shape is not None and shape.json_body:
         has_body = seen.get(b"content-length", b"0").strip() != b"0" or b"transfer-encoding" in seen
         detail = _content_type_refusal(seen.get(b"content-type"), has_body)
+        coding = seen.get(b"content-encoding", b"identity").strip().lower()
+        if detail is None and has_body and coding not in (b"identity", b""):
+            # RFC 9110 15.5.16: a coding the server does not decode is 415, not a body it cannot parse (400).
+            shown = coding[:40].decode("latin-1")
+            detail = f"request bodies are read as sent, not decoded from {shown!r}: send it without Content-Encoding"
         if detail is not None:
             refusal = 415, detail, {}
     return refusal
