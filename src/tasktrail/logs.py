@@ -41,6 +41,9 @@ ACCESS_LOGGER = "tasktrail.access"
 
 # The id of the request being handled, for lines logged while it is.
 request_id: ContextVar[str | None] = ContextVar("tasktrail_request_id", default=None)
+# A caller's X-Request-ID kept as sent: the shapes proxies and clients use (UUIDs, `Root=1-…` trace ids,
+# dotted or underscored names), and nothing that could break a text log line (no space, quote or semicolon).
+SANE_REQUEST_ID = re.compile(rb"[0-9A-Za-z._:=+/-]{1,128}")
 
 _encode = msgspec.json.Encoder().encode
 # What an IPv4 or IPv6 address (or a test client's name) looks like.

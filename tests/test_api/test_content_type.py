@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gzip
+
 import msgspec
 import pytest
 from litestar import post
@@ -45,6 +47,17 @@ async def test_a_body_that_is_not_sent_as_json_is_415(client: AsyncTestClient, c
     problem(await client.patch(f"/tasks/{task['task_id']}", content=b'{"progress": 5}', headers=headers), 415)
     assert await total(client) == 1, "a refused create made a task"
     assert (await client.get(f"/tasks/{task['task_id']}")).json()["progress"] == 0.0
+
+
+@pytest.mark.parametrize("coding", ["gzip", "br", "deflate, gzip"])
+async def test_a_body_in_a_content_coding_is_415_not_malformed(client: AsyncTestClient, coding: str) -> None:
+    """RFC 9110 15.5.16: the coding is what the service does not take, not the JSON (which would be 400)."""
+    headers = {"Content-Type": "application/json", "Content-Encoding": coding}
+    detail = problem(await client.post("/tasks/", content=gzip.compress(BODY), headers=headers), 415)["detail"]
+    assert "Content-Encoding" in detail
+    identity = {"Content-Type": "application/json", "Content-Encoding": "identity"}
+    assert (await client.post("/tasks/", content=BODY, headers=identity)).status_code == 201
+    assert await total(client) == 1
 
 
 async def test_a_body_without_a_content_type_is_415(client: AsyncTestClient) -> None:

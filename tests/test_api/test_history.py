@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from urllib.parse import urlsplit
 from uuid import uuid4
 
@@ -108,6 +108,22 @@ async def test_time_travel_by_version_and_by_time(client: AsyncTestClient) -> No
     assert gone.status_code == 404
     assert "deleted" in gone.json()["detail"]
     for query in ("version=0", "version=x", "as_of=yesterday", "version=1&as_of=2026-01-01T00:00:00Z"):
+        assert (await client.get(f"{url}?{query}")).status_code == 422, query
+
+
+async def test_time_travel_takes_an_offset_whose_plus_was_not_escaped(client: AsyncTestClient) -> None:
+    """`?as_of=2026-…T10:00:00+00:00` as typed (curl, an f-string URL): query decoding turns the `+` into a space."""
+    task = await create(client)
+    running = (await patch(client, task["task_id"], {"status": "running"})).json()
+    url = f"/tasks/{task['task_id']}"
+    at = datetime.fromisoformat(running["updated_at"])
+    for moment in (at, at.astimezone(timezone(timedelta(hours=5, minutes=30)))):
+        response = await client.get(f"{url}?as_of={moment.isoformat()}")
+        assert response.status_code == 200, (moment.isoformat(), response.text)
+        assert response.json() == running
+    west = at.astimezone(timezone(timedelta(hours=-3)))
+    assert (await client.get(f"{url}?as_of={west.isoformat()}")).json() == running
+    for query in ("as_of=2026-01-01T00:00:00 00", "as_of=2026-01-01 00:00", "as_of= 00:00", "as_of="):
         assert (await client.get(f"{url}?{query}")).status_code == 422, query
 
 

@@ -254,6 +254,25 @@ async def test_writes_record_the_request_id(client: AsyncTestClient, database_ur
         assert conn.execute("SELECT metadata FROM events").fetchone() == ({"request_id": "abc123"},)
 
 
+@pytest.mark.parametrize(
+    "given",
+    ["0b8e5f4e-3c1a-4d2b-9f6e-1a2b3c4d5e6f", "trace_42", "svc.web:7", "Root=1-5759e988-bd862e3fe1be46a994272793"],
+)
+async def test_a_request_id_in_a_usual_shape_is_kept(client: AsyncTestClient, database_url: str, given: str) -> None:
+    """UUIDs, AWS trace ids and dotted ids are what proxies and clients send: echoed and recorded as sent."""
+    response = await client.post("/tasks/", json={"task_type": "x"}, headers={"X-Request-ID": given})
+    assert response.headers["x-request-id"] == given
+    with psycopg.connect(database_url) as conn:
+        assert conn.execute("SELECT metadata FROM events").fetchone() == ({"request_id": given},)
+
+
+@pytest.mark.parametrize("given", ["has space", "semi;colon", 'quote"d', "<b>", "x" * 129])
+async def test_a_request_id_that_is_not_a_plain_token_is_replaced(client: AsyncTestClient, given: str) -> None:
+    response = await client.get("/health", headers={"X-Request-ID": given})
+    assert response.headers["x-request-id"] != given
+    assert response.headers["x-request-id"].isalnum()
+
+
 async def test_browsers_on_other_origins_may_call_and_read_headers(client: AsyncTestClient) -> None:
     preflight = await client.options(
         "/tasks/",
@@ -264,3 +283,31 @@ async def test_browsers_on_other_origins_may_call_and_read_headers(client: Async
     assert preflight.headers["access-control-allow-origin"] in ("*", "http://app.example")
     created = await client.post("/tasks/", json={"task_type": "x"}, headers={"Origin": "http://app.example"})
     assert "etag" in created.headers["access-control-expose-headers"].lower()
+
+
+async def test_head_answers_as_get_without_the_body(client: AsyncTestClient) -> None:
+    """RFC 9110: a server supports HEAD wherever it supports GET (curl -I, link checkers, monitors)."""
+    created = (await client.post("/tasks/", json={"task_type": "x"})).json()
+    task_id = created["task_id"]
+    for path in ("/health", "/health/ready", f"/tasks/{task_id}", "/tasks/", "/tasks/stats/summary", "/metrics", "/ui"):
+        got, head = await client.get(path), await client.head(path)
+        assert head.status_code == got.status_code == 200, (path, head.status_code)
+        assert head.content == b"", path
+        assert head.headers["content-type"] == got.headers["content-type"], path
+    head = await client.head(f"/tasks/{task_id}", headers={"If-None-Match": '"1"'})
+    assert head.status_code == 304
+    head = await client.head(f"/tasks/{task_id}")
+    assert head.headers["etag"] == '"1"'
+    missing = await client.head(f"/tasks/{uuid4()}")
+    assert (missing.status_code, missing.content) == (404, b"")
+    assert (await client.head("/tasks/batch")).status_code == 405
+    assert (await client.head("/tasks/cleanup")).status_code == 405
+
+
+async def test_head_on_an_event_stream_ends_with_its_headers(client: AsyncTestClient) -> None:
+    task_id = (await client.post("/tasks/", json={"task_type": "x"})).json()["task_id"]
+    for path in ("/events/stream", f"/tasks/{task_id}/stream"):
+        head = await client.head(path)
+        assert head.status_code == 200
+        assert head.headers["content-type"].startswith("text/event-stream")
+        assert head.content == b""

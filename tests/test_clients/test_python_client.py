@@ -111,8 +111,11 @@ def test_the_feed_is_an_iterator_that_resumes_from_a_cursor(client: Client, kind
 
     followed = client.events(after=events[-1].cursor, follow=True, poll_interval=0.05)
     assert next(followed).task_id == second.task_id
-    threading.Timer(0.1, client.create, args=(kind,)).start()
+    creating = threading.Timer(0.1, client.create, args=(kind,))
+    creating.start()
     later_one = next(followed)  # waited at the head for the next event
+    # The feed can show the event before the create's answer arrives: let it arrive before the client closes.
+    creating.join()
     assert (later_one.type, later_one.data["task_type"]) == ("TaskCreated", kind)
 
 

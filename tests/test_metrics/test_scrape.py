@@ -205,3 +205,12 @@ async def test_openmetrics_when_prometheus_asks_for_it(client: AsyncTestClient) 
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("application/openmetrics-text")
     assert response.text.endswith("# EOF\n")
+
+
+async def test_the_content_type_names_each_parameter_once(client: AsyncTestClient) -> None:
+    """Prometheus 3 parses the scrape's Content-Type strictly: a parameter given twice fails the scrape."""
+    for accept in ("", "application/openmetrics-text; version=1.0.0"):
+        response = await client.get("/metrics", headers={"Accept": accept} if accept else None)
+        assert response.status_code == 200
+        names = [part.split("=")[0].strip() for part in response.headers["content-type"].split(";")[1:]]
+        assert len(names) == len(set(names)), response.headers["content-type"]

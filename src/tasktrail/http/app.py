@@ -166,7 +166,7 @@ def observed(app: ASGIApp, *, count: bool, access: logs.AccessLine | None) -> AS
             return
         started = perf_counter()
         given = dict(scope["headers"]).get(b"x-request-id", b"")
-        sane = 0 < len(given) <= 128 and given.isascii() and given.isalnum()
+        sane = logs.SANE_REQUEST_ID.fullmatch(given) is not None
         header = given if sane else b"%s%020x" % (_PROCESS, next(_SEQUENCE))
         request_id = header.decode()
         state = scope.setdefault("state", {})

@@ -93,11 +93,12 @@ async def scrape(request: Request) -> Response[bytes]:
     database += replica_families(request.app.state.replicas.status())
     metrics.sample_pool(request.app.state.pool)
     body, content_type = metrics.exposition(request.headers.get("accept", ""), database)
-    headers = {"Cache-Control": "no-store"}
+    # The type goes in as a header: as media_type, Litestar would add a second charset to prometheus_client's.
+    headers = {"Cache-Control": "no-store", "Content-Type": content_type}
     if gzip_accepted(request.headers.get("accept-encoding", "")):
         body = gzip.compress(body, compresslevel=1)
         headers["Content-Encoding"] = "gzip"
-    return Response(body, media_type=content_type, headers=headers)
+    return Response(body, headers=headers)
 
 
 ROUTES = [scrape]

@@ -235,16 +235,19 @@ async def get_task(
     request: Request,
     task_id: FromPath[str],
     version: Annotated[int | None, QueryParameter(ge=1, le=2**31 - 1)] = None,
-    as_of: Annotated[datetime | None, QueryParameter()] = None,
+    as_of: Annotated[
+        str | None, QueryParameter(max_length=64, format="date-time", description="an RFC 3339 time (no offset: UTC)")
+    ] = None,
 ) -> JsonReply:
     """The task now, or as it was at ?version=N or ?as_of=TIME (folded from the log)."""
     uuid = parse_task_id(task_id)
     if version is not None and as_of is not None:
         raise invalid("as_of", "give version or as_of, not both")
+    moment = None if as_of is None else parse_moment(as_of)
 
     async def fetch(conn: psycopg.AsyncConnection) -> Task:
         if version is not None or as_of is not None:
-            return await _as_it_was(conn, uuid, version, None if as_of is None else _aware(as_of))
+            return await _as_it_was(conn, uuid, version, None if as_of is None else moment)
         found = await tasks_view.get(conn, uuid)
         if found is None:
             raise await not_found(conn, uuid)
@@ -257,8 +260,17 @@ async def get_task(
     return task_response(task)
 
 
-def _aware(moment: datetime) -> datetime:
-    """A time without an offset is taken as UTC."""
+# A `+` sent unescaped in a query string arrives as a space (form decoding): in
+# the offset's place (after the time, before hh:mm) it can only have been a `+`.
+_DECODED_PLUS = re.compile(r"(?<=[0-9]) (?=[0-9]{2}:[0-9]{2}$)")
+
+
+def parse_moment(text: str) -> datetime:
+    """?as_of's RFC 3339 time, its offset's `+` restored if it came decoded as a space; no offset is UTC."""
+    try:
+        moment = msgspec.convert(_DECODED_PLUS.sub("+", text), datetime)
+    except msgspec.ValidationError:
+        raise invalid("as_of", "Invalid RFC3339 encoded datetime") from None
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import copy
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -67,7 +68,7 @@ SINGLE = {
     b"last-event-id": "Last-Event-ID",
 }
 _BODY_HEADERS = (b"content-length", b"transfer-encoding")
-_WATCHED = frozenset(SINGLE) | frozenset(_BODY_HEADERS)
+_WATCHED = frozenset(SINGLE) | frozenset(_BODY_HEADERS) | {b"content-encoding"}
 _CHARSETS = ("utf-8", "utf8")
 SHAPE = "tasktrail.shape"  # the key of a handler's Shape in its opt
 # The key of a page route's refusal in its opt: (status, detail) -> the ASGI app that answers it.
@@ -108,6 +109,13 @@ class Shapes(ReceiveRoutePlugin):
             handler.opt[SHAPE] = shape = shape_of(handler)
             if shape.json_body:
                 handler.responses = {**(handler.responses or {}), **problems(415)}
+        # HEAD is GET without the body (RFC 9110 9.3.2), on every GET route: the router finds the GET
+        # handler's copy, left out of the OpenAPI document, and `wellformed` runs the GET itself.
+        if "GET" in route.route_handler_map and "HEAD" not in route.route_handler_map:
+            handler, kwargs = route.route_handler_map["GET"]
+            head = copy.copy(handler)
+            head._resolved_include_in_schema = False
+            route.route_handler_map["HEAD"] = (head, kwargs)
 
 
 def read_timeout() -> float:
@@ -138,9 +146,36 @@ def wellformed(app: ASGIApp) -> ASGIApp:
             return
         if shape is not None and shape.json_body:
             receive = _text_body(receive, body_timeout)
+        if scope["method"] == "HEAD":
+            await _as_get(app, scope, receive, send)
+            return
         await app(scope, receive, send)
 
     return middleware
+
+
+async def _as_get(app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
+    """Answer HEAD as the route's GET would, headers only; an event stream ends once its headers are out.
+
+    The GET runs on a copy of the scope, so the server, which reads the method
+    from its own, still sends no body.
+    """
+    done = False
+
+    async def head_only(message: Message) -> None:
+        nonlocal done
+        if done:
+            return
+        if message["type"] == "http.response.start":
+            await send(message)
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            done = True
+
+    async def until_answered() -> Message:
+        # A stream's handler waits on receive() for the client to leave: once answered, it has.
+        return {"type": "http.disconnect"} if done else await receive()
+
+    await app({**scope, "method": "GET"}, until_answered, head_only)
 
 
 Refusal = tuple[int, str, dict[str, Any]]
@@ -164,6 +199,11 @@ def _refusal(scope: Scope, shape: Shape | None) -> Refusal | None:
     if refusal is None and shape is not None and shape.json_body:
         has_body = seen.get(b"content-length", b"0").strip() != b"0" or b"transfer-encoding" in seen
         detail = _content_type_refusal(seen.get(b"content-type"), has_body)
+        coding = seen.get(b"content-encoding", b"identity").strip().lower()
+        if detail is None and has_body and coding not in (b"identity", b""):
+            # RFC 9110 15.5.16: a coding the server does not decode is 415, not a body it cannot parse (400).
+            shown = coding[:40].decode("latin-1")
+            detail = f"request bodies are read as sent, not decoded from {shown!r}: send it without Content-Encoding"
         if detail is not None:
             refusal = 415, detail, {}
     return refusal
