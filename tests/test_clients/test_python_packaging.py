@@ -49,12 +49,12 @@ def uv(*args: str) -> str:
 
 
 def test_the_client_builds_as_a_wheel_that_installs_with_httpx_alone(server: str, tmp_path: Path) -> None:
-    uv("build", "--offline", "--wheel", "--out-dir", str(tmp_path / "dist"), "clients/python")
+    uv("build", "--wheel", "--out-dir", str(tmp_path / "dist"), "clients/python")
     (wheel,) = (tmp_path / "dist").glob("tasktrail_client-*-py3-none-any.whl")
     venv = tmp_path / "venv"
     uv("venv", "--quiet", "--python", sys.executable, str(venv))
     python = venv / "bin" / "python"
-    uv("pip", "install", "--offline", "--quiet", "--python", str(python), str(wheel))
+    uv("pip", "install", "--quiet", "--python", str(python), str(wheel))
 
     installed = {p["name"].lower() for p in json.loads(uv("pip", "list", "--format", "json", "--python", str(python)))}
     assert "tasktrail-client" in installed
