@@ -476,7 +476,7 @@ async def _identity(conn: psycopg.AsyncConnection) -> tuple[Any, ...]:
 async def _open_pool(replica: Replica) -> bool:
     """Give a replica a pool with its first connections open, unless it has one; whether it has."""
     if replica.pool is None:
-        pool = db.create_pool(replica.conninfo, timeout=REPLICA_POOL_TIMEOUT)
+        pool = db.create_pool(replica.conninfo, timeout=REPLICA_POOL_TIMEOUT, busy_wait=0)  # else: the primary
         try:
             await pool.open(wait=True, timeout=CHECK_TIMEOUT)
         except (PoolTimeout, psycopg.Error) as exc:

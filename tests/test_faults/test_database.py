@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import tempfile
@@ -16,6 +17,7 @@ import psycopg
 import pytest
 from litestar.testing import AsyncTestClient
 from pgserver import _commands as pg_commands
+from psycopg_pool import PoolTimeout
 
 from tasktrail import db
 from tasktrail.http.app import create_app
@@ -116,3 +118,29 @@ async def test_a_statement_over_the_timeout_answers_503(database_url: str, monke
         assert "statement timeout" in response.json()["detail"]
         assert elapsed < 5, "a statement outlived its timeout"
         assert (await client.get("/tasks/")).status_code == 200
+
+
+@pytest.mark.anyio
+async def test_a_burst_queues_for_a_busy_pool_and_a_stuck_pool_refuses_at_its_timeout(database_url: str) -> None:
+    pool = db.create_pool(database_url, max_size=2, timeout=0.2)
+    await pool.open(wait=True)
+    try:
+
+        async def request(hold: float) -> None:
+            async with db.Borrowed(pool) as conn:
+                await conn.execute("SELECT pg_sleep(%s)", (hold,))
+
+        # 30 requests of 50 ms on 2 connections queue for 0.75 s, well past the pool's 0.2 s:
+        # connections keep coming back meanwhile, so every one of them waits its turn.
+        await asyncio.gather(*(request(0.05) for _ in range(30)))
+
+        # Both connections held and none given back (a database that stopped answering):
+        # a request is refused at the pool's timeout, not after the busy wait.
+        async with db.Borrowed(pool), db.Borrowed(pool):
+            started = time.monotonic()
+            with pytest.raises(PoolTimeout):
+                async with db.Borrowed(pool):
+                    pass
+            assert time.monotonic() - started < pool.busy_wait / 2
+    finally:
+        await pool.close()
