@@ -81,6 +81,9 @@ async def test_pages_allow_scripts_and_styles_from_this_origin_only(open_client:
     ("path", "status"),
     [
         ("/ui/tasks/not-a-uuid", 404),
+        ("/ui/tasks/", 404),
+        ("/ui/tasks", 404),
+        ("/ui/no/such/page", 404),
         ("/ui/tasks/00000000-0000-4000-8000-000000000000", 404),
         ("/ui/tasks/%ff", 400),
         ("/ui/tasks/00000000-0000-4000-8000-000000000000?version=x", 422),

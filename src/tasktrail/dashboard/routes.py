@@ -487,6 +487,12 @@ async def no_page(request: Request, rest: FromPath[str]) -> HtmlReply:
     return error_page(request, "There is no dashboard page at this address.")
 
 
+@get("/ui/tasks", include_in_schema=False)
+async def no_task(request: Request) -> HtmlReply:
+    """/ui/tasks/ without a task id (the router reads it as a task page's prefix, not as any other address)."""
+    return await no_page.fn(request, "tasks")
+
+
 # Signing in: a key, once, for a session cookie (see http/sessions.py).
 
 FORM = "tasktrail.form"  # the key of a page's form (a msgspec Struct of text fields) in its handler's opt
@@ -699,7 +705,18 @@ def router(
 
     return Router(
         path="/",
-        route_handlers=[index, tasks_page, task_page, events_page, sign_in_page, sign_in, sign_out, no_page, static],
+        route_handlers=[
+            index,
+            tasks_page,
+            task_page,
+            events_page,
+            sign_in_page,
+            sign_in,
+            sign_out,
+            no_page,
+            no_task,
+            static,
+        ],
         opt={"keys": tuple(keys), "signer": signer, READ_AFTER_MAX_AGE: max_age, wellformed.PAGE: refusal},
         middleware=[read_after_cookie],
         include_in_schema=False,
