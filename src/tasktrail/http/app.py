@@ -262,7 +262,7 @@ def create_app(
     urls = urls if replica_urls is None else list(replica_urls)
     max_lag = max_lag if replica_max_lag is None else replicas.max_lag_from(replica_max_lag)
     counting = os.environ.get(METRICS_ENV, "1") != "0"
-    # Signs the dashboard's session cookies; the guard checks them.
+    # Signs the dashboard's session cookies; the API-key check reads them.
     signer = sessions.Signer(sessions.secret_from_env())
 
     @asynccontextmanager
@@ -307,8 +307,8 @@ def create_app(
         ],
         lifespan=[lifespan],
         # (Request ids, counting and logging wrap the whole app: see `observed` below.)
-        middleware=[wellformed.wellformed],
-        guards=auth.guards(keys, signer),
+        # Each request is checked for its form first, then for its API key (none without keys).
+        middleware=[wellformed.wellformed, *auth.middleware(keys, signer)],
         # `serve` configures logging (tasktrail.logs) before it makes the app: Litestar must leave it as it is.
         logging_config=None,
         openapi_config=openapi.CONFIG,
