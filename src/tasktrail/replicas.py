@@ -7,7 +7,7 @@ Idempotency-Key check), go to the primary, through `writing`. A replica never
 answers with data older than the client has written:
 
 Tokens. Every 2xx answer to a write carries `Tasktrail-Read-After` (put there
-by http/app.py's read_after_tokens): with replicas, the primary's WAL insert
+by http/app.py's `observed`): with replicas, the primary's WAL insert
 position taken on the write's connection after the write committed (`_Written`). The commit record is inserted before
 COMMIT returns, so that position is at or after the record's end, whatever
 synchronous_commit says (the flush position is not, with synchronous_commit

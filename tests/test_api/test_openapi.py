@@ -83,8 +83,8 @@ async def test_options_lists_every_method_of_the_path(shared_client: AsyncTestCl
     task = (await shared_client.post("/tasks/", json={"task_type": "x"})).json()
     response = await shared_client.options(f"/tasks/{task['task_id']}")
     assert response.status_code == 204
-    assert response.headers["allow"] == "DELETE, GET, OPTIONS, PATCH"
-    assert (await shared_client.options("/tasks/")).headers["allow"] == "GET, OPTIONS, POST"
+    assert response.headers["allow"] == "DELETE, GET, HEAD, OPTIONS, PATCH"
+    assert (await shared_client.options("/tasks/")).headers["allow"] == "GET, HEAD, OPTIONS, POST"
 
 
 async def test_reusing_an_idempotency_key_is_a_documented_422(shared_client: AsyncTestClient) -> None:

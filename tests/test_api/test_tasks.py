@@ -283,6 +283,7 @@ async def test_browsers_on_other_origins_may_call_and_read_headers(client: Async
     assert preflight.headers["access-control-allow-origin"] in ("*", "http://app.example")
     created = await client.post("/tasks/", json={"task_type": "x"}, headers={"Origin": "http://app.example"})
     assert "etag" in created.headers["access-control-expose-headers"].lower()
+    assert "retry-after" in created.headers["access-control-expose-headers"].lower()  # for a 503's wait
 
 
 async def test_head_answers_as_get_without_the_body(client: AsyncTestClient) -> None:

@@ -20,6 +20,7 @@ from litestar import Litestar, Request, Response
 from litestar.config.cors import CORSConfig
 from litestar.datastructures import MutableScopeHeaders
 from litestar.exceptions import HTTPException, ValidationException
+from litestar.middleware._internal.cors import CORSMiddleware
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from tasktrail import dashboard, db, eventstore, idempotency, live, logs, metrics, replicas, writer
@@ -148,50 +149,68 @@ _SEQUENCE = itertools.count(1)
 METRICS_ENV = "TASKTRAIL_METRICS"
 
 
-def observed(app: ASGIApp, *, count: bool, access: logs.AccessLine | None) -> ASGIApp:
+def observed(app: ASGIApp, *, count: bool, access: logs.AccessLine | None, cors: ASGIApp | None = None) -> ASGIApp:
     """Give each request an id (the caller's X-Request-ID if sane), echoed back; count, time and log it.
 
     One plain ASGI wrapper, the cheapest Litestar runs, around the whole app
     (router, CORS and error mapping included), so that a request that matches no
     route is counted and logged too, and a response is seen with the status the
     error mapping gave it. It also makes OPTIONS list every method of the path,
-    not just its first handler's (litestar#4169, fixed in 3.0).
+    not just its first handler's (litestar#4169, fixed in 3.0), and gives every
+    2xx answer to a write its Tasktrail-Read-After token (see `_read_after`).
+
+    `cors` is Litestar's CORS middleware around `app`: it acts only on a request
+    that carries an Origin header (without one it calls `app` and nothing else),
+    so a request without one goes straight to `app`, sparing the middleware's
+    parse of every header into a new multidict (the one scan below finds Origin).
     """
 
     observing = count or access is not None
+    cors = cors or app
 
     async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
-            await app(scope, receive, send)
+            await cors(scope, receive, send)
             return
         started = perf_counter()
-        given = dict(scope["headers"]).get(b"x-request-id", b"")
+        given = b""
+        inner = app
+        for name, value in scope["headers"]:
+            if name == b"x-request-id":
+                given = given or value  # the first
+            elif name == b"origin":
+                inner = cors
         sane = logs.SANE_REQUEST_ID.fullmatch(given) is not None
         header = given if sane else b"%s%020x" % (_PROCESS, next(_SEQUENCE))
         request_id = header.decode()
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
         logs.request_id.set(request_id)
-        options = scope["method"] == "OPTIONS"
+        method = scope["method"]
+        options = method == "OPTIONS"
+        write = method not in replicas.SAFE_METHODS
         status = 500  # what the server answers if the app sends nothing
 
         async def send_with_id(message: Any) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message["headers"] = [*message.get("headers", []), (b"x-request-id", header)]
+                headers = [*message.get("headers", []), (b"x-request-id", header)]
+                if write and 200 <= status < 300:
+                    headers.append(_read_after(state))
+                message["headers"] = headers
                 if options:
                     _allow_every_method(message, scope)
             await send(message)
 
         if not observing:
-            await app(scope, receive, send_with_id)
+            await inner(scope, receive, send_with_id)
             return
         try:
-            await app(scope, receive, send_with_id)
+            await inner(scope, receive, send_with_id)
         finally:
             seconds = perf_counter() - started
-            method = scope["method"] if scope["method"] in metrics.METHODS else metrics.OTHER_METHOD
+            method = method if method in metrics.METHODS else metrics.OTHER_METHOD
             # The template of the route the router matched, never the path as sent.
             route = scope.get("path_template") or metrics.UNMATCHED
             if count:
@@ -203,38 +222,28 @@ def observed(app: ASGIApp, *, count: bool, access: logs.AccessLine | None) -> AS
     return middleware
 
 
-def read_after_tokens(app: ASGIApp) -> ASGIApp:
-    """Give every 2xx answer to a write its Tasktrail-Read-After token (see replicas.py).
+def _read_after(state: dict[str, Any]) -> tuple[bytes, bytes]:
+    """A write's Tasktrail-Read-After header (see replicas.py).
 
     The write's primary connection leaves the token in the request's state
     (replicas.Replicas.writing); without replicas, or when none was left, the
     token is replicas.ON_PRIMARY, which a process with replicas answers from the
-    primary. Reads pass straight through.
+    primary. Reads get none.
     """
-
-    async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] in replicas.SAFE_METHODS:
-            await app(scope, receive, send)
-            return
-
-        async def send_with_token(message: Any) -> None:
-            if message["type"] == "http.response.start" and 200 <= message["status"] < 300:
-                token = scope["state"].get(replicas.STATE, replicas.ON_PRIMARY)
-                message["headers"] = [*message.get("headers", []), (_READ_AFTER, token.encode())]
-            await send(message)
-
-        await app(scope, receive, send_with_token)
-
-    return middleware
+    token = state.get(replicas.STATE)
+    return _READ_AFTER, _ON_PRIMARY if token is None else token.encode()
 
 
 _READ_AFTER = replicas.HEADER.lower().encode()
+_ON_PRIMARY = replicas.ON_PRIMARY.encode()
 
 
 def _allow_every_method(message: Message, scope: Scope) -> None:
     if "route_handler" in scope:
         handlers = scope["app"].route_handler_method_map
         methods = {method for path in scope["route_handler"].paths for method in handlers.get(path, {})}
+        if "GET" in methods:
+            methods.add("HEAD")  # every GET route answers HEAD too (http/wellformed.py)
         MutableScopeHeaders.from_message(message)["allow"] = ", ".join(sorted(methods))
 
 
@@ -255,7 +264,7 @@ def create_app(
     urls = urls if replica_urls is None else list(replica_urls)
     max_lag = max_lag if replica_max_lag is None else replicas.max_lag_from(replica_max_lag)
     counting = os.environ.get(METRICS_ENV, "1") != "0"
-    # Signs the dashboard's session cookies; the guard checks them.
+    # Signs the dashboard's session cookies; the API-key check reads them.
     signer = sessions.Signer(sessions.secret_from_env())
     access = logs.access_line()
 
@@ -303,8 +312,8 @@ def create_app(
         ],
         lifespan=[lifespan],
         # (Request ids, counting and logging wrap the whole app: see `observed` below.)
-        middleware=[wellformed.wellformed, read_after_tokens],
-        guards=auth.guards(keys, signer),
+        # Each request is checked for its form first, then for its API key (none without keys).
+        middleware=[wellformed.wellformed, *auth.middleware(keys, signer)],
         # `serve` configures logging (tasktrail.logs) before it makes the app: Litestar must leave it as it is.
         logging_config=None,
         openapi_config=openapi.CONFIG,
@@ -322,10 +331,12 @@ def create_app(
                 "Idempotency-Key",
                 replicas.HEADER,
             ],
-            expose_headers=["ETag", "Link", "Location", "X-Request-ID", replicas.HEADER],
+            expose_headers=["ETag", "Link", "Location", "Retry-After", "X-Request-ID", replicas.HEADER],
         ),
         exception_handlers=PROBLEMS,
     )
-    # Outermost, around the router: see `observed`.
-    app.asgi_handler = observed(app.asgi_handler, count=counting, access=access)
+    # Outermost, around the router: see `observed`. Litestar's handler is the CORS middleware around the rest.
+    cors = app.asgi_handler
+    assert isinstance(cors, CORSMiddleware)
+    app.asgi_handler = observed(cors.app, count=counting, access=access, cors=cors)
     return app

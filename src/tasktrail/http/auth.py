@@ -1,8 +1,8 @@
-"""API keys: bearer tokens with a scope, kept only as SHA-256 hashes, checked by a guard.
+"""API keys: bearer tokens with a scope, kept only as SHA-256 hashes, checked before each handler (`middleware`).
 
 Scopes nest: `admin` may do all `write` may, `write` all `read` may. GETs need
 `read`, other methods `write` (OPTIONS none); a route asks for more with `opt={"scope": "admin"}`
-or for none with `opt=PUBLIC`. With no keys configured there is no guard at all
+or for none with `opt=PUBLIC`. With no keys configured there is no check at all
 (`tasktrail serve` allows that only on a loopback address).
 
 Why a plain SHA-256 and not a slow password hash: a key is 256 random bits made
@@ -18,7 +18,7 @@ import hmac
 import os
 import re
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ import msgspec
 from litestar.connection import ASGIConnection
 from litestar.exceptions import NotAuthorizedException, PermissionDeniedException
 from litestar.handlers import BaseRouteHandler
-from litestar.types import Guard
+from litestar.types import ASGIApp, Receive, Scope, Send
 
 from tasktrail.http import sessions
 
@@ -105,8 +105,7 @@ def authenticate(keys: Sequence[Key], presented: str) -> Key | None:
     return found
 
 
-def needed_scope(connection: ASGIConnection, handler: BaseRouteHandler) -> str | None:
-    method = connection.scope["method"]  # type: ignore[typeddict-item]
+def needed_scope(method: str, handler: BaseRouteHandler) -> str | None:
     # OPTIONS only lists a path's methods, and a browser's CORS preflight never carries a key.
     if handler.opt.get("public") or method == "OPTIONS":
         return None
@@ -114,32 +113,54 @@ def needed_scope(connection: ASGIConnection, handler: BaseRouteHandler) -> str |
     return handler.opt.get("scope", default)
 
 
-def guards(keys: Sequence[Key], signer: sessions.Signer | None = None) -> list[Guard]:
-    """The guard that asks for a key with a large enough scope; none when no keys are configured.
+def middleware(keys: Sequence[Key], signer: sessions.Signer | None = None) -> list[Callable[[ASGIApp], ASGIApp]]:
+    """The check that asks for a key with a large enough scope; none when no keys are configured.
 
     A request without an Authorization header may instead bring the dashboard's
     session cookie (see http/sessions.py), given the signer that checks it.
+
+    A route middleware rather than a Litestar guard: Litestar hands each guard a
+    copy of the route handler (copy.copy of an object with dozens of slots), which
+    cost more than the check itself. It runs where the guard did, after routing
+    and before the handler's parameters are read, on every route, and its
+    refusals go through the route's own exception handlers, as the guard's did.
     """
     if not keys:
         return []
     configured = tuple(keys)
+    ranks = {scope: rank for rank, scope in enumerate(SCOPES)}
 
-    async def require_key(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
-        needed = needed_scope(connection, handler)
+    def require_key(app: ASGIApp) -> ASGIApp:
+        async def check(scope: Scope, receive: Receive, send: Send) -> None:
+            if scope["type"] != "lifespan":
+                await _check(scope, receive, send)
+            await app(scope, receive, send)
+
+        return check
+
+    async def _check(scope: Scope, receive: Receive, send: Send) -> None:
+        needed = needed_scope(scope.get("method", "GET"), scope["route_handler"])  # type: ignore[arg-type]
         if needed is None:
             return
-        header = connection.headers.get("authorization")
-        if header is None and signer is not None and sessions.COOKIE in connection.cookies:
-            key = await session_key(connection, configured, signer)
+        # The raw header, as connection.headers.get would find it (the first), without building every header
+        # into a multidict first. (http/wellformed.py refuses two Authorization headers that differ.)
+        header = next((value for name, value in scope["headers"] if name == b"authorization"), None)
+        if header is None and signer is not None:
+            connection: ASGIConnection[Any, Any, Any, Any] = ASGIConnection(scope, receive, send)
+            if sessions.COOKIE in connection.cookies:
+                key = await session_key(connection, configured, signer)
+            else:
+                key = bearer_key(configured, "")
         else:
-            key = bearer_key(configured, header or "")
-        if SCOPES.index(key.scope) < SCOPES.index(needed):
+            key = bearer_key(configured, "" if header is None else header.decode("latin-1"))
+        if ranks[key.scope] < ranks[needed]:
             raise PermissionDeniedException(
                 f"the API key {key.name!r} has scope {key.scope}; this route needs {needed}",
                 headers={"WWW-Authenticate": f'{_REALM}, error="insufficient_scope", scope="{needed}"'},
             )
-        connection.state.actor = key.name
-        connection.state.scope = key.scope
+        state = scope["state"]  # the dict itself: connection.state wraps it anew on every access
+        state["actor"] = key.name
+        state["scope"] = key.scope
 
     return [require_key]
 

@@ -112,14 +112,18 @@ def matching_versions(header: str) -> frozenset[int] | None:
     return frozenset(int(m[1]) for part in header.split(",") if (m := _TAG.fullmatch(part)))
 
 
-def list_header(request: Request, name: str) -> str | None:
-    """A list-valued header, its repeats joined as RFC 9110 says they may be (`If-Match: "1"` twice is one list)."""
-    values = request.headers.getall(name, [])
+def list_header(request: Request, name: bytes) -> str | None:
+    """A list-valued header, its repeats joined as RFC 9110 says they may be (`If-Match: "1"` twice is one list).
+
+    `name` in lower case, as ASGI gives header names. Read from the scope's raw
+    headers: request.headers would first build a multidict of every header.
+    """
+    values = [value.decode("latin-1") for key, value in request.scope["headers"] if key == name]
     return ", ".join(values) if values else None
 
 
 def expected_versions(request: Request) -> frozenset[int] | None:
-    header = list_header(request, "if-match")
+    header = list_header(request, b"if-match")
     return None if header is None else matching_versions(header)
 
 
@@ -254,7 +258,7 @@ async def get_task(
         return found
 
     task = await read(request, fetch)
-    cached = list_header(request, "if-none-match")
+    cached = list_header(request, b"if-none-match")
     if cached is not None and ((tags := matching_versions(cached)) is None or task.version in tags):
         return JsonReply(b"", 304, {"ETag": f'"{task.version}"'})
     return task_response(task)
