@@ -3,6 +3,7 @@
     uv run python bench/ab.py --b-with uvloop --b-with httptools        # uvicorn's fast loop and parser
     uv run python bench/ab.py --b-unix-socket                           # PostgreSQL over its Unix socket
     uv run python bench/ab.py --b-env TASKTRAIL_SOMETHING=1 --scenarios create,mix
+    uv run python bench/ab.py --b-api-key                               # what API keys cost
 
 A is `uv run tasktrail serve` as it is; B is the same with extra `uv run --with`
 packages, environment variables, or DATABASE_URL through the Unix socket. Each
@@ -15,6 +16,7 @@ to bench/results: this is for trying a change before measuring it with run.py.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -24,6 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import apps  # bench/ is not a package: its folder is on sys.path above
 from run import SCENARIOS, wrk
+
+from tasktrail.http import auth
 
 
 def unix_socket(url: str, directory: str) -> str:
@@ -37,6 +41,9 @@ def main() -> int:
     p.add_argument("--b-with", action="append", default=[], help="a package for B (uv run --with)")
     p.add_argument("--b-env", action="append", default=[], help="NAME=VALUE in B's environment")
     p.add_argument("--b-unix-socket", nargs="?", const="/var/run/postgresql", help="B reaches PostgreSQL here")
+    p.add_argument(
+        "--b-api-key", action="store_true", help="B has an API key (write scope); every request sends it (A ignores it)"
+    )
     p.add_argument("--scenarios", default=",".join(SCENARIOS))
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--duration", type=int, default=8)
@@ -46,6 +53,10 @@ def main() -> int:
     args = p.parse_args()
     uv_args = tuple(arg for package in args.b_with for arg in ("--with", package))
     env = dict(item.split("=", 1) for item in args.b_env)
+    if args.b_api_key:
+        key = auth.new_key()
+        env["TASKTRAIL_API_KEYS"] = auth.Key("bench", "write", auth.digest(key)).entry()
+        os.environ[apps.API_KEY_ENV] = key  # for the harness's requests and wrk's, to both servers
     scenarios = args.scenarios.split(",")
     print(f"A: tasktrail as it is; B: {' '.join(uv_args) or '-'} {env or ''} "
           f"{'unix socket ' + args.b_unix_socket if args.b_unix_socket else ''}")  # fmt: skip

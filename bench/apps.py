@@ -261,11 +261,17 @@ def running(*starters) -> Iterator[list[Server]]:
 # --- HTTP --------------------------------------------------------------------
 
 
+# A key every request of the harness sends (bench/wrk/tasks.lua too), for a server that has API keys.
+API_KEY_ENV = "BENCH_API_KEY"
+
+
 def request(port: int, method: str, path: str, body: object = None, conn=None) -> tuple[int, dict, bytes]:
     own = conn is None
     conn = conn or http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     try:
         headers = {"Content-Type": "application/json"} if body is not None else {}
+        if key := os.environ.get(API_KEY_ENV):
+            headers["Authorization"] = f"Bearer {key}"
         conn.request(method, path, None if body is None else json.dumps(body), headers)
         response = conn.getresponse()
         return response.status, dict(response.getheaders()), response.read()

@@ -8,6 +8,7 @@
 --          so every update is valid for both apps (no task is ever finished)
 --   mix    20% create, 40% update, 30% get, 5% list, 5% stats
 --   path   GET PATH (a fixed URL path; for latency at one connection)
+-- With BENCH_API_KEY set, every request sends it (Authorization: Bearer).
 -- On completion it prints one line "BENCH {json}" with the counts and latencies
 -- (microseconds) and, when a response was not 2xx, "BENCH_SAMPLE ..." with the first one.
 
@@ -24,7 +25,14 @@ local counter = 0
 non2xx = 0
 first_bad = ""
 
+-- BENCH_API_KEY in the environment: every request carries it as a bearer token.
+local key = os.getenv("BENCH_API_KEY")
+local headers = {}
 local json_headers = { ["Content-Type"] = "application/json" }
+if key ~= nil and key ~= "" then
+   headers["Authorization"] = "Bearer " .. key
+   json_headers["Authorization"] = "Bearer " .. key
+end
 
 local function read_lines(path)
    local lines = {}
@@ -52,7 +60,7 @@ local function create()
 end
 
 local function get()
-   return wrk.format("GET", "/tasks/" .. ids[math.random(#ids)])
+   return wrk.format("GET", "/tasks/" .. ids[math.random(#ids)], headers)
 end
 
 local function update()
@@ -63,11 +71,11 @@ local function update()
 end
 
 local function list()
-   return wrk.format("GET", "/tasks/?status=pending&limit=100")
+   return wrk.format("GET", "/tasks/?status=pending&limit=100", headers)
 end
 
 local function stats()
-   return wrk.format("GET", "/tasks/stats/summary")
+   return wrk.format("GET", "/tasks/stats/summary", headers)
 end
 
 local function mix()
@@ -81,7 +89,7 @@ end
 
 local scenarios = {
    create = create, get = get, update = update, list = list, stats = stats, mix = mix,
-   path = function() return wrk.format("GET", fixed_path) end,
+   path = function() return wrk.format("GET", fixed_path, headers) end,
 }
 
 function request()

@@ -119,20 +119,20 @@ def serve(args: argparse.Namespace) -> int:
     log_config = logs.config(args.log_format, args.log_level)
     logging.config.dictConfig(log_config)
     # First: prometheus_client reads the directory when it is first imported, which what follows may do.
-    # (A worker process imports it afresh; only a single process that serves itself must not have yet.)
-    too_early = args.metrics and args.workers == 1 and "prometheus_client" in sys.modules
-    metrics_dir = _metrics_directory() if args.metrics else None
+    # (A worker process imports it afresh.) One process serving by itself has nothing to add up: its
+    # values live in its memory, where an increment costs a lock, not a write to an mmap'd file.
+    metrics_dir = _metrics_directory() if args.metrics and args.workers > 1 else None
     if metrics_dir is None:
         os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
     try:
-        return _serve(args, log_config, metrics_too_early=too_early)
+        return _serve(args, log_config)
     finally:  # also when a stop (Ctrl-C, SIGTERM: see main) ends it
         if metrics_dir is not None:
             shutil.rmtree(metrics_dir, ignore_errors=True)
             os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
 
 
-def _serve(args: argparse.Namespace, log_config: dict[str, object], *, metrics_too_early: bool) -> int:
+def _serve(args: argparse.Namespace, log_config: dict[str, object]) -> int:
     import uvicorn
 
     from tasktrail import logs
@@ -156,8 +156,6 @@ def _serve(args: argparse.Namespace, log_config: dict[str, object], *, metrics_t
     os.environ[logs.FORMAT_ENV] = args.log_format
     os.environ[logs.ACCESS_ENV] = "1" if args.access_log else "0"
     os.environ[METRICS_ENV] = "1" if args.metrics else "0"
-    if metrics_too_early:
-        raise RuntimeError("prometheus_client was imported before serve chose its directory: metrics would not add up")
     uvicorn.run(
         "tasktrail.http.app:create_app",
         factory=True,

@@ -2,8 +2,8 @@
 
 Names and labels are a contract that dashboards and alerts depend on: never rename one.
 
-Several processes, one answer. `tasktrail serve` runs N worker processes and a
-scrape reaches one of them, so each process keeps its counters, histograms and
+Several processes, one answer. `tasktrail serve --workers N` runs N worker
+processes and a scrape reaches one of them, so each process keeps its counters, histograms and
 live gauges in files of its own in PROMETHEUS_MULTIPROC_DIR (prometheus_client's
 multiprocess mode: a value lives in an mmap'd file, about 1 us a write), and the
 process that answers reads them all and adds them up. `serve` makes a fresh
@@ -11,8 +11,8 @@ private directory for each run, so nothing from an earlier run is counted. A
 counter of a process that has exited still counts (what it counted happened);
 its live gauges must not: a worker that exits drops its gauge files, and a scrape
 drops those of processes that no longer exist (a worker killed with SIGKILL
-never ran its exit). Without PROMETHEUS_MULTIPROC_DIR (create_app alone, as the
-tests run it) the values live in this process's memory.
+never ran its exit). Without PROMETHEUS_MULTIPROC_DIR (one worker, or create_app
+alone, as most tests run it) the values live in this process's memory.
 
 What describes the database, not a process (the tasks by status, how long the
 feed is held back, the read models' versions) is read from the database by the
