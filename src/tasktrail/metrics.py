@@ -12,7 +12,8 @@ counter of a process that has exited still counts (what it counted happened);
 its live gauges must not: a worker that exits drops its gauge files, and a scrape
 drops those of processes that no longer exist (a worker killed with SIGKILL
 never ran its exit). Without PROMETHEUS_MULTIPROC_DIR (one worker, or create_app
-alone, as most tests run it) the values live in this process's memory.
+alone, as most tests run it) the values live in this process's memory, where an
+increment is a lock and an addition (a request's count and duration, 2 us).
 
 What describes the database, not a process (the tasks by status, how long the
 feed is held back, the read models' versions) is read from the database by the
@@ -23,13 +24,11 @@ same, so adding them up would be wrong (see http/metrics.py).
 from __future__ import annotations
 
 import asyncio
-import math
 import os
-from bisect import bisect_left
 from collections import Counter as Tally
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess
 from prometheus_client.exposition import choose_encoder
@@ -105,61 +104,21 @@ OTHER_METHOD = "other"
 # the path does not have, a CORS preflight): one value, whatever the path was.
 UNMATCHED = "unmatched"
 
-# A finished request is first counted in this process's tallies below (dict
-# updates, under 1 us), and goes into the library's values at the end of the
-# event loop's turn in which it finished (`write_down`), together with the other
-# requests that finished in that turn: in multiprocess mode every increment of a
-# library value takes a lock and writes an mmap'd file, three a request (the
-# count, the duration's sum and its bucket), so a busy server's requests of one
-# route share them. A scrape that follows a response sees it counted, whichever
-# process answered either.
-_BOUNDS = (*LATENCY_BUCKETS, math.inf)
-_counted: Tally[tuple[str, str, int]] = Tally()  # (method, route, status) -> requests
-_timed: dict[tuple[str, str], tuple[list[float], Tally[int]]] = {}  # (method, route) -> ([seconds], bucket -> n)
-_children: dict[tuple[Any, ...], Any] = {}  # the library's labelled values, looked up once (labels() takes a lock)
-_pending = False  # whether a write_down is scheduled
+# (method, route, status) -> the two calls a finished request makes. Bounded:
+# each part comes from a fixed set (METHODS, the app's routes, HTTP status codes).
+_observers: dict[tuple[str, str, int], tuple[Callable[[], None], Callable[[float], None]]] = {}
 
 
 def request_done(method: str, route: str, status: int, seconds: float) -> None:
-    """Count a finished request and its duration (method and route already bounded: METHODS, the app's routes)."""
-    global _pending
-    _counted[method, route, status] += 1
-    timed = _timed.get((method, route))
-    if timed is None:
-        timed = _timed[method, route] = ([0.0], Tally())
-    timed[0][0] += seconds
-    timed[1][bisect_left(_BOUNDS, seconds)] += 1  # the first bucket whose bound is >= seconds, as observe() picks
-    if not _pending:
-        _pending = True
-        try:
-            asyncio.get_running_loop().call_soon(write_down)
-        except RuntimeError:  # no loop: called on its own
-            write_down()
-
-
-def _child(family: Counter | Histogram, *labels: str) -> Any:
-    key = (family, *labels)
-    found = _children.get(key)
-    if found is None:
-        found = _children[key] = family.labels(*labels)
-    return found
-
-
-def write_down() -> None:
-    """Add the tallies of requests since the last call to the library's values (the files other processes read)."""
-    global _pending
-    _pending = False
-    for (method, route, status), n in _counted.items():
-        _child(REQUESTS, method, route, str(status)).inc(n)
-    _counted.clear()
-    for (method, route), (seconds, buckets) in _timed.items():
-        # What observe() does, for many observations at once: its sum and its buckets
-        # (the library has no public call for that; tests/test_metrics checks the counts).
-        child = _child(DURATION, method, route)
-        child._sum.inc(seconds[0])
-        for index, n in buckets.items():
-            child._buckets[index].inc(n)
-    _timed.clear()
+    """Count a finished request and observe its duration (method and route already bounded)."""
+    try:
+        count, observe = _observers[method, route, status]
+    except KeyError:
+        count = REQUESTS.labels(method, route, str(status)).inc
+        observe = DURATION.labels(method, route).observe
+        _observers[method, route, status] = count, observe
+    count()
+    observe(seconds)
 
 
 def appended(changes: Sequence[Change]) -> None:
@@ -187,8 +146,7 @@ async def keep_sampling_pool(pool: AsyncConnectionPool) -> None:
 
 
 def process_exiting() -> None:
-    """Write down what this process counted, and take its live gauges out of the totals (its counters stay)."""
-    write_down()
+    """Take this process's live gauges out of the totals (its counters stay: what they counted happened)."""
     if MULTIPROCESS_DIR:
         multiprocess.mark_process_dead(os.getpid(), MULTIPROCESS_DIR)
 
@@ -234,6 +192,5 @@ class _Scrape:
 
 def exposition(accept: str, database: Iterable[Metric]) -> tuple[bytes, str]:
     """The scrape's body in the format the Accept header asks for (Prometheus text, or OpenMetrics), and its type."""
-    write_down()
     encode, content_type = choose_encoder(accept)
     return encode(_Scrape(database)), content_type  # type: ignore[arg-type]
