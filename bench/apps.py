@@ -87,6 +87,15 @@ def cpu_seconds(processes: list[psutil.Process]) -> float:
     return total
 
 
+def backends(url: str) -> list[psutil.Process]:
+    """The PostgreSQL backends serving the database at `url` now (other than the one asking)."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        ).fetchall()
+    return [psutil.Process(pid) for (pid,) in rows]
+
+
 # --- databases ---------------------------------------------------------------
 
 

@@ -100,21 +100,13 @@ class Sender(threading.Thread):
             conn.close()
 
 
-def backends(url: str) -> list[psutil.Process]:
-    with psycopg.connect(url, autocommit=True) as conn:
-        rows = conn.execute(
-            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
-        ).fetchall()
-    return [psutil.Process(pid) for (pid,) in rows]
-
-
 def send(server: apps.Server, url: str, method: str, bodies: list[bytes], connections: int, items: int) -> dict:
     """Send the bodies over `connections` connections; items per second and CPU per item."""
     answers: list[bytes] = []
     senders = [Sender(server.port, method, bodies[k::connections], answers) for k in range(connections)]
     root = psutil.Process(server.process.pid)
     pythons = [root, *root.children(recursive=True)]
-    pgs = backends(url)
+    pgs = apps.backends(url)
     before = (apps.cpu_seconds(pythons), apps.cpu_seconds(pgs), time.process_time())
     start = time.perf_counter()
     for sender in senders:

@@ -21,18 +21,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import apps  # bench/ is not a package: its folder is on sys.path above
-import psycopg
-from psycopg import sql
 
 SCENARIOS = ("create", "get", "update")
 CREATE_BODY = b'{"task_type":"bench","params":{"file_path":"/data/bench.pdf","n":%d}}'
@@ -45,9 +41,6 @@ def _side(src: str, url: str, scenarios: list[str], requests: int, key: str | No
     import asyncio
     import random
     import time
-
-    import psutil
-    import psycopg
 
     from tasktrail.http.app import create_app
 
@@ -98,22 +91,6 @@ def _side(src: str, url: str, scenarios: list[str], requests: int, key: str | No
         await app(scope, receive, send)
         return status, b"".join(chunks)
 
-    def backends() -> list[psutil.Process]:
-        with psycopg.connect(url, autocommit=True) as conn:
-            own = conn.info.backend_pid
-            rows = conn.execute("SELECT pid FROM pg_stat_activity WHERE datname = current_database()").fetchall()
-        return [psutil.Process(pid) for (pid,) in rows if pid != own]
-
-    def cpu(processes: list) -> float:
-        total = 0.0
-        for process in processes:
-            try:
-                t = process.cpu_times()
-            except psutil.NoSuchProcess:
-                continue
-            total += t.user + t.system
-        return total
-
     async def dump() -> None:
         """Under valgrind --tool=callgrind (CALLGRIND=1): a dump of the counts so far, so each window has its own."""
         if os.environ.get("CALLGRIND") != "1":
@@ -156,11 +133,11 @@ def _side(src: str, url: str, scenarios: list[str], requests: int, key: str | No
 
                 await asyncio.gather(*(worker(requests // 32) for _ in range(16)))  # warm-up
                 statuses.clear()
-                pg = backends()
+                pg = apps.backends(url)
                 await dump()
-                pg0, py0 = cpu(pg), time.process_time()
+                pg0, py0 = apps.cpu_seconds(pg), time.process_time()
                 await asyncio.gather(*(worker(requests // 16) for _ in range(16)))
-                py1, pg1 = time.process_time(), cpu(pg)
+                py1, pg1 = time.process_time(), apps.cpu_seconds(pg)
                 await dump()
                 n = sum(statuses.values())
                 results[scenario] = {
@@ -176,23 +153,9 @@ def _side(src: str, url: str, scenarios: list[str], requests: int, key: str | No
         return runner.run(main())
 
 
-# Not under apps.DB_PREFIX: another harness's clean-up (apps.drop_leftovers) would drop it mid-run.
-DB_PREFIX = "tasktrail_inproc_"
-
-
-def _drop(name: str) -> None:
-    with psycopg.connect(apps.ADMIN_URL, autocommit=True) as conn:
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
-
-
 def run_side(src: str, env: dict[str, str], scenarios: list[str], requests: int, key: str | None, name: str) -> dict:
-    _drop(DB_PREFIX + name)
-    with psycopg.connect(apps.ADMIN_URL, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(DB_PREFIX + name)))
-    url = apps.db_url(DB_PREFIX + name)
-    # As `serve` runs it: metric values in mmap'd files of their own.
-    metrics_dir = tempfile.mkdtemp(prefix="tasktrail-inproc-")
-    env = {"PROMETHEUS_MULTIPROC_DIR": metrics_dir} | env
+    database = apps.DB_PREFIX + "inproc_" + name
+    url = apps.create_database(database)
     try:
         command = [sys.executable, __file__, "--side", src, "--url", url, "--scenarios", ",".join(scenarios)]
         command += ["--requests", str(requests)] + (["--key", key] if key else [])
@@ -201,8 +164,7 @@ def run_side(src: str, env: dict[str, str], scenarios: list[str], requests: int,
             raise SystemExit(f"side {name} failed:\n{out.stderr[-4000:]}")
         return json.loads(out.stdout.strip().splitlines()[-1])
     finally:
-        _drop(DB_PREFIX + name)
-        shutil.rmtree(metrics_dir, ignore_errors=True)
+        apps.drop_database(database)
 
 
 def main() -> int:
