@@ -87,7 +87,7 @@ def main() -> int:
                               f"p50 {r['p50_us'] / 1000:6.2f} ms  p99 {r['p99_us'] / 1000:7.2f} ms  "
                               f"errors {r['errors']}", flush=True)  # fmt: skip
     finally:
-        apps.drop_leftovers()
+        apps.drop_made()
     print(f"\n{'scenario':8} | {'A req/s':>8} {'p99 ms':>7} | {'B req/s':>8} {'p99 ms':>7} | B/A req/s  paired")
     for scenario, by in results.items():
         a, b = by["A"], by["B"]

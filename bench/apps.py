@@ -127,7 +127,7 @@ def create_database(name: str) -> str:
 _made: set[str] = set()
 
 
-def drop_leftovers() -> None:
+def drop_made() -> None:
     """Drop the databases this run made (never another run's: two benchmarks may share a server)."""
     for name in sorted(_made):
         drop_database(name)

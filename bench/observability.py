@@ -217,7 +217,6 @@ def main() -> int:
     log(f"metrics add {metrics_us:.2f} us a request, the JSON line {json_us:.2f} us")
     results: dict[str, list[dict]] = {name: [] for name in VARIANTS}
     at_once: list[dict[str, dict]] = []
-    apps.drop_leftovers()
     try:
         for round_no in range(args.rounds):
             log(f"\n== round {round_no + 1}/{args.rounds} (load average {os.getloadavg()[0]:.2f}) ==")
@@ -250,7 +249,7 @@ def main() -> int:
                 apps.drop_database(apps.DB_PREFIX + f"obs_{name}")
         summarise(results, at_once)
     finally:
-        apps.drop_leftovers()
+        apps.drop_made()
         out_dir = apps.WORK / "results" if args.quick else apps.BENCH / "results"
         out_dir.mkdir(parents=True, exist_ok=True)
         out = out_dir / f"observability-{datetime.now(UTC):%Y-%m-%d}.txt"

@@ -462,7 +462,6 @@ def main() -> int:
     bin_dir = apps.baseline_venv(log)
     app_dir = apps.find_baseline()
     header(args, apps.baseline_versions(bin_dir))
-    apps.drop_leftovers()
     started = time.monotonic()
     summary, scales = {}, {}
     try:
@@ -475,7 +474,7 @@ def main() -> int:
         log(f"\ndone in {time.monotonic() - started:.0f} s; load average at end "
             f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")  # fmt: skip
     finally:
-        apps.drop_leftovers()
+        apps.drop_made()
         out_dir = apps.BENCH / "results" if not quick or args.name != "quick" else apps.WORK / "results"
         out_dir.mkdir(parents=True, exist_ok=True)
         stem = f"{datetime.now(UTC):%Y-%m-%d}-{args.name}"
