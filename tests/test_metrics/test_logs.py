@@ -10,9 +10,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+from litestar.testing import AsyncTestClient
 
 from tasktrail import logs
 from tasktrail.http import auth
+from tasktrail.http.app import create_app
 from tests.conftest import Server, assert_verifies
 
 SECRET_QUERY = "query-value-8c1f"  # noqa: S105 -- a value the log must not show, not a password
@@ -114,3 +116,19 @@ def test_a_client_address_a_proxy_made_up_stays_one_field_of_a_text_line(capsys:
     first, second = capsys.readouterr().err.splitlines()
     assert first.endswith(" request_id=r1 actor=- client=10.0.0.7")
     assert second.endswith(' request_id=r2 actor=k client="1.2.3.4 actor=admin\\u001b[2J"')
+
+
+@pytest.mark.anyio
+async def test_request_lines_waiting_to_be_written_are_written_when_the_server_stops(
+    database_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Lines go out together every FLUSH_SECONDS; a stop in between must not lose them."""
+    monkeypatch.setenv(logs.ACCESS_ENV, "1")
+    monkeypatch.setenv(logs.FORMAT_ENV, "json")
+    monkeypatch.setattr(logs.AccessLine, "FLUSH_SECONDS", 3600.0)  # only the stop writes them
+    monkeypatch.setattr(logging.getLogger(logs.ACCESS_LOGGER), "level", logging.INFO)
+    async with AsyncTestClient(app=create_app(database_url)) as client:
+        assert (await client.get("/tasks/", headers={"X-Request-ID": "waiting1"})).status_code == 200
+        assert "waiting1" not in capsys.readouterr().err  # still waiting
+    (line,) = [json.loads(line) for line in capsys.readouterr().err.splitlines() if "waiting1" in line]
+    assert (line["method"], line["route"], line["status"]) == ("GET", "/tasks", 200)
