@@ -3,6 +3,8 @@
     uv run python bench/inproc.py                              # this tree's src/ alone
     uv run python bench/inproc.py --b-src /tmp/base/src        # this tree (A) against another tree's src/ (B)
     uv run python bench/inproc.py --b-env TASKTRAIL_API_KEYS=... --key tt_...   # B with API keys configured
+    uv run python bench/inproc.py --a-env TASKTRAIL_METRICS=0 \
+        --b-env TASKTRAIL_ACCESS_LOG=1 --b-env TASKTRAIL_LOG_FORMAT=json        # what metrics and JSON lines cost
 
 Each side is a fresh process that imports tasktrail from its src/ (put first on
 sys.path), makes the app with create_app on a fresh database, and calls the ASGI
@@ -43,6 +45,15 @@ def _side(src: str, url: str, scenarios: list[str], requests: int, key: str | No
     import time
 
     from tasktrail.http.app import create_app
+
+    if os.environ.get("TASKTRAIL_ACCESS_LOG") == "1":
+        # As `serve` configures its workers: every request's line, to a file as a deployment would.
+        import logging.config
+
+        from tasktrail import logs
+
+        logging.config.dictConfig(logs.config(logs.log_format(), "info"))
+        sys.stderr = open(os.environ.get("INPROC_LOG_FILE", os.devnull), "w")  # noqa: SIM115 -- as long as the process
 
     # The schema and the read models, as `tasktrail migrate` of this side's tree makes them.
     migrate = [sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); from tasktrail.cli import main; "

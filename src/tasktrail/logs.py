@@ -46,8 +46,13 @@ request_id: ContextVar[str | None] = ContextVar("tasktrail_request_id", default=
 SANE_REQUEST_ID = re.compile(rb"[0-9A-Za-z._:=+/-]{1,128}")
 
 _encode = msgspec.json.Encoder().encode
-# What an IPv4 or IPv6 address (or a test client's name) looks like.
-_ADDRESS = re.compile(r"[0-9A-Za-z.:_\[\]-]{1,64}")
+# What an IPv4 or IPv6 address (or a test client's name), or a request id, looks like: nothing to escape or quote.
+_PLAIN = re.compile(r"[0-9A-Za-z._:=+/\[\]-]{1,128}")
+
+
+def _json_text(value: str) -> str:
+    """`value` as a JSON string."""
+    return f'"{value}"' if _PLAIN.fullmatch(value) else _encode(value).decode()
 
 
 @functools.lru_cache(maxsize=4)
@@ -141,38 +146,45 @@ def config(fmt: str, level: str) -> dict[str, Any]:
 
 
 class AccessLine:
-    """Writes one line per request to stderr, in the configured format (see the module's docstring)."""
+    """Writes one line per request to stderr, in the configured format (see the module's docstring).
 
-    __slots__ = ("json", "pending")
+    A JSON line is a template filled in, not a dict encoded: what a route's
+    lines share (method, route, status and the message made of them) is encoded
+    once per route and status, and a request id or client address of the plain
+    characters they are made of needs no escaping (anything else is encoded).
+    """
+
+    __slots__ = ("json", "pending", "_heads", "_actors")
     FLUSH_SECONDS = 0.05
     MAX_PENDING = 256
 
     def __init__(self, fmt: str) -> None:
         self.json = fmt == "json"
         self.pending: list[str] = []
+        # Bounded as the metrics' labels are: methods, routes and statuses are each from a fixed set.
+        self._heads: dict[tuple[str, str, int], str] = {}
+        # The API keys' names (from the configuration), and None.
+        self._actors: dict[str | None, str] = {None: "null"}
 
     def __call__(
         self, request_id: str, method: str, route: str, status: int, seconds: float, actor: str | None, client: str
     ) -> None:
         now = timestamp(time.time())
         if self.json:
-            line = _encode(
-                {
-                    "time": now,
-                    "level": "info",
-                    "logger": ACCESS_LOGGER,
-                    "message": f"{method} {route} {status}",
-                    "request_id": request_id,
-                    "method": method,
-                    "route": route,
-                    "status": status,
-                    "duration": round(seconds, 6),
-                    "actor": actor,
-                    "client": client,
-                }
-            ).decode()
+            try:
+                head = self._heads[method, route, status]
+            except KeyError:
+                head = self._heads[method, route, status] = self._head(method, route, status)
+            try:
+                named = self._actors[actor]
+            except KeyError:
+                named = self._actors[actor] = _encode(actor).decode()
+            line = (
+                f'{{"time":"{now}",{head},"request_id":{_json_text(request_id)},"duration":{seconds:.6f},'
+                f'"actor":{named},"client":{_json_text(client)}}}'
+            )
         else:
-            if not _ADDRESS.fullmatch(client):
+            if not _PLAIN.fullmatch(client):
                 # A trusted proxy's X-Forwarded-For becomes the client, whatever it says: quoted, it stays one field.
                 client = _encode(client).decode()
             line = (
@@ -187,6 +199,19 @@ class AccessLine:
                 self.flush()
         elif len(self.pending) >= self.MAX_PENDING:
             self.flush()
+
+    @staticmethod
+    def _head(method: str, route: str, status: int) -> str:
+        """The fields after `time` that every line of this method, route and status has, as JSON text."""
+        fields = {
+            "level": "info",
+            "logger": ACCESS_LOGGER,
+            "message": f"{method} {route} {status}",
+            "method": method,
+            "route": route,
+            "status": status,
+        }
+        return _encode(fields).decode()[1:-1]
 
     def flush(self) -> None:
         if self.pending:

@@ -132,3 +132,34 @@ async def test_request_lines_waiting_to_be_written_are_written_when_the_server_s
         assert "waiting1" not in capsys.readouterr().err  # still waiting
     (line,) = [json.loads(line) for line in capsys.readouterr().err.splitlines() if "waiting1" in line]
     assert (line["method"], line["route"], line["status"]) == ("GET", "/tasks", 200)
+
+
+@pytest.mark.parametrize(
+    ("request_id", "route", "actor", "client"),
+    [
+        ("tt0123456789ab00000000000000000001", "/tasks/{task_id}", None, "127.0.0.1"),
+        ("Root=1-5759e988-bd862e3fe1be46a994272793", "/tasks", "worker-7", "[::1]"),
+        ('a"b\\c', 'route "with" \\ quotes', 'ac"tor\n', '1.2.3.4", "level":"error'),
+        ("x" * 129, "unmatched", "é ü 名前", "10.0.0.7\x1b[2J\x00"),
+    ],
+)
+def test_a_json_request_line_is_one_object_with_each_field_as_given(
+    request_id: str, route: str, actor: str | None, client: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The line is a template filled in: whatever a field holds, it must stay that field's value."""
+    logs.AccessLine("json")(request_id, "PATCH", route, 409, 0.0012346, actor, client)
+    (text,) = capsys.readouterr().err.splitlines()
+    line = json.loads(text)
+    assert line.pop("time").endswith("Z")
+    assert line == {
+        "level": "info",
+        "logger": "tasktrail.access",
+        "message": f"PATCH {route} 409",
+        "request_id": request_id,
+        "method": "PATCH",
+        "route": route,
+        "status": 409,
+        "duration": 0.001235,
+        "actor": actor,
+        "client": client,
+    }
