@@ -1,25 +1,28 @@
 """What metrics and JSON logs cost: mixed throughput with them off and on, side by side (SPEC §11: 5% at most).
 
-    uv run python bench/observability.py            # 6 rounds of 8 s (about 5 minutes)
-    uv run python bench/observability.py --quick    # 2 rounds of 3 s, to check the harness
+    uv run python bench/observability.py            # 6 rounds, 8 s each alone, in 4 turns (about 5 minutes)
+    uv run python bench/observability.py --quick    # 2 rounds, 4 s each alone, in 2 turns, to check the harness
 
 off: `serve --no-metrics --no-access-log` (the request id is still given: it was there before).
-on:  `serve --log-format json --log-level info`: every request counted and timed into
-     prometheus_client's multiprocess files, a JSON line per request (to a file), and
+on:  `serve --log-format json --log-level info`: every request counted and timed by
+     prometheus_client (in memory: one worker), a JSON line per request (to a file), and
      GET /metrics scraped every --scrape-every seconds (default 5; Prometheus's default is 15).
 
 First, the one ASGI wrapper that gives request ids, counts and logs, alone: its CPU
-time per request in one process, with metrics (multiprocess mode) and the JSON line
-(to a file) off and on, around an app that only answers. Then the whole service.
+time per request in one process, with metrics (in memory, as `serve` keeps them with
+one worker) and the JSON line (to a file) off and on, around an app that only
+answers. Then the whole service.
 Each round gives both fresh databases on the same PostgreSQL (BENCH_PG_URL) and the
 same tasks loaded through their APIs, then drives the mix of bench/wrk/tasks.lua
-(20% create, 40% update, 30% get, 5% list, 5% stats) at each in turn, the order
-flipping every round. Besides requests per second it counts the CPU time the server
+(20% create, 40% update, 30% get, 5% list, 5% stats) at each alone, in turns of a
+few seconds in the order A B B A A B B A (a slow drift in the machine's speed, the
+larger part of its noise, then weighs on both alike), which server is A flipping
+every round. Besides requests per second it counts the CPU time the server
 processes used per request (less disturbed than throughput by other load on a shared
 machine), and after each round drives both at once (other load then weighs on both
 alike). Medians, and the median of the ratios within each round, are printed. In the
-last round py-spy samples the "on" server while it runs, and the share of its samples in
-the code of metrics and logs (tasktrail.metrics, tasktrail.logs, tasktrail.http.metrics,
+last round py-spy samples the "on" server while it is driven, and the share of its
+samples in the code of metrics and logs (tasktrail.metrics, tasktrail.logs, tasktrail.http.metrics,
 prometheus_client) is printed: a measure of their cost that other load hardly moves.
 The raw output goes to bench/results/observability-<date>.txt (quick runs: bench/.work/results/).
 """
@@ -59,19 +62,28 @@ def cpu_seconds(server: apps.Server) -> float:
 
 
 class Scraper:
-    """GET /metrics every `every` seconds while it runs, as Prometheus would."""
+    """GET /metrics every `every` seconds of the time "on" is driven, as Prometheus would (paused in between)."""
+
+    TICK = 0.05
 
     def __init__(self, server: apps.Server, every: float) -> None:
         self.server, self.every = server, every
         self.stop = threading.Event()
+        self.active = threading.Event()
         self.thread = threading.Thread(target=self.run, daemon=True)
         self.scrapes = 0
 
     def run(self) -> None:
-        while not self.stop.wait(self.every):
-            status, _, _ = apps.request(self.server.port, "GET", "/metrics")
-            assert status == 200, status
-            self.scrapes += 1
+        driven = 0.0
+        while not self.stop.wait(self.TICK):
+            if not self.active.is_set():
+                continue
+            driven += self.TICK
+            if driven >= self.every:
+                driven = 0.0
+                status, _, _ = apps.request(self.server.port, "GET", "/metrics")
+                assert status == 200, status
+                self.scrapes += 1
 
     def __enter__(self) -> Scraper:
         self.thread.start()
@@ -108,19 +120,48 @@ class Profile:
         return observing / max(total, 1), total
 
 
-def measure(server: apps.Server, args: argparse.Namespace, *, scrape: bool, profile: bool) -> dict:
-    apps.checkpoint()
-    files = (apps.ids_file(server, "ids"), apps.ids_file(server, "running"))
-    cpu_before = cpu_seconds(server)
-    profiling = Profile(server, args.duration) if profile else None
-    with contextlib.ExitStack() as stack:
-        scraper = stack.enter_context(Scraper(server, args.scrape_every)) if scrape else None
-        result = wrk(server.url, "mix", args.duration, args.connections, files)
-    result["scrapes"] = scraper.scrapes if scraper else 0
-    result["cpu_us"] = (cpu_seconds(server) - cpu_before) / result["requests"] * 1e6
+def measure(servers: list[apps.Server], args: argparse.Namespace, *, first: int, profile: bool) -> dict[str, dict]:
+    """Each server driven alone in turn, `args.slices` times each, in the order A B B A A B ... (servers[first] is
+    A): slow drifts of the machine's speed then weigh on both alike. What each served, summed over its slices."""
+    order = [servers[first], servers[1 - first]]
+    on = next(server for server in servers if server.name == "on")
+    totals = {server.name: {"requests": 0, "duration_us": 0, "errors": 0, "cpu": 0.0, "sample": "", "p50": [],
+                            "p99": []} for server in servers}  # fmt: skip
+    # py-spy over the whole round: while "off" is driven, "on" idles, and idle threads are not sampled.
+    slices = args.slices * 2
+    profiling = Profile(on, int(slices * (args.duration / args.slices + 1.5))) if profile else None
+    with Scraper(on, args.scrape_every) as scraper:
+        for n in range(slices):
+            server = order[0] if n % 4 in (0, 3) else order[1]
+            apps.checkpoint()
+            files = (apps.ids_file(server, "ids"), apps.ids_file(server, "running"))
+            cpu_before = cpu_seconds(server)
+            if server is on:
+                scraper.active.set()
+            result = wrk(server.url, "mix", max(1, round(args.duration / args.slices)), args.connections, files)
+            scraper.active.clear()
+            total = totals[server.name]
+            total["cpu"] += cpu_seconds(server) - cpu_before
+            for key in ("requests", "duration_us", "errors"):
+                total[key] += result[key]
+            total["sample"] = total["sample"] or result["sample"]
+            total["p50"].append(result["p50_us"])
+            total["p99"].append(result["p99_us"])
+    results = {}
+    for name, total in totals.items():
+        results[name] = {
+            "rps": total["requests"] / (total["duration_us"] / 1e6),
+            "cpu_us": total["cpu"] / total["requests"] * 1e6,
+            # Of the slices' percentiles, the median: each slice's are of its own requests.
+            "p50_us": statistics.median(total["p50"]),
+            "p99_us": statistics.median(total["p99"]),
+            "errors": total["errors"],
+            "sample": total["sample"],
+            "scrapes": scraper.scrapes if name == "on" else 0,
+        }
     if profiling is not None:
-        result["profile"] = profiling.share()
-    return result
+        results["on"]["profile"] = profiling.share()
+    return results
 
 
 def together(servers: list[apps.Server], args: argparse.Namespace) -> dict[str, dict]:
@@ -145,7 +186,8 @@ def together(servers: list[apps.Server], args: argparse.Namespace) -> dict[str, 
 WRAPPER = """
 import asyncio, os, sys, tempfile, time
 files = tempfile.TemporaryDirectory(prefix="tasktrail-bench-")
-os.environ["PROMETHEUS_MULTIPROC_DIR"] = files.name
+if int(sys.argv[1]) > 1:  # as `serve` counts: in mmap'd files only when there are workers to add up
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = files.name
 from tasktrail import logs
 from tasktrail.http.app import observed
 
@@ -182,12 +224,11 @@ files.cleanup()
 """
 
 
-def wrapper_cost() -> dict[str, float]:
+def wrapper_cost(workers: int) -> dict[str, float]:
     """CPU us a request of the wrapper alone, by variant (its JSON lines go to a file, as a server's would)."""
     with (apps.WORK / "wrapper-access.log").open("w") as lines:
-        done = subprocess.run(
-            [sys.executable, "-c", WRAPPER], stdout=subprocess.PIPE, stderr=lines, text=True, check=True, timeout=600
-        )
+        command = [sys.executable, "-c", WRAPPER, str(workers)]
+        done = subprocess.run(command, stdout=subprocess.PIPE, stderr=lines, text=True, check=True, timeout=600)
     return {name: float(us) for name, us in (item.split("=") for item in done.stdout.split())}
 
 
@@ -195,7 +236,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="2 rounds of 3 s, to check the harness")
     p.add_argument("--rounds", type=int, help="alternating rounds (default 6; quick 2)")
-    p.add_argument("--duration", type=int, help="seconds per wrk run (default 8; quick 3)")
+    p.add_argument("--duration", type=int, help="seconds each server is driven alone a round (default 8; quick 4)")
+    p.add_argument("--slices", type=int, default=4, help="in how many turns each is (default 4; quick 2)")
     p.add_argument("--connections", type=int, default=16)
     p.add_argument("--workers", type=int, default=1, help="server processes each (default 1)")
     p.add_argument("--tasks", type=int, default=2000, help="tasks loaded through each API (default 2000)")
@@ -203,15 +245,19 @@ def main() -> int:
     p.add_argument("--no-profile", dest="profile", action="store_false", help="no py-spy in the last round")
     args = p.parse_args()
     args.rounds = args.rounds or (2 if args.quick else 6)
-    args.duration = args.duration or (3 if args.quick else 8)
+    args.duration = args.duration or (4 if args.quick else 8)
+    args.slices = 2 if args.quick else args.slices
 
     apps.WORK.mkdir(parents=True, exist_ok=True)
     log(f"tasktrail observability cost, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC; machine: {machine()}")
     log(f"load average at start {' '.join(f'{x:.2f}' for x in os.getloadavg())}; settings: {vars(args)}")
     for name, serve_args in VARIANTS.items():
         log(f"{name:>3}: tasktrail serve {' '.join(serve_args)}")
-    costs = wrapper_cost()
-    log("\n== the wrapper alone (one process, CPU us a request, best of 5 interleaved runs of 20,000) ==")
+    costs = wrapper_cost(args.workers)
+    mode = "in memory" if args.workers == 1 else "in files"
+    log(
+        f"\n== the wrapper alone (one process, metrics {mode}; CPU us a request, best of 5 interleaved runs of 20k) =="
+    )
     log("  ".join(f"{name} {us:.2f}" for name, us in costs.items()))
     metrics_us, json_us = costs["metrics"] - costs["off"], costs["metrics+json"] - costs["metrics"]
     log(f"metrics add {metrics_us:.2f} us a request, the JSON line {json_us:.2f} us")
@@ -229,10 +275,10 @@ def main() -> int:
                 for server in servers:
                     apps.load(server, args.tasks, 0.5)
                     wrk(server.url, "get", 2, args.connections, (apps.ids_file(server, "ids"), ""))  # warm up
-                order = servers if round_no % 2 == 0 else servers[::-1]
-                for server in order:
-                    last_on = server.name == "on" and round_no == args.rounds - 1
-                    r = measure(server, args, scrape=server.name == "on", profile=last_on and args.profile)
+                last = round_no == args.rounds - 1
+                measured = measure(servers, args, first=round_no % 2, profile=last and args.profile)
+                for server in servers:
+                    r = measured[server.name]
                     results[server.name].append(r)
                     flag = f"  !! {r['errors']} errors, e.g. {r['sample']}" if r["errors"] else ""
                     log(f"{server.name:>3} {r['rps']:9.1f} req/s  p50 {r['p50_us'] / 1000:6.2f} ms  "

@@ -154,7 +154,7 @@ class AccessLine:
     characters they are made of needs no escaping (anything else is encoded).
     """
 
-    __slots__ = ("json", "pending", "_heads", "_actors")
+    __slots__ = ("_actors", "_heads", "json", "pending")
     FLUSH_SECONDS = 0.05
     MAX_PENDING = 256
 
