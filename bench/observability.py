@@ -255,9 +255,7 @@ def main() -> int:
         log(f"{name:>3}: tasktrail serve {' '.join(serve_args)}")
     costs = wrapper_cost(args.workers)
     mode = "in memory" if args.workers == 1 else "in files"
-    log(
-        f"\n== the wrapper alone (one process, metrics {mode}; CPU us a request, best of 5 interleaved runs of 20k) =="
-    )
+    log(f"\n== the wrapper alone (one process, metrics {mode}; CPU us a request, best of 5 interleaved runs of 20k) ==")
     log("  ".join(f"{name} {us:.2f}" for name, us in costs.items()))
     metrics_us, json_us = costs["metrics"] - costs["off"], costs["metrics+json"] - costs["metrics"]
     log(f"metrics add {metrics_us:.2f} us a request, the JSON line {json_us:.2f} us")
