@@ -142,7 +142,10 @@ def test_ctrl_c_leaves_the_live_read_model_alone_and_the_next_rebuild_starts_ove
 
 def wait_for_the_swap(database_url: str) -> None:
     """Until a swap waits to drop the live tasks table."""
-    waiting = "SELECT count(*) FROM pg_locks WHERE mode = 'AccessExclusiveLock' AND NOT granted"
+    waiting = """
+        SELECT count(*) FROM pg_locks JOIN pg_database ON pg_database.oid = pg_locks.database
+        WHERE datname = current_database() AND mode = 'AccessExclusiveLock' AND NOT granted
+    """
     with psycopg.connect(database_url, autocommit=True) as watcher:
         for _ in range(1200):
             if watcher.execute(waiting).fetchone()[0]:
