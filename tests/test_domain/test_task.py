@@ -149,6 +149,29 @@ def test_an_update_that_changes_nothing_decides_nothing() -> None:
     assert decide(UpdateTask(status=Status.RUNNING, progress=10.0), state) is None
 
 
+@pytest.mark.parametrize(
+    ("before", "after"),
+    [
+        ({"ok": 1}, {"ok": True}),
+        ({"ok": 0}, {"ok": False}),
+        ({"n": 1}, {"n": 1.0}),
+        ({"n": [0, 1]}, {"n": [False, True]}),
+        ({"a": {"b": 1}}, {"a": {"b": True}}),
+        ([1], [1.0]),
+        ({"a": 1}, {"a": 1, "b": None}),
+    ],
+)
+def test_a_result_that_python_calls_equal_but_json_does_not_is_a_change(before: object, after: object) -> None:
+    """1 == True == 1.0 to Python; a client that sends true where 1 was changed its result."""
+    running = given(CREATED, TaskStarted(result=before))
+    assert decide(UpdateTask(result=after), running) == TaskUpdated(result=after)
+    assert decide(UpdateTask(result=before), running) is None
+    reordered = dict(reversed(list(before.items()))) if isinstance(before, dict) else before
+    assert decide(UpdateTask(result=reordered), running) is None  # an object's keys have no order
+    with pytest.raises(TransitionRejected):
+        decide(UpdateTask(result=after), then(running, TaskCompleted()))
+
+
 def test_progress_and_result_without_a_move() -> None:
     state = given(CREATED, TaskStarted())
     assert decide(UpdateTask(progress=55.5), state) == ProgressReported(progress=55.5)

@@ -143,11 +143,22 @@ def decide(command: Command, state: Task | None) -> Event | None:
     raise TypeError(f"unknown command {command!r}")  # pragma: no cover
 
 
+def same_json(a: Any, b: Any) -> bool:
+    """Whether two decoded JSON values are the same JSON: true is not 1, nor 1 1.0 (to Python's == they are)."""
+    if type(a) is not type(b):
+        return False
+    if type(a) is dict:
+        return a.keys() == b.keys() and all(same_json(value, b[key]) for key, value in a.items())
+    if type(a) is list:
+        return len(a) == len(b) and all(map(same_json, a, b))
+    return bool(a == b)
+
+
 def _decide_update(command: UpdateTask, state: Task) -> Event | None:
     changes: dict[str, Any] = {}
     if command.progress is not None and command.progress != state.progress:
         changes["progress"] = float(command.progress)
-    if command.result is not None and command.result != state.result:
+    if command.result is not None and not same_json(command.result, state.result):
         changes["result"] = command.result
     if command.error is not None and command.error != state.error:
         changes["error"] = command.error
