@@ -82,6 +82,7 @@ def _api_keys(args: argparse.Namespace) -> int | None:
             args.host,
         )
         return 2
+    args.keyless = not keys
     scopes = ", ".join(f"{key.name} ({key.scope})" for key in keys)
     log.info("API keys: %s", scopes or "none: open to this machine only")
     return None
@@ -136,6 +137,7 @@ def _serve(args: argparse.Namespace, log_config: dict[str, object]) -> int:
     import uvicorn
 
     from tasktrail import logs
+    from tasktrail.http import auth
 
     if (refused := _api_keys(args)) is not None:
         return refused
@@ -156,6 +158,8 @@ def _serve(args: argparse.Namespace, log_config: dict[str, object]) -> int:
     os.environ[logs.FORMAT_ENV] = args.log_format
     os.environ[logs.ACCESS_ENV] = "1" if args.access_log else "0"
     os.environ[METRICS_ENV] = "1" if args.metrics else "0"
+    # Open, on loopback: the app answers only requests addressed to this machine (see http/auth.py).
+    os.environ[auth.LOOPBACK_ONLY_ENV] = "1" if args.keyless else "0"
     uvicorn.run(
         "tasktrail.http.app:create_app",
         factory=True,

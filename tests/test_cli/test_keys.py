@@ -113,6 +113,8 @@ def test_a_server_with_keys_checks_them_and_never_logs_them(database_url: str, t
             history = client.get(f"/tasks/{task_id}/history", headers=as_reader).json()
             assert history["events"][0]["metadata"]["actor"] == "worker-7"
             assert client.get("/tasks/", headers={"Authorization": f"Bearer {writer}x"}).status_code == 401
+            # Keys guard it: any name may reach it (a proxy's, a host's), unlike an open service.
+            assert client.get("/tasks/", headers={**as_reader, "Host": "tasks.example"}).status_code == 200
     finally:
         server.stop()
     log = server.log()

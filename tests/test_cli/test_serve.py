@@ -59,6 +59,16 @@ def test_serve_with_two_workers(database_url: str, tmp_path: Path) -> None:
             made = [client.post("/tasks/", json={"task_type": "w"}).json() for _ in range(10)]
             assert all(client.get(f"/tasks/{t['task_id']}").status_code == 200 for t in made)
             assert client.get("/tasks/stats/summary").json()["total"] == 10
+            # With no keys, only requests addressed to this machine: a name of a web page's own that
+            # resolves to 127.0.0.1 (DNS rebinding) must not reach the open service.
+            for host in ("evil.example", "evil.example:80", "127.0.0.1.evil.example", ""):
+                refused = client.post("/tasks/", json={"task_type": "w"}, headers={"Host": host})
+                assert refused.status_code == 403, host
+                assert refused.headers["content-type"] == "application/problem+json"
+                assert "addressed to this machine" in refused.json()["detail"]
+            for host in (f"localhost:{server.port}", "LOCALHOST", "[::1]:80", "127.0.0.2", "app.localhost"):
+                assert client.get("/tasks/stats/summary", headers={"Host": host}).status_code == 200, host
+            assert client.get("/tasks/stats/summary").json()["total"] == 10
     finally:
         assert server.stop() == 0
 

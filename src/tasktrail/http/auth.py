@@ -2,8 +2,12 @@
 
 Scopes nest: `admin` may do all `write` may, `write` all `read` may. GETs need
 `read`, other methods `write` (OPTIONS none); a route asks for more with `opt={"scope": "admin"}`
-or for none with `opt=PUBLIC`. With no keys configured there is no check at all
-(`tasktrail serve` allows that only on a loopback address).
+or for none with `opt=PUBLIC`. With no keys configured there is no key check
+(`tasktrail serve` allows that only on a loopback address), and `serve` has
+the app answer only requests addressed to this machine by their Host header
+(LOOPBACK_ONLY_ENV): a web page the operator opens could otherwise reach the
+open service through a name of its own that resolves to 127.0.0.1 (DNS
+rebinding).
 
 Why a plain SHA-256 and not a slow password hash: a key is 256 random bits made
 by `new_key`, so its hash cannot be reversed by guessing, however fast the hash;
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import os
 import re
 import secrets
@@ -39,6 +44,9 @@ NAME = "[A-Za-z0-9._-]{1,64}"
 _ENTRY = re.compile(f"(?P<name>{NAME}):(?P<scope>read|write|admin):(?P<digest>[0-9a-f]{{64}})")
 _BEARER = re.compile(r"bearer[ \t]+(?P<key>\S+)[ \t]*", re.IGNORECASE)
 _REALM = 'Bearer realm="tasktrail"'
+# Set by `serve` when it serves with no keys, on loopback: see the module's docstring.
+LOOPBACK_ONLY_ENV = "TASKTRAIL_LOOPBACK_ONLY"
+_HOST_PORT = re.compile(rb"(?P<host>\[[^\]]*\]|[^:]*)(?::[0-9]{1,5})?")
 
 
 class Key(msgspec.Struct, frozen=True):
@@ -126,7 +134,7 @@ def middleware(keys: Sequence[Key], signer: sessions.Signer | None = None) -> li
     refusals go through the route's own exception handlers, as the guard's did.
     """
     if not keys:
-        return []
+        return [_loopback_only] if os.environ.get(LOOPBACK_ONLY_ENV) == "1" else []
     configured = tuple(keys)
     ranks = {scope: rank for rank, scope in enumerate(SCOPES)}
 
@@ -163,6 +171,34 @@ def middleware(keys: Sequence[Key], signer: sessions.Signer | None = None) -> li
         state["scope"] = key.scope
 
     return [require_key]
+
+
+def loopback_host(header: bytes) -> bool:
+    """Whether a Host header names this machine: localhost (or a name under it), or a loopback address."""
+    match = _HOST_PORT.fullmatch(header)
+    if match is None:
+        return False
+    host = match["host"].decode("latin-1").lower().rstrip(".")
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host[1:-1] if host.startswith("[") else host).is_loopback
+    except ValueError:
+        return False
+
+
+def _loopback_only(app: ASGIApp) -> ASGIApp:
+    async def check(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan":
+            host = next((value for name, value in scope["headers"] if name == b"host"), None)
+            if host is not None and not loopback_host(host):
+                raise PermissionDeniedException(
+                    "this service has no API keys and answers only requests addressed to this machine"
+                    " (Host: localhost or a loopback address); configure keys to serve it under other names"
+                )
+        await app(scope, receive, send)
+
+    return check
 
 
 def bearer_key(configured: Sequence[Key], header: str) -> Key:
