@@ -144,6 +144,15 @@ async def test_the_api_docs_page_names_no_other_host(open_client: AsyncTestClien
     assert (await open_client.get("/schema/openapi.json")).status_code == 200
 
 
+async def test_a_docs_path_that_names_nothing_is_a_problem_document(open_client: AsyncTestClient) -> None:
+    """Litestar answers these with an HTML page of its own; every error of the API is problem+json."""
+    for path in ("/schema/redoc", "/schema/oauth2-redirect.html", "/schema/openapi.yaml", "/schema/a/b"):
+        missing = await open_client.get(path)
+        assert missing.status_code == 404, path
+        assert missing.headers["content-type"] == "application/problem+json", path
+        assert missing.json()["status"] == 404
+
+
 async def test_without_a_session_pages_ask_to_sign_in_and_the_api_still_says_401(secured: AsyncTestClient) -> None:
     page = await secured.get("/ui/events?x=1", follow_redirects=False)
     assert page.status_code == 303

@@ -7,12 +7,16 @@ import dataclasses
 from html import escape
 from typing import Any
 
-from litestar import Request
+from litestar import Request, get
+from litestar._openapi.plugin import handle_schema_path_not_found
+from litestar.exceptions import NotFoundException
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import JsonRenderPlugin, SwaggerRenderPlugin
 from litestar.openapi.spec import Components, OpenAPIType, Reference, Schema, SecurityScheme
+from litestar.params import FromPath
 from litestar.plugins import OpenAPISchemaPlugin
 from litestar.router import Router
+from litestar.routes import HTTPRoute
 from litestar.typing import FieldDefinition
 
 from tasktrail.http.body import MAX_JSON_BYTES, MAX_JSON_DEPTH
@@ -115,7 +119,25 @@ class Swagger(SwaggerRenderPlugin):
 </html>""".encode()
 
     def receive_router(self, router: Router) -> None:
-        """No OAuth2 redirect page: the API takes bearer keys, and Litestar's page loads from a CDN."""
+        """No OAuth2 redirect page: the API takes bearer keys, and Litestar's page loads from a CDN.
+
+        And a schema path that names nothing is a 404 like any other (problem+json), not
+        Litestar's HTML page for it.
+        """
+        router.routes = [
+            route
+            for route in router.routes
+            if not (
+                isinstance(route, HTTPRoute)
+                and any(handler.fn is handle_schema_path_not_found for handler in route.route_handlers)
+            )
+        ]
+        router.register(_not_found)
+
+
+@get("/{path:str}", sync_to_thread=False, include_in_schema=False)
+def _not_found(path: FromPath[str]) -> None:
+    raise NotFoundException("no such page of the API docs")
 
 
 CONFIG = OpenAPIConfig(
