@@ -140,28 +140,40 @@ def test_what_the_http_parser_refuses_is_problem_json_too(database_url: str, tmp
     env = os.environ | {"DATABASE_URL": database_url, "TASKTRAIL_READ_TIMEOUT": "1"}
     server = Server(env, log_dir=tmp_path)
     try:
-        huge = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (64 * MAX_HEAD_BYTES) + b"\r\n\r\n"
+        huge = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"a" * (64 * MAX_HEAD_BYTES) + b"\r\n\r\n"
         assert "larger than" in problem_of(exchange(server, huge), 431)["detail"]
-        many = b"GET /health HTTP/1.1\r\nHost: x\r\n" + b"X-A: b\r\n" * MAX_HEAD_BYTES + b"\r\n"
+        many = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n" + b"X-A: b\r\n" * MAX_HEAD_BYTES + b"\r\n"
         problem_of(exchange(server, many), 431)
         for broken in (
-            b"GET /health HTTP/1.1\r\nHost: x\r\nX-Request-ID: a\x00b\r\n\r\n",
-            b"GET /tasks/\xff HTTP/1.1\r\nHost: x\r\n\r\n",
-            b"POST /tasks/ HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{}",
-            b"POST /tasks/ HTTP/1.1\r\nHost: x\r\nContent-Length: -2\r\n\r\n{}",
-            b"POST /tasks/ HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n",
+            b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Request-ID: a\x00b\r\n\r\n",
+            b"GET /tasks/\xff HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+            b"POST /tasks/ HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{}",
+            b"POST /tasks/ HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: -2\r\n\r\n{}",
+            b"POST /tasks/ HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n",
         ):
             problem_of(exchange(server, broken), 400)
+        # A transfer coding this server does not decode would be read as if it were not there.
+        task = b'11\r\n{"task_type":"a"}\r\n0\r\n\r\n'
+        head = b"POST /tasks/ HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        for codings in (b"gzip, chunked", b"deflate, chunked", b"gzip\r\nTransfer-Encoding: chunked"):
+            refused = problem_of(exchange(server, head + b"Transfer-Encoding: " + codings + b"\r\n\r\n" + task), 400)
+            assert "only transfer coding" in refused["detail"]
+        assert exchange(server, head + b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n" + task).startswith(
+            b"HTTP/1.1 201 "
+        )
         # A head that never ends, and a body shorter than its Content-Length: 408 once the read timeout passes.
-        assert "did not arrive" in problem_of(exchange(server, b"GET /health HTTP/1.1\r\nHost: x\r\n"), 408)["detail"]
+        assert (
+            "did not arrive"
+            in problem_of(exchange(server, b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n"), 408)["detail"]
+        )
         lying = (
-            b"POST /tasks/ HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 500\r\n\r\n"
+            b"POST /tasks/ HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 500\r\n\r\n"
             b'{"task_type": "x"}'
         )
         assert "did not arrive" in problem_of(exchange(server, lying), 408)["detail"]
         with httpx.Client(base_url=server.url) as client:
             assert client.get("/health").status_code == 200
-            assert client.get("/tasks/stats/summary").json()["total"] == 0
+            assert client.get("/tasks/stats/summary").json()["total"] == 1
     finally:
         server.stop()
     assert "Traceback" not in server.log(), server.log()

@@ -28,6 +28,11 @@ def test_a_body_over_one_mebibyte_is_413_however_it_is_sent(live_server: str) ->
         problem(client.post("/tasks/", content=chunks(), headers=JSON), 413)  # chunked: no length given up front
         task = client.post("/tasks/", json={"task_type": "x"}).json()
         problem(client.patch(f"/tasks/{task['task_id']}", content=too_big, headers=JSON), 413)
+        # Routes that read no body refuse one over the limit all the same (before reading it).
+        problem(client.post("/tasks/cleanup?days=100000", content=too_big), 413)
+        problem(client.request("GET", "/tasks/stats/summary", content=too_big), 413)
+        problem(client.request("DELETE", f"/tasks/{task['task_id']}", content=too_big), 413)
+        assert client.get(f"/tasks/{task['task_id']}").status_code == 200
         # At the limit the body is read, and the params cap answers instead.
         errors = problem(client.post("/tasks/", content=body_of(MAX_BODY_BYTES), headers=JSON), 422)["errors"]
         assert errors[0]["field"] == "params"

@@ -50,7 +50,7 @@ from litestar.plugins import ReceiveRoutePlugin
 from litestar.routes import BaseRoute, HTTPRoute
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
-from tasktrail.http.body import MalformedBody
+from tasktrail.http.body import MAX_BODY_BYTES, MalformedBody
 from tasktrail.http.problems import PROBLEM, problem_body, problems
 
 MAX_URL_BYTES = 16 * 1024
@@ -184,12 +184,22 @@ Refusal = tuple[int, str, dict[str, Any]]
 def _refusal(scope: Scope, shape: Shape | None) -> Refusal | None:
     seen: dict[bytes, bytes] = {}
     size = 0
+    codings: list[bytes] = []
     for name, value in scope["headers"]:
         size += len(name) + len(value)
         if name in _WATCHED and seen.setdefault(name, value) != value and name in SINGLE:
             return 400, f"give one {SINGLE[name]} header, not several that differ", {}
+        if name == b"transfer-encoding":
+            codings += (coding.strip().lower() for coding in value.split(b","))
     if size > MAX_HEADER_BYTES:
         return 431, f"the headers are larger than {MAX_HEADER_BYTES} bytes in all", {}
+    if codings and codings != [b"chunked"]:
+        # RFC 9112 6.1: a coding the server does not decode (gzip, chunked) would be read as if it were not there.
+        return 400, "the only transfer coding taken is chunked (Transfer-Encoding: chunked)", {}
+    length = seen.get(b"content-length", b"0").strip()
+    if length.isdigit() and (len(length) > 18 or int(length) > MAX_BODY_BYTES):
+        # Whether the route reads a body or not: none may be larger (the body is not read to find out).
+        return 413, "the body is over 1 MiB", {}
     # Litestar's test client puts the query string in raw_path too (uvicorn, as ASGI says, does not).
     raw_path = (scope.get("raw_path") or scope["path"].encode()).partition(b"?")[0]
     query = scope.get("query_string", b"")
