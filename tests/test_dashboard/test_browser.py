@@ -181,9 +181,18 @@ def test_delete_after_a_confirmation_and_a_deleted_task_keeps_its_history(ui: Da
     page.get_by_role("button", name="Delete the task").click()
     expect(page.locator(".notice.deleted")).to_contain_text("Deleted")
     expect(page.locator('#timeline [data-type="TaskDeleted"]')).to_have_count(1)
+    expect(page.locator("#actions")).to_be_hidden()  # nothing is left to do to it
     page.reload()
     expect(page.locator(".notice.deleted")).to_contain_text("Its history is kept")
     expect(page.locator("#timeline [data-version]")).to_have_count(2)
+
+
+def test_a_long_type_with_no_space_wraps_instead_of_widening_the_page(ui: Dashboard) -> None:
+    task = create(ui, "L" * 200)
+    page = ui.page()
+    page.goto(f"/ui/tasks/{task['task_id']}")
+    expect(page.locator("#timeline [data-version]")).to_have_count(1)
+    assert page.evaluate("document.documentElement.scrollWidth <= innerWidth")
 
 
 def test_an_unknown_task_is_a_404_page(ui: Dashboard) -> None:
