@@ -75,6 +75,21 @@ async def test_update_names_the_offending_field(shared_client: AsyncTestClient, 
     assert errors[0]["field"] == field
 
 
+async def test_every_offending_field_is_named_not_only_the_first(shared_client: AsyncTestClient) -> None:
+    task = (await shared_client.post("/tasks/", json={"task_type": "x"})).json()
+    body = {"progress": 500, "status": "bogus", "error": 5, "result": {"ok": True}}
+    refused = problem(await shared_client.patch(f"/tasks/{task['task_id']}", json=body), 422)
+    assert [e["field"] for e in refused["errors"]] == ["progress", "status", "error"]
+    assert "and 2 more" in refused["detail"]
+    items = [{"task_type": ""}, {"task_type": "fine"}, {}, {"task_type": "x", "params": 5}]
+    refused = problem(await shared_client.post("/tasks/batch", json={"tasks": items}), 422)
+    assert [e["field"] for e in refused["errors"]] == ["tasks[0].task_type", "tasks[2].task_type", "tasks[3].params"]
+    updates = [{"task_id": task["task_id"], "progress": 500}, {"task_id": "nope", "progress": 1}]
+    refused = problem(await shared_client.patch("/tasks/batch", json={"updates": updates}), 422)
+    assert [e["field"] for e in refused["errors"]] == ["updates[0].progress", "updates[1].task_id"]
+    assert (await shared_client.get(f"/tasks/{task['task_id']}")).json()["version"] == 1  # nothing written
+
+
 async def test_huge_numbers_are_422(shared_client: AsyncTestClient) -> None:
     task = (await shared_client.post("/tasks/", json={"task_type": "x"})).json()
     for raw in (b'{"progress": 1e308}', b'{"progress": 1e400}', b'{"progress": -1e308}'):

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import codecs
+import contextlib
 import re
+import typing
 from collections.abc import Iterator
 from typing import Any, Generic, TypeVar
 
@@ -45,13 +47,13 @@ def decode(body: bytes, type_: type[T]) -> T:
     try:
         return msgspec.json.decode(body, type=type_)
     except msgspec.ValidationError as exc:
-        match = _AT.match(str(exc))
-        assert match is not None
-        path = (match["path"] or "").lstrip(".")
-        missing = _MISSING.match(match["message"])
-        if missing:
-            path = f"{path}.{missing[1]}".lstrip(".")
-        raise invalid(path or "body", match["message"]) from exc
+        # The decoder stops at the first field it refuses; the answer names every one.
+        errors = [_field_error(exc, "")]
+        with contextlib.suppress(msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+            errors += (error for error in _every_error(msgspec.json.decode(body), type_, "") if error not in errors)
+        (field, message), more = errors[0], len(errors) - 1
+        detail = f"{field}: {message}" + (f" (and {more} more: see errors)" if more else "")
+        raise InvalidInput(detail, [{"field": f, "message": m} for f, m in errors]) from exc
     except msgspec.DecodeError as exc:
         if body.startswith(codecs.BOM_UTF8):
             raise MalformedBody("the body starts with a byte order mark: send JSON as UTF-8 without one") from exc
@@ -61,6 +63,47 @@ def decode(body: bytes, type_: type[T]) -> T:
         raise MalformedBody(f"the body is not UTF-8 text (byte {exc.start}): JSON must be sent as UTF-8") from exc
     except RecursionError as exc:
         raise invalid("body", f"nested deeper than {MAX_JSON_DEPTH} levels") from exc
+
+
+def _field_error(exc: msgspec.ValidationError, at: str) -> tuple[str, str]:
+    """The field a ValidationError names (under `at`), and its message."""
+    match = _AT.match(str(exc))
+    assert match is not None
+    path = f"{at}{match['path'] or ''}".lstrip(".")
+    missing = _MISSING.match(match["message"])
+    if missing:
+        path = f"{path}.{missing[1]}".lstrip(".")
+    return path or "body", match["message"]
+
+
+def _every_error(value: Any, type_: Any, at: str) -> list[tuple[str, str]]:
+    """Each field of a decoded body that `type_` refuses, field by field (and item by item in lists of objects)."""
+    if not (isinstance(type_, type) and issubclass(type_, msgspec.Struct) and isinstance(value, dict)):
+        return []
+    errors = []
+    for field in msgspec.structs.fields(type_):
+        name = field.encode_name
+        if name not in value:
+            if field.required:
+                errors.append((f"{at}.{name}".lstrip("."), f"Object missing required field `{name}`"))
+            continue
+        try:
+            msgspec.convert(value[name], type=field.type)
+        except msgspec.ValidationError as exc:
+            items = _items_of(field.type)
+            found = []
+            if items is not None and isinstance(value[name], list):
+                for i, item in enumerate(value[name]):
+                    found += _every_error(item, items, f"{at}.{name}[{i}]")
+            errors += found or [_field_error(exc, f"{at}.{name}")]
+    return errors
+
+
+def _items_of(type_: Any) -> Any:
+    """T of list[T] (or of Annotated[list[T], ...]), else None."""
+    if typing.get_origin(type_) is typing.Annotated:
+        type_ = typing.get_args(type_)[0]
+    return typing.get_args(type_)[0] if typing.get_origin(type_) is list else None
 
 
 def check_json(field: str, value: Any) -> None:
