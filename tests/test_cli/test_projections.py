@@ -117,11 +117,15 @@ def test_ctrl_c_leaves_the_live_read_model_alone_and_the_next_rebuild_starts_ove
             env=env,
             stderr=subprocess.PIPE,
             text=True,
+            # As a terminal's Ctrl-C finds it: a suite started in the background (`nohup pytest &`) passes
+            # SIGINT on ignored, and a process that starts with it ignored never hears it.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
         wait_for_the_swap(database_url)
+        signals = signal_masks(rebuilding.pid)  # what the process does with signals, should SIGINT go unheeded
         rebuilding.send_signal(signal.SIGINT)
         _, stderr = rebuilding.communicate(timeout=60)
-    assert rebuilding.returncode == 130, stderr
+    assert rebuilding.returncode == 130, f"{stderr}\n{signals}"
     assert "interrupted; the live read models are untouched" in stderr
 
     with connect(database_url) as conn:
@@ -138,6 +142,12 @@ def test_ctrl_c_leaves_the_live_read_model_alone_and_the_next_rebuild_starts_ove
     assert "interrupted" not in status
     with connect(database_url) as conn:
         assert conn.execute("SELECT * FROM tasks ORDER BY id").fetchall() == before
+
+
+def signal_masks(pid: int) -> str:
+    """The Sig* lines of /proc/PID/status: which signals the process blocks, ignores and catches."""
+    with open(f"/proc/{pid}/status") as status:
+        return " ".join(line.strip() for line in status if line.startswith("Sig"))
 
 
 def wait_for_the_swap(database_url: str) -> None:

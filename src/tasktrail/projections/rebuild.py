@@ -601,10 +601,6 @@ async def _go_live(
                 caught_up += found
                 break
             except (psycopg.errors.LockNotAvailable, psycopg.errors.DeadlockDetected):
-                # A Ctrl-C cancels this task; when the lock timeout ends the statement first, psycopg's
-                # cancel gets this error back instead of the cancellation: stop all the same.
-                if (task := asyncio.current_task()) is not None and task.cancelling():
-                    raise asyncio.CancelledError from None
                 continue  # nothing changed: catch up again and retry
         else:
             raise SwapFailed(
