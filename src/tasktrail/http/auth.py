@@ -17,6 +17,7 @@ milliseconds. A stolen key file therefore reveals names and scopes, never keys.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import ipaddress
@@ -173,6 +174,7 @@ def middleware(keys: Sequence[Key], signer: sessions.Signer | None = None) -> li
     return [require_key]
 
 
+@functools.lru_cache(maxsize=64)  # a client sends the same Host on every request
 def loopback_host(header: bytes) -> bool:
     """Whether a Host header names this machine: localhost (or a name under it), or a loopback address."""
     match = _HOST_PORT.fullmatch(header)
