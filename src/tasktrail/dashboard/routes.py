@@ -342,6 +342,8 @@ async def tasks_page(
         counts=counts,
         matching=matching,
         noun=noun,
+        # Only the first letter raised: the task type in it keeps its case (Jinja's capitalize lowers the rest).
+        heading=noun[:1].upper() + noun[1:],
         older=filters.url(cursor=_encode_cursor(page[-1])) if len(page) == filters.limit else None,
     )
 

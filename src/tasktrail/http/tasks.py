@@ -251,7 +251,7 @@ async def get_task(
 
     async def fetch(conn: psycopg.AsyncConnection) -> Task:
         if version is not None or as_of is not None:
-            return await _as_it_was(conn, uuid, version, None if as_of is None else moment)
+            return await _as_it_was(conn, uuid, version, moment)
         found = await tasks_view.get(conn, uuid)
         if found is None:
             raise await not_found(conn, uuid)

@@ -207,7 +207,7 @@ def _refusal(scope: Scope, shape: Shape | None) -> Refusal | None:
         return 414, f"the URL is longer than {MAX_URL_BYTES} bytes", {}
     refusal = _path_refusal(raw_path) or (_query_refusal(query, shape) if query else None)
     if refusal is None and shape is not None and shape.json_body:
-        has_body = seen.get(b"content-length", b"0").strip() != b"0" or b"transfer-encoding" in seen
+        has_body = length != b"0" or b"transfer-encoding" in seen
         detail = _content_type_refusal(seen.get(b"content-type"), has_body)
         coding = seen.get(b"content-encoding", b"identity").strip().lower()
         if detail is None and has_body and coding not in (b"identity", b""):
