@@ -383,7 +383,7 @@ def _rebuild(
 
         def progress(step: str, done: int, total: int) -> None:
             if step not in steps:
-                unit = "tasks" if step.startswith("load") or step == "indexes" else "events" if step != "swap" else ""
+                unit = "tasks" if step in ("load", "indexes") else "events" if step != "swap" else ""
                 steps[step] = shown.add_task(step, total=total, unit=unit, rate="")
             shown.update(steps[step], completed=done, total=total)
             speed = shown.tasks[steps[step]].speed

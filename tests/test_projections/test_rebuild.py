@@ -160,7 +160,7 @@ class Interrupted(Exception):
     pass
 
 
-@pytest.mark.parametrize("step", ["replay", "load tasks", "catch up"])
+@pytest.mark.parametrize("step", ["replay", "load", "catch up"])
 def test_an_interrupted_rebuild_leaves_the_live_model_alone_and_the_next_starts_over(
     database_url: str, step: str
 ) -> None:
@@ -175,7 +175,7 @@ def test_an_interrupted_rebuild_leaves_the_live_model_alone_and_the_next_starts_
         rebuild(database_url, INLINE, interrupt)
 
     assert (read_model(database_url), schema(database_url), registry(database_url)) == (before, migrated, registered)
-    assert new_schema_left(database_url) == (step == "catch up")  # the new schema is committed once loaded
+    assert new_schema_left(database_url) == (step != "replay")  # the new schemas are committed once loaded
 
     rebuild(database_url, INLINE)
     assert not new_schema_left(database_url)

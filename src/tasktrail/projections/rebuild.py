@@ -362,13 +362,17 @@ def _task(state: replayed.State | Task | None) -> Task | None:
     return replayed.to_task(state) if type(state) is list else state  # type: ignore[arg-type, return-value]
 
 
-def _copy(conn: psycopg.Connection, module: ModuleType, states: dict[bytes, replayed.State]) -> None:
+def _copy(
+    conn: psycopg.Connection, module: ModuleType, states: dict[bytes, replayed.State], stop: threading.Event
+) -> None:
     """COPY the module's rows of the replayed states into its table (in the current search_path)."""
     with conn.cursor() as cur, cur.copy(module.COPY) as copy:
         fast = getattr(module, "replayed_rows", None)
         if fast is not None:  # COPY (FORMAT BINARY) data straight from the states
             copy.write(replayed.SIGNATURE)
             for block in fast(states.values()):
+                if stop.is_set():
+                    raise _Stop  # ends the COPY with an error: nothing of it stays
                 copy.write(block)
             copy.write(replayed.TRAILER)
             return
@@ -376,7 +380,21 @@ def _copy(conn: psycopg.Connection, module: ModuleType, states: dict[bytes, repl
         # time, and while PostgreSQL is busy with the rows already sent.
         copy.set_types(list(module.COPY_TYPES))
         for row in module.rows(map(replayed.to_task, states.values())):
+            if stop.is_set():
+                raise _Stop
             copy.write_row(row)
+
+
+def _load(conninfo: str, module: ModuleType, states: dict[bytes, replayed.State], stop: threading.Event) -> None:
+    """Make the module's tables in its new schema (dropping what a last run left) and COPY its rows in."""
+    new = _new(module)
+    with psycopg.connect(conninfo, options=db.SESSION_OPTIONS + REPLAY_OPTIONS) as conn, conn.transaction():
+        conn.execute(DROP_SCHEMA.format(sql.Identifier(new)))
+        conn.execute(CREATE_SCHEMA.format(sql.Identifier(new)))
+        conn.execute(_use([new]))
+        for statement in module.CREATE:
+            conn.execute(statement)
+        _copy(conn, module, states, stop)  # in the transaction that made the table, as COPY (FREEZE) needs
 
 
 def load(conninfo: str, modules: Sequence[ModuleType], progress: Progress | None = None) -> Loaded:
@@ -400,20 +418,19 @@ def load(conninfo: str, modules: Sequence[ModuleType], progress: Progress | None
             with contextlib.closing(_read_log(conninfo, conn, last)) as chunks:
                 states, total = replay(chunks, step)
             conn.rollback()
-
             conn.read_only = False
             conn.isolation_level = None
-            with conn.transaction():
-                for module in modules:
-                    new = _new(module)
-                    conn.execute(DROP_SCHEMA.format(sql.Identifier(new)))
-                    conn.execute(CREATE_SCHEMA.format(sql.Identifier(new)))
-                    conn.execute(_use([new]))
-                    for statement in module.CREATE:
-                        conn.execute(statement)
-                    _copy(conn, module, states)
-                    if progress is not None:
-                        progress(f"load {module.NAME}", len(states), len(states))
+            # Each read model on a connection of its own, at the same time: the
+            # small ones load while the tasks' COPY keeps PostgreSQL busy.
+            stop = threading.Event()
+            with ThreadPoolExecutor(max(1, len(modules))) as pool:
+                try:
+                    for done in [pool.submit(_load, conninfo, module, states, stop) for module in modules]:
+                        done.result()
+                finally:
+                    stop.set()  # after an error or an interrupt, the other loads stop at their next block
+            if progress is not None:
+                progress("load", len(states), len(states))
         finally:
             if collecting:
                 gc.enable()
