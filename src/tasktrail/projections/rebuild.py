@@ -33,9 +33,9 @@ rebuild: NAME, VERSION; TABLES, the tables it owns; CREATE, statements making
 them without indexes; INDEXES, index builds that may run at the same time;
 AFTER_INDEXES, statements to finish with (constraints, ANALYZE); COPY and
 COPY_TYPES, to load them; rows(tasks), their rows from the live tasks' states;
-optionally replayed_rows(states), the same rows as COPY (FORMAT BINARY) data
-straight from the replayed states, skipping a Task per state (see
-projections.replayed); and PARTS and document(changes), its parts of a
+optionally replayed_rows(states) and REPLAYED_COPY, the same rows as COPY
+(FORMAT BINARY) data straight from the replayed states, skipping a Task per
+state, and the COPY that takes them (see projections.replayed); and PARTS and document(changes), its parts of a
 write's statement (see projections.statement), used to catch up. These are the one definition of a
 version's tables: no migration makes them.
 """
@@ -366,8 +366,8 @@ def _copy(
     conn: psycopg.Connection, module: ModuleType, states: dict[bytes, replayed.State], stop: threading.Event
 ) -> None:
     """COPY the module's rows of the replayed states into its table (in the current search_path)."""
-    with conn.cursor() as cur, cur.copy(module.COPY) as copy:
-        fast = getattr(module, "replayed_rows", None)
+    fast = getattr(module, "replayed_rows", None)
+    with conn.cursor() as cur, cur.copy(module.COPY if fast is None else module.REPLAYED_COPY) as copy:
         if fast is not None:  # COPY (FORMAT BINARY) data straight from the states
             copy.write(replayed.SIGNATURE)
             for block in fast(states.values()):

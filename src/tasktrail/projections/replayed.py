@@ -10,11 +10,12 @@ Status; task type, progress, params, result, error and retry count are
 Python values, decoded from the events.
 
 A read model may write its rows from these states straight into a COPY
-(FORMAT BINARY) (a module's `replayed_rows`): ids and times are in that
-format already, and a Task per state (`to_task`, about 2.5 us each) and psycopg's
-dumping of each field (3 us a row) are the larger part of loading a
-rebuilt table. Such a function is the fast form of the module's `rows` and is
-held equal to it by tests/test_projections/test_replay.py.
+(FORMAT BINARY) (a module's `replayed_rows`, taken by its REPLAYED_COPY, whose
+column order it chooses): ids and times are in that format already, and a
+Task per state (`to_task`, about 2.5 us each) and psycopg's dumping of each
+field (3 us a row) are the larger part of loading a rebuilt table. Such a
+function is the fast form of the module's `rows` and is held equal to it by
+tests/test_projections/test_replay.py.
 """
 
 from __future__ import annotations
@@ -41,11 +42,11 @@ SIGNATURE = b"PGCOPY\n\xff\r\n\x00" + bytes(8)
 TRAILER = b"\xff\xff"
 NULL = b"\xff\xff\xff\xff"
 INT2 = struct.Struct(">ih")  # length and value
-INT4 = struct.Struct(">ii")
 INT8 = struct.Struct(">iq")
-FLOAT8 = struct.Struct(">id")
 TIME = b"\x00\x00\x00\x08"  # the length of a timestamptz, before its eight bytes
-_json = msgspec.json.encode
+LENGTH = struct.Struct(">i")  # a field's length, before its bytes
+JSONB = struct.Struct(">ib")  # a jsonb field's length and format version (1), before its JSON text
+encode = msgspec.json.encode
 
 
 def text(value: str | None) -> bytes:
@@ -54,19 +55,6 @@ def text(value: str | None) -> bytes:
         return NULL
     data = value.encode()
     return len(data).to_bytes(4, "big") + data
-
-
-def jsonb(value: Any) -> bytes:
-    """A jsonb field: a format version (1), then the JSON text."""
-    if value is None:
-        return NULL
-    data = _json(value)
-    return (len(data) + 1).to_bytes(4, "big") + b"\x01" + data
-
-
-def time(value: bytes | None) -> bytes:
-    """A timestamptz field from a replayed time."""
-    return NULL if value is None else TIME + value
 
 
 _EPOCH = datetime(2000, 1, 1, tzinfo=UTC)

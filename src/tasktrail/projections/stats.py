@@ -36,6 +36,7 @@ CREATE = (
 INDEXES = ()
 AFTER_INDEXES = ("ANALYZE task_counts",)
 COPY = "COPY task_counts (task_type, status, shard, n) FROM STDIN (FORMAT BINARY, FREEZE)"
+REPLAYED_COPY = COPY  # replayed_rows writes the same columns
 COPY_TYPES = ("text", "text", "int2", "int8")
 
 

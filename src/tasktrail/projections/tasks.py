@@ -15,7 +15,7 @@ from psycopg.types.json import Jsonb
 
 from tasktrail.domain.task import Status, Task
 from tasktrail.projections import replayed
-from tasktrail.projections.replayed import INT4, NULL, jsonb, text
+from tasktrail.projections.replayed import NULL, text
 
 if TYPE_CHECKING:
     from tasktrail.projections import Change
@@ -83,33 +83,42 @@ def rows(tasks: Iterable[Task]) -> Iterator[tuple[Any, ...]]:
         )  # fmt: skip
 
 
-# The fixed-width runs of a row, each field its length and value: the number
-# of fields, id and task_id; retry_count, created_at and updated_at.
-_HEAD = struct.Struct(">hiqi16s")
-_MIDDLE = struct.Struct(">iii8si8s")
+# The fast rows put the fixed-width columns first, so that each row starts with
+# one struct call (the number of fields, then each field's length and value):
+# a third fewer instructions than packing each run of them where COLUMNS has it.
+REPLAYED_COPY = (
+    "COPY tasks (id, task_id, progress, retry_count, created_at, updated_at, version,"
+    " task_type, status, params, result, error, started_at, completed_at) FROM STDIN (FORMAT BINARY, FREEZE)"
+)
+_FIXED = struct.Struct(">hiqi16sidiii8si8sii")
 ROWS_PER_BLOCK = 2_000
 
 
 def replayed_rows(states: Iterable[replayed.State]) -> Iterator[bytes]:
-    """`rows` as COPY (FORMAT BINARY) data, in blocks, from the replay's states (see projections.replayed)."""
+    """`rows` as REPLAYED_COPY's data, in blocks, from the replay's states (see projections.replayed)."""
     # The fast form of `rows`, held equal to it by test_replay.py: change both together.
     types: dict[str, bytes] = {}  # few task types and statuses, many rows
     statuses = {status: text(status.value) for status in Status}
-    head, middle, float8, time, block = _HEAD.pack, _MIDDLE.pack, replayed.FLOAT8.pack, replayed.time, []
+    fixed, length, jsonb, encode = _FIXED.pack, replayed.LENGTH.pack, replayed.JSONB.pack, replayed.encode
+    null, time, block = NULL, replayed.TIME, []
     for state in states:
         (id_, task_id, task_type, status, progress, params, result, error, retry_count,
          created_at, updated_at, started_at, completed_at, version) = state  # fmt: skip
         if (type_field := types.get(task_type)) is None:
             type_field = types[task_type] = text(task_type)
-        block.append(
-            b"".join((
-                head(14, 8, id_, 16, task_id), type_field, statuses[status], float8(8, progress),
-                jsonb(params), jsonb(result), NULL if error is None else text(error),
-                middle(4, retry_count, 8, created_at, 8, updated_at),
-                time(started_at), time(completed_at), INT4.pack(4, version),
-            ))
+        params_json = None if params is None else encode(params)
+        result_json = None if result is None else encode(result)
+        error_text = None if error is None else error.encode()
+        block += (  # a NULL is its length alone (-1), followed here by an empty value
+            fixed(14, 8, id_, 16, task_id, 8, progress, 4, retry_count, 8, created_at, 8, updated_at, 4, version),
+            type_field, statuses[status],
+            null if params_json is None else jsonb(len(params_json) + 1, 1), params_json or b"",
+            null if result_json is None else jsonb(len(result_json) + 1, 1), result_json or b"",
+            null if error_text is None else length(len(error_text)), error_text or b"",
+            null if started_at is None else time, started_at or b"",
+            null if completed_at is None else time, completed_at or b"",
         )  # fmt: skip
-        if len(block) == ROWS_PER_BLOCK:
+        if len(block) >= ROWS_PER_BLOCK * 13:
             yield b"".join(block)
             block = []
     if block:
