@@ -22,7 +22,7 @@ from tasktrail.domain.task import (
     decide,
     evolve,
 )
-from tasktrail.projections import stats, tasks
+from tasktrail.projections import rebuild, stats, tasks
 from tasktrail.projections.rebuild import load
 from tasktrail.projections.replayed import to_task
 from tasktrail.verify import fold_log
@@ -78,6 +78,11 @@ async def test_the_replay_equals_evolve_on_random_histories(database_url: str) -
                 states[stream] = after
 
     loaded = load(database_url, [])
+    for readers in (2, 3):  # several readers, as on a machine with more than two cores, taking turns by small chunks
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(rebuild, "READERS", readers)
+            patch.setattr(rebuild, "CHUNK", 97)
+            assert load(database_url, []).states == loaded.states
 
     with psycopg.connect(database_url) as conn:
         events, folded = fold_log(conn)
