@@ -142,7 +142,10 @@ async def test_if_match_makes_writes_conditional(client: AsyncTestClient) -> Non
     assert stale.headers["content-type"] == "application/problem+json"
     assert (await patch(client, task_id, {"progress": 1}, **{"If-Match": '"1"'})).status_code == 200
     assert (await patch(client, task_id, {"progress": 2}, **{"If-Match": '"1"'})).status_code == 412
-    assert (await patch(client, task_id, {"progress": 2}, **{"If-Match": 'W/"2", "9"'})).status_code == 200
+    assert (await patch(client, task_id, {"progress": 2}, **{"If-Match": '"9", "2"'})).status_code == 200
+    # Strong comparison (RFC 9110): a weak tag, or the version written otherwise, names nothing.
+    for other in ['W/"3"', '"03"', '"3.0"', '"+3"', '" 3"']:
+        assert (await patch(client, task_id, {"progress": 2.5}, **{"If-Match": other})).status_code == 412, other
     assert (await patch(client, task_id, {"progress": 3}, **{"If-Match": "*"})).status_code == 200
     assert (await patch(client, task_id, {"progress": 4}, **{"If-Match": "garbage"})).status_code == 412
     assert (await client.delete(f"/tasks/{task_id}", headers={"If-Match": '"1"'})).status_code == 412
@@ -157,6 +160,9 @@ async def test_if_none_match_answers_304(client: AsyncTestClient) -> None:
     await patch(client, task_id, {"progress": 9})
     changed = await client.get(f"/tasks/{task_id}", headers={"If-None-Match": '"1"'})
     assert (changed.status_code, changed.json()["progress"]) == (200, 9.0)
+    # Weak comparison: W/"2" names version 2 too; "02" names nothing.
+    assert (await client.get(f"/tasks/{task_id}", headers={"If-None-Match": 'W/"2"'})).status_code == 304
+    assert (await client.get(f"/tasks/{task_id}", headers={"If-None-Match": '"02"'})).status_code == 200
 
 
 async def test_an_idempotency_key_creates_once(client: AsyncTestClient, database_url: str) -> None:

@@ -102,14 +102,20 @@ def task_response(task: Task, status_code: int = 200, headers: dict[str, str] | 
     return json_response(task, status_code, {"ETag": f'"{task.version}"'} | (headers or {}))
 
 
-_TAG = re.compile(r'\s*(?:W/)?"(\d{1,10})"\s*')
+# An entity tag as task_response writes one: a version, without leading zeros
+# (tags are compared as strings: "01" is not "1"), weak or not.
+_TAG = re.compile(r'\s*(W/)?"([1-9]\d{0,9})"\s*')
 
 
-def matching_versions(header: str) -> frozenset[int] | None:
-    """The versions an If-Match/If-None-Match header names; None for `*` (any)."""
+def matching_versions(header: str, *, weak: bool) -> frozenset[int] | None:
+    """The versions an If-Match/If-None-Match header names; None for `*` (any).
+
+    RFC 9110: If-None-Match compares weakly (`W/"3"` names version 3), If-Match
+    strongly (a weak tag names nothing, so a PATCH with only one is refused).
+    """
     if header.strip() == "*":
         return None
-    return frozenset(int(m[1]) for part in header.split(",") if (m := _TAG.fullmatch(part)))
+    return frozenset(int(m[2]) for part in header.split(",") if (m := _TAG.fullmatch(part)) and (weak or m[1] is None))
 
 
 def list_header(request: Request, name: bytes) -> str | None:
@@ -124,7 +130,7 @@ def list_header(request: Request, name: bytes) -> str | None:
 
 def expected_versions(request: Request) -> frozenset[int] | None:
     header = list_header(request, b"if-match")
-    return None if header is None else matching_versions(header)
+    return None if header is None else matching_versions(header, weak=False)
 
 
 def parse_task_id(task_id: str) -> UUID:
@@ -259,7 +265,7 @@ async def get_task(
 
     task = await read(request, fetch)
     cached = list_header(request, b"if-none-match")
-    if cached is not None and ((tags := matching_versions(cached)) is None or task.version in tags):
+    if cached is not None and ((tags := matching_versions(cached, weak=True)) is None or task.version in tags):
         return JsonReply(b"", 304, {"ETag": f'"{task.version}"'})
     return task_response(task)
 
