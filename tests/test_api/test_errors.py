@@ -186,3 +186,26 @@ async def test_no_hostile_path_gets_a_5xx(shared_client: AsyncTestClient, path: 
 
 async def test_wrong_method_is_a_problem(shared_client: AsyncTestClient) -> None:
     problem(await shared_client.put("/tasks/"), 405)
+
+
+async def test_a_negative_zero_is_answered_as_stored_zero(shared_client: AsyncTestClient) -> None:
+    """PostgreSQL's JSON has no -0.0: the answer to a write shows the 0.0 that every later read shows."""
+    params = {"a": -0.0, "b": [-0.0, {"c": -0.0}], "d": -0.5}
+    created = await shared_client.post(
+        "/tasks/", content=json.dumps({"task_type": "z", "params": params}), headers=JSON
+    )
+    task_id = created.json()["task_id"]
+    await shared_client.patch(f"/tasks/{task_id}", json={"progress": 50})
+    changed = await shared_client.patch(
+        f"/tasks/{task_id}", content=b'{"progress": -0.0, "result": {"r": [-0.0]}}', headers=JSON
+    )
+    read = await shared_client.get(f"/tasks/{task_id}")
+    for answer in (created, changed, read):
+        assert b"-0.0" not in answer.content, answer.text
+    assert read.json()["params"] == created.json()["params"] == {"a": 0.0, "b": [0.0, {"c": 0.0}], "d": -0.5}
+    assert (changed.json()["progress"], changed.json()["result"]) == (read.json()["progress"], read.json()["result"])
+    batch = await shared_client.post(
+        "/tasks/batch", content=b'{"tasks": [{"task_type": "z", "params": {"n": -0.0}}]}', headers=JSON
+    )
+    assert batch.json()["tasks"][0]["params"] == {"n": 0.0}
+    assert b"-0.0" not in batch.content

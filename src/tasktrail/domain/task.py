@@ -157,7 +157,7 @@ def same_json(a: Any, b: Any) -> bool:
 def _decide_update(command: UpdateTask, state: Task) -> Event | None:
     changes: dict[str, Any] = {}
     if command.progress is not None and command.progress != state.progress:
-        changes["progress"] = float(command.progress)
+        changes["progress"] = float(command.progress) + 0.0  # -0.0 is 0.0, as PostgreSQL's JSON stores it
     if command.result is not None and not same_json(command.result, state.result):
         changes["result"] = command.result
     if command.error is not None and command.error != state.error:

@@ -107,16 +107,25 @@ def _items_of(type_: Any) -> Any:
 
 
 def check_json(field: str, value: Any) -> None:
-    """Refuse a params/result value PostgreSQL cannot store or we will not keep."""
+    """Refuse a params/result value PostgreSQL cannot store or we will not keep; make its -0.0s 0.0.
+
+    PostgreSQL's JSON numbers have no negative zero: a -0.0 is stored, and read
+    back, as 0.0, so it is made 0.0 here (in place) for the answer to the write
+    to show what is stored.
+    """
     if value is None:
         return
     encoded = msgspec.json.encode(value)
     if len(encoded) > MAX_JSON_BYTES:
         raise invalid(field, f"larger than {MAX_JSON_BYTES} bytes of JSON")
-    # The walk below is exact, and costs a microsecond or two (per item of a batch). Most values cannot
-    # fail it, as their JSON shows: a NUL in a key or string is encoded as \u0000, and a value too deep
-    # has at least MAX_JSON_DEPTH nested objects or arrays, so as many opening brackets.
-    if b"\\u0000" not in encoded and encoded.count(b"{") + encoded.count(b"[") < MAX_JSON_DEPTH:
+    # The walk below is exact, and costs a microsecond or two (per item of a batch). Most values need
+    # no walk, as their JSON shows: a NUL in a key or string is encoded as \u0000, a value too deep has
+    # at least MAX_JSON_DEPTH nested objects or arrays, so as many opening brackets, and a -0.0 is -0.0.
+    if (
+        b"\\u0000" not in encoded
+        and b"-0" not in encoded
+        and encoded.count(b"{") + encoded.count(b"[") < MAX_JSON_DEPTH
+    ):
         return
     stack = [(value, 1)]
     while stack:
@@ -128,9 +137,17 @@ def check_json(field: str, value: Any) -> None:
                 raise invalid(field, "strings must not contain NUL (\\u0000)")
         elif isinstance(item, dict):
             stack.extend((key, depth) for key in item)
-            stack.extend((child, depth + 1) for child in item.values())
+            for key, child in item.items():
+                if type(child) is float and child == 0.0:
+                    item[key] = 0.0
+                else:
+                    stack.append((child, depth + 1))
         elif isinstance(item, list):
-            stack.extend((child, depth + 1) for child in item)
+            for index, child in enumerate(item):
+                if type(child) is float and child == 0.0:
+                    item[index] = 0.0
+                else:
+                    stack.append((child, depth + 1))
 
 
 class Strict(AbstractDTO[T], Generic[T]):
