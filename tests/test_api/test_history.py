@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from urllib.parse import urlsplit
 from uuid import uuid4
 
@@ -96,6 +96,9 @@ async def test_time_travel_by_version_and_by_time(client: AsyncTestClient) -> No
     assert (await client.get(url, params={"as_of": before_done.isoformat()})).json() == running
     naive_utc = at.replace(tzinfo=None).isoformat()
     assert (await client.get(url, params={"as_of": naive_utc})).json() == running
+    # Nanoseconds are cut off, not rounded: .xxxxxx999 is still before the next microsecond.
+    just_before = (at - timedelta(microseconds=1)).astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f999Z")
+    assert (await client.get(url, params={"as_of": just_before})).json() == task
 
     too_early = datetime.fromisoformat(task["created_at"]) - timedelta(seconds=1)
     early = await client.get(url, params={"as_of": too_early.isoformat()})

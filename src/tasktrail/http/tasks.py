@@ -273,12 +273,16 @@ async def get_task(
 # A `+` sent unescaped in a query string arrives as a space (form decoding): in
 # the offset's place (after the time, before hh:mm) it can only have been a `+`.
 _DECODED_PLUS = re.compile(r"(?<=[0-9]) (?=[0-9]{2}:[0-9]{2}$)")
+# Digits past the microsecond, which PostgreSQL's times do not have: cut off,
+# as the moment they name is still within that microsecond (the decoder would
+# round 00:00:00.9999999 up to a second that has not come yet).
+_PAST_MICROSECONDS = re.compile(r"(:[0-9]{2}\.[0-9]{6})[0-9]+")
 
 
 def parse_moment(text: str) -> datetime:
     """?as_of's RFC 3339 time, its offset's `+` restored if it came decoded as a space; no offset is UTC."""
     try:
-        moment = msgspec.convert(_DECODED_PLUS.sub("+", text), datetime)
+        moment = msgspec.convert(_PAST_MICROSECONDS.sub(r"\1", _DECODED_PLUS.sub("+", text), count=1), datetime)
     except msgspec.ValidationError:
         raise invalid("as_of", "Invalid RFC3339 encoded datetime") from None
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
