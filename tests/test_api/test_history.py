@@ -72,9 +72,12 @@ async def test_history_survives_deletion_and_404s_only_for_unknown(client: Async
     assert [e["type"] for e in events] == ["TaskCreated", "TaskDeleted"]
     assert events[1]["data"] == {"reason": "request"}
     for unknown in (uuid4(), "nope"):
-        response = await client.get(f"/tasks/{unknown}/history")
-        assert response.status_code == 404
-        assert response.headers["content-type"] == "application/problem+json"
+        for page in ("", "?after_version=5"):
+            response = await client.get(f"/tasks/{unknown}/history{page}")
+            assert response.status_code == 404
+            assert response.headers["content-type"] == "application/problem+json"
+    past_the_end = await client.get(f"/tasks/{task['task_id']}/history?after_version=5")
+    assert (past_the_end.status_code, past_the_end.json()["events"]) == (200, [])
     for query in ("limit=0", "limit=1001", "after_version=-1"):
         assert (await client.get(f"/tasks/{task['task_id']}/history?{query}")).status_code == 422
 

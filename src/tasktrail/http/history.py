@@ -62,7 +62,8 @@ async def history(
 
     async def fetch(conn: psycopg.AsyncConnection) -> list[eventstore.Stored]:
         page = await eventstore.read_stream(conn, uuid, after_version=after_version, limit=limit)
-        if not page and after_version == 0:
+        # An empty page past the last event is a page; of a task that never was, a 404.
+        if not page and (after_version == 0 or not await eventstore.read_stream(conn, uuid, limit=1)):
             raise TaskNotFound(f"task {task_id} not found")
         return page
 
