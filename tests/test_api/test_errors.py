@@ -113,6 +113,11 @@ async def test_bodies_over_one_mebibyte_are_413(shared_client: AsyncTestClient) 
         "limit=0",
         "limit=1001",
         "limit=1e308",
+        "limit=1e2",
+        "limit=5.0",
+        "limit=07",
+        "limit=+5",
+        "limit=",
         "limit=abc",
         "skip=-5",
         "skip=99999999999999999999999",
@@ -128,9 +133,19 @@ async def test_bad_list_filters_are_422(shared_client: AsyncTestClient, query: s
     assert body["errors"][0]["field"] == query.split("=")[0]
 
 
-@pytest.mark.parametrize("query", ["days=-1", "days=abc", "days=1e308", "days=99999999999999"])
+@pytest.mark.parametrize("query", ["days=-1", "days=abc", "days=1e308", "days=99999999999999", "days=1e1", "days=3.0"])
 async def test_bad_cleanup_days_are_422(shared_client: AsyncTestClient, query: str) -> None:
     problem(await shared_client.post(f"/tasks/cleanup?{query}"), 422)
+
+
+async def test_an_integer_parameter_is_written_in_digits_on_every_route(shared_client: AsyncTestClient) -> None:
+    """The query parser would read 1e3 as 1000 and 5.0 as 5; an integer parameter must be written as one."""
+    task_id = (await shared_client.post("/tasks/", json={"task_type": "n"})).json()["task_id"]
+    for path in ("/events?limit=", f"/tasks/{task_id}?version=", f"/tasks/{task_id}/history?after_version="):
+        for spelling in ("1e0", "1.0", "01", "0x1", "%31e0"):
+            body = problem(await shared_client.get(path + spelling), 422)
+            assert body["errors"][0]["field"] == path.rsplit("?", 1)[1].rstrip("=")
+        assert (await shared_client.get(path + "1")).status_code == 200
 
 
 HOSTILE_BODIES = [

@@ -9,12 +9,13 @@ included, and answer problem+json:
 
 - the URL is at most MAX_URL_BYTES (414); its path and query string
   percent-decode to UTF-8 (400); a query value holds no NUL (422: PostgreSQL
-  text cannot), and a parameter comes once unless its handler takes a list
+  text cannot), a parameter comes once unless its handler takes a list
   (422: a filter given twice is ambiguous, and a proxy may have checked the
-  other one);
+  other one), and an integer parameter is written in digits (422: the
+  parser would read 1e3 as 1000 and 5.0 as 5);
 - the headers are at most MAX_HEADER_BYTES in all (431), and a header the
-  service reads as one value (SINGLE) does not come twice with different
-  values (400);
+  service reads as one value (SINGLE, Host among them) does not come twice
+  with different values (400);
 - a route that takes a JSON body (a `data` parameter, JSON being Litestar's
   default body encoding) needs Content-Type `application/json` or
   `application/*+json` (RFC 6839: JSON all the same), with charset utf-8 if
@@ -39,6 +40,7 @@ import asyncio
 import codecs
 import copy
 import os
+import re
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote_to_bytes
@@ -46,6 +48,7 @@ from urllib.parse import unquote_to_bytes
 from litestar.enums import RequestEncodingType
 from litestar.exceptions import ClientException
 from litestar.handlers import HTTPRouteHandler
+from litestar.params import PathParameter
 from litestar.plugins import ReceiveRoutePlugin
 from litestar.routes import BaseRoute, HTTPRoute
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
@@ -62,6 +65,7 @@ MAX_HEADER_BYTES = 32 * 1024
 READ_TIMEOUT = 30.0
 # Headers read as one value: two that differ leave it to chance which one counts.
 SINGLE = {
+    b"host": "Host",  # which name a request is for: RFC 9112 refuses two
     b"authorization": "Authorization",
     b"content-type": "Content-Type",
     b"idempotency-key": "Idempotency-Key",
@@ -74,14 +78,17 @@ SHAPE = "tasktrail.shape"  # the key of a handler's Shape in its opt
 # The key of a page route's refusal in its opt: (status, detail) -> the ASGI app that answers it.
 PAGE = "tasktrail.page"
 _PROBLEM = PROBLEM.encode()
+_WHOLE = re.compile(r"-?(?:0|[1-9][0-9]*)")
+WHOLE_NUMBER = "must be a whole number in digits, such as 100 (no exponent, point or leading 0)"
 
 
 @dataclass(frozen=True)
 class Shape:
-    """What a route handler reads: a JSON body or not, and which query parameters may repeat."""
+    """What a route handler reads: a JSON body or not, which query parameters may repeat, which are integers."""
 
     json_body: bool
     lists: frozenset[str]
+    integers: frozenset[str] = frozenset()
 
 
 def shape_of(handler: HTTPRouteHandler) -> Shape:
@@ -91,12 +98,16 @@ def shape_of(handler: HTTPRouteHandler) -> Shape:
         None,
         RequestEncodingType.JSON,
     )
-    lists = set()
+    lists, integers = set(), set()
     for name, field in fields.items():
         where = field.kwarg_definition
-        if field.is_non_string_sequence and not (getattr(where, "header", None) or getattr(where, "cookie", None)):
+        if getattr(where, "header", None) or getattr(where, "cookie", None) or isinstance(where, PathParameter):
+            continue
+        if field.is_non_string_sequence:
             lists.add(getattr(where, "query", None) or name)
-    return Shape(json_body, frozenset(lists))
+        elif any(t.is_subclass_of(int) and not t.is_subclass_of(bool) for t in (field, *field.inner_types)):
+            integers.add(getattr(where, "query", None) or name)
+    return Shape(json_body, frozenset(lists), frozenset(integers))
 
 
 class Shapes(ReceiveRoutePlugin):
@@ -234,13 +245,15 @@ def _path_refusal(raw_path: bytes) -> Refusal | None:
 def _query_refusal(query: bytes, shape: Shape | None, noun: str = "query parameter") -> Refusal | None:
     if b"%" in query or b"+" in query or b"\x00" in query or not query.isascii():
         return _escaped_query_refusal(query, shape, noun)
-    # Nothing escaped (the common case): plain ASCII text; only a repeat can be wrong.
-    names = [part.partition(b"=")[0].decode("ascii") for part in query.split(b"&") if part]
-    return _repeat_refusal(names, shape)
+    # Nothing escaped (the common case): plain ASCII text; only a repeat or an integer's spelling can be wrong.
+    pairs = [
+        (name.decode("ascii"), value) for name, _, value in (part.partition(b"=") for part in query.split(b"&") if part)
+    ]
+    return _repeat_refusal([name for name, _ in pairs], shape) or _integer_refusal(pairs, shape)
 
 
 def _escaped_query_refusal(query: bytes, shape: Shape | None, noun: str) -> Refusal | None:
-    names = []
+    pairs: list[tuple[str, str | bytes]] = []
     for part in query.split(b"&"):
         if not part:
             continue
@@ -257,8 +270,18 @@ def _escaped_query_refusal(query: bytes, shape: Shape | None, noun: str) -> Refu
             return 400, f"a {noun}'s name holds NUL (%00)", {}
         if "\x00" in value:
             return _invalid(422, name, "must not contain NUL (%00)")
-        names.append(name)
-    return _repeat_refusal(names, shape)
+        pairs.append((name, value))
+    return _repeat_refusal([name for name, _ in pairs], shape) or _integer_refusal(pairs, shape)
+
+
+def _integer_refusal(pairs: list[tuple[str, str | bytes]], shape: Shape | None) -> Refusal | None:
+    """An integer parameter must be written as one: the parser would take 1e3 and 5.0 (as 1000 and 5)."""
+    if shape is None or not shape.integers:
+        return None
+    for name, value in pairs:
+        if name in shape.integers and not _WHOLE.fullmatch(value if isinstance(value, str) else value.decode("ascii")):
+            return _invalid(422, name, WHOLE_NUMBER)
+    return None
 
 
 def urlencoded_refusal(data: bytes) -> Refusal | None:
