@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Collection, Sequence
+from collections.abc import AsyncIterator, Collection, Iterable, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -223,7 +223,7 @@ async def cleanup(conn: psycopg.AsyncConnection, days: int, metadata: dict[str, 
         try:
             async with _refused(conn), conn.pipeline(), conn.transaction():
                 if changes:
-                    await _lock_buckets(conn, changes)  # it writes many tasks, as a batch does
+                    await _lock_buckets(conn, (recorded.stream_id for recorded, _, _ in changes))  # as a batch does
                     await _write(conn, changes, metadata)
                 await idempotency.forget_expired(conn, at)
         except eventstore.VersionConflict:
@@ -319,35 +319,42 @@ Outcome = Task | None | Exception
 async def change_many(conn: psycopg.AsyncConnection, items: Sequence[Item], metadata: dict[str, Any]) -> list[Outcome]:
     """Decide each item in order on the state the items before it left; write the accepted ones together.
 
-    A lost race (another writer took a version, or a deadlock between batches
-    that name the same tasks in different orders) rolls the whole batch back;
-    then the tasks are read again and every item is decided again.
+    The batch first takes the locks of its tasks' buckets (see _lock_buckets),
+    then reads the tasks, decides and writes, in one transaction: another batch
+    naming any of these tasks waits for the locks and then reads what this one
+    wrote, instead of deciding on what it read before and losing the race (with
+    many batches on the same tasks, they lost again and again). A race still
+    lost, to a single write or to a process of another release, rolls the
+    whole batch back; then the tasks are read again and every item is decided
+    again.
     """
     task_ids = list(dict.fromkeys(task_id for task_id, _, _ in items))
+    caught_up = False
     for _ in range(MAX_ATTEMPTS):
-        states, deleted = await tasks_view.get_many(conn, task_ids)
-        unknown = [task_id for task_id in task_ids if task_id not in states and task_id not in deleted]
-        # Perhaps created by another release a moment ago: apply its events here, and look again (as change does).
-        if unknown and await follow.catch_up(conn, streams=unknown):
-            states, deleted = await tasks_view.get_many(conn, task_ids)
-        changes, outcomes = _decide_many(items, states, deleted, now())
-        if not changes:
-            return outcomes
-        # What this process guessed of these tasks will be stale, whatever happens: forget it. (Remembering
-        # the new states instead would push out single requests' guesses, as in create_many.)
-        for recorded, _, _ in changes:
-            _recent.pop(recorded.stream_id, None)
         try:
             async with _refused(conn), conn.pipeline(), conn.transaction():
-                await _lock_buckets(conn, changes)
-                await _write(conn, changes, metadata)
+                await _lock_buckets(conn, task_ids)
+                states, deleted = await tasks_view.get_many(conn, task_ids)
+                unknown = [task_id for task_id in task_ids if task_id not in states and task_id not in deleted]
+                if not unknown or caught_up:
+                    changes, outcomes = _decide_many(items, states, deleted, now())
+                    # What this process guessed of these tasks will be stale: forget it. (Remembering the
+                    # new states instead would push out single requests' guesses, as in create_many.)
+                    for recorded, _, _ in changes:
+                        _recent.pop(recorded.stream_id, None)
+                    if changes:
+                        await _write(conn, changes, metadata)
+                    return outcomes
         except (eventstore.VersionConflict, psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure):
             # The winner may be a process of another release (see _write): now that the transaction is
             # over, apply its events to this process's read models before reading the tasks again.
             metrics.WRITE_CONFLICTS.inc()
-            await follow.catch_up(conn, streams=[recorded.stream_id for recorded, _, _ in changes])
+            await follow.catch_up(conn, streams=task_ids)
             continue
-        return outcomes
+        # Tasks unknown here, perhaps created by another release a moment ago: apply its events (outside
+        # a transaction, as catch_up needs), and look once more, as change does.
+        caught_up = True
+        await follow.catch_up(conn, streams=unknown)
     raise eventstore.VersionConflict("the tasks of this batch are changing too fast; try again")
 
 
@@ -367,9 +374,9 @@ BUCKET_SPACE = 0x7474  # the first key of the two-key advisory locks: tasktrail'
 LOCK_BUCKETS = "SELECT pg_advisory_xact_lock(%(space)s, bucket) FROM unnest(%(buckets)s::integer[]) AS bucket"
 
 
-async def _lock_buckets(conn: psycopg.AsyncConnection, changes: Sequence[Change]) -> None:
-    """Wait for the buckets of the changed tasks, in the one order (unnest keeps the sorted array's)."""
-    buckets = sorted({recorded.stream_id.int % BUCKETS for recorded, _, _ in changes})
+async def _lock_buckets(conn: psycopg.AsyncConnection, task_ids: Iterable[UUID]) -> None:
+    """Wait for the buckets of these tasks, in the one order (unnest keeps the sorted array's)."""
+    buckets = sorted({task_id.int % BUCKETS for task_id in task_ids})
     await conn.execute(LOCK_BUCKETS, {"space": BUCKET_SPACE, "buckets": buckets})
 
 

@@ -481,6 +481,38 @@ async def test_batches_and_single_requests_racing_on_the_same_tasks_lose_nothing
     assert max(versions.values()) == 1
 
 
+async def test_batches_on_the_same_tasks_wait_for_each_other_instead_of_losing_races(
+    two_servers: list[str], database_url: str
+) -> None:
+    """Each batch locks its tasks before it reads them: the next one decides on what the last one wrote."""
+    clients = [httpx.AsyncClient(base_url=url, timeout=60) for url in two_servers]
+    async with contextlib.AsyncExitStack() as stack:
+        for client in clients:
+            await stack.enter_async_context(client)
+        created = (await clients[0].post("/tasks/batch", json={"tasks": [{"task_type": "b"}] * 40})).json()["tasks"]
+        ids = [task["task_id"] for task in created]
+        in_flight = asyncio.Semaphore(12)
+
+        async def batch(n: int) -> httpx.Response:
+            order = ids[n % 40 :] + ids[: n % 40]  # the same tasks, each batch starting elsewhere
+            async with in_flight:
+                updates = [{"task_id": task_id, "progress": n + 1} for task_id in order]
+                return await clients[n % 2].patch("/tasks/batch", json={"updates": updates})
+
+        answers = await asyncio.gather(*(batch(n) for n in range(30)))
+        conflicts = 0.0
+        for client in clients:
+            for line in (await client.get("/metrics")).text.splitlines():
+                if line.startswith("tasktrail_write_conflicts_total "):
+                    conflicts += float(line.split()[1])
+    assert [answer.status_code for answer in answers] == [200] * 30
+    assert {result["status"] for answer in answers for result in answer.json()["results"]} == {200}
+    assert conflicts == 0
+    with psycopg.connect(database_url, **db.connect_kwargs()) as conn:
+        counts = conn.execute("SELECT count(*) FROM events GROUP BY stream_id").fetchall()
+    assert counts == [(31,)] * 40  # created, then one progress report from each batch
+
+
 @pytest.fixture(scope="module")
 def stream_server(server_url: str, template_db: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     with fresh_database(server_url, template_db) as url:
