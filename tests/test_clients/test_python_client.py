@@ -411,3 +411,13 @@ def test_batch_writes_create_all_at_once_and_answer_per_item(server: str, client
     assert [(r.status, r.ok) for r in again] == [(200, True), (200, True)]
     assert (again[0].task.status, again[0].task.version, again[1].deleted) == ("running", 2, True)
     assert [e.type for e in client.history(second.task_id)] == ["TaskCreated", "TaskStarted"]
+
+    # A batch naming a task twice is not sent again after a lost answer: it would apply both again.
+    with dropping_first(server) as proxy, Client(proxy.url, retry=QUICK) as lossy:
+        with pytest.raises(ConnectionFailed):
+            lossy.update_many(
+                [{"task_id": second.task_id, "status": "pending"}, {"task_id": second.task_id, "status": "running"}]
+            )
+        assert proxy.dropped == [0]
+    types = [e.type for e in client.history(second.task_id)]
+    assert types == ["TaskCreated", "TaskStarted", "TaskRequeued", "TaskStarted"]
