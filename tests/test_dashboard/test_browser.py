@@ -339,3 +339,20 @@ def test_bulk_retry_of_every_task_matching_the_filter(ui: Dashboard) -> None:
         for task in failed:
             assert api.get(f"/tasks/{task['task_id']}").json()["status"] == "pending"
         assert api.get(f"/tasks/{pending['task_id']}").json()["version"] == 1
+
+
+def test_bulk_action_on_every_matching_task_acts_on_no_more_than_the_dialog_counted(ui: Dashboard) -> None:
+    shown = [create(ui, "bulk-c") for _ in range(3)]
+    page = ui.page()
+    page.goto("/ui?status=pending&task_type=bulk-c")
+    expect(page.locator("#live")).to_have_attribute("data-state", "live")
+    page.get_by_role("button", name="Select all 3 pending tasks of type bulk-c").click()
+    page.locator('#bulk [data-bulk="cancel"]').click()
+    dialog = page.get_by_role("dialog")
+    expect(dialog).to_contain_text("Cancel all 3 pending tasks of type bulk-c")
+    arrived = [create(ui, "bulk-c") for _ in range(2)]  # while the dialog is open
+    dialog.get_by_role("button", name="Cancel 3 tasks").click()
+    expect(page.locator("#bulk-run")).to_contain_text("Cancel: finished. 3 done.")
+    with ui.api() as api:
+        assert [api.get(f"/tasks/{t['task_id']}").json()["status"] for t in shown] == ["canceled"] * 3
+        assert [api.get(f"/tasks/{t['task_id']}").json()["status"] for t in arrived] == ["pending"] * 2

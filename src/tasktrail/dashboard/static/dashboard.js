@@ -299,11 +299,18 @@ function tasksPage() {
     });
     const dialog = document.getElementById("bulk-confirm");
     let chosen = null;
+    let confirmed = null; // for "all matching": how many the dialog said, and the newest of them
     for (const button of bulk.querySelectorAll("[data-bulk]")) {
-      button.addEventListener("click", () => {
+      button.addEventListener("click", async () => {
         chosen = button.dataset.bulk;
         const verb = { cancel: "Cancel", retry: "Retry", delete: "Delete" }[chosen];
         const count = allMatching ? Number(bulk.dataset.matching) : selected.size;
+        if (allMatching) {
+          // Tasks created after this moment are not among the ones the dialog counts: they are left alone.
+          const head = await api("GET", `/tasks/?${matchingQuery(1)}`);
+          const newest = head.status === 200 && head.answer.length ? head.answer[0].id : 0;
+          confirmed = { count, newest };
+        }
         const what = allMatching ? `all ${number.format(count)} ${bulk.dataset.noun}` : `${number.format(count)} selected ${count === 1 ? "task" : "tasks"}`;
         document.getElementById("bulk-confirm-title").textContent = `${verb} ${number.format(count)} ${count === 1 ? "task" : "tasks"}?`;
         document.getElementById("bulk-confirm-text").textContent =
@@ -316,14 +323,23 @@ function tasksPage() {
       });
     }
     dialog.addEventListener("close", () => {
-      if (dialog.returnValue === "go" && chosen) runBulk(chosen, allMatching);
+      if (dialog.returnValue === "go" && chosen) runBulk(chosen, allMatching ? confirmed : null);
     });
   }
 
+  function matchingQuery(limit) {
+    const query = new URLSearchParams({ limit: String(limit) });
+    if (bulk.dataset.statusFilter) query.set("status", bulk.dataset.statusFilter);
+    if (bulk.dataset.typeFilter) query.set("task_type", bulk.dataset.typeFilter);
+    return query;
+  }
+
+  // `everyMatching`: act on the tasks the filter matches, at most as many as were confirmed and none
+  // newer than the newest then (tasks created while the dialog was open are not the ones confirmed).
   async function runBulk(action, everyMatching) {
     const panel = document.getElementById("bulk-run");
     const verb = { cancel: "Canceling", retry: "Retrying", delete: "Deleting" }[action];
-    const total = everyMatching ? Number(bulk.dataset.matching) : selected.size;
+    const total = everyMatching ? everyMatching.count : selected.size;
     const chosenRows = everyMatching ? null : [...selected.entries()];
     selected.clear();
     allMatching = false;
@@ -435,11 +451,9 @@ function tasksPage() {
       }
     } else {
       // Every task the filter matches, a page of the API's list at a time, keyset-paged by its cursor.
-      const query = new URLSearchParams({ limit: String(BATCH) });
-      if (bulk.dataset.statusFilter) query.set("status", bulk.dataset.statusFilter);
-      if (bulk.dataset.typeFilter) query.set("task_type", bulk.dataset.typeFilter);
-      let url = `/tasks/?${query}`;
-      while (ok && !stop && url) {
+      let url = `/tasks/?${matchingQuery(BATCH)}`;
+      let left = everyMatching.count;
+      while (ok && !stop && url && left > 0) {
         const page = await api("GET", url);
         if (page.status !== 200) {
           status.textContent = `Stopped: ${problemText(page)}`;
@@ -448,7 +462,9 @@ function tasksPage() {
         const next = /<([^>]+)>;\s*rel="next"/.exec(page.headers.get("link") || "");
         url = next ? next[1] : null;
         if (!page.answer.length) break;
-        ok = await send(page.answer.map((t) => ({ id: t.task_id, version: t.version, status: t.status })));
+        const tasks = page.answer.filter((t) => t.id <= everyMatching.newest).slice(0, left);
+        left -= tasks.length;
+        if (tasks.length) ok = await send(tasks.map((t) => ({ id: t.task_id, version: t.version, status: t.status })));
         show();
       }
     }
