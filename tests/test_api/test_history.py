@@ -181,9 +181,12 @@ async def test_an_idempotency_key_creates_once(client: AsyncTestClient, database
     other = await client.post("/tasks/", json={"task_type": "k", "params": {"a": 2}}, headers=key)
     assert other.status_code == 422
     assert other.json()["errors"][0]["field"] == "Idempotency-Key"
-    assert (
-        await client.post("/tasks/", json={"task_type": "k"}, headers={"Idempotency-Key": "x y"})
-    ).status_code == 422
+    for bad in ("x y", "x" * 256, "tab\there"):
+        refused = await client.post("/tasks/", json={"task_type": "k"}, headers={"Idempotency-Key": bad})
+        assert refused.status_code == 422
+        assert refused.json()["errors"] == [
+            {"field": "Idempotency-Key", "message": "must be 1 to 255 visible ASCII characters (no spaces)"}
+        ]
     with psycopg.connect(database_url) as conn:
         assert conn.execute("SELECT count(*) FROM events").fetchone() == (1,)
         assert conn.execute("SELECT metadata->>'idempotency_key' FROM events").fetchone() == ("order-42",)

@@ -56,14 +56,26 @@ def _invalid(_: Request, exc: InvalidInput) -> Response[bytes]:
     return problem(422, str(exc), errors=exc.errors)
 
 
+# Header parameters as clients know them (Litestar names a handler's argument), with what they must be.
+_HEADERS = {
+    "idempotency_key": ("Idempotency-Key", "must be 1 to 255 visible ASCII characters (no spaces)"),
+    "last_event_id": ("Last-Event-ID", "must be at most 100 characters"),
+}
+
+
+def _parameter_error(item: dict[str, Any]) -> dict[str, str]:
+    if item.get("source") == "body":
+        # An empty body never reaches the strict decoder: Litestar reports the `data` argument missing.
+        return {"field": "body", "message": "required"}
+    key, message = str(item.get("key", "?")), str(item.get("message", ""))
+    if item.get("source") == "header" and key in _HEADERS:
+        key, message = _HEADERS[key]
+    return {"field": key, "message": message}
+
+
 def _invalid_parameter(_: Request, exc: ValidationException) -> Response[bytes]:
     errors = [
-        # An empty body never reaches the strict decoder: Litestar reports the `data` argument missing.
-        {"field": "body", "message": "required"}
-        if item.get("source") == "body"
-        else {"field": str(item.get("key", "?")), "message": str(item.get("message", ""))}
-        for item in (exc.extra if isinstance(exc.extra, list) else [])
-        if isinstance(item, dict)
+        _parameter_error(item) for item in (exc.extra if isinstance(exc.extra, list) else []) if isinstance(item, dict)
     ]
     detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors) or exc.detail
     return problem(422, detail, errors=errors)
