@@ -224,3 +224,10 @@ async def test_a_negative_zero_is_answered_as_stored_zero(shared_client: AsyncTe
     )
     assert batch.json()["tasks"][0]["params"] == {"n": 0.0}
     assert b"-0.0" not in batch.content
+
+
+@pytest.mark.parametrize("path", ["/tasks/%2F", "/tasks/%2f/history", "/tasks%2Fstats%2Fsummary", "/ui/tasks/%2F"])
+async def test_an_escaped_slash_in_a_path_segment_names_nothing(shared_client: AsyncTestClient, path: str) -> None:
+    """The router matches the decoded path, where %2F is a separator: /tasks/%2F found the task list."""
+    assert (await shared_client.get(path)).status_code == 404
+    assert (await shared_client.post("/tasks%2Fcleanup")).status_code == 404

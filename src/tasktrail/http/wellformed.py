@@ -8,7 +8,9 @@ the checks below run before any handler, on every route, the ones added later
 included, and answer problem+json:
 
 - the URL is at most MAX_URL_BYTES (414); its path and query string
-  percent-decode to UTF-8 (400); a query value holds no NUL (422: PostgreSQL
+  percent-decode to UTF-8 (400), and no path segment holds an escaped `/`
+  (404: the router matched the decoded path, where %2F became a separator,
+  so /tasks/%2F found the list); a query value holds no NUL (422: PostgreSQL
   text cannot), a parameter comes once unless its handler takes a list
   (422: a filter given twice is ambiguous, and a proxy may have checked the
   other one), and an integer parameter is written in digits (422: the
@@ -239,6 +241,9 @@ def _path_refusal(raw_path: bytes) -> Refusal | None:
         return 400, "the URL's path is not UTF-8 text once its %-escapes are decoded", {}
     if "\x00" in path:
         return 400, "the URL's path holds NUL (%00)", {}
+    if b"%2f" in raw_path.lower():
+        # The router has matched the decoded path, in which %2F became a separator: /tasks/%2F found the list.
+        return 404, "nothing here has a / inside a path segment (%2F)", {}
     return None
 
 
