@@ -190,9 +190,14 @@ def test_delete_after_a_confirmation_and_a_deleted_task_keeps_its_history(ui: Da
 def test_a_long_type_with_no_space_wraps_instead_of_widening_the_page(ui: Dashboard) -> None:
     task = create(ui, "L" * 200)
     page = ui.page()
-    page.goto(f"/ui/tasks/{task['task_id']}")
-    expect(page.locator("#timeline [data-version]")).to_have_count(1)
-    assert page.evaluate("document.documentElement.scrollWidth <= innerWidth")
+    for width in (1280, 375):  # a desktop, a phone
+        page.set_viewport_size({"width": width, "height": 800})
+        page.goto(f"/ui/tasks/{task['task_id']}")
+        expect(page.locator("#timeline [data-version]")).to_have_count(1)
+        assert page.evaluate("document.documentElement.scrollWidth <= innerWidth"), width
+        page.goto(f"/ui?task_type={'L' * 200}")  # the bulk bar's "Select all ... of type LLL..." too
+        expect(page.locator("#task-rows tr[data-task-id]")).to_have_count(1)
+        assert page.evaluate("document.documentElement.scrollWidth <= innerWidth"), width
 
 
 def test_an_unknown_task_is_a_404_page(ui: Dashboard) -> None:
