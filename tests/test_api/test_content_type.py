@@ -108,6 +108,15 @@ async def test_cors_preflight_still_allows_json_and_the_415_is_readable_cross_or
     assert preflight.status_code == 204
     assert "content-type" in preflight.headers["access-control-allow-headers"].lower()
     assert "POST" in preflight.headers["access-control-allow-methods"]
+    # Every request header the API reads may come from another origin: a stream resumed by
+    # Last-Event-ID, a write named by X-Request-ID, a conditional or idempotent write.
+    for header in ("last-event-id", "x-request-id", "if-match", "idempotency-key", "authorization"):
+        asked = await client.options(
+            "/events/stream",
+            headers=origin | {"Access-Control-Request-Method": "GET", "Access-Control-Request-Headers": header},
+        )
+        assert asked.status_code == 204, header
+        assert header in asked.headers["access-control-allow-headers"].lower(), header
     created = await client.post("/tasks/", content=BODY, headers=origin | {"Content-Type": "application/json"})
     assert created.status_code == 201
     refused = await client.post("/tasks/", content=BODY, headers=origin | {"Content-Type": "text/plain"})

@@ -341,6 +341,8 @@ def create_app(
                 "If-Match",
                 "If-None-Match",
                 "Idempotency-Key",
+                "Last-Event-ID",
+                "X-Request-ID",
                 replicas.HEADER,
             ],
             expose_headers=["ETag", "Link", "Location", "Retry-After", "X-Request-ID", replicas.HEADER],
