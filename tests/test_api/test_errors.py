@@ -231,3 +231,11 @@ async def test_an_escaped_slash_in_a_path_segment_names_nothing(shared_client: A
     """The router matches the decoded path, where %2F is a separator: /tasks/%2F found the task list."""
     assert (await shared_client.get(path)).status_code == 404
     assert (await shared_client.post("/tasks%2Fcleanup")).status_code == 404
+
+
+async def test_a_lone_surrogate_escape_is_named_not_called_a_truncated_body(shared_client: AsyncTestClient) -> None:
+    for raw in (rb'{"task_type": "\ud800"}', rb'{"task_type": "x\uDBFFy"}'):
+        refused = problem(await shared_client.post("/tasks/", content=raw, headers=JSON), 400)
+        assert "low surrogate" in refused["detail"], refused
+    cut = problem(await shared_client.post("/tasks/", content=b'{"task_type": "x', headers=JSON), 400)
+    assert "truncated" in cut["detail"]

@@ -37,6 +37,7 @@ def invalid(field: str, message: str) -> InvalidInput:
 
 
 _MISSING = re.compile(r"Object missing required field `(.+)`")
+_HIGH_SURROGATE = re.compile(rb"\\u[dD][89abAB][0-9a-fA-F]{2}")
 _AT = re.compile(r"^(?P<message>.*?)(?: - at `\$(?P<path>.*)`)?$", re.DOTALL)
 
 
@@ -57,6 +58,12 @@ def decode(body: bytes, type_: type[T]) -> T:
     except msgspec.DecodeError as exc:
         if body.startswith(codecs.BOM_UTF8):
             raise MalformedBody("the body starts with a byte order mark: send JSON as UTF-8 without one") from exc
+        if str(exc) == "Input data was truncated" and _HIGH_SURROGATE.search(body):
+            # What msgspec says of a lone high surrogate, as if the body had been cut short.
+            raise MalformedBody(
+                "the body is not valid JSON: a \\uD800-\\uDBFF escape not followed by its low surrogate"
+                " names no character"
+            ) from exc
         raise MalformedBody(f"the body is not valid JSON: {exc}") from exc
     except UnicodeDecodeError as exc:
         # msgspec decodes a string's bytes only when it builds the string, and raises this, not a DecodeError.
