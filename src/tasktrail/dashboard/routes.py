@@ -603,7 +603,7 @@ async def sign_in(request: Request) -> HtmlReply:
 
 @post("/ui/sign-out", opt={**auth.PUBLIC, FORM: SignOutForm}, include_in_schema=False, status_code=303)
 async def sign_out(request: Request) -> HtmlReply:
-    """End the session: the cookie is cleared (a form of the page; its CSRF token must match)."""
+    """End the session: on the server, and the cookie cleared (a form of the page; its CSRF token must match)."""
     form = await read_form(request, SignOutForm)
     signer: sessions.Signer | None = request.route_handler.opt.get("signer")
     cookie = request.cookies.get(sessions.COOKIE)
@@ -612,6 +612,8 @@ async def sign_out(request: Request) -> HtmlReply:
         session = sessions.read(secret, cookie)
         if session is not None and not sessions.csrf_matches(secret, session, form.csrf):
             return error_page(request, "Sign out from the dashboard's own page.", 403)
+        if session is not None:
+            await sessions.end(request.app.state.pool, session)  # a copy of the cookie is refused too
     return _see_other("/ui/sign-in?out", _cookie(request, "", 0))
 
 

@@ -228,7 +228,12 @@ async def session_key(
     secret = await signer.secret(connection.app.state.pool)
     session = sessions.read(secret, connection.cookies[sessions.COOKIE])
     key = None if session is None else next((k for k in configured if k.name == session.key), None)
-    if session is None or key is None or sessions.fingerprint(key.digest) != session.fingerprint:
+    if (
+        session is None
+        or key is None
+        or sessions.fingerprint(key.digest) != session.fingerprint
+        or await sessions.ended(connection.app.state.pool, session)
+    ):
         raise NotAuthorizedException(
             "the dashboard session has expired or is no longer valid: sign in again at /ui/sign-in,"
             " or send `Authorization: Bearer <key>`",

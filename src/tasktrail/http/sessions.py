@@ -6,6 +6,8 @@ holds no key: it names the key, carries a fingerprint of the key's hash (a
 key replaced under the same name ends its sessions), the expiry and a random
 session id, signed with HMAC-SHA256. It is `HttpOnly` (no script reads it),
 `SameSite=Strict` (no other site's page sends it) and `Secure` over https.
+Signing out records the session id as ended (migration 0015), so that a copy
+of the cookie is refused too, not only the browser's own, which is cleared.
 
 SameSite is not all of CSRF's answer (an older browser, a sibling subdomain),
 so a write that a cookie authenticates must also carry the session's CSRF
@@ -135,6 +137,28 @@ async def stored_secret(conn: psycopg.AsyncConnection) -> bytes:
     row = await cur.fetchone()
     assert row is not None
     return bytes(row[0])
+
+
+# Signing out ends the session id for good (until the cookie would have expired anyway).
+END_SESSION = """
+WITH gone AS (DELETE FROM ended_sessions WHERE expires < now())
+INSERT INTO ended_sessions (sid, expires) VALUES (%(sid)s, to_timestamp(%(expires)s)) ON CONFLICT DO NOTHING
+"""
+IS_ENDED = "SELECT EXISTS (SELECT FROM ended_sessions WHERE sid = %(sid)s)"
+
+
+async def end(pool: AsyncConnectionPool, session: Session) -> None:
+    """Sign the session out on the server: its cookie, or any copy of it, is refused from now on."""
+    async with db.Borrowed(pool) as conn:  # the primary's pool: a write
+        await conn.execute(END_SESSION, {"sid": session.sid, "expires": session.expires})
+
+
+async def ended(pool: AsyncConnectionPool, session: Session) -> bool:
+    """Whether the session was signed out (read on the primary: a replica may not have the sign-out yet)."""
+    async with db.Borrowed(pool) as conn:
+        cur = await conn.execute(IS_ENDED, {"sid": session.sid})
+        row = await cur.fetchone()
+    return bool(row and row[0])
 
 
 class Signer:
