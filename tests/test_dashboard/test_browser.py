@@ -151,6 +151,7 @@ def test_cancel_from_the_task_page_and_the_timeline_grows_live(ui: Dashboard) ->
     # Canceled: retry is offered now, cancel no longer.
     expect(page.get_by_role("button", name="Retry")).to_be_visible()
     expect(page.get_by_role("button", name="Cancel")).to_be_hidden()
+    expect(page.locator("#action-message")).to_be_focused()  # not the top of the page
 
 
 def test_a_stale_page_gets_a_conflict_message_and_the_latest_state(ui: Dashboard) -> None:
@@ -181,7 +182,9 @@ def test_delete_after_a_confirmation_and_a_deleted_task_keeps_its_history(ui: Da
     page.get_by_role("button", name="Delete the task").click()
     expect(page.locator(".notice.deleted")).to_contain_text("Deleted")
     expect(page.locator('#timeline [data-type="TaskDeleted"]')).to_have_count(1)
-    expect(page.locator("#actions")).to_be_hidden()  # nothing is left to do to it
+    expect(page.locator("#actions .buttons")).to_be_hidden()  # nothing is left to do to it
+    expect(page.locator("#action-message")).to_have_text("Deleted.")
+    expect(page.locator("#action-message")).to_be_focused()  # the keyboard stays where it was
     page.reload()
     expect(page.locator(".notice.deleted")).to_contain_text("Its history is kept")
     expect(page.locator("#timeline [data-version]")).to_have_count(2)

@@ -472,6 +472,8 @@ function tasksPage() {
     stopButton.remove();
     const name = { cancel: "Cancel", retry: "Retry", delete: "Delete" }[action];
     title.textContent = `${name}: ${stop ? "stopped" : "finished"}. ${number.format(groups.done.items.length)} done.`;
+    title.tabIndex = -1;
+    title.focus(); // the keyboard goes on from the outcome, not from the top of the page
     for (const button of bulk.querySelectorAll("button:not([data-bulk])")) button.disabled = false;
     updateBulk();
     refresh();
@@ -514,7 +516,10 @@ function taskPage() {
         button.hidden = !now || now.hidden;
       }
     } else if (actions && !freshActions) {
-      actions.hidden = true; // deleted
+      // Deleted: nothing is left to do to it. The section stays for its message (this page's own
+      // "Deleted.", or one saying so when the delete came from elsewhere).
+      actions.querySelector(".buttons").hidden = true;
+      if (!message.textContent) message.textContent = "The task was deleted: nothing more can be done to it.";
     }
   }
   const refresh = coalesce(refreshNow);
@@ -637,6 +642,8 @@ function taskPage() {
       message.dataset.kind = "error";
       message.textContent = `Nothing was changed: ${problemText(result)}`;
     }
+    // The button pressed may be gone now (Cancel on a canceled task): keep the keyboard here, on the outcome.
+    if (document.activeElement === document.body || document.activeElement?.closest("[hidden]")) message.focus();
   }
 }
 
