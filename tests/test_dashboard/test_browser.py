@@ -133,6 +133,26 @@ def test_the_timeline_shows_every_event_and_the_version_picker_an_old_state(ui: 
     expect(page.locator("#now")).to_have_attribute("data-status", "pending")
 
 
+def test_the_version_picker_follows_a_task_past_500_versions_on_an_open_page(ui: Dashboard) -> None:
+    task = create(ui, "many")
+    reports = [{"task_id": task["task_id"], "progress": n / 10} for n in range(1, 498)]
+    with ui.api() as api:
+        assert api.patch("/tasks/batch", json={"updates": reports}).status_code == 200  # now at version 498
+    page = ui.page()
+    page.goto(f"/ui/tasks/{task['task_id']}")
+    expect(page.locator("#live")).to_have_attribute("data-state", "live")
+    expect(page.locator("select#version option")).to_have_count(498)
+    with ui.api() as api:
+        for n in range(5):
+            api.patch(f"/tasks/{task['task_id']}", json={"progress": 60 + n})
+    picker = page.get_by_label("Show the task at version")
+    expect(picker).to_have_attribute("max", "503")  # past 500: a number field, up to the newest
+    picker.fill("501")
+    picker.press("Enter")
+    expect(page).to_have_url(re.compile(r"version=501"))
+    expect(page.locator(".notice.past")).to_contain_text("version 501 of 503")
+
+
 def test_cancel_from_the_task_page_and_the_timeline_grows_live(ui: Dashboard) -> None:
     task = create(ui, "cancel", status="running")
     page = ui.page()

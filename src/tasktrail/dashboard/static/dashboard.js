@@ -507,6 +507,12 @@ function taskPage() {
       const value = picker.value;
       picker.replaceChildren(...[...freshPicker.options].map((o) => document.importNode(o, true)));
       picker.value = value;
+    } else if (picker && freshPicker && picker.tagName !== freshPicker.tagName) {
+      // Past 500 versions the list becomes a number field: take the page's new one, keeping the choice.
+      const value = picker.value;
+      const replacement = document.importNode(freshPicker, true);
+      replacement.value = value;
+      picker.replaceWith(replacement);
     } else if (picker && freshPicker) syncAttributes(picker, freshPicker, ["max"]);
     const freshActions = fresh.getElementById("actions");
     if (actions && freshActions) {
@@ -578,8 +584,10 @@ function taskPage() {
   }
 
   // Time travel: choosing a version, or clicking an entry of the timeline, shows the task at it.
-  const picker = document.getElementById("version");
-  picker?.addEventListener("change", () => document.getElementById("version-form").requestSubmit());
+  // On the form, not the field: the field is replaced when a list of versions becomes a number field.
+  document.getElementById("version-form")?.addEventListener("change", (e) => {
+    if (e.target.id === "version") e.target.form.requestSubmit();
+  });
   document.getElementById("timeline").addEventListener("click", (e) => {
     const entry = e.target.closest("li[data-version]");
     if (!entry || e.target.closest("a, button, input, select") || getSelection()?.toString()) return;
