@@ -10,8 +10,9 @@ left and starts over.
 1. Replay: in one REPEATABLE READ snapshot, stream the whole log (binary COPY,
    a row per chunk of events) and fold it in memory, one state per live task
    (a projections.replayed.State); remember the snapshot.
-2. Load: create each read model's tables in its new schema, COPY its rows
-   from the folded states, then build its indexes (two at a time) and ANALYZE.
+2. Load: create each read model's tables in its new schema and COPY its rows
+   from the folded states (each read model on a connection of its own, at the
+   same time), then build its indexes (two at a time) and ANALYZE.
 3. Catch up: apply the events committed since the last snapshot, through each
    read model's own part of a write's statement, with the new schemas first
    on the search_path; repeat while writers keep appending.
@@ -35,8 +36,9 @@ AFTER_INDEXES, statements to finish with (constraints, ANALYZE); COPY and
 COPY_TYPES, to load them; rows(tasks), their rows from the live tasks' states;
 optionally replayed_rows(states) and REPLAYED_COPY, the same rows as COPY
 (FORMAT BINARY) data straight from the replayed states, skipping a Task per
-state, and the COPY that takes them (see projections.replayed); and PARTS and document(changes), its parts of a
-write's statement (see projections.statement), used to catch up. These are the one definition of a
+state, and the COPY that takes them (see projections.replayed); and PARTS and
+document(changes), its parts of a write's statement (see
+projections.statement), used to catch up. These are the one definition of a
 version's tables: no migration makes them.
 """
 
