@@ -170,10 +170,16 @@ async def check_idle(conn: psycopg.AsyncConnection) -> None:
 
 
 class Pool(AsyncConnectionPool):  # type: ignore[type-arg]
-    """The pool, counting the connections requests have given back, and how long a request waits on (BUSY_WAIT)."""
+    """The pool, counting the connections requests have given back, and how long a request waits on (BUSY_WAIT).
+
+    And the requests waiting for a connection now (`waiting`): psycopg_pool's own
+    count (requests_waiting) keeps a request that gave up until a connection
+    comes free for it, so in an outage it grew with every request refused.
+    """
 
     given_back = 0
     busy_wait = BUSY_WAIT
+    waiting = 0
 
 
 class Borrowed:
@@ -191,10 +197,13 @@ class Borrowed:
 
     async def __aenter__(self) -> psycopg.AsyncConnection:
         given_back = self.pool.given_back
+        self.pool.waiting += 1
         try:
             self.conn = await self.pool.getconn()
         except PoolTimeout:
             self.conn = await self._while_moving(given_back)
+        finally:
+            self.pool.waiting -= 1
         return self.conn
 
     async def _while_moving(self, given_back: int) -> psycopg.AsyncConnection:

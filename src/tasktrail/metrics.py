@@ -135,7 +135,7 @@ def sample_pool(pool: AsyncConnectionPool) -> None:
     size, idle = stats.get("pool_size", 0), stats.get("pool_available", 0)
     _pool["in_use"].set(max(0, size - idle))
     _pool["idle"].set(idle)
-    _pool["waiting"].set(stats.get("requests_waiting", 0))
+    _pool["waiting"].set(getattr(pool, "waiting", 0))  # db.Pool's own count: see there
 
 
 async def keep_sampling_pool(pool: AsyncConnectionPool) -> None:

@@ -214,3 +214,20 @@ async def test_the_content_type_names_each_parameter_once(client: AsyncTestClien
         assert response.status_code == 200
         names = [part.split("=")[0].strip() for part in response.headers["content-type"].split(";")[1:]]
         assert len(names) == len(set(names)), response.headers["content-type"]
+
+
+async def test_requests_that_gave_up_waiting_for_a_connection_are_not_counted_as_waiting() -> None:
+    """psycopg_pool keeps a waiter that timed out in its queue until a connection comes: in an outage its
+    count grew with every refused request, and the pool-exhausted alert would fire for no one."""
+    pool = db.create_pool("postgresql://postgres@127.0.0.1:1/nowhere", timeout=0.05, busy_wait=0.05)
+    await pool.open(wait=False)
+    try:
+        for _ in range(5):
+            with pytest.raises(db.PoolTimeout):
+                async with db.Borrowed(pool):
+                    pass
+        assert pool.get_stats().get("requests_waiting", 0) > 0  # the library's count, still holding them
+        metrics.sample_pool(pool)
+        assert metrics._pool["waiting"]._value.get() == 0
+    finally:
+        await pool.close(timeout=0)
