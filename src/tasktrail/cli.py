@@ -280,7 +280,10 @@ def keys_list(args: argparse.Namespace) -> int:
     from tasktrail.http import auth
 
     path = _keys_file(args)
-    for key in auth.parse(path.read_text(), str(path)) if path.exists() else []:
+    if not path.exists():
+        print(f"no keys: {path} does not exist (`tasktrail keys add` makes it)", file=sys.stderr)
+        return 0
+    for key in auth.parse(path.read_text(), str(path)):
         print(f"{key.name}\t{key.scope}")
     return 0
 
@@ -332,8 +335,14 @@ def projections_prune(args: argparse.Namespace) -> int:
         if not targets:
             print("nothing to prune: every version left is this code's")
             return 0
+    elif args.name not in {module.NAME for module in INLINE} and args.name not in versions.names(url):
+        print(f"tasktrail projections prune: there is no read model {args.name!r}", file=sys.stderr)
+        return 2
     elif args.version is None:
         targets = [(n, v) for n, v in versions.unused(url, INLINE) if n == args.name]
+        if not targets:
+            print(f"nothing to prune: no version of {args.name} but this code's")
+            return 0
     else:
         targets = [(args.name, args.version)]
     failed = 0
@@ -425,8 +434,8 @@ def parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("serve", help="apply migrations and serve the HTTP API")
     run.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
-    run.add_argument("--port", type=int, default=8000, help="port to bind (default: %(default)s)")
-    run.add_argument("--workers", type=int, default=1, help="server processes (default: %(default)s)")
+    run.add_argument("--port", type=_port, default=8000, help="port to bind (default: %(default)s)")
+    run.add_argument("--workers", type=_positive, default=1, help="server processes (default: %(default)s)")
     run.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     run.add_argument(
         "--log-format",
@@ -562,3 +571,43 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print("tasktrail: stopped", file=sys.stderr)
         return 130
+    except Exception as exc:
+        message = _refused(exc)
+        if message is None:
+            raise
+        print(f"tasktrail: {message}", file=sys.stderr)
+        return 1
+
+
+def _refused(exc: BaseException) -> str | None:
+    """An error of the setting a command ran in (the database, a file, a setting) as one line; None for a bug."""
+    import psycopg
+
+    from tasktrail.http.auth import BadKeys
+
+    if isinstance(exc, psycopg.errors.UndefinedTable):
+        return "the database has no tasktrail tables yet: run `tasktrail migrate` (or `serve`) first"
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if isinstance(exc, psycopg.OperationalError):
+        return f"cannot use the database: {text}"
+    if isinstance(exc, psycopg.Error):
+        return f"the database refused: {text}"
+    if isinstance(exc, ImportError):  # TASKTRAIL_READ_MODELS names a module that is not there
+        return f"{text} (TASKTRAIL_READ_MODELS names modules to import)"
+    if isinstance(exc, BadKeys | OSError | ValueError):
+        return text
+    return None
+
+
+def _port(text: str) -> int:
+    port = int(text)
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a TCP port (0 to 65535)")
+    return port
+
+
+def _positive(text: str) -> int:
+    number = int(text)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{number}: give at least 1")
+    return number

@@ -13,7 +13,7 @@ import httpx
 import psycopg
 
 from tasktrail import db
-from tests.conftest import Server
+from tests.conftest import Server, fresh_database
 
 
 def tasktrail(database_url: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -162,3 +162,35 @@ def wait_for_the_swap(database_url: str) -> None:
                 return
             time.sleep(0.05)
     raise AssertionError("the rebuild never reached its swap")
+
+
+def test_wrong_settings_get_one_line_and_no_traceback(database_url: str, server_url: str) -> None:
+    """The database unreachable or not migrated, an unknown read model or module, a bad setting or argument."""
+    unreachable = "postgresql://postgres@127.0.0.1:1/nowhere"
+    cases = [
+        (unreachable, ["migrate"], {}, 1, "cannot use the database"),
+        (unreachable, ["verify"], {}, 1, "cannot use the database"),
+        (unreachable, ["projections", "status"], {}, 1, "cannot use the database"),
+        (database_url, ["projections", "prune", "bogus"], {}, 2, "there is no read model 'bogus'"),
+        (database_url, ["projections", "status"], {"TASKTRAIL_READ_MODELS": "no.such.module"}, 1, "No module named"),
+        (database_url, ["projections", "status"], {"TASKTRAIL_STATEMENT_TIMEOUT": "forever"}, 1, "give a duration"),
+        (database_url, ["serve", "--port", "99999"], {}, 2, "not a TCP port"),
+        (database_url, ["serve", "--workers", "0"], {}, 2, "give at least 1"),
+    ]
+    for url, args, env, code, said in cases:
+        done = subprocess.run(
+            [sys.executable, "-m", "tasktrail", *args],
+            env=os.environ | {"DATABASE_URL": url} | env,
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=120,
+        )
+        assert (done.returncode, "Traceback" in done.stderr) == (code, False), (args, env, done.stderr)
+        assert said in done.stderr, (args, env, done.stderr)
+    with fresh_database(server_url, "template0") as empty:  # no migration ever ran
+        for args in (["projections", "status"], ["projections", "prune"]):
+            done = tasktrail(empty, *args)
+            assert done.returncode == 1, done.stderr
+            assert "run `tasktrail migrate`" in done.stderr
+            assert "Traceback" not in done.stderr

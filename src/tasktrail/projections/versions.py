@@ -168,6 +168,15 @@ def prune(conninfo: str, name: str, version: int) -> str:
     return f"pruned {name} version {version}: dropped schema {schema}"
 
 
+NAMES = "SELECT DISTINCT name FROM projection_versions"
+
+
+def names(conninfo: str) -> set[str]:
+    """Every read model the registry has had a version of."""
+    with psycopg.connect(conninfo, **db.connect_kwargs()) as conn:
+        return {name for (name,) in conn.execute(NAMES).fetchall()}
+
+
 def unused(conninfo: str, modules: Sequence[ModuleType]) -> list[tuple[str, int]]:
     """The versions `prune` without arguments considers: every one that exists, except this code's."""
     mine = {(m.NAME, m.VERSION) for m in modules}
