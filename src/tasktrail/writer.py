@@ -319,21 +319,24 @@ Outcome = Task | None | Exception
 async def change_many(conn: psycopg.AsyncConnection, items: Sequence[Item], metadata: dict[str, Any]) -> list[Outcome]:
     """Decide each item in order on the state the items before it left; write the accepted ones together.
 
-    The batch first takes the locks of its tasks' buckets (see _lock_buckets),
-    then reads the tasks, decides and writes, in one transaction: another batch
-    naming any of these tasks waits for the locks and then reads what this one
-    wrote, instead of deciding on what it read before and losing the race (with
-    many batches on the same tasks, they lost again and again). A race still
-    lost, to a single write or to a process of another release, rolls the
-    whole batch back; then the tasks are read again and every item is decided
-    again.
+    First optimistically: read the tasks, decide, then take the locks of the
+    changed tasks' buckets (see _lock_buckets) for the write alone. Batches on
+    different tasks then overlap all but their writes (they share buckets:
+    1,000 tasks fall in every one of them), where holding the locks from the
+    read on made them take turns at reading and deciding too. A race lost, to
+    another batch, a single write or a process of another release, rolls the
+    whole batch back; then the batch takes the locks first and reads, decides
+    and writes under them: another batch on these tasks waits, and this one
+    decides on what that one wrote. So with many batches on the same tasks a
+    batch loses at most one race to another batch, never again and again.
     """
     task_ids = list(dict.fromkeys(task_id for task_id, _, _ in items))
-    caught_up = False
+    locked_first = caught_up = False
     for _ in range(MAX_ATTEMPTS):
         try:
             async with _refused(conn), conn.pipeline(), conn.transaction():
-                await _lock_buckets(conn, task_ids)
+                if locked_first:
+                    await _lock_buckets(conn, task_ids)
                 states, deleted = await tasks_view.get_many(conn, task_ids)
                 unknown = [task_id for task_id in task_ids if task_id not in states and task_id not in deleted]
                 if not unknown or caught_up:
@@ -343,12 +346,15 @@ async def change_many(conn: psycopg.AsyncConnection, items: Sequence[Item], meta
                     for recorded, _, _ in changes:
                         _recent.pop(recorded.stream_id, None)
                     if changes:
+                        if not locked_first:
+                            await _lock_buckets(conn, (recorded.stream_id for recorded, _, _ in changes))
                         await _write(conn, changes, metadata)
                     return outcomes
         except (eventstore.VersionConflict, psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure):
             # The winner may be a process of another release (see _write): now that the transaction is
             # over, apply its events to this process's read models before reading the tasks again.
             metrics.WRITE_CONFLICTS.inc()
+            locked_first = True
             await follow.catch_up(conn, streams=task_ids)
             continue
         # Tasks unknown here, perhaps created by another release a moment ago: apply its events (outside

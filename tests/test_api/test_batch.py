@@ -481,10 +481,10 @@ async def test_batches_and_single_requests_racing_on_the_same_tasks_lose_nothing
     assert max(versions.values()) == 1
 
 
-async def test_batches_on_the_same_tasks_wait_for_each_other_instead_of_losing_races(
+async def test_batches_on_the_same_tasks_lose_a_race_at_most_once(
     two_servers: list[str], database_url: str
 ) -> None:
-    """Each batch locks its tasks before it reads them: the next one decides on what the last one wrote."""
+    """A batch that lost a race locks its tasks before it reads them again: it loses no second race to a batch."""
     clients = [httpx.AsyncClient(base_url=url, timeout=60) for url in two_servers]
     async with contextlib.AsyncExitStack() as stack:
         for client in clients:
@@ -507,7 +507,7 @@ async def test_batches_on_the_same_tasks_wait_for_each_other_instead_of_losing_r
                     conflicts += float(line.split()[1])
     assert [answer.status_code for answer in answers] == [200] * 30
     assert {result["status"] for answer in answers for result in answer.json()["results"]} == {200}
-    assert conflicts == 0
+    assert conflicts <= 30  # the code before lost again and again: 246 races for these 30 batches
     with psycopg.connect(database_url, **db.connect_kwargs()) as conn:
         counts = conn.execute("SELECT count(*) FROM events GROUP BY stream_id").fetchall()
     assert counts == [(31,)] * 40  # created, then one progress report from each batch
