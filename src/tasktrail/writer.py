@@ -319,16 +319,17 @@ Outcome = Task | None | Exception
 async def change_many(conn: psycopg.AsyncConnection, items: Sequence[Item], metadata: dict[str, Any]) -> list[Outcome]:
     """Decide each item in order on the state the items before it left; write the accepted ones together.
 
-    First optimistically: read the tasks, decide, then take the locks of the
-    changed tasks' buckets (see _lock_buckets) for the write alone. Batches on
-    different tasks then overlap all but their writes (they share buckets:
-    1,000 tasks fall in every one of them), where holding the locks from the
-    read on made them take turns at reading and deciding too. A race lost, to
-    another batch, a single write or a process of another release, rolls the
-    whole batch back; then the batch takes the locks first and reads, decides
-    and writes under them: another batch on these tasks waits, and this one
-    decides on what that one wrote. So with many batches on the same tasks a
-    batch loses at most one race to another batch, never again and again.
+    First optimistically: read the tasks and decide, then write, holding the
+    locks of the changed tasks' buckets (see _lock_buckets) shared and waiting
+    at most IMPATIENT for another transaction's write of the same task. Batches
+    on different tasks do not wait for each other at all then (they share
+    buckets: 1,000 tasks fall in every one of them). A race lost, to another
+    batch, a single write or a process of another release, or a wait given up,
+    rolls the whole batch back; then the batch takes the locks exclusively
+    before it reads, and decides and writes under them: another batch on these
+    tasks waits, and this one decides on what that one wrote. So with many
+    batches on the same tasks a batch loses at most one race to another batch,
+    never again and again.
     """
     task_ids = list(dict.fromkeys(task_id for task_id, _, _ in items))
     locked_first = caught_up = False
@@ -347,7 +348,8 @@ async def change_many(conn: psycopg.AsyncConnection, items: Sequence[Item], meta
                         _recent.pop(recorded.stream_id, None)
                     if changes:
                         if not locked_first:
-                            await _lock_buckets(conn, (recorded.stream_id for recorded, _, _ in changes))
+                            await _lock_buckets(conn, (recorded.stream_id for recorded, _, _ in changes), shared=True)
+                            await conn.execute(IMPATIENT)
                         await _write(conn, changes, metadata)
                     return outcomes
         except (eventstore.VersionConflict, psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure):
@@ -356,6 +358,12 @@ async def change_many(conn: psycopg.AsyncConnection, items: Sequence[Item], meta
             metrics.WRITE_CONFLICTS.inc()
             locked_first = True
             await follow.catch_up(conn, streams=task_ids)
+            continue
+        except psycopg.errors.LockNotAvailable:
+            if locked_first:
+                raise  # a wait of the whole lock_timeout: a transaction left open (see db.LOCK_TIMEOUT)
+            metrics.WRITE_CONFLICTS.inc()
+            locked_first = True
             continue
         # Tasks unknown here, perhaps created by another release a moment ago: apply its events (outside
         # a transaction, as catch_up needs), and look once more, as change does.
@@ -367,23 +375,31 @@ async def change_many(conn: psycopg.AsyncConnection, items: Sequence[Item], meta
 # Two batches that name the same tasks in different orders would deadlock on
 # the events' (stream_id, version) keys: each appends in its items' order, and
 # holds what it appended until it commits. PostgreSQL would find the deadlock
-# only after deadlock_timeout (1 s) and abort one. So before its statement a
-# batch takes advisory locks, in one global order, on the buckets its tasks fall
-# in: batches that share a bucket write one after the other, and a batch never
-# waits for one that waits for it. (A single write appends to one task only, so
-# it needs none: nothing it holds can be what a batch waits for while it waits.
-# Cleanup writes many tasks too, so it takes them as well.)
+# only after deadlock_timeout (1 s) and abort one. So a batch takes advisory
+# locks, in one global order, on the buckets its tasks fall in. Taken
+# exclusively, they make batches that share a bucket write one after the other,
+# and a batch never waits for one that waits for it. Taken shared (a batch's
+# optimistic first attempt), they only keep the exclusive ones waiting; two
+# shared holders may wait for each other's keys, and IMPATIENT ends that wait
+# within 100 ms, not 1 s, in the one that gives up first. (The other waits in
+# an optimistic write are short: for a single write's commit, or for a
+# counter's row while another write's transaction is open; one given up costs
+# a second attempt.) A single write appends to one task only, so it needs no
+# lock: nothing it holds can be what a batch waits for while it waits. Cleanup
+# writes many tasks too, so it takes them exclusively.
 # Buckets rather than one lock per task: advisory locks take room in the server's
 # shared lock table (64 per connection by default), and 1,000 tasks would overflow it.
 BUCKETS = 64
 BUCKET_SPACE = 0x7474  # the first key of the two-key advisory locks: tasktrail's batches
-LOCK_BUCKETS = "SELECT pg_advisory_xact_lock(%(space)s, bucket) FROM unnest(%(buckets)s::integer[]) AS bucket"
+LOCK_BUCKETS = "SELECT pg_advisory_xact_lock{}(%(space)s, bucket) FROM unnest(%(buckets)s::integer[]) AS bucket"
+LOCK_EXCLUSIVE, LOCK_SHARED = LOCK_BUCKETS.format(""), LOCK_BUCKETS.format("_shared")
+IMPATIENT = "SET LOCAL lock_timeout = '100ms'"
 
 
-async def _lock_buckets(conn: psycopg.AsyncConnection, task_ids: Iterable[UUID]) -> None:
+async def _lock_buckets(conn: psycopg.AsyncConnection, task_ids: Iterable[UUID], *, shared: bool = False) -> None:
     """Wait for the buckets of these tasks, in the one order (unnest keeps the sorted array's)."""
     buckets = sorted({task_id.int % BUCKETS for task_id in task_ids})
-    await conn.execute(LOCK_BUCKETS, {"space": BUCKET_SPACE, "buckets": buckets})
+    await conn.execute(LOCK_SHARED if shared else LOCK_EXCLUSIVE, {"space": BUCKET_SPACE, "buckets": buckets})
 
 
 def _decide_many(

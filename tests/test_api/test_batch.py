@@ -8,6 +8,8 @@ import json
 import os
 import random
 import signal
+import threading
+import time
 from collections import Counter
 from collections.abc import Awaitable, Iterator
 from pathlib import Path
@@ -17,7 +19,7 @@ import psycopg
 import pytest
 from litestar.testing import AsyncTestClient
 
-from tasktrail import db
+from tasktrail import db, metrics
 from tests.conftest import Server, assert_verifies, fresh_database
 from tests.sse import messages
 from tests.test_api.test_tasks import assert_problem
@@ -481,9 +483,7 @@ async def test_batches_and_single_requests_racing_on_the_same_tasks_lose_nothing
     assert max(versions.values()) == 1
 
 
-async def test_batches_on_the_same_tasks_lose_a_race_at_most_once(
-    two_servers: list[str], database_url: str
-) -> None:
+async def test_batches_on_the_same_tasks_lose_a_race_at_most_once(two_servers: list[str], database_url: str) -> None:
     """A batch that lost a race locks its tasks before it reads them again: it loses no second race to a batch."""
     clients = [httpx.AsyncClient(base_url=url, timeout=60) for url in two_servers]
     async with contextlib.AsyncExitStack() as stack:
@@ -511,6 +511,49 @@ async def test_batches_on_the_same_tasks_lose_a_race_at_most_once(
     with psycopg.connect(database_url, **db.connect_kwargs()) as conn:
         counts = conn.execute("SELECT count(*) FROM events GROUP BY stream_id").fetchall()
     assert counts == [(31,)] * 40  # created, then one progress report from each batch
+
+
+async def test_a_batch_does_not_wait_for_another_batch_writing_other_tasks(
+    client: AsyncTestClient, database_url: str
+) -> None:
+    """An optimistic batch holds its buckets' locks shared: one on other tasks writes meanwhile (it waited)."""
+    (task,) = await create_batch(client, "a")
+    async with await psycopg.AsyncConnection.connect(database_url) as other, other.transaction():
+        # What a batch of 1,000 holds while it writes: every bucket, shared.
+        await other.execute("SELECT pg_advisory_xact_lock_shared(%s, b) FROM generate_series(0, 63) b", [0x7474])
+        (result,) = await patch_batch(client, {"task_id": task["task_id"], "progress": 5})
+    assert result["status"] == 200
+    assert result["task"]["version"] == 2
+
+
+async def test_a_batch_gives_up_waiting_for_a_write_of_the_same_task_and_tries_again_locked(
+    client: AsyncTestClient, database_url: str
+) -> None:
+    """Two batches on the same tasks may wait for each other: the first attempt waits 100 ms, not a deadlock's 1 s."""
+    (task,) = await create_batch(client, "a")
+    conflicts = metrics.REGISTRY.get_sample_value("tasktrail_write_conflicts_total") or 0.0
+
+    inserted = threading.Event()
+
+    def hold() -> None:  # in a thread: the test client's requests block this event loop
+        with psycopg.connect(database_url) as other, other.transaction(force_rollback=True):
+            # Another writer's uncommitted version 2 of the task, given up after 0.5 s.
+            other.execute(
+                "INSERT INTO events (stream_id, version, type, data, occurred_at) VALUES (%s, 2, 'x', '{}', now())",
+                [task["task_id"]],
+            )
+            inserted.set()
+            time.sleep(0.5)
+
+    holding = threading.Thread(target=hold)
+    holding.start()
+    assert inserted.wait(10)
+    (result,) = await patch_batch(client, {"task_id": task["task_id"], "progress": 5})
+    holding.join()
+    assert result["status"] == 200
+    assert result["task"]["version"] == 2
+    # It gave up its first attempt's wait (a lost race), then waited its turn with the locks taken first.
+    assert metrics.REGISTRY.get_sample_value("tasktrail_write_conflicts_total") == conflicts + 1
 
 
 @pytest.fixture(scope="module")
