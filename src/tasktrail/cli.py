@@ -113,8 +113,11 @@ def serve(args: argparse.Namespace) -> int:
     import logging.config
 
     from tasktrail import logs
+    from tasktrail.http import wellformed
 
-    _check_seconds("TASKTRAIL_POOL_TIMEOUT", "TASKTRAIL_READ_TIMEOUT")  # read only once the app starts
+    # Read only once the app starts: a bad value is refused before anything starts.
+    db.pool_timeout()
+    wellformed.read_timeout()
     if args.log_format not in logs.FORMATS:  # from the environment: argparse checks only what it parses
         _stderr(f"{logs.FORMAT_ENV}={args.log_format!r}: give one of {', '.join(logs.FORMATS)}")
         return 2
@@ -598,20 +601,6 @@ def _refused(exc: BaseException) -> str | None:
     if isinstance(exc, BadKeys | OSError | ValueError):
         return text
     return None
-
-
-def _check_seconds(*names: str) -> None:
-    """Refuse, before anything starts, a setting of seconds that is no positive number."""
-    for name in names:
-        value = os.environ.get(name)
-        if value is None:
-            continue
-        try:
-            seconds = float(value)
-        except ValueError:
-            seconds = 0.0
-        if not seconds > 0 or seconds == float("inf"):
-            raise ValueError(f"{name}={value!r}: give a number of seconds, such as 5")
 
 
 def _port(text: str) -> int:

@@ -139,6 +139,24 @@ def _duration(variable: str, default: str) -> str:
     return value
 
 
+def seconds(variable: str, default: float) -> float:
+    """A setting in seconds from the environment: a positive, finite number (ValueError names it otherwise)."""
+    value = os.environ.get(variable)
+    if value is None:
+        return default
+    try:
+        number = float(value)
+    except ValueError:
+        number = 0.0
+    if not 0 < number < float("inf"):  # also refuses nan
+        raise ValueError(f"{variable}={value!r}: give a number of seconds, such as 5")
+    return number
+
+
+def pool_timeout() -> float:
+    return seconds("TASKTRAIL_POOL_TIMEOUT", POOL_TIMEOUT)
+
+
 def statement_timeout() -> str:
     return _duration("TASKTRAIL_STATEMENT_TIMEOUT", STATEMENT_TIMEOUT)
 
@@ -233,7 +251,7 @@ def create_pool(
         min_size=2,
         max_size=max_size,
         kwargs=connect_kwargs(),
-        timeout=timeout or float(os.environ.get("TASKTRAIL_POOL_TIMEOUT", POOL_TIMEOUT)),
+        timeout=timeout or pool_timeout(),
         reconnect_timeout=RECONNECT_TIMEOUT,
         check=check_idle,
         open=False,

@@ -41,7 +41,6 @@ from __future__ import annotations
 import asyncio
 import codecs
 import copy
-import os
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -55,6 +54,7 @@ from litestar.plugins import ReceiveRoutePlugin
 from litestar.routes import BaseRoute, HTTPRoute
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
+from tasktrail import db
 from tasktrail.http.body import MAX_BODY_BYTES, MalformedBody
 from tasktrail.http.problems import PROBLEM, problem_body, problems
 
@@ -132,7 +132,7 @@ class Shapes(ReceiveRoutePlugin):
 
 
 def read_timeout() -> float:
-    return float(os.environ.get("TASKTRAIL_READ_TIMEOUT", READ_TIMEOUT))
+    return db.seconds("TASKTRAIL_READ_TIMEOUT", READ_TIMEOUT)
 
 
 def wellformed(app: ASGIApp) -> ASGIApp:
