@@ -67,7 +67,8 @@ EVENTS_APPENDED = Counter(
 )
 WRITE_CONFLICTS = Counter(
     "tasktrail_write_conflicts",
-    "Writes decided again because another writer changed the task first (a lost race)",
+    "Writes decided again because another writer changed the task first (a lost race; for a batch, also"
+    " one that was still writing it after 100 ms)",
     registry=REGISTRY,
 )
 DB_UNAVAILABLE = Counter(
