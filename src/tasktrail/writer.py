@@ -320,8 +320,9 @@ async def change_many(conn: psycopg.AsyncConnection, items: Sequence[Item], meta
     """Decide each item in order on the state the items before it left; write the accepted ones together.
 
     First optimistically: read the tasks and decide, then write, holding the
-    locks of the changed tasks' buckets (see _lock_buckets) shared and waiting
-    at most IMPATIENT for another transaction's write of the same task. Batches
+    locks of the changed tasks' buckets (see _lock_buckets) shared; its
+    statement waits at most IMPATIENT for another transaction's write of one
+    of its tasks (or of a counter it changes too). Batches
     on different tasks do not wait for each other at all then (they share
     buckets: 1,000 tasks fall in every one of them). A race lost, to another
     batch, a single write or a process of another release, or a wait given up,
@@ -334,8 +335,9 @@ async def change_many(conn: psycopg.AsyncConnection, items: Sequence[Item], meta
     task_ids = list(dict.fromkeys(task_id for task_id, _, _ in items))
     locked_first = caught_up = False
     for _ in range(MAX_ATTEMPTS):
+        impatient = False  # whether a lock wait now ends after IMPATIENT's 100 ms
         try:
-            async with _refused(conn), conn.pipeline(), conn.transaction():
+            async with _refused(conn), conn.pipeline() as pipeline, conn.transaction():
                 if locked_first:
                     await _lock_buckets(conn, task_ids)
                 states, deleted = await tasks_view.get_many(conn, task_ids)
@@ -349,8 +351,12 @@ async def change_many(conn: psycopg.AsyncConnection, items: Sequence[Item], meta
                     if changes:
                         if not locked_first:
                             await _lock_buckets(conn, (recorded.stream_id for recorded, _, _ in changes), shared=True)
+                            await pipeline.sync()  # the locks, waited for as long as any write waits
+                            impatient = True
                             await conn.execute(IMPATIENT)
                         await _write(conn, changes, metadata)
+                        if not locked_first:
+                            await conn.execute(PATIENT)  # the commit waits as any write's does
                     return outcomes
         except (eventstore.VersionConflict, psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure):
             # The winner may be a process of another release (see _write): now that the transaction is
@@ -359,10 +365,13 @@ async def change_many(conn: psycopg.AsyncConnection, items: Sequence[Item], meta
             locked_first = True
             await follow.catch_up(conn, streams=task_ids)
             continue
-        except psycopg.errors.LockNotAvailable:
-            if locked_first:
+        except psycopg.errors.LockNotAvailable as exc:
+            if not impatient:
                 raise  # a wait of the whole lock_timeout: a transaction left open (see db.LOCK_TIMEOUT)
-            metrics.WRITE_CONFLICTS.inc()
+            # 'while inserting index tuple (0,2) in relation "events"': another writer of one of these
+            # tasks, a lost race. (Else a wait for a counter's row, or a table a rebuild's swap holds.)
+            if '"events"' in (exc.diag.context or ""):
+                metrics.WRITE_CONFLICTS.inc()
             locked_first = True
             continue
         # Tasks unknown here, perhaps created by another release a moment ago: apply its events (outside
@@ -384,9 +393,11 @@ async def change_many(conn: psycopg.AsyncConnection, items: Sequence[Item], meta
 # within 100 ms, not 1 s, in the one that gives up first. (The other waits in
 # an optimistic write are short: for a single write's commit, or for a
 # counter's row while another write's transaction is open; one given up costs
-# a second attempt.) A single write appends to one task only, so it needs no
-# lock: nothing it holds can be what a batch waits for while it waits. Cleanup
-# writes many tasks too, so it takes them exclusively.
+# a second attempt. IMPATIENT holds for the write's statement only: the
+# commit, which may queue behind other commits, waits as any write's does.)
+# A single write appends to one task only, so it needs no lock: nothing it
+# holds can be what a batch waits for while it waits. Cleanup writes many
+# tasks too, so it takes them exclusively.
 # Buckets rather than one lock per task: advisory locks take room in the server's
 # shared lock table (64 per connection by default), and 1,000 tasks would overflow it.
 BUCKETS = 64
@@ -394,6 +405,7 @@ BUCKET_SPACE = 0x7474  # the first key of the two-key advisory locks: tasktrail'
 LOCK_BUCKETS = "SELECT pg_advisory_xact_lock{}(%(space)s, bucket) FROM unnest(%(buckets)s::integer[]) AS bucket"
 LOCK_EXCLUSIVE, LOCK_SHARED = LOCK_BUCKETS.format(""), LOCK_BUCKETS.format("_shared")
 IMPATIENT = "SET LOCAL lock_timeout = '100ms'"
+PATIENT = "RESET lock_timeout"  # back to the session's (db.LOCK_TIMEOUT), for the rest of the transaction
 
 
 async def _lock_buckets(conn: psycopg.AsyncConnection, task_ids: Iterable[UUID], *, shared: bool = False) -> None:

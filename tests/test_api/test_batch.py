@@ -556,6 +556,53 @@ async def test_a_batch_gives_up_waiting_for_a_write_of_the_same_task_and_tries_a
     assert metrics.REGISTRY.get_sample_value("tasktrail_write_conflicts_total") == conflicts + 1
 
 
+async def test_a_batch_that_gives_up_waiting_for_a_counter_tries_again_and_lost_no_race(
+    client: AsyncTestClient, database_url: str
+) -> None:
+    """Another transaction holds the counters for 0.5 s: the batch waits that out, with no lost race counted."""
+    (task,) = await create_batch(client, "a")
+    conflicts = metrics.REGISTRY.get_sample_value("tasktrail_write_conflicts_total") or 0.0
+    held = threading.Event()
+
+    def hold() -> None:  # in a thread: the test client's requests block this event loop
+        with psycopg.connect(database_url, **db.connect_kwargs()) as other, other.transaction():
+            other.execute("LOCK TABLE task_counts IN SHARE MODE")  # no one changes a counter meanwhile
+            held.set()
+            time.sleep(0.5)
+
+    holding = threading.Thread(target=hold)
+    holding.start()
+    assert held.wait(10)
+    (result,) = await patch_batch(client, {"task_id": task["task_id"], "status": "running"})
+    holding.join()
+    assert result["status"] == 200
+    assert result["task"]["status"] == "running"
+    assert metrics.REGISTRY.get_sample_value("tasktrail_write_conflicts_total") == conflicts
+
+
+async def test_a_batch_commits_under_the_sessions_lock_timeout_not_its_statements(
+    client: AsyncTestClient, database_url: str
+) -> None:
+    """The 100 ms a batch's statement waits at most do not apply to its commit, which may queue behind others'."""
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        # What lock_timeout is when the batch's transaction commits: a deferred trigger runs then.
+        conn.execute(
+            """
+            CREATE TABLE at_commit (lock_timeout text);
+            CREATE FUNCTION note_at_commit() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN INSERT INTO at_commit VALUES (current_setting('lock_timeout')); RETURN NULL; END $$;
+            CREATE CONSTRAINT TRIGGER note_at_commit AFTER INSERT ON events
+                DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION note_at_commit();
+            """
+        )
+    (task,) = await create_batch(client, "a")
+    await patch_batch(client, {"task_id": task["task_id"], "progress": 5})
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        noted = conn.execute("SELECT lock_timeout FROM at_commit").fetchall()
+        conn.execute("DROP TRIGGER note_at_commit ON events")
+    assert noted == [(db.lock_timeout(),)] * 2  # the create's commit, then the update's
+
+
 @pytest.fixture(scope="module")
 def stream_server(server_url: str, template_db: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     with fresh_database(server_url, template_db) as url:
