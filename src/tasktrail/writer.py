@@ -320,17 +320,16 @@ async def change_many(conn: psycopg.AsyncConnection, items: Sequence[Item], meta
     """Decide each item in order on the state the items before it left; write the accepted ones together.
 
     First optimistically: read the tasks and decide, then write, holding the
-    locks of the changed tasks' buckets (see _lock_buckets) shared; its
-    statement waits at most IMPATIENT for another transaction's write of one
-    of its tasks (or of a counter it changes too). Batches
-    on different tasks do not wait for each other at all then (they share
-    buckets: 1,000 tasks fall in every one of them). A race lost, to another
-    batch, a single write or a process of another release, or a wait given up,
-    rolls the whole batch back; then the batch takes the locks exclusively
-    before it reads, and decides and writes under them: another batch on these
-    tasks waits, and this one decides on what that one wrote. So with many
-    batches on the same tasks a batch loses at most one race to another batch,
-    never again and again.
+    locks of the changed tasks' buckets (see _lock_buckets) shared; the write's
+    statement waits at most IMPATIENT for another transaction's write of one of
+    its tasks (or of a counter it changes too). Batches on different tasks do
+    not wait for each other at all then (they share buckets: 1,000 tasks fall
+    in every one of them). A race lost, to another batch, a single write or a
+    process of another release, or a wait given up, rolls the whole batch back;
+    then the batch takes the locks exclusively before it reads, and decides and
+    writes under them: another batch on these tasks waits, and this one decides
+    on what that one wrote. So with many batches on the same tasks a batch
+    loses at most one race to another batch, never again and again.
     """
     task_ids = list(dict.fromkeys(task_id for task_id, _, _ in items))
     locked_first = caught_up = False
