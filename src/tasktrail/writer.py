@@ -82,8 +82,7 @@ async def _write(conn: psycopg.AsyncConnection, changes: Sequence[Change], metad
         # the caller reads the task again (projections/follow.py).
         await follow.catch_up(conn, modules, streams=[recorded.stream_id for recorded, _, _ in changes])
         raise eventstore.VersionConflict("another writer changed the task first")
-    metrics.appended(changes)
-    return dict(appended)
+    return dict(appended)  # the caller counts the events (metrics.appended) once they have committed
 
 
 @asynccontextmanager
@@ -140,6 +139,7 @@ async def create(
         assert task is not None
         async with _refused(conn):
             task = _numbered(task, await _write(conn, changes, metadata))
+        metrics.appended(changes)
         _written(conn, task.task_id, task)
         return task
     print_ = idempotency.fingerprint(command)
@@ -149,8 +149,12 @@ async def create(
         assert task is not None
         # The claim and the write commit together: a key is never claimed for a task that was not created.
         async with _refused(conn), conn.pipeline(), conn.transaction():
-            if await idempotency.claim(conn, idempotency_key, print_, task_id, at):
-                return _numbered(task, await _write(conn, changes, metadata))
+            claimed = await idempotency.claim(conn, idempotency_key, print_, task_id, at)
+            if claimed:
+                task = _numbered(task, await _write(conn, changes, metadata))
+        if claimed:
+            metrics.appended(changes)
+            return task
         original = await idempotency.find(conn, idempotency_key, print_)
         if original is None:
             continue  # the claim expired and was cleaned up meanwhile: claim it now
@@ -204,6 +208,7 @@ async def change(
                 # A lost race. (A guess that lost was a stale cache entry, not a race: it is read afresh.)
                 metrics.WRITE_CONFLICTS.inc()
             continue
+        metrics.appended(changes)
         _written(conn, task_id, after)
         return after
     raise eventstore.VersionConflict(f"task {task_id} is changing too fast; try again")
@@ -229,6 +234,7 @@ async def cleanup(conn: psycopg.AsyncConnection, days: int, metadata: dict[str, 
         except eventstore.VersionConflict:
             metrics.WRITE_CONFLICTS.inc()
             continue  # one of them changed meanwhile: look again
+        metrics.appended(changes)
         for task in expired:
             _remember(task.task_id, None)
         return len(expired)
@@ -298,6 +304,7 @@ async def _create_many(
         if key is not None and not await idempotency.claim_batch(conn, *key, [t.task_id for t in created], at):
             return None
         positions = await _write(conn, changes, metadata)
+    metrics.appended(changes)
     # Unlike a single create, a batch leaves its tasks out of the guesses (_recent): a few batches would
     # push out every single request's guess, and remembering costs 1-2 us a task.
     return [_numbered(task, positions) for task in created]
@@ -335,6 +342,7 @@ async def change_many(conn: psycopg.AsyncConnection, items: Sequence[Item], meta
     locked_first = caught_up = False
     for _ in range(MAX_ATTEMPTS):
         impatient = False  # whether a lock wait now ends after IMPATIENT's 100 ms
+        decided: tuple[list[Change], list[Outcome]] | None = None
         try:
             async with _refused(conn), conn.pipeline() as pipeline, conn.transaction():
                 if locked_first:
@@ -356,7 +364,7 @@ async def change_many(conn: psycopg.AsyncConnection, items: Sequence[Item], meta
                         await _write(conn, changes, metadata)
                         if not locked_first:
                             await conn.execute(PATIENT)  # the commit waits as any write's does
-                    return outcomes
+                    decided = changes, outcomes
         except (eventstore.VersionConflict, psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure):
             # The winner may be a process of another release (see _write): now that the transaction is
             # over, apply its events to this process's read models before reading the tasks again.
@@ -373,6 +381,9 @@ async def change_many(conn: psycopg.AsyncConnection, items: Sequence[Item], meta
                 metrics.WRITE_CONFLICTS.inc()
             locked_first = True
             continue
+        if decided is not None:  # and committed
+            metrics.appended(decided[0])
+            return decided[1]
         # Tasks unknown here, perhaps created by another release a moment ago: apply its events (outside
         # a transaction, as catch_up needs), and look once more, as change does.
         caught_up = True

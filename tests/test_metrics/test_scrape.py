@@ -231,3 +231,35 @@ async def test_requests_that_gave_up_waiting_for_a_connection_are_not_counted_as
         assert metrics._pool["waiting"]._value.get() == 0
     finally:
         await pool.close(timeout=0)
+
+
+def appended_so_far(kind: str) -> float:
+    return metrics.REGISTRY.get_sample_value("tasktrail_events_appended_total", {"type": kind}) or 0.0
+
+
+async def test_events_are_counted_once_they_have_committed(database_url: str) -> None:
+    """A batch's events count when its transaction commits: not when the commit fails."""
+    async with await psycopg.AsyncConnection.connect(database_url, **db.connect_kwargs()) as conn:
+        await conn.execute(
+            """
+            CREATE FUNCTION refuse_at_commit() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN
+                IF NEW.metadata ->> 'doomed' IS NOT NULL THEN RAISE EXCEPTION 'refused at commit'; END IF;
+                RETURN NULL;
+            END $$;
+            CREATE CONSTRAINT TRIGGER refuse_at_commit AFTER INSERT ON events
+                DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION refuse_at_commit();
+            """
+        )
+        task = await writer.create(conn, CreateTask(task_type="m"), {})
+        created, progressed = appended_so_far("TaskCreated"), appended_so_far("ProgressReported")
+        with pytest.raises(psycopg.errors.RaiseException):
+            await writer.create_many(conn, [CreateTask(task_type="m")] * 2, {"doomed": "yes"})
+        with pytest.raises(psycopg.errors.RaiseException):
+            await writer.change_many(conn, [(task.task_id, UpdateTask(progress=5), None)], {"doomed": "yes"})
+        assert (appended_so_far("TaskCreated"), appended_so_far("ProgressReported")) == (created, progressed)
+        await writer.create_many(conn, [CreateTask(task_type="m")] * 2, {})
+        await writer.change_many(conn, [(task.task_id, UpdateTask(progress=5), None)], {})
+        assert (appended_so_far("TaskCreated"), appended_so_far("ProgressReported")) == (created + 2, progressed + 1)
+        (events,) = await (await conn.execute("SELECT count(*) FROM events")).fetchone()  # type: ignore[misc]
+        assert events == 4
