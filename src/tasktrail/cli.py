@@ -112,12 +112,13 @@ def _replicas(args: argparse.Namespace) -> int | None:
 def serve(args: argparse.Namespace) -> int:
     import logging.config
 
-    from tasktrail import logs
+    from tasktrail import grouped, logs
     from tasktrail.http import wellformed
 
     # Read only once the app starts: a bad value is refused before anything starts.
     db.pool_timeout()
     wellformed.read_timeout()
+    grouped.configured_slots()
     if args.log_format not in logs.FORMATS:  # from the environment: argparse checks only what it parses
         _stderr(f"{logs.FORMAT_ENV}={args.log_format!r}: give one of {', '.join(logs.FORMATS)}")
         return 2

@@ -37,16 +37,20 @@ class Stored(msgspec.Struct, frozen=True):
 # event to every other version); none when appended alone.
 APPEND = """
 INSERT INTO events (stream_id, version, type, data, metadata, occurred_at, projected)
-SELECT e.stream_id, e.version, e.type, e.data, %(write)s -> 'metadata', e.occurred_at, %(write)s ->> 'projected'
+SELECT e.stream_id, e.version, e.type, e.data, coalesce(e.metadata, %(write)s -> 'metadata'), e.occurred_at,
+       %(write)s ->> 'projected'
 FROM jsonb_to_recordset(%(write)s -> 'events')
-    AS e(stream_id uuid, version integer, type text, data jsonb, occurred_at timestamptz)
+    AS e(stream_id uuid, version integer, type text, data jsonb, occurred_at timestamptz, metadata jsonb)
 ON CONFLICT (stream_id, version) DO NOTHING
 RETURNING stream_id, version, position
 """
 
 
-def document(recorded: Sequence[Recorded], metadata: dict[str, Any]) -> dict[str, Any]:
-    """APPEND's keys of the write document: the events (position 0 if not yet appended) and their metadata."""
+def document(recorded: Sequence[Recorded], metadata: dict[str, Any] | Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """APPEND's keys of the write document: the events (position 0 if not yet appended) and their metadata.
+
+    The metadata is one for all the events, or one for each (a group of single requests, grouped.py).
+    """
     events = [
         {
             "stream_id": r.stream_id,
@@ -58,7 +62,11 @@ def document(recorded: Sequence[Recorded], metadata: dict[str, Any]) -> dict[str
         }
         for r in recorded
     ]
-    return {"events": events, "metadata": metadata}
+    if isinstance(metadata, dict):
+        return {"events": events, "metadata": metadata}
+    for event, each in zip(events, metadata, strict=True):
+        event["metadata"] = each
+    return {"events": events, "metadata": None}
 
 
 async def append(conn: psycopg.AsyncConnection, recorded: Sequence[Recorded], metadata: dict[str, Any]) -> list[int]:

@@ -65,7 +65,9 @@ def _decide(
     return changes, afters
 
 
-async def _write(conn: psycopg.AsyncConnection, changes: Sequence[Change], metadata: dict[str, Any]) -> dict[UUID, int]:
+async def _write(
+    conn: psycopg.AsyncConnection, changes: Sequence[Change], metadata: dict[str, Any] | Sequence[dict[str, Any]]
+) -> dict[UUID, int]:
     """Append the events and project them in one statement; the new events' positions by stream.
 
     VersionConflict when another writer took one of the versions: then nothing
@@ -212,6 +214,68 @@ async def change(
         _written(conn, task_id, after)
         return after
     raise eventstore.VersionConflict(f"task {task_id} is changing too fast; try again")
+
+
+# One write of a group of single requests (grouped.py): a create (no task id
+# yet), or an update of a task this process wrote last; with its request's metadata.
+Single = tuple[UUID | None, Command, dict[str, Any]]
+
+
+async def together(conn: psycopg.AsyncConnection, singles: Sequence[Single]) -> list[Task | None]:
+    """Write single requests' creates and updates in one statement and transaction (group commit, grouped.py).
+
+    Each is decided as `create` or `change` decides it, an update on this
+    process's guess; they are written in the order of their tasks' ids (one
+    task's in the order given), so two groups that share tasks wait for each
+    other in one order. The task after each; None for one to write alone: no
+    guess, or one that refuses it or sees nothing to change (`change` reads).
+    Raises, having written nothing, when a guess is stale (VersionConflict) or
+    a lock is waited for longer than IMPATIENT (LockNotAvailable).
+    """
+    at = now()
+    ids = [uuid4() if task_id is None else task_id for task_id, _, _ in singles]
+    states: dict[UUID, Task] = {}
+    changes: list[Change] = []
+    metadata: list[dict[str, Any]] = []
+    outcomes: list[Task | None] = [None] * len(singles)
+    for i in sorted(range(len(singles)), key=ids.__getitem__):
+        task_id, (wrote, command, each) = ids[i], singles[i]
+        before = None
+        if wrote is not None:
+            before = states[task_id] if task_id in states else _recent.get(task_id)
+            if before is None:
+                continue
+        try:
+            decided, (after,) = _decide([(task_id, before, command)], at)
+        except TransitionRejected:
+            continue
+        if decided and after is not None:
+            changes += decided
+            metadata.append(each)
+            states[task_id] = outcomes[i] = after
+    if not changes:
+        return outcomes
+    try:
+        async with _refused(conn), conn.pipeline(), conn.transaction():
+            await conn.execute(IMPATIENT)
+            positions = await _write(conn, changes, metadata)
+            await conn.execute(PATIENT)  # the commit waits as any write's does
+    except eventstore.VersionConflict:
+        for task_id in states:
+            _recent.pop(task_id, None)  # a stale guess among them: each goes alone, and reads
+        raise
+    metrics.appended(changes)
+    for i, outcome in enumerate(outcomes):
+        if outcome is not None and singles[i][0] is None:
+            outcomes[i] = states[outcome.task_id] = _numbered(outcome, positions)
+    for task_id, task in states.items():
+        _remember(task_id, task)
+    return outcomes
+
+
+def guessed(task_id: UUID) -> bool:
+    """Whether this process wrote the task last (so an update of it may go in a group)."""
+    return task_id in _recent
 
 
 def _versions(expected: Collection[int]) -> str:

@@ -23,7 +23,7 @@ from litestar.exceptions import HTTPException, ValidationException
 from litestar.middleware._internal.cors import CORSMiddleware
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
-from tasktrail import dashboard, db, eventstore, idempotency, live, logs, metrics, replicas, writer
+from tasktrail import dashboard, db, eventstore, grouped, idempotency, live, logs, metrics, replicas, writer
 from tasktrail.domain.task import TaskNotFound, TransitionRejected
 from tasktrail.http import auth, batch, events, health, history, openapi, sessions, tasks, wellformed
 from tasktrail.http import metrics as scrape
@@ -286,6 +286,7 @@ def create_app(
         await app.state.pool.open(wait=False)
         app.state.replicas = replicas.Replicas(conninfo, app.state.pool, urls, max_lag)
         await app.state.replicas.start()
+        app.state.writes = grouped.Writes(app.state.replicas)
         app.state.live = live.Listener(conninfo, app.state.replicas, events.render)
         await app.state.live.start()
         # Marks this process's read-model versions in use, and applies to them what other releases write.

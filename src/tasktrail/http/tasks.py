@@ -203,9 +203,13 @@ async def create_task(
 ) -> JsonReply:
     """Create a task; a repeat with the same Idempotency-Key and body returns the first one's task."""
     check_json("params", data.params)
-    extra = {} if idempotency_key is None else {"idempotency_key": idempotency_key}
-    async with connection(request) as conn:
-        task = await writer.create(conn, data, metadata(request, **extra), idempotency_key)
+    writes = request.app.state.writes
+    if idempotency_key is None and writes.busy:
+        task = await writes.create(data, metadata(request), request.scope)
+    else:
+        extra = {} if idempotency_key is None else {"idempotency_key": idempotency_key}
+        async with writes.slot(), connection(request) as conn:
+            task = await writer.create(conn, data, metadata(request, **extra), idempotency_key)
     return task_response(task, 201, {"Location": f"/tasks/{task.task_id}"})
 
 
@@ -302,10 +306,15 @@ async def update_task(request: Request, task_id: FromPath[str], data: JSONBody[U
     if data == UpdateTask():
         raise invalid("body", "give at least one of status, progress, result, error")
     check_json("result", data.result)
-    async with connection(request) as conn:
-        try:
-            task = await writer.change(conn, uuid, data, metadata(request), expected_versions(request))
-        except TaskNotFound:
+    expected, writes = expected_versions(request), request.app.state.writes
+    try:
+        if expected is None and writes.busy and writer.guessed(uuid):
+            task = await writes.change(uuid, data, metadata(request), request.scope)
+        else:
+            async with writes.slot(), connection(request) as conn:
+                task = await writer.change(conn, uuid, data, metadata(request), expected)
+    except TaskNotFound:
+        async with connection(request) as conn:
             raise await not_found(conn, uuid) from None
     assert task is not None
     return task_response(task)
