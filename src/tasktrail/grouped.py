@@ -26,6 +26,7 @@ last. Everything else takes a slot and goes alone.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from typing import Any
 from uuid import UUID
@@ -53,8 +54,14 @@ def configured_slots() -> int:
     return int(given)
 
 
-# The largest group, so that one statement stays short.
-MOST = 100
+# The largest group, so that one statement stays short (a batch's is 1,000 tasks
+# in one body; a group's bodies are single requests', up to 1 MiB each).
+MOST = 32
+# Writes of a group that runs them alone (its own rolled back) that run at once:
+# each takes a pooled connection, and the pool is shared with every request.
+ALONE_AT_ONCE = 4
+
+log = logging.getLogger(__name__)
 
 
 class _Queued:
@@ -119,32 +126,90 @@ class Writes:
         return await asyncio.shield(item.done)  # a request that goes away leaves its write to the group
 
     def _next(self) -> None:
-        """Start writing the queue, if it waits and a slot is free."""
-        if self.queue and not self.busy:
+        """Start writing the queue, if it waits and a slot is free, or no group is being written.
+
+        Writes that are never grouped (a keyed create, a conditional update)
+        take slots too, and may hold all of them one after another; a queue
+        that waited for a free slot might then wait for ever. So when no group
+        is being written, the queue goes at once.
+        """
+        if self.queue and (not self.busy or not self.groups):
             group, self.queue = self.queue[:MOST], self.queue[MOST:]
             self.in_flight += 1
             task = asyncio.get_running_loop().create_task(self._write(group))
             self.groups.add(task)
-            task.add_done_callback(self.groups.discard)
+            task.add_done_callback(self._written)
+
+    def _written(self, task: asyncio.Task[None]) -> None:
+        self.groups.discard(task)
+        self.in_flight -= 1
+        self._next()
+
+    async def stop(self) -> None:
+        """Wait until every queued write has been written (before the pool closes)."""
+        while self.groups:
+            await asyncio.gather(*self.groups, return_exceptions=True)
 
     async def _write(self, group: list[_Queued]) -> None:
         try:
-            if len(group) == 1 or not await self._together(group):
-                await asyncio.gather(*(self._alone(item) for item in group))
-        except Exception as exc:  # e.g. no pooled connection: every request waiting hears it
+            if len(group) == 1:
+                await self._alone(group)
+            else:
+                await self._together(group)
+        except Exception as exc:  # e.g. no pooled connection: every request still waiting hears it
             for item in group:
                 if not item.done.done():
                     item.done.set_exception(exc)
-        except asyncio.CancelledError:  # the server stops
+        except asyncio.CancelledError:
             for item in group:
                 item.done.cancel()
             raise
-        finally:
-            self.in_flight -= 1
-            self._next()
 
-    async def _alone(self, item: _Queued) -> None:
-        """One write as a single request makes it, on a connection of its own; its outcome to its request."""
+    async def _together(self, group: list[_Queued]) -> None:
+        """Write the group in one transaction; what it leaves out, or all of it if it fails, goes alone."""
+        decided = writer.decide_together([(item.task_id, item.command, item.metadata) for item in group])
+        if decided.changes:
+            try:
+                async with self.replicas.writing(group[0].scope) as conn:
+                    await writer.write_together(conn, decided)
+            except (eventstore.VersionConflict, projections.ProjectionOutdated, psycopg.Error) as exc:
+                if isinstance(exc, psycopg.Error) and exc.sqlstate is None:
+                    # No answer from the database (the connection broke): the group may have committed,
+                    # so it is not written again; each of its requests answers the error, as a single one would.
+                    for item, outcome in zip(group, decided.outcomes, strict=True):
+                        if outcome is not None:
+                            item.done.set_exception(exc)
+                    await self._alone([item for item in group if not item.done.done()])
+                    return
+                # Rolled back: a stale guess, a lock waited for, a table gone, any refusal. Alone, each
+                # write reads its task, waits as long as a single one, and answers its own error.
+                log.debug("a group of %d writes rolled back (%s): each goes alone", len(group), exc)
+                await self._alone(group)
+                return
+            token = group[0].scope["state"].get(replicas.STATE)  # the group's read-after token, for each
+            for item, outcome in zip(group, decided.outcomes, strict=True):
+                if outcome is not None:
+                    if token is not None:
+                        item.scope["state"][replicas.STATE] = token
+                    item.done.set_result(outcome)
+        await self._alone([item for item in group if not item.done.done()])
+
+    async def _alone(self, items: list[_Queued]) -> None:
+        """Each write as a single request makes it: one task's one after another, in the order they came."""
+        by_task: dict[object, list[_Queued]] = {}
+        for item in items:
+            by_task.setdefault(item.task_id or item, []).append(item)
+        at_once = asyncio.Semaphore(ALONE_AT_ONCE)
+
+        async def in_turn(writes: list[_Queued]) -> None:
+            async with at_once:
+                for item in writes:
+                    await self._one(item)
+
+        await asyncio.gather(*(in_turn(writes) for writes in by_task.values()))
+
+    async def _one(self, item: _Queued) -> None:
+        """One write alone, on a connection of its own; its outcome, or its error, to its request."""
         try:
             async with self.replicas.writing(item.scope) as conn:
                 if item.task_id is None:
@@ -155,31 +220,3 @@ class Writes:
             item.done.set_exception(exc)
         else:
             item.done.set_result(outcome)
-
-    async def _together(self, group: list[_Queued]) -> bool:
-        """Write the group in one transaction; False when it wrote nothing and each must go alone."""
-        first = group[0].scope["state"]
-        try:
-            async with self.replicas.writing(group[0].scope) as conn:
-                outcomes = await writer.together(conn, [(i.task_id, i.command, i.metadata) for i in group])
-        except (eventstore.VersionConflict, projections.ProjectionOutdated):
-            return False  # a stale guess, or a table gone: each write alone reads, or says why
-        except psycopg.Error as exc:
-            if exc.sqlstate is None:
-                # No answer from the database (the connection broke): the group may have committed,
-                # so it is not written again; each request answers the error, as a single one would.
-                for item in group:
-                    item.done.set_exception(exc)
-                return True
-            return False  # refused by the database, so rolled back: e.g. a lock waited for too long
-        token = first.get(replicas.STATE)
-        alone = []
-        for item, outcome in zip(group, outcomes, strict=True):
-            if outcome is None:
-                alone.append(item)
-                continue
-            if token is not None:
-                item.scope["state"][replicas.STATE] = token
-            item.done.set_result(outcome)
-        await asyncio.gather(*(self._alone(item) for item in alone))
-        return True

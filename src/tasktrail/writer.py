@@ -221,56 +221,74 @@ async def change(
 Single = tuple[UUID | None, Command, dict[str, Any]]
 
 
-async def together(conn: psycopg.AsyncConnection, singles: Sequence[Single]) -> list[Task | None]:
-    """Write single requests' creates and updates in one statement and transaction (group commit, grouped.py).
+class Together(msgspec.Struct):
+    """A group decided: the changes to write, and the task after each single (None: not in the group)."""
 
-    Each is decided as `create` or `change` decides it, an update on this
-    process's guess; they are written in the order of their tasks' ids (one
-    task's in the order given), so two groups that share tasks wait for each
-    other in one order. The task after each; None for one to write alone: no
-    guess, or one that refuses it or sees nothing to change (`change` reads).
-    Raises, having written nothing, when a guess is stale (VersionConflict) or
-    a lock is waited for longer than IMPATIENT (LockNotAvailable).
+    changes: list[Change]
+    metadata: list[dict[str, Any]]
+    outcomes: list[Task | None]
+    states: dict[UUID, Task]  # each task's last state
+    creates: list[int]  # the singles that create a task (numbered once written)
+
+
+def decide_together(singles: Sequence[Single]) -> Together:
+    """Decide single requests' creates and updates for one group (group commit, grouped.py).
+
+    Each as `create` or `change` decides it, an update on this process's
+    guess, one task's in the order given. An update is left out (None) when
+    there is no guess, or the guess refuses it or sees nothing to change
+    (`change` reads, alone), and so is every later one of that task: they
+    keep their order. The changes are in the order of their tasks' ids, so
+    two groups that share tasks wait for each other in one order.
     """
     at = now()
     ids = [uuid4() if task_id is None else task_id for task_id, _, _ in singles]
-    states: dict[UUID, Task] = {}
-    changes: list[Change] = []
-    metadata: list[dict[str, Any]] = []
-    outcomes: list[Task | None] = [None] * len(singles)
-    for i in sorted(range(len(singles)), key=ids.__getitem__):
+    group = Together([], [], [None] * len(singles), {}, [])
+    left_out: set[UUID] = set()
+    for i in sorted(range(len(singles)), key=ids.__getitem__):  # stable: one task's in the order given
         task_id, (wrote, command, each) = ids[i], singles[i]
         before = None
         if wrote is not None:
-            before = states[task_id] if task_id in states else _recent.get(task_id)
-            if before is None:
+            before = group.states[task_id] if task_id in group.states else _recent.get(task_id)
+            if before is None or task_id in left_out:
+                left_out.add(task_id)
                 continue
         try:
-            decided, (after,) = _decide([(task_id, before, command)], at)
+            changes, (after,) = _decide([(task_id, before, command)], at)
         except TransitionRejected:
+            changes, after = [], None
+        if not changes or after is None:
+            left_out.add(task_id)
             continue
-        if decided and after is not None:
-            changes += decided
-            metadata.append(each)
-            states[task_id] = outcomes[i] = after
-    if not changes:
-        return outcomes
+        group.changes += changes
+        group.metadata.append(each)
+        group.states[task_id] = group.outcomes[i] = after
+        if wrote is None:
+            group.creates.append(i)
+    return group
+
+
+async def write_together(conn: psycopg.AsyncConnection, group: Together) -> None:
+    """Write a decided group in one statement and transaction; its outcomes then hold the new tasks' ids.
+
+    Raises, having written nothing, when a guess was stale (VersionConflict)
+    or a lock is waited for longer than IMPATIENT (LockNotAvailable).
+    """
     try:
         async with _refused(conn), conn.pipeline(), conn.transaction():
             await conn.execute(IMPATIENT)
-            positions = await _write(conn, changes, metadata)
+            positions = await _write(conn, group.changes, group.metadata)
             await conn.execute(PATIENT)  # the commit waits as any write's does
     except eventstore.VersionConflict:
-        for task_id in states:
-            _recent.pop(task_id, None)  # a stale guess among them: each goes alone, and reads
+        for task_id in group.states:
+            _recent.pop(task_id, None)  # one of these guesses is stale: each goes alone, and reads
         raise
-    metrics.appended(changes)
-    for i, outcome in enumerate(outcomes):
-        if outcome is not None and singles[i][0] is None:
-            outcomes[i] = states[outcome.task_id] = _numbered(outcome, positions)
-    for task_id, task in states.items():
+    metrics.appended(group.changes)
+    for i in group.creates:
+        task = _numbered(group.outcomes[i], positions)  # type: ignore[arg-type]
+        group.outcomes[i] = group.states[task.task_id] = task
+    for task_id, task in group.states.items():
         _remember(task_id, task)
-    return outcomes
 
 
 def guessed(task_id: UUID) -> bool:

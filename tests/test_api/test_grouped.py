@@ -84,6 +84,44 @@ async def test_queued_creates_and_updates_commit_together_each_as_its_own_reques
         for n, task in enumerate(new):
             row = conn.execute("SELECT position, metadata FROM events WHERE stream_id = %s", (task.task_id,)).fetchone()
             assert row == (task.id, {"request_id": f"create-{n}"})
+        for task in tasks:
+            events = conn.execute(
+                "SELECT metadata ->> 'request_id', data FROM events WHERE stream_id = %s ORDER BY version",
+                (task.task_id,),
+            ).fetchall()
+            wanted = [("setup", None), (f"update-{task.task_id}", 10.0)] + [("again", 20.0)] * (task == tasks[0])
+            assert [(r.split("-")[0] if r.startswith("setup") else r, d.get("progress")) for r, d in events] == wanted
+    assert_verifies(database_url)
+
+
+async def test_one_tasks_writes_keep_their_order_when_one_of_them_goes_alone(database_url: str) -> None:
+    async with writes_on(database_url) as writes:
+        (task,) = await created(writes, 1)
+        # The first changes nothing by the guess, so it goes alone; the second must wait for it, not pass it.
+        calls = [writes.change(task.task_id, UpdateTask(progress=0.0), {"request_id": "same"}, POST)]
+        calls.append(writes.change(task.task_id, UpdateTask(progress=20.0), {"request_id": "next"}, POST))
+        first, second = await queued_together(writes, calls)
+    assert (first.version, first.progress, second.version, second.progress) == (1, 0.0, 2, 20.0)
+    with psycopg.connect(database_url) as conn:
+        final = conn.execute("SELECT version, progress FROM tasks WHERE task_id = %s", (task.task_id,)).fetchone()
+    assert final == (2, 20.0)
+    assert_verifies(database_url)
+
+
+async def test_a_queue_goes_even_while_writes_that_go_alone_keep_every_slot(database_url: str) -> None:
+    async with writes_on(database_url) as writes:
+        held = writes.slot()
+        async with writes.slot():  # e.g. a keyed create: never grouped, but it takes a slot
+            queued = asyncio.ensure_future(writes.create(CreateTask("grouped"), {"request_id": "queued"}, POST))
+            for _ in range(100):
+                await asyncio.sleep(0)
+            assert writes.queue
+            await held.__aenter__()  # another takes the slot before the first gives it back
+        try:
+            task = await asyncio.wait_for(queued, 10)  # no group was being written: the queue went
+        finally:
+            await held.__aexit__(None, None, None)
+    assert task.version == 1
     assert_verifies(database_url)
 
 
@@ -146,16 +184,33 @@ async def test_under_load_a_real_server_groups_writes_and_loses_none(database_ur
     server = Server(env, log_dir=tmp_path)
     try:
         async with httpx.AsyncClient(base_url=server.url, limits=httpx.Limits(max_connections=32)) as http:
-            created = await asyncio.gather(*(http.post("/tasks/", json={"task_type": "load"}) for _ in range(64)))
+            created = await asyncio.gather(
+                *(
+                    http.post("/tasks/", json={"task_type": "load"}, headers={"X-Request-Id": f"c{k}"})
+                    for k in range(64)
+                )
+            )
             assert {r.status_code for r in created} == {201}
             ids = [r.json()["task_id"] for r in created]
             updated = await asyncio.gather(
-                *(http.patch(f"/tasks/{i}", json={"status": "running", "progress": p}) for p in (1, 2) for i in ids)
+                *(
+                    http.patch(
+                        f"/tasks/{i}", json={"status": "running", "progress": p}, headers={"X-Request-Id": f"u{p}"}
+                    )
+                    for p in (1, 2)
+                    for i in ids
+                )
             )
             assert {r.status_code for r in updated} == {200}
-            for task_id in ids:
-                versions = [e["version"] for e in (await http.get(f"/tasks/{task_id}/history")).json()["events"]]
-                assert versions == [1, 2, 3]
+            for k, task_id in enumerate(ids):
+                events = (await http.get(f"/tasks/{task_id}/history")).json()["events"]
+                assert [e["version"] for e in events] == [1, 2, 3]
+                # Each event with its own request's id, its progress the one that request sent.
+                assert events[0]["metadata"]["request_id"] == f"c{k}"
+                assert sorted((e["metadata"]["request_id"], e["data"]["progress"]) for e in events[1:]) == [
+                    ("u1", 1.0),
+                    ("u2", 2.0),
+                ]
             stats = (await http.get("/tasks/stats/summary")).json()
             assert (stats["total"], stats["running"]) == (64, 64)
     finally:

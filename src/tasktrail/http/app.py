@@ -305,6 +305,7 @@ def create_app(
                 sampler.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await sampler
+            await app.state.writes.stop()  # the queued writes, before the pool closes
             await app.state.follower.stop()
             await app.state.live.stop()
             await app.state.replicas.stop()

@@ -307,15 +307,18 @@ async def update_task(request: Request, task_id: FromPath[str], data: JSONBody[U
         raise invalid("body", "give at least one of status, progress, result, error")
     check_json("result", data.result)
     expected, writes = expected_versions(request), request.app.state.writes
-    try:
-        if expected is None and writes.busy and writer.guessed(uuid):
+    if expected is None and writes.busy and writer.guessed(uuid):
+        try:
             task = await writes.change(uuid, data, metadata(request), request.scope)
-        else:
-            async with writes.slot(), connection(request) as conn:
+        except TaskNotFound:  # deleted meanwhile (by another process): its write went alone, and read
+            async with connection(request) as conn:
+                raise await not_found(conn, uuid) from None
+    else:
+        async with writes.slot(), connection(request) as conn:
+            try:
                 task = await writer.change(conn, uuid, data, metadata(request), expected)
-    except TaskNotFound:
-        async with connection(request) as conn:
-            raise await not_found(conn, uuid) from None
+            except TaskNotFound:
+                raise await not_found(conn, uuid) from None
     assert task is not None
     return task_response(task)
 
