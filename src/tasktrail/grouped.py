@@ -2,18 +2,19 @@
 
 A single write costs PostgreSQL about 400 us of CPU, nearly all of it per
 statement and per commit (the triggers, the executor's start, the WAL flush),
-against about 50 us a task in a batch of many. So while this process has
-SLOTS writes in flight, a create or an update that comes meanwhile waits in a
+against about 50 us a task in a batch of many. So, when TASKTRAIL_WRITE_SLOTS
+is set, while this process has that many writes in flight, a create or an update that comes meanwhile waits in a
 queue instead of taking a connection of its own, and when a write ends, the
-whole queue is written together: one `_write` (writer.py), in one transaction.
+whole queue is written together: one statement (writer.write_together), in one
+transaction.
 Under light load nothing queues and a write goes alone, as it always did; under
 load the groups grow as the writes take longer, which is what makes them cheap.
 
 Each request's write stays atomic and is decided as a single request's: on
 the state its process last wrote of the task (writer's guess; writes of one
 task in the order they queued), and the event it appends is the one a single
-request would append, with that request's own metadata. A group either commits as a
-whole or changes nothing, and then each of its writes runs again on its own,
+request would append, with that request's own metadata. A group either
+commits as a whole or changes nothing, and then each of its writes runs again on its own,
 as a single request does, with a connection of its own: a lost race (a stale
 guess), a lock waited for longer than IMPATIENT, any error of the database.
 So a group never answers an error that its writes alone would not have.
@@ -37,20 +38,23 @@ from litestar.types import Scope
 from tasktrail import eventstore, projections, replicas, writer
 from tasktrail.domain.task import Command, CreateTask, Task
 
-# Writes in flight before the next ones queue (TASKTRAIL_WRITE_SLOTS overrides
-# it). Two keep PostgreSQL busy while one commits; more make smaller groups,
-# and a group's statement costs about what a single write's does.
-SLOTS = 2
+# Writes in flight before the next ones queue, set by TASKTRAIL_WRITE_SLOTS;
+# 0, the default, never queues (no group commit). With 2, PostgreSQL stays busy
+# while one commits; more make smaller groups. Off by default because it trades
+# latency for throughput: measured on 2 cores (docs/benchmarks.md), 2 slots
+# took creates to 1.4-1.5x and updates to 1.2x, but the mixed workload only to
+# 1.05x, with its p99 up by half (a queued write waits for a group).
+SLOTS = 0
 SLOTS_ENV = "TASKTRAIL_WRITE_SLOTS"
 
 
 def configured_slots() -> int:
-    """TASKTRAIL_WRITE_SLOTS, else SLOTS; ValueError unless a whole number from 1."""
+    """TASKTRAIL_WRITE_SLOTS, else SLOTS; ValueError unless a whole number (0: no group commit)."""
     given = os.environ.get(SLOTS_ENV, "").strip()
     if not given:
         return SLOTS
-    if not (given.isascii() and given.isdigit()) or int(given) < 1:
-        raise ValueError(f"{SLOTS_ENV} must be a whole number of 1 or more, not {given!r}")
+    if not (given.isascii() and given.isdigit()):
+        raise ValueError(f"{SLOTS_ENV} must be a whole number (0: no group commit), not {given!r}")
     return int(given)
 
 
@@ -103,7 +107,8 @@ class Writes:
 
     @property
     def busy(self) -> bool:
-        return self.in_flight >= self.slots
+        """Whether a write that may go in a group queues now (never, with no slots set)."""
+        return 0 < self.slots <= self.in_flight
 
     def slot(self) -> _Slot:
         """`async with writes.slot()`: around a write that goes alone, which counts as in flight."""

@@ -217,3 +217,12 @@ async def test_under_load_a_real_server_groups_writes_and_loses_none(database_ur
         assert server.stop() == 0
     assert max(n for n, _ in transactions(database_url)) > 1, "no writes were grouped"
     assert_verifies(database_url)
+
+
+async def test_by_default_nothing_queues(database_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(grouped.SLOTS_ENV, raising=False)
+    async with writes_on(database_url) as writes:
+        writes = grouped.Writes(writes.replicas)  # as the app makes it
+        assert writes.slots == 0
+        async with writes.slot(), writes.slot():
+            assert not writes.busy  # every write goes alone, as before group commit

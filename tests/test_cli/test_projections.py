@@ -179,7 +179,7 @@ def test_wrong_settings_get_one_line_and_no_traceback(database_url: str, server_
         (database_url, ["serve", "--port", "0"], {"TASKTRAIL_POOL_TIMEOUT": "abc"}, 1, "give a number of seconds"),
         (database_url, ["serve", "--port", "0"], {"TASKTRAIL_READ_TIMEOUT": "nan"}, 1, "TASKTRAIL_READ_TIMEOUT='nan'"),
         (database_url, ["serve", "--port", "0"], {"TASKTRAIL_POOL_TIMEOUT": "-1"}, 1, "give a number of seconds"),
-        (database_url, ["serve", "--port", "0"], {"TASKTRAIL_WRITE_SLOTS": "0"}, 1, "a whole number of 1 or more"),
+        (database_url, ["serve", "--port", "0"], {"TASKTRAIL_WRITE_SLOTS": "-1"}, 1, "must be a whole number"),
         (database_url, ["serve", "--port", "0"], {"TASKTRAIL_WRITE_SLOTS": "two"}, 1, "not 'two'"),
     ]
     for url, args, env, code, said in cases:
