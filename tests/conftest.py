@@ -14,11 +14,13 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psutil
@@ -125,6 +127,30 @@ async def shared_client(server_url: str, template_db: str) -> AsyncIterator[Asyn
 async def conn(database_url: str) -> AsyncIterator[psycopg.AsyncConnection]:
     async with await psycopg.AsyncConnection.connect(database_url, **db.connect_kwargs()) as connection:
         yield connection
+
+
+@contextmanager
+def holding(database_url: str, statement: str, params: Sequence[Any] = (), seconds: float = 10.0) -> Iterator[None]:
+    """Another transaction runs `statement` and holds the locks it took, for `seconds` or until the block ends.
+
+    In a thread: a test client's requests block the test's event loop. Rolled back at the end.
+    """
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with psycopg.connect(database_url, **db.connect_kwargs()) as other, other.transaction(force_rollback=True):
+            other.execute(statement, params)
+            held.set()
+            release.wait(seconds)
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    try:
+        assert held.wait(10), "the other transaction did not take its locks"
+        yield
+    finally:
+        release.set()
+        thread.join()
 
 
 def assert_verifies(database_url: str) -> None:

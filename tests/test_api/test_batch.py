@@ -8,8 +8,6 @@ import json
 import os
 import random
 import signal
-import threading
-import time
 from collections import Counter
 from collections.abc import Awaitable, Iterator
 from pathlib import Path
@@ -20,7 +18,7 @@ import pytest
 from litestar.testing import AsyncTestClient
 
 from tasktrail import db, metrics
-from tests.conftest import Server, assert_verifies, fresh_database
+from tests.conftest import Server, assert_verifies, fresh_database, holding
 from tests.sse import messages
 from tests.test_api.test_tasks import assert_problem
 
@@ -533,23 +531,10 @@ async def test_a_batch_gives_up_waiting_for_a_write_of_the_same_task_and_tries_a
     (task,) = await create_batch(client, "a")
     conflicts = metrics.REGISTRY.get_sample_value("tasktrail_write_conflicts_total") or 0.0
 
-    inserted = threading.Event()
-
-    def hold() -> None:  # in a thread: the test client's requests block this event loop
-        with psycopg.connect(database_url) as other, other.transaction(force_rollback=True):
-            # Another writer's uncommitted version 2 of the task, given up after 0.5 s.
-            other.execute(
-                "INSERT INTO events (stream_id, version, type, data, occurred_at) VALUES (%s, 2, 'x', '{}', now())",
-                [task["task_id"]],
-            )
-            inserted.set()
-            time.sleep(0.5)
-
-    holding = threading.Thread(target=hold)
-    holding.start()
-    assert inserted.wait(10)
-    (result,) = await patch_batch(client, {"task_id": task["task_id"], "progress": 5})
-    holding.join()
+    # Another writer's uncommitted version 2 of the task, given up after 0.5 s.
+    uncommitted = "INSERT INTO events (stream_id, version, type, data, occurred_at) VALUES (%s, 2, 'x', '{}', now())"
+    with holding(database_url, uncommitted, [task["task_id"]], seconds=0.5):
+        (result,) = await patch_batch(client, {"task_id": task["task_id"], "progress": 5})
     assert result["status"] == 200
     assert result["task"]["version"] == 2
     # It gave up its first attempt's wait (a lost race), then waited its turn with the locks taken first.
@@ -562,19 +547,8 @@ async def test_a_batch_that_gives_up_waiting_for_a_counter_tries_again_and_lost_
     """Another transaction holds the counters for 0.5 s: the batch waits that out, with no lost race counted."""
     (task,) = await create_batch(client, "a")
     conflicts = metrics.REGISTRY.get_sample_value("tasktrail_write_conflicts_total") or 0.0
-    held = threading.Event()
-
-    def hold() -> None:  # in a thread: the test client's requests block this event loop
-        with psycopg.connect(database_url, **db.connect_kwargs()) as other, other.transaction():
-            other.execute("LOCK TABLE task_counts IN SHARE MODE")  # no one changes a counter meanwhile
-            held.set()
-            time.sleep(0.5)
-
-    holding = threading.Thread(target=hold)
-    holding.start()
-    assert held.wait(10)
-    (result,) = await patch_batch(client, {"task_id": task["task_id"], "status": "running"})
-    holding.join()
+    with holding(database_url, "LOCK TABLE task_counts IN SHARE MODE", seconds=0.5):  # no counter changes meanwhile
+        (result,) = await patch_batch(client, {"task_id": task["task_id"], "status": "running"})
     assert result["status"] == 200
     assert result["task"]["status"] == "running"
     assert metrics.REGISTRY.get_sample_value("tasktrail_write_conflicts_total") == conflicts

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import threading
 from collections.abc import AsyncIterator, Awaitable
 
 import httpx
@@ -14,7 +13,7 @@ import pytest
 
 from tasktrail import db, grouped, replicas, writer
 from tasktrail.domain.task import CreateTask, Status, Task, UpdateTask
-from tests.conftest import Server, assert_verifies
+from tests.conftest import Server, assert_verifies, holding
 
 pytestmark = pytest.mark.anyio
 
@@ -146,21 +145,10 @@ async def test_a_group_whose_guess_is_stale_writes_nothing_and_each_write_goes_a
 async def test_a_group_that_waits_for_a_lock_gives_up_and_each_write_waits_alone(database_url: str) -> None:
     async with writes_on(database_url) as writes:
         held, free = await created(writes, 2)
-        locked, release = threading.Event(), threading.Event()
-
-        def hold() -> None:  # another transaction holds one task's row for longer than IMPATIENT
-            with psycopg.connect(database_url) as other:
-                other.execute("SELECT FROM tasks WHERE task_id = %s FOR UPDATE", (held.task_id,))
-                locked.set()
-                release.wait(10)
-
-        holder = threading.Thread(target=hold)
-        holder.start()
-        try:
-            assert locked.wait(10)
-            calls = [
-                writes.change(t.task_id, UpdateTask(progress=9.0), {"request_id": "x"}, POST) for t in (held, free)
-            ]
+        # Another transaction holds one task's row for longer than IMPATIENT.
+        with holding(database_url, "SELECT FROM tasks WHERE task_id = %s FOR UPDATE", [held.task_id]):
+            progress = UpdateTask(progress=9.0)
+            calls = [writes.change(t.task_id, progress, {"request_id": "x"}, POST) for t in (held, free)]
             sending = asyncio.ensure_future(queued_together(writes, calls))
             # The group gives up after 100 ms (IMPATIENT), and each write goes alone: the free task's
             # commits at once, well within the 5 s a write waits otherwise; the held one's waits on.
@@ -170,9 +158,6 @@ async def test_a_group_that_waits_for_a_lock_gives_up_and_each_write_waits_alone
                 await asyncio.sleep(0.01)
             assert not sending.done()
             assert [n for n, _ in transactions(database_url)] == [1, 1, 1]
-        finally:
-            release.set()
-            holder.join()
         outcomes = await sending
     assert [(t.task_id, t.version) for t in outcomes] == [(held.task_id, 2), (free.task_id, 2)]
     assert [n for n, _ in transactions(database_url)] == [1, 1, 1, 1]
