@@ -3,10 +3,10 @@
 A single write costs PostgreSQL about 400 us of CPU, nearly all of it per
 statement and per commit (the triggers, the executor's start, the WAL flush),
 against about 50 us a task in a batch of many. So, when TASKTRAIL_WRITE_SLOTS
-is set, while this process has that many writes in flight, a create or an update that comes meanwhile waits in a
-queue instead of taking a connection of its own, and when a write ends, the
-whole queue is written together: one statement (writer.write_together), in one
-transaction.
+is set (it is off by default), while this process has that many writes in
+flight, a create or an update that comes meanwhile waits in a queue instead of
+taking a connection of its own, and when a write ends, the whole queue is
+written together: one statement (writer.write_together), in one transaction.
 Under light load nothing queues and a write goes alone, as it always did; under
 load the groups grow as the writes take longer, which is what makes them cheap.
 
@@ -14,10 +14,11 @@ Each request's write stays atomic and is decided as a single request's: on
 the state its process last wrote of the task (writer's guess; writes of one
 task in the order they queued), and the event it appends is the one a single
 request would append, with that request's own metadata. A group either
-commits as a whole or changes nothing, and then each of its writes runs again on its own,
-as a single request does, with a connection of its own: a lost race (a stale
-guess), a lock waited for longer than IMPATIENT, any error of the database.
-So a group never answers an error that its writes alone would not have.
+commits as a whole or changes nothing, and then each of its writes runs again
+on its own, as a single request does, with a connection of its own: after a
+lost race (a stale guess), a lock waited for longer than IMPATIENT, any error
+of the database. So a group never answers an error that its writes alone would
+not have (but for a connection that breaks with no answer: see _together).
 
 Only what is decided without reading is grouped: creates without an
 Idempotency-Key, and updates without If-Match of a task this process wrote
@@ -36,7 +37,7 @@ import psycopg
 from litestar.types import Scope
 
 from tasktrail import eventstore, projections, replicas, writer
-from tasktrail.domain.task import Command, CreateTask, Task
+from tasktrail.domain.task import Command, Task
 
 # Writes in flight before the next ones queue, set by TASKTRAIL_WRITE_SLOTS;
 # 0, the default, never queues (no group commit). With 2, PostgreSQL stays busy
@@ -114,21 +115,16 @@ class Writes:
         """`async with writes.slot()`: around a write that goes alone, which counts as in flight."""
         return self._slot
 
-    async def create(self, command: CreateTask, metadata: dict[str, Any], scope: Scope) -> Task:
-        """Queue a create (call only when busy) and wait for its group."""
-        task = await self._queued(_Queued(None, command, metadata, scope))
-        assert task is not None
-        return task
+    async def write(self, task_id: UUID | None, command: Command, metadata: dict[str, Any], scope: Scope) -> Task:
+        """Queue a create (no task id) or an update of a task this process wrote last, and wait for its group.
 
-    async def change(self, task_id: UUID, command: Command, metadata: dict[str, Any], scope: Scope) -> Task:
-        """Queue an update of a task this process wrote last (call only when busy) and wait for its group."""
-        task = await self._queued(_Queued(task_id, command, metadata, scope))
-        assert task is not None
-        return task
-
-    async def _queued(self, item: _Queued) -> Task | None:
+        Call it only when busy. A request that goes away leaves its write to the group.
+        """
+        item = _Queued(task_id, command, metadata, scope)
         self.queue.append(item)
-        return await asyncio.shield(item.done)  # a request that goes away leaves its write to the group
+        task = await asyncio.shield(item.done)
+        assert task is not None
+        return task
 
     def _next(self) -> None:
         """Start writing the queue, if it waits and a slot is free, or no group is being written.
@@ -178,25 +174,25 @@ class Writes:
                 async with self.replicas.writing(group[0].scope) as conn:
                     await writer.write_together(conn, decided)
             except (eventstore.VersionConflict, projections.ProjectionOutdated, psycopg.Error) as exc:
-                if isinstance(exc, psycopg.Error) and exc.sqlstate is None:
-                    # No answer from the database (the connection broke): the group may have committed,
-                    # so it is not written again; each of its requests answers the error, as a single one would.
-                    for item, outcome in zip(group, decided.outcomes, strict=True):
-                        if outcome is not None:
-                            item.done.set_exception(exc)
-                    await self._alone([item for item in group if not item.done.done()])
+                if not isinstance(exc, psycopg.Error) or exc.sqlstate is not None:
+                    # Rolled back: a stale guess, a lock waited for, a table gone, any refusal. Alone, each
+                    # write reads its task, waits as long as a single one, and answers its own error.
+                    log.debug("a group of %d writes rolled back (%s): each goes alone", len(group), exc)
+                    await self._alone(group)
                     return
-                # Rolled back: a stale guess, a lock waited for, a table gone, any refusal. Alone, each
-                # write reads its task, waits as long as a single one, and answers its own error.
-                log.debug("a group of %d writes rolled back (%s): each goes alone", len(group), exc)
-                await self._alone(group)
-                return
-            token = group[0].scope["state"].get(replicas.STATE)  # the group's read-after token, for each
-            for item, outcome in zip(group, decided.outcomes, strict=True):
-                if outcome is not None:
-                    if token is not None:
-                        item.scope["state"][replicas.STATE] = token
-                    item.done.set_result(outcome)
+                # No answer from the database (the connection broke): the group may have committed, so
+                # what it held is not written again; each of those requests answers the error, as a
+                # single one would. The writes it left out go alone.
+                for item, outcome in zip(group, decided.outcomes, strict=True):
+                    if outcome is not None:
+                        item.done.set_exception(exc)
+            else:
+                token = group[0].scope["state"].get(replicas.STATE)  # the group's read-after token, for each
+                for item, outcome in zip(group, decided.outcomes, strict=True):
+                    if outcome is not None:
+                        if token is not None:
+                            item.scope["state"][replicas.STATE] = token
+                        item.done.set_result(outcome)
         await self._alone([item for item in group if not item.done.done()])
 
     async def _alone(self, items: list[_Queued]) -> None:

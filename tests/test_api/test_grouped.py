@@ -62,10 +62,12 @@ async def test_queued_creates_and_updates_commit_together_each_as_its_own_reques
     async with writes_on(database_url) as writes:
         tasks = await created(writes, N)
         running = UpdateTask(status=Status.RUNNING, progress=10.0)
-        calls = [writes.create(CreateTask("grouped", {"n": n}), {"request_id": f"create-{n}"}, POST) for n in range(N)]
-        calls += [writes.change(t.task_id, running, {"request_id": f"update-{t.task_id}"}, POST) for t in tasks]
+        calls = [
+            writes.write(None, CreateTask("grouped", {"n": n}), {"request_id": f"create-{n}"}, POST) for n in range(N)
+        ]
+        calls += [writes.write(t.task_id, running, {"request_id": f"update-{t.task_id}"}, POST) for t in tasks]
         # One task twice: decided in the order they came, the second on the first's outcome.
-        calls.append(writes.change(tasks[0].task_id, UpdateTask(progress=20.0), {"request_id": "again"}, POST))
+        calls.append(writes.write(tasks[0].task_id, UpdateTask(progress=20.0), {"request_id": "again"}, POST))
         outcomes = await queued_together(writes, calls)
 
     new, updated, again = outcomes[:N], outcomes[N : 2 * N], outcomes[-1]
@@ -97,8 +99,8 @@ async def test_one_tasks_writes_keep_their_order_when_one_of_them_goes_alone(dat
     async with writes_on(database_url) as writes:
         (task,) = await created(writes, 1)
         # The first changes nothing by the guess, so it goes alone; the second must wait for it, not pass it.
-        calls = [writes.change(task.task_id, UpdateTask(progress=0.0), {"request_id": "same"}, POST)]
-        calls.append(writes.change(task.task_id, UpdateTask(progress=20.0), {"request_id": "next"}, POST))
+        calls = [writes.write(task.task_id, UpdateTask(progress=0.0), {"request_id": "same"}, POST)]
+        calls.append(writes.write(task.task_id, UpdateTask(progress=20.0), {"request_id": "next"}, POST))
         first, second = await queued_together(writes, calls)
     assert (first.version, first.progress, second.version, second.progress) == (1, 0.0, 2, 20.0)
     with psycopg.connect(database_url) as conn:
@@ -111,7 +113,7 @@ async def test_a_queue_goes_even_while_writes_that_go_alone_keep_every_slot(data
     async with writes_on(database_url) as writes:
         held = writes.slot()
         async with writes.slot():  # e.g. a keyed create: never grouped, but it takes a slot
-            queued = asyncio.ensure_future(writes.create(CreateTask("grouped"), {"request_id": "queued"}, POST))
+            queued = asyncio.ensure_future(writes.write(None, CreateTask("grouped"), {"request_id": "queued"}, POST))
             for _ in range(100):
                 await asyncio.sleep(0)
             assert writes.queue
@@ -131,8 +133,8 @@ async def test_a_group_whose_guess_is_stale_writes_nothing_and_each_write_goes_a
             await writer.change(conn, task.task_id, UpdateTask(progress=5.0), {"request_id": "meanwhile"})
         writer._recent[task.task_id] = task  # as if another process had written version 2
 
-        calls = [writes.change(task.task_id, UpdateTask(progress=7.0), {"request_id": "stale"}, POST)]
-        calls += [writes.create(CreateTask("grouped"), {"request_id": f"create-{n}"}, POST) for n in range(3)]
+        calls = [writes.write(task.task_id, UpdateTask(progress=7.0), {"request_id": "stale"}, POST)]
+        calls += [writes.write(None, CreateTask("grouped"), {"request_id": f"create-{n}"}, POST) for n in range(3)]
         outcomes = await queued_together(writes, calls)
 
     assert (outcomes[0].version, outcomes[0].progress) == (3, 7.0)
@@ -148,7 +150,7 @@ async def test_a_group_that_waits_for_a_lock_gives_up_and_each_write_waits_alone
         # Another transaction holds one task's row for longer than IMPATIENT.
         with holding(database_url, "SELECT FROM tasks WHERE task_id = %s FOR UPDATE", [held.task_id]):
             progress = UpdateTask(progress=9.0)
-            calls = [writes.change(t.task_id, progress, {"request_id": "x"}, POST) for t in (held, free)]
+            calls = [writes.write(t.task_id, progress, {"request_id": "x"}, POST) for t in (held, free)]
             sending = asyncio.ensure_future(queued_together(writes, calls))
             # The group gives up after 100 ms (IMPATIENT), and each write goes alone: the free task's
             # commits at once, well within the 5 s a write waits otherwise; the held one's waits on.

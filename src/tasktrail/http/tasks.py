@@ -205,7 +205,7 @@ async def create_task(
     check_json("params", data.params)
     writes = request.app.state.writes
     if idempotency_key is None and writes.busy:
-        task = await writes.create(data, metadata(request), request.scope)
+        task = await writes.write(None, data, metadata(request), request.scope)
     else:
         extra = {} if idempotency_key is None else {"idempotency_key": idempotency_key}
         async with writes.slot(), connection(request) as conn:
@@ -309,7 +309,7 @@ async def update_task(request: Request, task_id: FromPath[str], data: JSONBody[U
     expected, writes = expected_versions(request), request.app.state.writes
     if expected is None and writes.busy and writer.guessed(uuid):
         try:
-            task = await writes.change(uuid, data, metadata(request), request.scope)
+            task = await writes.write(uuid, data, metadata(request), request.scope)
         except TaskNotFound:  # deleted meanwhile (by another process): its write went alone, and read
             async with connection(request) as conn:
                 raise await not_found(conn, uuid) from None
