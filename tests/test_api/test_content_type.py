@@ -124,6 +124,15 @@ async def test_cors_preflight_still_allows_json_and_the_415_is_readable_cross_or
     assert refused.headers["access-control-allow-origin"] == "*"
 
 
+async def test_a_refused_cors_preflight_is_a_problem_document(client: AsyncTestClient) -> None:
+    for asked, what in (
+        ({"Access-Control-Request-Method": "PUT"}, "method"),
+        ({"Access-Control-Request-Method": "PATCH", "Access-Control-Request-Headers": "x-custom"}, "headers"),
+    ):
+        refused = await client.options("/tasks/batch", headers={"Origin": "https://app.example"} | asked)
+        assert problem(refused, 400)["detail"].startswith(f"CORS preflight refused: this service does not allow the {what}")
+
+
 async def test_the_schema_documents_415_on_every_route_with_a_body(client: AsyncTestClient) -> None:
     doc = (await client.get("/schema/openapi.json")).json()
     with_body = set()

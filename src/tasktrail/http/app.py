@@ -18,7 +18,7 @@ import psycopg
 import psycopg_pool
 from litestar import Litestar, Request, Response
 from litestar.config.cors import CORSConfig
-from litestar.datastructures import MutableScopeHeaders
+from litestar.datastructures import Headers, MutableScopeHeaders
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.middleware._internal.cors import CORSMiddleware
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
@@ -333,9 +333,10 @@ def create_app(
         openapi_config=openapi.CONFIG,
         plugins=[openapi.JsonObjects(), wellformed.Shapes()],
         request_max_body_size=MAX_BODY_BYTES,
-        # Browsers on other origins (the seed's front end) may call the API and read its headers.
-        cors_config=CORSConfig(
-            allow_origins=["*"],
+        # Browsers on other origins (the seed's front end) may call the API and read its headers; with no
+        # keys, pages of this machine only (see http/auth.py).
+        cors_config=(_LoopbackPages if auth.loopback_only(keys) else CORSConfig)(
+            allow_origins=[] if auth.loopback_only(keys) else ["*"],
             allow_methods=["GET", "POST", "PATCH", "DELETE"],
             allow_headers=[
                 "Authorization",
@@ -352,7 +353,30 @@ def create_app(
         exception_handlers=PROBLEMS,
     )
     # Outermost, around the router: see `observed`. Litestar's handler is the CORS middleware around the rest.
-    cors = app.asgi_handler
-    assert isinstance(cors, CORSMiddleware)
+    litestars = app.asgi_handler
+    assert isinstance(litestars, CORSMiddleware)
+    cors = _Cors(litestars.app, litestars.config)
     app.asgi_handler = observed(cors.app, count=counting, access=access, cors=cors)
     return app
+
+
+class _LoopbackPages(CORSConfig):
+    """CORS for a service with no keys: pages of this machine only may read its answers."""
+
+    def is_origin_allowed(self, origin: str) -> bool:
+        return auth.loopback_origin(origin)
+
+
+class _Cors(CORSMiddleware):
+    """Litestar's CORS middleware, refusing a preflight with a problem document (its own refusal is text/plain)."""
+
+    def _create_preflight_response(self, origin: str, request_headers: Headers) -> Response[Any]:
+        response = super()._create_preflight_response(origin, request_headers)
+        if response.status_code < 400:
+            return response
+        refused = str(response.content).removeprefix("Disallowed CORS ")
+        return problem(
+            403 if "Origin" in refused else 400,
+            f"CORS preflight refused: this service does not allow the {refused.lower()} it asks for"
+            f" (methods {', '.join(self.config.allow_methods)}; headers {', '.join(self.config.allow_headers)})",
+        )

@@ -7,7 +7,11 @@ or for none with `opt=PUBLIC`. With no keys configured there is no key check
 the app answer only requests addressed to this machine by their Host header
 (LOOPBACK_ONLY_ENV): a web page the operator opens could otherwise reach the
 open service through a name of its own that resolves to 127.0.0.1 (DNS
-rebinding).
+rebinding). For the same reason it answers a browser's request only from a
+page of this machine (its Origin, when it sends one, is a loopback one), and
+its CORS lets only such pages read answers: a page of another site could
+otherwise send the open service writes, a form's POST /tasks/cleanup needing
+not even a CORS preflight.
 
 Why a plain SHA-256 and not a slow password hash: a key is 256 random bits made
 by `new_key`, so its hash cannot be reversed by guessing, however fast the hash;
@@ -135,7 +139,7 @@ def middleware(keys: Sequence[Key], signer: sessions.Signer | None = None) -> li
     refusals go through the route's own exception handlers, as the guard's did.
     """
     if not keys:
-        return [_loopback_only] if os.environ.get(LOOPBACK_ONLY_ENV) == "1" else []
+        return [_loopback_only] if loopback_only(keys) else []
     configured = tuple(keys)
     ranks = {scope: rank for rank, scope in enumerate(SCOPES)}
 
@@ -189,14 +193,35 @@ def loopback_host(header: bytes) -> bool:
         return False
 
 
+def loopback_origin(origin: str) -> bool:
+    """Whether a browser's Origin header is a page of this machine (`null`, a sandboxed or local file's, is not)."""
+    scheme, separator, host = origin.partition("://")
+    return bool(separator) and scheme.lower() in ("http", "https") and loopback_host(host.encode("latin-1"))
+
+
+def loopback_only(keys: Sequence[Key]) -> bool:
+    """Whether this process serves with no keys, on loopback only (`serve` says so: see the module's docstring)."""
+    return not keys and os.environ.get(LOOPBACK_ONLY_ENV) == "1"
+
+
 def _loopback_only(app: ASGIApp) -> ASGIApp:
     async def check(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "lifespan":
-            host = next((value for name, value in scope["headers"] if name == b"host"), None)
+            host = origin = None
+            for name, value in scope["headers"]:
+                if name == b"host" and host is None:
+                    host = value
+                elif name == b"origin" and origin is None:
+                    origin = value
             if host is not None and not loopback_host(host):
                 raise PermissionDeniedException(
                     "this service has no API keys and answers only requests addressed to this machine"
                     " (Host: localhost or a loopback address); configure keys to serve it under other names"
+                )
+            if origin is not None and not loopback_origin(origin.decode("latin-1")):
+                raise PermissionDeniedException(
+                    "this service has no API keys and answers a browser only for pages of this machine"
+                    " (Origin: localhost or a loopback address); configure keys to serve pages of other sites"
                 )
         await app(scope, receive, send)
 
