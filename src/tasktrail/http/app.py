@@ -326,8 +326,9 @@ def create_app(
         ],
         lifespan=[lifespan],
         # (Request ids, counting and logging wrap the whole app: see `observed` below.)
-        # Each request is checked for its form first, then for its API key (none without keys).
-        middleware=[wellformed.wellformed, *auth.middleware(keys, signer)],
+        # Each request is checked for its API key first (none without keys), then for its form: a caller
+        # without a key hears 401, whatever it sent, and learns nothing of what a route accepts.
+        middleware=[*auth.middleware(keys, signer), wellformed.wellformed],
         # `serve` configures logging (tasktrail.logs) before it makes the app: Litestar must leave it as it is.
         logging_config=None,
         openapi_config=openapi.CONFIG,
