@@ -226,6 +226,29 @@ async def test_a_negative_zero_is_answered_as_stored_zero(shared_client: AsyncTe
     assert b"-0.0" not in batch.content
 
 
+async def test_a_large_float_is_answered_as_stored_and_sending_it_again_changes_nothing(
+    shared_client: AsyncTestClient,
+) -> None:
+    """PostgreSQL's JSON keeps 1e16 as 10000000000000000: a repeat of the write must find it unchanged."""
+    body = b'{"task_type": "big", "params": {"bytes": 1e16, "more": [-1.5e300, 1.2345678901234567e20, 9.5e15, 1e-7]}}'
+    created = await shared_client.post("/tasks/", content=body, headers=JSON)
+    stored = {"bytes": 10**16, "more": [-15 * 10**299, 123456789012345670000, 9.5e15, 1e-7]}
+    task_id = created.json()["task_id"]
+    assert created.json()["params"] == stored
+    read = await shared_client.get(f"/tasks/{task_id}")
+    assert read.json()["params"] == stored
+    report = b'{"status": "completed", "result": {"bytes": 1e16, "r": [2.5e20]}}'
+    for _ in range(3):  # a worker that retries its final report: the same answer, nothing appended
+        done = await shared_client.patch(f"/tasks/{task_id}", content=report, headers=JSON)
+        assert done.status_code == 200, done.text
+        assert (done.json()["version"], done.json()["result"]) == (2, {"bytes": 10**16, "r": [25 * 10**19]})
+    items = b'{"updates": [{"task_id": "%s", "result": {"bytes": 1e16, "r": [2.5e20]}}]}' % task_id.encode()
+    batch = await shared_client.patch("/tasks/batch", content=items, headers=JSON)
+    assert batch.json()["results"][0]["status"] == 200
+    assert batch.json()["results"][0]["task"]["version"] == 2
+    assert len((await shared_client.get(f"/tasks/{task_id}/history")).json()["events"]) == 2
+
+
 @pytest.mark.parametrize("path", ["/tasks/%2F", "/tasks/%2f/history", "/tasks%2Fstats%2Fsummary", "/ui/tasks/%2F"])
 async def test_an_escaped_slash_in_a_path_segment_names_nothing(shared_client: AsyncTestClient, path: str) -> None:
     """The router matches the decoded path, where %2F is a separator: /tasks/%2F found the task list."""

@@ -7,6 +7,7 @@ import contextlib
 import re
 import typing
 from collections.abc import Iterator
+from decimal import Decimal
 from typing import Any, Generic, TypeVar
 
 import msgspec
@@ -114,11 +115,14 @@ def _items_of(type_: Any) -> Any:
 
 
 def check_json(field: str, value: Any) -> None:
-    """Refuse a params/result value PostgreSQL cannot store or we will not keep; make its -0.0s 0.0.
+    """Refuse a params/result value PostgreSQL cannot store or we will not keep; make its numbers what it stores.
 
-    PostgreSQL's JSON numbers have no negative zero: a -0.0 is stored, and read
-    back, as 0.0, so it is made 0.0 here (in place) for the answer to the write
-    to show what is stored.
+    PostgreSQL's JSON numbers are decimals: a -0.0 is stored, and read back, as
+    0.0, and a float JSON writes with a positive exponent (1e16, 1.5e300: every
+    one from 1e16 up) as the whole number its digits say (10000000000000000),
+    which reads back as an integer. So they are made those here (in place), for
+    the answer to a write to show what is stored, and for a repeat of the same
+    write to find the same value, and change nothing.
     """
     if value is None:
         return
@@ -131,6 +135,7 @@ def check_json(field: str, value: Any) -> None:
     if (
         b"\\u0000" not in encoded
         and b"-0" not in encoded
+        and _EXPONENT.search(encoded) is None
         and encoded.count(b"{") + encoded.count(b"[") < MAX_JSON_DEPTH
     ):
         return
@@ -145,16 +150,30 @@ def check_json(field: str, value: Any) -> None:
         elif isinstance(item, dict):
             stack.extend((key, depth) for key in item)
             for key, child in item.items():
-                if type(child) is float and child == 0.0:
-                    item[key] = 0.0
+                if type(child) is float:
+                    item[key] = _as_stored(child)
                 else:
                     stack.append((child, depth + 1))
         elif isinstance(item, list):
             for index, child in enumerate(item):
-                if type(child) is float and child == 0.0:
-                    item[index] = 0.0
+                if type(child) is float:
+                    item[index] = _as_stored(child)
                 else:
                     stack.append((child, depth + 1))
+
+
+# A float JSON writes with a positive exponent (msgspec, as Python's repr, from 1e16 up); in a string
+# too, which costs only the walk.
+_EXPONENT = re.compile(rb"[0-9]e[0-9]")
+
+
+def _as_stored(number: float) -> float | int:
+    """The number PostgreSQL's jsonb gives back for a float (see check_json)."""
+    if number == 0.0:
+        return 0.0
+    if abs(number) >= 1e16:
+        return int(Decimal(repr(number)))
+    return number
 
 
 class Strict(AbstractDTO[T], Generic[T]):
