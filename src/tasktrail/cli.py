@@ -248,7 +248,7 @@ def verify(args: argparse.Namespace) -> int:
 
 def _name_version(text: str) -> tuple[str, int]:
     name, _, version = text.partition("=")
-    if not (name and version.isdigit() and int(version) > 0):
+    if not (name and version.isascii() and version.isdigit() and int(version) > 0):
         raise argparse.ArgumentTypeError("NAME=VERSION, such as tasks=2")
     return name, int(version)
 

@@ -108,6 +108,12 @@ async def test_a_bad_address_is_an_html_page_never_a_5xx(open_client: AsyncTestC
         "cursor=nope",
         "limit=0",
         "limit=abc",
+        "limit=%C2%B2",  # superscript two: a digit to str.isdigit, not to int()
+        "limit=%E2%91%A0",
+        "limit=%EF%BC%95",  # a fullwidth 5
+        "cursor=aWQ6MTI3%3D",  # padded
+        "cursor=aWQ6MTI3%2B",
+        "cursor=aWQ677yR77yS",  # "id:" and fullwidth digits
         "status=failed&status=running",
     ],
 )
@@ -130,6 +136,11 @@ async def test_a_version_past_the_latest_is_a_404_page(open_client: AsyncTestCli
     page = await open_client.get(f"/ui/tasks/{task['task_id']}?version=2")
     assert page.status_code == 404
     assert "its latest is 1" in page.text
+    for version in ("%C2%B9", "%EF%BC%91", "%E2%91%A0"):  # digits to str.isdigit, not numbers in the URL
+        api = await open_client.get(f"/tasks/{task['task_id']}?version={version}")
+        page = await open_client.get(f"/ui/tasks/{task['task_id']}?version={version}")
+        assert (api.status_code, page.status_code) == (422, 422), version
+        assert page.headers["content-type"] == "text/html; charset=utf-8"
 
 
 async def test_a_filtered_list_names_the_task_type_as_it_is(open_client: AsyncTestClient) -> None:

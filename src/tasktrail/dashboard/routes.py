@@ -296,7 +296,7 @@ def parse_filters(status: str | None, task_type: str | None, cursor: str | None,
         raise invalid("status", f"one of {', '.join(Status)}, or empty for any")
     size = PAGE_SIZE
     if limit:
-        if not limit.isdigit() or not 1 <= int(limit) <= 1000:
+        if not (limit.isascii() and limit.isdigit()) or not 1 <= int(limit) <= 1000:
             raise invalid("limit", "a whole number from 1 to 1000")
         size = int(limit)
     cursor = _text_parameter("cursor", cursor, 100)
@@ -433,7 +433,7 @@ async def task_page(request: Request, task_id: FromPath[str], version: FromQuery
         uuid = UUID(task_id)
     except ValueError:
         return error_page(request, "Task ids are UUIDs: this is not one.")
-    if version is not None and (not version.isdigit() or not 1 <= int(version) <= 2**31 - 1):
+    if version is not None and (not (version.isascii() and version.isdigit()) or not 1 <= int(version) <= 2**31 - 1):
         raise invalid("version", "a version number: a whole number from 1")
 
     async def fetch(conn: psycopg.AsyncConnection) -> list[eventstore.Stored]:

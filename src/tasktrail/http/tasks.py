@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import re
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -346,6 +347,7 @@ _ONE = "(?:[MN][AQgw]|O[AQ])"  # a last single digit
 _TWO = "(?:[MN][DTjz]|O[DT])[AEIMQUYcgk]"  # a last pair of digits
 _THREE = f"{_TWO}[w-z0-5]"
 CURSOR = f"^aWQ6(?:{_THREE}){{0,5}}(?:{_THREE}|{_TWO}|{_ONE})$"
+_CURSOR = re.compile(CURSOR)
 
 
 def _encode_cursor(task: Task | tasks_view.Listed) -> str:
@@ -353,12 +355,12 @@ def _encode_cursor(task: Task | tasks_view.Listed) -> str:
 
 
 def _decode_cursor(cursor: str) -> int:
-    try:
-        kind, _, value = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode().partition(":")
-        if kind == "id" and value.isdigit() and len(value) < 19:
-            return int(value)
-    except (binascii.Error, UnicodeDecodeError, ValueError):
-        pass
+    """The position a cursor of _encode_cursor's names; 422 for anything else (the dashboard's pages too)."""
+    if _CURSOR.fullmatch(cursor):
+        with contextlib.suppress(binascii.Error, UnicodeDecodeError, ValueError):
+            kind, _, value = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode().partition(":")
+            if kind == "id" and value.isascii() and value.isdigit() and len(value) < 19:
+                return int(value)
     raise invalid("cursor", "not a cursor this service gave out")
 
 
