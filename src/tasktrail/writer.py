@@ -160,7 +160,7 @@ async def create(
         original = await idempotency.find(conn, idempotency_key, print_)
         if original is None:
             continue  # the claim expired and was cleaned up meanwhile: claim it now
-        found = await tasks_view.get(conn, original)
+        found = await _caught_up(conn, original)
         if found is None:
             raise TaskNotFound(f"task {original}, created with this Idempotency-Key, has been deleted")
         return found
@@ -179,11 +179,7 @@ async def change(
     for _ in range(MAX_ATTEMPTS):
         before, guessed, guess = guess, guess is not None, None
         if before is None:
-            before = await tasks_view.get(conn, task_id)
-            if before is None:
-                # Perhaps created by another release a moment ago: apply its events here, and look again.
-                await follow.catch_up(conn, streams=[task_id])
-                before = await tasks_view.get(conn, task_id)
+            before = await _caught_up(conn, task_id, expected)
             if before is None:
                 _remember(task_id, None)
                 raise TaskNotFound(f"task {task_id} not found")
@@ -214,6 +210,20 @@ async def change(
         _written(conn, task_id, after)
         return after
     raise eventstore.VersionConflict(f"task {task_id} is changing too fast; try again")
+
+
+async def _caught_up(conn: psycopg.AsyncConnection, task_id: UUID, expected: Collection[int] = ()) -> Task | None:
+    """The task in this process's read model, which another release's writes reach a few ms late.
+
+    So a task not there, or at a version older than one a caller expects, may
+    have been written by another release a moment ago (during a rolling deploy):
+    then its events are applied here (follow.catch_up), and it is read again.
+    """
+    task = await tasks_view.get(conn, task_id)
+    if task is None or (expected and task.version < max(expected)):
+        await follow.catch_up(conn, streams=[task_id])
+        task = await tasks_view.get(conn, task_id)
+    return task
 
 
 # One write of a group of single requests (grouped.py): a create (no task id
@@ -361,6 +371,10 @@ async def create_many(
             continue  # the claim expired and was cleaned up meanwhile: claim it now
         found, _ = await tasks_view.get_many(conn, original)
         gone = [task_id for task_id in original if task_id not in found]
+        if gone:  # perhaps created by another release a moment ago: see _caught_up
+            await follow.catch_up(conn, streams=gone)
+            found, _ = await tasks_view.get_many(conn, original)
+            gone = [task_id for task_id in original if task_id not in found]
         if gone:
             raise TaskNotFound(
                 f"{len(gone)} of the {len(original)} tasks created with this Idempotency-Key"
@@ -430,8 +444,15 @@ async def change_many(conn: psycopg.AsyncConnection, items: Sequence[Item], meta
                 if locked_first:
                     await _lock_buckets(conn, task_ids)
                 states, deleted = await tasks_view.get_many(conn, task_ids)
-                unknown = [task_id for task_id in task_ids if task_id not in states and task_id not in deleted]
-                if not unknown or caught_up:
+                # Perhaps written by another release a moment ago (see _caught_up): unknown here, or older
+                # than an item expects.
+                lagging = [task_id for task_id in task_ids if task_id not in states and task_id not in deleted]
+                lagging += (
+                    task_id
+                    for task_id, _, version in items
+                    if version is not None and task_id in states and states[task_id].version < version
+                )
+                if not lagging or caught_up:
                     changes, outcomes = _decide_many(items, states, deleted, now())
                     # What this process guessed of these tasks will be stale: forget it. (Remembering the
                     # new states instead would push out single requests' guesses, as in create_many.)
@@ -466,10 +487,9 @@ async def change_many(conn: psycopg.AsyncConnection, items: Sequence[Item], meta
         if decided is not None:  # and committed
             metrics.appended(decided[0])
             return decided[1]
-        # Tasks unknown here, perhaps created by another release a moment ago: apply its events (outside
-        # a transaction, as catch_up needs), and look once more, as change does.
+        # Apply the other release's events (outside a transaction, as catch_up needs), and look once more.
         caught_up = True
-        await follow.catch_up(conn, streams=unknown)
+        await follow.catch_up(conn, streams=lagging)
     raise eventstore.VersionConflict("the tasks of this batch are changing too fast; try again")
 
 

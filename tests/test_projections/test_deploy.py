@@ -239,6 +239,34 @@ def test_two_releases_serve_and_write_side_by_side_then_the_old_version_is_prune
     with connect(database_url) as conn:
         conn.execute("UPDATE tasks SET progress = %s WHERE task_id = %s", (live[task_id].progress, task_id))
 
+    # A write reaches the other release's read model a few ms late; a request naming it there at once
+    # (on a kept-alive connection) must not be refused for that: a read, If-Match, an Idempotency-Key
+    # repeated, a batch's if_version.
+    with httpx.Client(base_url=old.url) as on_old, httpx.Client(base_url=new.url) as on_new:
+        for n in range(10):
+            one, other = (on_old, on_new) if n % 2 else (on_new, on_old)
+            key = {"Idempotency-Key": f"deploy-{n}"}
+            made = one.post("/tasks/", json={"task_type": "lag"}, headers=key).json()
+            path = f"/tasks/{made['task_id']}"
+            assert other.get(path).status_code == 200
+            again = other.post("/tasks/", json={"task_type": "lag"}, headers=key)
+            assert (again.status_code, again.json()["task_id"]) == (201, made["task_id"])
+            batch_key = {"Idempotency-Key": f"deploy-batch-{n}"}
+            items = {"tasks": [{"task_type": "lag"}, {"task_type": "lag"}]}
+            made_many = one.post("/tasks/batch", json=items, headers=batch_key).json()["tasks"]
+            again_many = other.post("/tasks/batch", json=items, headers=batch_key)
+            assert again_many.status_code == 201, again_many.text
+            assert [t["task_id"] for t in again_many.json()["tasks"]] == [t["task_id"] for t in made_many]
+            version = one.patch(path, json={"progress": 7}).json()["version"]
+            started = other.patch(path, json={"status": "running"}, headers={"If-Match": f'"{version}"'})
+            assert started.status_code == 200, started.text
+            progressed = other.patch(path, json={"progress": 8}).json()["version"]
+            item = {"task_id": made["task_id"], "progress": 9, "if_version": progressed}
+            reported = one.patch("/tasks/batch", json={"updates": [item]})
+            assert reported.json()["results"][0]["status"] == 200, reported.text
+            deleted = other.delete(path, headers={"If-Match": f'"{progressed + 1}"'})
+            assert deleted.status_code == 200, deleted.text
+
     # Version 1 cannot go while release N runs; it goes once its last process has stopped.
     refused_prune = tasktrail(database_url, "projections", "prune", release=RELEASE_N1)
     assert refused_prune.returncode == 1

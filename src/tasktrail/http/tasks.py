@@ -24,7 +24,7 @@ from tasktrail.domain.task import CreateTask, DeleteTask, Status, Task, TaskNotF
 from tasktrail.http.auth import SECURITY
 from tasktrail.http.body import MAX_BODY_BYTES, Strict, check_json, invalid
 from tasktrail.http.problems import problems
-from tasktrail.projections import stats
+from tasktrail.projections import follow, stats
 from tasktrail.projections import tasks as tasks_view
 
 JSON = "application/json"
@@ -144,10 +144,16 @@ def parse_task_id(task_id: str) -> UUID:
 STREAM_STATE = "SELECT max(version), bool_or(type = 'TaskDeleted') FROM events WHERE stream_id = %(stream_id)s"
 
 
+class NotYetHere(TaskNotFound):
+    """A live task the log has and this process's read model not yet: another release wrote it a moment ago."""
+
+
 async def not_found(conn: psycopg.AsyncConnection, task_id: UUID) -> TaskNotFound:
-    """A 404 that says whether the task never existed or was deleted."""
+    """A 404 that says whether the task never existed or was deleted (or is NotYetHere)."""
     cur = await conn.execute(STREAM_STATE, {"stream_id": task_id})
-    _version, deleted = await cur.fetchone()  # type: ignore[misc]
+    version, deleted = await cur.fetchone()  # type: ignore[misc]
+    if version is not None and not deleted:
+        return NotYetHere(f"task {task_id} not found")
     return writer.missing(task_id, bool(deleted))
 
 
@@ -268,7 +274,14 @@ async def get_task(
             raise await not_found(conn, uuid)
         return found
 
-    task = await read(request, fetch)
+    try:
+        task = await read(request, fetch)
+    except NotYetHere:
+        # During a rolling deploy, another release's writes reach this process's read model a few ms
+        # late: apply them (on the primary), and look again.
+        async with connection(request) as conn:
+            await follow.catch_up(conn, streams=[uuid])
+        task = await read(request, fetch)
     cached = list_header(request, b"if-none-match")
     if cached is not None and ((tags := matching_versions(cached, weak=True)) is None or task.version in tags):
         return JsonReply(b"", 304, {"ETag": f'"{task.version}"'})
