@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import re
 import select
@@ -117,9 +118,13 @@ def _holder(psutil: Any, pid: int, written: float) -> bool:
 
 
 def ensure_database(server_url: str, name: str) -> None:
+    """Create the database unless it exists; two processes starting at once may both try, and both succeed."""
     with psycopg.connect(server_url, autocommit=True) as conn:
         if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone():
-            conn.execute(psycopg.sql.SQL("CREATE DATABASE {}").format(psycopg.sql.Identifier(name)))
+            # Made by another process since the look: CREATE DATABASE says so as DuplicateDatabase, or, in
+            # the same instant, as a UniqueViolation of the catalog's index.
+            with contextlib.suppress(psycopg.errors.DuplicateDatabase, psycopg.errors.UniqueViolation):
+                conn.execute(psycopg.sql.SQL("CREATE DATABASE {}").format(psycopg.sql.Identifier(name)))
 
 
 def resolve(data_dir: Path = DEFAULT_DATA_DIR) -> tuple[str, Any]:

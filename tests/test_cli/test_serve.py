@@ -8,8 +8,10 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -118,6 +120,29 @@ def test_with_no_keys_only_pages_of_this_machine_may_call(database_url: str, tmp
                 assert "Location" in created.headers["access-control-expose-headers"]
     finally:
         assert server.stop() == 0
+
+
+def test_processes_starting_at_once_each_find_the_database_made(server_url: str) -> None:
+    """Two `serve`s started together on a fresh data folder both make sure of the database: neither may fail."""
+    name = f"tasktrail_race_{os.getpid()}"
+    start = threading.Barrier(4)
+
+    def ensure() -> None:
+        start.wait()
+        db.ensure_database(server_url, name)
+
+    try:
+        for _ in range(3):
+            with psycopg.connect(server_url, autocommit=True) as conn:
+                conn.execute(f"DROP DATABASE IF EXISTS {name}")
+            with ThreadPoolExecutor(4) as pool:
+                for made in [pool.submit(ensure) for _ in range(4)]:
+                    made.result()
+            with psycopg.connect(server_url, autocommit=True) as conn:
+                assert conn.execute("SELECT count(*) FROM pg_database WHERE datname = %s", (name,)).fetchone() == (1,)
+    finally:
+        with psycopg.connect(server_url, autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE IF EXISTS {name}")
 
 
 def test_migrate_command_is_safe_to_repeat(database_url: str) -> None:
