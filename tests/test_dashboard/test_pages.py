@@ -304,6 +304,14 @@ async def test_signing_out_clears_the_cookie_and_needs_the_pages_token(secured: 
         refused = await secured.post("/ui/sign-out", data={"csrf": wrong}, follow_redirects=False)
         assert refused.status_code in (403, 422), wrong
         assert "set-cookie" not in refused.headers
+    # Another site's form arrives without the cookie (SameSite=Strict), so with no token to check: refused
+    # all the same, or its answer would clear the cookie and sign the user out.
+    for other_site in ({"Origin": "https://evil.example"}, {"Sec-Fetch-Site": "cross-site"}):
+        refused = await secured.post(
+            "/ui/sign-out", data={"csrf": ""}, headers=other_site | {"Cookie": ""}, follow_redirects=False
+        )
+        assert refused.status_code == 403
+        assert "set-cookie" not in refused.headers
     answer = await secured.post("/ui/sign-out", data={"csrf": csrf}, follow_redirects=False)
     assert answer.status_code == 303
     assert "Max-Age=0" in answer.headers["set-cookie"]

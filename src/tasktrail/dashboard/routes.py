@@ -603,8 +603,14 @@ async def sign_in(request: Request) -> HtmlReply:
 
 @post("/ui/sign-out", opt={**auth.PUBLIC, FORM: SignOutForm}, include_in_schema=False, status_code=303)
 async def sign_out(request: Request) -> HtmlReply:
-    """End the session: on the server, and the cookie cleared (a form of the page; its CSRF token must match)."""
+    """End the session: on the server, and the cookie cleared (a form of the page; its CSRF token must match).
+
+    A form of another site's page arrives without the cookie (SameSite=Strict),
+    so it has no token to check; its answer would still clear the cookie.
+    """
     form = await read_form(request, SignOutForm)
+    if not _same_origin(request):
+        return error_page(request, "Sign out from the dashboard's own page.", 403)
     signer: sessions.Signer | None = request.route_handler.opt.get("signer")
     cookie = request.cookies.get(sessions.COOKIE)
     if signer is not None and cookie is not None:
