@@ -209,6 +209,7 @@ class FeedPage(msgspec.Struct, frozen=True):
     events: list[FeedEvent]
     next_after: Cursor
     held_back: bool
+    ahead: bool = False  # the cursor was past the horizon: see http/events.py's `given_out`
 
 
 async def read_feed(
@@ -229,7 +230,7 @@ async def read_feed(
         # Everything below the horizon has been read, and whatever commits
         # later has a transaction id at or above it: skip straight there.
         next_after = max(next_after, (horizon, 0))
-    return FeedPage(events, next_after, held_back)
+    return FeedPage(events, next_after, held_back, ahead=after[0] > horizon)
 
 
 HEAD = "SELECT pg_snapshot_xmin(pg_current_snapshot())::text"

@@ -94,3 +94,20 @@ async def test_paging_by_cursor_sees_each_event_once_and_polls_from_the_head(cli
 async def test_a_bad_cursor_or_limit_is_a_422_problem(shared_client: AsyncTestClient, query: dict) -> None:
     body = assert_problem(await shared_client.get("/events", params=query), 422)
     assert body["errors"][0]["field"] in query
+
+
+async def test_a_cursor_past_the_end_of_the_log_is_a_422_not_a_wait_for_ever(shared_client: AsyncTestClient) -> None:
+    """A well-formed cursor never given out (another database's, a typo) would keep a feed empty and a stream silent."""
+    task = await create(shared_client, "future")
+    head = (await shared_client.get("/events", params={"after": "0-0", "limit": 1000})).json()
+    while head["events"]:
+        head = (await shared_client.get("/events", params={"after": head["next_cursor"], "limit": 1000})).json()
+    assert (await shared_client.get("/events", params={"after": head["next_cursor"]})).status_code == 200
+    future = "999999999999-0"
+    body = assert_problem(await shared_client.get("/events", params={"after": future}), 422)
+    assert body["errors"][0]["field"] == "after"
+    assert "past the end of the log" in body["detail"]
+    refused = await shared_client.get("/events/stream", headers={"Last-Event-ID": future})
+    assert assert_problem(refused, 422)["errors"][0]["field"] == "Last-Event-ID"
+    refused = await shared_client.get(f"/tasks/{task['task_id']}/stream", params={"after": future})
+    assert assert_problem(refused, 422)["errors"][0]["field"] == "after"

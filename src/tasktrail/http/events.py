@@ -29,6 +29,7 @@ from tasktrail.http.problems import problems
 from tasktrail.http.tasks import (
     ERRORS,
     JsonReply,
+    connection,
     documented,
     json_response,
     not_found,
@@ -110,8 +111,25 @@ async def feed(
     """Every event in commit-safe order, after a cursor; next_cursor is there even on an empty page."""
     cursor = decode_cursor("after", after) if after else eventstore.START
     page = await read(request, lambda conn: eventstore.read_feed(conn, cursor, limit=limit))
+    if page.ahead:  # on a replica behind the primary, perhaps; else a cursor never given out
+        await given_out(request, "after", cursor)
     events = [item(event) for event in page.events]
     return json_response(Feed(events, encode_cursor(page.next_after)))
+
+
+async def given_out(request: Request, field: str, cursor: Cursor) -> None:
+    """422 for a cursor past the primary's head, which no answer gave out.
+
+    Every cursor given out (an event's, a page's next_cursor, the head) is at
+    or below the head the primary has when it is given, and the head only
+    moves on. One past it (from another database, a restored backup, a typo)
+    would otherwise be waited on for ever: a feed polled from it stays empty,
+    a stream from it stays silent.
+    """
+    async with connection(request) as conn:
+        head = await eventstore.head(conn)
+    if cursor[0] > head[0]:
+        raise invalid(field, "not a cursor this service gave out: it is past the end of the log")
 
 
 def resume_from(last_event_id: str | None, after: str | None) -> Cursor | None:
@@ -174,6 +192,8 @@ async def stream_all(request: Request, after: AfterParameter = None, last_event_
     cursor = resume_from(last_event_id, after)
     if cursor is None:
         cursor = await read(request, eventstore.head)
+    else:
+        await given_out(request, "Last-Event-ID" if last_event_id else "after", cursor)
     return event_stream(frames(listener, cursor))
 
 
@@ -228,6 +248,8 @@ async def stream_task(
         return event.cursor >= latest and type_of(event.stored.recorded.event) in FINISHING
 
     if resume is not None:
+        if resume[0] > int(head):
+            await given_out(request, "Last-Event-ID" if last_event_id else "after", resume)
         if ended and resume >= latest:
             # Nothing more will come: 204 tells EventSource to stop reconnecting.
             return Response(content=None, status_code=204, headers=SSE_HEADERS)
