@@ -270,8 +270,9 @@ def keys_add(args: argparse.Namespace) -> int:
         return 1
     key = auth.new_key()
     entry = auth.Key(args.name, args.scope, auth.digest(key)).entry()
-    # Only the hash is written; the file is the owner's alone all the same.
+    # Only the hash is written; the file is the owner's alone all the same (one made before included).
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    os.fchmod(fd, 0o600)
     with os.fdopen(fd, "a") as file:
         file.write(f"{entry}\n")
     print(key)

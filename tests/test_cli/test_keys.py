@@ -59,6 +59,11 @@ def test_keys_add_prints_the_key_once_and_stores_only_its_hash(
     assert writer not in text
     assert admin.strip() not in text
     assert stat.S_IMODE(keys_file.stat().st_mode) == 0o600
+    made_before = tmp_path / "made-before.txt"  # e.g. by an editor, readable by all
+    made_before.touch(mode=0o644)
+    made_before.chmod(0o644)
+    add_key(made_before, "late", "read")
+    assert stat.S_IMODE(made_before.stat().st_mode) == 0o600
 
     code, _, err = tasktrail(capsys, "keys", "add", "ops", "--scope", "read", "--file", str(keys_file))
     assert code == 1
