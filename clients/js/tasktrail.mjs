@@ -105,11 +105,11 @@ function backoff(failures, base = 100, max = 2000) {
 }
 
 export class TaskManager {
-    // options: apiKey (a bearer token); attempts (tries per create, default 5);
+    // options: apiKey (a bearer token); attempts (tries per create, default 10: about 10 s, a restart's time);
     // watch: 'stream' (default) or 'poll'; pollInterval (ms, for 'poll');
     // EventSource: a constructor to stream with instead (it cannot send the API key).
     constructor(baseUrl = 'http://localhost:8000', options = {}) {
-        const {apiKey, attempts = 5, watch = 'stream', pollInterval = 1000, EventSource} = options;
+        const {apiKey, attempts = 10, watch = 'stream', pollInterval = 1000, EventSource} = options;
         this.baseUrl = baseUrl.replace(/\/+$/, '');
         this.apiKey = apiKey;
         this.attempts = attempts;

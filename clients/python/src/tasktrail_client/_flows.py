@@ -74,7 +74,8 @@ Flow = Generator[Step, Any, T]
 class RetryPolicy:
     """How often and how patiently a call is tried again (bounded, with jitter)."""
 
-    attempts: int = 5
+    # Ten attempts: about 10 s of waiting in all, which a restart of the service fits in.
+    attempts: int = 10
     base_delay: float = 0.1
     max_delay: float = 2.0
 
@@ -220,8 +221,18 @@ def get(session: Session, task_id: str, version: int | None, as_of: datetime | s
     return Task.from_json(expect(response, 200))
 
 
+# The most the service answers on a page: a larger page_size asks for pages of this many.
+MAX_PAGE = 1000
+
+
+def _page(page_size: int) -> int:
+    if page_size < 1:
+        raise ValueError(f"page_size must be at least 1, not {page_size}")
+    return min(page_size, MAX_PAGE)
+
+
 def list_tasks(session: Session, status: str | None, task_type: str | None, page_size: int) -> Flow[None]:
-    params = {"limit": page_size} | ({} if status is None else {"status": status})
+    params = {"limit": _page(page_size)} | ({} if status is None else {"status": status})
     params |= {} if task_type is None else {"task_type": task_type}
     request = Request("GET", "/tasks/", params=params)
     while True:
@@ -308,7 +319,7 @@ def update_many(session: Session, updates: Iterable[Mapping[str, Any]]) -> Flow[
 
 def history(session: Session, task_id: str, after_version: int, page_size: int) -> Flow[History]:
     request = Request(
-        "GET", task_path(task_id, "/history"), params={"after_version": after_version, "limit": page_size}
+        "GET", task_path(task_id, "/history"), params={"after_version": after_version, "limit": _page(page_size)}
     )
     events: list[Event] = []
     while True:
@@ -335,7 +346,7 @@ def cleanup(session: Session, days: int) -> Flow[int]:
 
 def events(session: Session, after: str | None, page_size: int, follow: bool, poll_interval: float) -> Flow[None]:
     """The global feed from `after` (the start without it), page by page; at its head, stop or poll."""
-    cursor = after
+    cursor, page_size = after, _page(page_size)
     while True:
         params = {"limit": page_size} | ({} if cursor is None else {"after": cursor})
         response = yield from call(session, Request("GET", "/events", params=params))
