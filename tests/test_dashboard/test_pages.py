@@ -88,10 +88,16 @@ async def test_pages_allow_scripts_and_styles_from_this_origin_only(open_client:
         ("/ui/tasks/%ff", 400),
         ("/ui/tasks/00000000-0000-4000-8000-000000000000?version=x", 422),
         ("/ui/events?x=%ff", 400),
+        # Deeper than a task page, matched by no page's route at all:
+        ("/ui/tasks/a/b", 404),
+        ("/ui/tasks/00000000-0000-4000-8000-000000000000/history", 404),
+        ("/ui/tasks/%3Cscript%3Ealert(1)%3C%2Fscript%3E", 404),
+        ("/ui/static/", 404),
     ],
 )
 async def test_a_bad_address_is_an_html_page_never_a_5xx(open_client: AsyncTestClient, path: str, status: int) -> None:
     page = await open_client.get(path)
+    assert "<script>alert" not in page.text
     assert page.status_code == status
     assert page.headers["content-type"] == "text/html; charset=utf-8"
     assert page.headers["content-security-policy"].startswith("default-src 'none'")
@@ -128,6 +134,15 @@ async def test_a_bad_filter_is_refused_as_the_api_refuses_it_but_as_a_page(
     assert page.status_code == api.status_code
     assert page.headers["content-type"] == "text/html; charset=utf-8"
     assert "Back to the tasks" in page.text
+
+
+@pytest.mark.parametrize("method", ["POST", "PUT", "DELETE"])
+async def test_a_method_no_page_has_is_an_html_page(open_client: AsyncTestClient, method: str) -> None:
+    for path in ("/ui", "/ui/tasks/00000000-0000-4000-8000-000000000000"):
+        page = await open_client.request(method, path)
+        assert page.status_code == 405
+        assert page.headers["content-type"] == "text/html; charset=utf-8"
+        assert "GET" in page.headers["allow"]
 
 
 async def test_a_version_past_the_latest_is_a_404_page(open_client: AsyncTestClient) -> None:

@@ -29,6 +29,7 @@ from tasktrail.http import auth, batch, events, health, history, openapi, sessio
 from tasktrail.http import metrics as scrape
 from tasktrail.http.body import MAX_BODY_BYTES, InvalidInput, MalformedBody
 from tasktrail.http.problems import answer, problem, refusal
+from tasktrail.dashboard.routes import error_page as dashboard_page
 from tasktrail.projections import ProjectionOutdated, follow
 
 log = logging.getLogger("tasktrail")
@@ -81,7 +82,14 @@ def _invalid_parameter(_: Request, exc: ValidationException) -> Response[bytes]:
     return problem(422, detail, errors=errors)
 
 
-def _http(_: Request, exc: HTTPException) -> Response[bytes]:
+def _http(request: Request, exc: HTTPException) -> Response[bytes]:
+    path = request.scope["path"]
+    if "route_handler" not in request.scope and (path == "/ui" or path.startswith("/ui/")):
+        # An address under /ui that no page's route matches (/ui/tasks/a/b), or a method no page has: a
+        # page, as the dashboard's own refusals are, not a problem document.
+        message = "There is no dashboard page at this address." if exc.status_code == 404 else exc.detail
+        headers = [(name.lower().encode(), value.encode()) for name, value in (exc.headers or {}).items()]
+        return dashboard_page(None, message, exc.status_code, headers).response()
     response = problem(exc.status_code, exc.detail)
     response.headers.update(exc.headers or {})
     return response
