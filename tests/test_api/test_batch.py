@@ -170,6 +170,14 @@ async def test_a_malformed_batch_is_a_422_naming_the_item_and_writes_nothing(
     assert (await shared_client.get("/tasks/stats/summary")).json()["total"] == before
 
 
+async def test_a_malformed_batch_names_every_bad_item_not_only_the_first(shared_client: AsyncTestClient) -> None:
+    body = {"tasks": [{"task_type": 5}, None, "x", {"task_type": "ok"}, {"params": {}}]}
+    problem = assert_problem(await shared_client.post("/tasks/batch", json=body), 422)
+    named = [error["field"] for error in problem["errors"]]
+    assert named == ["tasks[0].task_type", "tasks[1]", "tasks[2]", "tasks[4].task_type"], problem
+    assert "(and 3 more: see errors)" in problem["detail"]
+
+
 async def test_bodies_that_are_not_a_batch(shared_client: AsyncTestClient) -> None:
     json_type = {"Content-Type": "application/json"}
     assert_problem(await shared_client.post("/tasks/batch", content=b"{nope", headers=json_type), 400)

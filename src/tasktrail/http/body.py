@@ -86,7 +86,13 @@ def _field_error(exc: msgspec.ValidationError, at: str) -> tuple[str, str]:
 
 def _every_error(value: Any, type_: Any, at: str) -> list[tuple[str, str]]:
     """Each field of a decoded body that `type_` refuses, field by field (and item by item in lists of objects)."""
-    if not (isinstance(type_, type) and issubclass(type_, msgspec.Struct) and isinstance(value, dict)):
+    if not (isinstance(type_, type) and issubclass(type_, msgspec.Struct)):
+        return []
+    if not isinstance(value, dict):  # e.g. a batch's item that is null, or a string: refused whole
+        try:
+            msgspec.convert(value, type=type_)
+        except msgspec.ValidationError as exc:
+            return [_field_error(exc, at)]
         return []
     errors = []
     for field in msgspec.structs.fields(type_):
