@@ -156,6 +156,19 @@ def test_only_the_named_read_model_is_rebuilt(database_url: str) -> None:
         assert conn.execute("SELECT 'tasks'::regclass::oid").fetchone() == tasks_oid
 
 
+def test_the_replay_ends_at_the_number_of_events_though_positions_have_gaps(database_url: str) -> None:
+    asyncio.run(seed(database_url, 6))
+    with connect(database_url) as conn:  # as appends that lost a race leave them
+        conn.execute("SELECT nextval(pg_get_serial_sequence('events', 'position')) FROM generate_series(1, 50)")
+    asyncio.run(seed(database_url, 6))
+    with connect(database_url) as conn:
+        (count,) = conn.execute("SELECT count(*) FROM events").fetchone()
+    replayed: list[tuple[int, int]] = []
+    rebuild(database_url, INLINE, lambda step, done, total: replayed.append((done, total)) if step == "replay" else None)
+    assert replayed[-1] == (count, count)  # the bar ends full, at the events there were
+    assert all(done <= total for done, total in replayed)
+
+
 class Interrupted(Exception):
     pass
 

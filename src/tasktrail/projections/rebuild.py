@@ -462,6 +462,8 @@ def load(conninfo: str, modules: Sequence[ModuleType], progress: Progress | None
             # Closed however the replay ends, so the readers stop before their connections close.
             with contextlib.closing(_read_log(conninfo, conn, last)) as chunks:
                 states, total = replay(chunks, step)
+            if progress is not None:
+                progress("replay", total, total)  # the events there were: the bar ends full, not at the estimate
             conn.rollback()
             conn.read_only = False
             conn.isolation_level = None
