@@ -41,6 +41,11 @@ async def test_a_query_parameter_given_twice_is_422(shared_client: AsyncTestClie
     assert errors[0]["field"] in query
 
 
+async def test_a_parameter_no_route_reads_may_repeat_as_it_may_come_once(shared_client: AsyncTestClient) -> None:
+    for path in ("/tasks/?_=1&_=2", "/tasks/stats/summary?foo=1&foo=2", "/events?x=1&x=1", "/ui?_=1&_=2"):
+        assert (await shared_client.get(path)).status_code == 200, path
+
+
 @get("/tags", opt={"public": True})
 async def tags(tag: FromQuery[list[str]]) -> list[str]:
     return tag

@@ -11,9 +11,10 @@ included, and answer problem+json:
   percent-decode to UTF-8 (400), and no path segment holds an escaped `/`
   (404: the router matched the decoded path, where %2F became a separator,
   so /tasks/%2F found the list); a query value holds no NUL (422: PostgreSQL
-  text cannot), a parameter comes once unless its handler takes a list
-  (422: a filter given twice is ambiguous, and a proxy may have checked the
-  other one), and an integer parameter is written in digits (422: the
+  text cannot), a parameter the handler reads comes once unless it takes a
+  list (422: a filter given twice is ambiguous, and a proxy may have checked
+  the other one; one it does not read, such as a cache-buster, may repeat),
+  and an integer parameter is written in digits (422: the
   parser would read 1e3 as 1000 and 5.0 as 5);
 - the headers are at most MAX_HEADER_BYTES in all (431), and a header the
   service reads as one value (SINGLE, Host among them) does not come twice
@@ -46,6 +47,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
+from litestar.constants import RESERVED_KWARGS
 from litestar.enums import RequestEncodingType
 from litestar.exceptions import ClientException
 from litestar.handlers import HTTPRouteHandler
@@ -86,11 +88,12 @@ WHOLE_NUMBER = "must be a whole number in digits, such as 100 (no exponent, poin
 
 @dataclass(frozen=True)
 class Shape:
-    """What a route handler reads: a JSON body or not, which query parameters may repeat, which are integers."""
+    """What a route handler reads: a JSON body or not, which query parameters once, which as lists, which are integers."""
 
     json_body: bool
     lists: frozenset[str]
     integers: frozenset[str] = frozenset()
+    singles: frozenset[str] = frozenset()
 
 
 def shape_of(handler: HTTPRouteHandler) -> Shape:
@@ -100,16 +103,24 @@ def shape_of(handler: HTTPRouteHandler) -> Shape:
         None,
         RequestEncodingType.JSON,
     )
-    lists, integers = set(), set()
+    lists, integers, singles = set(), set(), set()
     for name, field in fields.items():
         where = field.kwarg_definition
-        if getattr(where, "header", None) or getattr(where, "cookie", None) or isinstance(where, PathParameter):
+        if (
+            name in RESERVED_KWARGS
+            or getattr(where, "header", None)
+            or getattr(where, "cookie", None)
+            or isinstance(where, PathParameter)
+        ):
             continue
+        query = getattr(where, "query", None) or name
         if field.is_non_string_sequence:
-            lists.add(getattr(where, "query", None) or name)
-        elif any(t.is_subclass_of(int) and not t.is_subclass_of(bool) for t in (field, *field.inner_types)):
-            integers.add(getattr(where, "query", None) or name)
-    return Shape(json_body, frozenset(lists), frozenset(integers))
+            lists.add(query)
+            continue
+        singles.add(query)
+        if any(t.is_subclass_of(int) and not t.is_subclass_of(bool) for t in (field, *field.inner_types)):
+            integers.add(query)
+    return Shape(json_body, frozenset(lists), frozenset(integers), frozenset(singles))
 
 
 class Shapes(ReceiveRoutePlugin):
@@ -295,10 +306,10 @@ def urlencoded_refusal(data: bytes) -> Refusal | None:
 
 
 def _repeat_refusal(names: list[str], shape: Shape | None) -> Refusal | None:
+    """A parameter the route reads once, given twice (without a route, such as a form's fields: any)."""
     if len(set(names)) < len(names):
-        lists = frozenset() if shape is None else shape.lists
         for name in names:
-            if names.count(name) > 1 and name not in lists:
+            if names.count(name) > 1 and (name in shape.singles if shape is not None else True):
                 return _invalid(422, name, "given more than once; give it once")
     return None
 
