@@ -130,7 +130,9 @@ async def test_a_refused_cors_preflight_is_a_problem_document(client: AsyncTestC
         ({"Access-Control-Request-Method": "PATCH", "Access-Control-Request-Headers": "x-custom"}, "headers"),
     ):
         refused = await client.options("/tasks/batch", headers={"Origin": "https://app.example"} | asked)
-        assert problem(refused, 400)["detail"].startswith(f"CORS preflight refused: this service does not allow the {what}")
+        assert problem(refused, 400)["detail"].startswith(
+            f"CORS preflight refused: this service does not allow the {what}"
+        )
 
 
 async def test_the_schema_documents_415_on_every_route_with_a_body(client: AsyncTestClient) -> None:

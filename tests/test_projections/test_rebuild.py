@@ -164,7 +164,12 @@ def test_the_replay_ends_at_the_number_of_events_though_positions_have_gaps(data
     with connect(database_url) as conn:
         (count,) = conn.execute("SELECT count(*) FROM events").fetchone()
     replayed: list[tuple[int, int]] = []
-    rebuild(database_url, INLINE, lambda step, done, total: replayed.append((done, total)) if step == "replay" else None)
+
+    def progress(step: str, done: int, total: int) -> None:
+        if step == "replay":
+            replayed.append((done, total))
+
+    rebuild(database_url, INLINE, progress)
     assert replayed[-1] == (count, count)  # the bar ends full, at the events there were
     assert all(done <= total for done, total in replayed)
 

@@ -24,12 +24,12 @@ from litestar.middleware._internal.cors import CORSMiddleware
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from tasktrail import dashboard, db, eventstore, grouped, idempotency, live, logs, metrics, replicas, writer
+from tasktrail.dashboard.routes import error_page as dashboard_page
 from tasktrail.domain.task import TaskNotFound, TransitionRejected
 from tasktrail.http import auth, batch, events, health, history, openapi, sessions, tasks, wellformed
 from tasktrail.http import metrics as scrape
 from tasktrail.http.body import MAX_BODY_BYTES, InvalidInput, MalformedBody
 from tasktrail.http.problems import answer, problem, refusal
-from tasktrail.dashboard.routes import error_page as dashboard_page
 from tasktrail.projections import ProjectionOutdated, follow
 
 log = logging.getLogger("tasktrail")

@@ -88,7 +88,7 @@ WHOLE_NUMBER = "must be a whole number in digits, such as 100 (no exponent, poin
 
 @dataclass(frozen=True)
 class Shape:
-    """What a route handler reads: a JSON body or not, which query parameters once, which as lists, which are integers."""
+    """What a route handler reads: a JSON body or not; which query parameters once, which as lists, which integers."""
 
     json_body: bool
     lists: frozenset[str]
