@@ -235,6 +235,7 @@ async def test_a_large_float_is_answered_as_stored_and_sending_it_again_changes_
     stored = {"bytes": 10**16, "more": [-15 * 10**299, 123456789012345670000, 9.5e15, 1e-7]}
     task_id = created.json()["task_id"]
     assert created.json()["params"] == stored
+    assert b"1e16" not in created.content  # to Python 1e16 == 10**16: the answer must show what is stored
     read = await shared_client.get(f"/tasks/{task_id}")
     assert read.json()["params"] == stored
     report = b'{"status": "completed", "result": {"bytes": 1e16, "r": [2.5e20]}}'
@@ -247,6 +248,11 @@ async def test_a_large_float_is_answered_as_stored_and_sending_it_again_changes_
     assert batch.json()["results"][0]["status"] == 200
     assert batch.json()["results"][0]["task"]["version"] == 2
     assert len((await shared_client.get(f"/tasks/{task_id}/history")).json()["events"]) == 2
+    # 1e308 is 5 bytes as sent and 309 digits stored: the size limit holds for what is stored.
+    swollen = b'{"task_type": "big", "params": {"n": [%s]}}' % b", ".join([b"1e308"] * 1000)
+    refused = problem(await shared_client.post("/tasks/", content=swollen, headers=JSON), 422)
+    assert refused["errors"][0]["field"] == "params"
+    assert "as stored" in refused["detail"]
 
 
 @pytest.mark.parametrize("path", ["/tasks/%2F", "/tasks/%2f/history", "/tasks%2Fstats%2Fsummary", "/ui/tasks/%2F"])

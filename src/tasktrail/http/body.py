@@ -128,7 +128,8 @@ def check_json(field: str, value: Any) -> None:
     one from 1e16 up) as the whole number its digits say (10000000000000000),
     which reads back as an integer. So they are made those here (in place), for
     the answer to a write to show what is stored, and for a repeat of the same
-    write to find the same value, and change nothing.
+    write to find the same value, and change nothing. The size limit holds for
+    what is stored: 1e308 is 5 bytes as sent and 309 digits stored.
     """
     if value is None:
         return
@@ -138,10 +139,11 @@ def check_json(field: str, value: Any) -> None:
     # The walk below is exact, and costs a microsecond or two (per item of a batch). Most values need
     # no walk, as their JSON shows: a NUL in a key or string is encoded as \u0000, a value too deep has
     # at least MAX_JSON_DEPTH nested objects or arrays, so as many opening brackets, and a -0.0 is -0.0.
+    exponent = _EXPONENT.search(encoded) is not None
     if (
         b"\\u0000" not in encoded
         and b"-0" not in encoded
-        and _EXPONENT.search(encoded) is None
+        and not exponent
         and encoded.count(b"{") + encoded.count(b"[") < MAX_JSON_DEPTH
     ):
         return
@@ -166,6 +168,8 @@ def check_json(field: str, value: Any) -> None:
                     item[index] = _as_stored(child)
                 else:
                     stack.append((child, depth + 1))
+    if exponent and len(msgspec.json.encode(value)) > MAX_JSON_BYTES:
+        raise invalid(field, f"larger than {MAX_JSON_BYTES} bytes of JSON as stored (1e300 is stored as 301 digits)")
 
 
 # A float JSON writes with a positive exponent (msgspec, as Python's repr, from 1e16 up); in a string
