@@ -6,7 +6,7 @@ import asyncio
 import threading
 import time
 from typing import Any
-from uuid import UUID
+from uuid import UUID, uuid4
 
 import psycopg
 import pytest
@@ -18,6 +18,7 @@ from tasktrail.domain.task import CreateTask, DeleteTask, Status, UpdateTask
 from tasktrail.projections import INLINE, ProjectionOutdated, follow, stats, versions
 from tasktrail.projections.rebuild import RebuildBusy, prepare, rebuild
 from tasktrail.verify import fold_log, verify
+from tests.conftest import holding
 from tests.test_projections import tasks_v2
 
 # Text that COPY and JSON both escape, and the separators the replay uses.
@@ -172,6 +173,20 @@ def test_the_replay_ends_at_the_number_of_events_though_positions_have_gaps(data
     rebuild(database_url, INLINE, progress)
     assert replayed[-1] == (count, count)  # the bar ends full, at the events there were
     assert all(done <= total for done, total in replayed)
+
+
+def test_catching_up_a_deleted_or_unknown_task_waits_for_no_round(database_url: str) -> None:
+    """A worker reporting on a task an operator deleted must not queue on the follow lock: nothing can lag there."""
+    (deleted,) = asyncio.run(seed(database_url, 1))
+
+    async def catch_up() -> int:
+        async with await psycopg.AsyncConnection.connect(database_url, **db.connect_kwargs()) as conn:
+            await writer.change(conn, deleted, DeleteTask(), {})
+            await conn.execute("SET lock_timeout = '1s'")  # a round would wait for the lock held below
+            return await follow.catch_up(conn, streams=[deleted, uuid4()])
+
+    with holding(database_url, follow.LOCK, versions.key(versions.FOLLOWS, "tasks", 1)):
+        assert asyncio.run(catch_up()) == 0
 
 
 class Interrupted(Exception):

@@ -135,15 +135,19 @@ async def _apply(conn: psycopg.AsyncConnection, module: ModuleType, new: set[tup
 
 
 # Whether this process's tasks rows lag the log for any of these streams: the
-# log has a later version than the row (or the row is missing). A lost race
-# against a writer of the same release never lags (that writer wrote the row),
-# so only a race against another release pays for a round, and a flood of
-# conflicts or of unknown ids does not queue up on the follow lock.
+# log has a later version than the row, or the row is missing and the log's
+# last event is not a deletion. A lost race against a writer of the same
+# release never lags (that writer wrote the row), so only a race against
+# another release pays for a round, and a flood of conflicts, of unknown ids or
+# of writes to deleted tasks does not queue up on the follow lock.
 BEHIND = """
 SELECT EXISTS (
     SELECT FROM unnest(%(streams)s::uuid[]) AS s (stream_id)
-    WHERE (SELECT max(version) FROM events e WHERE e.stream_id = s.stream_id)
-        > coalesce((SELECT version FROM tasks t WHERE t.task_id = s.stream_id), 0)
+    CROSS JOIN LATERAL (
+        SELECT version, type FROM events e WHERE e.stream_id = s.stream_id ORDER BY version DESC LIMIT 1
+    ) last
+    LEFT JOIN tasks t ON t.task_id = s.stream_id
+    WHERE CASE WHEN t.task_id IS NULL THEN last.type <> 'TaskDeleted' ELSE last.version > t.version END
 )
 """
 
