@@ -126,8 +126,11 @@ async def given_out(request: Request, field: str, cursor: Cursor) -> None:
     would otherwise be waited on for ever: a feed polled from it stays empty,
     a stream from it stays silent.
     """
-    async with connection(request) as conn:
-        head = await eventstore.head(conn)
+    try:
+        async with connection(request) as conn:
+            head = await eventstore.head(conn)
+    except (psycopg.OperationalError, psycopg_pool.PoolTimeout):
+        return  # the primary cannot say: read on from the cursor (from a replica), as before the check
     if cursor[0] > head[0]:
         raise invalid(field, "not a cursor this service gave out: it is past the end of the log")
 
@@ -190,9 +193,10 @@ async def stream_all(request: Request, after: AfterParameter = None, last_event_
     """Every event as it commits; from the head unless resumed."""
     listener: Listener = request.app.state.live
     cursor = resume_from(last_event_id, after)
+    head = await read(request, eventstore.head)
     if cursor is None:
-        cursor = await read(request, eventstore.head)
-    else:
+        cursor = head
+    elif cursor[0] > head[0]:  # on a replica behind the primary, perhaps; else a cursor never given out
         await given_out(request, "Last-Event-ID" if last_event_id else "after", cursor)
     return event_stream(frames(listener, cursor))
 
