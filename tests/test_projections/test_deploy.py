@@ -241,7 +241,7 @@ def test_two_releases_serve_and_write_side_by_side_then_the_old_version_is_prune
 
     # A write reaches the other release's read model a few ms late; a request naming it there at once
     # (on a kept-alive connection) must not be refused for that: a read, If-Match, an Idempotency-Key
-    # repeated, a batch's if_version.
+    # repeated, a batch's if_version; and a read with the write's Read-After token sees the write.
     with httpx.Client(base_url=old.url) as on_old, httpx.Client(base_url=new.url) as on_new:
         for n in range(10):
             one, other = (on_old, on_new) if n % 2 else (on_new, on_old)
@@ -257,7 +257,10 @@ def test_two_releases_serve_and_write_side_by_side_then_the_old_version_is_prune
             again_many = other.post("/tasks/batch", json=items, headers=batch_key)
             assert again_many.status_code == 201, again_many.text
             assert [t["task_id"] for t in again_many.json()["tasks"]] == [t["task_id"] for t in made_many]
-            version = one.patch(path, json={"progress": 7}).json()["version"]
+            written = one.patch(path, json={"progress": 7})
+            version = written.json()["version"]
+            read_after = {"Tasktrail-Read-After": written.headers["tasktrail-read-after"]}
+            assert other.get(path, headers=read_after).json()["progress"] == 7  # never older than the token
             started = other.patch(path, json={"status": "running"}, headers={"If-Match": f'"{version}"'})
             assert started.status_code == 200, started.text
             progressed = other.patch(path, json={"progress": 8}).json()["version"]

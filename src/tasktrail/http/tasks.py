@@ -19,7 +19,7 @@ from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import FromPath, HeaderParameter, JSONBody, QueryParameter
 from litestar.types import Receive, Scope, Send
 
-from tasktrail import db, eventstore, writer
+from tasktrail import db, eventstore, replicas, writer
 from tasktrail.domain.task import CreateTask, DeleteTask, Status, Task, TaskNotFound, UpdateTask, fold
 from tasktrail.http.auth import SECURITY
 from tasktrail.http.body import MAX_BODY_BYTES, Strict, check_json, invalid
@@ -274,14 +274,25 @@ async def get_task(
             raise await not_found(conn, uuid)
         return found
 
-    try:
-        task = await read(request, fetch)
-    except NotYetHere:
-        # During a rolling deploy, another release's writes reach this process's read model a few ms
-        # late: apply them (on the primary), and look again.
+    # During a rolling deploy, another release's writes reach this process's read model a few ms late.
+    if (
+        request.app.state.follower.others
+        and version is None
+        and as_of is None
+        and replicas.wanted(request.scope["headers"]) is not None
+    ):
+        # The write a Read-After token names may be one of them (never answer older data): apply them
+        # here first, and read on the primary, where they were applied.
         async with connection(request) as conn:
             await follow.catch_up(conn, streams=[uuid])
-        task = await read(request, fetch)
+            task = await fetch(conn)
+    else:
+        try:
+            task = await read(request, fetch)
+        except NotYetHere:  # created by one of them a moment ago: apply them (on the primary), and look again
+            async with connection(request) as conn:
+                await follow.catch_up(conn, streams=[uuid])
+            task = await read(request, fetch)
     cached = list_header(request, b"if-none-match")
     if cached is not None and ((tags := matching_versions(cached, weak=True)) is None or task.version in tags):
         return JsonReply(b"", 304, {"ETag": f'"{task.version}"'})

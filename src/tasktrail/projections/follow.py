@@ -181,6 +181,9 @@ class Follower:
         self.modules = tuple(projections.INLINE if modules is None else modules)
         self.poll_interval = poll_interval or live.seconds_from_env("TASKTRAIL_POLL_SECONDS", 1.0)
         self.holding = asyncio.Event()  # set while this process's liveness locks are held
+        # Whether another version of one of this process's read models exists (a rolling deploy): then
+        # other releases' writes reach this process's versions only through the follower.
+        self.others = False
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -213,7 +216,7 @@ class Follower:
         while True:
             for module in self.modules:
                 await _round(conn, module, wait=False)
-            wanted = await versions.others(conn, self.modules)
+            wanted = self.others = await versions.others(conn, self.modules)
             if wanted != listening:
                 for statement in (live.LISTEN, live.REGISTER) if wanted else (live.UNREGISTER, live.UNLISTEN):
                     await conn.execute(statement)
