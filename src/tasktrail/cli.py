@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import sys
 import tempfile
 import time
@@ -270,12 +271,15 @@ def keys_add(args: argparse.Namespace) -> int:
         return 1
     key = auth.new_key()
     entry = auth.Key(args.name, args.scope, auth.digest(key)).entry()
-    # Only the hash is written; the file is the owner's alone all the same (one made before included).
+    # Only the hash is written; a file made here is the owner's alone all the same. One made before keeps
+    # its mode (a group the service runs as may need to read it), with a word if everyone may read it.
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-    os.fchmod(fd, 0o600)
     with os.fdopen(fd, "a") as file:
         file.write(f"{entry}\n")
+        mode = stat.S_IMODE(os.fstat(file.fileno()).st_mode)
     print(key)
+    if mode & 0o007:
+        print(f"tasktrail keys: {path} is readable by every user (mode {mode:o}): `chmod 600 {path}`", file=sys.stderr)
     print(
         f"tasktrail keys: added {args.name} ({args.scope}) to {path}; the key above is shown only now", file=sys.stderr
     )

@@ -62,8 +62,10 @@ def test_keys_add_prints_the_key_once_and_stores_only_its_hash(
     made_before = tmp_path / "made-before.txt"  # e.g. by an editor, readable by all
     made_before.touch(mode=0o644)
     made_before.chmod(0o644)
-    add_key(made_before, "late", "read")
-    assert stat.S_IMODE(made_before.stat().st_mode) == 0o600
+    code, _, err = tasktrail(capsys, "keys", "add", "late", "--scope", "read", "--file", str(made_before))
+    assert code == 0
+    assert f"readable by every user (mode 644): `chmod 600 {made_before}`" in err
+    assert stat.S_IMODE(made_before.stat().st_mode) == 0o644  # its own: a group may need to read it
 
     code, _, err = tasktrail(capsys, "keys", "add", "ops", "--scope", "read", "--file", str(keys_file))
     assert code == 1
