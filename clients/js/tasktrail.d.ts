@@ -120,7 +120,7 @@ export interface EventSourceLike {
 export interface TaskManagerOptions {
     /** A bearer token (an API key with the scope the calls need). */
     apiKey?: string;
-    /** Tries per create (and per read) on a 503 or a network error; default 10 (about 10 s). */
+    /** Tries per create (and per read) on a 503 or a network error; default 10 (6 to 11 s in all). */
     attempts?: number;
     /** 'stream' (Server-Sent Events over fetch, the default) or 'poll'. */
     watch?: 'stream' | 'poll';

@@ -105,7 +105,7 @@ function backoff(failures, base = 100, max = 2000) {
 }
 
 export class TaskManager {
-    // options: apiKey (a bearer token); attempts (tries per create, default 10: about 10 s, a restart's time);
+    // options: apiKey (a bearer token); attempts (tries per create, default 10: 6 to 11 s in all, a restart's time);
     // watch: 'stream' (default) or 'poll'; pollInterval (ms, for 'poll');
     // EventSource: a constructor to stream with instead (it cannot send the API key).
     constructor(baseUrl = 'http://localhost:8000', options = {}) {

@@ -74,7 +74,7 @@ Flow = Generator[Step, Any, T]
 class RetryPolicy:
     """How often and how patiently a call is tried again (bounded, with jitter)."""
 
-    # Ten attempts: about 10 s of waiting in all, which a restart of the service fits in.
+    # Ten attempts: 6 to 11 s of waiting in all (the jitter), which a restart of the service fits in.
     attempts: int = 10
     base_delay: float = 0.1
     max_delay: float = 2.0
