@@ -172,3 +172,5 @@ export declare const EVENT_TYPES: EventType[];
 
 /** The task after an event, as the server folds it; null once deleted. */
 export declare function applyEvent(task: Task | null | undefined, event: FeedEvent): Task | null;
+/** Of two Tasktrail-Read-After tokens, the later (compared as WAL positions when both are; else `token`). */
+export declare function later(held: string | null | undefined, token: string): string;

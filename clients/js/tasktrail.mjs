@@ -93,6 +93,16 @@ export function applyEvent(task, event) {
 
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
+// Of two read-after tokens, the later. They are opaque; when both read as WAL positions (X/Y), compare
+// them, so that writes answered out of order (concurrent calls) never move the token back.
+const LSN = /^([0-9A-Fa-f]{1,8})\/([0-9A-Fa-f]{1,8})$/;
+export function later(held, token) {
+    const a = held && LSN.exec(held), b = LSN.exec(token);
+    if (!a || !b) return token;
+    const [ah, al, bh, bl] = [a[1], a[2], b[1], b[2]].map((hex) => parseInt(hex, 16));
+    return ah > bh || (ah === bh && al > bl) ? held : token;
+}
+
 function newKey() {
     if (globalThis.crypto?.randomUUID) return globalThis.crypto.randomUUID();
     return Array.from({length: 32}, () => Math.floor(Math.random() * 16).toString(16)).join('');
@@ -148,7 +158,7 @@ export class TaskManager {
                 continue;
             }
             const token = response.headers.get(READ_AFTER);
-            if (method !== 'GET' && response.ok && token) this.readAfter = token;
+            if (method !== 'GET' && response.ok && token) this.readAfter = later(this.readAfter, token);
             return response;
         }
     }

@@ -32,10 +32,12 @@ a forged high position only costs the primary a read it could be asked for
 anyway).
 
 Health. Each process checks its replicas in the background, never in a
-request: every `interval` it samples the primary's flushed WAL position, then
-asks each replica how far it has replayed. The replay positions the checks see
-serve the tokens: they only grow, so a replica seen past a token is past it
-now. A replica's lag is how long it has been behind the primary's positions:
+request: every `interval` it samples the primary's flushed WAL position, and
+asks each replica how far it has replayed (each on its own clock: one that does
+not answer holds back no other's check). The replay positions the checks see
+serve the tokens: on one connection they only grow, so a replica seen past a
+token is past it now; a new connection (perhaps to another standby behind the
+same address) starts from nothing. A replica's lag is how long it has been behind the primary's positions:
 the time since the health checks first saw the oldest position it has not
 replayed (`PrimaryPositions`). An idle primary does not move, so a replica that
 has replayed everything has no lag however long ago the last write was, which
@@ -65,6 +67,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -190,7 +193,12 @@ def check_url(url: str) -> None:
     try:
         conninfo_to_dict(url)
     except psycopg.ProgrammingError as exc:
-        raise ValueError(f"replica {url!r} is not a PostgreSQL connection string: {str(exc).strip()}") from None
+        shown = _PASSWORD.sub(lambda found: (found[1] or found[2]) + "***", url)  # it goes to the log
+        raise ValueError(f"replica {shown!r} is not a PostgreSQL connection string: {str(exc).strip()}") from None
+
+
+# A password in a URL (user:password@) or in key=value form (password=...).
+_PASSWORD = re.compile(r"(://[^:/@?#]*:)[^@]*(?=@)|(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
 
 
 class PrimaryPositions:
@@ -374,22 +382,30 @@ class Replicas:
     # --- health ---------------------------------------------------------------
 
     async def _watch(self) -> None:
+        """Where the primary's WAL is, and how far each replica has replayed it, each on a clock of its own.
+
+        A replica that takes connections and never answers makes its check wait
+        CHECK_TIMEOUT: it must not hold back the checks of the others (a lagging
+        one would serve for that long past max_lag).
+        """
+        checks = [self._primary_check, *(functools.partial(self._check, replica) for replica in self.replicas)]
+        await asyncio.gather(*(self._every(check) for check in checks))
+
+    async def _every(self, check: Callable[[], Awaitable[None]]) -> None:
         loop = asyncio.get_running_loop()
         while True:
             began = loop.time()
             try:
-                await self.check()
+                await check()
             except Exception:  # a bug here must not stop the checks (reads then keep their last routing)
                 log.exception("replica health check failed")
             await asyncio.sleep(max(0.0, self.interval - (loop.time() - began)))
 
-    async def check(self) -> None:
-        """One round: where the primary's WAL is, then how far each replica has replayed it."""
+    async def _primary_check(self) -> None:
         now = time.monotonic()
         position = await self._primary_position()
         if position is not None:
             self.positions.add(now, position)
-        await asyncio.gather(*(self._check(replica, now) for replica in self.replicas))
 
     async def _primary_position(self) -> int | None:
         try:
@@ -405,10 +421,14 @@ class Replicas:
             self._primary_conn = None
             return None
 
-    async def _check(self, replica: Replica, now: float) -> None:
+    async def _check(self, replica: Replica) -> None:
+        now = time.monotonic()
         try:
             async with asyncio.timeout(CHECK_TIMEOUT):
                 if replica.check_conn is None or replica.check_conn.closed:
+                    # Perhaps another standby behind the same address (a failover), which may have
+                    # replayed less than the last one: what that one had replayed no longer holds.
+                    replica.replayed = 0
                     replica.check_conn = await psycopg.AsyncConnection.connect(replica.conninfo, **db.connect_kwargs())
                     replica.identity = await _identity(replica.check_conn)
                 cur = await replica.check_conn.execute(REPLAYED)
@@ -416,6 +436,7 @@ class Replicas:
         except (psycopg.Error, OSError, TimeoutError) as exc:
             await _close(replica.check_conn)
             replica.check_conn = None
+            replica.replayed = 0  # unknown, until a check reaches it again
             self._set(replica, DOWN, str(exc) or type(exc).__name__)
             await _close_pool(replica)
             return

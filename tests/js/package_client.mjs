@@ -5,7 +5,7 @@
 // DROP_PROXY loses the answer to its first request after the server has done it.
 import assert from 'node:assert/strict';
 
-import {TaskManager, TaskTrail, TaskTrailError, applyEvent, EVENT_TYPES} from 'tasktrail-client';
+import {TaskManager, TaskTrail, TaskTrailError, applyEvent, later, EVENT_TYPES} from 'tasktrail-client';
 
 const [base, cutProxy, dropProxy, keyedBase, writeKey] = process.argv.slice(2);
 const kind = `js${Date.now()}`;
@@ -13,6 +13,12 @@ const tasks = new TaskManager(base);
 assert.equal(TaskTrail, TaskManager);
 assert.equal(EVENT_TYPES.length, 10);
 assert.equal(new TaskManager().baseUrl, 'http://localhost:8000');  // the seed's default
+// Writes answered out of order (concurrent calls) never move the read-after token back.
+assert.equal(later('0/2000', '0/1000'), '0/2000');
+assert.equal(later('0/1000', '0/2000'), '0/2000');
+assert.equal(later('1/0', '0/FFFFFFFF'), '1/0');
+assert.equal(later(null, '0/10'), '0/10');
+assert.equal(later('0/10', 'primary'), 'primary');  // not a position: the newest wins
 
 // The seed's calls, unchanged: the JSON of the answer, a problem document on a refusal.
 const task = await tasks.createTask(kind, {file_path: '/tmp/test.pdf'});

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
-from tasktrail import cli
-from tasktrail.replicas import EVERYTHING, PrimaryPositions, configured, describe, split_urls, wanted
+from tasktrail import cli, db
+from tasktrail.replicas import EVERYTHING, PrimaryPositions, Replica, Replicas, configured, describe, split_urls, wanted
 
 
 def header(*values: str) -> list[tuple[bytes, bytes]]:
@@ -86,6 +88,38 @@ def test_replica_urls_split_on_commas_but_keep_multi_host_urls_whole() -> None:
             configured({"TASKTRAIL_REPLICA_MAX_LAG": lag})
     with pytest.raises(ValueError, match="not a PostgreSQL connection string"):
         configured({"DATABASE_REPLICA_URLS": "nonsense"})
+    # Refused, it is logged: never with its password.
+    for url in ("postgresql://u:S3CRET@h/db?%zz=1", "host=h password=S3CRET port"):
+        with pytest.raises(ValueError, match="not a PostgreSQL connection string") as refused:
+            configured({"DATABASE_REPLICA_URLS": url})
+        assert "S3CRET" not in str(refused.value)
+        assert "***" in str(refused.value)
+
+
+@pytest.mark.anyio
+async def test_a_replica_that_never_answers_holds_back_no_other_replicas_check(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each replica is checked on its own clock: one whose check hangs (CHECK_TIMEOUT) must not slow the others'."""
+    replicas = Replicas(database_url, db.create_pool(database_url), ["postgresql://silent/db", "postgresql://good/db"])
+    silent, good = replicas.replicas
+    checked: list[Replica] = []
+    enough = asyncio.Event()
+
+    async def check(replica: Replica) -> None:
+        if replica is silent:
+            await asyncio.Event().wait()  # takes the connection, never answers
+        checked.append(replica)
+        if len(checked) == 5:
+            enough.set()
+
+    monkeypatch.setattr(replicas, "_check", check)
+    await replicas.start()
+    try:
+        await asyncio.wait_for(enough.wait(), 30)
+    finally:
+        await replicas.stop()
+    assert checked == [good] * 5
 
 
 def test_serve_help_documents_the_replica_options(
@@ -124,3 +158,16 @@ def test_serve_refuses_replicas_it_cannot_use(
     # Refused before the database is looked for or a port bound.
     assert cli.main(["serve", "--port", "1", *args]) == 2
     assert said in capsys.readouterr().err
+
+
+@pytest.mark.anyio
+async def test_what_a_replica_had_replayed_is_forgotten_on_a_new_connection(database_url: str) -> None:
+    """Behind the same address another standby may answer next (a failover), which may have replayed less."""
+    replicas = Replicas(database_url, db.create_pool(database_url), [database_url])
+    (replica,) = replicas.replicas
+    replica.replayed = 1 << 40  # what the standby before had replayed
+    try:
+        await replicas._check(replica)  # a new connection: this one is no standby at all
+    finally:
+        await replicas.stop()
+    assert replica.replayed == 0
