@@ -132,6 +132,13 @@ def test_the_timeline_shows_every_event_and_the_version_picker_an_old_state(ui: 
     expect(page).to_have_url(re.compile(r"version=1"))
     expect(page.locator("#now")).to_have_attribute("data-status", "pending")
 
+    # From the keyboard: each arrow key shows the next version, and the picker keeps the focus.
+    page.get_by_label("Show the task at version").focus()
+    for version in (2, 3):
+        page.keyboard.press("ArrowUp")  # the versions are listed newest first
+        expect(page).to_have_url(re.compile(f"version={version}"))
+        expect(page.get_by_label("Show the task at version")).to_be_focused()
+
 
 def test_the_version_picker_follows_a_task_past_500_versions_on_an_open_page(ui: Dashboard) -> None:
     task = create(ui, "many")

@@ -585,9 +585,18 @@ function taskPage() {
 
   // Time travel: choosing a version, or clicking an entry of the timeline, shows the task at it.
   // On the form, not the field: the field is replaced when a list of versions becomes a number field.
+  // A keyboard user stepping through versions with the arrow keys loads a page per step: the new page
+  // puts the focus back on the picker, or it would fall to the page's start after each step.
+  const PICKER_FOCUS = "tasktrail.version-picker";
   document.getElementById("version-form")?.addEventListener("change", (e) => {
-    if (e.target.id === "version") e.target.form.requestSubmit();
+    if (e.target.id !== "version") return;
+    if (document.activeElement === e.target) sessionStorage.setItem(PICKER_FOCUS, "1");
+    e.target.form.requestSubmit();
   });
+  if (sessionStorage.getItem(PICKER_FOCUS)) {
+    sessionStorage.removeItem(PICKER_FOCUS);
+    document.getElementById("version")?.focus();
+  }
   document.getElementById("timeline").addEventListener("click", (e) => {
     const entry = e.target.closest("li[data-version]");
     if (!entry || e.target.closest("a, button, input, select") || getSelection()?.toString()) return;
