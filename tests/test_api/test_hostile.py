@@ -179,6 +179,18 @@ def test_what_the_http_parser_refuses_is_problem_json_too(database_url: str, tmp
         with httpx.Client(base_url=server.url) as client:
             assert client.get("/health").status_code == 200
             assert client.get("/tasks/stats/summary").json()["total"] == 1
+            # A route that reads no body refuses one over 1 MiB all the same, sent in chunks too.
+            doomed = client.post("/tasks/", json={"task_type": "doomed"}).json()["task_id"]
+            head = f"DELETE /tasks/{doomed} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+            head += "Transfer-Encoding: chunked\r\n\r\n"
+            # 17 chunks of 64 KiB, one past 1 MiB (the rest unsent: the answer comes before it)
+            over = b"%x\r\n%s\r\n" % (65536, b"x" * 65536) * 17
+            problem_of(exchange(server, head.encode() + over), 413)
+            assert client.get(f"/tasks/{doomed}").status_code == 200
+            small = b"%x\r\n%s\r\n0\r\n\r\n" % (1000, b"x" * 1000)
+            assert exchange(server, head.encode() + small).startswith(b"HTTP/1.1 200 ")
+            assert client.get(f"/tasks/{doomed}").status_code == 404
+            assert client.get("/tasks/stats/summary").json()["total"] == 1
     finally:
         server.stop()
     assert "Traceback" not in server.log(), server.log()

@@ -497,7 +497,7 @@ async def no_task(request: Request) -> HtmlReply:
 
 # Signing in: a key, once, for a session cookie (see http/sessions.py).
 
-FORM = "tasktrail.form"  # the key of a page's form (a msgspec Struct of text fields) in its handler's opt
+FORM = wellformed.FORM  # the key of a page's form (a msgspec Struct of text fields) in its handler's opt
 FORM_TYPE = "application/x-www-form-urlencoded"
 F = TypeVar("F", bound=msgspec.Struct)
 

@@ -25,7 +25,11 @@ included, and answer problem+json:
   any; a body without a Content-Type is refused too (415). A cross-site HTML
   form can post `text/plain` without a CORS preflight; it cannot post JSON.
   The body must be UTF-8 (400) and arrive within the read timeout (408), so a
-  client that announces more bytes than it sends cannot hold a request open.
+  client that announces more bytes than it sends cannot hold a request open;
+- a route that reads no body still refuses one over 1 MiB (413): by its
+  Content-Length, or, sent in chunks, by reading it through (within the read
+  timeout) before the handler runs; otherwise a DELETE or a cleanup with a
+  2 MiB chunked body went through.
 
 `Shapes` (a plugin) works out once per route handler which body and which
 list parameters it takes, and adds 415 to its OpenAPI responses; `wellformed`
@@ -79,6 +83,8 @@ _BODY_HEADERS = (b"content-length", b"transfer-encoding")
 _WATCHED = frozenset(SINGLE) | frozenset(_BODY_HEADERS) | {b"content-encoding"}
 _CHARSETS = ("utf-8", "utf8")
 SHAPE = "tasktrail.shape"  # the key of a handler's Shape in its opt
+# The key of a page's form (a msgspec Struct of text fields) in its handler's opt: it reads a body.
+FORM = "tasktrail.form"
 # The key of a page route's refusal in its opt: (status, detail) -> the ASGI app that answers it.
 PAGE = "tasktrail.page"
 _PROBLEM = PROBLEM.encode()
@@ -170,6 +176,8 @@ def wellformed(app: ASGIApp) -> ASGIApp:
             return
         if shape is not None and shape.json_body:
             receive = _text_body(receive, body_timeout)
+        elif handler is not None and FORM not in handler.opt and _chunked(scope):
+            receive = await _read_through(receive, body_timeout)
         if scope["method"] == "HEAD":
             await _as_get(app, scope, receive, send)
             return
@@ -346,6 +354,44 @@ def _content_type_refusal(value: bytes | None, has_body: bool) -> str | None:
             shown = charset if len(charset) <= 40 else charset[:40] + "..."
             return f"JSON is read as UTF-8 only, not charset {shown!r}: send the body as UTF-8"
     return None
+
+
+def _chunked(scope: Scope) -> bool:
+    return any(name == b"transfer-encoding" for name, _ in scope["headers"])
+
+
+async def _read_through(receive: Receive, seconds: float) -> Receive:
+    """Read a body no handler reads, to refuse one over MAX_BODY_BYTES; `receive` as if it had not been read."""
+    read = 0
+    try:
+        async with asyncio.timeout(seconds):
+            while True:
+                message = await receive()
+                if message["type"] != "http.request":
+                    raise ClientException(detail="the client closed the connection before it had sent the whole body")
+                read += len(message.get("body", b""))
+                if read > MAX_BODY_BYTES:
+                    raise ClientException(
+                        status_code=413, detail="the body is over 1 MiB", headers={"Connection": "close"}
+                    )
+                if not message.get("more_body", False):
+                    break
+    except TimeoutError:
+        raise ClientException(
+            status_code=408,
+            detail=f"the body did not arrive within {seconds:g} s of the request",
+            headers={"Connection": "close"},
+        ) from None
+    given = False
+
+    async def after() -> Message:
+        nonlocal given
+        if given:
+            return await receive()  # the client going away, for a stream
+        given = True
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    return after
 
 
 def _text_body(receive: Receive, timeout: float) -> Receive:
