@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import contextlib
 import os
 import re
 import select
+import socket
 import warnings
 from pathlib import Path
 from typing import Any
@@ -53,6 +55,9 @@ CONNECT_TIMEOUT = 2
 # this lets the next request start afresh at 1 s, so a long outage does not
 # leave the pool minutes away from its next attempt when the database returns.
 RECONNECT_TIMEOUT = 10.0
+# A request holds its connection at most the statement timeout and this much more (see Borrowed): the
+# server's own timeout ends a slow statement first; this ends a wait on a server that answers nothing.
+ANSWER_MARGIN = 2.0
 # Over TCP, notice a peer that vanished without closing (a 25 s bound, not for ever).
 KEEPALIVES = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3}
 
@@ -197,12 +202,24 @@ class Pool(AsyncConnectionPool):  # type: ignore[type-arg]
 
     And the requests waiting for a connection now (`waiting`): psycopg_pool's own
     count (requests_waiting) keeps a request that gave up until a connection
-    comes free for it, so in an outage it grew with every request refused.
+    comes free for it, so in an outage it grew with every request refused; and
+    how long a request may hold a connection before it is severed (`answer_within`).
     """
 
     given_back = 0
     busy_wait = BUSY_WAIT
     waiting = 0
+    answer_within = ANSWER_MARGIN + 30.0
+
+
+def sever(conn: psycopg.AsyncConnection) -> None:
+    """Shut the connection's socket down: a query waiting on it fails at once (OperationalError), the server or not.
+
+    The socket's end, not the connection's close: psycopg waits for the socket to
+    be readable, which a shutdown makes it (at its end), and a closed one never is.
+    """
+    with contextlib.suppress(OSError, psycopg.Error), socket.socket(fileno=os.dup(conn.pgconn.socket)) as sock:
+        sock.shutdown(socket.SHUT_RDWR)
 
 
 class Borrowed:
@@ -211,12 +228,20 @@ class Borrowed:
     What pool.connection() does for our autocommit connections (putconn rolls
     back whatever was left open), as a plain class: no generator context
     managers, and no lock around a no-op commit.
+
+    And a deadline (`within` seconds, else the pool's answer_within): a server
+    that takes the connection and never answers (frozen, or behind a proxy that
+    stopped forwarding: TCP keepalives are answered all the same) would hold the
+    request for ever, as statement_timeout is the server's own. Past it the
+    connection is severed, and the request answers 503.
     """
 
-    __slots__ = ("conn", "pool")
+    __slots__ = ("_timer", "conn", "pool", "severed", "within")
 
-    def __init__(self, pool: Pool) -> None:
+    def __init__(self, pool: Pool, within: float | None = None) -> None:
         self.pool = pool
+        self.within = within
+        self.severed = False
 
     async def __aenter__(self) -> psycopg.AsyncConnection:
         given_back = self.pool.given_back
@@ -227,7 +252,12 @@ class Borrowed:
             self.conn = await self._while_moving(given_back)
         finally:
             self.pool.waiting -= 1
+        self._timer = asyncio.get_running_loop().call_later(self.within or self.pool.answer_within, self._sever)
         return self.conn
+
+    def _sever(self) -> None:
+        self.severed = True
+        sever(self.conn)
 
     async def _while_moving(self, given_back: int) -> psycopg.AsyncConnection:
         """A connection, waiting on while others are given back meanwhile (busy_wait in all); else PoolTimeout."""
@@ -240,10 +270,14 @@ class Borrowed:
                 waited += self.pool.timeout
         raise PoolTimeout(f"no pooled connection came within {waited:g} s")
 
-    async def __aexit__(self, *_: object) -> None:
+    async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None, *_: object) -> None:
+        self._timer.cancel()
         if not self.conn.broken:  # a connection the database dropped is no sign of a pool that moves
             self.pool.given_back += 1
         await self.pool.putconn(self.conn)
+        if self.severed and isinstance(exc, psycopg.OperationalError):
+            within = self.within or self.pool.answer_within
+            raise psycopg.OperationalError(f"the database did not answer within {within:g} s") from exc
 
 
 def create_pool(
@@ -262,4 +296,12 @@ def create_pool(
         open=False,
     )
     pool.busy_wait = busy_wait
+    pool.answer_within = duration_seconds(statement_timeout()) + ANSWER_MARGIN
     return pool
+
+
+def duration_seconds(duration: str) -> float:
+    """A duration as the settings give one (30s, 500ms, 2min; a bare number is ms, as PostgreSQL reads it)."""
+    number = int(duration.rstrip("mins"))
+    unit = duration[len(str(number)) :]
+    return number * {"ms": 0.001, "": 0.001, "s": 1.0, "min": 60.0}[unit]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import tempfile
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import psycopg
 import pytest
 from litestar.testing import AsyncTestClient
@@ -99,6 +101,56 @@ def test_outage_answers_503_fast_and_recovers_without_a_restart(own_postgres: An
     finally:
         server.stop()
     assert "Traceback" not in server.log(), server.log()
+
+
+def frozen(server: Any) -> list[psutil.Process]:
+    """The embedded PostgreSQL's processes (postmaster first), to stop with SIGSTOP: it keeps its sockets, and answers
+    nothing (the kernel still acknowledges, so TCP keepalives pass)."""
+    postmaster = psutil.Process(int((Path(server.pgdata) / "postmaster.pid").read_text().split()[0]))
+    return [postmaster, *postmaster.children(recursive=True)]
+
+
+def test_a_database_that_takes_connections_and_answers_nothing_answers_503_not_never(
+    own_postgres: Any, tmp_path: Path
+) -> None:
+    db.ensure_database(own_postgres.get_uri(), "frozen")
+    env = os.environ | {"DATABASE_URL": own_postgres.get_uri("frozen"), "TASKTRAIL_STATEMENT_TIMEOUT": "1s"}
+    server = Server(env, log_dir=tmp_path)
+    processes: list[psutil.Process] = []
+    try:
+        with httpx.Client(base_url=server.url, timeout=60) as client:
+            task = client.post("/tasks/", json={"task_type": "frozen"}).json()
+            path = f"/tasks/{task['task_id']}"
+            for _ in range(4):  # the pool's connections open and idle: the requests below take them
+                assert client.get(path).status_code == 200
+            processes = frozen(own_postgres)
+            for process in processes:
+                process.suspend()
+            sends = (
+                lambda: client.get(path),
+                lambda: client.get("/events"),
+                lambda: client.get("/tasks/?limit=5"),
+                lambda: client.patch(path, json={"progress": 50}),
+                lambda: client.get("/health/ready"),
+                lambda: client.get("/health/ready"),
+            )
+            with ThreadPoolExecutor(len(sends)) as pool:
+                for response in pool.map(lambda send: send(), sends):
+                    assert response.status_code == 503, response.text
+                    assert response.headers["content-type"].startswith("application/problem+json")
+            for process in processes:
+                process.resume()
+            processes = []
+            deadline = time.monotonic() + 30
+            while client.get("/health/ready").status_code != 200:
+                assert time.monotonic() < deadline, "the service did not recover"
+                time.sleep(0.2)
+            assert client.get(path).json()["version"] in (1, 2)
+    finally:
+        for process in processes:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.resume()
+        server.stop()
 
 
 @pytest.mark.anyio
