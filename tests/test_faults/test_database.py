@@ -134,10 +134,15 @@ def test_a_database_that_takes_connections_and_answers_nothing_answers_503_not_n
                 lambda: client.get("/health/ready"),
                 lambda: client.get("/health/ready"),
             )
-            with ThreadPoolExecutor(len(sends)) as pool:
+            with ThreadPoolExecutor(len(sends) + 1) as pool:
+                scraped = pool.submit(client.get, "/metrics")
                 for response in pool.map(lambda send: send(), sends):
                     assert response.status_code == 503, response.text
                     assert response.headers["content-type"].startswith("application/problem+json")
+                # The service's own figures, without the database's gauges.
+                assert scraped.result().status_code == 200
+                assert "tasktrail_http_requests_total" in scraped.result().text
+                assert "tasktrail_tasks{" not in scraped.result().text
             for process in processes:
                 process.resume()
             processes = []
