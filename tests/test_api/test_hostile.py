@@ -158,6 +158,9 @@ def test_what_the_http_parser_refuses_is_problem_json_too(database_url: str, tmp
             b"POST /tasks/ HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n",
         ):
             problem_of(exchange(server, broken), 400)
+        # A method the server does not know (methods are case-sensitive): 501, not "not HTTP".
+        for unknown in (b"FOO", b"get", b"BREW"):
+            problem_of(exchange(server, unknown + b" /tasks/ HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"), 501)
         # A transfer coding this server does not decode would be read as if it were not there.
         task = b'11\r\n{"task_type":"a"}\r\n0\r\n\r\n'
         head = b"POST /tasks/ HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"

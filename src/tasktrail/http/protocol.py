@@ -10,13 +10,16 @@ arrived within the read timeout (TASKTRAIL_READ_TIMEOUT), and closes. It also
 answers the parser's own refusals (a NUL or a bare CR in a header, a
 Content-Length that is not a number or comes twice, Content-Length beside
 chunked, a broken chunk size) as problem+json, like every other error, where
-uvicorn answers plain text.
+uvicorn answers plain text; and a method it does not know (FOO, or get: methods
+are case-sensitive) as 501, as RFC 9110 says, not as a request that is not HTTP.
 """
 
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
+import httptools
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from tasktrail.http.problems import PROBLEM, problem_body
@@ -34,11 +37,34 @@ MAX_HEAD_BYTES = 2 * (MAX_URL_BYTES + MAX_HEADER_BYTES)
 LINGER_SECONDS = 2.0
 
 
+class _Parser:
+    """httptools' parser, noting when it refused a request for its method (uvicorn sees only a parse error)."""
+
+    def __init__(self, parser: httptools.HttpRequestParser, protocol: BoundedHead) -> None:
+        self.parser, self.protocol = parser, protocol
+        # uvicorn's calls, as they are: no wrapper on the way of every request.
+        self.get_http_version, self.get_method = parser.get_http_version, parser.get_method
+        self.should_keep_alive, self.should_upgrade = parser.should_keep_alive, parser.should_upgrade
+        self.set_dangerous_leniencies = parser.set_dangerous_leniencies
+
+    def feed_data(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserInvalidMethodError:
+            self.protocol.unknown_method = True
+            raise
+
+
 class BoundedHead(HttpToolsProtocol):
     reading_head = False
     head_bytes = 0
     refused = False
+    unknown_method = False
     head_due: asyncio.TimerHandle | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.parser = _Parser(self.parser, self)  # type: ignore[assignment]
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -78,6 +104,11 @@ class BoundedHead(HttpToolsProtocol):
                 self.refuse(431, f"the request's line and headers are larger than {MAX_HEAD_BYTES} bytes")
 
     def send_400_response(self, msg: str) -> None:
+        if self.unknown_method:
+            self.refuse(
+                501, "this service does not know the request's method (methods are case-sensitive: GET, not get)"
+            )
+            return
         self.refuse(
             400,
             "the request is not valid HTTP/1.1 (for example a NUL or a bare CR in a header, a Content-Length "
