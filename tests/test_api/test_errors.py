@@ -226,6 +226,24 @@ async def test_a_negative_zero_is_answered_as_stored_zero(shared_client: AsyncTe
     assert b"-0.0" not in batch.content
 
 
+@pytest.mark.parametrize(
+    ("method", "path", "body"),
+    [
+        ("POST", "/tasks/", b'{"zzz": 1} x'),  # a field refused, then not JSON: 400 all the same
+        ("POST", "/tasks/", b'{"task_type": 1,'),  # cut off
+        ("PATCH", "/tasks/00000000-0000-4000-8000-000000000000", b"[1] x"),
+        ("POST", "/tasks/batch", b'{"task_type": "a"}{}'),  # two documents
+        ("POST", "/tasks/batch", b'{"tasks": 1'),
+        ("PATCH", "/tasks/batch", b'{"updates": [{"task_id": "x", "if_version": 0x10}]}'),  # 0x10 is not JSON
+    ],
+)
+async def test_a_body_that_is_not_json_is_400_whatever_its_first_fields_break(
+    shared_client: AsyncTestClient, method: str, path: str, body: bytes
+) -> None:
+    answer = await shared_client.request(method, path, content=body, headers=JSON)
+    assert "not valid JSON" in problem(answer, 400)["detail"]
+
+
 async def test_a_large_float_is_answered_as_stored_and_sending_it_again_changes_nothing(
     shared_client: AsyncTestClient,
 ) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import codecs
-import contextlib
 import re
 import typing
 from collections.abc import Iterator
@@ -43,34 +42,46 @@ _AT = re.compile(r"^(?P<message>.*?)(?: - at `\$(?P<path>.*)`)?$", re.DOTALL)
 
 
 def decode(body: bytes, type_: type[T]) -> T:
-    """Decode a JSON body strictly ("50" is not a number)."""
+    """Decode a JSON body strictly ("50" is not a number): 400 unless it is JSON, then 422 unless it is a T."""
     if not body.strip():
         raise InvalidInput("the request needs a JSON body", [{"field": "body", "message": "required"}])
     try:
         return msgspec.json.decode(body, type=type_)
     except msgspec.ValidationError as exc:
-        # The decoder stops at the first field it refuses; the answer names every one.
+        # The decoder stops at the first field it refuses, perhaps before the body stops being JSON (cut off,
+        # or with more after it): that is a 400 all the same. Else the answer names every field refused.
         errors = [_field_error(exc, "")]
-        with contextlib.suppress(msgspec.DecodeError, UnicodeDecodeError, RecursionError):
-            errors += (error for error in _every_error(msgspec.json.decode(body), type_, "") if error not in errors)
+        try:
+            document = msgspec.json.decode(body)
+        except (msgspec.DecodeError, UnicodeDecodeError) as not_json:
+            if not str(not_json).startswith("Number out of range"):  # JSON all the same (1e400): a 422
+                raise _malformed(body, not_json) from exc
+        except RecursionError:
+            raise invalid("body", f"nested deeper than {MAX_JSON_DEPTH} levels") from exc
+        else:
+            errors += (error for error in _every_error(document, type_, "") if error not in errors)
         (field, message), more = errors[0], len(errors) - 1
         detail = f"{field}: {message}" + (f" (and {more} more: see errors)" if more else "")
         raise InvalidInput(detail, [{"field": f, "message": m} for f, m in errors]) from exc
-    except msgspec.DecodeError as exc:
-        if body.startswith(codecs.BOM_UTF8):
-            raise MalformedBody("the body starts with a byte order mark: send JSON as UTF-8 without one") from exc
-        if str(exc) == "Input data was truncated" and _HIGH_SURROGATE.search(body):
-            # What msgspec says of a lone high surrogate, as if the body had been cut short.
-            raise MalformedBody(
-                "the body is not valid JSON: a \\uD800-\\uDBFF escape not followed by its low surrogate"
-                " names no character"
-            ) from exc
-        raise MalformedBody(f"the body is not valid JSON: {exc}") from exc
-    except UnicodeDecodeError as exc:
-        # msgspec decodes a string's bytes only when it builds the string, and raises this, not a DecodeError.
-        raise MalformedBody(f"the body is not UTF-8 text (byte {exc.start}): JSON must be sent as UTF-8") from exc
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        raise _malformed(body, exc) from exc
     except RecursionError as exc:
         raise invalid("body", f"nested deeper than {MAX_JSON_DEPTH} levels") from exc
+
+
+def _malformed(body: bytes, exc: Exception) -> MalformedBody:
+    """Why a body is not JSON (400), as the decoder said."""
+    if isinstance(exc, UnicodeDecodeError):
+        # msgspec decodes a string's bytes only when it builds the string, and raises this, not a DecodeError.
+        return MalformedBody(f"the body is not UTF-8 text (byte {exc.start}): JSON must be sent as UTF-8")
+    if body.startswith(codecs.BOM_UTF8):
+        return MalformedBody("the body starts with a byte order mark: send JSON as UTF-8 without one")
+    if str(exc) == "Input data was truncated" and _HIGH_SURROGATE.search(body):
+        # What msgspec says of a lone high surrogate, as if the body had been cut short.
+        return MalformedBody(
+            "the body is not valid JSON: a \\uD800-\\uDBFF escape not followed by its low surrogate names no character"
+        )
+    return MalformedBody(f"the body is not valid JSON: {exc}")
 
 
 def _field_error(exc: msgspec.ValidationError, at: str) -> tuple[str, str]:
