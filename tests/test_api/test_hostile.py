@@ -41,6 +41,15 @@ async def test_a_query_parameter_given_twice_is_422(shared_client: AsyncTestClie
     assert errors[0]["field"] in query
 
 
+@pytest.mark.parametrize("status", ["null", "NULL", "None", "PENDING", "completed,failed"])
+async def test_a_status_that_is_none_of_the_statuses_is_422_not_no_filter(
+    shared_client: AsyncTestClient, status: str
+) -> None:
+    errors = problem(await shared_client.get(f"/tasks/?status={status}"), 422)["errors"]
+    assert errors[0]["field"] == "status"
+    assert (await shared_client.get("/tasks/?status=")).status_code == 200  # empty: any status, as in the seed
+
+
 async def test_a_parameter_no_route_reads_may_repeat_as_it_may_come_once(shared_client: AsyncTestClient) -> None:
     for path in ("/tasks/?_=1&_=2", "/tasks/stats/summary?foo=1&foo=2", "/events?x=1&x=1", "/ui?_=1&_=2"):
         assert (await shared_client.get(path)).status_code == 200, path

@@ -40,6 +40,9 @@ StatusFilter = Annotated[
 ]
 
 
+_STATUS_GIVEN = re.compile(rb"(?:^|&)status=")
+
+
 def status_filter(status: str | None) -> Status | None:
     return Status(status) if status else None
 
@@ -403,6 +406,9 @@ async def list_tasks(
     cursor: Annotated[str | None, QueryParameter(max_length=100, pattern=CURSOR)] = None,
 ) -> JsonReply:
     """Live tasks, newest first; the next page's URL is in the Link header."""
+    if status is None and _STATUS_GIVEN.search(request.scope["query_string"]):
+        # The parser reads ?status=null (any case) as no status at all: it is none of the statuses.
+        raise invalid("status", f"one of {', '.join(Status)}, or empty for any")
     before = None if cursor is None else _decode_cursor(cursor)
     wanted = status_filter(status)
     page = await read(

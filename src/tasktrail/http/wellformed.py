@@ -239,7 +239,7 @@ def _refusal(scope: Scope, shape: Shape | None) -> Refusal | None:
     query = scope.get("query_string", b"")
     if len(raw_path) + len(query) > MAX_URL_BYTES:
         return 414, f"the URL is longer than {MAX_URL_BYTES} bytes", {}
-    refusal = _path_refusal(raw_path) or (_query_refusal(query, shape) if query else None)
+    refusal = path_refusal(raw_path) or (_query_refusal(query, shape) if query else None)
     if refusal is None and shape is not None and shape.json_body:
         has_body = length != b"0" or b"transfer-encoding" in seen
         detail = _content_type_refusal(seen.get(b"content-type"), has_body)
@@ -253,7 +253,7 @@ def _refusal(scope: Scope, shape: Shape | None) -> Refusal | None:
     return refusal
 
 
-def _path_refusal(raw_path: bytes) -> Refusal | None:
+def path_refusal(raw_path: bytes) -> Refusal | None:
     if b"%" not in raw_path and b"\x00" not in raw_path and raw_path.isascii():
         return None  # nothing escaped: plain ASCII text
     try:
