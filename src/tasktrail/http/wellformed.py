@@ -16,9 +16,9 @@ included, and answer problem+json:
   the other one; one it does not read, such as a cache-buster, may repeat),
   and an integer parameter is written in digits (422: the
   parser would read 1e3 as 1000 and 5.0 as 5);
-- the headers are at most MAX_HEADER_BYTES in all (431), a header the
+- the headers are at most MAX_HEADER_BYTES in all (431), and a header the
   service reads as one value (SINGLE, Host among them) does not come twice
-  with different values (400), and an HTTP/1.1 request has a Host (400);
+  with different values (400);
 - a route that takes a JSON body (a `data` parameter, JSON being Litestar's
   default body encoding) needs Content-Type `application/json` or
   `application/*+json` (RFC 6839: JSON all the same), with charset utf-8 if
@@ -228,8 +228,6 @@ def _refusal(scope: Scope, shape: Shape | None) -> Refusal | None:
     if codings and codings != [b"chunked"]:
         # RFC 9112 6.1: a coding the server does not decode (gzip, chunked) would be read as if it were not there.
         return 400, "the only transfer coding taken is chunked (Transfer-Encoding: chunked)", {}
-    if b"host" not in seen and scope.get("http_version") == "1.1":
-        return 400, "an HTTP/1.1 request needs a Host header (RFC 9112, 3.2)", {}
     length = seen.get(b"content-length", b"0").strip()
     if length.isdigit() and (len(length) > 18 or int(length) > MAX_BODY_BYTES):
         # Whether the route reads a body or not: none may be larger (the body is not read to find out).
