@@ -347,10 +347,9 @@ def create_app(
         openapi_config=openapi.CONFIG,
         plugins=[openapi.JsonObjects(), wellformed.Shapes()],
         request_max_body_size=MAX_BODY_BYTES,
-        # Browsers on other origins (the seed's front end) may call the API and read its headers; with no
-        # keys, pages of this machine only (see http/auth.py).
-        cors_config=(_LoopbackPages if auth.loopback_only(keys) else CORSConfig)(
-            allow_origins=[] if auth.loopback_only(keys) else ["*"],
+        # Browsers on other origins (the seed's front end) may call the API and read its headers.
+        cors_config=CORSConfig(
+            allow_origins=["*"],
             allow_methods=["GET", "POST", "PATCH", "DELETE"],
             allow_headers=[
                 "Authorization",
@@ -372,13 +371,6 @@ def create_app(
     cors = _Cors(litestars.app, litestars.config)
     app.asgi_handler = observed(cors.app, count=counting, access=access, cors=cors)
     return app
-
-
-class _LoopbackPages(CORSConfig):
-    """CORS for a service with no keys: pages of this machine only may read its answers."""
-
-    def is_origin_allowed(self, origin: str) -> bool:
-        return auth.loopback_origin(origin)
 
 
 class _Cors(CORSMiddleware):

@@ -7,11 +7,11 @@ or for none with `opt=PUBLIC`. With no keys configured there is no key check
 the app answer only requests addressed to this machine by their Host header
 (LOOPBACK_ONLY_ENV): a web page the operator opens could otherwise reach the
 open service through a name of its own that resolves to 127.0.0.1 (DNS
-rebinding). For the same reason it answers a browser's request only from a
-page of this machine (its Origin, when it sends one, is a loopback one), and
-its CORS lets only such pages read answers: a page of another site could
-otherwise send the open service writes, a form's POST /tasks/cleanup needing
-not even a CORS preflight.
+rebinding). And it refuses a write another site's page can send without a
+CORS preflight (a form's POST, or fetch's with no body or a form's type): a
+POST /tasks/cleanup from any page the operator opens would otherwise delete
+every finished task. Every other cross-origin write is preflighted, which CORS
+grants to any page (the seed's front end): with keys, it needs one all the same.
 
 Why a plain SHA-256 and not a slow password hash: a key is 256 random bits made
 by `new_key`, so its hash cannot be reversed by guessing, however fast the hash;
@@ -199,6 +199,19 @@ def loopback_origin(origin: str) -> bool:
     return bool(separator) and scheme.lower() in ("http", "https") and loopback_host(host.encode("latin-1"))
 
 
+# What a page may send to another site without a CORS preflight (the Fetch standard's "simple" requests).
+_UNPREFLIGHTED_TYPES = (b"application/x-www-form-urlencoded", b"multipart/form-data", b"text/plain")
+
+
+def _unpreflighted_write(scope: Scope) -> bool:
+    """Whether a request is a write a browser sends cross-origin without asking first: a POST, with no body type
+    or a form's. (PATCH, DELETE and a JSON body are asked first, in a preflight.)"""
+    if scope["method"] != "POST":
+        return False
+    kind = next((value for name, value in scope["headers"] if name == b"content-type"), None)
+    return kind is None or kind.split(b";", 1)[0].strip().lower() in _UNPREFLIGHTED_TYPES
+
+
 def loopback_only(keys: Sequence[Key]) -> bool:
     """Whether this process serves with no keys, on loopback only (`serve` says so: see the module's docstring)."""
     return not keys and os.environ.get(LOOPBACK_ONLY_ENV) == "1"
@@ -218,10 +231,10 @@ def _loopback_only(app: ASGIApp) -> ASGIApp:
                     "this service has no API keys and answers only requests addressed to this machine"
                     " (Host: localhost or a loopback address); configure keys to serve it under other names"
                 )
-            if origin is not None and not loopback_origin(origin.decode("latin-1")):
+            if origin is not None and _unpreflighted_write(scope) and not loopback_origin(origin.decode("latin-1")):
                 raise PermissionDeniedException(
-                    "this service has no API keys and answers a browser only for pages of this machine"
-                    " (Origin: localhost or a loopback address); configure keys to serve pages of other sites"
+                    "this service has no API keys and takes a write that needs no CORS preflight (a form's) only"
+                    " from pages of this machine (Origin: localhost or a loopback address); send it as JSON"
                 )
         await app(scope, receive, send)
 
