@@ -87,8 +87,8 @@ def _http(request: Request, exc: HTTPException) -> Response[bytes]:
     if "route_handler" not in request.scope:
         # No route: the router matched the decoded path, where /tasks/%2F is the list (a 405 for PATCH).
         raw = (request.scope.get("raw_path") or path.encode()).partition(b"?")[0]
-        if (refused := wellformed.path_refusal(raw)) is not None:
-            exc = HTTPException(status_code=refused[0], detail=refused[1])
+        if (refused := wellformed.path_refusal(raw)) is not None and refused[0] == 404:
+            exc = HTTPException(status_code=404, detail=refused[1])
     if "route_handler" not in request.scope and (path == "/ui" or path.startswith("/ui/")):
         # An address under /ui that no page's route matches (/ui/tasks/a/b), or a method no page has: a
         # page, as the dashboard's own refusals are, not a problem document.
