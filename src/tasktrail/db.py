@@ -149,6 +149,13 @@ def _duration(variable: str, default: str) -> str:
     return value
 
 
+def duration_seconds(duration: str) -> float:
+    """A duration as the settings give one (30s, 500ms, 2min; a bare number is ms, as PostgreSQL reads it)."""
+    number = int(duration.rstrip("mins"))
+    unit = duration[len(str(number)) :]
+    return number * {"ms": 0.001, "": 0.001, "s": 1.0, "min": 60.0}[unit]
+
+
 def seconds(variable: str, default: float) -> float:
     """A setting in seconds from the environment: a positive, finite number (ValueError names it otherwise)."""
     value = os.environ.get(variable)
@@ -209,7 +216,7 @@ class Pool(AsyncConnectionPool):  # type: ignore[type-arg]
     given_back = 0
     busy_wait = BUSY_WAIT
     waiting = 0
-    answer_within = ANSWER_MARGIN + 30.0
+    answer_within = ANSWER_MARGIN + duration_seconds(STATEMENT_TIMEOUT)
 
 
 def sever(conn: psycopg.AsyncConnection) -> None:
@@ -240,7 +247,7 @@ class Borrowed:
 
     def __init__(self, pool: Pool, within: float | None = None) -> None:
         self.pool = pool
-        self.within = within
+        self.within = within or pool.answer_within
         self.severed = False
 
     async def __aenter__(self) -> psycopg.AsyncConnection:
@@ -252,7 +259,7 @@ class Borrowed:
             self.conn = await self._while_moving(given_back)
         finally:
             self.pool.waiting -= 1
-        self._timer = asyncio.get_running_loop().call_later(self.within or self.pool.answer_within, self._sever)
+        self._timer = asyncio.get_running_loop().call_later(self.within, self._sever)
         return self.conn
 
     def _sever(self) -> None:
@@ -276,8 +283,7 @@ class Borrowed:
             self.pool.given_back += 1
         await self.pool.putconn(self.conn)
         if self.severed and isinstance(exc, psycopg.OperationalError):
-            within = self.within or self.pool.answer_within
-            raise psycopg.OperationalError(f"the database did not answer within {within:g} s") from exc
+            raise psycopg.OperationalError(f"the database did not answer within {self.within:g} s") from exc
 
 
 def create_pool(
@@ -298,10 +304,3 @@ def create_pool(
     pool.busy_wait = busy_wait
     pool.answer_within = duration_seconds(statement_timeout()) + ANSWER_MARGIN
     return pool
-
-
-def duration_seconds(duration: str) -> float:
-    """A duration as the settings give one (30s, 500ms, 2min; a bare number is ms, as PostgreSQL reads it)."""
-    number = int(duration.rstrip("mins"))
-    unit = duration[len(str(number)) :]
-    return number * {"ms": 0.001, "": 0.001, "s": 1.0, "min": 60.0}[unit]

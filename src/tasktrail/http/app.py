@@ -84,17 +84,17 @@ def _invalid_parameter(_: Request, exc: ValidationException) -> Response[bytes]:
 
 def _http(request: Request, exc: HTTPException) -> Response[bytes]:
     path = request.scope["path"]
-    if "route_handler" not in request.scope:
-        # No route: the router matched the decoded path, where /tasks/%2F is the list (a 405 for PATCH).
+    if "route_handler" not in request.scope:  # no route matched: the router's 404 or 405
+        # It matched the decoded path, where /tasks/%2F is the list (a 405 for PATCH).
         raw = (request.scope.get("raw_path") or path.encode()).partition(b"?")[0]
         if (refused := wellformed.path_refusal(raw)) is not None and refused[0] == 404:
             exc = HTTPException(status_code=404, detail=refused[1])
-    if "route_handler" not in request.scope and (path == "/ui" or path.startswith("/ui/")):
-        # An address under /ui that no page's route matches (/ui/tasks/a/b), or a method no page has: a
-        # page, as the dashboard's own refusals are, not a problem document.
-        message = "There is no dashboard page at this address." if exc.status_code == 404 else exc.detail
-        headers = [(name.lower().encode(), value.encode()) for name, value in (exc.headers or {}).items()]
-        return dashboard_page(None, message, exc.status_code, headers).response()
+        if path == "/ui" or path.startswith("/ui/"):
+            # An address under /ui that no page's route matches (/ui/tasks/a/b), or a method no page has: a
+            # page, as the dashboard's own refusals are, not a problem document.
+            message = "There is no dashboard page at this address." if exc.status_code == 404 else exc.detail
+            headers = [(name.lower().encode(), value.encode()) for name, value in (exc.headers or {}).items()]
+            return dashboard_page(None, message, exc.status_code, headers).response()
     response = problem(exc.status_code, exc.detail)
     response.headers.update(exc.headers or {})
     return response

@@ -362,26 +362,14 @@ def _chunked(scope: Scope) -> bool:
 
 async def _read_through(receive: Receive, seconds: float) -> Receive:
     """Read a body no handler reads, to refuse one over MAX_BODY_BYTES; `receive` as if it had not been read."""
-    read = 0
-    try:
-        async with asyncio.timeout(seconds):
-            while True:
-                message = await receive()
-                if message["type"] != "http.request":
-                    raise ClientException(detail="the client closed the connection before it had sent the whole body")
-                read += len(message.get("body", b""))
-                if read > MAX_BODY_BYTES:
-                    raise ClientException(
-                        status_code=413, detail="the body is over 1 MiB", headers={"Connection": "close"}
-                    )
-                if not message.get("more_body", False):
-                    break
-    except TimeoutError:
-        raise ClientException(
-            status_code=408,
-            detail=f"the body did not arrive within {seconds:g} s of the request",
-            headers={"Connection": "close"},
-        ) from None
+    read, deadline = 0, asyncio.get_running_loop().time() + seconds
+    while True:
+        message = await _body_message(receive, deadline, seconds)
+        read += len(message.get("body", b""))
+        if read > MAX_BODY_BYTES:
+            raise ClientException(status_code=413, detail="the body is over 1 MiB", headers={"Connection": "close"})
+        if not message.get("more_body", False):
+            break
     given = False
 
     async def after() -> Message:
@@ -394,6 +382,24 @@ async def _read_through(receive: Receive, seconds: float) -> Receive:
     return after
 
 
+async def _body_message(receive: Receive, deadline: float, seconds: float) -> Message:
+    """The body's next message, by the deadline (the request's read timeout, `seconds`, after its first)."""
+    try:
+        async with asyncio.timeout_at(deadline):
+            message = await receive()
+    except TimeoutError:
+        # The rest of the body may still come: close the connection rather than read it as the next request.
+        raise ClientException(
+            status_code=408,
+            detail=f"the body did not arrive within {seconds:g} s of the request",
+            headers={"Connection": "close"},
+        ) from None
+    if message["type"] != "http.request":
+        # Gone mid-body: nobody reads this answer, but logs and metrics should not count a server error.
+        raise ClientException(detail="the client closed the connection before it had sent the whole body")
+    return message
+
+
 def _text_body(receive: Receive, timeout: float) -> Receive:
     """`receive` that refuses a body that is not UTF-8, or that does not arrive in time."""
     decoder = codecs.getincrementaldecoder("utf-8")()
@@ -402,22 +408,9 @@ def _text_body(receive: Receive, timeout: float) -> Receive:
     async def checked() -> Message:
         if state["complete"]:
             return await receive()
-        loop = asyncio.get_running_loop()
         if not state["deadline"]:
-            state["deadline"] = loop.time() + timeout
-        try:
-            async with asyncio.timeout_at(state["deadline"]):
-                message = await receive()
-        except TimeoutError:
-            # The rest of the body may still come: close the connection rather than read it as the next request.
-            raise ClientException(
-                status_code=408,
-                detail=f"the body did not arrive within {timeout:g} s of the request",
-                headers={"Connection": "close"},
-            ) from None
-        if message["type"] != "http.request":
-            # Gone mid-body: nobody reads this answer, but logs and metrics should not count a server error.
-            raise ClientException(detail="the client closed the connection before it had sent the whole body")
+            state["deadline"] = asyncio.get_running_loop().time() + timeout
+        message = await _body_message(receive, state["deadline"], timeout)
         chunk = message.get("body", b"")
         state["complete"] = not message.get("more_body", False)
         if not (state["ascii"] and chunk.isascii()):
