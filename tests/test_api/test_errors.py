@@ -271,6 +271,15 @@ async def test_a_large_float_is_answered_as_stored_and_sending_it_again_changes_
     refused = problem(await shared_client.post("/tasks/", content=swollen, headers=JSON), 422)
     assert refused["errors"][0]["field"] == "params"
     assert "as stored" in refused["detail"]
+    # And 1e-300 (6 bytes) is stored as 0.000…1, 302 characters: 9,000 of them are 2.7 MB, not 63 KB.
+    tiny = b'{"task_type": "tiny", "params": {"n": [%s]}}' % b", ".join([b"1e-300"] * 9000)
+    refused = problem(await shared_client.post("/tasks/", content=tiny, headers=JSON), 422)
+    assert "as stored" in refused["detail"]
+    kept = b'{"task_type": "tiny", "params": {"n": [%s], "m": 1.5e-7}}' % b", ".join([b"1e-300"] * 100)
+    created = await shared_client.post("/tasks/", content=kept, headers=JSON)
+    assert created.status_code == 201, created.text
+    read = await shared_client.get(f"/tasks/{created.json()['task_id']}")
+    assert read.json()["params"] == {"n": [1e-300] * 100, "m": 1.5e-7}
 
 
 @pytest.mark.parametrize("path", ["/tasks/%2F", "/tasks/%2f/history", "/tasks%2Fstats%2Fsummary", "/ui/tasks/%2F"])

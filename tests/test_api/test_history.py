@@ -152,11 +152,15 @@ async def test_if_match_makes_writes_conditional(client: AsyncTestClient) -> Non
     # Strong comparison (RFC 9110): a weak tag, or the version written otherwise, names nothing.
     for other in ['W/"3"', '"03"', '"3.0"', '"+3"', '" 3"']:
         assert (await patch(client, task_id, {"progress": 2.5}, **{"If-Match": other})).status_code == 412, other
+    # The version bare (If-Match: 3), as clients that read "ETag is the version" send it, names it too.
+    for other in ['"3', '3"', "03", "W/3"]:
+        assert (await patch(client, task_id, {"progress": 2.5}, **{"If-Match": other})).status_code == 412, other
+    assert (await patch(client, task_id, {"progress": 2.75}, **{"If-Match": "3"})).status_code == 200
     assert (await patch(client, task_id, {"progress": 3}, **{"If-Match": "*"})).status_code == 200
     assert (await patch(client, task_id, {"progress": 4}, **{"If-Match": "garbage"})).status_code == 412
     assert (await client.delete(f"/tasks/{task_id}", headers={"If-Match": '"1"'})).status_code == 412
-    assert (await client.get(f"/tasks/{task_id}")).json()["version"] == 4
-    assert (await client.delete(f"/tasks/{task_id}", headers={"If-Match": '"4"'})).status_code == 200
+    assert (await client.get(f"/tasks/{task_id}")).json()["version"] == 5
+    assert (await client.delete(f"/tasks/{task_id}", headers={"If-Match": '"5"'})).status_code == 200
 
 
 async def test_if_none_match_answers_304(client: AsyncTestClient) -> None:
@@ -169,6 +173,7 @@ async def test_if_none_match_answers_304(client: AsyncTestClient) -> None:
     # Weak comparison: W/"2" names version 2 too; "02" names nothing.
     assert (await client.get(f"/tasks/{task_id}", headers={"If-None-Match": 'W/"2"'})).status_code == 304
     assert (await client.get(f"/tasks/{task_id}", headers={"If-None-Match": '"02"'})).status_code == 200
+    assert (await client.get(f"/tasks/{task_id}", headers={"If-None-Match": "2"})).status_code == 304
 
 
 async def test_an_idempotency_key_creates_once(client: AsyncTestClient, database_url: str) -> None:

@@ -145,6 +145,10 @@ def test_a_task_stream_sends_the_state_then_its_events_and_ends_after_a_finished
     with httpx.stream("GET", f"{server}/tasks/{task['task_id']}/stream", timeout=TIMEOUT) as response:
         (final,) = messages(response.iter_lines())
     assert (final.event, final.json()["status"], final.json()["version"]) == ("snapshot", "completed", 3)
+    # Its id is the last event's, so the reconnect an EventSource makes then gets the 204 that stops it.
+    assert final.id == rest[-1].id
+    again = httpx.get(f"{server}/tasks/{task['task_id']}/stream", headers={"Last-Event-ID": final.id})
+    assert again.status_code == 204
 
 
 def test_a_deleted_tasks_stream_replays_its_history_and_ends(server: str) -> None:

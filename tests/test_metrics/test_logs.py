@@ -41,6 +41,7 @@ def test_json_logs_parse_line_by_line_and_hold_no_key_or_value(database_url: str
             assert client.get("/tasks/", headers={"Authorization": f"Bearer {writer}x"}).status_code == 401
             assert client.get(f"/nowhere/{SECRET_QUERY}?key={writer}").status_code in (401, 404)
             assert client.get("/metrics", headers={"Authorization": f"Bearer {reader}"}).status_code == 200
+            assert client.post("/tasks/cleanup", headers={"Authorization": f"Bearer {reader}"}).status_code == 403
             history = client.get(f"/tasks/{task_id}/history", headers=as_writer).json()
     finally:
         server.stop()
@@ -64,6 +65,7 @@ def test_json_logs_parse_line_by_line_and_hold_no_key_or_value(database_url: str
     assert ("GET", "/tasks", 401, None) in routes
     assert ("GET", "/tasks/{task_id}/history", 200, "worker-7") in routes
     assert ("GET", "/metrics", 200, "grafana") in routes
+    assert ("POST", "/tasks/cleanup", 403, "grafana") in routes  # who was refused
     assert_verifies(database_url)
 
 

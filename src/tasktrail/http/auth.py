@@ -166,13 +166,13 @@ def middleware(keys: Sequence[Key], signer: sessions.Signer | None = None) -> li
                 key = bearer_key(configured, "")
         else:
             key = bearer_key(configured, "" if header is None else header.decode("latin-1"))
+        state = scope["state"]  # the dict itself: connection.state wraps it anew on every access
+        state["actor"] = key.name  # a refusal's log line says who was refused too
         if ranks[key.scope] < ranks[needed]:
             raise PermissionDeniedException(
                 f"the API key {key.name!r} has scope {key.scope}; this route needs {needed}",
                 headers={"WWW-Authenticate": f'{_REALM}, error="insufficient_scope", scope="{needed}"'},
             )
-        state = scope["state"]  # the dict itself: connection.state wraps it anew on every access
-        state["actor"] = key.name
         state["scope"] = key.scope
 
     return [require_key]

@@ -150,7 +150,7 @@ def check_json(field: str, value: Any) -> None:
     # The walk below is exact, and costs a microsecond or two (per item of a batch). Most values need
     # no walk, as their JSON shows: a NUL in a key or string is encoded as \u0000, a value too deep has
     # at least MAX_JSON_DEPTH nested objects or arrays, so as many opening brackets, and a -0.0 is -0.0.
-    exponent = _EXPONENT.search(encoded) is not None
+    exponent = _EXPONENT.search(encoded) is not None or b"e-" in encoded
     if (
         b"\\u0000" not in encoded
         and b"-0" not in encoded
@@ -159,6 +159,7 @@ def check_json(field: str, value: Any) -> None:
     ):
         return
     stack = [(value, 1)]
+    decimals = 0  # digits a tiny float gains as stored: 1e-300 is 6 bytes sent, 302 stored (0.000…1)
     while stack:
         item, depth = stack.pop()
         if depth > MAX_JSON_DEPTH:
@@ -171,16 +172,20 @@ def check_json(field: str, value: Any) -> None:
             for key, child in item.items():
                 if type(child) is float:
                     item[key] = _as_stored(child)
+                    decimals += _zeros(child)
                 else:
                     stack.append((child, depth + 1))
         elif isinstance(item, list):
             for index, child in enumerate(item):
                 if type(child) is float:
                     item[index] = _as_stored(child)
+                    decimals += _zeros(child)
                 else:
                     stack.append((child, depth + 1))
-    if exponent and len(msgspec.json.encode(value)) > MAX_JSON_BYTES:
-        raise invalid(field, f"larger than {MAX_JSON_BYTES} bytes of JSON as stored (1e300 is stored as 301 digits)")
+    if exponent and len(msgspec.json.encode(value)) + decimals > MAX_JSON_BYTES:
+        raise invalid(
+            field, f"larger than {MAX_JSON_BYTES} bytes of JSON as stored (1e300 and 1e-300 are stored as 301 digits)"
+        )
 
 
 # A float JSON writes with a positive exponent (msgspec, as Python's repr, from 1e16 up); in a string
@@ -195,6 +200,13 @@ def _as_stored(number: float) -> float | int:
     if abs(number) >= 1e16:
         return int(Decimal(repr(number)))
     return number
+
+
+def _zeros(number: float) -> int:
+    """The zeros PostgreSQL writes out for a float JSON gives with a negative exponent (1e-300: 300)."""
+    if number == 0.0 or abs(number) >= 1e-4:  # JSON writes these without an exponent, as stored
+        return 0
+    return -Decimal(repr(number)).adjusted()
 
 
 class Strict(AbstractDTO[T], Generic[T]):

@@ -263,7 +263,8 @@ async def stream_task(
         return event_stream(frames(listener, eventstore.START, stream_id=uuid, closes_after=closes_after))
     snapshot = b"event: snapshot\ndata: %s\n\n" % _encode(task)
     if task.status in FINISHED:
-        return event_stream(_once(RETRY + snapshot))
+        # The id is the latest event's cursor: EventSource reconnects with it and gets the 204 that stops it.
+        return event_stream(_once(RETRY + b"id: %s\n" % encode_cursor(latest).encode() + snapshot))
     return event_stream(
         frames(
             listener,

@@ -105,8 +105,9 @@ def task_response(task: Task, status_code: int = 200, headers: dict[str, str] | 
 
 
 # An entity tag as task_response writes one: a version, without leading zeros
-# (tags are compared as strings: "01" is not "1"), weak or not.
-_TAG = re.compile(r'\s*(W/)?"([1-9]\d{0,9})"\s*')
+# (tags are compared as strings: "01" is not "1"), weak or not; and the version
+# bare, without the quotes RFC 9110 asks for (If-Match: 3), as clients send it.
+_TAG = re.compile(r'\s*(W/)?("?)([1-9]\d{0,9})\2\s*')
 
 
 def matching_versions(header: str, *, weak: bool) -> frozenset[int] | None:
@@ -117,7 +118,7 @@ def matching_versions(header: str, *, weak: bool) -> frozenset[int] | None:
     """
     if header.strip() == "*":
         return None
-    return frozenset(int(m[2]) for part in header.split(",") if (m := _TAG.fullmatch(part)) and (weak or m[1] is None))
+    return frozenset(int(m[3]) for part in header.split(",") if (m := _TAG.fullmatch(part)) and (weak or m[1] is None))
 
 
 def list_header(request: Request, name: bytes) -> str | None:
