@@ -8,7 +8,9 @@ Waits are on conditions (Playwright's expect retries until its timeout), never s
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
+import pytest
 from playwright.sync_api import Locator, Page, expect
 
 from tests.test_dashboard.conftest import Dashboard
@@ -391,3 +393,34 @@ def test_bulk_action_on_every_matching_task_acts_on_no_more_than_the_dialog_coun
     with ui.api() as api:
         assert [api.get(f"/tasks/{t['task_id']}").json()["status"] for t in shown] == ["canceled"] * 3
         assert [api.get(f"/tasks/{t['task_id']}").json()["status"] for t in arrived] == ["pending"] * 2
+
+
+AXE = Path(__file__).parent / "vendor" / "axe-core-4.14.1" / "axe.min.js"  # MPL-2.0, from npm, pinned
+
+
+@pytest.mark.parametrize("scheme", ["light", "dark"])
+def test_every_page_passes_axe_cores_accessibility_rules(ui: Dashboard, scheme: str) -> None:
+    """axe-core's default rules (WCAG A and AA: names, contrast, links told from text) on each kind of page."""
+    failed = create(ui, "a11y")
+    with ui.api() as api:
+        api.patch(f"/tasks/{failed['task_id']}", json={"status": "failed", "error": "boom"})
+        deleted = api.post("/tasks/", json={"task_type": "a11y"}).json()
+        api.delete(f"/tasks/{deleted['task_id']}")
+    page = ui.page(bypass_csp=True, color_scheme=scheme)  # to add axe's script, which the CSP refuses
+    pages = [
+        "/ui?task_type=a11y",
+        f"/ui/tasks/{failed['task_id']}",
+        f"/ui/tasks/{failed['task_id']}?version=1",
+        f"/ui/tasks/{deleted['task_id']}",
+        "/ui/events",
+        "/ui/nowhere",
+    ]
+    for path in pages:
+        page.goto(path)
+        page.add_script_tag(path=AXE)
+        violations = page.evaluate(
+            "async () => (await axe.run(document)).violations"
+            ".map(v => [v.id, v.nodes.map(n => n.target.join(' ') + ': ' + n.failureSummary)])"
+        )
+        assert violations == [], (path, violations)
+    ui.allow("status of 404")  # /ui/nowhere's
