@@ -203,6 +203,34 @@ def test_a_stale_page_gets_a_conflict_message_and_the_latest_state(ui: Dashboard
     ui.allow("status of 412", "net::ERR_FAILED")
 
 
+def test_a_change_while_a_confirmation_is_open_is_a_conflict_not_an_overwrite(ui: Dashboard) -> None:
+    """The dialog asked about the version shown when it opened; the live page moves on meanwhile."""
+    task, picked = create(ui, "confirming"), create(ui, "confirming")
+    page = ui.page()
+    page.goto(f"/ui/tasks/{task['task_id']}")
+    expect(page.locator("#live")).to_have_attribute("data-state", "live")
+    page.get_by_role("button", name="Delete").click()
+    with ui.api() as api:
+        api.patch(f"/tasks/{task['task_id']}", json={"status": "running", "result": {"important": True}})
+    expect(page.locator("#now")).to_contain_text("running")  # the page behind the dialog is live
+    page.get_by_role("button", name="Delete the task").click()
+    expect(page.locator("#action-message")).to_contain_text("Conflict: nothing was changed")
+
+    page.goto("/ui?task_type=confirming")
+    expect(page.locator("#live")).to_have_attribute("data-state", "live")
+    row(page, picked).get_by_role("checkbox").check()
+    page.locator('#bulk [data-bulk="delete"]').click()
+    with ui.api() as api:
+        api.patch(f"/tasks/{picked['task_id']}", json={"status": "running"})
+    expect(row(page, picked)).to_have_attribute("data-status", "running")
+    page.get_by_role("dialog").get_by_role("button", name="Delete 1 task").click()
+    expect(page.locator("#bulk-run")).to_contain_text("1 changed since shown")
+    with ui.api() as api:
+        assert api.get(f"/tasks/{task['task_id']}").json()["status"] == "running"
+        assert api.get(f"/tasks/{picked['task_id']}").json()["status"] == "running"
+    ui.allow("status of 412")
+
+
 def test_delete_after_a_confirmation_and_a_deleted_task_keeps_its_history(ui: Dashboard) -> None:
     task = create(ui, "delete")
     page = ui.page()

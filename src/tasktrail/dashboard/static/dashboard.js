@@ -300,9 +300,11 @@ function tasksPage() {
     const dialog = document.getElementById("bulk-confirm");
     let chosen = null;
     let confirmed = null; // for "all matching": how many the dialog said, and the newest of them
+    let shown = null; // the selected rows at the versions the dialog asked about (live updates go on meanwhile)
     for (const button of bulk.querySelectorAll("[data-bulk]")) {
       button.addEventListener("click", async () => {
         chosen = button.dataset.bulk;
+        shown = new Map(selected);
         const verb = { cancel: "Cancel", retry: "Retry", delete: "Delete" }[chosen];
         const count = allMatching ? Number(bulk.dataset.matching) : selected.size;
         if (allMatching) {
@@ -323,7 +325,7 @@ function tasksPage() {
       });
     }
     dialog.addEventListener("close", () => {
-      if (dialog.returnValue === "go" && chosen) runBulk(chosen, allMatching ? confirmed : null);
+      if (dialog.returnValue === "go" && chosen) runBulk(chosen, allMatching ? confirmed : null, shown);
     });
   }
 
@@ -336,11 +338,13 @@ function tasksPage() {
 
   // `everyMatching`: act on the tasks the filter matches, at most as many as were confirmed and none
   // newer than the newest then (tasks created while the dialog was open are not the ones confirmed).
-  async function runBulk(action, everyMatching) {
+  // `shown`: the selected rows as the dialog showed them, so a row that changed while it was open is
+  // sent with the version confirmed, and refused as changed since shown.
+  async function runBulk(action, everyMatching, shown) {
     const panel = document.getElementById("bulk-run");
     const verb = { cancel: "Canceling", retry: "Retrying", delete: "Deleting" }[action];
-    const total = everyMatching ? everyMatching.count : selected.size;
-    const chosenRows = everyMatching ? null : [...selected.entries()];
+    const total = everyMatching ? everyMatching.count : shown.size;
+    const chosenRows = everyMatching ? null : [...shown.entries()];
     selected.clear();
     allMatching = false;
     for (const box of rows.querySelectorAll("input.pick")) box.checked = false;
@@ -607,20 +611,21 @@ function taskPage() {
   if (!actions) return;
 
   const dialog = document.getElementById("delete-confirm");
+  let confirming = null; // the version the delete dialog asked about: a change while it is open is a conflict
   for (const button of actions.querySelectorAll("[data-action]")) {
     button.addEventListener("click", () => {
       if (button.dataset.action === "delete") {
+        confirming = actions.dataset.ifVersion;
         dialog.returnValue = "";
         dialog.showModal();
-      } else act(button.dataset.action);
+      } else act(button.dataset.action, actions.dataset.ifVersion);
     });
   }
   dialog.addEventListener("close", () => {
-    if (dialog.returnValue === "go") act("delete");
+    if (dialog.returnValue === "go") act("delete", confirming);
   });
 
-  async function act(action) {
-    const version = actions.dataset.ifVersion;
+  async function act(action, version) {
     const buttons = actions.querySelectorAll("button");
     buttons.forEach((b) => (b.disabled = true));
     message.dataset.kind = "working";
