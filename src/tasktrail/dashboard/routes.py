@@ -694,12 +694,13 @@ def router(
     keys: Sequence[auth.Key],
     signer: sessions.Signer,
     problems: Mapping[type[Exception], ProblemHandler],
-    max_lag: float = replicas.DEFAULT_MAX_LAG,
+    max_lag: float | None = replicas.DEFAULT_MAX_LAG,
 ) -> Router:
     """The dashboard's pages and files, knowing the configured keys (for signing in) and the session signer.
 
     `problems` is the app's answer to each error; a page answers the same as a
-    page. `max_lag` is the replicas' (see read_after_max_age).
+    page. `max_lag` is the replicas' (see read_after_max_age), None without replicas: every read is
+    then the primary's, and the page keeps no read-after cookie.
     """
     static = create_static_files_router(
         path=STATIC,
@@ -708,7 +709,7 @@ def router(
         include_in_schema=False,
         name="dashboard-static",
     )
-    max_age = read_after_max_age(max_lag)
+    max_age = 0 if max_lag is None else read_after_max_age(max_lag)  # 0: no replicas, no cookie needed
 
     def refusal(status: int, detail: str) -> HtmlReply:
         return error_page(None, detail, status)

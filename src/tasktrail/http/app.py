@@ -335,7 +335,7 @@ def create_app(
             *events.ROUTES,
             *health.ROUTES,
             *(scrape.ROUTES if counting else ()),
-            dashboard.router(keys, signer, PROBLEMS, max_lag),
+            dashboard.router(keys, signer, PROBLEMS, max_lag if urls else None),
         ],
         lifespan=[lifespan],
         # (Request ids, counting and logging wrap the whole app: see `observed` below.)

@@ -39,6 +39,7 @@ function remember(response) {
   // Tokens are the service's own (a WAL position, or a word): nothing a cookie would need to escape.
   if (!token || !/^[0-9A-Za-z/]{1,64}$/.test(token)) return;
   readAfter = token;
+  if (body.dataset.readAfterMaxAge === "0") return; // no replicas: every read is the primary's, no cookie
   const secure = location.protocol === "https:" ? "; Secure" : "";
   document.cookie = `${READ_AFTER_COOKIE}=${token}; Path=/ui; Max-Age=${body.dataset.readAfterMaxAge}; SameSite=Strict${secure}`;
 }
