@@ -297,3 +297,21 @@ async def test_a_lone_surrogate_escape_is_named_not_called_a_truncated_body(shar
         assert "low surrogate" in refused["detail"], refused
     cut = problem(await shared_client.post("/tasks/", content=b'{"task_type": "x', headers=JSON), 400)
     assert "truncated" in cut["detail"]
+
+
+async def test_params_may_nest_32_levels_as_documented_and_no_deeper(shared_client: AsyncTestClient) -> None:
+    """Finding: 32 nested objects were refused (the leaf value was counted as a level)."""
+
+    def nested(levels: int) -> object:
+        value: object = "leaf"
+        for _ in range(levels):
+            value = {"a": value}
+        return value
+
+    kept = await shared_client.post("/tasks/", json={"task_type": "deep", "params": nested(32)})
+    assert kept.status_code == 201, kept.text
+    assert kept.json()["params"] == nested(32)
+    listed = await shared_client.post("/tasks/", json={"task_type": "deep", "params": {"l": [[nested(30)]]}})
+    assert listed.status_code == 422  # arrays count as levels too: 1 + 2 + 30
+    refused = problem(await shared_client.post("/tasks/", json={"task_type": "deep", "params": nested(33)}), 422)
+    assert "deeper than 32 levels" in refused["detail"]

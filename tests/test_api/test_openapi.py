@@ -67,7 +67,7 @@ async def test_cursors_given_out_match_the_documented_pattern(shared_client: Asy
     for _ in range(3):
         await shared_client.post("/tasks/", json={"task_type": "paged"})
     url = "/tasks/?task_type=paged&limit=1"
-    for _ in range(3):
+    for _ in range(2):  # the third page is the last: no Link
         response = await shared_client.get(url)
         assert response.status_code == 200
         url = response.links["next"]["url"]

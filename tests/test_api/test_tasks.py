@@ -175,11 +175,13 @@ async def test_list_filters_newest_first_and_skip_limit(client: AsyncTestClient)
 
 
 async def test_keyset_pages_follow_the_link_header(client: AsyncTestClient) -> None:
-    made = [await create(client, "k") for _ in range(7)]
-    seen, url = [], "/tasks/?task_type=k&limit=3"
+    made = [await create(client, "k") for _ in range(9)]
+    seen, url, pages = [], "/tasks/?task_type=k&limit=3", 0
     while url:
         response = await client.get(url)
         assert response.status_code == 200
+        assert response.json(), "a Link led to an empty page"
+        pages += 1
         seen += [t["task_id"] for t in response.json()]
         link = response.headers.get("link")
         if link is None:
@@ -191,6 +193,9 @@ async def test_keyset_pages_follow_the_link_header(client: AsyncTestClient) -> N
         assert "limit=3" in url
         assert "cursor=" in url
     assert seen == [t["task_id"] for t in reversed(made)]
+    assert pages == 3  # the third, full, page has no Link: nothing is older
+    offset = await client.get("/tasks/?task_type=k&limit=3&skip=6")
+    assert (len(offset.json()), offset.headers.get("link")) == (3, None)
 
 
 async def test_stats_count_every_status_including_canceled(client: AsyncTestClient) -> None:

@@ -327,11 +327,13 @@ async def tasks_page(
 
     async def fetch(conn: psycopg.AsyncConnection) -> tuple[list[tasks_view.Listed], dict[str, int]]:
         page = await tasks_view.list_shown(
-            conn, status=filters.status, task_type=filters.task_type, before=filters.before, limit=filters.limit
-        )
+            conn, status=filters.status, task_type=filters.task_type, before=filters.before, limit=filters.limit + 1
+        )  # one more than a page: "older" only when there are older tasks
         return page, await stats.summary(conn, filters.task_type)
 
     page, counts = await read(request, fetch)
+    more = len(page) > filters.limit
+    del page[filters.limit :]
     matching, noun = filters.describe(counts)
     looking = viewer(request)
     return render(
@@ -344,7 +346,7 @@ async def tasks_page(
         noun=noun,
         # Only the first letter raised: the task type in it keeps its case (Jinja's capitalize lowers the rest).
         heading=noun[:1].upper() + noun[1:],
-        older=filters.url(cursor=_encode_cursor(page[-1])) if len(page) == filters.limit else None,
+        older=filters.url(cursor=_encode_cursor(page[-1])) if more else None,
     )
 
 

@@ -161,8 +161,8 @@ def check_json(field: str, value: Any) -> None:
     stack = [(value, 1)]
     decimals = 0  # digits a tiny float gains as stored: 1e-300 is 6 bytes sent, 302 stored (0.000…1)
     while stack:
-        item, depth = stack.pop()
-        if depth > MAX_JSON_DEPTH:
+        item, depth = stack.pop()  # depth: of the objects and arrays, the value itself being 1
+        if depth > MAX_JSON_DEPTH and isinstance(item, dict | list):
             raise invalid(field, f"nested deeper than {MAX_JSON_DEPTH} levels")
         if isinstance(item, str):
             if "\x00" in item:

@@ -49,7 +49,7 @@ class History(msgspec.Struct):
 @get(
     "/tasks/{task_id:str}/history",
     security=SECURITY,
-    responses={200: documented(History, "the events; a full page has a Link to the next")} | problems(*ERRORS, 404),
+    responses={200: documented(History, "the events; a Link to the next page if any")} | problems(*ERRORS, 404),
 )
 async def history(
     request: Request,
@@ -61,7 +61,7 @@ async def history(
     uuid = parse_task_id(task_id)
 
     async def fetch(conn: psycopg.AsyncConnection) -> list[eventstore.Stored]:
-        page = await eventstore.read_stream(conn, uuid, after_version=after_version, limit=limit)
+        page = await eventstore.read_stream(conn, uuid, after_version=after_version, limit=limit + 1)
         # An empty page past the last event is a page; of a task that never was, a 404.
         if not page and (after_version == 0 or not await eventstore.read_stream(conn, uuid, limit=1)):
             raise TaskNotFound(f"task {task_id} not found")
@@ -69,7 +69,8 @@ async def history(
 
     page = await read(request, fetch)
     headers = {}
-    if len(page) == limit:
+    if len(page) > limit:  # one more than a page was read: a Link only when the next page has events
+        del page[limit:]
         last = page[-1].recorded.version
         headers["Link"] = f'</tasks/{uuid}/history?after_version={last}&limit={limit}>; rel="next"'
     return json_response(History(str(uuid), [event_view(s) for s in page]), headers=headers)

@@ -393,7 +393,7 @@ def _decode_cursor(cursor: str) -> int:
 @get(
     ["/tasks", "/tasks/"],
     security=SECURITY,
-    responses={200: documented(list[Task], "live tasks, newest first; a full page has a Link to the next")}
+    responses={200: documented(list[Task], "live tasks, newest first; a Link to the next page when there is one")}
     | problems(*ERRORS),
 )
 async def list_tasks(
@@ -407,14 +407,16 @@ async def list_tasks(
     """Live tasks, newest first; the next page's URL is in the Link header."""
     before = None if cursor is None else _decode_cursor(cursor)
     wanted = status_filter(status)
+    # One more than a page: a Link only when another page has tasks (no empty last page to follow).
     page = await read(
         request,
         lambda conn: tasks_view.list_page(
-            conn, status=wanted, task_type=task_type or None, before=before, skip=skip, limit=limit
+            conn, status=wanted, task_type=task_type or None, before=before, skip=skip, limit=limit + 1
         ),
     )
     headers = {}
-    if len(page) == limit:
+    if len(page) > limit:
+        del page[limit:]
         query = {k: v for k, v in request.query_params.items() if k not in ("cursor", "skip")}
         query["cursor"] = _encode_cursor(page[-1])
         headers["Link"] = f'<{request.url.path}?{urlencode(query)}>; rel="next"'
