@@ -230,6 +230,28 @@ def test_a_failing_block_fails_the_task_with_the_exception_text_and_raises_it(cl
         client.run(task.task_id).__enter__()  # a finished task cannot be run
 
 
+def test_a_result_the_server_refuses_fails_the_task_instead_of_leaving_it_running(client: Client, kind: str) -> None:
+    """Finding: a refused completion raised from the block's end and left the task running for ever."""
+    for result, error in (
+        ({"big": "x" * 70_000}, ValidationFailed),
+        ([1, 2], ValidationFailed),
+        ({"o": object()}, TypeError),
+    ):
+        task = client.create(kind)
+        with pytest.raises(error), client.run(task.task_id) as run:
+            run.result = result  # type: ignore[assignment]
+        failed = client.get(task.task_id)
+        assert failed.status == "failed", result
+        assert failed.error
+
+    # An exception whose text holds a lone surrogate (a file name decoded with surrogateescape) is recorded.
+    task = client.create(kind)
+    with pytest.raises(OSError, match="cannot read"):
+        fail_inside_a_run(client, task.task_id, OSError("cannot read /data/caf\udce9.txt"))
+    failed = client.get(task.task_id)
+    assert (failed.status, failed.error) == ("failed", "cannot read /data/caf\\udce9.txt")
+
+
 def test_a_run_does_not_overwrite_a_task_someone_else_changed(client: Client, kind: str) -> None:
     task = client.create(kind)
 
@@ -305,6 +327,11 @@ async def test_the_async_client_does_the_same(server: str, kind: str) -> None:
         with pytest.raises(RuntimeError, match="boom"):
             await fail_inside_an_async_run(client, failing.task_id)
         assert (await client.get(failing.task_id)).error == "boom"
+        refused = await client.create(kind)
+        with pytest.raises(ValidationFailed):
+            async with client.run(refused.task_id) as run:
+                run.result = {"big": "x" * 70_000}
+        assert (await client.get(refused.task_id)).status == "failed"
         with pytest.raises(NotFound):
             await client.get(UNKNOWN)
 

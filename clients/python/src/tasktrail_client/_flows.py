@@ -25,7 +25,7 @@ from urllib.parse import quote
 
 import httpx
 
-from tasktrail_client.errors import ConnectionFailed, from_problem
+from tasktrail_client.errors import BadRequest, ConnectionFailed, PayloadTooLarge, ValidationFailed, from_problem
 from tasktrail_client.models import Change, Event, History, ItemResult, Stats, Task, apply
 
 T = TypeVar("T")
@@ -457,6 +457,11 @@ def check_progress(progress: float) -> float:
     return float(progress)
 
 
+# A run's result the server refuses (over its size limit, not an object) or that is no JSON at all: the
+# task is then failed with the reason, rather than left running with no one working on it.
+UNRECORDABLE: tuple[type[Exception], ...] = (BadRequest, PayloadTooLarge, ValidationFailed, TypeError, ValueError)
+
+
 def ending(exc: BaseException) -> dict[str, Any]:
     """How a run that raised leaves its task: failed with the exception's text; or, when the worker was
     interrupted (Ctrl-C, SystemExit, a cancelled asyncio task) rather than the work failing, back to pending
@@ -464,4 +469,5 @@ def ending(exc: BaseException) -> dict[str, Any]:
     if not isinstance(exc, Exception):
         return {"status": "pending"}
     text = str(exc) or type(exc).__name__
+    text = text.encode("utf-8", "backslashreplace").decode()  # a lone surrogate (from a file name) is no JSON
     return {"status": "failed", "error": text.replace("\0", "\ufffd")[:65_536]}

@@ -257,8 +257,15 @@ class AsyncRun:
         assert self._reporter is not None
         await self._reporter
         if exc is None:
-            self.task = await self._write(flows.changes("completed", result=self.result))
+            try:
+                self.task = await self._write(flows.changes("completed", result=self.result))
+            except flows.UNRECORDABLE as refused:
+                await self._fail(refused)
+                raise
             return
+        await self._fail(exc)
+
+    async def _fail(self, exc: BaseException) -> None:
         try:
             self.task = await self._write(flows.ending(exc))
         except TasktrailError as failed:

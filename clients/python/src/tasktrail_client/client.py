@@ -273,8 +273,15 @@ class Run:
             self._wake.notify()
         self._thread.join()
         if exc is None:
-            self.task = self._write(flows.changes("completed", result=self.result))
+            try:
+                self.task = self._write(flows.changes("completed", result=self.result))
+            except flows.UNRECORDABLE as refused:
+                self._fail(refused)
+                raise
             return
+        self._fail(exc)
+
+    def _fail(self, exc: BaseException) -> None:
         try:
             self.task = self._write(flows.ending(exc))
         except TasktrailError as failed:
