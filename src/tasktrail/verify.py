@@ -65,11 +65,31 @@ USE = sql.SQL('SET search_path = {}, "$user", public')
 EXISTS = "SELECT to_regnamespace(%(schema)s) IS NOT NULL"
 
 
+# The read models' tables, by identity: a rebuild's swap replaces them with new ones under the same names.
+TABLES = """
+SELECT array_agg(c.oid::bigint ORDER BY c.oid) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname = ANY(%(schemas)s) AND c.relkind IN ('r', 'p')
+"""
+SWAPPED_ATTEMPTS = 3
+
+
 def verify(conninfo: str, versions: dict[str, int] | None = None) -> Report:
     """Compare in one snapshot, so concurrent writers cannot cause false differences.
 
     `versions` names the read-model version to compare (default: this code's), by read model.
+    A rebuild's swap during the comparison is no difference: the new tables' rows
+    (loaded frozen, so visible to every snapshot) may be newer than the log as
+    folded; the comparison is made again.
     """
+    for _ in range(SWAPPED_ATTEMPTS - 1):
+        report, swapped = _compare(conninfo, versions)
+        if report.ok or not swapped:
+            return report
+    return _compare(conninfo, versions)[0]
+
+
+def _compare(conninfo: str, versions: dict[str, int] | None) -> tuple[Report, bool]:
+    """The report, and whether a rebuild swapped a read model's tables while it was made."""
     chosen = {module.NAME: module.VERSION for module in projections.INLINE} | (versions or {})
     report = Report(versions=chosen)
     with psycopg.connect(conninfo, **db.connect_kwargs()) as conn:
@@ -81,7 +101,9 @@ def verify(conninfo: str, versions: dict[str, int] | None = None) -> Report:
         ]
         if missing:
             report.differences = missing
-            return report
+            return report, False
+        tables = {"schemas": schemas}
+        before = conn.execute(TABLES, tables).fetchone()
         conn.execute(USE.format(sql.SQL(", ").join(map(sql.Identifier, schemas))))
         conn.autocommit = False
         conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
@@ -114,4 +136,6 @@ def verify(conninfo: str, versions: dict[str, int] | None = None) -> Report:
                     f"counter {key[0]}/{key[1]} is {counted[key]}, the log says {expected_counts[key]}"
                 )
         conn.rollback()
-    return report
+        swapped = conn.execute(TABLES, tables).fetchone() != before  # a new transaction: the tables now
+        conn.rollback()
+    return report, swapped
