@@ -166,6 +166,10 @@ def test_what_the_http_parser_refuses_is_problem_json_too(database_url: str, tmp
             b"POST /tasks/ HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n",
         ):
             problem_of(exchange(server, broken), 400)
+        # A URL past what httptools parses (65,535 bytes) is as long as any other too long: 414, not 400.
+        for length in (20_000, 66_000, 100_000):
+            line = b"GET /tasks/?task_type=" + b"a" * length + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+            assert "URL is longer than" in problem_of(exchange(server, line), 414)["detail"], length
         # A method the server does not know (methods are case-sensitive): 501, not "not HTTP".
         for unknown in (b"FOO", b"get", b"BREW"):
             problem_of(exchange(server, unknown + b" /tasks/ HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"), 501)

@@ -36,6 +36,9 @@ MAX_HEAD_BYTES = 2 * (MAX_URL_BYTES + MAX_HEADER_BYTES)
 # arrives is dropped for this long before the connection closes.
 LINGER_SECONDS = 2.0
 
+# httptools.parse_url keeps offsets in 16 bits: a longer URL is no URL to it.
+PARSED_URL_BYTES = 65_535
+
 
 class _Parser:
     """httptools' parser, noting when it refused a request for its method (uvicorn sees only a parse error)."""
@@ -60,6 +63,7 @@ class BoundedHead(HttpToolsProtocol):
     head_bytes = 0
     refused = False
     unknown_method = False
+    url_too_long = False
     head_due: asyncio.TimerHandle | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -82,6 +86,10 @@ class BoundedHead(HttpToolsProtocol):
             self.head_due = self.loop.call_later(read_timeout(), self.head_late)
 
     def on_headers_complete(self) -> None:
+        if len(self.url) > PARSED_URL_BYTES:
+            # httptools.parse_url, which uvicorn calls next, fails on it: a 400 that should be the app's 414.
+            self.url_too_long = True
+            raise ValueError("the URL is longer than httptools can parse")
         self.reading_head = False
         if self.head_due is not None:
             self.head_due.cancel()
@@ -97,13 +105,16 @@ class BoundedHead(HttpToolsProtocol):
             return
         super().data_received(data)
         # Counted only while a head is still incomplete once the bytes are parsed: they are all head.
-        if self.reading_head and not self.transport.is_closing():
+        if self.reading_head and not self.refused and not self.transport.is_closing():
             self.head_bytes += len(data)
             if self.head_bytes > MAX_HEAD_BYTES:
                 self.logger.warning("refused a request whose head passed %d bytes", MAX_HEAD_BYTES)
                 self.refuse(431, f"the request's line and headers are larger than {MAX_HEAD_BYTES} bytes")
 
     def send_400_response(self, msg: str) -> None:
+        if self.url_too_long:
+            self.refuse(414, f"the URL is longer than {MAX_URL_BYTES} bytes")
+            return
         if self.unknown_method:
             self.refuse(
                 501, "this service does not know the request's method (methods are case-sensitive: GET, not get)"
