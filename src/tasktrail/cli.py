@@ -441,12 +441,30 @@ def parser() -> argparse.ArgumentParser:
         help="where the embedded PostgreSQL keeps its data (default: %(default)s; env TASKTRAIL_DATA_DIR)",
     )
     commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # --data-dir after the command too (`tasktrail serve --data-dir X`): given there, it wins.
+    database = argparse.ArgumentParser(add_help=False)
+    database.add_argument(
+        "--data-dir", type=Path, default=argparse.SUPPRESS, help="where the embedded PostgreSQL keeps its data"
+    )
 
-    run = commands.add_parser("serve", help="apply migrations and serve the HTTP API")
+    run = commands.add_parser(
+        "serve",
+        parents=[database],
+        help="apply migrations and serve the HTTP API",
+        description="Apply migrations, build the read-model versions that are not live yet, and serve the HTTP "
+        "API and the dashboard (/ui). With DATABASE_URL set (postgresql://…) it uses that PostgreSQL; else it "
+        "starts an embedded PostgreSQL (the pgserver package) whose data lives under --data-dir "
+        f"(default {db.DEFAULT_DATA_DIR}/pgdata), stopped when the last serve using it exits.",
+    )
     run.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
     run.add_argument("--port", type=_port, default=8000, help="port to bind (default: %(default)s)")
     run.add_argument("--workers", type=_positive, default=1, help="server processes (default: %(default)s)")
-    run.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    run.add_argument(
+        "--log-level",
+        default="info",
+        choices=["critical", "error", "warning", "info", "debug"],
+        help="the least severe log lines written (default: %(default)s)",
+    )
     run.add_argument(
         "--log-format",
         choices=["text", "json"],
@@ -495,7 +513,7 @@ def parser() -> argparse.ArgumentParser:
     )
     run.set_defaults(func=serve)
 
-    mig = commands.add_parser("migrate", help="apply pending migrations and exit (safe to repeat)")
+    mig = commands.add_parser("migrate", parents=[database], help="apply pending migrations and exit (safe to repeat)")
     mig.set_defaults(func=migrate)
 
     proj = commands.add_parser(
@@ -503,16 +521,20 @@ def parser() -> argparse.ArgumentParser:
     )
     proj_commands = proj.add_subparsers(dest="projections_command", required=True, metavar="ACTION")
     proj_commands.add_parser(
-        "status", help="every version of each read model: its state, how far behind the log, processes using it"
+        "status",
+        parents=[database],
+        help="every version of each read model: its state, how far behind the log, processes using it",
     ).set_defaults(func=projections_status)
     again = proj_commands.add_parser(
         "rebuild",
+        parents=[database],
         help="rebuild this code's read-model versions from the whole log while the service runs, then swap them in",
     )
     again.add_argument("name", nargs="?", help="one read model (default: all)")
     again.set_defaults(func=projections_rebuild)
     prune = proj_commands.add_parser(
         "prune",
+        parents=[database],
         help="drop the tables of versions no process uses (default: every version but this code's); "
         "refuses a version while a process of it runs",
     )
@@ -521,7 +543,9 @@ def parser() -> argparse.ArgumentParser:
     prune.set_defaults(func=projections_prune)
 
     check = commands.add_parser(
-        "verify", help="fold the whole log in memory and compare it with a read-model version and its counters"
+        "verify",
+        parents=[database],
+        help="fold the whole log in memory and compare it with a read-model version and its counters",
     )
     check.add_argument(
         "--version",

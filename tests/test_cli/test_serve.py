@@ -258,3 +258,20 @@ def test_a_stop_while_the_embedded_postgres_starts_still_stops_it(data_dir: Path
             process.wait()
         log.close()
     assert_stopped(data_dir, pid)
+
+
+def test_the_data_folder_may_be_named_after_the_command_too_and_serve_help_says_where_the_database_is(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Finding: `serve --data-dir X` was refused (unrecognized arguments); serve --help named no database."""
+    from tasktrail.cli import parser
+
+    assert parser().parse_args(["serve", "--data-dir", "/srv/tt"]).data_dir == Path("/srv/tt")
+    assert parser().parse_args(["--data-dir", "/srv/a", "verify", "--data-dir", "/srv/b"]).data_dir == Path("/srv/b")
+    assert parser().parse_args(["--data-dir", "/srv/a", "projections", "rebuild"]).data_dir == Path("/srv/a")
+    with pytest.raises(SystemExit):
+        parser().parse_args(["serve", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "DATABASE_URL" in shown
+    assert "embedded PostgreSQL" in shown
+    assert "least severe" in shown  # --log-level's help
