@@ -59,6 +59,8 @@ def test_a_task_stream_sees_every_event_while_the_standby_replays_or_pauses(
             for progress in range(1, 11):
                 assert http.patch(f"/tasks/{task_id}", json={"progress": progress}).status_code == 200
             live = messages(lines, 10)
+            # Looked at more than once: a session's last query may be another read's by the end.
+            read_there = [feed_read_on_standby(pair, served)]
             with pair.paused():
                 for progress in range(11, 16):
                     assert http.patch(f"/tasks/{task_id}", json={"progress": progress}).status_code == 200
@@ -66,11 +68,12 @@ def test_a_task_stream_sees_every_event_while_the_standby_replays_or_pauses(
                 assert http.patch(f"/tasks/{task_id}", json={"progress": progress}).status_code == 200
             http.patch(f"/tasks/{task_id}", json={"status": "completed"})
             rest = messages(lines)  # to the end: the server closes the stream after the finished status
+            read_there.append(feed_read_on_standby(pair, served))
     got = live + rest
     assert [m.json()["version"] for m in got] == list(range(2, 23))
     assert [m.json()["data"].get("progress") for m in got[:20]] == list(range(1, 21))
     assert got[-1].event == "TaskCompleted"
-    assert feed_read_on_standby(pair, served)  # the stream's events were read there
+    assert any(read_there), "no standby session ran the feed's query"  # the stream's events were read there
 
 
 def test_the_global_stream_resumes_from_any_server_with_nothing_missed_or_repeated(server: str, pair: Pair) -> None:
