@@ -434,18 +434,13 @@ def parser() -> argparse.ArgumentParser:
         description="Event-sourced task-status service. Uses DATABASE_URL when set, "
         "else an embedded PostgreSQL kept under --data-dir.",
     )
-    top.add_argument(
-        "--data-dir",
-        type=Path,
-        default=Path(os.environ.get("TASKTRAIL_DATA_DIR", db.DEFAULT_DATA_DIR)),
-        help="where the embedded PostgreSQL keeps its data (default: %(default)s; env TASKTRAIL_DATA_DIR)",
-    )
+    data_dir = Path(os.environ.get("TASKTRAIL_DATA_DIR", db.DEFAULT_DATA_DIR))
+    data_dir_help = f"where the embedded PostgreSQL keeps its data (default: {data_dir}; env TASKTRAIL_DATA_DIR)"
+    top.add_argument("--data-dir", type=Path, default=data_dir, help=data_dir_help)
     commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
     # --data-dir after the command too (`tasktrail serve --data-dir X`): given there, it wins.
     database = argparse.ArgumentParser(add_help=False)
-    database.add_argument(
-        "--data-dir", type=Path, default=argparse.SUPPRESS, help="where the embedded PostgreSQL keeps its data"
-    )
+    database.add_argument("--data-dir", type=Path, default=argparse.SUPPRESS, help=data_dir_help)
 
     run = commands.add_parser(
         "serve",
@@ -454,7 +449,7 @@ def parser() -> argparse.ArgumentParser:
         description="Apply migrations, build the read-model versions that are not live yet, and serve the HTTP "
         "API and the dashboard (/ui). With DATABASE_URL set (postgresql://…) it uses that PostgreSQL; else it "
         "starts an embedded PostgreSQL (the pgserver package) whose data lives under --data-dir "
-        f"(default {db.DEFAULT_DATA_DIR}/pgdata), stopped when the last serve using it exits.",
+        f"(default {data_dir}/pgdata), stopped when the last serve using it exits.",
     )
     run.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
     run.add_argument("--port", type=_port, default=8000, help="port to bind (default: %(default)s)")
