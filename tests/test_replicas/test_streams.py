@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from collections.abc import Iterator
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tasktrail.http.app import create_app
 from tasktrail.replicas import HEADER, ON_PRIMARY
@@ -41,8 +43,26 @@ def server(served: Database, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     }
     serve_args = ("--replica", served.replica, "--replica-max-lag", "30")
     process = Server(env, log_dir=tmp_path_factory.mktemp("server"), serve_args=serve_args)
+    wait_until_the_replica_serves(process.url)
     yield process.url
     assert process.stop(signal.SIGINT) == 0, process.log()
+
+
+def wait_until_the_replica_serves(url: str) -> None:
+    """Until the server's first health check of its replica: before it, every read goes to the primary."""
+    deadline = time.monotonic() + 30
+    while True:
+        scraped = httpx.get(f"{url}/metrics").text
+        states = {
+            sample.labels["state"]
+            for family in text_string_to_metric_families(scraped)
+            for sample in family.samples
+            if sample.name == "tasktrail_replica_state" and sample.value == 1
+        }
+        if states == {"serving"}:
+            return
+        assert time.monotonic() < deadline, f"the replica does not serve reads: {states}"
+        time.sleep(0.05)
 
 
 def test_a_task_stream_sees_every_event_while_the_standby_replays_or_pauses(
