@@ -201,7 +201,8 @@ def test_what_the_http_parser_refuses_is_problem_json_too(database_url: str, tmp
             head += "Transfer-Encoding: chunked\r\n\r\n"
             # 17 chunks of 64 KiB, one past 1 MiB (the rest unsent: the answer comes before it)
             over = b"%x\r\n%s\r\n" % (65536, b"x" * 65536) * 17
-            problem_of(exchange(server, head.encode() + over), 413)
+            for _ in range(30):  # the answer, never a reset (1 in 12 was, closing with the body still arriving)
+                problem_of(exchange(server, head.encode() + over), 413)
             assert client.get(f"/tasks/{doomed}").status_code == 200
             small = b"%x\r\n%s\r\n0\r\n\r\n" % (1000, b"x" * 1000)
             assert exchange(server, head.encode() + small).startswith(b"HTTP/1.1 200 ")

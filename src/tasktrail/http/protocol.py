@@ -95,6 +95,9 @@ class BoundedHead(HttpToolsProtocol):
             self.head_due.cancel()
             self.head_due = None
         super().on_headers_complete()
+        if self.cycle is not None and not self.cycle.keep_alive:
+            # The cycle closes the connection once it has answered: perhaps before the body has all arrived.
+            self.cycle.transport = _Closing(self)  # type: ignore[assignment]
 
     def head_late(self) -> None:
         if not self.transport.is_closing():
@@ -141,9 +144,38 @@ class BoundedHead(HttpToolsProtocol):
             body,
         ]  # fmt: skip
         self.transport.write(b"".join(content))
-        self.refused = True
+        self.linger()
+
+    def linger(self) -> None:
+        """Close after an answer given while the client may still be sending: see LINGER_SECONDS."""
+        self.refused = True  # what still arrives is dropped
         if self.transport.can_write_eof():
             self.transport.write_eof()
+            self.flow.resume_reading()  # read (and drop) on: unread bytes at the close would reset it
             self.loop.call_later(LINGER_SECONDS, self.transport.close)
         else:
             self.transport.close()
+
+
+class _Closing:
+    """The connection's transport, as a cycle that closes it after its answer sees it.
+
+    An answer given before the request's body has all arrived (a 413 for a body
+    past the limit, say) is closed the way a refusal is: the answer goes out, and
+    the connection lingers, dropping what still arrives, instead of being reset.
+    """
+
+    __slots__ = ("protocol",)
+
+    def __init__(self, protocol: BoundedHead) -> None:
+        self.protocol = protocol
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.protocol.transport, name)
+
+    def close(self) -> None:
+        protocol = self.protocol
+        if protocol.cycle is not None and protocol.cycle.more_body and not protocol.transport.is_closing():
+            protocol.linger()
+        else:
+            protocol.transport.close()
