@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Locator, Page, expect
 
+from tests.prom import wait_for_scrape
 from tests.test_dashboard.conftest import Dashboard
 
 expect.set_options(timeout=10_000)
@@ -453,3 +454,100 @@ def test_every_page_passes_axe_cores_accessibility_rules(ui: Dashboard, scheme: 
         )
         assert violations == [], (path, violations)
     ui.allow("status of 404")  # /ui/nowhere's
+
+
+def streams_open(ui: Dashboard, count: int) -> None:
+    """Waits until the server holds exactly `count` event streams (an earlier test's may still be closing)."""
+    with ui.api() as api:
+        wait_for_scrape(api, lambda s: s.value("tasktrail_stream_clients") == count)
+
+
+def feed_rows(page: Page) -> list[tuple[str, str]]:
+    rows = page.locator("#feed-rows tr").evaluate_all("rows => rows.map(r => [r.dataset.taskId, r.dataset.version])")
+    return [tuple(r) for r in rows]
+
+
+def test_every_open_page_stays_live_on_one_shared_stream_and_more_still_load(ui: Dashboard) -> None:
+    # A browser opens at most six connections to a host: with a stream per page, six live pages took
+    # them all, their updates stopped and a seventh page never loaded. The first three pages follow
+    # their own streams, the others share one: four streams, whatever the number of pages.
+    streams_open(ui, 0)
+    context, _ = ui.context()
+    task = create(ui, "shared")
+    lists = ["/ui?task_type=shared"] * 3
+    details = [f"/ui/tasks/{task['task_id']}"] * 3
+    feeds = ["/ui/events"] * 3
+    pages = {}
+    for path in [lists[0], details[0], feeds[0]] * 3:  # one of each kind first
+        page = context.new_page()
+        page.goto(path)
+        expect(page.locator("#live")).to_have_attribute("data-state", "live")
+        pages.setdefault(path, []).append(page)
+    streams_open(ui, 4)
+
+    # Events from before, between and after the pages opened, in the order they were written.
+    with ui.api() as api:
+        api.patch(f"/tasks/{task['task_id']}", json={"status": "running"})
+    second = create(ui, "shared", progress=40)
+    for page in pages[lists[0]]:
+        expect(row(page, task)).to_have_attribute("data-status", "running")
+        expect(row(page, second)).to_be_visible()
+        expect(page.locator('[data-count="total"]')).to_have_text("2")
+    for page in pages[details[0]]:
+        expect(page.locator("#now")).to_have_attribute("data-status", "running")
+        expect(page.locator("#timeline [data-version]")).to_have_count(2)
+    written = [(second["task_id"], "2"), (second["task_id"], "1"), (task["task_id"], "2")]
+    for page in pages[feeds[0]]:
+        expect(page.locator(f'#feed-rows tr[data-task-id="{second["task_id"]}"]')).to_have_count(2)
+        shown = feed_rows(page)
+        assert shown[:3] == written, "each event once, newest first"
+        assert len(set(shown)) == len(shown)
+
+    # More pages load and act while ten are live; a finished task's pages go on following it.
+    extra = context.new_page()
+    extra.goto(f"/ui/tasks/{second['task_id']}")
+    extra.get_by_role("button", name="Cancel").click()
+    expect(extra.locator("#action-message")).to_have_text("Canceled.")
+    with ui.api() as api:
+        api.patch(f"/tasks/{task['task_id']}", json={"status": "failed"})
+        api.patch(f"/tasks/{task['task_id']}", json={"status": "pending"})
+    for page in pages[details[0]]:
+        expect(page.locator('#timeline [data-type="TaskRetried"]')).to_have_count(1)
+        expect(page.locator("#now")).to_have_attribute("data-status", "pending")
+    for page in pages[lists[0]]:
+        expect(row(page, second)).to_have_attribute("data-status", "canceled")
+    for page in pages[feeds[0]]:
+        expect(page.locator("#feed-rows tr").first).to_have_attribute("data-type", "TaskRetried")
+        assert len(set(feed_rows(page))) == len(feed_rows(page))
+
+    # Closing pages leaves the others live (the shared ones here), and the last page closed closes the stream.
+    for page in pages[lists[0]] + pages[details[0]] + pages[feeds[0]][:2]:
+        page.close()
+    with ui.api() as api:
+        api.delete(f"/tasks/{second['task_id']}", headers={"If-Match": '"3"'})
+    expect(pages[feeds[0]][2].locator("#feed-rows tr").first).to_have_attribute("data-type", "TaskDeleted")
+    expect(extra.locator("#live")).to_have_attribute("data-state", "ended")
+    streams_open(ui, 1)
+    extra.close()
+    pages[feeds[0]][2].close()
+    streams_open(ui, 0)
+
+
+def test_without_a_shared_worker_each_page_follows_its_own_stream(ui: Dashboard) -> None:
+    streams_open(ui, 0)
+    context, _ = ui.context()
+    context.add_init_script("delete window.SharedWorker")
+    task = create(ui, "own-stream")
+    pages = []
+    for path in ["/ui?task_type=own-stream", f"/ui/tasks/{task['task_id']}", "/ui/events"]:
+        page = context.new_page()
+        page.goto(path)
+        expect(page.locator("#live")).to_have_attribute("data-state", "live")
+        pages.append(page)
+    streams_open(ui, 3)
+    with ui.api() as api:
+        api.patch(f"/tasks/{task['task_id']}", json={"status": "running"})
+    listed, detail, feed = pages
+    expect(row(listed, task)).to_have_attribute("data-status", "running")
+    expect(detail.locator("#now")).to_have_attribute("data-status", "running")
+    expect(feed.locator("#feed-rows tr").first).to_have_attribute("data-type", "TaskStarted")

@@ -2,8 +2,9 @@
 
 routes.py serves the pages; templates/ holds their HTML (with routes.task_row,
 the one definition of every `data-*` hook); static/ holds our script and
-stylesheet, and static/vendor/ the pinned third-party bundle the API docs page
-loads, with its licence.
+stylesheet (and live-worker.js, the stream that pages past the first three
+of a browser share), and static/vendor/ the pinned third-party bundle the API
+docs page loads, with its licence.
 
 Why a script of our own (static/dashboard.js, plain EventSource and fetch) and
 not htmx with its SSE extension: the extension swaps one server fragment per

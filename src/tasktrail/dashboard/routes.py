@@ -142,7 +142,7 @@ ENV = jinja2.Environment(
 )
 ENV.filters.update(when=when, when_precise=when_precise, iso=iso, percent=percent, pretty=pretty, compact=compact)
 ENV.globals.update(
-    static={name: _static_url(name) for name in ("dashboard.css", "dashboard.js", "favicon.svg")},
+    static={name: _static_url(name) for name in ("dashboard.css", "dashboard.js", "live-worker.js", "favicon.svg")},
     STATUSES=[status.value for status in Status],
     EVENT_TYPES=" ".join(EVENT_TYPES),
 )

@@ -106,6 +106,83 @@ function follow(url, { onEvent, onOpen }) {
   };
 }
 
+// The page's live streams. A browser opens at most six connections to a host, and each stream holds
+// one: with a stream per page, six open pages took them all and a seventh did not load. So the pages
+// of this browser ask live-worker.js (a SharedWorker) whether to follow their own streams (the first
+// few) or its one stream of the feed, which it sends each of the others what its own would have.
+// Where there is no SharedWorker, or it does not start, every page follows its own streams.
+const live = (() => {
+  const subscriptions = new Map();
+  let mode = "asking"; // then "own" or "shared"
+  let port = null;
+  let next = 0;
+
+  // What the worker needs of a stream's URL: /tasks/{id}/stream is that task's events, ?after= a cursor.
+  function start(s) {
+    if (mode === "asking") return;
+    if (mode === "own") {
+      s.own = follow(s.url, s.handlers);
+      return;
+    }
+    const url = new URL(s.url, location.origin);
+    const task = url.pathname.match(/^\/tasks\/([^/]+)\/stream$/)?.[1];
+    const after = s.last ?? url.searchParams.get("after") ?? undefined;
+    port.postMessage({ op: "subscribe", id: s.id, task, after, types: eventTypes });
+  }
+  function decided(how) {
+    if (mode !== "asking") return;
+    mode = how;
+    for (const s of subscriptions.values()) start(s);
+  }
+  function received({ data: message }) {
+    if (message.op === "own" || message.op === "shared") decided(message.op);
+    else if (message.op === "state") {
+      if (message.state !== "live") setLive("reconnecting", "Reconnecting…");
+      else if (!paused) setLive("live", "Live");
+    } else if (message.op === "open") subscriptions.get(message.id)?.handlers.onOpen?.();
+    else if (message.op === "events") {
+      const s = subscriptions.get(message.id);
+      if (!s) return;
+      for (const [type, data, cursor] of message.events) s.handlers.onEvent(type, data, cursor);
+      s.last = message.events.at(-1)[2] ?? null; // a cursor for the events page, whose subscription has them
+    }
+  }
+  function join() {
+    if (!body.dataset.liveWorker || typeof SharedWorker !== "function") return decided("own");
+    try {
+      const worker = new SharedWorker(body.dataset.liveWorker, { name: "tasktrail-live" });
+      worker.onerror = () => decided("own"); // the script did not load: nothing was asked of it
+      port = worker.port;
+      port.onmessage = received;
+      port.postMessage({ op: "join" });
+      // Leaving, the page gives up its place; back from the browser's page cache, it asks again.
+      addEventListener("pagehide", () => port.postMessage({ op: "bye" }));
+      addEventListener("pageshow", (e) => {
+        if (e.persisted && mode === "shared") for (const s of subscriptions.values()) start(s);
+      });
+    } catch {
+      decided("own");
+    }
+  }
+
+  return {
+    // As follow(url, handlers): through the shared stream when the worker says so.
+    follow(url, handlers) {
+      if (mode === "asking" && port === null) join();
+      const s = { id: (next += 1), url, handlers, own: null, last: null };
+      subscriptions.set(s.id, s);
+      start(s);
+      return {
+        close() {
+          subscriptions.delete(s.id);
+          if (s.own) s.own.close();
+          else if (mode === "shared") port.postMessage({ op: "unsubscribe", id: s.id });
+        },
+      };
+    },
+  };
+})();
+
 // Runs job() at most every every() ms while something asked for it, never two at once.
 function coalesce(job, every = () => APPLY_EVERY) {
   let wanted = false;
@@ -253,7 +330,7 @@ function tasksPage() {
     updateBulk();
   });
 
-  follow(body.dataset.stream, { onEvent: refresh, onOpen: refresh });
+  live.follow(body.dataset.stream, { onEvent: refresh, onOpen: refresh });
   if (bulk) bulkActions();
 
   function updateBulk() {
@@ -546,7 +623,7 @@ function taskPage() {
     }
     clearInterval(polling);
     if (stream) return;
-    stream = follow(body.dataset.stream, {
+    stream = live.follow(body.dataset.stream, {
       onOpen: refresh,
       onEvent: (type) => {
         refresh();
@@ -730,7 +807,7 @@ function eventsPage() {
     skipped = 0;
   }, () => (flooded ? 4 * APPLY_EVERY : APPLY_EVERY));
 
-  follow(body.dataset.stream, {
+  live.follow(body.dataset.stream, {
     onEvent: (type, data) => {
       if (type === "snapshot") return;
       waiting.push(data);
