@@ -287,15 +287,21 @@ class Borrowed:
 
 
 def create_pool(
-    conninfo: str, *, max_size: int = 16, timeout: float | None = None, busy_wait: float = BUSY_WAIT
+    conninfo: str,
+    *,
+    max_size: int = 16,
+    timeout: float | None = None,
+    busy_wait: float = BUSY_WAIT,
+    settings: dict[str, str] | None = None,
 ) -> Pool:
     """A pool whose requests wait `timeout` for a connection (default TASKTRAIL_POOL_TIMEOUT, else POOL_TIMEOUT),
-    and on, for `busy_wait` in all, while other requests give connections back."""
+    and on, for `busy_wait` in all, while other requests give connections back; `settings` adds to each
+    connection's (an application_name)."""
     pool = Pool(
         conninfo,
         min_size=2,
         max_size=max_size,
-        kwargs=connect_kwargs(),
+        kwargs=connect_kwargs() | (settings or {}),
         timeout=timeout or pool_timeout(),
         reconnect_timeout=RECONNECT_TIMEOUT,
         check=check_idle,

@@ -385,3 +385,55 @@ def test_a_prune_killed_halfway_changes_nothing(database_url: str, tmp_path: Pat
     done = tasktrail(database_url, "projections", "prune", "tasks", "1", release=RELEASE_N1)
     assert done.returncode == 0, done.stderr
     assert "tasks version 2" in verified(database_url, "--version", "tasks=2")
+
+
+# The backends of every tasktrail server process on this database, and those holding a version's liveness lock.
+SERVERS = "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND application_name LIKE 'tasktrail[%%'"
+HOLDERS = """
+SELECT DISTINCT l.pid FROM pg_locks l
+WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
+  AND l.classid = hashtext(%s)::oid AND l.objid = hashtext(%s)::oid
+  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+"""
+
+
+def terminate(database_url: str, query: str, *params: str) -> int:
+    with connect(database_url) as conn:
+        pids = [pid for (pid,) in conn.execute(query, params).fetchall()]
+        for pid in pids:
+            conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+    return len(pids)
+
+
+def test_a_version_is_not_pruned_while_its_release_is_connected_and_readiness_says_when_it_was(
+    database_url: str, tmp_path: Path, servers: list[Server]
+) -> None:
+    server = Server(env(database_url), log_dir=tmp_path)
+    servers.append(server)
+    tasks = projections.tasks
+    assert httpx.post(f"{server.url}/tasks/", json={"task_type": "prune"}).status_code == 201  # its pool is connected
+
+    # The connection holding the version's liveness lock drops (a blip): the process takes the lock
+    # again as it reconnects, and meanwhile its pool's connections still say it serves the version.
+    assert terminate(database_url, HOLDERS, versions.USES, f"{tasks.NAME}:{tasks.VERSION}") >= 1
+    with pytest.raises(versions.InUse):
+        versions.prune(database_url, tasks.NAME, tasks.VERSION)
+    assert httpx.get(f"{server.url}/health/ready", timeout=10).status_code == 200
+
+    # Every connection of the process drops, and the version is pruned before it reconnects: it cannot
+    # write (its tables are gone) and says so to its readiness probe, not "ready".
+    for _ in range(20):
+        terminate(database_url, SERVERS)
+        try:
+            versions.prune(database_url, tasks.NAME, tasks.VERSION)
+            break
+        except versions.InUse:
+            time.sleep(0.2)
+    else:
+        pytest.fail("the version could not be pruned in the moment its release was away")
+    ready = httpx.get(f"{server.url}/health/ready", timeout=10)
+    assert ready.status_code == 503
+    assert ready.headers["content-type"] == "application/problem+json"
+    assert "has no tables" in ready.json()["detail"]
+    assert "restart" in ready.json()["detail"]
+    assert httpx.post(f"{server.url}/tasks/", json={"task_type": "prune"}).status_code == 503

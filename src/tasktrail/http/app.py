@@ -30,7 +30,7 @@ from tasktrail.http import auth, batch, events, health, history, openapi, sessio
 from tasktrail.http import metrics as scrape
 from tasktrail.http.body import MAX_BODY_BYTES, InvalidInput, MalformedBody
 from tasktrail.http.problems import answer, problem, refusal
-from tasktrail.projections import ProjectionOutdated, follow
+from tasktrail.projections import ProjectionOutdated, follow, versions
 
 log = logging.getLogger("tasktrail")
 GC_YOUNG = 20_000  # allocations between young collections (CPython's default is 700)
@@ -295,7 +295,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        app.state.pool = db.create_pool(conninfo)
+        app.state.pool = db.create_pool(conninfo, settings=versions.application_name())  # prune sees it
         await app.state.pool.open(wait=False)
         app.state.replicas = replicas.Replicas(conninfo, app.state.pool, urls, max_lag)
         await app.state.replicas.start()

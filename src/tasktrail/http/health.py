@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+
 import msgspec
 from litestar import Request, get
+from litestar.exceptions import ServiceUnavailableException
 
 from tasktrail import db
 from tasktrail.http.auth import PUBLIC
@@ -26,11 +30,26 @@ async def health() -> JsonReply:
 READY_WITHIN = 2.0
 
 
-@get("/health/ready", opt=PUBLIC, responses={200: documented(Health, "the database answers")} | problems(503))
+@get(
+    "/health/ready",
+    opt=PUBLIC,
+    responses={200: documented(Health, "the database answers and this process holds its read models")} | problems(503),
+)
 async def ready(request: Request) -> JsonReply:
-    """The database answers (within READY_WITHIN): 200, else 503."""
+    """The database answers and this process holds its read-model versions (each within READY_WITHIN): 200, else 503.
+
+    The versions are held by the follower's connection (projections/versions.py): while it reconnects,
+    or when the version was pruned under this process (which then refuses writes until restarted), 503.
+    """
     async with db.Borrowed(request.app.state.pool, within=READY_WITHIN) as conn:
         await conn.execute("SELECT 1")
+    follower = request.app.state.follower
+    if not follower.holding.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(follower.holding.wait(), READY_WITHIN)
+        if not follower.holding.is_set():
+            detail = f"this process's read models are not ready: {follower.problem}"
+            raise ServiceUnavailableException(detail=detail, headers={"Retry-After": "1"})
     return json_response(Health("ready"))
 
 

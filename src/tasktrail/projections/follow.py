@@ -181,6 +181,7 @@ class Follower:
         self.modules = tuple(projections.INLINE if modules is None else modules)
         self.poll_interval = poll_interval or live.seconds_from_env("TASKTRAIL_POLL_SECONDS", 1.0)
         self.holding = asyncio.Event()  # set while this process's liveness locks are held
+        self.problem = "starting"  # why they are not, while they are not
         # Whether another version of one of this process's read models exists (a rolling deploy): then
         # other releases' writes reach this process's versions only through the follower.
         self.others = False
@@ -199,14 +200,16 @@ class Follower:
         delay = 0.5
         while True:
             try:
-                kwargs = db.connect_kwargs() | versions.application_name()
+                kwargs = db.connect_kwargs() | versions.application_name(self.modules)
                 async with await psycopg.AsyncConnection.connect(self.conninfo, **kwargs) as conn:
                     await versions.hold_async(conn, self.modules)
                     self.holding.set()
+                    self.problem = ""
                     delay = 0.5
                     await self._follow(conn)
             except (psycopg.Error, OSError, versions.NotBuilt, projections.ProjectionOutdated) as exc:
                 self.holding.clear()
+                self.problem = str(exc)
                 log.warning("follower: %s; trying again in %.1fs", exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)

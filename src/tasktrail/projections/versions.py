@@ -100,9 +100,18 @@ HEAD = "SELECT coalesce(max(position), 0) FROM events"
 LEFT_OVER = r"SELECT nspname FROM pg_namespace WHERE nspname LIKE 'rm\_%%\_new' ORDER BY 1"
 
 
-def application_name() -> dict[str, str]:
-    """Connection settings that say which process holds a version (a process may hold it on two connections)."""
-    return {"application_name": f"tasktrail[{os.getpid()}]"}
+def application_name(modules: Sequence[ModuleType] | None = None) -> dict[str, str]:
+    """Connection settings naming the process and the versions it serves, "tasktrail[pid] tasks:1,stats:1".
+
+    The pid tells the processes holding a version apart (one may hold it on two
+    connections); the versions let prune see a process whose liveness lock
+    went with a dropped connection while its pool is still connected.
+    """
+    served = projections.projected(projections.INLINE if modules is None else modules)
+    return {"application_name": f"tasktrail[{os.getpid()}] {served}"[:NAMEDATALEN]}
+
+
+NAMEDATALEN = 63  # what PostgreSQL keeps of an application_name
 
 
 @dataclass
@@ -141,6 +150,12 @@ WHERE name = %(name)s AND version = %(version)s
 """
 VIEWS = "SELECT projection_views(%(name)s)"  # migration 0014: views of the newest live version, for psql
 PRUNABLE = "SELECT name, version FROM projection_versions WHERE state <> 'retired' ORDER BY name, version"
+# Connections of a server process serving the version ("tasktrail[pid] a:1,b:2", see application_name), but this one.
+CONNECTED = """
+SELECT count(DISTINCT split_part(application_name, ' ', 1)) FROM pg_stat_activity
+WHERE datname = current_database() AND pid <> pg_backend_pid() AND application_name LIKE 'tasktrail[%%] %%'
+  AND strpos(',' || split_part(application_name, ' ', 2) || ',', ',' || %(version)s || ',') > 0
+"""
 
 
 class InUse(Exception):
@@ -156,7 +171,11 @@ def prune(conninfo: str, name: str, version: int) -> str:
             raise LookupError(f"there is no version {version} of read model {name!r}")
         if found[0] == "retired":
             return f"{name} version {version} was pruned already"
-        if not conn.execute(TRY_EXCLUSIVE, key(USES, name, version)).fetchone()[0]:  # type: ignore[index]
+        marker = key(USES, name, version)
+        # Its lock says a process uses it; a process whose locking connection dropped a moment ago (it
+        # takes the lock again as it reconnects) is still connected through its pool.
+        held = not conn.execute(TRY_EXCLUSIVE, marker).fetchone()[0]  # type: ignore[index]
+        if held or conn.execute(CONNECTED, marker).fetchone()[0]:  # type: ignore[index]
             raise InUse(
                 f"{name} version {version} is in use by a running process; stop every process of that release first"
             )
