@@ -152,6 +152,8 @@ def _serve(args: argparse.Namespace, log_config: dict[str, object]) -> int:
     url, _server = _database(args, log.info)  # the embedded server stops when this process exits
     for name in migrations.migrate(url):
         log.info("applied migration %s", name)
+    if migrations.analyse_the_log(url):
+        log.info("analysed the events table, which had no planner statistics")
     # This process's read-model versions are in use from now until it exits
     # (`projections prune` refuses them), and any that has no tables yet is
     # built from the log first, while other releases keep serving.

@@ -152,6 +152,35 @@ def test_migrate_command_is_safe_to_repeat(database_url: str) -> None:
         assert applied == (len(migrations.available()),)
 
 
+def test_serve_analyses_a_log_that_was_never_analysed(database_url: str, tmp_path: Path) -> None:
+    # Autovacuum off (or not come round since a bulk load): the events table has no statistics, and the
+    # planner takes it for small. serve analyses it once; it does not when statistics are there.
+    reltuples = "SELECT reltuples FROM pg_class WHERE oid = 'events'::regclass"
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("ALTER TABLE events SET (autovacuum_enabled = false)")
+    env = os.environ | {"DATABASE_URL": database_url}
+    server = Server(env, log_dir=tmp_path)
+    try:
+        for _ in range(50):
+            assert httpx.post(f"{server.url}/tasks/", json={"task_type": "analyse"}).status_code == 201
+    finally:
+        server.stop()
+    assert "analysed the events table" not in server.log()  # empty when it started
+    with psycopg.connect(database_url) as conn:
+        assert conn.execute(reltuples).fetchone() == (-1,)
+
+    server = Server(env, log_dir=tmp_path)
+    server.stop()
+    assert "analysed the events table" in server.log()
+    with psycopg.connect(database_url) as conn:
+        assert conn.execute(reltuples).fetchone() == (50,)
+        assert conn.execute("SELECT count(*) FROM pg_stats WHERE tablename = 'events'").fetchone()[0] > 0
+
+    server = Server(env, log_dir=tmp_path)
+    server.stop()
+    assert server.log().count("analysed the events table") == 0
+
+
 def test_help_names_every_command() -> None:
     done = subprocess.run([sys.executable, "-m", "tasktrail", "--help"], capture_output=True, text=True, check=True)
     for word in ("serve", "migrate", "DATABASE_URL"):
