@@ -96,6 +96,21 @@ async def test_huge_numbers_are_422(shared_client: AsyncTestClient) -> None:
         problem(await shared_client.patch(f"/tasks/{task['task_id']}", content=raw, headers=JSON), 422)
     raw = b'{"task_type": "x", "params": {"n": 1e400}}'
     problem(await shared_client.post("/tasks/", content=raw, headers=JSON), 422)
+    # An integer of more digits than Python reads (4,300) is JSON too: 422 wherever it is, naming where.
+    long = b"9" * 4301
+    refused = problem(
+        await shared_client.patch(f"/tasks/{task['task_id']}", content=b'{"progress": ' + long + b"}", headers=JSON),
+        422,
+    )
+    assert refused["errors"][0]["field"] == "progress"
+    for raw in (
+        b'{"task_type": "x", "params": {"n": [' + long + b"]}}",
+        b'{"tasks": [{"task_type": "x", "params": {"n": ' + long + b"}}]}",
+    ):
+        path = "/tasks/" if raw.startswith(b'{"task_type"') else "/tasks/batch"
+        refused = problem(await shared_client.post(path, content=raw, headers=JSON), 422)
+        assert refused["errors"][0]["field"].startswith(("params", "tasks[0].params")), refused
+    assert (await shared_client.get(f"/tasks/{task['task_id']}")).json()["version"] == 1
 
 
 async def test_bodies_over_one_mebibyte_are_413(shared_client: AsyncTestClient) -> None:

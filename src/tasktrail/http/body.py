@@ -54,7 +54,8 @@ def decode(body: bytes, type_: type[T]) -> T:
         try:
             document = msgspec.json.decode(body)
         except (msgspec.DecodeError, UnicodeDecodeError) as not_json:
-            if not str(not_json).startswith("Number out of range"):  # JSON all the same (1e400): a 422
+            # JSON all the same, a number no value can hold (1e400, an integer of over 4,300 digits): a 422.
+            if not str(not_json).startswith(("Number out of range", "Integer value out of range")):
                 raise _malformed(body, not_json) from exc
         except RecursionError:
             raise invalid("body", f"nested deeper than {MAX_JSON_DEPTH} levels") from exc
