@@ -290,15 +290,25 @@ def _text_parameter(name: str, value: str | None, max_length: int = 200) -> str 
     return value
 
 
+def _whole(text: str, high: int) -> int | None:
+    """ASCII digits making a number from 1 to high, else None; read only when short enough to be one
+    (int() of more than 4,300 digits raises)."""
+    if not (text.isascii() and text.isdigit()) or len(text.lstrip("0")) > len(str(high)):
+        return None
+    number = int(text)
+    return number if 1 <= number <= high else None
+
+
 def parse_filters(status: str | None, task_type: str | None, cursor: str | None, limit: str | None) -> Filters:
     """The API's list filters, taken from the page's URL; a bad one is a 400 page that says which."""
     if status and status not in Status.__members__.values():
         raise invalid("status", f"one of {', '.join(Status)}, or empty for any")
     size = PAGE_SIZE
     if limit:
-        if not (limit.isascii() and limit.isdigit()) or not 1 <= int(limit) <= 1000:
+        chosen = _whole(limit, 1000)
+        if chosen is None:
             raise invalid("limit", "a whole number from 1 to 1000")
-        size = int(limit)
+        size = chosen
     cursor = _text_parameter("cursor", cursor, 100)
     return Filters(
         Status(status) if status else None,
@@ -435,7 +445,8 @@ async def task_page(request: Request, task_id: FromPath[str], version: FromQuery
         uuid = UUID(task_id)
     except ValueError:
         return error_page(request, "Task ids are UUIDs: this is not one.")
-    if version is not None and (not (version.isascii() and version.isdigit()) or not 1 <= int(version) <= 2**31 - 1):
+    at = None if version is None else _whole(version, 2**31 - 1)
+    if version is not None and at is None:
         raise invalid("version", "a version number: a whole number from 1")
 
     async def fetch(conn: psycopg.AsyncConnection) -> list[eventstore.Stored]:
@@ -443,8 +454,8 @@ async def task_page(request: Request, task_id: FromPath[str], version: FromQuery
         history = await eventstore.read_stream(conn, uuid)
         if not history:
             raise TaskNotFound(f"No task {uuid} has ever existed here.")
-        if version is not None and int(version) > len(history):
-            raise TaskNotFound(f"Task {uuid} has no version {version}: its latest is {len(history)}.")
+        if at is not None and at > len(history):
+            raise TaskNotFound(f"Task {uuid} has no version {at}: its latest is {len(history)}.")
         return history
 
     try:
@@ -453,7 +464,7 @@ async def task_page(request: Request, task_id: FromPath[str], version: FromQuery
         return error_page(request, str(exc))
     entries = timeline(history)
     latest = entries[-1]
-    picked = latest if version is None else entries[int(version) - 1]
+    picked = latest if at is None else entries[at - 1]
     deleted = latest if latest.after is None else None
     # At a deletion the task has no state: show the one it had just before.
     index = picked.stored.recorded.version - 1
