@@ -18,6 +18,7 @@ from tasktrail.http.protocol import MAX_HEAD_BYTES
 from tasktrail.http.tasks import connection
 from tasktrail.http.wellformed import MAX_HEADER_BYTES, MAX_URL_BYTES
 from tests.conftest import Server
+from tests.prom import scrape
 from tests.test_api.test_encodings import call
 from tests.test_api.test_errors import problem
 
@@ -208,6 +209,19 @@ def test_what_the_http_parser_refuses_is_problem_json_too(database_url: str, tmp
             assert exchange(server, head.encode() + small).startswith(b"HTTP/1.1 200 ")
             assert client.get(f"/tasks/{doomed}").status_code == 404
             assert client.get("/tasks/stats/summary").json()["total"] == 1
+            # Each refusal is counted and logged as any request is (under "unmatched": no route was found),
+            # the method as sent where the parser read one; a connection that sent nothing is no request.
+            scraped = scrape(client)
+            refused = {"route": "unmatched"}
+            for status, times in [(431, 2), (400, 4), (414, 2), (501, 3)]:  # the longest URLs (past 65,535 bytes)
+                assert scraped.total("tasktrail_http_requests_total", **refused, status=str(status)) == times, status
+            assert scraped.value("tasktrail_http_requests_total", method="GET", **refused, status="431") == 2
+            assert scraped.value("tasktrail_http_requests_total", method="other", **refused, status="501") == 3
+            assert scraped.value("tasktrail_http_requests_total", method="POST", **refused, status="400") == 2
+            assert scraped.total("tasktrail_http_requests_total", **refused, status="408") >= 1
+        assert b"x-request-id: " in exchange(server, unknown + b" /tasks/ HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").lower()
     finally:
         server.stop()
     assert "Traceback" not in server.log(), server.log()
+    assert "GET unmatched 431" in server.log()
+    assert "other unmatched 501" in server.log()

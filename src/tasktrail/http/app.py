@@ -26,7 +26,7 @@ from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from tasktrail import dashboard, db, eventstore, grouped, idempotency, live, logs, metrics, replicas, writer
 from tasktrail.dashboard.routes import error_page as dashboard_page
 from tasktrail.domain.task import TaskNotFound, TransitionRejected
-from tasktrail.http import auth, batch, events, health, history, openapi, sessions, tasks, wellformed
+from tasktrail.http import auth, batch, events, health, history, openapi, protocol, sessions, tasks, wellformed
 from tasktrail.http import metrics as scrape
 from tasktrail.http.body import MAX_BODY_BYTES, InvalidInput, MalformedBody
 from tasktrail.http.problems import answer, problem, refusal
@@ -370,7 +370,23 @@ def create_app(
     assert isinstance(litestars, CORSMiddleware)
     cors = _Cors(litestars.app, litestars.config)
     app.asgi_handler = observed(cors.app, count=counting, access=access, cors=cors)
+    protocol.observe = _observe_refusals(count=counting, access=access)
     return app
+
+
+def _observe_refusals(*, count: bool, access: logs.AccessLine | None) -> Callable[[str, int, float, str], bytes]:
+    """How a request the HTTP protocol refuses (http/protocol.py) is counted and logged, as `observed` does others."""
+
+    def observe(method: str, status: int, seconds: float, client: str) -> bytes:
+        request_id = b"%s%020x" % (_PROCESS, next(_SEQUENCE))
+        method = method if method in metrics.METHODS else metrics.OTHER_METHOD
+        if count:
+            metrics.request_done(method, metrics.UNMATCHED, status, seconds)
+        if access is not None:
+            access(request_id.decode(), method, metrics.UNMATCHED, status, seconds, None, client)
+        return request_id
+
+    return observe
 
 
 class _Cors(CORSMiddleware):

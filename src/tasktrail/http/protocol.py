@@ -17,6 +17,9 @@ are case-sensitive) as 501, as RFC 9110 says, not as a request that is not HTTP.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import Callable
+from time import perf_counter
 from typing import Any
 
 import httptools
@@ -38,6 +41,10 @@ LINGER_SECONDS = 2.0
 
 # httptools.parse_url keeps offsets in 16 bits: a longer URL is no URL to it.
 PARSED_URL_BYTES = 65_535
+
+# How the app counts and logs a request this protocol refuses before the app sees it (set by
+# http/app.py, which counts and logs every other): (method, status, seconds, client) -> its request id.
+observe: Callable[[str, int, float, str], bytes] | None = None
 
 
 class _Parser:
@@ -65,6 +72,7 @@ class BoundedHead(HttpToolsProtocol):
     unknown_method = False
     url_too_long = False
     head_due: asyncio.TimerHandle | None = None
+    began = 0.0  # when the request's first byte was parsed
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -81,7 +89,7 @@ class BoundedHead(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self.reading_head, self.head_bytes = True, 0
+        self.reading_head, self.head_bytes, self.began = True, 0, perf_counter()
         if self.head_due is None:
             self.head_due = self.loop.call_later(read_timeout(), self.head_late)
 
@@ -130,13 +138,19 @@ class BoundedHead(HttpToolsProtocol):
         )
 
     def refuse(self, status: int, detail: str) -> None:
+        request_id = None
         if self.cycle is not None and not self.cycle.response_complete:
-            # A request read before the broken bytes is still being answered: this answer replaces it.
+            # A request read before the broken bytes is still being answered: this answer replaces it
+            # (and the app counts and logs it, as it ends).
             self.cycle.disconnected = True
+        elif observe is not None and (self.reading_head or status != 408):  # a 408 for no request is none
+            request_id = self._observe(status)
         body = problem_body(status, detail)
         content = [STATUS_LINE[status]]
         for name, value in self.server_state.default_headers:
             content += [name, b": ", value, b"\r\n"]
+        if request_id is not None:
+            content += [b"x-request-id: ", request_id, b"\r\n"]
         content += [
             b"content-type: ", PROBLEM.encode(), b"\r\n",
             b"content-length: %d\r\n" % len(body),
@@ -145,6 +159,15 @@ class BoundedHead(HttpToolsProtocol):
         ]  # fmt: skip
         self.transport.write(b"".join(content))
         self.linger()
+
+    def _observe(self, status: int) -> bytes:
+        method = ""  # not read yet, or not a method the parser knows: counted as "other"
+        if getattr(self, "url", b"") and not self.unknown_method:  # the URL follows the method: it was read
+            with contextlib.suppress(httptools.HttpParserError, UnicodeDecodeError):
+                method = self.parser.get_method().decode("ascii")
+        seconds = perf_counter() - self.began if self.reading_head else 0.0
+        assert observe is not None
+        return observe(method, status, seconds, self.client[0] if self.client else "-")
 
     def linger(self) -> None:
         """Close after an answer given while the client may still be sending: see LINGER_SECONDS."""
