@@ -469,8 +469,8 @@ def feed_rows(page: Page) -> list[tuple[str, str]]:
 
 def test_every_open_page_stays_live_on_one_shared_stream_and_more_still_load(ui: Dashboard) -> None:
     # A browser opens at most six connections to a host: with a stream per page, six live pages took
-    # them all, their updates stopped and a seventh page never loaded. The first three pages follow
-    # their own streams, the others share one: four streams, whatever the number of pages.
+    # them all, their updates stopped and a seventh page never loaded. The first two pages follow
+    # their own streams, the others share one: three streams, whatever the number of pages.
     streams_open(ui, 0)
     context, _ = ui.context()
     task = create(ui, "shared")
@@ -478,12 +478,12 @@ def test_every_open_page_stays_live_on_one_shared_stream_and_more_still_load(ui:
     details = [f"/ui/tasks/{task['task_id']}"] * 3
     feeds = ["/ui/events"] * 3
     pages = {}
-    for path in [lists[0], details[0], feeds[0]] * 3:  # one of each kind first
-        page = context.new_page()
+    for path in [lists[0], details[0], feeds[0], feeds[0], details[0], lists[0], lists[0], details[0], feeds[0]]:
+        page = context.new_page()  # each kind among the own (the first two) and the shared
         page.goto(path)
         expect(page.locator("#live")).to_have_attribute("data-state", "live")
         pages.setdefault(path, []).append(page)
-    streams_open(ui, 4)
+    streams_open(ui, 3)
 
     # Events from before, between and after the pages opened, in the order they were written.
     with ui.api() as api:
@@ -520,13 +520,20 @@ def test_every_open_page_stays_live_on_one_shared_stream_and_more_still_load(ui:
         expect(page.locator("#feed-rows tr").first).to_have_attribute("data-type", "TaskRetried")
         assert len(set(feed_rows(page))) == len(feed_rows(page))
 
-    # Closing pages leaves the others live (the shared ones here), and the last page closed closes the stream.
+    # Closing pages leaves the others live, and the last page closed closes the stream. A page opened
+    # once the own ones have gone takes a place of its own.
     for page in pages[lists[0]] + pages[details[0]] + pages[feeds[0]][:2]:
         page.close()
+    own = context.new_page()
+    own.goto("/ui?task_type=shared")
+    expect(own.locator("#live")).to_have_attribute("data-state", "live")
+    streams_open(ui, 2)
     with ui.api() as api:
         api.delete(f"/tasks/{second['task_id']}", headers={"If-Match": '"3"'})
     expect(pages[feeds[0]][2].locator("#feed-rows tr").first).to_have_attribute("data-type", "TaskDeleted")
     expect(extra.locator("#live")).to_have_attribute("data-state", "ended")
+    expect(row(own, second)).to_have_count(0)
+    own.close()
     streams_open(ui, 1)
     extra.close()
     pages[feeds[0]][2].close()

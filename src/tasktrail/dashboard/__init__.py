@@ -2,7 +2,7 @@
 
 routes.py serves the pages; templates/ holds their HTML (with routes.task_row,
 the one definition of every `data-*` hook); static/ holds our script and
-stylesheet (and live-worker.js, the stream that pages past the first three
+stylesheet (and live-worker.js, the stream that pages past the first two
 of a browser share), and static/vendor/ the pinned third-party bundle the API
 docs page loads, with its licence.
 

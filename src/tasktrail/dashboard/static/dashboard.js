@@ -107,36 +107,37 @@ function follow(url, { onEvent, onOpen }) {
 }
 
 // The page's live streams. A browser opens at most six connections to a host, and each stream holds
-// one: with a stream per page, six open pages took them all and a seventh did not load. So the pages
-// of this browser ask live-worker.js (a SharedWorker) whether to follow their own streams (the first
-// few) or its one stream of the feed, which it sends each of the others what its own would have.
-// Where there is no SharedWorker, or it does not start, every page follows its own streams.
+// one: with a stream per page, six open pages took them all and a seventh did not load. So the first
+// OWN pages of this browser follow their own streams, each holding one of OWN Web Locks (let go of as
+// the page goes), and the others share the one stream of the feed that live-worker.js (a SharedWorker)
+// holds for them, which sends each what its own stream would have had: OWN + 1 streams, however many
+// pages, and other releases' workers aside. Without SharedWorker, every page follows its own streams.
+const OWN = 2;
 const live = (() => {
   const subscriptions = new Map();
   let mode = "asking"; // then "own" or "shared"
   let port = null;
+  let joined = false;
   let next = 0;
 
-  // What the worker needs of a stream's URL: /tasks/{id}/stream is that task's events, ?after= a cursor.
   function start(s) {
-    if (mode === "asking") return;
-    if (mode === "own") {
-      s.own = follow(s.url, s.handlers);
-      return;
-    }
     const url = new URL(s.url, location.origin);
-    const task = url.pathname.match(/^\/tasks\/([^/]+)\/stream$/)?.[1];
-    const after = s.last ?? url.searchParams.get("after") ?? undefined;
-    port.postMessage({ op: "subscribe", id: s.id, task, after, types: eventTypes });
+    // The events page's stream has a cursor: it goes on from the last event the page was given.
+    const after = url.searchParams.has("after") ? (s.last ?? url.searchParams.get("after")) : undefined;
+    if (mode === "own") {
+      s.own = follow(after ? withParam(s.url, "after", after) : s.url, s.handlers);
+    } else if (mode === "shared") {
+      // What the worker needs of a stream's URL: /tasks/{id}/stream is that task's events, ?after= a cursor.
+      const task = url.pathname.match(/^\/tasks\/([^/]+)\/stream$/)?.[1];
+      port.postMessage({ op: "subscribe", id: s.id, task, after, types: eventTypes });
+    }
   }
   function decided(how) {
-    if (mode !== "asking") return;
     mode = how;
     for (const s of subscriptions.values()) start(s);
   }
   function received({ data: message }) {
-    if (message.op === "own" || message.op === "shared") decided(message.op);
-    else if (message.op === "state") {
+    if (message.op === "state") {
       if (message.state !== "live") setLive("reconnecting", "Reconnecting…");
       else if (!paused) setLive("live", "Live");
     } else if (message.op === "open") subscriptions.get(message.id)?.handlers.onOpen?.();
@@ -147,28 +148,45 @@ const live = (() => {
       s.last = message.events.at(-1)[2] ?? null; // a cursor for the events page, whose subscription has them
     }
   }
-  function join() {
-    if (!body.dataset.liveWorker || typeof SharedWorker !== "function") return decided("own");
+  // One of the own places, held while the page lives; false when all are taken (or there are no locks).
+  async function ownPlace() {
+    for (let i = 0; i < OWN && navigator.locks; i += 1) {
+      const held = await new Promise((resolve) => {
+        navigator.locks.request(`tasktrail-own-stream-${i}`, { ifAvailable: true }, (lock) => {
+          resolve(lock !== null);
+          return lock && new Promise(() => {}); // never let go: the page's going does
+        });
+      });
+      if (held) return true;
+    }
+    return false;
+  }
+  async function join() {
+    joined = true;
+    // A page holding a place is not kept in the page cache; should one come back from it, it starts anew.
+    addEventListener("pageshow", (e) => e.persisted && mode === "own" && location.reload());
+    if (!body.dataset.liveWorker || typeof SharedWorker !== "function" || (await ownPlace())) {
+      decided("own");
+      return;
+    }
     try {
       const worker = new SharedWorker(body.dataset.liveWorker, { name: "tasktrail-live" });
-      worker.onerror = () => decided("own"); // the script did not load: nothing was asked of it
+      worker.onerror = () => mode === "shared" && decided("own"); // the script did not load: nothing came
       port = worker.port;
       port.onmessage = received;
-      port.postMessage({ op: "join" });
-      // Leaving, the page gives up its place; back from the browser's page cache, it asks again.
+      // Leaving, the page stops its subscriptions; back from the browser's page cache, it starts them again.
       addEventListener("pagehide", () => port.postMessage({ op: "bye" }));
-      addEventListener("pageshow", (e) => {
-        if (e.persisted && mode === "shared") for (const s of subscriptions.values()) start(s);
-      });
+      addEventListener("pageshow", (e) => e.persisted && decided("shared"));
+      decided("shared");
     } catch {
       decided("own");
     }
   }
 
   return {
-    // As follow(url, handlers): through the shared stream when the worker says so.
+    // As follow(url, handlers): through the shared stream when this page has no place of its own.
     follow(url, handlers) {
-      if (mode === "asking" && port === null) join();
+      if (!joined) join();
       const s = { id: (next += 1), url, handlers, own: null, last: null };
       subscriptions.set(s.id, s);
       start(s);

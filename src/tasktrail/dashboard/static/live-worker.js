@@ -1,11 +1,10 @@
-// The dashboard's shared live connection: a SharedWorker, started by every dashboard page of this
-// browser, that holds one Server-Sent Events stream of the global feed (/events/stream) for the pages
-// past the first OWN. A browser opens at most six HTTP/1.1 connections to a host: with a stream per
-// page, six open pages took them all, live updates stopped and a seventh page did not load. The first
-// OWN pages follow their own streams (as a page does where there is no SharedWorker); the others
-// share this one, leaving connections for loading pages and their fetches.
+// The dashboard's shared live connection: a SharedWorker that holds one Server-Sent Events stream of
+// the global feed (/events/stream) for every dashboard page of this browser past the first few (those
+// follow their own streams: see `live` in dashboard.js). A browser opens at most six HTTP/1.1
+// connections to a host: with a stream per page, six open pages took them all, live updates stopped
+// and a seventh page did not load.
 //
-// A page joins (it is told "own" or "shared"), then subscribes over its MessagePort to what it follows:
+// A page subscribes over its MessagePort to what it follows:
 //   - {task}: the events of one task (the task page), as a signal to update;
 //   - {}: any event (the task list), as a signal to update;
 //   - {after}: every event after a cursor, in the feed's order, none missed or repeated (the events page).
@@ -18,7 +17,6 @@
 const FLUSH_EVERY = 50; // ms
 const KEEP = 2000; // events kept for late subscribers: more than the events page shows
 const IDLE_CLOSE = 5000; // ms the stream outlives its last page (moving between pages reuses it)
-const OWN = 3; // pages that follow their own streams: with this one, four of the browser's six connections
 
 const subscribers = new Map(); // `${page}/${id}` -> {port, id, task, after, last}
 const eventTypes = new Set();
@@ -34,7 +32,6 @@ let idle = null;
 let pending = [];
 let flushing = null;
 let pages = 0;
-const owning = new Set(); // the pages told to follow their own streams, until they leave
 
 // Cursors are "<transaction id>-<position>", in the feed's order as pairs of integers.
 function compare(a, b) {
@@ -165,21 +162,12 @@ function unsubscribe(page, id) {
   if (subscribers.size === 0 && idle === null) idle = setTimeout(close, IDLE_CLOSE);
 }
 
-function leave(port, page) {
-  owning.delete(page);
-  for (const s of [...subscribers.values()]) if (s.port === port) unsubscribe(page, s.id);
-}
-
 onconnect = (e) => {
   const port = e.ports[0];
   const page = (pages += 1);
   port.onmessage = ({ data }) => {
-    if (data.op === "join") {
-      const own = owning.size < OWN;
-      if (own) owning.add(page);
-      port.postMessage({ op: own ? "own" : "shared" });
-    } else if (data.op === "subscribe") subscribe(port, page, data);
+    if (data.op === "subscribe") subscribe(port, page, data);
     else if (data.op === "unsubscribe") unsubscribe(page, data.id);
-    else if (data.op === "bye") leave(port, page);
+    else if (data.op === "bye") for (const s of [...subscribers.values()]) if (s.port === port) unsubscribe(page, s.id);
   };
 };
