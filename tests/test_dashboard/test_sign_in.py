@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Iterator
 
 import pytest
 from playwright.sync_api import Browser, Page, expect
 
-from tasktrail.http import auth
+from tasktrail.http import auth, events
 from tests.test_dashboard.conftest import Dashboard, serve
 
 expect.set_options(timeout=10_000)
@@ -141,3 +142,35 @@ def test_a_write_key_cancels_with_the_csrf_token_and_a_cookie_alone_cannot_write
     # Ended on the server too: a copy of the cookie, kept from before signing out, is refused.
     with ui.api(Cookie=f"tasktrail_session={session['value']}") as api:
         assert api.get(f"/tasks/{other['task_id']}").status_code == 401
+
+
+def test_signing_out_ends_the_live_streams_of_every_open_page(ui: Dashboard) -> None:
+    # Streams are authorised as they open; one opened with a session must not outlive it, or the
+    # browser's other pages (and a copy of the cookie) would go on receiving events after signing out.
+    context, _ = ui.context()
+    first = context.new_page()
+    sign_in(first, "read", "/ui/events")
+    pages = [first] + [context.new_page() for _ in range(3)]  # two with their own streams, two sharing one
+    for page in pages[1:]:
+        page.goto("/ui/events")
+    for page in pages:
+        expect(page.locator("#live")).to_have_attribute("data-state", "live")
+    (session,) = context.cookies()
+    seen = a_task(ui)
+    for page in pages:
+        expect(page.locator(f'#feed-rows tr[data-task-id="{seen["task_id"]}"]')).to_have_count(1)
+    # A copy of the cookie follows the feed too, until the session ends.
+    with ui.api(Cookie=f"tasktrail_session={session['value']}") as api, api.stream("GET", "/events/stream") as copy:
+        assert copy.status_code == 200
+        # A stream looks at its session again before sending events at most every SESSION_CHECK_SECONDS:
+        # past that, the first event after the sign-out is the one that ends it.
+        time.sleep(events.SESSION_CHECK_SECONDS + 0.2)
+        pages[1].get_by_role("button", name="Sign out").click()
+        expect(pages[1]).to_have_url(re.compile(r"/ui/sign-in"))
+        unseen = a_task(ui)
+        received = "".join(copy.iter_text())  # ends: the server closed it
+    assert unseen["task_id"] not in received
+    for page in (pages[0], *pages[2:]):
+        expect(page.locator("#live")).to_have_text("Signed out: reload to sign in")
+        expect(page.locator(f'#feed-rows tr[data-task-id="{unseen["task_id"]}"]')).to_have_count(0)
+    ui.allow("status of 401")

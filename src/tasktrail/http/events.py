@@ -5,7 +5,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
-from collections.abc import AsyncIterator, Callable, Collection
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from typing import Annotated, Any
 from uuid import UUID
 
@@ -22,6 +23,7 @@ from tasktrail import eventstore
 from tasktrail.domain.events import type_of
 from tasktrail.domain.task import FINISHED
 from tasktrail.eventstore import Cursor, FeedEvent
+from tasktrail.http import sessions
 from tasktrail.http.auth import SECURITY
 from tasktrail.http.body import invalid
 from tasktrail.http.history import EventView, event_view
@@ -144,8 +146,26 @@ def resume_from(last_event_id: str | None, after: str | None) -> Cursor | None:
     return None
 
 
+# A stream opened with a dashboard session ends when the session does (signed out, or expired): the
+# session is checked at each ping, and before sending events at most this long after the last check.
+SESSION_CHECK_SECONDS = 2.0
+
+
+def session_lasts(request: Request) -> Callable[[], Awaitable[bool]] | None:
+    """Whether the request's dashboard session still holds, asked again later; None without a session."""
+    session = getattr(request.state, "session", None)
+    if session is None:
+        return None
+    pool = request.app.state.pool
+
+    async def lasts() -> bool:
+        return session.expires > time.time() and not await sessions.ended(pool, session)
+
+    return lasts
+
+
 async def frames(
-    listener: Listener,
+    request: Request,
     after: Cursor,
     *,
     first: bytes = b"",
@@ -153,11 +173,19 @@ async def frames(
     skip: Collection[int] = (),
     closes_after: Callable[[FeedEvent], bool] | None = None,
 ) -> AsyncIterator[bytes]:
-    """The bytes of a stream: `first`, then events after the cursor (except positions in `skip`), and pings."""
+    """The bytes of a stream: `first`, then events after the cursor (except positions in `skip`), and pings;
+    until the request's session ends, if it has one."""
+    listener: Listener = request.app.state.live
+    lasts = session_lasts(request)
+    checked = time.monotonic()
     yield RETRY + first
     try:
         async with contextlib.aclosing(listener.follow(after, stream_id)) as batches:
             async for batch in batches:
+                if lasts is not None and (not batch or time.monotonic() - checked >= SESSION_CHECK_SECONDS):
+                    checked = time.monotonic()
+                    if not await lasts():
+                        return  # the browser reconnects, and is refused: signed out
                 if not batch:
                     yield PING
                     continue
@@ -191,14 +219,13 @@ def event_stream(body: AsyncIterator[bytes]) -> Stream:
 @get("/events/stream", security=SECURITY, responses={200: STREAMED} | problems(*ERRORS))
 async def stream_all(request: Request, after: AfterParameter = None, last_event_id: LastEventId = None) -> Stream:
     """Every event as it commits; from the head unless resumed."""
-    listener: Listener = request.app.state.live
     cursor = resume_from(last_event_id, after)
     head = await read(request, eventstore.head)
     if cursor is None:
         cursor = head
     elif cursor[0] > head[0]:  # on a replica behind the primary, perhaps; else a cursor never given out
         await given_out(request, "Last-Event-ID" if last_event_id else "after", cursor)
-    return event_stream(frames(listener, cursor))
+    return event_stream(frames(request, cursor))
 
 
 # One statement, one snapshot: the task's state, where the feed's head is, the
@@ -230,7 +257,6 @@ async def stream_task(
 ) -> Response[Any]:
     """The task's current state (event `snapshot`), then its events as they commit; ends after a finished status."""
     uuid = parse_task_id(task_id)
-    listener: Listener = request.app.state.live
     resume = resume_from(last_event_id, after)
 
     async def fetch(conn: psycopg.AsyncConnection) -> tuple[Any, ...]:
@@ -257,17 +283,17 @@ async def stream_task(
         if ended and resume >= latest:
             # Nothing more will come: 204 tells EventSource to stop reconnecting.
             return Response(content=None, status_code=204, headers=SSE_HEADERS)
-        return event_stream(frames(listener, resume, stream_id=uuid, closes_after=closes_after))
+        return event_stream(frames(request, resume, stream_id=uuid, closes_after=closes_after))
     if task is None:
         # Deleted: replay its history and end.
-        return event_stream(frames(listener, eventstore.START, stream_id=uuid, closes_after=closes_after))
+        return event_stream(frames(request, eventstore.START, stream_id=uuid, closes_after=closes_after))
     snapshot = b"event: snapshot\ndata: %s\n\n" % _encode(task)
     if task.status in FINISHED:
         # The id is the latest event's cursor: EventSource reconnects with it and gets the 204 that stops it.
         return event_stream(_once(RETRY + b"id: %s\n" % encode_cursor(latest).encode() + snapshot))
     return event_stream(
         frames(
-            listener,
+            request,
             (int(head), 0),
             first=snapshot,
             stream_id=uuid,

@@ -62,6 +62,20 @@ function withParam(url, name, value) {
   return u.pathname + u.search;
 }
 
+// A stream that cannot reconnect may be one whose dashboard session ended (signed out, here or in
+// another tab; the server ends such streams): the page then says so rather than "Reconnecting…".
+async function sayIfSignedOut() {
+  if (!csrf) return; // no session: none to end
+  try {
+    const response = await fetch("/tasks/stats/summary", { headers: readHeaders(), cache: "no-store" });
+    if (response.status === 401 && liveBadge.dataset.state === "reconnecting") {
+      setLive("offline", "Signed out: reload to sign in");
+    }
+  } catch {
+    // not reachable: "Reconnecting…" is true
+  }
+}
+
 // Follows a Server-Sent Events stream: onEvent(type, data, id) per message; reconnects with
 // backoff (from the last id) when the browser gives up, e.g. after a 401 or a restart.
 function follow(url, { onEvent, onOpen }) {
@@ -87,6 +101,7 @@ function follow(url, { onEvent, onOpen }) {
       if (stopped) return;
       setLive("reconnecting", "Reconnecting…");
       if (source.readyState === EventSource.CLOSED) {
+        sayIfSignedOut();
         source.close();
         timer = setTimeout(open, delay);
         delay = Math.min(delay * 2, 30000);
@@ -138,8 +153,10 @@ const live = (() => {
   }
   function received({ data: message }) {
     if (message.op === "state") {
-      if (message.state !== "live") setLive("reconnecting", "Reconnecting…");
-      else if (!paused) setLive("live", "Live");
+      if (message.state !== "live") {
+        setLive("reconnecting", "Reconnecting…");
+        sayIfSignedOut();
+      } else if (!paused) setLive("live", "Live");
     } else if (message.op === "open") subscriptions.get(message.id)?.handlers.onOpen?.();
     else if (message.op === "events") {
       const s = subscriptions.get(message.id);
