@@ -792,6 +792,7 @@ function eventsPage() {
   const pause = document.getElementById("pause");
   let waiting = []; // raw JSON of events not yet shown, oldest first, at most `cap`
   let skipped = 0;
+  let beforePause = 0;
   let flooded = false; // more than a screenful came since the last update: nobody reads rows that fast
 
   const time = (iso) => {
@@ -824,7 +825,7 @@ function eventsPage() {
 
   const apply = coalesce(async () => {
     if (paused) {
-      note.textContent = `${number.format(waiting.length + skipped)} new events while paused.`;
+      note.textContent = `${number.format(waiting.length + skipped - beforePause)} new events while paused.`;
       return;
     }
     if (!waiting.length) return;
@@ -856,6 +857,7 @@ function eventsPage() {
 
   pause.addEventListener("click", () => {
     paused = !paused;
+    beforePause = waiting.length + skipped; // come before the click, not yet shown: not "while paused"
     pause.setAttribute("aria-pressed", String(paused));
     pause.textContent = paused ? "Resume" : "Pause";
     if (paused) setLive("paused", "Paused");
