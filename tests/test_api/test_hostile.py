@@ -225,3 +225,20 @@ def test_what_the_http_parser_refuses_is_problem_json_too(database_url: str, tmp
     assert "Traceback" not in server.log(), server.log()
     assert "GET unmatched 431" in server.log()
     assert "other unmatched 501" in server.log()
+
+
+def test_a_host_header_that_is_no_host_and_port_is_400_wherever_it_is_sent(database_url: str, tmp_path: Path) -> None:
+    # The request's URL is made from Host: a port past 65535, or not digits, failed wherever the URL was
+    # read (a list's Link header, a query's 422, the dashboard's redirect to sign in) with a 500.
+    server = Server(os.environ | {"DATABASE_URL": database_url}, log_dir=tmp_path)
+    try:
+        for host in (b"localhost:65536", b"[::1]:65536", b"localhost:99999", b"::1", b"[::1]:x", b"localhost:abc"):
+            for target in (b"/tasks/?limit=1", b"/events?limit=0", b"/ui", b"/nowhere"):
+                request = b"GET " + target + b" HTTP/1.1\r\nHost: " + host + b"\r\nConnection: close\r\n\r\n"
+                assert "Host header" in problem_of(exchange(server, request), 400)["detail"], (host, target)
+        for host in (b"localhost:65535", b"127.0.0.1", b"[::1]:8000", b"localhost"):
+            request = b"GET /tasks/?limit=1 HTTP/1.1\r\nHost: " + host + b"\r\nConnection: close\r\n\r\n"
+            assert exchange(server, request).startswith(b"HTTP/1.1 200 "), host
+    finally:
+        server.stop()
+    assert "Traceback" not in server.log(), server.log()

@@ -29,7 +29,7 @@ from tasktrail.domain.task import TaskNotFound, TransitionRejected
 from tasktrail.http import auth, batch, events, health, history, openapi, protocol, sessions, tasks, wellformed
 from tasktrail.http import metrics as scrape
 from tasktrail.http.body import MAX_BODY_BYTES, InvalidInput, MalformedBody
-from tasktrail.http.problems import answer, problem, refusal
+from tasktrail.http.problems import PROBLEM, answer, problem, problem_body, refusal
 from tasktrail.projections import ProjectionOutdated, follow, versions
 
 log = logging.getLogger("tasktrail")
@@ -205,6 +205,8 @@ def observed(app: ASGIApp, *, count: bool, access: logs.AccessLine | None, cors:
                 given = given or value  # the first
             elif name == b"origin":
                 inner = cors
+            elif name == b"host" and not wellformed.valid_host(value):
+                inner = _bad_host  # the request's URL is made from it: unreadable, it fails wherever it is read
         sane = logs.SANE_REQUEST_ID.fullmatch(given) is not None
         header = given if sane else b"%s%020x" % (_PROCESS, next(_SEQUENCE))
         request_id = header.decode()
@@ -245,6 +247,15 @@ def observed(app: ASGIApp, *, count: bool, access: logs.AccessLine | None, cors:
                 access(request_id, method, route, status, seconds, state.get("actor"), client[0] if client else "-")
 
     return middleware
+
+
+_BAD_HOST_BODY = problem_body(400, "the Host header is not a host name or address, with a port from 0 to 65535 if any")
+_BAD_HOST_HEADERS = [(b"content-type", PROBLEM.encode()), (b"content-length", b"%d" % len(_BAD_HOST_BODY))]
+
+
+async def _bad_host(scope: Scope, receive: Receive, send: Send) -> None:
+    await send({"type": "http.response.start", "status": 400, "headers": _BAD_HOST_HEADERS})
+    await send({"type": "http.response.body", "body": _BAD_HOST_BODY})
 
 
 def _read_after(state: dict[str, Any]) -> tuple[bytes, bytes]:

@@ -46,10 +46,11 @@ from __future__ import annotations
 import asyncio
 import codecs
 import copy
+import functools
 import re
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import unquote_to_bytes
+from urllib.parse import unquote_to_bytes, urlsplit
 
 from litestar.constants import RESERVED_KWARGS
 from litestar.enums import RequestEncodingType
@@ -146,6 +147,18 @@ class Shapes(ReceiveRoutePlugin):
             head = copy.copy(handler)
             head._resolved_include_in_schema = False
             route.route_handler_map["HEAD"] = (head, kwargs)
+
+
+@functools.lru_cache(maxsize=64)  # a client sends the same Host on every request
+def valid_host(header: bytes) -> bool:
+    """Whether a Host header reads as a URL's host and port, as the request's URL is made from it."""
+    text = header.decode("latin-1")
+    try:
+        parts = urlsplit(f"http://{text}/")
+        parts.port  # noqa: B018 -- read for its ValueError: a port past 65535, or not digits
+    except ValueError:
+        return False
+    return parts.netloc == text  # none of it read as a path, query or fragment
 
 
 def read_timeout() -> float:
