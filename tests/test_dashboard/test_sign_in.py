@@ -174,3 +174,20 @@ def test_signing_out_ends_the_live_streams_of_every_open_page(ui: Dashboard) -> 
         expect(page.locator("#live")).to_have_text("Signed out: reload to sign in")
         expect(page.locator(f'#feed-rows tr[data-task-id="{unseen["task_id"]}"]')).to_have_count(0)
     ui.allow("status of 401")
+
+
+def test_on_a_phone_the_bar_wraps_rather_than_widening_the_page(ui: Dashboard) -> None:
+    # Signed in, the bar holds the badge and who is signed in: at 375 px it was 449 px wide, Sign out off-screen.
+    finished = a_task(ui, status="failed")
+    page = ui.page(viewport={"width": 375, "height": 800})
+    sign_in(page, "write", f"/ui/tasks/{finished['task_id']}")
+    expect(page.locator("#live")).to_contain_text("finished")
+    for path in (f"/ui/tasks/{finished['task_id']}", "/ui", "/ui/events"):
+        page.goto(path)
+        expect(page.locator("#live")).to_be_visible()
+        page.evaluate("document.getElementById('live').textContent = 'Reconnecting…'")  # the longest it says
+        assert page.evaluate("document.documentElement.scrollWidth <= innerWidth"), path
+        sign_out = page.get_by_role("button", name="Sign out")
+        box = sign_out.bounding_box()
+        assert box is not None
+        assert box["x"] + box["width"] <= 375, path
