@@ -110,6 +110,21 @@ def test_older_pages_follow_the_keyset_cursor(ui: Dashboard) -> None:
     expect(page.get_by_role("link", name="Older")).to_have_count(0)  # a full last page: nothing older
 
 
+def test_the_older_link_comes_and_goes_live_with_the_tasks(ui: Dashboard) -> None:
+    page = ui.page()
+    page.goto("/ui?task_type=pager&limit=2")
+    expect(page.locator("#live")).to_have_attribute("data-state", "live")
+    expect(page.get_by_role("link", name="Older")).to_have_count(0)
+    made = [create(ui, "pager") for _ in range(3)]
+    expect(page.locator("#task-rows tr[data-task-id]")).to_have_count(2)
+    expect(page.get_by_role("link", name="Older")).to_have_count(1)
+    with ui.api() as api:
+        for task in made[1:]:
+            assert api.delete(f"/tasks/{task['task_id']}").status_code == 200
+    expect(page.locator("#task-rows tr[data-task-id]")).to_have_count(1)
+    expect(page.get_by_role("link", name="Older")).to_have_count(0)
+
+
 def test_the_timeline_shows_every_event_and_the_version_picker_an_old_state(ui: Dashboard) -> None:
     task = create(ui, "timeline", status="running", progress=40)
     with ui.api() as api:

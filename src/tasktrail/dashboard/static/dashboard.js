@@ -360,6 +360,7 @@ function tasksPage() {
     syncText(fresh, "[data-count]");
     syncText(fresh, ".head .sub");
     syncText(fresh, "#select-matching .n");
+    replaceIfChanged(document.getElementById("pager"), fresh.getElementById("pager")); // "Older" comes and goes
     const freshBulk = fresh.getElementById("bulk");
     if (bulk && freshBulk) syncAttributes(bulk, freshBulk, ["data-matching"]);
     updateBulk();
