@@ -9,6 +9,7 @@ import psycopg
 import pytest
 from litestar.testing import AsyncTestClient
 
+from tasktrail.dashboard import routes
 from tasktrail.http import auth, sessions
 from tasktrail.http.app import create_app
 from tests.conftest import assert_verifies, fresh_database
@@ -398,3 +399,37 @@ async def test_a_broken_session_cookie_or_csrf_token_is_refused_never_a_5xx(secu
             assert api.status_code == (200 if valid else 401), cookie
             page = await secured.get("/ui", headers=[(b"cookie", cookie)], follow_redirects=False)
             assert page.status_code == (200 if valid else 303), cookie
+
+
+async def test_a_long_timeline_is_kept_and_grows_by_what_came_since_as_a_fresh_fold_would(
+    open_client: AsyncTestClient,
+) -> None:
+    # A live page renders again after each change; a task's whole history was read and folded each time.
+    # The newest TIMELINE_CAP entries are kept per task and only what came since is folded on.
+    task = (await open_client.post("/tasks/", json={"task_type": "long"})).json()
+    path = f"/ui/tasks/{task['task_id']}"
+    updates = [{"task_id": task["task_id"], "progress": n % 100} for n in range(1, 1001)]
+    assert (await open_client.patch("/tasks/batch", json={"updates": updates})).status_code == 200
+
+    def timeline(html: str) -> str:
+        return re.search(r'<ol class="timeline".*?</ol>', html, re.DOTALL)[0]  # type: ignore[index]
+
+    first = (await open_client.get(path)).text
+    assert len(re.findall(r'<li data-version="', timeline(first))) == routes.TIMELINE_CAP
+    assert "1 older events are not shown" in first
+    for status in ("running", "failed", "pending"):
+        assert (await open_client.patch(path.removeprefix("/ui"), json={"status": status})).status_code == 200
+    kept = (await open_client.get(path)).text
+    routes._TIMELINES.clear()  # the same page from the whole history, folded afresh
+    fresh = (await open_client.get(path)).text
+    assert timeline(kept) == timeline(fresh)
+    assert "4 older events are not shown" in kept
+    assert 'data-version="1004" data-type="TaskRetried"' in kept
+    # Time travel inside the kept entries, and before them (folded from the start).
+    for version in (1003, 2, 1):
+        page = (await open_client.get(f"{path}?version={version}")).text
+        api = (await open_client.get(f"/tasks/{task['task_id']}?version={version}")).json()
+        now = re.search(r'<section class="now".*?</section>', page, re.DOTALL)[0]  # type: ignore[index]
+        assert f'data-status="{api["status"]}"' in now, version
+        assert f"{api['progress']:g}%" in now, version
+        assert f"Showing version {version} of 1004" in page
