@@ -157,6 +157,14 @@ def test_the_timeline_shows_every_event_and_the_version_picker_an_old_state(ui: 
         page.keyboard.press("ArrowUp")  # the versions are listed newest first
         expect(page).to_have_url(re.compile(f"version={version}"))
         expect(page.get_by_label("Show the task at version")).to_be_focused()
+    # A past version's page says which version its actions act on, and follows the task live.
+    running = create(ui, "timeline", status="running")
+    page.goto(f"/ui/tasks/{running['task_id']}?version=1")
+    expect(page.locator("#actions-now")).to_contain_text("(version 2)")
+    with ui.api() as api:
+        api.patch(f"/tasks/{running['task_id']}", json={"progress": 10})
+    expect(page.locator("#actions")).to_have_attribute("data-if-version", "3")
+    expect(page.locator("#actions-now")).to_contain_text("(version 3)")
 
 
 def test_the_version_picker_follows_a_task_past_500_versions_on_an_open_page(ui: Dashboard) -> None:

@@ -89,6 +89,7 @@ async def test_pages_allow_scripts_and_styles_from_this_origin_only(open_client:
         ("/ui/tasks/%ff", 400),
         ("/ui/tasks/00000000-0000-4000-8000-000000000000?version=x", 422),
         ("/ui/tasks/00000000-0000-4000-8000-000000000000?version=" + "9" * 5000, 422),  # past what int() reads
+        ("/ui/tasks/00000000-0000-4000-8000-000000000000?version=02", 422),  # as the API: no leading 0
         ("/ui/events?x=%ff", 400),
         # Deeper than a task page, matched by no page's route at all:
         ("/ui/tasks/a/b", 404),
@@ -120,6 +121,7 @@ async def test_a_bad_address_is_an_html_page_never_a_5xx(open_client: AsyncTestC
         "limit=%E2%91%A0",
         "limit=%EF%BC%95",  # a fullwidth 5
         "limit=" + "9" * 5000,  # more digits than int() reads
+        "limit=007",
         "cursor=aWQ6MTI3%3D",  # padded
         "cursor=aWQ6MTI3%2B",
         "cursor=aWQ677yR77yS",  # "id:" and fullwidth digits

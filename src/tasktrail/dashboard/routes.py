@@ -292,9 +292,9 @@ def _text_parameter(name: str, value: str | None, max_length: int = 200) -> str 
 
 
 def _whole(text: str, high: int) -> int | None:
-    """ASCII digits making a number from 1 to high, else None; read only when short enough to be one
-    (int() of more than 4,300 digits raises)."""
-    if not (text.isascii() and text.isdigit()) or len(text.lstrip("0")) > len(str(high)):
+    """ASCII digits without a leading 0 (as the API takes them) making a number from 1 to high, else None;
+    read only when short enough to be one (int() of more than 4,300 digits raises)."""
+    if not (text.isascii() and text.isdigit()) or text.startswith("0") or len(text) > len(str(high)):
         return None
     number = int(text)
     return number if 1 <= number <= high else None

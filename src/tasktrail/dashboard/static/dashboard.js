@@ -635,6 +635,7 @@ function taskPage() {
     const freshActions = fresh.getElementById("actions");
     if (actions && freshActions) {
       syncAttributes(actions, freshActions, ["data-if-version"]);
+      syncText(fresh, "#actions-now"); // a past version's page: the version the actions act on
       for (const button of actions.querySelectorAll("[data-action]")) {
         const now = freshActions.querySelector(`[data-action="${button.dataset.action}"]`);
         button.hidden = !now || now.hidden;
