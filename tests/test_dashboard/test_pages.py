@@ -222,6 +222,14 @@ async def test_over_https_the_session_cookie_is_secure(database: str) -> None:
         assert "; Secure" in answer.headers["set-cookie"]
 
 
+async def test_signing_in_goes_back_to_the_page_with_its_address_in_ascii(secured: AsyncTestClient) -> None:
+    # A filter of a task type "é x" came back in the Location header as raw UTF-8 (a header is ASCII).
+    data = {"key": KEYS["read"], "next": "/ui?task_type=é x&status=failed"}
+    answer = await secured.post("/ui/sign-in", data=data, follow_redirects=False)
+    assert answer.status_code == 303
+    assert answer.headers["location"] == "/ui?task_type=%C3%A9%20x&status=failed"
+
+
 @pytest.mark.parametrize("target", ["https://evil.example/", "//evil.example/ui", "/tasks/", "/ui\\@evil", None])
 async def test_signing_in_goes_back_to_a_dashboard_page_only(secured: AsyncTestClient, target: str | None) -> None:
     data = {"key": KEYS["read"]} | ({} if target is None else {"next": target})

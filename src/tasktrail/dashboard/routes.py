@@ -32,7 +32,7 @@ from datetime import datetime
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
-from urllib.parse import parse_qsl, urlencode
+from urllib.parse import parse_qsl, quote, urlencode
 from uuid import UUID
 
 import jinja2
@@ -623,7 +623,11 @@ def _cookie(request: Request, value: str, max_age: int) -> tuple[bytes, bytes]:
 
 
 def _see_other(location: str, *extra: tuple[bytes, bytes]) -> HtmlReply:
-    return HtmlReply("", 303, [(b"location", location.encode()), *extra])
+    # A header is ASCII: a path's other characters (a task type's é, a space) percent-encoded, as a browser would.
+    return HtmlReply("", 303, [(b"location", quote(location, safe=URL_SAFE).encode()), *extra])
+
+
+URL_SAFE = ":/?#[]@!$&'()*+,;=%~"  # RFC 3986's reserved characters, and % (what is already escaped stays)
 
 
 @get("/ui/sign-in", opt=auth.PUBLIC, include_in_schema=False)
