@@ -421,12 +421,13 @@ def timeline(history: Sequence[eventstore.Stored], state: Task | None = None) ->
     return entries
 
 
-# The task pages' timelines, the newest TIMELINE_CAP entries of each, most recently shown last: a live
-# page renders again after each change, and a task's whole history (100,000 progress reports: 1.2 s)
-# was read and folded again each time. Events never change, so a kept timeline only grows: the next
-# render reads and folds only what came since.
-_TIMELINES: OrderedDict[UUID, list[Entry]] = OrderedDict()
-TIMELINES_KEPT = 32
+# Where the timeline of each long task shown lately starts (its newest TIMELINE_CAP events, from
+# version `first`) and the task just before it, most recently shown last. A live page renders again
+# after each change, and a task's whole history (100,000 progress reports: 1.2 s) was read and folded
+# each time; events never change, so a render reads and folds only the window and what came since.
+# Only a state is kept per task, never its events (which may be large).
+_WINDOWS: OrderedDict[UUID, tuple[int, Task | None]] = OrderedDict()
+WINDOWS_KEPT = 64
 FOLD_IN_THREAD = 5_000  # events: folding more than this runs beside the event loop, not on it
 
 
@@ -437,31 +438,29 @@ async def _timeline(history: Sequence[eventstore.Stored], state: Task | None = N
 
 
 async def folded(request: Request, uuid: UUID, at: int | None = None) -> list[Entry]:
-    """The task's newest TIMELINE_CAP timeline entries, oldest first: those kept, and what came since.
+    """The task's newest TIMELINE_CAP timeline entries, oldest first.
 
     TaskNotFound for a task that never existed, or without version `at`.
     """
-    kept = _TIMELINES.get(uuid)
-    since = 0 if kept is None else kept[-1].stored.recorded.version
+    first, before = _WINDOWS.get(uuid, (1, None))
 
     async def fetch(conn: psycopg.AsyncConnection) -> list[eventstore.Stored]:
         # Raised where a replica may only be behind: `read` then asks the primary.
-        history = await eventstore.read_stream(conn, uuid, after_version=since)
-        latest = history[-1].recorded.version if history else since
-        if not latest:
+        history = await eventstore.read_stream(conn, uuid, after_version=first - 1)
+        if not history:
             raise TaskNotFound(f"No task {uuid} has ever existed here.")
-        if at is not None and at > latest:
-            raise TaskNotFound(f"Task {uuid} has no version {at}: its latest is {latest}.")
+        if at is not None and at > history[-1].recorded.version:
+            raise TaskNotFound(f"Task {uuid} has no version {at}: its latest is {history[-1].recorded.version}.")
         return history
 
-    history = await read(request, fetch)
-    entries = kept or []
-    if history:
-        entries = (entries + await _timeline(history, entries[-1].after if entries else None))[-TIMELINE_CAP:]
-        _TIMELINES[uuid] = entries
-    _TIMELINES.move_to_end(uuid)
-    while len(_TIMELINES) > TIMELINES_KEPT:
-        _TIMELINES.popitem(last=False)
+    entries = await _timeline(await read(request, fetch), before)
+    if len(entries) > TIMELINE_CAP:
+        cut = len(entries) - TIMELINE_CAP
+        before, entries = entries[cut - 1].after, entries[cut:]
+        _WINDOWS[uuid] = (entries[0].stored.recorded.version, before)
+        _WINDOWS.move_to_end(uuid)
+        while len(_WINDOWS) > WINDOWS_KEPT:
+            _WINDOWS.popitem(last=False)
     return entries
 
 
