@@ -142,10 +142,14 @@ function subscribe(port, page, { id, task, after, types }) {
   const subscriber = { port, id, task: task ?? null, after, last: after ?? null };
   flush(); // what came before this subscriber belongs to the others only
   subscribers.set(`${page}/${id}`, subscriber);
+  // A stream waiting to reconnect (backing off after a sign-out or a restart) tries again now: a page
+  // just opened, perhaps just signed in again, should not wait up to 30 s.
+  const waiting = retry !== null;
   if (after === undefined) {
-    if (!source && retry === null) open(null);
-  } else if ((source || retry !== null) && keptFrom !== null && compare(keptFrom, after) <= 0) {
+    if (!source) open(lastId ?? openedAfter);
+  } else if ((source || waiting) && keptFrom !== null && compare(keptFrom, after) <= 0) {
     deliver(subscriber, kept);
+    if (waiting) open(lastId ?? openedAfter);
   } else {
     // Not known from here: read the feed again from the oldest cursor a subscriber still needs (the
     // others are sent only what follows what they have had).
