@@ -445,3 +445,17 @@ async def test_a_long_timeline_is_read_from_where_it_starts_as_a_fresh_fold_woul
         assert f'data-status="{api["status"]}"' in now, version
         assert f"{api['progress']:g}%" in now, version
         assert f"Showing version {version} of 1004" in page
+
+
+async def test_progress_is_never_shown_rounded_to_done_or_to_nothing(open_client: AsyncTestClient) -> None:
+    shown = {}
+    for progress in (99.99999999999999, 0.01, 12.25):
+        task = (await open_client.post("/tasks/", json={"task_type": "rounding"})).json()
+        await open_client.patch(f"/tasks/{task['task_id']}", json={"status": "running", "progress": progress})
+        page = (await open_client.get(f"/ui/tasks/{task['task_id']}")).text
+        shown[progress] = re.findall(r"[0-9.]+%", re.search(r'<section class="now".*?</section>', page, re.DOTALL)[0])  # type: ignore[index]
+    assert {progress: set(texts) for progress, texts in shown.items()} == {
+        99.99999999999999: {"99.9%"},
+        0.01: {"0.1%"},
+        12.25: {"12.2%"},
+    }

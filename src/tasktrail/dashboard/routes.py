@@ -115,7 +115,10 @@ def iso(moment: datetime | None) -> str:
 
 @functools.lru_cache(maxsize=2048)
 def percent(progress: float) -> str:
-    return f"{progress:.0f}%" if progress.is_integer() else f"{progress:.1f}%"
+    """Progress to one decimal, never rounded to done or to nothing: 99.99 is 99.9%, 0.01 is 0.1%."""
+    if progress.is_integer():
+        return f"{progress:.0f}%"
+    return f"{min(max(round(progress, 1), 0.1), 99.9) if 0 < progress < 100 else progress:.1f}%"
 
 
 def pretty(value: Any) -> str:
