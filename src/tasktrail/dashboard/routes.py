@@ -52,7 +52,7 @@ from tasktrail.domain.task import FINISHED, MOVES, Status, Task, TaskNotFound, e
 from tasktrail.http import auth, sessions, wellformed
 from tasktrail.http.body import invalid
 from tasktrail.http.events import FeedItem, encode_cursor, item
-from tasktrail.http.tasks import _decode_cursor, _encode_cursor, read
+from tasktrail.http.tasks import _decode_cursor, _encode_cursor, past_a_page, read
 from tasktrail.projections import stats
 from tasktrail.projections import tasks as tasks_view
 
@@ -118,7 +118,7 @@ def percent(progress: float) -> str:
     """Progress to one decimal, never rounded to done or to nothing: 99.99 is 99.9%, 0.01 is 0.1%."""
     if progress.is_integer():
         return f"{progress:.0f}%"
-    return f"{min(max(round(progress, 1), 0.1), 99.9) if 0 < progress < 100 else progress:.1f}%"
+    return f"{min(max(round(progress, 1), 0.1), 99.9):.1f}%"  # not whole: between 0 and 100
 
 
 def pretty(value: Any) -> str:
@@ -346,8 +346,7 @@ async def tasks_page(
         return page, await stats.summary(conn, filters.task_type)
 
     page, counts = await read(request, fetch)
-    more = len(page) > filters.limit
-    del page[filters.limit :]
+    more = past_a_page(page, filters.limit)
     matching, noun = filters.describe(counts)
     looking = viewer(request)
     return render(
@@ -503,8 +502,7 @@ async def task_page(request: Request, task_id: FromPath[str], version: FromQuery
     latest = entries[-1]
     if at is not None and at < entries[0].stored.recorded.version:
         # Further back than the timeline shows: the task's events up to it, folded.
-        entries_to = await read(request, lambda conn: eventstore.read_stream(conn, uuid, limit=at))
-        earlier = await _timeline(entries_to)
+        earlier = await _timeline(await read(request, lambda conn: eventstore.read_stream(conn, uuid, limit=at)))
         picked, before = earlier[-1], earlier[-2] if len(earlier) > 1 else None
     else:
         i = len(entries) - 1 if at is None else at - entries[0].stored.recorded.version

@@ -29,7 +29,7 @@ from tasktrail.domain.task import TaskNotFound, TransitionRejected
 from tasktrail.http import auth, batch, events, health, history, openapi, protocol, sessions, tasks, wellformed
 from tasktrail.http import metrics as scrape
 from tasktrail.http.body import MAX_BODY_BYTES, InvalidInput, MalformedBody
-from tasktrail.http.problems import PROBLEM, answer, problem, problem_body, refusal
+from tasktrail.http.problems import answer, problem, refusal, send_problem
 from tasktrail.projections import ProjectionOutdated, follow, versions
 
 log = logging.getLogger("tasktrail")
@@ -184,6 +184,9 @@ def observed(app: ASGIApp, *, count: bool, access: logs.AccessLine | None, cors:
     not just its first handler's (litestar#4169, fixed in 3.0), and gives every
     2xx answer to a write its Tasktrail-Read-After token (see `_read_after`).
 
+    Requests the HTTP protocol refuses before any app sees them (http/protocol.py)
+    are counted and logged the same way, through `protocol.observe`.
+
     `cors` is Litestar's CORS middleware around `app`: it acts only on a request
     that carries an Origin header (without one it calls `app` and nothing else),
     so a request without one goes straight to `app`, sparing the middleware's
@@ -208,7 +211,7 @@ def observed(app: ASGIApp, *, count: bool, access: logs.AccessLine | None, cors:
             elif name == b"host" and not wellformed.valid_host(value):
                 inner = _bad_host  # the request's URL is made from it: unreadable, it fails wherever it is read
         sane = logs.SANE_REQUEST_ID.fullmatch(given) is not None
-        header = given if sane else b"%s%020x" % (_PROCESS, next(_SEQUENCE))
+        header = given if sane else _new_request_id()
         request_id = header.decode()
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
@@ -236,26 +239,38 @@ def observed(app: ASGIApp, *, count: bool, access: logs.AccessLine | None, cors:
         try:
             await inner(scope, receive, send_with_id)
         finally:
-            seconds = perf_counter() - started
-            method = method if method in metrics.METHODS else metrics.OTHER_METHOD
+            client = scope.get("client")
             # The template of the route the router matched, never the path as sent.
             route = scope.get("path_template") or metrics.UNMATCHED
-            if count:
-                metrics.request_done(method, route, status, seconds)
-            if access is not None:
-                client = scope.get("client")
-                access(request_id, method, route, status, seconds, state.get("actor"), client[0] if client else "-")
+            record(request_id, method, route, status, perf_counter() - started, state.get("actor"), client)
 
+    def record(
+        request_id: str, method: str, route: str, status: int, seconds: float, actor: str | None, client: Any
+    ) -> None:
+        """Count and log a finished request: every one `middleware` sees, and those the protocol refuses."""
+        method = method if method in metrics.METHODS else metrics.OTHER_METHOD
+        if count:
+            metrics.request_done(method, route, status, seconds)
+        if access is not None:
+            access(request_id, method, route, status, seconds, actor, client[0] if client else "-")
+
+    # A request the HTTP protocol refuses before the app sees it (http/protocol.py).
+    def refused(method: str, status: int, seconds: float, client: tuple[str, int] | None) -> bytes:
+        request_id = _new_request_id()
+        record(request_id.decode(), method, metrics.UNMATCHED, status, seconds, None, client)
+        return request_id
+
+    protocol.observe = refused
     return middleware
 
 
-_BAD_HOST_BODY = problem_body(400, "the Host header is not a host name or address, with a port from 0 to 65535 if any")
-_BAD_HOST_HEADERS = [(b"content-type", PROBLEM.encode()), (b"content-length", b"%d" % len(_BAD_HOST_BODY))]
+def _new_request_id() -> bytes:
+    """A request's id when the caller gives none: unique without a random draw per request."""
+    return b"%s%020x" % (_PROCESS, next(_SEQUENCE))
 
 
 async def _bad_host(scope: Scope, receive: Receive, send: Send) -> None:
-    await send({"type": "http.response.start", "status": 400, "headers": _BAD_HOST_HEADERS})
-    await send({"type": "http.response.body", "body": _BAD_HOST_BODY})
+    await send_problem(send, 400, "the Host header is not a host name or address, with a port from 0 to 65535 if any")
 
 
 def _read_after(state: dict[str, Any]) -> tuple[bytes, bytes]:
@@ -381,23 +396,7 @@ def create_app(
     assert isinstance(litestars, CORSMiddleware)
     cors = _Cors(litestars.app, litestars.config)
     app.asgi_handler = observed(cors.app, count=counting, access=access, cors=cors)
-    protocol.observe = _observe_refusals(count=counting, access=access)
     return app
-
-
-def _observe_refusals(*, count: bool, access: logs.AccessLine | None) -> Callable[[str, int, float, str], bytes]:
-    """How a request the HTTP protocol refuses (http/protocol.py) is counted and logged, as `observed` does others."""
-
-    def observe(method: str, status: int, seconds: float, client: str) -> bytes:
-        request_id = b"%s%020x" % (_PROCESS, next(_SEQUENCE))
-        method = method if method in metrics.METHODS else metrics.OTHER_METHOD
-        if count:
-            metrics.request_done(method, metrics.UNMATCHED, status, seconds)
-        if access is not None:
-            access(request_id.decode(), method, metrics.UNMATCHED, status, seconds, None, client)
-        return request_id
-
-    return observe
 
 
 class _Cors(CORSMiddleware):

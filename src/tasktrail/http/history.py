@@ -15,7 +15,7 @@ from tasktrail.domain.events import to_data, type_of
 from tasktrail.domain.task import TaskNotFound
 from tasktrail.http.auth import SECURITY
 from tasktrail.http.problems import problems
-from tasktrail.http.tasks import ERRORS, JsonReply, documented, json_response, parse_task_id, read
+from tasktrail.http.tasks import ERRORS, JsonReply, documented, json_response, parse_task_id, past_a_page, read
 
 
 class EventView(msgspec.Struct):
@@ -69,8 +69,7 @@ async def history(
 
     page = await read(request, fetch)
     headers = {}
-    if len(page) > limit:  # one more than a page was read: a Link only when the next page has events
-        del page[limit:]
+    if past_a_page(page, limit):  # one more than a page was read: a Link only when the next page has events
         last = page[-1].recorded.version
         headers["Link"] = f'</tasks/{uuid}/history?after_version={last}&limit={limit}>; rel="next"'
     return json_response(History(str(uuid), [event_view(s) for s in page]), headers=headers)

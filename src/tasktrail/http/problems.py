@@ -8,11 +8,13 @@ from typing import Any
 import msgspec
 from litestar import Response
 from litestar.openapi.datastructures import ResponseSpec
+from litestar.types import Send
 
 from tasktrail.domain.task import TaskNotFound, TransitionRejected
 from tasktrail.writer import PreconditionFailed
 
 PROBLEM = "application/problem+json"
+_PROBLEM = PROBLEM.encode()
 
 
 class Problem(msgspec.Struct, omit_defaults=True):
@@ -35,6 +37,14 @@ def details(status: int, detail: str, **extra: Any) -> Problem:
 
 def problem_body(status: int, detail: str, **extra: Any) -> bytes:
     return msgspec.json.encode(details(status, detail, **extra))
+
+
+async def send_problem(send: Send, status: int, detail: str, **extra: Any) -> None:
+    """Answer with a problem document from plain ASGI code (a middleware's refusal)."""
+    body = problem_body(status, detail, **extra)
+    headers = [(b"content-type", _PROBLEM), (b"content-length", b"%d" % len(body))]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 def problem(status: int, detail: str, headers: dict[str, str] | None = None, **extra: Any) -> Response[bytes]:

@@ -44,7 +44,7 @@ PARSED_URL_BYTES = 65_535
 
 # How the app counts and logs a request this protocol refuses before the app sees it (set by
 # http/app.py, which counts and logs every other): (method, status, seconds, client) -> its request id.
-observe: Callable[[str, int, float, str], bytes] | None = None
+observe: Callable[[str, int, float, tuple[str, int] | None], bytes] | None = None
 
 
 class _Parser:
@@ -167,7 +167,7 @@ class BoundedHead(HttpToolsProtocol):
                 method = self.parser.get_method().decode("ascii")
         seconds = perf_counter() - self.began if self.reading_head else 0.0
         assert observe is not None
-        return observe(method, status, seconds, self.client[0] if self.client else "-")
+        return observe(method, status, seconds, self.client)
 
     def linger(self) -> None:
         """Close after an answer given while the client may still be sending: see LINGER_SECONDS."""

@@ -390,6 +390,14 @@ def _decode_cursor(cursor: str) -> int:
     raise invalid("cursor", "not a cursor this service gave out")
 
 
+def past_a_page(rows: list[Any], limit: int) -> bool:
+    """Whether rows read as limit + 1 are more than a page: then the next page has some. Keeps the page."""
+    if len(rows) <= limit:
+        return False
+    del rows[limit:]
+    return True
+
+
 @get(
     ["/tasks", "/tasks/"],
     security=SECURITY,
@@ -415,8 +423,7 @@ async def list_tasks(
         ),
     )
     headers = {}
-    if len(page) > limit:
-        del page[limit:]
+    if past_a_page(page, limit):
         query = {k: v for k, v in request.query_params.items() if k not in ("cursor", "skip")}
         query["cursor"] = _encode_cursor(page[-1])
         headers["Link"] = f'<{request.url.path}?{urlencode(query)}>; rel="next"'

@@ -63,7 +63,7 @@ from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from tasktrail import db
 from tasktrail.http.body import MAX_BODY_BYTES, MalformedBody
-from tasktrail.http.problems import PROBLEM, problem_body, problems
+from tasktrail.http.problems import problems, send_problem
 
 MAX_URL_BYTES = 16 * 1024
 MAX_HEADER_BYTES = 32 * 1024
@@ -88,7 +88,6 @@ SHAPE = "tasktrail.shape"  # the key of a handler's Shape in its opt
 FORM = "tasktrail.form"
 # The key of a page route's refusal in its opt: (status, detail) -> the ASGI app that answers it.
 PAGE = "tasktrail.page"
-_PROBLEM = PROBLEM.encode()
 _WHOLE = re.compile(r"-?(?:0|[1-9][0-9]*)")
 WHOLE_NUMBER = "must be a whole number in digits, such as 100 (no exponent, point or leading 0)"
 
@@ -182,10 +181,7 @@ def wellformed(app: ASGIApp) -> ASGIApp:
             if page is not None:
                 await page(status, detail)(scope, receive, send)
                 return
-            body = problem_body(status, detail, **extra)
-            headers = [(b"content-type", _PROBLEM), (b"content-length", b"%d" % len(body))]
-            await send({"type": "http.response.start", "status": status, "headers": headers})
-            await send({"type": "http.response.body", "body": body})
+            await send_problem(send, status, detail, **extra)
             return
         if shape is not None and shape.json_body:
             receive = _text_body(receive, body_timeout)

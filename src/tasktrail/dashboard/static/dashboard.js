@@ -115,9 +115,6 @@ function follow(url, { onEvent, onOpen }) {
       clearTimeout(timer);
       source?.close();
     },
-    get lastId() {
-      return lastId;
-    },
   };
 }
 
