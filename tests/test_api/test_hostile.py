@@ -227,7 +227,7 @@ def test_what_the_http_parser_refuses_is_problem_json_too(database_url: str, tmp
     assert "other unmatched 501" in server.log()
 
 
-def test_a_host_header_that_is_no_host_and_port_is_400_wherever_it_is_sent(database_url: str, tmp_path: Path) -> None:
+def test_a_missing_repeated_or_unreadable_host_is_400_wherever_it_is_sent(database_url: str, tmp_path: Path) -> None:
     # The request's URL is made from Host: a port past 65535, or not digits, failed wherever the URL was
     # read (a list's Link header, a query's 422, the dashboard's redirect to sign in) with a 500.
     server = Server(os.environ | {"DATABASE_URL": database_url}, log_dir=tmp_path)
@@ -239,6 +239,11 @@ def test_a_host_header_that_is_no_host_and_port_is_400_wherever_it_is_sent(datab
         for host in (b"localhost:65535", b"127.0.0.1", b"[::1]:8000", b"localhost"):
             request = b"GET /tasks/?limit=1 HTTP/1.1\r\nHost: " + host + b"\r\nConnection: close\r\n\r\n"
             assert exchange(server, request).startswith(b"HTTP/1.1 200 "), host
+        # RFC 9112 section 3.2: an HTTP/1.1 request has exactly one Host; HTTP/1.0 may have none.
+        for head in (b"", b"Host: 127.0.0.1\r\nHost: 127.0.0.1\r\n", b"Host: a\r\nHost: b\r\n"):
+            request = b"GET /tasks/?limit=1 HTTP/1.1\r\n" + head + b"Connection: close\r\n\r\n"
+            assert "exactly one Host" in problem_of(exchange(server, request), 400)["detail"], head
+        assert exchange(server, b"GET /tasks/?limit=1 HTTP/1.0\r\n\r\n").startswith(b"HTTP/1.1 200 ")
     finally:
         server.stop()
     assert "Traceback" not in server.log(), server.log()

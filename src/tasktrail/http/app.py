@@ -203,13 +203,18 @@ def observed(app: ASGIApp, *, count: bool, access: logs.AccessLine | None, cors:
         started = perf_counter()
         given = b""
         inner = app
+        hosts = 0
         for name, value in scope["headers"]:
             if name == b"x-request-id":
                 given = given or value  # the first
             elif name == b"origin":
                 inner = cors
-            elif name == b"host" and not wellformed.valid_host(value):
-                inner = _bad_host  # the request's URL is made from it: unreadable, it fails wherever it is read
+            elif name == b"host":
+                hosts += 1
+                if not wellformed.valid_host(value):
+                    inner = _bad_host  # the request's URL is made from it: unreadable, it fails wherever it is read
+        if hosts > 1 or (not hosts and scope.get("http_version") != "1.0"):
+            inner = _bad_host  # RFC 9112 §3.2: exactly one Host in HTTP/1.1, or the request is refused with 400
         sane = logs.SANE_REQUEST_ID.fullmatch(given) is not None
         header = given if sane else _new_request_id()
         request_id = header.decode()
@@ -270,7 +275,9 @@ def _new_request_id() -> bytes:
 
 
 async def _bad_host(scope: Scope, receive: Receive, send: Send) -> None:
-    await send_problem(send, 400, "the Host header is not a host name or address, with a port from 0 to 65535 if any")
+    await send_problem(
+        send, 400, "a request needs exactly one Host header: a host name or address, with a port from 0 to 65535 if any"
+    )
 
 
 def _read_after(state: dict[str, Any]) -> tuple[bytes, bytes]:
