@@ -118,6 +118,21 @@ async def test_time_travel_by_version_and_by_time(client: AsyncTestClient) -> No
         assert (await client.get(f"{url}?{query}")).status_code == 422, query
 
 
+async def test_time_travel_folds_a_long_history_read_in_chunks(client: AsyncTestClient) -> None:
+    # A long stream is read and folded a chunk (1,000 events) at a time, the event loop free between them.
+    task = await create(client)
+    url = f"/tasks/{task['task_id']}"
+    seen = {1: task}
+    for first in range(0, 2_500, 500):
+        updates = [{"task_id": task["task_id"], "progress": (first + i) % 97 + 0.5} for i in range(500)]
+        results = (await client.patch("/tasks/batch", json={"updates": updates})).json()["results"]
+        seen |= {r["task"]["version"]: r["task"] for r in results}
+    assert len(seen) == 2_501
+    for version in (999, 1_000, 1_001, 2_000, 2_001, 2_500, 2_501):
+        assert (await client.get(f"{url}?version={version}")).json() == seen[version], version
+    assert "has only 2501 versions" in (await client.get(f"{url}?version=2502")).json()["detail"]
+
+
 async def test_time_travel_takes_an_offset_whose_plus_was_not_escaped(client: AsyncTestClient) -> None:
     """`?as_of=2026-…T10:00:00+00:00` as typed (curl, an f-string URL): query decoding turns the `+` into a space."""
     task = await create(client)

@@ -229,14 +229,14 @@ async def _as_it_was(conn: psycopg.AsyncConnection, uuid: UUID, version: int | N
     A version after the last does not exist (yet): answering the latest state
     instead would pass off another version as the one asked for.
     """
-    history = await eventstore.read_stream_until(conn, uuid, version=version, as_of=as_of)
+    task, last = None, 0
+    async for events in eventstore.read_stream_until(conn, uuid, version=version, as_of=as_of):
+        task, last = fold(events, task), events[-1].version
     when = f"version {version}" if version is not None else as_of.isoformat()  # type: ignore[union-attr]
-    if not history:
+    if not last:
         if await eventstore.read_stream(conn, uuid, limit=1):
             raise TaskNotFound(f"task {uuid} did not exist yet at {when}")
         raise TaskNotFound(f"task {uuid} not found")
-    task = fold(s.recorded for s in history)
-    last = history[-1].recorded.version
     if version is not None and last < version:
         versions = f"{last} version{'s' * (last > 1)}" + (" (the last deleted it)" if task is None else "")
         raise TaskNotFound(f"task {uuid} has only {versions}: there is no version {version}")
