@@ -437,3 +437,48 @@ def test_a_version_is_not_pruned_while_its_release_is_connected_and_readiness_sa
     assert "has no tables" in ready.json()["detail"]
     assert "restart" in ready.json()["detail"]
     assert httpx.post(f"{server.url}/tasks/", json={"task_type": "prune"}).status_code == 503
+
+
+def test_a_release_whose_version_was_pruned_under_it_refuses_rather_than_use_the_newer_versions_tables(
+    database_url: str, tmp_path: Path, servers: list[Server]
+) -> None:
+    # A process with no connection for a while (a database outage, then its reconnect backoff) shows
+    # nothing of itself, so its version can be pruned while it runs. Its queries then used to fall through
+    # to the log's views of the newest version: it served release N+1's rows and wrote its own shape into
+    # them. It must refuse instead (503), until restarted.
+    old = Server(env(database_url), log_dir=tmp_path)
+    servers.append(old)
+    made = httpx.post(f"{old.url}/tasks/", json={"task_type": "pruned"}).json()
+    new = up(Starting(env(database_url, RELEASE_N1), log_dir=tmp_path))
+    servers.append(new)
+    mine = "SELECT pid FROM pg_stat_activity WHERE application_name LIKE %s"
+    for _ in range(20):
+        terminate(database_url, mine, f"tasktrail[{old.process.pid}]%")
+        done = tasktrail(database_url, "projections", "prune", "tasks", "1", release=RELEASE_N1)
+        if done.returncode == 0:
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail("the version could not be pruned in the moment its release was away")
+    with connect(database_url) as conn:
+        before = conn.execute("SELECT count(*) FROM events").fetchone()
+
+    for answer in (
+        httpx.get(f"{old.url}/tasks/"),
+        httpx.get(f"{old.url}/tasks/{made['task_id']}"),
+        httpx.post(f"{old.url}/tasks/", json={"task_type": "pruned"}),
+        httpx.patch(f"{old.url}/tasks/{made['task_id']}", json={"progress": 5}),
+        httpx.post(f"{old.url}/tasks/batch", json={"tasks": [{"task_type": "pruned"}]}),
+        httpx.get(f"{old.url}/health/ready", timeout=10),
+    ):
+        assert answer.status_code == 503, (answer.request.method, answer.request.url, answer.text)
+        assert answer.headers["content-type"] == "application/problem+json"
+    with connect(database_url) as conn:
+        assert conn.execute("SELECT count(*) FROM events").fetchone() == before
+    assert "Traceback" not in old.log()
+    assert httpx.get(f"{old.url}/tasks/stats/summary").status_code == 200  # stats version 1 is both releases'
+    # Release N+1 is untouched, and psql still reads the newest version through the views.
+    assert httpx.get(f"{new.url}/tasks/{made['task_id']}").json()["task_type"] == "pruned"
+    with psycopg.connect(database_url) as conn:
+        assert conn.execute("SELECT count(*) FROM tasks WHERE duration_seconds IS NULL").fetchone() == (1,)
+    assert "tasks version 2" in verified(database_url, "--version", "tasks=2")

@@ -131,8 +131,16 @@ def _unstorable(request: Request, exc: psycopg.DataError) -> Response[bytes]:
 
 
 def _outdated(_: Request, exc: ProjectionOutdated) -> Response[bytes]:
-    log.error("refusing a write: %s", exc)
+    log.error("refusing a request: %s", exc)
     return problem(503, "the service is being upgraded; try again shortly", headers={"Retry-After": "1"})
+
+
+def _tables_missing(
+    request: Request, exc: psycopg.errors.UndefinedTable | psycopg.errors.UndefinedColumn
+) -> Response[bytes]:
+    # This process's read-model version was pruned under it: its queries find no tables (the log's views
+    # refuse it, migration 0016), or another version's shape. Writes say so through writer._refused.
+    return _outdated(request, ProjectionOutdated(f"this process's read-model tables are missing ({exc}): restart it"))
 
 
 def _route(request: Request) -> str:
@@ -162,6 +170,8 @@ PROBLEMS: dict[type[Exception], Callable[[Request, Any], Response[bytes]]] = {
     psycopg.DataError: _unstorable,
     psycopg_pool.PoolTimeout: _unavailable,
     ProjectionOutdated: _outdated,
+    psycopg.errors.UndefinedTable: _tables_missing,
+    psycopg.errors.UndefinedColumn: _tables_missing,
     Exception: _unexpected,
 }
 
