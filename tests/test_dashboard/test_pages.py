@@ -459,3 +459,32 @@ async def test_progress_is_never_shown_rounded_to_done_or_to_nothing(open_client
         0.01: {"0.1%"},
         12.25: {"12.2%"},
     }
+
+
+async def test_a_long_error_or_result_is_shown_whole_as_the_state_and_cut_in_each_timeline_entry(
+    open_client: AsyncTestClient,
+) -> None:
+    # 210 failures with 60 KB errors made a task's page 12.8 MB, fetched again after every event.
+    task = (await open_client.post("/tasks/", json={"task_type": "long-error"})).json()
+    path = f"/tasks/{task['task_id']}"
+    error, result = "E" * 20_000 + "<end>", {"r": "r" * 5_000}
+    for status, body in (("running", {}), ("failed", {"error": error}), ("pending", {}), ("completed", {})):
+        assert (await open_client.patch(path, json={"status": status} | body)).status_code == 200
+    await open_client.patch(path, json={"status": "pending"})  # completed is final: a 409, nothing appended
+    page = (await open_client.get(f"/ui{path}")).text
+    now = re.search(r'<section class="now".*?</section>', page, re.DOTALL)[0]  # type: ignore[index]
+    timeline = re.search(r'<ol class="timeline".*?</ol>', page, re.DOTALL)[0]  # type: ignore[index]
+    assert "E" * 20_000 + "&lt;end&gt;" not in now  # cleared by the retry
+    assert "E" * 20_000 + "&lt;end&gt;" not in timeline
+    assert "E" * (routes.SUMMARY - 1) + "…" in timeline
+    assert len(page) < 20_000
+    other = (await open_client.post("/tasks/", json={"task_type": "long-result"})).json()
+    await open_client.patch(f"/tasks/{other['task_id']}", json={"status": "failed", "error": error})
+    page = (await open_client.get(f"/ui/tasks/{other['task_id']}")).text
+    now = re.search(r'<section class="now".*?</section>', page, re.DOTALL)[0]  # type: ignore[index]
+    assert "E" * 20_000 + "&lt;end&gt;" in now  # the state, whole
+    assert page.count("E" * 20_000) == 1
+    await open_client.patch(f"/tasks/{other['task_id']}", json={"status": "pending"})
+    await open_client.patch(f"/tasks/{other['task_id']}", json={"status": "completed", "result": result})
+    page = (await open_client.get(f"/ui/tasks/{other['task_id']}")).text
+    assert page.count("r" * 5_000) == 1  # the state's result, whole; its entry cut

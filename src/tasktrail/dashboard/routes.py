@@ -125,7 +125,10 @@ def pretty(value: Any) -> str:
     return json.dumps(value, indent=2, ensure_ascii=False)
 
 
-def compact(value: Any, limit: int = 160) -> str:
+SUMMARY = 160  # characters of a value in a feed row or a timeline entry
+
+
+def compact(value: Any, limit: int = SUMMARY) -> str:
     """JSON on one line, cut at `limit` characters (the feed's and the timeline's summaries)."""
     text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
     return text if len(text) <= limit else text[: limit - 1] + "…"
@@ -386,9 +389,10 @@ def _shown(field: str, value: Any) -> str:
         return when(value)
     if field == "progress":
         return percent(value)
-    if isinstance(value, dict):
-        return compact(value)
-    return str(value)
+    if field == "result":
+        return compact(value)  # any JSON value
+    text = str(value)  # an error: up to 64 KiB, shown whole only as the task's state, not in each entry
+    return text if len(text) <= SUMMARY else text[: SUMMARY - 1] + "…"
 
 
 def changes(before: Task | None, after: Task | None, stored: eventstore.Stored) -> list[tuple[str, str]]:

@@ -215,12 +215,14 @@ const live = (() => {
   };
 })();
 
-// Runs job() at most every every() ms while something asked for it, never two at once.
+// Runs job() at most every every() ms while something asked for it, never two at once. every() is
+// asked again at each request: a shorter answer brings the next run forward.
 function coalesce(job, every = () => APPLY_EVERY) {
   let wanted = false;
   let running = false;
   let last = 0;
   let timer = null;
+  let due = 0;
   async function run() {
     timer = null;
     if (running || !wanted) return;
@@ -238,7 +240,12 @@ function coalesce(job, every = () => APPLY_EVERY) {
     }
   }
   function schedule() {
-    if (timer === null && !running) timer = setTimeout(run, Math.max(0, last + every() - performance.now()));
+    if (running) return;
+    const at = last + every();
+    if (timer !== null && at >= due) return;
+    clearTimeout(timer);
+    due = at;
+    timer = setTimeout(run, Math.max(0, at - performance.now()));
   }
   return () => {
     wanted = true;
@@ -792,7 +799,14 @@ function eventsPage() {
   let waiting = []; // raw JSON of events not yet shown, oldest first, at most `cap`
   let skipped = 0;
   let beforePause = 0;
-  let flooded = false; // more than a screenful came since the last update: nobody reads rows that fast
+  // The page updates at a pace that shows every event for a while: each update adds about half the
+  // rows kept at most (sooner when that many wait), so an event stays through two updates at least.
+  // Faster than one update every FASTEST ms can show that way (2,000 events a second), it is flooded:
+  // nobody reads rows that fast, so it updates every second with the newest events only.
+  const FASTEST = 50;
+  let pace = APPLY_EVERY;
+  let flooded = false;
+  let applied = performance.now();
 
   const time = (iso) => {
     const d = new Date(iso);
@@ -830,7 +844,12 @@ function eventsPage() {
     if (!waiting.length) return;
     const batch = waiting;
     waiting = [];
-    flooded = batch.length >= cap;
+    const now = performance.now();
+    const rate = (batch.length + skipped) / Math.max(now - applied, FASTEST); // events a millisecond
+    applied = now;
+    pace = Math.min(APPLY_EVERY, Math.max(FASTEST, cap / 2 / rate));
+    // Events came and went unshown, and not in one burst: the rate over the (then long) interval says.
+    flooded = skipped > 0 && rate * FASTEST > cap / 2;
     const fragment = document.createDocumentFragment();
     for (let i = batch.length - 1; i >= 0; i -= 1) fragment.append(row(JSON.parse(batch[i])));
     rows.prepend(fragment);
@@ -840,7 +859,7 @@ function eventsPage() {
       ? `Showing the newest ${cap}; ${number.format(skipped)} more came faster than a page can show.`
       : "";
     skipped = 0;
-  }, () => (flooded ? 4 * APPLY_EVERY : APPLY_EVERY));
+  }, () => (flooded ? 4 * APPLY_EVERY : waiting.length >= cap / 2 ? FASTEST : pace));
 
   live.follow(body.dataset.stream, {
     onEvent: (type, data) => {
