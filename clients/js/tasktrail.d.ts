@@ -145,6 +145,12 @@ export declare class TaskTrailError extends Error {
 export declare class TaskManager {
     constructor(baseUrl?: string, options?: TaskManagerOptions);
     baseUrl: string;
+    /** The options given, or their defaults. */
+    apiKey: string | undefined;
+    attempts: number;
+    watchMode: 'stream' | 'poll';
+    pollInterval: number;
+    EventSource: (new (url: string) => EventSourceLike) | undefined;
     /** The Tasktrail-Read-After token of the last write, sent with the reads after it. */
     readAfter: string | null;
 

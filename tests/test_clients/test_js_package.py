@@ -50,7 +50,8 @@ def test_the_types_declare_every_export_and_method() -> None:
         "-e",
         "const m = await import('./clients/js/tasktrail.mjs');"
         "console.log(JSON.stringify({exports: Object.keys(m),"
-        " methods: Object.getOwnPropertyNames(m.TaskManager.prototype).filter(n => n !== 'constructor')}));",
+        " methods: Object.getOwnPropertyNames(m.TaskManager.prototype).filter(n => n !== 'constructor'),"
+        " fields: Object.keys(new m.TaskManager())}));",
     )
     found = json.loads(listing)
     types = (PACKAGE / "tasktrail.d.ts").read_text()
@@ -60,6 +61,8 @@ def test_the_types_declare_every_export_and_method() -> None:
     manager = types.split("export declare class TaskManager", 1)[1].split("\n}\n", 1)[0]
     for method in found["methods"]:
         assert re.search(rf"^\s+{method}\(", manager, re.M), f"TaskManager.{method} has no type"
+    for field in found["fields"]:
+        assert re.search(rf"^\s+{field}: ", manager, re.M), f"TaskManager.{field} has no type"
 
 
 def test_the_package_against_a_real_server(server: str, keyed_server: Keyed, tmp_path: Path) -> None:
