@@ -10,8 +10,10 @@ arrived within the read timeout (TASKTRAIL_READ_TIMEOUT), and closes. It also
 answers the parser's own refusals (a NUL or a bare CR in a header, a
 Content-Length that is not a number or comes twice, Content-Length beside
 chunked, a broken chunk size) as problem+json, like every other error, where
-uvicorn answers plain text; and a method it does not know (FOO, or get: methods
-are case-sensitive) as 501, as RFC 9110 says, not as a request that is not HTTP.
+uvicorn answers plain text; a method it does not know (FOO, or get: methods
+are case-sensitive) as 501, as RFC 9110 says, not as a request that is not HTTP;
+and a request that asks to upgrade the connection as HTTP/1.1, body and all
+(UpgradeIgnored).
 """
 
 from __future__ import annotations
@@ -42,6 +44,9 @@ LINGER_SECONDS = 2.0
 # httptools.parse_url keeps offsets in 16 bits: a longer URL is no URL to it.
 PARSED_URL_BYTES = 65_535
 
+# The headers that say where a request's body ends.
+_FRAMING = (b"content-length", b"transfer-encoding")
+
 # How the app counts and logs a request this protocol refuses before the app sees it (set by
 # http/app.py, which counts and logs every other): (method, status, seconds, client) -> its request id.
 observe: Callable[[str, int, float, tuple[str, int] | None], bytes] | None = None
@@ -58,11 +63,62 @@ class _Parser:
         self.set_dangerous_leniencies = parser.set_dangerous_leniencies
 
     def feed_data(self, data: bytes) -> None:
+        protocol = self.protocol
+        if protocol.upgrade_body is not None:
+            protocol.upgrade_body.feed_data(data)
+            return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserInvalidMethodError:
-            self.protocol.unknown_method = True
+            protocol.unknown_method = True
             raise
+        except httptools.HttpParserUpgrade as exc:  # an Upgrade this server ignores: see UpgradeIgnored
+            if protocol.upgrade_body is None:
+                protocol.refused = True  # no body: what follows is not read, and the connection closes
+            else:
+                protocol.upgrade_body.feed_data(data[exc.args[0] :])  # the request's body
+
+
+class UpgradeIgnored:
+    """The body of a request that asks to upgrade the connection (Upgrade: h2c, or websocket), read as HTTP/1.1.
+
+    This server speaks HTTP/1.1 only, and RFC 9110 lets it ignore an Upgrade. But
+    the parser takes what follows such a request's head as the new protocol's
+    bytes and skips its body: the app got none (a POST from `curl --http2` was a
+    422), and the connection answered nothing more. So a second parser reads
+    the body, as the head described it (a Content-Length, or chunks), into the
+    request; the connection closes after the answer, since its next bytes could
+    be of any protocol.
+    """
+
+    def __init__(self, protocol: BoundedHead, framing: bytes) -> None:
+        self.protocol = protocol
+        self.done = False
+        self.parser = httptools.HttpRequestParser(self)
+        self.parser.feed_data(b"POST / HTTP/1.1\r\n" + framing + b"\r\n\r\n")
+
+    def feed_data(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError:
+            self.protocol.send_400_response("a broken body")
+
+    def on_body(self, body: bytes) -> None:
+        cycle = self.protocol.cycle
+        if cycle is not None and not cycle.response_complete:
+            cycle.body += body
+            cycle.message_event.set()
+
+    def on_message_complete(self) -> None:
+        self.done = True
+        protocol, cycle = self.protocol, self.protocol.cycle
+        if protocol.upgrade_body is not self:
+            return  # an empty body, ended with the head: the request's own parser ends the message
+        protocol.upgrade_body = None
+        protocol.refused = True  # whatever follows is not read: the connection closes after the answer
+        if cycle is not None:
+            cycle.more_body = False
+            cycle.message_event.set()
 
 
 class BoundedHead(HttpToolsProtocol):
@@ -71,6 +127,7 @@ class BoundedHead(HttpToolsProtocol):
     refused = False
     unknown_method = False
     url_too_long = False
+    upgrade_body: UpgradeIgnored | None = None  # reading the body of a request whose Upgrade is ignored
     head_due: asyncio.TimerHandle | None = None
     began = 0.0  # when the request's first byte was parsed
 
@@ -103,9 +160,19 @@ class BoundedHead(HttpToolsProtocol):
             self.head_due.cancel()
             self.head_due = None
         super().on_headers_complete()
+        if self.cycle is not None and self.parser.should_upgrade():  # not to a WebSocket: none is served
+            self.cycle.keep_alive = False
+            framing = [b"%s: %s" % header for header in self.headers if header[0] in _FRAMING]
+            body = UpgradeIgnored(self, b"\r\n".join(framing)) if framing else None
+            if body is not None and not body.done:  # not "Content-Length: 0"
+                self.upgrade_body = body
         if self.cycle is not None and not self.cycle.keep_alive:
             # The cycle closes the connection once it has answered: perhaps before the body has all arrived.
             self.cycle.transport = _Closing(self)  # type: ignore[assignment]
+
+    def on_message_complete(self) -> None:
+        if self.upgrade_body is None:  # else the body is still to come, through UpgradeIgnored
+            super().on_message_complete()
 
     def head_late(self) -> None:
         if not self.transport.is_closing():
