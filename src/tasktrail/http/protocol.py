@@ -11,7 +11,8 @@ answers the parser's own refusals (a NUL or a bare CR in a header, a
 Content-Length that is not a number or comes twice, Content-Length beside
 chunked, a broken chunk size) as problem+json, like every other error, where
 uvicorn answers plain text; a method it does not know (FOO, or get: methods
-are case-sensitive) as 501, as RFC 9110 says, not as a request that is not HTTP;
+are case-sensitive) as a 400 that says so (RFC 9110 suggests 501, but no input
+gets a 5xx from this service: SPEC §8);
 and a request that asks to upgrade the connection as HTTP/1.1, body and all
 (UpgradeIgnored).
 """
@@ -195,7 +196,7 @@ class BoundedHead(HttpToolsProtocol):
             return
         if self.unknown_method:
             self.refuse(
-                501, "this service does not know the request's method (methods are case-sensitive: GET, not get)"
+                400, "this service does not know the request's method (methods are case-sensitive: GET, not get)"
             )
             return
         self.refuse(
