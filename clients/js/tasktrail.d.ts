@@ -145,7 +145,7 @@ export declare class TaskTrailError extends Error {
 export declare class TaskManager {
     constructor(baseUrl?: string, options?: TaskManagerOptions);
     baseUrl: string;
-    /** The options given, or their defaults. */
+    // The options given (TaskManagerOptions), or their defaults.
     apiKey: string | undefined;
     attempts: number;
     watchMode: 'stream' | 'poll';

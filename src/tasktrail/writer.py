@@ -93,9 +93,7 @@ async def _refused(conn: psycopg.AsyncConnection) -> AsyncIterator[None]:
     try:
         yield
     except (psycopg.errors.UndefinedColumn, psycopg.errors.UndefinedTable) as exc:
-        raise projections.ProjectionOutdated(
-            f"this process's read-model tables are missing ({exc.diag.message_primary}): restart it"
-        ) from exc
+        raise projections.ProjectionOutdated.missing(exc) from exc
 
 
 # The state this process last wrote of each recently written task, as a guess

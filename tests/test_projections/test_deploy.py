@@ -477,6 +477,7 @@ def test_a_release_whose_version_was_pruned_under_it_refuses_rather_than_use_the
         assert conn.execute("SELECT count(*) FROM events").fetchone() == before
     assert "Traceback" not in old.log()
     assert httpx.get(f"{old.url}/tasks/stats/summary").status_code == 200  # stats version 1 is both releases'
+    assert "tasktrail_http_requests_total" in httpx.get(f"{old.url}/metrics").text  # its own figures still
     # Release N+1 is untouched, and psql still reads the newest version through the views.
     assert httpx.get(f"{new.url}/tasks/{made['task_id']}").json()["task_type"] == "pruned"
     with psycopg.connect(database_url) as conn:

@@ -128,10 +128,13 @@ def pretty(value: Any) -> str:
 SUMMARY = 160  # characters of a value in a feed row or a timeline entry
 
 
-def compact(value: Any, limit: int = SUMMARY) -> str:
-    """JSON on one line, cut at `limit` characters (the feed's and the timeline's summaries)."""
-    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+def compact(value: Any) -> str:
+    """JSON on one line, cut at SUMMARY characters (the feed's and the timeline's summaries)."""
+    return cut(json.dumps(value, ensure_ascii=False, separators=(",", ":")))
+
+
+def cut(text: str) -> str:
+    return text if len(text) <= SUMMARY else text[: SUMMARY - 1] + "…"
 
 
 def _static_url(name: str) -> str:
@@ -390,9 +393,8 @@ def _shown(field: str, value: Any) -> str:
     if field == "progress":
         return percent(value)
     if field == "result":
-        return compact(value)  # any JSON value
-    text = str(value)  # an error: up to 64 KiB, shown whole only as the task's state, not in each entry
-    return text if len(text) <= SUMMARY else text[: SUMMARY - 1] + "…"
+        return compact(value)
+    return cut(str(value))  # an error may be 64 KiB: shown whole only as the task's state
 
 
 def changes(before: Task | None, after: Task | None, stored: eventstore.Stored) -> list[tuple[str, str]]:

@@ -140,7 +140,7 @@ def _tables_missing(
 ) -> Response[bytes]:
     # This process's read-model version was pruned under it: its queries find no tables (the log's views
     # refuse it, migration 0016), or another version's shape. Writes say so through writer._refused.
-    return _outdated(request, ProjectionOutdated(f"this process's read-model tables are missing ({exc}): restart it"))
+    return _outdated(request, ProjectionOutdated.missing(exc))
 
 
 def _route(request: Request) -> str:
@@ -214,6 +214,7 @@ def observed(app: ASGIApp, *, count: bool, access: logs.AccessLine | None, cors:
         given = b""
         inner = app
         hosts = 0
+        readable = True
         for name, value in scope["headers"]:
             if name == b"x-request-id":
                 given = given or value  # the first
@@ -221,10 +222,11 @@ def observed(app: ASGIApp, *, count: bool, access: logs.AccessLine | None, cors:
                 inner = cors
             elif name == b"host":
                 hosts += 1
-                if not wellformed.valid_host(value):
-                    inner = _bad_host  # the request's URL is made from it: unreadable, it fails wherever it is read
-        if hosts > 1 or (not hosts and scope.get("http_version") != "1.0"):
-            inner = _bad_host  # RFC 9112 §3.2: exactly one Host in HTTP/1.1, or the request is refused with 400
+                readable = readable and wellformed.valid_host(value)
+        # RFC 9112 §3.2: exactly one Host in HTTP/1.1, or a 400. And the request's URL is made from it:
+        # unreadable (a port past 65535), it fails wherever the URL is read.
+        if not readable or hosts > 1 or (not hosts and scope.get("http_version") != "1.0"):
+            inner = _bad_host
         sane = logs.SANE_REQUEST_ID.fullmatch(given) is not None
         header = given if sane else _new_request_id()
         request_id = header.decode()

@@ -43,8 +43,8 @@ class NewTasks(msgspec.Struct, frozen=True):
     tasks: Annotated[list[CreateTask], Items]
 
 
-# A version is an integer; JSON Schema counts 3.0 as one too, so the decoder takes it (and refuses 3.5).
-# Any integer: one no task is at (0, -1, 2**40) is refused with that item's 412, as If-Match: "0" would be.
+# A version is any integer: one no task is at (0, -1, 2**40) gets that item's 412, as If-Match: "0" does.
+# JSON Schema counts 3.0 as an integer too, so a float is taken, and _version refuses 3.5.
 Version = int | float
 VERSION = Schema(one_of=[Schema(type=OpenAPIType.INTEGER), Schema(type=OpenAPIType.NULL)])
 

@@ -93,6 +93,9 @@ async def scrape(request: Request) -> Response[bytes]:
     except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as exc:
         # The service's own figures matter most now (tasktrail_db_unavailable_total among them): answer with them.
         log.warning("metrics: the database did not answer, its gauges are left out: %s", exc)
+    except (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedColumn) as exc:
+        # This process's read-model version was pruned under it (see projections/versions.py): the same.
+        log.warning("metrics: this process's read-model tables are missing, its gauges are left out: %s", exc)
     database += replica_families(request.app.state.replicas.status())
     metrics.sample_pool(request.app.state.pool)
     body, content_type = metrics.exposition(request.headers.get("accept", ""), database)

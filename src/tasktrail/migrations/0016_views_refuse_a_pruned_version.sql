@@ -6,7 +6,8 @@
 -- version's tables. Now a session whose search_path names a read-model
 -- version (rm_<name>_v<n>, as every server process's does) is refused by the
 -- views, with the error a missing table gives (42P01), which such a process
--- answers as a 503 that says to restart it; psql and scripts, whose
+-- answers with 503 (and logs that it must restart; a process of a release
+-- before this one answers its reads with 500); psql and scripts, whose
 -- search_path names none, read and write through the views as before.
 CREATE FUNCTION projection_view_guard() RETURNS boolean
 LANGUAGE plpgsql STABLE AS $$

@@ -8,11 +8,14 @@ import os
 import re
 from collections.abc import Sequence
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tasktrail.domain.events import Recorded
 from tasktrail.domain.task import Task
 from tasktrail.projections import stats, tasks
+
+if TYPE_CHECKING:
+    import psycopg
 
 # One change: an event and the state it took its task from and to.
 Change = tuple[Recorded, Task | None, Task | None]
@@ -96,6 +99,11 @@ def projected(modules: Sequence[ModuleType]) -> str:
 
 class ProjectionOutdated(Exception):
     """This process's read-model tables are gone (pruned): it must restart, which rebuilds them."""
+
+    @classmethod
+    def missing(cls, exc: psycopg.Error) -> ProjectionOutdated:
+        """From the error of a statement that found no table, or no column, where this process's should be."""
+        return cls(f"this process's read-model tables are missing ({exc.diag.message_primary or exc}): restart it")
 
 
 # A write is one statement, so one round trip and, in autocommit, a
