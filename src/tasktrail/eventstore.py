@@ -86,8 +86,12 @@ def _stored(stream_id: UUID, rows: list[tuple[Any, ...]]) -> list[Stored]:
 def _one(
     stream_id: UUID, version: int, position: int, at: datetime, type_: str, data: Any, metadata: dict[str, Any]
 ) -> Stored:
+    return Stored(recorded(stream_id, version, position, at, type_, data), metadata)
+
+
+def recorded(stream_id: UUID, version: int, position: int, at: datetime, type_: str, data: Any) -> Recorded:
     """A stored row as the event it holds (upcast to the current shape)."""
-    return Stored(Recorded(stream_id, version, position, at, from_data(type_, data)), metadata)
+    return Recorded(stream_id, version, position, at, from_data(type_, data))
 
 
 READ_STREAM = """
@@ -134,10 +138,7 @@ async def read_stream_until(
     params = {"stream_id": stream_id, "version": version or 2**31 - 1, "as_of": as_of or FAR_FUTURE}
     cur = await conn.execute(READ_STREAM_UNTIL, params)
     while rows := await cur.fetchmany(chunk):
-        yield [
-            Recorded(stream_id, version, position, at, from_data(type_, data))
-            for version, position, at, type_, data in rows
-        ]
+        yield [recorded(stream_id, *row) for row in rows]
         await asyncio.sleep(0)
 
 

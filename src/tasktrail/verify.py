@@ -9,8 +9,7 @@ from uuid import UUID
 import psycopg
 from psycopg import sql
 
-from tasktrail import db, projections
-from tasktrail.domain.events import Recorded, from_data
+from tasktrail import db, eventstore, projections
 from tasktrail.domain.task import Task, evolve
 from tasktrail.projections import tasks as tasks_view
 
@@ -49,9 +48,9 @@ def fold_log(conn: psycopg.Connection) -> tuple[int, dict[UUID, Task | None]]:
     with conn.cursor(name="verify_events") as cur:
         cur.itersize = BATCH
         cur.execute(ALL_EVENTS)
-        for stream_id, version, position, at, type_, data in cur:
-            recorded = Recorded(stream_id, version, position, at, from_data(type_, data))
-            states[stream_id] = evolve(states.get(stream_id), recorded)
+        for row in cur:
+            recorded = eventstore.recorded(*row)
+            states[recorded.stream_id] = evolve(states.get(recorded.stream_id), recorded)
             events += 1
     return events, states
 

@@ -50,7 +50,6 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from tasktrail import db, eventstore, live, projections
-from tasktrail.domain.events import Recorded, from_data
 from tasktrail.domain.task import Task, evolve
 from tasktrail.projections import versions
 
@@ -121,10 +120,11 @@ async def _apply(conn: psycopg.AsyncConnection, module: ModuleType, new: set[tup
     changes: list[projections.Change] = []
     state: Task | None = None
     stream = None
-    for stream_id, version, position, at, type_, data in await cur.fetchall():
+    for row in await cur.fetchall():
+        recorded = eventstore.recorded(*row)
+        stream_id, version = recorded.stream_id, recorded.version
         if stream_id != stream:
             stream, state = stream_id, None
-        recorded = Recorded(stream_id, version, position, at, from_data(type_, data))
         after = evolve(state, recorded)
         if (stream_id, version) in new:
             changes.append((recorded, state, after))

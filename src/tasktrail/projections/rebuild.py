@@ -67,7 +67,7 @@ from psycopg_pool import ConnectionPool
 
 from tasktrail import db, eventstore, projections
 from tasktrail.domain import events as ev
-from tasktrail.domain.events import Recorded, from_data
+from tasktrail.domain.events import from_data
 from tasktrail.domain.task import TARGET, Status, Task, evolve
 from tasktrail.projections import follow, replayed, versions
 
@@ -540,9 +540,9 @@ async def _catch_up(
     cur = await conn.execute(CHANGES_SINCE, {"seen": seen, "now": now})
     moved: dict[bytes, Task | None] = {}
     changes = []
-    for stream_id, version, position, at, type_, data in await cur.fetchall():
-        recorded = Recorded(stream_id, version, position, at, from_data(type_, data))
-        key = stream_id.bytes
+    for row in await cur.fetchall():
+        recorded = eventstore.recorded(*row)
+        key = recorded.stream_id.bytes
         before = moved[key] if key in moved else _task(states.get(key))
         moved[key] = after = evolve(before, recorded)
         changes.append((recorded, before, after))
