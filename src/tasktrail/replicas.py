@@ -103,6 +103,8 @@ DEFAULT_MAX_LAG = 5.0
 REPLICA_POOL_TIMEOUT = 0.5
 # A health check that takes longer than this finds the replica down (or the primary not answering).
 CHECK_TIMEOUT = 2.0
+# How long the streams wait for a replica to replay a commit before they read it from the primary.
+STREAM_PATIENCE = 1.0
 
 SERVING = "serving"
 STARTING = "starting"
@@ -114,7 +116,9 @@ STATES = (SERVING, STARTING, LAGGING, DOWN, NOT_A_STANDBY, FOREIGN)
 
 INSERTED = "SELECT pg_current_wal_insert_lsn()::text"
 FLUSHED = "SELECT pg_current_wal_flush_lsn()::text"
-REPLAYED = "SELECT pg_last_wal_replay_lsn()::text"
+# NULL on a server that is not in recovery: a promoted standby keeps its last replay position until it
+# restarts, and it takes writes of its own, which the primary's readers must never see.
+REPLAYED = "SELECT CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()::text END"
 IDENTITY = "SELECT system_identifier, current_database() FROM pg_control_system()"
 
 _LSN = re.compile(rb"\s*([0-9A-Fa-f]{1,8})/([0-9A-Fa-f]{1,8})\s*")
@@ -269,6 +273,7 @@ class Replicas:
         self.positions = PrimaryPositions(keep=2 * max_lag + 1)
         self.serving: list[Replica] = []
         self._turn = 0
+        self._behind_since: float | None = None  # since when no replica read by read_caught_up had its target
         self._identity: tuple[Any, ...] | None = None
         self._primary_conn: psycopg.AsyncConnection | None = None
         self._task: asyncio.Task[None] | None = None
@@ -313,8 +318,16 @@ class Replicas:
     async def read_steadily(
         self, fetch: Callable[[psycopg.AsyncConnection], Awaitable[T]], *, primary: bool = False
     ) -> T:
-        """fetch(conn) on the first serving replica (the one the listener reads), else (or if asked) the primary."""
-        return await self._on(None if primary or not self.serving else self.serving[0], fetch)
+        """fetch(conn) on the freshest serving replica (as the listener reads), else (or if asked) the primary."""
+        return await self._on(None if primary else self._freshest(), fetch)
+
+    def _freshest(self) -> Replica | None:
+        """The serving replica that has replayed the most, as far as is known (the first of equals).
+
+        One whose replay is paused, or slow, stays where it was; the checks move
+        the others on within `interval`, so a stream reads from one of them.
+        """
+        return max(self.serving, key=lambda replica: replica.replayed, default=None)
 
     async def _on(self, replica: Replica | None, fetch: Callable[[psycopg.AsyncConnection], Awaitable[T]]) -> T:
         """fetch(conn) on the replica; on the primary when there is none, or when the read fails there.
@@ -337,13 +350,19 @@ class Replicas:
     async def read_caught_up(
         self, fetch: Callable[[psycopg.AsyncConnection], Awaitable[T]], target: int
     ) -> tuple[T, bool]:
-        """fetch(conn) on the first serving replica, and whether that replica had replayed `target` before it.
+        """fetch(conn) on the freshest serving replica, and whether that replica had replayed `target` before it.
 
         The replay position is asked first, in the same round trip: the fetch's
         statement takes its snapshot after it, so it sees every commit up to it.
-        With no replica serving, fetch runs on the primary, which has everything.
+        With no replica serving, fetch runs on the primary, which has everything;
+        and so it does once no replica has replayed a target for STREAM_PATIENCE:
+        the streams wait no longer for replicas whose replay is paused, though
+        they serve reads until they are max_lag behind.
         """
-        replica = self.serving[0] if self.serving else None
+        replica = self._freshest()
+        now = time.monotonic()
+        if self._behind_since is not None and now - self._behind_since > STREAM_PATIENCE:
+            replica = self._behind_since = None
         if replica is not None and replica.pool is not None:
             try:
                 async with db.Borrowed(replica.pool) as conn:
@@ -354,7 +373,9 @@ class Replicas:
                 if replayed is None:
                     raise psycopg.OperationalError("the replica is not in recovery")
                 replica.replayed = max(replica.replayed, lsn(replayed))
-                return result, replica.replayed >= target
+                caught_up = replica.replayed >= target
+                self._behind_since = None if caught_up else self._behind_since or now
+                return result, caught_up
             except (psycopg.Error, PoolTimeout) as exc:
                 self._failed(replica, exc)
         async with db.Borrowed(self.primary) as conn:

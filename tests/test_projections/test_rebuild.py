@@ -441,3 +441,27 @@ async def catch_up(database_url: str, modules: tuple[Any, ...]) -> int:
     async with await psycopg.AsyncConnection.connect(database_url, **db.connect_kwargs()) as conn:
         await conn.execute(f"SET search_path = {projections.search_path(modules)}")
         return await follow.catch_up(conn, modules)
+
+
+def test_a_round_with_no_event_since_its_checkpoint_writes_nothing(database_url: str) -> None:
+    # Moving the checkpoint takes a transaction id, which changes the next round's snapshot: an idle
+    # service wrote to the server twice a second for ever, and a paused replica looked behind it.
+    asyncio.run(seed(database_url, 2))
+    moved = "SELECT name, xmin::text, checkpoint::text FROM projection_versions ORDER BY name"
+
+    async def rounds() -> None:
+        async with await psycopg.AsyncConnection.connect(database_url, **db.connect_kwargs()) as conn:
+            for _ in range(3):
+                assert await follow.catch_up(conn) == 0
+
+    asyncio.run(rounds())  # moves the checkpoints past the seed's events (the writer's own)
+    with connect(database_url) as conn:
+        before = conn.execute(moved).fetchall()
+    asyncio.run(rounds())
+    with connect(database_url) as conn:
+        assert conn.execute(moved).fetchall() == before
+    asyncio.run(seed(database_url, 1))  # an event: the next round moves past it
+    asyncio.run(rounds())
+    with connect(database_url) as conn:
+        after = conn.execute(moved).fetchall()
+    assert [row[2] for row in after] != [row[2] for row in before]

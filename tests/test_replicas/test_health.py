@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import threading
@@ -17,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tasktrail.http.app import create_app
 from tasktrail.replicas import DOWN, FOREIGN, HEADER, LAGGING, NOT_A_STANDBY, SERVING
-from tests.conftest import Server
+from tests.conftest import Server, prepared
 from tests.replication import Pair
 from tests.test_replicas.conftest import Database, created_on_replica, replica_of, until, until_serving
 
@@ -163,3 +164,29 @@ def test_requests_racing_a_replica_that_stops_and_starts_all_succeed(
         assert server.stop(signal.SIGINT) == 0, server.log()
     assert len(answers) >= 240
     assert set(answers) == {200}, server.log()
+
+
+async def test_a_promoted_standby_gets_no_reads(tmp_path: Path) -> None:
+    # A promoted standby keeps its last replay position (until it restarts) and takes writes of its own:
+    # it was taken for a standby still, and served reads, some of them data only it had.
+    pair = Pair()  # its own: the package's pair must stay a pair
+    try:
+        pair.create_database("promoted")
+        primary, standby = pair.primary.url("promoted"), pair.standby.url("promoted")
+        await asyncio.to_thread(prepared, primary)  # it runs an event loop of its own
+        pair.wait_replayed()
+        app = create_app(primary, replica_urls=[standby], replica_max_lag=60)
+        async with AsyncTestClient(app=app) as client:
+            replica = await until_serving(client)
+            task = (await client.post("/tasks/", json={"task_type": "promoted"})).json()
+            pair.wait_replayed()
+            with pair.standby.connect() as conn:
+                conn.execute("SELECT pg_promote()")
+            with pair.standby.connect("promoted") as conn:
+                await until(lambda: conn.execute("SELECT NOT pg_is_in_recovery()").fetchone()[0], "promoted")
+                conn.execute("UPDATE rm_tasks_v1.tasks SET error = 'only on the promoted server'")
+            await until(lambda: replica.state == NOT_A_STANDBY, "the promoted standby is found out")
+            for _ in range(4):
+                assert (await client.get(f"/tasks/{task['task_id']}")).json()["error"] is None
+    finally:
+        pair.close()

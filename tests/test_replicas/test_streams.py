@@ -15,7 +15,7 @@ from tasktrail.http.app import create_app
 from tasktrail.replicas import HEADER, ON_PRIMARY
 from tests.conftest import Server
 from tests.replication import Pair
-from tests.sse import messages
+from tests.sse import Message, messages, parse
 from tests.test_replicas.conftest import Database, replicated_database, until_serving
 
 TIMEOUT = httpx.Timeout(30)
@@ -94,6 +94,25 @@ def test_a_task_stream_sees_every_event_while_the_standby_replays_or_pauses(
     assert [m.json()["data"].get("progress") for m in got[:20]] == list(range(1, 21))
     assert got[-1].event == "TaskCompleted"
     assert any(read_there), "no standby session ran the feed's query"  # the stream's events were read there
+
+
+def test_a_stream_waits_for_no_paused_replica_longer_than_a_moment(server: str, pair: Pair) -> None:
+    # The listener read the first replica until it was max_lag (here 30 s) behind: a paused replay kept
+    # every stream silent that long, though the primary had the events. It now reads them there.
+    with httpx.Client(base_url=server, timeout=TIMEOUT) as http, http.stream("GET", "/events/stream") as stream:
+        items = parse(stream.iter_lines())
+
+        def arrives(task_id: str) -> None:
+            deadline = time.monotonic() + 10  # pings come every 0.5 s: the loop looks at the clock
+            for item in items:
+                if isinstance(item, Message) and item.json()["task_id"] == task_id:
+                    return
+                assert time.monotonic() < deadline, "the stream waited for the paused replica"
+
+        arrives(http.post("/tasks/", json={"task_type": "before-the-pause"}).json()["task_id"])
+        with pair.paused():
+            for _ in range(3):
+                arrives(http.post("/tasks/", json={"task_type": "paused-standby"}).json()["task_id"])
 
 
 def test_the_global_stream_resumes_from_any_server_with_nothing_missed_or_repeated(server: str, pair: Pair) -> None:

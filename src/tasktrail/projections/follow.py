@@ -67,15 +67,16 @@ CHECKPOINT = """
 SELECT checkpoint::text, pg_current_snapshot()::text FROM projection_versions
 WHERE name = %(name)s AND version = %(version)s AND state = 'live'
 """
-# Committed after the checkpoint, visible in the round's snapshot, and not
-# written into this version by the writer (`mine` is ",name:version,").
-NEW = """
-SELECT stream_id, version FROM events
+# Committed after the checkpoint, visible in the round's snapshot (SINCE), and
+# not written into this version by the writer (`mine` is ",name:version,").
+SINCE = """
+FROM events
 WHERE transaction_id >= pg_snapshot_xmin(%(seen)s::pg_snapshot)
   AND NOT pg_visible_in_snapshot(transaction_id, %(seen)s::pg_snapshot)
   AND pg_visible_in_snapshot(transaction_id, %(now)s::pg_snapshot)
-  AND strpos(',' || coalesce(projected, '') || ',', %(mine)s) = 0
 """
+NEW = f"SELECT stream_id, version {SINCE} AND strpos(',' || coalesce(projected, '') || ',', %(mine)s) = 0"
+ANY = f"SELECT EXISTS (SELECT {SINCE})"
 HISTORIES = """
 SELECT stream_id, version, position, occurred_at, type, data FROM events
 WHERE stream_id = ANY(%(streams)s) AND pg_visible_in_snapshot(transaction_id, %(now)s::pg_snapshot)
@@ -109,6 +110,12 @@ async def _round(conn: psycopg.AsyncConnection, module: ModuleType, *, wait: boo
         new = {(stream_id, version) for stream_id, version in await cur.fetchall()}
         if new:
             await _apply(conn, module, new, now)
+        elif not (await (await conn.execute(ANY, {"seen": seen, "now": now})).fetchone())[0]:  # type: ignore[index]
+            # No event since the checkpoint: only transactions that wrote none (the followers' own moves of
+            # their checkpoints among them). Moving it would take a transaction id, and so change the next
+            # round's snapshot: an idle service would write to the log's server twice a second, for ever,
+            # and a paused replica would look behind an idle primary.
+            return 0
         await conn.execute(ADVANCE, {"now": now, "name": module.NAME, "version": module.VERSION})
     return len(new)
 
