@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import json
 import logging
 import os
 import re
@@ -97,7 +98,7 @@ def _replicas(args: argparse.Namespace) -> int | None:
         if args.replica:
             for url in args.replica:
                 replicas.check_url(url)
-            os.environ[replicas.URLS_ENV] = ",".join(args.replica)
+            os.environ[replicas.GIVEN_ENV] = json.dumps(args.replica)
         if args.replica_max_lag is not None:
             os.environ[replicas.MAX_LAG_ENV] = str(replicas.max_lag_from(args.replica_max_lag))
         urls, max_lag = replicas.configured()

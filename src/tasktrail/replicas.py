@@ -77,6 +77,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
+import msgspec
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
@@ -97,6 +98,7 @@ EVERYTHING = 1 << 64
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 URLS_ENV = "DATABASE_REPLICA_URLS"
+GIVEN_ENV = "TASKTRAIL_REPLICAS_GIVEN"  # serve's --replica values, for its workers (see `configured`)
 MAX_LAG_ENV = "TASKTRAIL_REPLICA_MAX_LAG"
 DEFAULT_MAX_LAG = 5.0
 # A request waits this long for a replica's pooled connection before it reads from the primary.
@@ -186,8 +188,13 @@ def max_lag_from(value: str | float) -> float:
 
 
 def configured(environ: Mapping[str, str] = os.environ) -> tuple[list[str], float]:
-    """The replica connection strings and max lag the environment names (what `serve` hands its workers)."""
-    urls = split_urls(environ.get(URLS_ENV, ""))
+    """The replica connection strings and max lag the environment names (what `serve` hands its workers).
+
+    `serve --replica` hands its values on as a JSON list (GIVEN_ENV): joined
+    with commas, a password with ",a=" in it would read as two connection strings.
+    """
+    given = environ.get(GIVEN_ENV)
+    urls = msgspec.json.decode(given, type=list[str]) if given else split_urls(environ.get(URLS_ENV, ""))
     for url in urls:
         check_url(url)
     return urls, max_lag_from(environ.get(MAX_LAG_ENV, DEFAULT_MAX_LAG))
