@@ -60,15 +60,20 @@ async def test_a_body_in_a_content_coding_is_415_not_malformed(client: AsyncTest
     assert await total(client) == 1
 
 
-async def test_a_body_without_a_content_type_is_415(client: AsyncTestClient) -> None:
+async def test_a_body_without_a_type_is_415_and_no_body_is_422_whatever_the_type(client: AsyncTestClient) -> None:
     # httpx adds no Content-Type for raw content.
     detail = problem(await client.post("/tasks/", content=BODY), 415)["detail"]
     assert "Content-Type: application/json" in detail
-    # No body and no type: the body is what is missing.
-    assert problem(await client.post("/tasks/", content=b""), 422)["errors"] == [
-        {"field": "body", "message": "required"}
-    ]
-    assert await total(client) == 0
+    # No body, with no type or any type (`curl -X PATCH -d ''` sends an empty form): the body is what is missing.
+    required = [{"field": "body", "message": "required"}]
+    assert problem(await client.post("/tasks/", content=b""), 422)["errors"] == required
+    task = (await client.post("/tasks/", json={"task_type": "x"})).json()
+    for content_type in ("application/x-www-form-urlencoded", "text/plain", "multipart/form-data; boundary=x"):
+        headers = {"Content-Type": content_type}
+        assert problem(await client.post("/tasks/", content=b"", headers=headers), 422)["errors"] == required
+        empty = await client.patch(f"/tasks/{task['task_id']}", content=b"", headers=headers)
+        assert problem(empty, 422)["errors"] == required
+    assert await total(client) == 1
 
 
 @pytest.mark.parametrize(

@@ -343,9 +343,15 @@ def _invalid(status: int, field: str, message: str) -> Refusal:
 
 
 def _content_type_refusal(value: bytes | None, has_body: bool) -> str | None:
-    """Why a JSON route refuses this Content-Type; None when it takes it."""
+    """Why a JSON route refuses this Content-Type; None when it takes it.
+
+    Without a body there is nothing to read as JSON, whatever the type says (`curl -X PATCH -d ''` sends
+    an empty form): that is the 422 of a missing body, as without a Content-Type.
+    """
+    if not has_body:
+        return None
     if value is None:
-        return "this route takes a JSON body: send it with Content-Type: application/json" if has_body else None
+        return "this route takes a JSON body: send it with Content-Type: application/json"
     media, *parameters = value.decode("latin-1").split(";")
     media = media.strip().lower()
     shown = media if len(media) <= 100 else media[:100] + "..."
