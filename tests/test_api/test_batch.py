@@ -76,7 +76,7 @@ async def test_a_batch_creates_every_task_in_order_as_single_creates_answer_them
         assert (task["status"], task["version"], task["progress"]) == ("pending", 1, 0.0)
         (event,) = await history(client, task["task_id"])
         assert event["type"] == "TaskCreated"
-        assert event["metadata"] == {"request_id": "bulk1"}
+        assert event["metadata"] == {"request_id": "bulk1", "actor": None}
     (event,) = await history(client, single["task_id"])
     assert event["data"] == {"task_type": "mail"} == (await history(client, tasks[-1]["task_id"]))[0]["data"]
     # The list is newest first: the batch's last item is the newest of it.
@@ -317,7 +317,10 @@ async def test_delete_items_append_what_delete_does(client: AsyncTestClient) -> 
     deleted_alone = (await history(client, c["task_id"]))[-1]
     assert deleted_in_batch["type"] == deleted_alone["type"] == "TaskDeleted"
     assert deleted_in_batch["data"] == deleted_alone["data"] == {"reason": "request"}
-    assert (deleted_in_batch["metadata"], deleted_alone["metadata"]) == ({"request_id": "many"}, {"request_id": "one"})
+    assert (deleted_in_batch["metadata"], deleted_alone["metadata"]) == (
+        {"request_id": "many", "actor": None},
+        {"request_id": "one", "actor": None},
+    )
     summary = (await client.get("/tasks/stats/summary")).json()
     assert (summary["total"], summary["running"]) == (1, 1)
 

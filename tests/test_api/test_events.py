@@ -56,7 +56,7 @@ async def test_the_feed_shows_every_event_as_the_history_does_plus_task_and_curs
     assert events[1]["data"] == {"progress": 50.0}
     assert events[2]["data"] == {"result": {"files_processed": 10}, "progress": 100.0}
     assert events[2]["occurred_at"] == (await client.get(f"/tasks/{task['task_id']}")).json()["completed_at"]
-    assert events[0]["metadata"].keys() == {"request_id"}
+    assert events[0]["metadata"].keys() == {"request_id", "actor"}
     assert len({e["cursor"] for e in events}) == 3
 
 

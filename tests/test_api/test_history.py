@@ -43,7 +43,7 @@ async def test_history_lists_events_in_version_order_with_metadata(client: Async
     assert events[0]["data"] == {"task_type": "h", "params": {"n": 1}}
     assert events[1]["data"] == {"progress": 5.0}
     assert events[3]["data"] == {"progress": 100.0, "result": {"ok": 1}}
-    assert events[0]["metadata"] == {"request_id": "req1"}
+    assert events[0]["metadata"] == {"request_id": "req1", "actor": None}  # no API keys: no actor
     assert all(set(e) == {"version", "position", "type", "occurred_at", "data", "metadata"} for e in events)
     assert datetime.fromisoformat(events[3]["occurred_at"]) == datetime.fromisoformat(
         (await client.get(f"/tasks/{task['task_id']}")).json()["completed_at"]

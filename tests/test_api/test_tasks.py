@@ -256,7 +256,7 @@ async def test_writes_record_the_request_id(client: AsyncTestClient, database_ur
     response = await client.post("/tasks/", json={"task_type": "x"}, headers={"X-Request-ID": "abc123"})
     assert response.headers["x-request-id"] == "abc123"
     with psycopg.connect(database_url) as conn:
-        assert conn.execute("SELECT metadata FROM events").fetchone() == ({"request_id": "abc123"},)
+        assert conn.execute("SELECT metadata FROM events").fetchone() == ({"request_id": "abc123", "actor": None},)
 
 
 @pytest.mark.parametrize(
@@ -268,7 +268,7 @@ async def test_a_request_id_in_a_usual_shape_is_kept(client: AsyncTestClient, da
     response = await client.post("/tasks/", json={"task_type": "x"}, headers={"X-Request-ID": given})
     assert response.headers["x-request-id"] == given
     with psycopg.connect(database_url) as conn:
-        assert conn.execute("SELECT metadata FROM events").fetchone() == ({"request_id": given},)
+        assert conn.execute("SELECT metadata FROM events").fetchone() == ({"request_id": given, "actor": None},)
 
 
 @pytest.mark.parametrize("given", ["has space", "semi;colon", 'quote"d', "<b>", "x" * 129])

@@ -488,3 +488,13 @@ async def test_a_long_error_or_result_is_shown_whole_as_the_state_and_cut_in_eac
     await open_client.patch(f"/tasks/{other['task_id']}", json={"status": "completed", "result": result})
     page = (await open_client.get(f"/ui/tasks/{other['task_id']}")).text
     assert page.count("r" * 5_000) == 1  # the state's result, whole; its entry cut
+
+
+async def test_without_api_keys_no_actor_is_shown_never_python_none(open_client: AsyncTestClient) -> None:
+    task = (await open_client.post("/tasks/", json={"task_type": "anonymous"})).json()
+    history = (await open_client.get(f"/tasks/{task['task_id']}/history")).json()
+    assert history["events"][0]["metadata"]["actor"] is None
+    for path in (f"/ui/tasks/{task['task_id']}", "/ui/events"):
+        page = (await open_client.get(path)).text
+        assert ">None<" not in page, path
+    assert '<span class="actor">—</span>' in (await open_client.get(f"/ui/tasks/{task['task_id']}")).text

@@ -176,8 +176,9 @@ async def test_what_a_replica_had_replayed_is_forgotten_on_a_new_connection(data
 
 def test_serve_hands_each_replica_to_its_workers_whole(monkeypatch: pytest.MonkeyPatch) -> None:
     # Joined with commas, a password with ",a=" in it read as two connection strings (and logged half of one).
-    for name in ("DATABASE_REPLICA_URLS", "TASKTRAIL_REPLICA_MAX_LAG", replicas.GIVEN_ENV):
-        monkeypatch.delenv(name, raising=False)  # and restored afterwards, whatever serve sets
+    for name in ("DATABASE_REPLICA_URLS", "TASKTRAIL_REPLICA_MAX_LAG"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv(replicas.GIVEN_ENV, "")  # so that what serve sets there goes away afterwards
     given = ["postgresql://postgres:pa,ss=1@127.0.0.1:9/db", "host=127.0.0.1 port=9 password=s3,host=x"]
     assert cli._replicas(argparse.Namespace(replica=given, replica_max_lag=None)) is None
     assert configured() == (given, replicas.DEFAULT_MAX_LAG)

@@ -186,10 +186,12 @@ async def read(request: Request, fetch: Callable[[psycopg.AsyncConnection], Awai
 
 
 def metadata(request: Request, **extra: str) -> dict[str, Any]:
-    """What the log records of a request beside the event: its id, and the API key's name as the actor."""
+    """What the log records of a request beside the event: its id, and the API key's name as the actor.
+
+    The actor is null when API keys are off (SPEC §5 lists it among every event's metadata).
+    """
     state = request.scope["state"]  # the dict itself: request.state wraps it anew on every access
-    actor = state.get("actor")
-    return {"request_id": state["request_id"]} | ({} if actor is None else {"actor": actor}) | extra
+    return {"request_id": state["request_id"], "actor": state.get("actor")} | extra
 
 
 IdempotencyKey = Annotated[
