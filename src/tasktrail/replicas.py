@@ -54,9 +54,10 @@ service at once; the next check that reaches it puts it back.
 
 Streams. NOTIFY does not reach a standby, so the process's live.Listener
 listens on the primary; when woken it asks the primary where its WAL is and
-reads the feed from a replica in one round trip together with that replica's
-replay position (`read_caught_up`), reading again (with backoff) until the
-replica has replayed what the primary had flushed when woken. That position
+reads the feed from the freshest replica in one round trip together with its
+replay position (`read_caught_up`), reading again (with backoff) until a
+replica has replayed what the primary had flushed when woken, or from the
+primary once none has for STREAM_PATIENCE. That position
 only decides how soon the listener reads again, never what a stream may miss:
 the feed itself is gap-free on any server (why its order holds on a standby is
 said beside the feed, in eventstore.py), and polling picks up whatever a
