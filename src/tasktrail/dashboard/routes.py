@@ -134,6 +134,7 @@ def compact(value: Any) -> str:
 
 
 def cut(text: str) -> str:
+    """Text cut at SUMMARY characters, an ellipsis marking the cut."""
     return text if len(text) <= SUMMARY else text[: SUMMARY - 1] + "…"
 
 
@@ -463,8 +464,8 @@ async def folded(request: Request, uuid: UUID, at: int | None = None) -> list[En
 
     entries = await _timeline(await read(request, fetch), before)
     if len(entries) > TIMELINE_CAP:
-        cut = len(entries) - TIMELINE_CAP
-        before, entries = entries[cut - 1].after, entries[cut:]
+        older = len(entries) - TIMELINE_CAP
+        before, entries = entries[older - 1].after, entries[older:]
         _WINDOWS[uuid] = (entries[0].stored.recorded.version, before)
         _WINDOWS.move_to_end(uuid)
         while len(_WINDOWS) > WINDOWS_KEPT:
