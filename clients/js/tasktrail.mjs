@@ -248,15 +248,28 @@ export class TaskManager {
     // (event: the event that changed it, or null for a state read whole),
     // until it reaches a finished status or is deleted (task null).
     // Returns {done, close}: done resolves with the last state, or rejects if
-    // the task does not exist.
+    // the task does not exist, or with what onUpdate threw (the watch stops then).
     watchTask(taskId, onUpdate) {
         let settle;
         const done = new Promise((resolve, reject) => { settle = {resolve, reject}; });
         let watch;
-        if (this.watchMode === 'poll') watch = this.#poll(taskId, onUpdate, settle);
-        else if (this.EventSource) watch = this.#eventSource(taskId, onUpdate, settle);
-        else watch = this.#stream(taskId, onUpdate, settle);
-        return {done, close: () => { watch.close(); settle.resolve(undefined); }};
+        let stopped = false;
+        const stop = () => { stopped = true; watch?.close(); };
+        // The caller's error is the caller's, not a dropped connection to come back from.
+        const update = (task, event) => {
+            if (stopped) return;
+            try {
+                onUpdate(task, event);
+            } catch (error) {
+                stop();
+                settle.reject(error);
+            }
+        };
+        if (this.watchMode === 'poll') watch = this.#poll(taskId, update, settle);
+        else if (this.EventSource) watch = this.#eventSource(taskId, update, settle);
+        else watch = this.#stream(taskId, update, settle);
+        if (stopped) watch.close();
+        return {done, close: () => { stop(); settle.resolve(undefined); }};
     }
 
     // Server-Sent Events over fetch: it can send the API key and the read-after token, which
@@ -346,7 +359,10 @@ export class TaskManager {
         }
         source.addEventListener('error', async () => {
             // EventSource reconnects by itself (sending Last-Event-ID) unless it
-            // gave up: on a 404, or a 204 (nothing more to come). Ask which.
+            // gave up: on a 404, or a 204 (nothing more to come). Ask which. A
+            // browser closes before it tells; some polyfills (npm eventsource) just
+            // after, so look once the event has been handed round.
+            await sleep(0);
             if (source.readyState !== 2 || over) return;
             over = true;
             const response = await this.#fetch('GET', `/tasks/${encodeURIComponent(taskId)}`);

@@ -189,6 +189,42 @@ const streaming = new TaskTrail(base, {EventSource: FetchEventSource});
 }
 await assert.rejects(streaming.watchTask('0b6f4f4e-6a2e-4c1e-9a51-3f1f3c1d2e3f', () => {}).done, /not found/);
 
+// A polyfill that tells of the error before it closes (as npm's eventsource does on a 404).
+{
+    const TellsFirst = class extends FetchEventSource {
+        dispatch(type, message = {}) {
+            const closing = type === 'error' && this.readyState === 2;
+            if (closing) this.readyState = 0;
+            super.dispatch(type, message);
+            if (closing) this.readyState = 2;
+        }
+    };
+    const tellsFirst = new TaskTrail(base, {EventSource: TellsFirst});
+    await assert.rejects(tellsFirst.watchTask('0b6f4f4e-6a2e-4c1e-9a51-3f1f3c1d2e3f', () => {}).done, /not found/);
+    const doomed = await plain.createTask('doomed');
+    const watch = watched(tellsFirst, doomed.task_id);
+    await watch.started;
+    await plain.deleteTask(doomed.task_id);
+    assert.equal(await watch.done, null);
+}
+
+// What onUpdate throws ends the watch and rejects done with it, in every mode: it is not a dropped
+// connection to come back from.
+for (const client of [plain, polling, streaming]) {
+    const doomed = await plain.createTask('throws');
+    let calls = 0;
+    const connects = FetchEventSource.connects;
+    const watch = client.watchTask(doomed.task_id, () => {
+        calls += 1;
+        throw new Error('the caller broke');
+    });
+    await assert.rejects(watch.done, /the caller broke/);
+    await plain.updateTask(doomed.task_id, {progress: 5});
+    await sleep(300);
+    assert.equal(calls, 1, `${client.watchMode}: one call, then nothing`);
+    if (client === streaming) assert.equal(FetchEventSource.connects, connects + 1, 'no reconnect');
+}
+
 // A finished task's watch ends with its state.
 assert.equal((await streaming.watchTask(task.task_id, () => {}).done).status, 'completed');
 
