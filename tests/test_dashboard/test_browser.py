@@ -477,6 +477,28 @@ def test_bulk_action_on_every_matching_task_acts_on_no_more_than_the_dialog_coun
         assert [api.get(f"/tasks/{t['task_id']}").json()["status"] for t in arrived] == ["pending"] * 2
 
 
+def test_bulk_action_on_every_matching_task_counts_them_when_asked_not_when_the_page_last_could(ui: Dashboard) -> None:
+    """A page whose count is behind (its stream down) acts on every task it confirms, and on no newer one."""
+    shown = [create(ui, "bulk-d") for _ in range(2)]
+    page = ui.page()
+    page.context.route("**/stream*", lambda route: route.abort())
+    page.goto("/ui?status=pending&task_type=bulk-d")
+    select_all = page.get_by_role("button", name="Select all 2 pending tasks of type bulk-d")
+    expect(select_all).to_be_visible()
+    unseen = [create(ui, "bulk-d") for _ in range(2)]  # the page does not hear of them
+    select_all.click()
+    page.locator('#bulk [data-bulk="cancel"]').click()
+    dialog = page.get_by_role("dialog")
+    expect(dialog).to_contain_text("Cancel all 4 pending tasks of type bulk-d")
+    arrived = create(ui, "bulk-d")  # while the dialog is open
+    dialog.get_by_role("button", name="Cancel 4 tasks").click()
+    expect(page.locator("#bulk-run")).to_contain_text("Cancel: finished. 4 done.")
+    with ui.api() as api:
+        assert [api.get(f"/tasks/{t['task_id']}").json()["status"] for t in shown + unseen] == ["canceled"] * 4
+        assert api.get(f"/tasks/{arrived['task_id']}").json()["status"] == "pending"
+    ui.allow("ERR_FAILED")
+
+
 AXE = Path(__file__).parent / "vendor" / "axe-core-4.14.1" / "axe.min.js"  # MPL-2.0, from npm, pinned
 
 

@@ -424,11 +424,13 @@ function tasksPage() {
         chosen = button.dataset.bulk;
         shown = new Map(selected);
         const verb = { cancel: "Cancel", retry: "Retry", delete: "Delete" }[chosen];
-        const count = allMatching ? Number(bulk.dataset.matching) : selected.size;
+        let count = allMatching ? Number(bulk.dataset.matching) : selected.size;
         if (allMatching) {
-          // Tasks created after this moment are not among the ones the dialog counts: they are left alone.
+          // Tasks created after this moment are not among the ones confirmed: they are left alone. The
+          // count is read now too (the page's may be behind), after the newest, so it leaves none out.
           const head = await api("GET", `/tasks/?${matchingQuery(1)}`);
           const newest = head.status === 200 && head.answer.length ? head.answer[0].id : 0;
+          count = (await matchingCount()) ?? count;
           confirmed = { count, newest };
         }
         const what = allMatching ? `all ${number.format(count)} ${bulk.dataset.noun}` : `${number.format(count)} selected ${count === 1 ? "task" : "tasks"}`;
@@ -447,6 +449,14 @@ function tasksPage() {
     });
   }
 
+  // How many tasks the filter matches now, from the counters; undefined if they could not be read.
+  async function matchingCount() {
+    const type = bulk.dataset.typeFilter;
+    const stats = await api("GET", `/tasks/stats/summary${type ? `?${new URLSearchParams({ task_type: type })}` : ""}`);
+    const n = stats.status === 200 ? stats.answer?.[bulk.dataset.statusFilter || "total"] : undefined;
+    return Number.isInteger(n) ? n : undefined;
+  }
+
   function matchingQuery(limit) {
     const query = new URLSearchParams({ limit: String(limit) });
     if (bulk.dataset.statusFilter) query.set("status", bulk.dataset.statusFilter);
@@ -454,8 +464,9 @@ function tasksPage() {
     return query;
   }
 
-  // `everyMatching`: act on the tasks the filter matches, at most as many as were confirmed and none
-  // newer than the newest then (tasks created while the dialog was open are not the ones confirmed).
+  // `everyMatching`: act on every task the filter matches that is no newer than the newest when the
+  // dialog was opened (tasks created while it was open are not the ones confirmed); its count is what
+  // the dialog said, a measure of the work, not a cap: a task left out would be one confirmed.
   // `shown`: the selected rows as the dialog showed them, so a row that changed while it was open is
   // sent with the version confirmed, and refused as changed since shown.
   async function runBulk(action, everyMatching, shown) {
@@ -574,8 +585,7 @@ function tasksPage() {
     } else {
       // Every task the filter matches, a page of the API's list at a time, keyset-paged by its cursor.
       let url = `/tasks/?${matchingQuery(BATCH)}`;
-      let left = everyMatching.count;
-      while (ok && !stop && url && left > 0) {
+      while (ok && !stop && url) {
         const page = await api("GET", url);
         if (page.status !== 200) {
           status.textContent = `Stopped: ${problemText(page)}`;
@@ -584,8 +594,7 @@ function tasksPage() {
         const next = /<([^>]+)>;\s*rel="next"/.exec(page.headers.get("link") || "");
         url = next ? next[1] : null;
         if (!page.answer.length) break;
-        const tasks = page.answer.filter((t) => t.id <= everyMatching.newest).slice(0, left);
-        left -= tasks.length;
+        const tasks = page.answer.filter((t) => t.id <= everyMatching.newest);
         if (tasks.length) ok = await send(tasks.map((t) => ({ id: t.task_id, version: t.version, status: t.status })));
         show();
       }
