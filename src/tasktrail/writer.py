@@ -308,27 +308,53 @@ def _versions(expected: Collection[int]) -> str:
     return " or ".join(map(str, sorted(expected))) or "any version If-Match named"
 
 
+# The most tasks one transaction of a cleanup deletes: the expired tasks of a long
+# retention go a few at a time (each step short, holding back no other writer for
+# long), and a task that changes meanwhile costs a step, not the whole cleanup.
+CLEANUP_STEP = 1_000
+
+
 async def cleanup(conn: psycopg.AsyncConnection, days: int, metadata: dict[str, Any]) -> int:
-    """Delete (reason: retention) every finished task completed more than `days` ago."""
+    """Delete (reason: retention) every finished task completed more than `days` ago; how many.
+
+    Oldest first, up to CLEANUP_STEP tasks a transaction. A step that loses a
+    race to another writer (a task retried meanwhile is no longer expired)
+    looks again at a quarter of its tasks, so it goes on under any rate of
+    changes; steps that win grow back. A task completed more than `days` ago
+    that is first seen past the request's start (its commit came late) waits
+    for the next cleanup.
+    """
     retention = DeleteTask(reason="retention")
-    for _ in range(MAX_ATTEMPTS):
-        at = now()
-        expired = await tasks_view.finished_before(conn, at - timedelta(days=days), FINISHED)
-        changes, _ = _decide([(task.task_id, task, retention) for task in expired], at)
+    cutoff = now() - timedelta(days=days)
+    after, step, deleted, lost = tasks_view.FIRST_PAGE, CLEANUP_STEP, 0, 0
+    while True:
+        expired = await tasks_view.finished_before(conn, cutoff, FINISHED, after, step)
+        if not expired:
+            break
+        changes, _ = _decide([(task.task_id, task, retention) for task in expired], now())
         try:
             async with _refused(conn), conn.pipeline(), conn.transaction():
-                if changes:
-                    await _lock_buckets(conn, (recorded.stream_id for recorded, _, _ in changes))  # as a batch does
-                    await _write(conn, changes, metadata)
-                await idempotency.forget_expired(conn, at)
+                await _lock_buckets(conn, (recorded.stream_id for recorded, _, _ in changes))  # as a batch does
+                await _write(conn, changes, metadata)
         except eventstore.VersionConflict:
             metrics.WRITE_CONFLICTS.inc()
-            continue  # one of them changed meanwhile: look again
+            lost += 1
+            if step == 1 and lost > MAX_ATTEMPTS:
+                raise eventstore.VersionConflict(
+                    f"tasks are changing too fast to clean up; {deleted} deleted so far, try again"
+                ) from None
+            step = max(1, step // 4)  # one of them changed meanwhile: look again, at fewer
+            continue
         metrics.appended(changes)
         for task in expired:
             _remember(task.task_id, None)
-        return len(expired)
-    raise eventstore.VersionConflict("tasks are changing too fast to clean up; try again")
+        deleted += len(expired)
+        last = expired[-1]
+        assert last.completed_at is not None  # a finished task's
+        after, step, lost = (last.completed_at, last.id), min(CLEANUP_STEP, step * 2), 0
+    async with conn.transaction():
+        await idempotency.forget_expired(conn, now())
+    return deleted
 
 
 # Batches (SPEC §12): many commands, one `_write`. Each command is decided as

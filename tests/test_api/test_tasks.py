@@ -11,6 +11,8 @@ import pytest
 from litestar.testing import AsyncTestClient
 
 from tasktrail import writer
+from tasktrail.domain.task import Status, Task, UpdateTask
+from tasktrail.projections import tasks as tasks_view
 
 pytestmark = pytest.mark.anyio
 
@@ -245,6 +247,39 @@ async def test_cleanup_deletes_only_old_finished_tasks(
         rows = conn.execute("SELECT data FROM events WHERE type = 'TaskDeleted'").fetchall()
         assert [data for (data,) in rows] == [{"reason": "retention"}] * 3
     assert (await client.post("/tasks/cleanup")).json() == {"deleted": 0}
+
+
+async def test_cleanup_goes_a_step_at_a_time_and_on_past_a_task_changed_under_it(
+    client: AsyncTestClient, conn: psycopg.AsyncConnection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    month_ago = writer.now() - timedelta(days=31)
+    monkeypatch.setattr(writer, "now", lambda: month_ago)
+    expired = []
+    for _ in range(10):
+        task = await create(client, "old")
+        await patch(client, task["task_id"], status="failed")
+        expired.append(task["task_id"])
+    monkeypatch.undo()
+    monkeypatch.setattr(writer, "CLEANUP_STEP", 4)
+    # An operator retries one of the tasks of the second step after the cleanup read them, before it writes.
+    read, steps = tasks_view.finished_before, []
+
+    async def finished_before(*args: object) -> list[Task]:
+        found = await read(*args)  # type: ignore[arg-type]
+        steps.append(len(found))
+        if len(steps) == 2:
+            await writer.change(conn, found[1].task_id, UpdateTask(status=Status.PENDING), {"request_id": "retry"})
+        return found
+
+    monkeypatch.setattr(tasks_view, "finished_before", finished_before)
+    response = await client.post("/tasks/cleanup?days=30")
+    assert (response.status_code, response.json()) == (200, {"deleted": 9})
+    assert steps == [4, 4, 1, 2, 2, 0]  # the lost step looked again at a quarter, then grew back
+    retried = (await client.get(f"/tasks/{expired[5]}")).json()
+    assert (retried["status"], retried["retry_count"]) == ("pending", 1)
+    for task_id in expired[:5] + expired[6:]:
+        assert (await client.get(f"/tasks/{task_id}")).status_code == 404
+    assert (await client.get("/tasks/stats/summary?task_type=old")).json()["total"] == 1
 
 
 async def test_health(client: AsyncTestClient) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Collection, Iterable, Iterator, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, NamedTuple
 from uuid import UUID
 
@@ -248,15 +248,30 @@ async def list_shown(
     return await cur.fetchall()
 
 
+# Keyset-paged by (completed_at, id) along tasks_completed_at, so each page costs
+# its own rows, however many are expired.
 FINISHED_BEFORE = f"""
 SELECT {COLUMNS} FROM tasks
 WHERE completed_at < %(cutoff)s AND status = ANY(%(finished)s)
-ORDER BY id
+  AND (completed_at, id) > (%(after_at)s, %(after_id)s)
+ORDER BY completed_at, id
+LIMIT %(limit)s
 """  # noqa: S608 -- COLUMNS is a constant
 
+# Where a page of finished_before starts: (completed_at, id) of the last task of the page before it.
+FIRST_PAGE = (datetime.min.replace(tzinfo=UTC), 0)
 
-async def finished_before(conn: psycopg.AsyncConnection, cutoff: datetime, finished: Iterable[Status]) -> list[Task]:
-    cur = await conn.execute(FINISHED_BEFORE, {"cutoff": cutoff, "finished": [status.value for status in finished]})
+
+async def finished_before(
+    conn: psycopg.AsyncConnection,
+    cutoff: datetime,
+    finished: Iterable[Status],
+    after: tuple[datetime, int] = FIRST_PAGE,
+    limit: int = 1000,
+) -> list[Task]:
+    """The tasks of these statuses completed before cutoff, oldest first, after `after`: at most `limit`."""
+    params = {"cutoff": cutoff, "finished": [status.value for status in finished], "limit": limit}
+    cur = await conn.execute(FINISHED_BEFORE, params | {"after_at": after[0], "after_id": after[1]})
     return [to_task(row) for row in await cur.fetchall()]
 
 
