@@ -11,6 +11,7 @@ import re
 import shutil
 import signal
 import stat
+import subprocess
 import sys
 import tempfile
 import time
@@ -628,6 +629,8 @@ def _refused(exc: BaseException) -> str | None:
         return f"{text} (TASKTRAIL_READ_MODELS names modules to import)"
     if isinstance(exc, BadKeys | OSError | ValueError):
         return text
+    if isinstance(exc, subprocess.CalledProcessError):  # pgserver's initdb or pg_ctl
+        return f"the embedded PostgreSQL did not start ({text}); its log is pgdata/log under --data-dir"
     return None
 
 

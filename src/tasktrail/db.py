@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import hashlib
 import os
 import re
 import select
@@ -71,14 +72,49 @@ def start_embedded(data_dir: Path, cleanup_mode: str = "stop") -> Any:
         # platformdirs warns when XDG_RUNTIME_DIR is unset; pgserver then uses /tmp.
         warnings.simplefilter("ignore")
         import pgserver
+        import pgserver.postgres_server
 
         data_dir.mkdir(parents=True, exist_ok=True)
         pgdata = data_dir.resolve() / "pgdata"
+        if not _SHELL_QUOTABLE.fullmatch(str(pgdata)):
+            raise ValueError(
+                f"the embedded PostgreSQL cannot keep its data in {str(pgdata)!r}: its start-up passes the path"
+                ' through a shell, which a ", $, ` or \\ would break; choose another --data-dir, or set DATABASE_URL'
+            )
         forget_gone_handles(pgdata)
+        if pgserver.postgres_server.find_suitable_socket_dir is not _socket_dir:
+            _socket_dir.__wrapped__ = pgserver.postgres_server.find_suitable_socket_dir  # type: ignore[attr-defined]
+            pgserver.postgres_server.find_suitable_socket_dir = _socket_dir
         server = pgserver.get_server(pgdata, cleanup_mode=cleanup_mode)
         # atexit runs hooks last in, first out: this runs just before pgserver's own, which stops the server.
         atexit.register(forget_gone_handles, pgdata)
         return server
+
+
+# pg_ctl quotes the data directory for the shell it starts PostgreSQL through ("..."), in which
+# these keep a meaning; pgserver hands it the socket's directory unquoted (-o '-k DIR').
+_SHELL_QUOTABLE = re.compile(r'[^"$`\\]*')
+_SHELL_PLAIN = re.compile(r"[A-Za-z0-9_./+=:@,%-]*")
+
+
+def _socket_dir(pgdata: Path, runtime_path: Path) -> Path:
+    """pgserver's choice of a folder for the server's socket, but never one whose path a shell would split.
+
+    It takes the data folder when the socket's path fits there: a data folder
+    under "My Projects" would end PostgreSQL's start (-k '/home/me/My' and a
+    stray argument). Then, as pgserver does when the path is too long: a
+    folder of its own under the user's runtime folder, named by a hash.
+    """
+    chosen: Path = _socket_dir.__wrapped__(pgdata, runtime_path)  # type: ignore[attr-defined]
+    if _SHELL_PLAIN.fullmatch(str(chosen)):
+        return chosen
+    own = runtime_path / hashlib.sha256(f"{pgdata}-{pgdata.stat().st_ino}".encode()).hexdigest()[:10]
+    if not _SHELL_PLAIN.fullmatch(str(own)):
+        raise ValueError(
+            f"no folder for the embedded PostgreSQL's socket: {str(chosen)!r} and {str(own)!r} hold spaces"
+        )
+    own.mkdir(parents=True, exist_ok=True)
+    return own
 
 
 # pgserver stops its server when the last process holding a handle to it

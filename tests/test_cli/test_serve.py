@@ -29,7 +29,19 @@ UV_RUN = (shutil.which("uv") or "uv", "run", "--no-sync", "tasktrail")  # uv for
 def test_serve_with_no_database_configured_uses_embedded_postgres(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
     with embedded_data_dir() as data_dir:
-        serve_twice(env, data_dir, tmp_path)
+        # A path with a space and a quote ("My Projects"): PostgreSQL's start passes folders through a shell.
+        serve_twice(env, data_dir / "my project's data", tmp_path)
+
+
+def test_serve_refuses_a_data_folder_a_shell_would_misread_and_says_why(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+    done = subprocess.run(
+        [*PYTHON, "--data-dir", str(tmp_path / "$HOME"), "serve"], env=env, capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 1
+    assert "cannot keep its data in" in done.stderr
+    assert "choose another --data-dir" in done.stderr
+    assert "Traceback" not in done.stderr
 
 
 def serve_twice(env: dict[str, str], data_dir: Path, tmp_path: Path) -> None:
