@@ -45,6 +45,13 @@ async def test_a_consistent_database_verifies(conn: psycopg.AsyncConnection, dat
         ("UPDATE tasks SET progress = 99 WHERE task_type = 't0' AND status = 'running'", "progress: read model 99.0"),
         ("UPDATE task_counts SET n = n + 1 WHERE status = 'completed'", "counter t1/completed is 2, the log says 1"),
         ("DELETE FROM tasks WHERE status = 'completed'", "missing from the read model"),
+        # Equal to Python's ==, three values to a reader of the API.
+        (
+            """UPDATE tasks SET params = '{"i": 1.0}' WHERE params = '{"i": 1}'""",
+            'params: read model {"i":1.0}, log {"i":1}',
+        ),
+        ("""UPDATE tasks SET params = '{"i": true}' WHERE params = '{"i": 1}'""", 'params: read model {"i":true}'),
+        ("""UPDATE tasks SET result = '{"ok": 1}' WHERE status = 'completed'""", 'result: read model {"ok":1}'),
     ],
 )
 async def test_a_difference_is_named(conn: psycopg.AsyncConnection, database_url: str, tamper: str, named: str) -> None:
