@@ -16,7 +16,8 @@ from tasktrail.domain import events
 from tasktrail.domain.events import ProgressReported
 from tasktrail.domain.task import CreateTask, DeleteTask, Status, UpdateTask
 from tasktrail.projections import INLINE, ProjectionOutdated, follow, stats, versions
-from tasktrail.projections.rebuild import RebuildBusy, prepare, rebuild
+from tasktrail.projections import rebuild as rebuilding
+from tasktrail.projections.rebuild import RebuildBusy, SwapFailed, prepare, rebuild
 from tasktrail.verify import fold_log, verify
 from tests.conftest import holding
 from tests.test_projections import tasks_v2
@@ -298,6 +299,23 @@ def test_a_swap_that_cannot_take_its_locks_rolls_back_and_tries_again(database_u
         assert conn.execute("SELECT status FROM tasks WHERE task_id = %s", (first,)).fetchone() == ("running",)
     report = verify(database_url)
     assert report.ok, report.summary()
+
+
+def test_a_swap_that_never_takes_its_locks_gives_up_and_drops_what_it_built(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    asyncio.run(seed(database_url, 6))
+    before, registered = read_model(database_url), registry(database_url)
+    monkeypatch.setattr(rebuilding, "SWAP_ATTEMPTS", 2)
+    monkeypatch.setattr(rebuilding, "SWAP_LOCK_TIMEOUT", "50ms")
+    held = holding(database_url, "SELECT * FROM tasks FOR UPDATE", seconds=60)  # an open transaction's locks
+    with held, pytest.raises(SwapFailed, match="in 2 tries"):
+        rebuild(database_url, INLINE)
+    assert not new_schema_left(database_url)
+    assert not new_schema_left(database_url, "rm_stats_v1_new")
+    assert (read_model(database_url), registry(database_url)) == (before, registered)
+    assert rebuild(database_url, INLINE).names == ["tasks", "stats"]
+    assert verify(database_url).ok
 
 
 START_FIRST = (

@@ -665,8 +665,11 @@ async def _go_live(
             except (psycopg.errors.LockNotAvailable, psycopg.errors.DeadlockDetected):
                 continue  # nothing changed: catch up again and retry
         else:
+            for module in modules:  # built for nothing now, and as big as the live ones
+                await conn.execute(DROP_SCHEMA.format(sql.Identifier(_new(module))))
             raise SwapFailed(
-                f"could not take the swap's locks in {SWAP_ATTEMPTS} tries; the live read models are untouched"
+                f"could not take the swap's locks in {SWAP_ATTEMPTS} tries (a transaction held the live tables:"
+                " see pg_stat_activity); the live read models are untouched, the copies built are dropped"
             )
     if progress is not None:
         progress("swap", 1, 1)
