@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import ipaddress
 import json
 import logging
@@ -10,6 +11,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -151,6 +153,9 @@ def _serve(args: argparse.Namespace, log_config: dict[str, object]) -> int:
         return refused
     if (refused := _replicas(args)) is not None:
         return refused
+    if (taken := _address_taken(args.host, args.port)) is not None:
+        log.error("cannot serve on %s port %s: %s; choose another with --port", args.host, args.port, taken)
+        return 1
     url, _server = _database(args, log.info)  # the embedded server stops when this process exits
     for name in migrations.migrate(url):
         log.info("applied migration %s", name)
@@ -185,6 +190,20 @@ def _serve(args: argparse.Namespace, log_config: dict[str, object]) -> int:
         http="tasktrail.http.protocol:BoundedHead",
     )
     return 0
+
+
+def _address_taken(host: str, port: int) -> str | None:
+    """Why uvicorn could not listen on host:port, asked before the start's slow steps (a build from the log)."""
+    if port == 0:
+        return None
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            probe.bind(address)
+    except OSError as exc:
+        return "it is in use by another process" if exc.errno == errno.EADDRINUSE else (exc.strerror or str(exc))
+    return None
 
 
 # Mirrors tasktrail.http.app.METRICS_ENV (importing the app here would import prometheus_client too early).
@@ -538,7 +557,7 @@ def parser() -> argparse.ArgumentParser:
         "refuses a version while a process of it runs",
     )
     prune.add_argument("name", nargs="?", help="one read model (default: all)")
-    prune.add_argument("version", nargs="?", type=int, help="one version of it (default: every one but this code's)")
+    prune.add_argument("version", nargs="?", type=_whole, help="one version of it (default: every one but this code's)")
     prune.set_defaults(func=projections_prune)
 
     check = commands.add_parser(
@@ -568,7 +587,7 @@ def parser() -> argparse.ArgumentParser:
     remove.set_defaults(func=keys_remove)
     for action in (add, listing, remove):
         action.add_argument("--file", type=Path, help="the keys file (default: env TASKTRAIL_API_KEYS_FILE)")
-    return top
+    return _described(top)
 
 
 def _flag(name: str, *, default: bool) -> bool:
@@ -634,15 +653,34 @@ def _refused(exc: BaseException) -> str | None:
     return None
 
 
+def _whole(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+
+
 def _port(text: str) -> int:
-    port = int(text)
+    port = _whole(text)
     if not 0 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"{port} is not a TCP port (0 to 65535)")
     return port
 
 
 def _positive(text: str) -> int:
-    number = int(text)
+    number = _whole(text)
     if number < 1:
         raise argparse.ArgumentTypeError(f"{number}: give at least 1")
     return number
+
+
+def _described(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Each command's own --help opens with what the list of commands says of it, where it says no more."""
+    for action in parser._actions:  # argparse keeps its subcommands only there
+        if isinstance(action, argparse._SubParsersAction):
+            said = {choice.dest: choice.help for choice in action._choices_actions}
+            for name, command in action.choices.items():
+                if command.description is None and said.get(name):
+                    command.description = said[name][0].upper() + said[name][1:] + "."
+                _described(command)
+    return parser

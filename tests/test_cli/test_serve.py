@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -31,6 +32,20 @@ def test_serve_with_no_database_configured_uses_embedded_postgres(tmp_path: Path
     with embedded_data_dir() as data_dir:
         # A path with a space and a quote ("My Projects"): PostgreSQL's start passes folders through a shell.
         serve_twice(env, data_dir / "my project's data", tmp_path)
+
+
+def test_serve_on_a_port_in_use_says_so_before_it_touches_the_database() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = os.environ | {"DATABASE_URL": "postgresql://postgres@127.0.0.1:1/nowhere"}  # never reached
+        done = subprocess.run(
+            [*PYTHON, "serve", "--port", str(port)], env=env, capture_output=True, text=True, timeout=60, check=False
+        )
+    assert done.returncode == 1
+    assert f"cannot serve on 127.0.0.1 port {port}: it is in use by another process" in done.stderr
+    assert "database" not in done.stderr
 
 
 def test_serve_refuses_a_data_folder_a_shell_would_misread_and_says_why(tmp_path: Path) -> None:
@@ -206,6 +221,37 @@ def test_help_names_every_command() -> None:
     done = subprocess.run([sys.executable, "-m", "tasktrail", "--help"], capture_output=True, text=True, check=True)
     for word in ("serve", "migrate", "DATABASE_URL"):
         assert word in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("command", "says"),
+    [
+        (["verify"], "Fold the whole log"),
+        (["migrate"], "Apply pending migrations"),
+        (["projections", "status"], "Every version of each read model"),
+        (["projections", "prune"], "Drop the tables of versions no process uses"),
+        (["keys", "add"], "Make a random key"),
+    ],
+)
+def test_each_commands_help_says_what_it_does(
+    capsys: pytest.CaptureFixture[str], command: list[str], says: str
+) -> None:
+    from tasktrail.cli import parser
+
+    with pytest.raises(SystemExit):
+        parser().parse_args([*command, "--help"])
+    assert says in " ".join(capsys.readouterr().out.split())
+
+
+@pytest.mark.parametrize(
+    "args", [["serve", "--port", "abc"], ["serve", "--workers", "two"], ["projections", "prune", "tasks", "x"]]
+)
+def test_a_number_that_is_not_one_is_refused_in_words(capsys: pytest.CaptureFixture[str], args: list[str]) -> None:
+    from tasktrail.cli import parser
+
+    with pytest.raises(SystemExit):
+        parser().parse_args(args)
+    assert f"{args[-1]!r} is not a whole number" in capsys.readouterr().err
 
 
 # --- stopping the embedded PostgreSQL -------------------------------------------------------------
