@@ -471,8 +471,8 @@ def parser() -> argparse.ArgumentParser:
         help="apply migrations and serve the HTTP API",
         description="Apply migrations, build the read-model versions that are not live yet, and serve the HTTP "
         "API and the dashboard (/ui). With DATABASE_URL set (postgresql://…) it uses that PostgreSQL; else it "
-        "starts an embedded PostgreSQL (the pgserver package) whose data lives under --data-dir "
-        f"(default {data_dir}/pgdata), stopped when the last serve using it exits.",
+        "starts an embedded PostgreSQL (the pgserver package) whose data lives in pgdata under --data-dir "
+        f"({data_dir}/pgdata by default), stopped when the last serve using it exits.",
     )
     run.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
     run.add_argument("--port", type=_port, default=8000, help="port to bind (default: %(default)s)")

@@ -316,3 +316,16 @@ def test_the_python_examples_run_against_a_real_server(page: str, shared_server:
     script = script.replace("http://127.0.0.1:8000", shared_server)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr
+
+
+def test_the_javascript_examples_of_the_clients_page_run_against_a_real_server(shared_server: str) -> None:
+    """Its JavaScript blocks, in order, as one module, with the package imported from the checkout."""
+    script = "\n\n".join(text for _, text in blocks(ROOT / "docs/clients.md", {"js"}))
+    assert "from 'tasktrail-client'" in script
+    script = script.replace("from 'tasktrail-client'", f"from '{(ROOT / 'clients/js/tasktrail.mjs').as_uri()}'")
+    script = script.replace("http://localhost:8000", shared_server)
+    done = subprocess.run(
+        ["node", "--input-type=module", "-e", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert "completed 100" in done.stdout  # the watch saw the task finish
