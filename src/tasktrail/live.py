@@ -38,7 +38,7 @@ import os
 import signal
 import threading
 from collections import defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Coroutine
 from typing import Any, TypeVar
 from uuid import UUID
 
@@ -62,8 +62,14 @@ UNLISTEN = "UNLISTEN tasktrail_events"
 UNREGISTER = "DELETE FROM live_listeners WHERE pid = pg_backend_pid()"
 PAGE = 500
 # A stream whose client reads slower than events arrive goes back to the
-# database rather than buffering without bound.
+# database rather than buffering without bound: past this many events waiting
+# for it, or this many bytes of them (an event may carry 64 KiB of params or a
+# result: 10,000 such are 640 MB, and kept until the slowest stream moves on).
 MAX_PENDING = 10_000
+MAX_PENDING_BYTES = 4 * 1024 * 1024
+# What a stream behind the listener reads of the feed at once: its events are
+# held until the client takes them, so fewer than the listener's page.
+STREAM_PAGE = 100
 # While committed events wait behind an open transaction, look again soon (5 ms,
 # doubling up to 250 ms): if that transaction rolls back, nothing will notify.
 HELD_BACK_FIRST_RETRY = 0.005
@@ -83,14 +89,20 @@ def seconds_from_env(name: str, default: float) -> float:
 class Subscriber:
     """One open stream: which task (or all), and what waits for it."""
 
-    __slots__ = ("lagging", "pending", "stream_id", "wake")
+    __slots__ = ("lagging", "pending", "pending_bytes", "stream_id", "wake")
 
     def __init__(self, stream_id: UUID | None) -> None:
         self.stream_id = stream_id
         self.pending: list[Delivery] = []
+        self.pending_bytes = 0
         self.wake = asyncio.Event()
         # True: what is pending is not a complete continuation; read the database.
         self.lagging = True
+
+    def take(self) -> list[Delivery]:
+        """What waits for this stream, which then waits for nothing."""
+        pending, self.pending, self.pending_bytes = self.pending, [], 0
+        return pending
 
 
 class Listener:
@@ -236,13 +248,15 @@ class Listener:
             self._deliver(self.subscribers.get(stream_id, ()), mine)
 
     @staticmethod
-    def _deliver(subscribers: set[Subscriber], deliveries: list[Delivery]) -> None:
+    def _deliver(subscribers: Collection[Subscriber], deliveries: list[Delivery]) -> None:
+        size = sum(len(frame) for _, frame in deliveries)
         for subscriber in subscribers:
             if subscriber.lagging:
                 continue
             subscriber.pending.extend(deliveries)
-            if len(subscriber.pending) > MAX_PENDING:
-                subscriber.pending.clear()
+            subscriber.pending_bytes += size
+            if len(subscriber.pending) > MAX_PENDING or subscriber.pending_bytes > MAX_PENDING_BYTES:
+                subscriber.take()
                 subscriber.lagging = True
             subscriber.wake.set()
 
@@ -250,10 +264,10 @@ class Listener:
         """A stream's own read of the feed, which reaches `level` (the listener's cursor) unless the page is full."""
 
         def fetch(conn: psycopg.AsyncConnection) -> Awaitable[eventstore.FeedPage]:
-            return eventstore.read_feed(conn, after, limit=PAGE, stream_id=stream_id)
+            return eventstore.read_feed(conn, after, limit=STREAM_PAGE, stream_id=stream_id)
 
         page = await self.reads.read_steadily(fetch)
-        if level is not None and len(page.events) < PAGE and page.next_after < level:
+        if level is not None and len(page.events) < STREAM_PAGE and page.next_after < level:
             page = await self.reads.read_steadily(fetch, primary=True)  # that replica is behind the listener
         return page
 
@@ -261,7 +275,7 @@ class Listener:
         """Send every stream back to the database (the listener's cursor jumped)."""
         for subscribers in self.subscribers.values():
             for subscriber in subscribers:
-                subscriber.pending.clear()
+                subscriber.take()
                 subscriber.lagging = True
                 subscriber.wake.set()
 
@@ -283,10 +297,10 @@ class Listener:
                     # then this stream polls the database by itself.
                     level = self.cursor
                     subscriber.lagging = level is None
-                    subscriber.pending.clear()
+                    subscriber.take()
                     page = await _uncancelled(self._catch_up(cursor, stream_id, level))
                     cursor = page.next_after
-                    if len(page.events) == PAGE:
+                    if len(page.events) == STREAM_PAGE:
                         subscriber.lagging = True
                     if page.events:
                         last_sent = loop.time()
@@ -303,8 +317,7 @@ class Listener:
                         yield []
                     continue
                 subscriber.wake.clear()
-                fresh = [delivery for delivery in subscriber.pending if delivery[0].cursor > cursor]
-                subscriber.pending.clear()
+                fresh = [delivery for delivery in subscriber.take() if delivery[0].cursor > cursor]
                 if fresh and not subscriber.lagging:
                     cursor = fresh[-1][0].cursor
                     last_sent = loop.time()

@@ -16,7 +16,7 @@ import pytest
 import uvicorn
 from psycopg_pool import AsyncConnectionPool
 
-from tasktrail import db, writer
+from tasktrail import db, live, writer
 from tasktrail.domain.task import CreateTask, UpdateTask
 from tasktrail.http.app import create_app
 from tests.conftest import Server, assert_verifies, free_port, fresh_database
@@ -256,6 +256,43 @@ async def test_a_client_that_goes_away_frees_its_stream_and_idle_streams_hold_no
     assert_verifies(database_url)
 
 
+@pytest.mark.anyio
+async def test_a_stream_that_does_not_read_holds_a_bounded_backlog_and_then_misses_nothing(database_url: str) -> None:
+    """Large events and a client that stops reading: what waits for it is capped, then read from the database."""
+    app = create_app(database_url)
+    config = uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning", lifespan="on")
+    uvicorn_server = uvicorn.Server(config)
+    serving = asyncio.create_task(uvicorn_server.serve())
+    base = f"http://127.0.0.1:{config.port}"
+    params = {"blob": "x" * 60_000}  # an event of about 60 KB; 300 of them are 18 MB
+    try:
+        async with httpx.AsyncClient(base_url=base, timeout=TIMEOUT) as client:
+            await wait_for(lambda: uvicorn_server.started)
+            async with client.stream("GET", "/events/stream") as stream:
+                lines = stream.aiter_lines()
+                assert await anext(lines) == "retry: 2000"
+                await wait_for(lambda: len(app.state.live) == 1)
+                (subscriber,) = app.state.live.subscribers[None]
+                await until_listeners(database_url, 1)
+                made = []
+                most = 0
+                for _ in range(20):  # the client reads nothing meanwhile
+                    batch = await client.post(
+                        "/tasks/batch", json={"tasks": [{"task_type": "big", "params": params}] * 15}
+                    )
+                    made += [task["task_id"] for task in batch.json()["tasks"]]
+                    await asyncio.sleep(0.05)  # the listener fans the batch out
+                    most = max(most, subscriber.pending_bytes)
+                assert most <= live.MAX_PENDING_BYTES + 15 * 61_000  # one page past the cap, at most
+                assert subscriber.lagging  # it gave up buffering: it reads the database when the client reads again
+                seen = [item.json()["task_id"] async for item in take_messages(lines, until="TaskCreated", count=300)]
+                assert seen == made  # every event, in order, once
+    finally:
+        uvicorn_server.should_exit = True
+        await serving
+    assert_verifies(database_url)
+
+
 async def until_listeners(database_url: str, n: int) -> None:
     """Wait (5 s at most) until n listeners are registered for notifications."""
     async with await psycopg.AsyncConnection.connect(database_url, **db.connect_kwargs()) as conn:
@@ -272,12 +309,15 @@ def in_use(pool: AsyncConnectionPool) -> int:
     return stats["pool_size"] - stats["pool_available"]
 
 
-async def take_messages(lines: AsyncIterator[str], until: str) -> AsyncIterator[Message]:
+async def take_messages(lines: AsyncIterator[str], until: str, count: int = 1) -> AsyncIterator[Message]:
+    """Messages up to the `count`th of type `until`."""
     async for item in aparse(lines):
         if isinstance(item, Message):
             yield item
             if item.event == until:
-                return
+                count -= 1
+                if not count:
+                    return
 
 
 async def wait_for(condition: Callable[[], bool]) -> None:

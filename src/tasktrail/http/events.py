@@ -51,6 +51,8 @@ FINISHING = frozenset({"TaskCompleted", "TaskFailed", "TaskCanceled", "TaskDelet
 RETRY = b"retry: 2000\n\n"
 PING = b": ping\n\n"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+# The frames of a batch go out joined (one write for many small events) in pieces of about this size.
+CHUNK_BYTES = 256 * 1024
 
 # A cursor is "<transaction id>-<position>": opaque to clients (they only hand
 # it back), plain enough for the OpenAPI schema to say exactly which are valid.
@@ -189,14 +191,18 @@ async def frames(
                 if not batch:
                     yield PING
                     continue
-                chunk = []
+                chunk, size = [], 0
                 for event, frame in batch:
                     if event.stored.recorded.position in skip:
                         continue
                     chunk.append(frame)
+                    size += len(frame)
                     if closes_after is not None and closes_after(event):
                         yield b"".join(chunk)
                         return
+                    if size >= CHUNK_BYTES:  # a copy of at most about this much per stream at a time
+                        yield b"".join(chunk)
+                        chunk, size = [], 0
                 if chunk:
                     yield b"".join(chunk)
     except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as exc:
