@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -145,3 +146,54 @@ def test_sigterm_finishes_in_flight_requests_and_refuses_new_ones(database_url: 
     log = server.log()
     assert "Application shutdown complete" in log  # the lifespan closed the pool
     assert "Traceback" not in log, log
+
+
+def test_a_request_sent_on_an_idle_connection_as_the_server_stops_is_answered_not_reset(
+    database_url: str, tmp_path: Path
+) -> None:
+    """A keep-alive client may send just as SIGTERM comes: its request is answered, then the connection closes."""
+    server = Server(os.environ | {"DATABASE_URL": database_url}, log_dir=tmp_path)
+    connections = [socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in range(4)]
+    try:
+        for conn in connections:  # each is used once, and idle when the stop comes
+            conn.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            assert answer(conn).startswith(b"HTTP/1.1 200")
+        server.process.send_signal(signal.SIGTERM)
+        time.sleep(0.4)  # uvicorn notices the signal within 0.1 s, and has begun to stop
+        body = b'{"task_type": "sent-as-it-stopped"}'
+        for conn in connections:
+            conn.sendall(
+                b"POST /tasks/ HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+            )
+        for conn in connections:
+            head = answer(conn)
+            assert head.startswith(b"HTTP/1.1 201"), head
+            assert b"connection: close" in head.lower()
+            assert conn.recv(1) == b""  # then closed
+    finally:
+        for conn in connections:
+            conn.close()
+    assert server.process.wait(timeout=15) == 0
+    with psycopg.connect(database_url) as db:
+        made = db.execute("SELECT count(*) FROM tasks WHERE task_type = 'sent-as-it-stopped'").fetchone()
+    assert made == (4,)
+    assert_verifies(database_url)
+
+
+def answer(conn: socket.socket) -> bytes:
+    """One whole HTTP answer read off the socket (a Content-Length body): its head and body."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = conn.recv(65536)
+        assert chunk, f"the connection closed unanswered after {data!r}"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(
+        int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")
+    )
+    while len(body) < length:
+        chunk = conn.recv(65536)
+        assert chunk, "the connection closed in the middle of the answer"
+        body += chunk
+    return head + b"\r\n\r\n" + body

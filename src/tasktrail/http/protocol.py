@@ -42,6 +42,13 @@ MAX_HEAD_BYTES = 2 * (MAX_URL_BYTES + MAX_HEADER_BYTES)
 # arrives is dropped for this long before the connection closes.
 LINGER_SECONDS = 2.0
 
+# On a graceful stop (SIGTERM, Ctrl-C) uvicorn closed each idle keep-alive
+# connection at once: a request the client had just sent (in the socket's
+# buffer, or on its way) was reset unanswered, a create the client could not
+# know the fate of. An idle connection is read this much longer: what arrives
+# is answered (with Connection: close), then it closes.
+SHUTDOWN_GRACE_SECONDS = 1.0
+
 # httptools.parse_url keeps offsets in 16 bits: a longer URL is no URL to it.
 PARSED_URL_BYTES = 65_535
 
@@ -131,6 +138,7 @@ class BoundedHead(HttpToolsProtocol):
     upgrade_body: UpgradeIgnored | None = None  # reading the body of a request whose Upgrade is ignored
     head_due: asyncio.TimerHandle | None = None
     began = 0.0  # when the request's first byte was parsed
+    stopping = False  # the server is stopping: answer what comes, then close
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -161,6 +169,8 @@ class BoundedHead(HttpToolsProtocol):
             self.head_due.cancel()
             self.head_due = None
         super().on_headers_complete()
+        if self.cycle is not None and self.stopping:
+            self.cycle.keep_alive = False
         if self.cycle is not None and self.parser.should_upgrade():  # not to a WebSocket: none is served
             self.cycle.keep_alive = False
             framing = [b"%s: %s" % header for header in self.headers if header[0] in _FRAMING]
@@ -174,6 +184,26 @@ class BoundedHead(HttpToolsProtocol):
     def on_message_complete(self) -> None:
         if self.upgrade_body is None:  # else the body is still to come, through UpgradeIgnored
             super().on_message_complete()
+
+    def shutdown(self) -> None:
+        """A graceful stop: an answer in progress closes after it; an idle connection after SHUTDOWN_GRACE_SECONDS.
+
+        (A request that arrives meanwhile is answered first, and closes it.)
+        """
+        self.stopping = True
+        if self.cycle is None or self.cycle.response_complete:
+            if self.timeout_keep_alive_task is not None:
+                self.timeout_keep_alive_task.cancel()
+                self.timeout_keep_alive_task = None
+            self.loop.call_later(SHUTDOWN_GRACE_SECONDS, self._close_if_idle)
+        else:
+            super().shutdown()
+
+    def _close_if_idle(self) -> None:
+        if self.transport.is_closing() or self.reading_head:
+            return  # closed, or a request is arriving: its answer closes the connection
+        if self.cycle is None or self.cycle.response_complete:
+            self.transport.close()
 
     def head_late(self) -> None:
         if not self.transport.is_closing():
