@@ -237,11 +237,12 @@ def observed(app: ASGIApp, *, count: bool, access: logs.AccessLine | None, cors:
         options = method == "OPTIONS"
         write = method not in replicas.SAFE_METHODS
         status = 500  # what the server answers if the app sends nothing
+        started_answer = False
 
         async def send_with_id(message: Any) -> None:
-            nonlocal status
+            nonlocal status, started_answer
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, started_answer = message["status"], True
                 headers = [*message.get("headers", []), (b"x-request-id", header)]
                 if write and 200 <= status < 300:
                     headers.append(_read_after(state))
@@ -250,16 +251,20 @@ def observed(app: ASGIApp, *, count: bool, access: logs.AccessLine | None, cors:
                     _allow_every_method(message, scope)
             await send(message)
 
-        if not observing:
-            await inner(scope, receive, send_with_id)
-            return
         try:
             await inner(scope, receive, send_with_id)
+        except asyncio.CancelledError:
+            # uvicorn's graceful stop gave up waiting (for a body still arriving, say) and cancels what is
+            # left: a 503, not its plain-text 500 and a traceback. The request has ended either way.
+            if started_answer:
+                raise
+            await send_problem(send_with_id, 503, STOPPED)
         finally:
-            client = scope.get("client")
-            # The template of the route the router matched, never the path as sent.
-            route = scope.get("path_template") or metrics.UNMATCHED
-            record(request_id, method, route, status, perf_counter() - started, state.get("actor"), client)
+            if observing:
+                client = scope.get("client")
+                # The template of the route the router matched, never the path as sent.
+                route = scope.get("path_template") or metrics.UNMATCHED
+                record(request_id, method, route, status, perf_counter() - started, state.get("actor"), client)
 
     def record(
         request_id: str, method: str, route: str, status: int, seconds: float, actor: str | None, client: Any
@@ -279,6 +284,12 @@ def observed(app: ASGIApp, *, count: bool, access: logs.AccessLine | None, cors:
 
     protocol.observe = refused
     return middleware
+
+
+STOPPED = (
+    "the server stopped before it could finish this request; a write may or may not have been made: "
+    "read the task back (or send a create again with its Idempotency-Key)"
+)
 
 
 def _new_request_id() -> bytes:
