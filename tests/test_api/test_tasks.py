@@ -13,6 +13,7 @@ from litestar.testing import AsyncTestClient
 from tasktrail import writer
 from tasktrail.domain.task import Status, Task, UpdateTask
 from tasktrail.projections import tasks as tasks_view
+from tests.conftest import holding
 
 pytestmark = pytest.mark.anyio
 
@@ -284,6 +285,14 @@ async def test_cleanup_goes_a_step_at_a_time_and_on_past_a_task_changed_under_it
 
 async def test_health(client: AsyncTestClient) -> None:
     assert (await client.get("/health")).json() == {"status": "ok"}
+    assert (await client.get("/health/ready")).status_code == 200
+
+
+async def test_readiness_fails_while_a_lock_holds_every_write_up(client: AsyncTestClient, database_url: str) -> None:
+    with holding(database_url, "LOCK TABLE events IN ACCESS EXCLUSIVE MODE"):  # as a migration's ALTER takes
+        refused = await client.get("/health/ready")
+        assert refused.status_code == 503, refused.text
+        assert refused.headers["content-type"] == "application/problem+json"
     assert (await client.get("/health/ready")).status_code == 200
 
 
