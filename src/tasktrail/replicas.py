@@ -123,6 +123,16 @@ FLUSHED = "SELECT pg_current_wal_flush_lsn()::text"
 # restarts, and it takes writes of its own, which the primary's readers must never see.
 REPLAYED = "SELECT CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()::text END"
 IDENTITY = "SELECT system_identifier, current_database() FROM pg_control_system()"
+# Servers of one replication family share a system identifier, also one that took a history of its own: a
+# standby of a promoted sibling (a failover the primary's URL did not follow) has replayed WAL positions the
+# primary's tokens compare with, but of another timeline. So a replica must be on the primary's timeline.
+# The primary's, from the name of the WAL file it writes; the replica's, what it receives (NULL where the
+# role may not see pg_stat_wal_receiver's details, or while it receives nothing: then not checked).
+TIMELINE = """
+SELECT CASE WHEN NOT pg_is_in_recovery()
+            THEN ('x' || left(pg_walfile_name(pg_current_wal_lsn()), 8))::bit(32)::int END
+"""
+RECEIVED_TIMELINE = "SELECT received_tli FROM pg_stat_wal_receiver"
 
 _LSN = re.compile(rb"\s*([0-9A-Fa-f]{1,8})/([0-9A-Fa-f]{1,8})\s*")
 
@@ -283,6 +293,7 @@ class Replicas:
         self._turn = 0
         self._behind_since: float | None = None  # since when no replica read by read_caught_up had its target
         self._identity: tuple[Any, ...] | None = None
+        self._timeline: int | None = None
         self._primary_conn: psycopg.AsyncConnection | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -442,6 +453,7 @@ class Replicas:
                 if self._primary_conn is None or self._primary_conn.closed:
                     self._primary_conn = await psycopg.AsyncConnection.connect(self.conninfo, **db.connect_kwargs())
                     self._identity = await _identity(self._primary_conn)
+                    self._timeline = await _one(self._primary_conn, TIMELINE)
                 return await self.position(self._primary_conn)
         except (psycopg.Error, OSError, TimeoutError) as exc:
             # Replicas keep the positions seen so far: with the primary down they can still serve reads.
@@ -460,8 +472,8 @@ class Replicas:
                     replica.replayed = 0
                     replica.check_conn = await psycopg.AsyncConnection.connect(replica.conninfo, **db.connect_kwargs())
                     replica.identity = await _identity(replica.check_conn)
-                cur = await replica.check_conn.execute(REPLAYED)
-                (replayed,) = await cur.fetchone()  # type: ignore[misc]
+                replayed = await _one(replica.check_conn, REPLAYED)
+                timeline = await _one(replica.check_conn, RECEIVED_TIMELINE)
         except (psycopg.Error, OSError, TimeoutError) as exc:
             await _close(replica.check_conn)
             replica.check_conn = None
@@ -471,6 +483,9 @@ class Replicas:
             return
         if self._identity is not None and replica.identity != self._identity:
             self._set(replica, FOREIGN, f"it is {replica.identity}, the primary {self._identity}")
+            return
+        if None not in (timeline, self._timeline) and timeline != self._timeline:
+            self._set(replica, FOREIGN, f"it is on timeline {timeline}, the primary on {self._timeline}")
             return
         if replayed is None:
             self._set(replica, NOT_A_STANDBY, "pg_is_in_recovery() is false")
@@ -515,6 +530,12 @@ class _Written(db.Borrowed):
             log.warning("no WAL position for the read-after token: %s", exc)
         finally:
             await super().__aexit__(kind, *rest)
+
+
+async def _one(conn: psycopg.AsyncConnection, query: str) -> Any:
+    """The first column of the query's row; None if it has none."""
+    row = await (await conn.execute(query)).fetchone()
+    return None if row is None else row[0]
 
 
 async def _identity(conn: psycopg.AsyncConnection) -> tuple[Any, ...]:

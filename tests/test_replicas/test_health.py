@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tasktrail.http.app import create_app
 from tasktrail.replicas import DOWN, FOREIGN, HEADER, LAGGING, NOT_A_STANDBY, SERVING
 from tests.conftest import Server, prepared
-from tests.replication import Pair
+from tests.replication import STANDBY_SETTINGS, Node, Pair
 from tests.test_replicas.conftest import Database, created_on_replica, replica_of, until, until_serving
 
 pytestmark = pytest.mark.anyio
@@ -189,4 +189,35 @@ async def test_a_promoted_standby_gets_no_reads(tmp_path: Path) -> None:
             for _ in range(4):
                 assert (await client.get(f"/tasks/{task['task_id']}")).json()["error"] is None
     finally:
+        pair.close()
+
+
+async def test_a_standby_of_a_promoted_sibling_gets_no_reads() -> None:
+    """One replication family, two histories: a standby that follows a promoted standby has replayed WAL
+    positions past the primary's tokens, of another timeline: its data is no older, it is another's."""
+    pair = Pair()
+    forked = Node("forked", pair.root, pair.primary.user)
+    try:
+        pair.create_database("forked")
+        primary = pair.primary.url("forked")
+        await asyncio.to_thread(prepared, primary)
+        pair.wait_replayed()
+        with pair.standby.connect() as conn:
+            conn.execute("SELECT pg_promote()")  # a failover the primary's URL did not follow
+        with pair.standby.connect("forked") as conn:
+            await until(lambda: conn.execute("SELECT NOT pg_is_in_recovery()").fetchone()[0], "promoted")
+        forked.run(
+            "pg_basebackup", "-D", str(forked.data), "-R", "-X", "stream", "-c", "fast",
+            "-h", "127.0.0.1", "-p", str(pair.standby.port), "-U", "postgres",
+        )  # fmt: skip
+        forked.configure(STANDBY_SETTINGS)
+        forked.start()
+        app = create_app(primary, replica_urls=[forked.url("forked")], replica_max_lag=60)
+        async with AsyncTestClient(app=app) as client:
+            replica = replica_of(client)
+            await until(lambda: replica.state == FOREIGN, "the standby of the fork is found out")
+            task = (await client.post("/tasks/", json={"task_type": "forked"})).json()
+            assert (await client.get(f"/tasks/{task['task_id']}")).status_code == 200  # from the primary
+    finally:
+        forked.stop()
         pair.close()
