@@ -161,3 +161,19 @@ async def test_feed_pages_from_the_replica_and_the_primary_join_without_gaps(pai
         assert [e["data"].get("progress") for e in second["events"]] == [3, 4]
         assert first["events"] + second["events"] == whole["events"]
         assert (behind["events"], behind["next_cursor"]) == ([], second["next_cursor"])
+
+
+def test_a_task_stream_resumed_past_its_end_is_told_so_though_the_replica_has_not_seen_the_end(
+    server: str, pair: Pair
+) -> None:
+    """EventSource reconnects after the end with the finishing event's id, and no read-after token."""
+    with httpx.Client(base_url=server, timeout=TIMEOUT) as http:
+        head = http.get("/events", headers={HEADER: ON_PRIMARY}).json()["next_cursor"]
+        task_id = http.post("/tasks/", json={"task_type": "ended"}).json()["task_id"]
+        with pair.paused():  # the standby still serves (max lag 30 s), and sees the task unfinished
+            done = http.patch(f"/tasks/{task_id}", json={"status": "completed"})
+            events = http.get("/events", params={"after": head}, headers={HEADER: done.headers[HEADER]}).json()
+            last = [event for event in events["events"] if event["task_id"] == task_id][-1]
+            assert last["type"] == "TaskCompleted"
+            with http.stream("GET", f"/tasks/{task_id}/stream", headers={"Last-Event-ID": last["cursor"]}) as resumed:
+                assert resumed.status_code == 204  # not a stream that waits for an end already past

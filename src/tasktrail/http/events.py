@@ -274,6 +274,12 @@ async def stream_task(
         return row
 
     row = await read(request, fetch)
+    replicas = request.app.state.replicas
+    if resume is not None and resume > (int(row[2]), row[3]) and replicas.replicas:
+        # The client saw an event of the task (or after it) that this replica has not replayed: ask the
+        # primary, lest a stream resumed past the task's end (its finishing event behind the cursor) wait for
+        # that end for ever.
+        row = await replicas.read_steadily(fetch, primary=True)
     head, seen, latest_txid, latest_position, _latest_type = row[:5]
     task = None if row[5] is None else tasks_view.to_task(row[5:])
     latest = (int(latest_txid), latest_position)
