@@ -132,7 +132,8 @@ TIMELINE = """
 SELECT CASE WHEN NOT pg_is_in_recovery()
             THEN ('x' || left(pg_walfile_name(pg_current_wal_lsn()), 8))::bit(32)::int END
 """
-RECEIVED_TIMELINE = "SELECT received_tli FROM pg_stat_wal_receiver"
+# A health check's one round trip: REPLAYED's position, and the timeline the replica receives.
+CHECKED = REPLAYED + ", (SELECT received_tli FROM pg_stat_wal_receiver)"  # noqa: S608 -- constants
 
 _LSN = re.compile(rb"\s*([0-9A-Fa-f]{1,8})/([0-9A-Fa-f]{1,8})\s*")
 
@@ -453,7 +454,7 @@ class Replicas:
                 if self._primary_conn is None or self._primary_conn.closed:
                     self._primary_conn = await psycopg.AsyncConnection.connect(self.conninfo, **db.connect_kwargs())
                     self._identity = await _identity(self._primary_conn)
-                    self._timeline = await _one(self._primary_conn, TIMELINE)
+                    self._timeline = (await (await self._primary_conn.execute(TIMELINE)).fetchone())[0]  # type: ignore[index]
                 return await self.position(self._primary_conn)
         except (psycopg.Error, OSError, TimeoutError) as exc:
             # Replicas keep the positions seen so far: with the primary down they can still serve reads.
@@ -472,8 +473,8 @@ class Replicas:
                     replica.replayed = 0
                     replica.check_conn = await psycopg.AsyncConnection.connect(replica.conninfo, **db.connect_kwargs())
                     replica.identity = await _identity(replica.check_conn)
-                replayed = await _one(replica.check_conn, REPLAYED)
-                timeline = await _one(replica.check_conn, RECEIVED_TIMELINE)
+                cur = await replica.check_conn.execute(CHECKED)
+                replayed, timeline = await cur.fetchone()  # type: ignore[misc]
         except (psycopg.Error, OSError, TimeoutError) as exc:
             await _close(replica.check_conn)
             replica.check_conn = None
@@ -530,12 +531,6 @@ class _Written(db.Borrowed):
             log.warning("no WAL position for the read-after token: %s", exc)
         finally:
             await super().__aexit__(kind, *rest)
-
-
-async def _one(conn: psycopg.AsyncConnection, query: str) -> Any:
-    """The first column of the query's row; None if it has none."""
-    row = await (await conn.execute(query)).fetchone()
-    return None if row is None else row[0]
 
 
 async def _identity(conn: psycopg.AsyncConnection) -> tuple[Any, ...]:

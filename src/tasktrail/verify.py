@@ -62,19 +62,20 @@ JSON_FIELDS = ("params", "result")
 _json = msgspec.json.Encoder().encode
 
 
+def _differs(log: Task, model: Task, f: str) -> bool:
+    was, now = getattr(log, f), getattr(model, f)
+    return was != now or (f in JSON_FIELDS and _json(was) != _json(now))
+
+
 def _same(log: Task, model: Task) -> bool:
-    return log == model and all(_json(getattr(log, f)) == _json(getattr(model, f)) for f in JSON_FIELDS)
+    return log == model and not any(_differs(log, model, f) for f in JSON_FIELDS)
 
 
 def _diff(log: Task, model: Task) -> str:
-    def differs(f: str) -> bool:
-        was, now = getattr(log, f), getattr(model, f)
-        return was != now or (f in JSON_FIELDS and _json(was) != _json(now))
-
     def shown(f: str, value: object) -> str:
         return _json(value).decode() if f in JSON_FIELDS else repr(value)
 
-    fields = [f for f in Task.__struct_fields__ if differs(f)]
+    fields = [f for f in Task.__struct_fields__ if _differs(log, model, f)]
     return ", ".join(f"{f}: read model {shown(f, getattr(model, f))}, log {shown(f, getattr(log, f))}" for f in fields)
 
 

@@ -266,8 +266,8 @@ async def finished_before(
     conn: psycopg.AsyncConnection,
     cutoff: datetime,
     finished: Iterable[Status],
-    after: tuple[datetime, int] = FIRST_PAGE,
-    limit: int = 1000,
+    after: tuple[datetime, int],
+    limit: int,
 ) -> list[Task]:
     """The tasks of these statuses completed before cutoff, oldest first, after `after`: at most `limit`."""
     params = {"cutoff": cutoff, "finished": [status.value for status in finished], "limit": limit}
