@@ -143,10 +143,17 @@ def decide(command: Command, state: Task | None) -> Event | None:
     raise TypeError(f"unknown command {command!r}")  # pragma: no cover
 
 
+NUMBERS = (int, float)  # not bool: true is no number in JSON
+
+
 def same_json(a: Any, b: Any) -> bool:
-    """Whether two decoded JSON values are the same JSON: true is not 1, nor 1 1.0 (to Python's == they are)."""
+    """Whether two decoded JSON values are the same JSON: true is not 1 (to Python's == it is).
+
+    1 and 1.0 are the same number, as PostgreSQL's jsonb, JSON Schema and JavaScript (which
+    cannot tell them apart) have it: a client sending back a result it read is no change.
+    """
     if type(a) is not type(b):
-        return False
+        return type(a) in NUMBERS and type(b) in NUMBERS and bool(a == b)
     if type(a) is dict:
         return a.keys() == b.keys() and all(same_json(value, b[key]) for key, value in a.items())
     if type(a) is list:
