@@ -10,6 +10,7 @@ import os
 import re
 import select
 import socket
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -226,18 +227,17 @@ def connect_kwargs() -> dict[str, Any]:
     return {"autocommit": True, "options": options, "connect_timeout": CONNECT_TIMEOUT} | KEEPALIVES
 
 
-async def check_idle(conn: psycopg.AsyncConnection) -> None:
-    """Refuse a pooled connection whose server hung up while it sat idle, without a round trip.
+def hung_up(conn: psycopg.AsyncConnection) -> bool:
+    """Whether the server hung up on this idle connection (a restart, pg_terminate_backend), without a round trip.
 
     An idle connection has nothing to read unless the server went away (it sends
-    a FATAL message and closes): a readable socket means a dead connection. Closed
-    here, the pool discards and replaces it instead of handing it to a request.
+    a FATAL message and closes): a readable socket means a dead connection.
     """
+    if conn.closed:
+        return True
     poller = select.poll()  # not select.select: it fails on descriptors above 1023, which a busy server has
     poller.register(conn.pgconn.socket, select.POLLIN)
-    if poller.poll(0):
-        await conn.close()
-        raise psycopg.OperationalError("the server closed this connection while it was idle")
+    return bool(poller.poll(0))
 
 
 class Pool(AsyncConnectionPool):  # type: ignore[type-arg]
@@ -290,13 +290,28 @@ class Borrowed:
         given_back = self.pool.given_back
         self.pool.waiting += 1
         try:
-            self.conn = await self.pool.getconn()
+            self.conn = await self._live()
         except PoolTimeout:
             self.conn = await self._while_moving(given_back)
         finally:
             self.pool.waiting -= 1
         self._timer = asyncio.get_running_loop().call_later(self.within, self._sever)
         return self.conn
+
+    async def _live(self) -> psycopg.AsyncConnection:
+        """A pooled connection within the pool's timeout, passing over those the server hung up on while they were idle.
+
+        Each one passed over is closed, and the pool opens another in its place. Not the pool's own
+        check: it pauses between failed checks (1 s, then 2 s), so after a restart of the database,
+        with every idle connection dead, requests were refused for seconds while it was up again.
+        """
+        deadline = time.monotonic() + self.pool.timeout
+        while True:
+            conn = await self.pool.getconn(deadline - time.monotonic())
+            if not hung_up(conn):
+                return conn
+            await conn.close()
+            await self.pool.putconn(conn)
 
     def _sever(self) -> None:
         self.severed = True
@@ -308,7 +323,7 @@ class Borrowed:
         while self.pool.given_back != given_back and waited < self.pool.busy_wait:
             given_back = self.pool.given_back
             try:
-                return await self.pool.getconn()
+                return await self._live()
             except PoolTimeout:
                 waited += self.pool.timeout
         raise PoolTimeout(f"no pooled connection came within {waited:g} s")
@@ -340,7 +355,6 @@ def create_pool(
         kwargs=connect_kwargs() | (settings or {}),
         timeout=timeout or pool_timeout(),
         reconnect_timeout=RECONNECT_TIMEOUT,
-        check=check_idle,
         open=False,
     )
     pool.busy_wait = busy_wait

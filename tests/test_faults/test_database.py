@@ -201,3 +201,35 @@ async def test_a_burst_queues_for_a_busy_pool_and_a_stuck_pool_refuses_at_its_ti
             assert time.monotonic() - started < pool.busy_wait / 2
     finally:
         await pool.close()
+
+
+@pytest.mark.anyio
+async def test_connections_the_server_ended_are_replaced_at_once_not_refused_for_seconds(database_url: str) -> None:
+    # A PostgreSQL restart (or pg_terminate_backend) ends every pooled connection while it sits idle; the
+    # database is up again at once, so the next requests are answered, not refused while the pool checks
+    # its dead connections one by one with a growing pause between them.
+    pool = db.create_pool(database_url, max_size=8)
+    await pool.open(wait=True)
+    try:
+
+        async def request(hold: float) -> None:
+            async with db.Borrowed(pool) as conn:
+                await conn.execute("SELECT pg_sleep(%s)", (hold,))
+
+        await asyncio.gather(*(request(0.1) for _ in range(8)))
+        assert pool.get_stats()["pool_size"] == 8
+        async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as admin:
+            ended = await admin.execute(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+            assert (await ended.fetchone())[0] == 8
+            await asyncio.sleep(0.3)  # their sockets have the server's goodbye to read by now
+            for _ in range(10):
+                await request(0)
+            alive = await admin.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+            assert (await alive.fetchone())[0] >= 1
+    finally:
+        await pool.close()
