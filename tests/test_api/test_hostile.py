@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from pathlib import Path
 
 import httpx
@@ -292,3 +293,62 @@ def test_a_request_that_asks_to_upgrade_is_answered_as_http_1_1_with_its_body(
         server.stop()
     assert "Traceback" not in server.log(), server.log()
     assert "Unsupported upgrade" not in server.log()
+
+
+async def test_a_file_name_the_system_cannot_look_up_is_404_not_500(shared_client: AsyncTestClient) -> None:
+    for path in (
+        "/ui/static/" + "a" * 256,  # longer than a file name may be (ENAMETOOLONG)
+        "/ui/static/vendor/" + "b" * 300,
+        "/ui/static/dashboard.css/x",  # under a file, not a folder (ENOTDIR)
+        "/ui/static/favicon.svg/..",
+    ):
+        for method in ("GET", "HEAD"):
+            response = await shared_client.request(method, path)
+            assert response.status_code == 404, (method, path, response.status_code)
+    assert (await shared_client.get("/ui/static/dashboard.css")).status_code == 200
+
+
+def test_an_answer_before_the_body_has_come_closes_the_connection_and_a_stream_hears_its_client_leave(
+    database_url: str, tmp_path: Path
+) -> None:
+    server = Server(os.environ | {"DATABASE_URL": database_url}, log_dir=tmp_path)
+    client = httpx.Client(base_url=server.url)
+
+    def streams() -> float:
+        return scrape(client).value("tasktrail_stream_clients")
+
+    try:
+        # Answered from the head alone (no route; over the body limit; a route that reads no body), with the
+        # body still to come: the connection was kept, dropping what came with no deadline, so a byte now
+        # and then held it for ever. Now the answer says it closes, and it does, whatever still arrives.
+        json = b"Content-Type: application/json\r\n"
+        for head, expected in (
+            (b"POST /nowhere HTTP/1.1\r\nHost: 127.0.0.1\r\n" + json + b"Content-Length: 1000\r\n", 404),
+            (b"POST /tasks/ HTTP/1.1\r\nHost: 127.0.0.1\r\n" + json + b"Content-Length: 2000000\r\n", 413),
+            (b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1000\r\n", 200),
+        ):
+            with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+                sock.sendall(head + b"\r\n{")
+                answer = sock.recv(65536)
+                assert answer.startswith(b"HTTP/1.1 %d " % expected), answer[:200]
+                assert b"connection: close" in answer.lower(), answer[:400]
+                sock.sendall(b" ")  # a byte more: it no longer keeps the connection
+                while sock.recv(65536):  # the server closes it (after lingering), long before the timeout
+                    pass
+
+        # A stream with a request pipelined behind it, whose client leaves: uvicorn told only the newest
+        # request, so the stream ran on until a ping failed (~45 s), then logged a traceback.
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            sock.sendall(
+                b"GET /events/stream HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\nGET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+            )
+            assert sock.recv(65536).startswith(b"HTTP/1.1 200 ")
+            assert streams() == 1
+        deadline = time.monotonic() + 5
+        while streams() != 0:
+            assert time.monotonic() < deadline, "the stream did not hear its client leave"
+            time.sleep(0.1)
+    finally:
+        client.close()
+        server.stop()
+    assert "Traceback" not in server.log(), server.log()

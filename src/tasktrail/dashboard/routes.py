@@ -40,10 +40,11 @@ import msgspec
 import psycopg
 from litestar import Request, Response, Router, get, post
 from litestar.exceptions import ClientException, NotAuthorizedException
+from litestar.file_system import BaseLocalFileSystem
 from litestar.params import FromPath, FromQuery
 from litestar.response import Redirect
 from litestar.static_files import create_static_files_router
-from litestar.types import ASGIApp, Receive, Scope, Send
+from litestar.types import ASGIApp, FileInfo, PathType, Receive, Scope, Send
 from markupsafe import Markup, escape
 
 from tasktrail import eventstore, replicas
@@ -755,6 +756,19 @@ def as_page(handler: ProblemHandler) -> ProblemHandler:
     return page
 
 
+class _Files(BaseLocalFileSystem):
+    """The dashboard's files on disk, where a name the system cannot look up (too long for it, or under a
+    file rather than a folder) is no file: 404, where Litestar answered 500 for any such OSError."""
+
+    async def info(self, path: PathType, **kwargs: Any) -> FileInfo:
+        try:
+            return await super().info(path, **kwargs)
+        except (PermissionError, FileNotFoundError):
+            raise
+        except OSError as exc:
+            raise FileNotFoundError(exc.errno, exc.strerror, str(path)) from exc
+
+
 def router(
     keys: Sequence[auth.Key],
     signer: sessions.Signer,
@@ -770,6 +784,7 @@ def router(
     static = create_static_files_router(
         path=STATIC,
         directories=[HERE / "static"],
+        file_system=_Files(),
         opt=auth.PUBLIC,
         include_in_schema=False,
         name="dashboard-static",

@@ -14,7 +14,9 @@ uvicorn answers plain text; a method it does not know (FOO, or get: methods
 are case-sensitive) as a 400 that says so (RFC 9110 suggests 501, but no input
 gets a 5xx from this service: SPEC §8);
 and a request that asks to upgrade the connection as HTTP/1.1, body and all
-(UpgradeIgnored).
+(UpgradeIgnored). An answer given before the request's body has all arrived
+closes the connection (_Cycle), and a stream with a request pipelined behind
+it hears that its client left (BoundedHead.unanswered).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from time import perf_counter
 from typing import Any
 
 import httptools
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
 
 from tasktrail.http.problems import PROBLEM, problem_body
 from tasktrail.http.wellformed import MAX_HEADER_BYTES, MAX_URL_BYTES, read_timeout
@@ -139,6 +141,9 @@ class BoundedHead(HttpToolsProtocol):
     head_due: asyncio.TimerHandle | None = None
     began = 0.0  # when the request's first byte was parsed
     stopping = False  # the server is stopping: answer what comes, then close
+    # Requests still being answered with others pipelined behind them (a stream, say): uvicorn tells
+    # only the newest that the connection was lost, so a stream ran on until a ping failed (~45 s).
+    unanswered: tuple[RequestResponseCycle, ...] = ()
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -151,6 +156,10 @@ class BoundedHead(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self.head_due is not None:
             self.head_due.cancel()
+        for cycle in self.unanswered:
+            if not cycle.response_complete:
+                cycle.disconnected = True
+                cycle.message_event.set()
         super().connection_lost(exc)
 
     def on_message_begin(self) -> None:
@@ -168,7 +177,12 @@ class BoundedHead(HttpToolsProtocol):
         if self.head_due is not None:
             self.head_due.cancel()
             self.head_due = None
+        running = self.cycle
         super().on_headers_complete()
+        if running is not None and not running.response_complete:  # this request is pipelined behind it
+            self.unanswered = (*(c for c in self.unanswered if not c.response_complete), running)
+        if self.cycle is not None:
+            self.cycle.__class__ = _Cycle
         if self.cycle is not None and self.stopping:
             self.cycle.keep_alive = False
         if self.cycle is not None and self.parser.should_upgrade():  # not to a WebSocket: none is served
@@ -300,3 +314,21 @@ class _Closing:
             protocol.linger()
         else:
             protocol.transport.close()
+
+
+class _Cycle(RequestResponseCycle):
+    """uvicorn's request-response cycle, closing the connection after an answer given before the body has all come.
+
+    uvicorn kept such a connection open, reading and dropping the rest of the
+    body with no deadline (each byte put off its keep-alive timeout): one byte
+    now and then held a connection for ever (a 401, 404 or 413 answered from the
+    head alone), and a request sent after the answer was never read. Now the
+    answer says `Connection: close`, and the connection lingers, then closes,
+    as after a refusal.
+    """
+
+    async def send(self, message: Any) -> None:
+        if self.more_body and self.keep_alive and not self.response_started:
+            self.keep_alive = False
+            self.transport = _Closing(self.transport.get_protocol())  # type: ignore[assignment]
+        await super().send(message)
