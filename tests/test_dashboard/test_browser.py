@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import threading
 from pathlib import Path
+from urllib.parse import urlencode
 
 import pytest
 from playwright.sync_api import Locator, Page, expect
@@ -632,3 +633,58 @@ def test_without_a_shared_worker_each_page_follows_its_own_stream(ui: Dashboard)
     expect(row(listed, task)).to_have_attribute("data-status", "running")
     expect(detail.locator("#now")).to_have_attribute("data-status", "running")
     expect(feed.locator("#feed-rows tr").first).to_have_attribute("data-type", "TaskStarted")
+
+
+def test_bulk_action_on_every_matching_task_leaves_a_shown_task_that_changed_while_confirming(ui: Dashboard) -> None:
+    shown = [create(ui, "bulk-e") for _ in range(3)]
+    page = ui.page()
+    page.goto("/ui?status=pending&task_type=bulk-e")
+    expect(page.locator("#live")).to_have_attribute("data-state", "live")
+    page.get_by_role("button", name="Select all 3 pending tasks of type bulk-e").click()
+    page.locator('#bulk [data-bulk="cancel"]').click()
+    dialog = page.get_by_role("dialog")
+    expect(dialog).to_contain_text("A task that changed since this page showed it is left alone and reported.")
+    with ui.api() as api:  # while the dialog is open
+        assert api.patch(f"/tasks/{shown[0]['task_id']}", json={"progress": 90}).status_code == 200
+    dialog.get_by_role("button", name="Cancel 3 tasks").click()
+    expect(page.locator("#bulk-run")).to_contain_text("Cancel: finished. 2 done.")
+    expect(page.locator("#bulk-run")).to_contain_text("1 changed since shown")
+    with ui.api() as api:
+        assert [api.get(f"/tasks/{t['task_id']}").json()["status"] for t in shown] == ["pending"] + ["canceled"] * 2
+
+
+def test_a_type_written_right_to_left_cannot_reorder_the_pages_sentences(ui: Dashboard) -> None:
+    kind = "imp\u202eort"  # RIGHT-TO-LEFT OVERRIDE: left open, it reversed everything after it
+    create(ui, kind)
+    page = ui.page()
+    page.goto("/ui?" + urlencode({"status": "pending", "task_type": kind}))
+    expect(page.locator("#live")).to_have_attribute("data-state", "live")
+    expect(page.locator("h1 bdi")).to_have_text(kind)
+    page.locator("#select-matching").click()
+    expect(page.locator("#selection")).to_have_text(f"All 1 pending tasks of type {kind} selected.")
+    expect(page.locator("#selection bdi")).to_have_text(kind)
+    page.locator('#bulk [data-bulk="delete"]').click()
+    expect(page.locator("#bulk-confirm-text bdi")).to_have_text(kind)
+    expect(page.locator("#bulk-confirm-text")).to_contain_text(f"Delete all 1 pending tasks of type {kind}. ")
+    page.get_by_role("dialog").get_by_role("button", name="Go back").click()
+
+
+def test_a_bulk_actions_results_list_every_task_a_page_at_a_time(ui: Dashboard) -> None:
+    with ui.api() as api:
+        created = api.post("/tasks/batch", json={"tasks": [{"task_type": "bulk-f"}] * 250}).json()["tasks"]
+        updates = [{"task_id": t["task_id"], "status": "completed"} for t in created]
+        assert api.patch("/tasks/batch", json={"updates": updates}).status_code == 200
+    page = ui.page()
+    page.goto("/ui?status=completed&task_type=bulk-f")
+    page.get_by_role("button", name="Select all 250 completed tasks of type bulk-f").click()
+    page.locator('#bulk [data-bulk="cancel"]').click()
+    page.get_by_role("dialog").get_by_role("button", name="Cancel 250 tasks").click()
+    results = page.locator("#bulk-run")
+    expect(results).to_contain_text("250 not allowed (already finished)")
+    group = results.locator('details[data-group="finished"]')
+    group.locator("summary").click()
+    expect(group.locator("li a")).to_have_count(200)
+    group.get_by_role("button", name="Show 50 more (50 not shown)").click()
+    expect(group.locator("li a")).to_have_count(250)
+    expect(group.locator("li a").nth(200)).to_be_focused()
+    assert sorted(group.locator("li a").all_inner_texts()) == sorted(t["task_id"] for t in created)

@@ -167,7 +167,7 @@ async def test_a_version_past_the_latest_is_a_404_page(open_client: AsyncTestCli
 async def test_a_filtered_list_names_the_task_type_as_it_is(open_client: AsyncTestClient) -> None:
     """Types are case-sensitive: the heading must not lower-case one into a type that does not exist."""
     page = await open_client.get("/ui?status=failed&task_type=ImportCSV%20%C3%89t%C3%A9")
-    assert "<h1>Failed tasks of type ImportCSV Été</h1>" in page.text
+    assert "<h1>Failed tasks of type <bdi>ImportCSV Été</bdi></h1>" in page.text
     assert "<title>Failed tasks of type ImportCSV Été" in page.text
 
 

@@ -289,9 +289,13 @@ class Filters(NamedTuple):
 
     def describe(self, counts: dict[str, int]) -> tuple[int, str]:
         """How many tasks match, from the counters, and what they are in words ("failed tasks of type import")."""
-        matching = counts[self.status.value] if self.status else counts["total"]
-        noun = f"{self.status.value} tasks" if self.status else "tasks"
-        return matching, noun + (f" of type {self.task_type}" if self.task_type else "")
+        return (counts[self.status.value] if self.status else counts["total"]), self.words() + (
+            f" of type {self.task_type}" if self.task_type else ""
+        )
+
+    def words(self) -> str:
+        """What the matching tasks are, but for their type: "failed tasks" (a page sets the type apart, in a <bdi>)."""
+        return f"{self.status.value} tasks" if self.status else "tasks"
 
 
 def _text_parameter(name: str, value: str | None, max_length: int = 200) -> str | None:

@@ -16,6 +16,7 @@ const APPLY_EVERY = 250; // ms between two updates of the page, at most
 const FINISHING = new Set(["TaskCompleted", "TaskFailed", "TaskCanceled", "TaskDeleted"]);
 const FINISHED = new Set(["completed", "failed", "canceled"]);
 const BATCH = 1000; // items per PATCH /tasks/batch, the API's limit
+const LISTED = 200; // tasks a bulk action's result lists per outcome, and how many more each "Show more" adds
 
 document.documentElement.classList.add("js");
 const body = document.body;
@@ -373,15 +374,18 @@ function tasksPage() {
   live.follow(body.dataset.stream, { onEvent: refresh, onOpen: refresh });
   if (bulk) bulkActions();
 
+  // A row's task as the page shows it: the version an action on it is sent with, and its status.
+  function picked(box) {
+    return { version: box.dataset.ifVersion, status: box.closest("tr").dataset.status };
+  }
+
   function updateBulk() {
     if (!bulk) return;
     const matching = Number(bulk.dataset.matching);
     const count = allMatching ? matching : selected.size;
-    document.getElementById("selection").textContent = allMatching
-      ? `All ${number.format(matching)} ${bulk.dataset.noun} selected.`
-      : count
-        ? `${number.format(count)} selected.`
-        : "No tasks selected.";
+    const selection = document.getElementById("selection");
+    if (allMatching) selection.replaceChildren(`All ${number.format(matching)} `, ...matchingWords(), " selected.");
+    else selection.textContent = count ? `${number.format(count)} selected.` : "No tasks selected.";
     for (const button of bulk.querySelectorAll("[data-bulk]")) button.disabled = count === 0;
     document.getElementById("select-matching").setAttribute("aria-pressed", String(allMatching));
     const boxes = [...rows.querySelectorAll("input.pick")];
@@ -395,7 +399,7 @@ function tasksPage() {
       const box = e.target.closest("input.pick");
       if (!box) return;
       allMatching = false;
-      if (box.checked) selected.set(box.value, { version: box.dataset.ifVersion, status: box.closest("tr").dataset.status });
+      if (box.checked) selected.set(box.value, picked(box));
       else selected.delete(box.value);
       for (const other of rows.querySelectorAll("input.pick")) other.checked = selected.has(other.value);
       updateBulk();
@@ -404,7 +408,7 @@ function tasksPage() {
       allMatching = false;
       for (const box of rows.querySelectorAll("input.pick")) {
         box.checked = e.target.checked;
-        if (box.checked) selected.set(box.value, { version: box.dataset.ifVersion, status: box.closest("tr").dataset.status });
+        if (box.checked) selected.set(box.value, picked(box));
         else selected.delete(box.value);
       }
       updateBulk();
@@ -422,7 +426,9 @@ function tasksPage() {
     for (const button of bulk.querySelectorAll("[data-bulk]")) {
       button.addEventListener("click", async () => {
         chosen = button.dataset.bulk;
-        shown = new Map(selected);
+        // Every row's version as this page shows it now, for "all matching" too: a task shown here that
+        // changes while the dialog is open is then refused as changed since shown, not overwritten.
+        shown = allMatching ? new Map([...rows.querySelectorAll("input.pick")].map((box) => [box.value, picked(box)])) : new Map(selected);
         const verb = { cancel: "Cancel", retry: "Retry", delete: "Delete" }[chosen];
         let count = allMatching ? Number(bulk.dataset.matching) : selected.size;
         if (allMatching) {
@@ -433,12 +439,13 @@ function tasksPage() {
           count = (await matchingCount()) ?? count;
           confirmed = { count, newest };
         }
-        const what = allMatching ? `all ${number.format(count)} ${bulk.dataset.noun}` : `${number.format(count)} selected ${count === 1 ? "task" : "tasks"}`;
+        const what = allMatching ? [`all ${number.format(count)} `, ...matchingWords()] : [`${number.format(count)} selected ${count === 1 ? "task" : "tasks"}`];
         document.getElementById("bulk-confirm-title").textContent = `${verb} ${number.format(count)} ${count === 1 ? "task" : "tasks"}?`;
-        document.getElementById("bulk-confirm-text").textContent =
-          `${verb} ${what}. ` +
-          (chosen === "delete" ? "Their histories stay. " : "") +
-          "A task that changed since this page showed it is left alone and reported.";
+        document.getElementById("bulk-confirm-text").replaceChildren(
+          `${verb} `,
+          ...what,
+          ". " + (chosen === "delete" ? "Their histories stay. " : "") + "A task that changed since this page showed it is left alone and reported.",
+        );
         document.getElementById("bulk-confirm-go").textContent = `${verb} ${number.format(count)} ${count === 1 ? "task" : "tasks"}`;
         dialog.returnValue = "";
         dialog.showModal();
@@ -447,6 +454,14 @@ function tasksPage() {
     dialog.addEventListener("close", () => {
       if (dialog.returnValue === "go" && chosen) runBulk(chosen, allMatching ? confirmed : null, shown);
     });
+  }
+
+  // What the filter matches, in words ("running tasks of type X"), the type in a <bdi>: a type written
+  // right to left (or holding direction marks) cannot reorder the sentence around it.
+  function matchingWords() {
+    const status = bulk.dataset.statusFilter;
+    const words = status ? `${status} tasks` : "tasks";
+    return bulk.dataset.typeFilter ? [`${words} of type `, el("bdi", bulk.dataset.typeFilter)] : [words];
   }
 
   // How many tasks the filter matches now, from the counters; undefined if they could not be read.
@@ -467,8 +482,9 @@ function tasksPage() {
   // `everyMatching`: act on every task the filter matches that is no newer than the newest when the
   // dialog was opened (tasks created while it was open are not the ones confirmed); its count is what
   // the dialog said, a measure of the work, not a cap: a task left out would be one confirmed.
-  // `shown`: the selected rows as the dialog showed them, so a row that changed while it was open is
-  // sent with the version confirmed, and refused as changed since shown.
+  // `shown`: the selected rows (for "all matching", every row) as the dialog showed them, so a row that
+  // changed while it was open is sent with the version confirmed, and refused as changed since shown;
+  // a matching task this page did not show is sent with the version the walk reads.
   async function runBulk(action, everyMatching, shown) {
     const panel = document.getElementById("bulk-run");
     const verb = { cancel: "Canceling", retry: "Retrying", delete: "Deleting" }[action];
@@ -481,13 +497,13 @@ function tasksPage() {
     for (const button of bulk.querySelectorAll("button")) button.disabled = true;
 
     const groups = {
-      done: { label: "done", items: [] },
-      unchanged: { label: "already so", items: [] },
-      skipped: { label: "skipped: not failed or canceled", items: [] },
-      finished: { label: "not allowed (already finished)", items: [] },
-      conflict: { label: "changed since shown", items: [] },
-      gone: { label: "gone", items: [] },
-      failed: { label: "failed", items: [] },
+      done: { label: "done", items: [], listed: LISTED, open: false },
+      unchanged: { label: "already so", items: [], listed: LISTED, open: false },
+      skipped: { label: "skipped: not failed or canceled", items: [], listed: LISTED, open: false },
+      finished: { label: "not allowed (already finished)", items: [], listed: LISTED, open: false },
+      conflict: { label: "changed since shown", items: [], listed: LISTED, open: false },
+      gone: { label: "gone", items: [], listed: LISTED, open: false },
+      failed: { label: "failed", items: [], listed: LISTED, open: false },
     };
     let handled = 0;
     let stop = false;
@@ -519,20 +535,33 @@ function tasksPage() {
           }),
       );
       details.replaceChildren(
-        ...Object.values(groups)
-          .filter((g) => g.items.length)
-          .map((g) => {
-            const box = el("details");
+        ...Object.entries(groups)
+          .filter(([, g]) => g.items.length)
+          .map(([key, g]) => {
+            const box = el("details", null, { "data-group": key });
+            box.open = g.open;
+            box.addEventListener("toggle", () => (g.open = box.open));
             box.append(el("summary", `${g.label}: ${number.format(g.items.length)}`));
             const list = el("ul");
-            for (const [taskId, note] of g.items.slice(0, 200)) {
+            for (const [taskId, note] of g.items.slice(0, g.listed)) {
               const li = el("li");
               li.append(el("a", taskId, { href: `/ui/tasks/${encodeURIComponent(taskId)}` }));
               if (note) li.append(` — ${note}`);
               list.append(li);
             }
-            if (g.items.length > 200) list.append(el("li", `and ${number.format(g.items.length - 200)} more`));
             box.append(list);
+            if (g.items.length > g.listed) {
+              // Every task stays reachable, a page more at a time: the page stays small.
+              const rest = g.items.length - g.listed;
+              const more = el("button", `Show ${number.format(Math.min(LISTED, rest))} more (${number.format(rest)} not shown)`, { type: "button", class: "link" });
+              more.addEventListener("click", () => {
+                const first = g.listed;
+                g.listed += LISTED;
+                show();
+                details.querySelector(`[data-group="${key}"] li:nth-child(${first + 1}) a`)?.focus();
+              });
+              box.append(more);
+            }
             return box;
           }),
       );
@@ -595,7 +624,7 @@ function tasksPage() {
         url = next ? next[1] : null;
         if (!page.answer.length) break;
         const tasks = page.answer.filter((t) => t.id <= everyMatching.newest);
-        if (tasks.length) ok = await send(tasks.map((t) => ({ id: t.task_id, version: t.version, status: t.status })));
+        if (tasks.length) ok = await send(tasks.map((t) => ({ id: t.task_id, version: shown.get(t.task_id)?.version ?? t.version, status: t.status })));
         show();
       }
     }
