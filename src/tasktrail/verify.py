@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from dataclasses import dataclass, field
+from types import ModuleType
 from uuid import UUID
 
 import msgspec
@@ -17,7 +19,9 @@ from tasktrail.projections import tasks as tasks_view
 BATCH = 10_000
 
 ALL_EVENTS = "SELECT stream_id, version, position, occurred_at, type, data FROM events ORDER BY position"
-ALL_TASKS = f"SELECT {tasks_view.COLUMNS} FROM tasks"  # noqa: S608 -- COLUMNS is a constant
+ALL_TASKS = "SELECT {} FROM tasks"  # the columns: version 1's, then those the version verified adds (see copied)
+V1_COLUMNS = tuple(name.strip() for name in tasks_view.COLUMNS.split(","))
+_COPIED = re.compile(r"COPY\s+tasks\s*\(([^)]*)\)")
 COUNTS = "SELECT task_type, status, sum(n)::bigint FROM task_counts GROUP BY task_type, status"
 
 
@@ -65,6 +69,24 @@ _json = msgspec.json.Encoder().encode
 def _differs(log: Task, model: Task, f: str) -> bool:
     was, now = getattr(log, f), getattr(model, f)
     return was != now or (f in JSON_FIELDS and _json(was) != _json(now))
+
+
+def copied(module: ModuleType) -> tuple[str, ...]:
+    """A tasks read model's columns, in the order its rows() gives their values: its COPY's."""
+    found = _COPIED.search(module.COPY)
+    return tuple(name.strip() for name in found.group(1).split(",")) if found else V1_COLUMNS
+
+
+def _added_diff(module: ModuleType, log: Task, held: dict[str, object]) -> str:
+    """How the columns a version adds (`held`: what the read model holds) differ from its rows() of the log's task."""
+    (row,) = module.rows([log])
+    wanted = dict(zip(copied(module), row, strict=True))
+    found = []
+    for name, value in held.items():
+        should = getattr(wanted[name], "obj", wanted[name])  # a Jsonb wrapper: the value it wraps
+        if value != should or _json(value) != _json(should):
+            found.append(f"{name}: read model {_json(value).decode()}, log {_json(should).decode()}")
+    return ", ".join(found)
 
 
 def _same(log: Task, model: Task) -> bool:
@@ -131,19 +153,29 @@ def _compare(conninfo: str, versions: dict[str, int] | None) -> tuple[Report, bo
         live = {task_id: task for task_id, task in states.items() if task is not None}
         report.live = len(live)
 
+        # The columns a version adds to version 1's are compared with what its code makes of the log, when
+        # this process has the code of the version verified (TASKTRAIL_READ_MODELS); else version 1's only.
+        module = next((m for m in projections.INLINE if m.NAME == tasks_view.NAME), tasks_view)
+        mine = chosen[tasks_view.NAME] == module.VERSION
+        added = [name for name in copied(module) if name not in V1_COLUMNS] if mine else []
         seen = set()
         with conn.cursor(name="verify_tasks") as cur:
             cur.itersize = BATCH
-            cur.execute(ALL_TASKS)
+            cur.execute(sql.SQL(ALL_TASKS).format(sql.SQL(", ").join(map(sql.Identifier, (*V1_COLUMNS, *added)))))
             for row in cur:
-                model = tasks_view.to_task(row)
+                model = tasks_view.to_task(row[: len(V1_COLUMNS)])
                 seen.add(model.task_id)
                 expected = live.get(model.task_id)
                 if expected is None:
                     gone = "was deleted" if model.task_id in states else "has no events"
                     report.differences.append(f"task {model.task_id} is in the read model but {gone} in the log")
-                elif not _same(expected, model):
-                    report.differences.append(f"task {model.task_id}: {_diff(expected, model)}")
+                    continue
+                held = dict(zip(added, row[len(V1_COLUMNS) :], strict=True))
+                parts = [] if _same(expected, model) else [_diff(expected, model)]
+                if held and (added_diff := _added_diff(module, expected, held)):
+                    parts.append(added_diff)
+                if parts:
+                    report.differences.append(f"task {model.task_id}: {', '.join(parts)}")
         report.differences += [f"task {task_id} is missing from the read model" for task_id in live.keys() - seen]
 
         expected_counts = Counter((task.task_type, task.status.value) for task in live.values())

@@ -11,12 +11,13 @@ import anyio
 import psycopg
 import pytest
 
-from tasktrail import db, writer
+from tasktrail import db, projections, writer
 from tasktrail import verify as verifying
 from tasktrail.domain.task import CreateTask, Status, UpdateTask
-from tasktrail.projections import INLINE
-from tasktrail.projections.rebuild import rebuild
+from tasktrail.projections import INLINE, stats, tasks
+from tasktrail.projections.rebuild import prepare, rebuild
 from tasktrail.verify import fold_log, verify
+from tests.test_projections import tasks_v2
 
 pytestmark = pytest.mark.anyio
 
@@ -121,3 +122,26 @@ async def test_a_rebuild_that_swaps_while_verify_runs_is_no_difference(
     assert report.ok, report.summary()
     assert len(folds) == 2  # compared again after the swap
     assert report.events == 11
+
+
+async def test_a_column_a_new_version_adds_is_compared_too(database_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # tasks version 2 adds duration_seconds: verify compared version 1's columns only, so a wrong
+    # duration verified. With version 2's code (a process of release N+1), its own columns count too.
+    monkeypatch.setattr(projections, "INLINE", (tasks_v2, stats))
+    await asyncio.to_thread(prepare, database_url, [tasks_v2, stats])
+    async with await psycopg.AsyncConnection.connect(database_url, **db.connect_kwargs()) as conn:
+        await seed(conn)
+        timed = await writer.create(conn, CreateTask(task_type="timed"), {})
+        await writer.change(conn, timed.task_id, UpdateTask(status=Status.RUNNING), {})
+        await writer.change(conn, timed.task_id, UpdateTask(status=Status.COMPLETED), {})
+    report = verify(database_url)
+    assert report.ok, report.summary()
+    assert report.versions == {"tasks": 2, "stats": 1}
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("UPDATE rm_tasks_v2.tasks SET duration_seconds = 987654 WHERE task_type = 'timed'")
+    report = verify(database_url)
+    assert not report.ok
+    assert f"task {timed.task_id}: duration_seconds: read model 987654.0" in report.summary()
+    # Without version 2's code nothing says what the column should hold: version 1's columns are compared.
+    monkeypatch.setattr(projections, "INLINE", (tasks, stats))
+    assert verify(database_url, {"tasks": 2}).ok
