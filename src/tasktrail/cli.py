@@ -627,7 +627,10 @@ def main(argv: list[str] | None = None) -> int:
         message = _refused(exc)
         if message is None:
             raise
-        print(f"tasktrail: {message}", file=sys.stderr)
+        if args.func is serve and log.hasHandlers():  # through serve's logging: a JSON line in JSON mode
+            log.error("%s", message)
+        else:
+            print(f"tasktrail: {message}", file=sys.stderr)
         return 1
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -165,3 +167,20 @@ def test_a_json_request_line_is_one_object_with_each_field_as_given(
         "actor": actor,
         "client": client,
     }
+
+
+def test_a_database_serve_cannot_use_is_a_json_line_too(tmp_path: Path) -> None:
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))  # a port nobody listens on (bound, never listening)
+    port = closed.getsockname()[1]
+    env = os.environ | {"DATABASE_URL": f"postgresql://postgres@127.0.0.1:{port}/nowhere"}
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "tasktrail", "serve", "--port", "0", "--log-format", "json"],
+            env=env, capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+    finally:
+        closed.close()
+    assert done.returncode == 1
+    lines = [json.loads(line) for line in (done.stdout + done.stderr).splitlines()]
+    assert any(line["level"] == "error" and "cannot use the database" in line["message"] for line in lines), lines
