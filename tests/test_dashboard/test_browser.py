@@ -688,3 +688,22 @@ def test_a_bulk_actions_results_list_every_task_a_page_at_a_time(ui: Dashboard) 
     expect(group.locator("li a")).to_have_count(250)
     expect(group.locator("li a").nth(200)).to_be_focused()
     assert sorted(group.locator("li a").all_inner_texts()) == sorted(t["task_id"] for t in created)
+
+
+def test_a_timeline_past_a_page_offers_its_older_events_live_and_shows_them(ui: Dashboard) -> None:
+    task = create(ui, "long-live")
+    with ui.api() as api:
+        updates = [{"task_id": task["task_id"], "progress": n % 100} for n in range(1, 1000)]
+        assert api.patch("/tasks/batch", json={"updates": updates}).status_code == 200  # 1,000 events
+    page = ui.page()
+    page.goto(f"/ui/tasks/{task['task_id']}")
+    expect(page.locator("#live")).to_have_attribute("data-state", "live")
+    expect(page.locator("#timeline-older")).to_be_empty()
+    with ui.api() as api:
+        assert api.patch(f"/tasks/{task['task_id']}", json={"progress": 55.5}).status_code == 200
+    expect(page.locator("#timeline-older")).to_contain_text("1 older event is not shown here")
+    expect(page.locator('#timeline li[data-version="1001"]')).to_be_visible()
+    page.get_by_role("link", name="show older events").click()
+    expect(page.locator("#timeline li[data-version]")).to_have_count(1)
+    expect(page.locator('#timeline li[data-version="1"]')).to_have_attribute("data-type", "TaskCreated")
+    expect(page.locator("#timeline-newer")).to_contain_text("1000 newer events are not shown here")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import re
 from collections.abc import AsyncIterator
 from uuid import UUID
@@ -427,7 +428,7 @@ async def test_a_long_timeline_is_read_from_where_it_starts_as_a_fresh_fold_woul
 
     first = (await open_client.get(path)).text
     assert len(re.findall(r'<li data-version="', timeline(first))) == routes.TIMELINE_CAP
-    assert "1 older events are not shown" in first
+    assert "1 older event is not shown here" in first
     for status in ("running", "failed", "pending"):
         assert (await open_client.patch(path.removeprefix("/ui"), json={"status": status})).status_code == 200
     kept = (await open_client.get(path)).text
@@ -435,7 +436,7 @@ async def test_a_long_timeline_is_read_from_where_it_starts_as_a_fresh_fold_woul
     routes._WINDOWS.clear()  # the same page from the whole history, folded afresh
     fresh = (await open_client.get(path)).text
     assert timeline(kept) == timeline(fresh)
-    assert "4 older events are not shown" in kept
+    assert "4 older events are not shown here" in kept
     assert 'data-version="1004" data-type="TaskRetried"' in kept
     # Time travel inside the kept entries, and before them (folded from the start).
     for version in (1003, 2, 1):
@@ -445,6 +446,43 @@ async def test_a_long_timeline_is_read_from_where_it_starts_as_a_fresh_fold_woul
         assert f'data-status="{api["status"]}"' in now, version
         assert f"{api['progress']:g}%" in now, version
         assert f"Showing version {version} of 1004" in page
+        assert f'<li data-version="{version}"' in timeline(page), version  # the timeline shows it too
+
+
+async def test_older_events_of_a_long_timeline_are_shown_a_page_at_a_time(open_client: AsyncTestClient) -> None:
+    task = (await open_client.post("/tasks/", json={"task_type": "longer"})).json()
+    path = f"/ui/tasks/{task['task_id']}"
+    for start in (1, 1001):
+        updates = [{"task_id": task["task_id"], "progress": n % 100} for n in range(start, start + 1000)]
+        assert (await open_client.patch("/tasks/batch", json={"updates": updates})).status_code == 200
+
+    def versions(html: str) -> list[int]:
+        return [int(v) for v in re.findall(r'<li data-version="([0-9]+)"', html)]
+
+    seen = []
+    page = (await open_client.get(path)).text  # 2,001 events: 1,002 to 2,001 first
+    while True:
+        shown = versions(page)
+        assert shown == sorted(shown, reverse=True)
+        assert len(shown) <= routes.TIMELINE_CAP
+        seen += shown
+        older = re.search(r'<a href="([^"]+)">show older events</a>', page)
+        if older is None:
+            break
+        page = (await open_client.get(html.unescape(older[1]))).text
+        assert f"{2001 - shown[-1] + 1} newer events</a> are not shown here" in page
+    assert seen == list(range(2001, 0, -1))  # every event once, newest first
+    newer = re.search(r'<a href="([^"]+)">2000 newer events</a>', page)  # from version 1 alone
+    assert newer is not None
+    assert versions((await open_client.get(html.unescape(newer[1]))).text)[::999] == [1001, 2]
+    # A version picked before the newest events: the timeline starts at it, and the page says which it shows.
+    page = (await open_client.get(f"{path}?version=7")).text
+    assert versions(page)[-1] == 7
+    assert len(versions(page)) == routes.TIMELINE_CAP
+    assert 'aria-current="true"' in re.search(r'<li data-version="7".*?>', page)[0]  # type: ignore[index]
+    for bad in ("0", "1", "x", "-3"):
+        assert (await open_client.get(f"{path}?before={bad}")).status_code == 422, bad
+    assert versions((await open_client.get(f"{path}?before=99999")).text)[0] == 2001
 
 
 async def test_progress_is_never_shown_rounded_to_done_or_to_nothing(open_client: AsyncTestClient) -> None:

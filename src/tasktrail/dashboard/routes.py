@@ -60,7 +60,7 @@ from tasktrail.projections import tasks as tasks_view
 HERE = Path(__file__).parent
 STATIC = "/ui/static"
 PAGE_SIZE = 50  # rows on /ui unless ?limit= says otherwise (1..1000, as the API)
-TIMELINE_CAP = 1000  # newest events shown on a task page; the API's history has them all
+TIMELINE_CAP = 1000  # events a task page's timeline shows at a time: the newest, or older ones a page at a time
 FEED_SIZE = 100  # events /ui/events opens with
 
 # Scripts and styles from this origin only: no inline script, no inline style, no other host.
@@ -497,8 +497,17 @@ def error_page(
 
 
 @get("/ui/tasks/{task_id:str}", include_in_schema=False)
-async def task_page(request: Request, task_id: FromPath[str], version: FromQuery[str | None] = None) -> HtmlReply:
-    """The task now (or at ?version=N), its history as a timeline, and its actions."""
+async def task_page(
+    request: Request,
+    task_id: FromPath[str],
+    version: FromQuery[str | None] = None,
+    before: FromQuery[str | None] = None,
+) -> HtmlReply:
+    """The task now (or at ?version=N), its history as a timeline, and its actions.
+
+    The timeline shows TIMELINE_CAP events: the newest, or those before version ?before=N (older
+    events, a page at a time), or those up to a picked version older than the newest of them.
+    """
     try:
         uuid = UUID(task_id)
     except ValueError:
@@ -506,28 +515,45 @@ async def task_page(request: Request, task_id: FromPath[str], version: FromQuery
     at = None if version is None else _whole(version, 2**31 - 1)
     if version is not None and at is None:
         raise invalid("version", "a version number: a whole number from 1")
+    until = None if before is None else _whole(before, 2**31 - 1)
+    if before is not None and (until is None or until < 2):
+        raise invalid("before", "a version number: a whole number from 2")
 
     try:
         entries = await folded(request, uuid, at)
     except TaskNotFound as exc:
         return error_page(request, str(exc))
-    latest = entries[-1]
-    if at is not None and at < entries[0].stored.recorded.version:
-        # Further back than the timeline shows: the task's events up to it, folded.
-        earlier = await _timeline(await read(request, lambda conn: eventstore.read_stream(conn, uuid, limit=at)))
-        picked, before = earlier[-1], earlier[-2] if len(earlier) > 1 else None
+    latest, first = entries[-1], entries[0].stored.recorded.version
+    last = latest.stored.recorded.version
+    end = last if until is None else min(until - 1, last)  # the newest event the timeline shows
+    if until is None and at is not None and at < first:
+        end = min(at + TIMELINE_CAP - 1, last)  # a timeline that starts at the version picked
+    # Another window than the newest, or a version picked before it: the task's events up to there,
+    # folded from the start; earlier[i] is version i + 1.
+    upto = max(end if end < last else 0, at if at is not None and at < first else 0)
+    earlier: list[Entry] = []
+    if upto:
+        earlier = await _timeline(await read(request, lambda conn: eventstore.read_stream(conn, uuid, limit=upto)))
+    timeline_entries = entries if end == last else earlier[max(end - TIMELINE_CAP, 0) : end]
+    if at is None or at >= first:
+        i = len(entries) - 1 if at is None else at - first
+        picked, before_it = entries[i], entries[i - 1] if i else None
     else:
-        i = len(entries) - 1 if at is None else at - entries[0].stored.recorded.version
-        picked, before = entries[i], entries[i - 1] if i else None
+        picked, before_it = earlier[at - 1], earlier[at - 2] if at > 1 else None
     deleted = latest if latest.after is None else None
     # At a deletion the task has no state: show the one it had just before.
-    shown = picked.after if picked.after is not None else before.after if before else None
+    shown = picked.after if picked.after is not None else before_it.after if before_it else None
+    oldest, newest = timeline_entries[0].stored.recorded.version, timeline_entries[-1].stored.recorded.version
+    page_of = functools.partial(_timeline_url, uuid, at)
     return render(
         request,
         "task.html",
         task_id=uuid,
-        entries=entries[::-1],
-        hidden_entries=latest.stored.recorded.version - len(entries),
+        entries=timeline_entries[::-1],
+        older=(oldest - 1, page_of(oldest)) if oldest > 1 else None,
+        newer=(last - newest, page_of(newest + 1 + TIMELINE_CAP if newest + TIMELINE_CAP < last else None))
+        if newest < last
+        else None,
         latest=latest,
         picked=picked,
         viewing_past=picked is not latest,
@@ -536,6 +562,12 @@ async def task_page(request: Request, task_id: FromPath[str], version: FromQuery
         actions=actions(latest.after),
         stream=None if deleted is not None else f"/tasks/{uuid}/stream",
     )
+
+
+def _timeline_url(task_id: UUID, at: int | None, before: int | None) -> str:
+    """A task page whose timeline shows the events before version `before` (None: the newest), at version `at`."""
+    query = {name: value for name, value in (("version", at), ("before", before)) if value is not None}
+    return f"/ui/tasks/{task_id}" + (f"?{urlencode(query)}" if query else "")
 
 
 # The global feed.

@@ -661,6 +661,7 @@ function taskPage() {
     syncKeyed(document.getElementById("timeline"), fresh.getElementById("timeline"), "data-version", (old, now) =>
       replaceIfChanged(old, now),
     );
+    for (const id of ["timeline-newer", "timeline-older"]) replaceIfChanged(document.getElementById(id), fresh.getElementById(id));
     const picker = document.getElementById("version");
     const freshPicker = fresh.getElementById("version");
     if (picker?.tagName === "SELECT" && freshPicker?.tagName === "SELECT" && picker.options.length !== freshPicker.options.length) {
