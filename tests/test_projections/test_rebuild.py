@@ -483,3 +483,23 @@ def test_a_round_with_no_event_since_its_checkpoint_writes_nothing(database_url:
     with connect(database_url) as conn:
         after = conn.execute(moved).fetchall()
     assert [row[2] for row in after] != [row[2] for row in before]
+
+
+def test_a_version_being_rebuilt_is_in_use_so_prune_leaves_it_alone(database_url: str) -> None:
+    # prune dropped the schema a `projections rebuild` was filling: the rebuild then failed on a view,
+    # or put live a version that had no tables. Now the rebuild holds the version in use while it runs.
+    asyncio.run(seed(database_url, 10))
+    during = []
+
+    def prune_meanwhile(step: str, done: int, total: int) -> None:
+        if step == "replay" and not during:
+            with pytest.raises(versions.InUse):
+                versions.prune(database_url, "tasks", 2)
+            during.append(versions.status(database_url, [tasks_v2, stats])[2])
+
+    assert prepare(database_url, [tasks_v2, stats], prune_meanwhile).names == ["tasks"]
+    assert during == [[]]  # the new tables being filled are not "left from an interrupted rebuild"
+    assert ("tasks", 2, "live") in registry(database_url)
+    assert verify(database_url, {"tasks": 2}).ok
+    assert versions.prune(database_url, "tasks", 2) == "pruned tasks version 2: dropped schema rm_tasks_v2"
+    assert versions.prune(database_url, "tasks", 2) == "tasks version 2 was pruned already"

@@ -570,7 +570,7 @@ class Rebuilt:
     position: int  # the log head when it went live
 
 
-LOCK_KEY = "tasktrail.rebuild"
+LOCK_KEY = versions.REBUILDS
 TRY_LOCK = "SELECT pg_try_advisory_lock(hashtext(%(key)s))"
 WAIT_LOCK = "SELECT pg_advisory_lock(hashtext(%(key)s))"
 NO_TIMEOUT = " -c statement_timeout=0 -c lock_timeout=0"  # waiting for another rebuild may take a while
@@ -601,6 +601,9 @@ def rebuild(
             modules = [m for m in modules if states.get((m.NAME, m.VERSION)) != "live"]
         if not modules:
             return Rebuilt([], 0, 0, 0)
+        # The versions built are in use while this runs: `projections prune` refuses them (it dropped the
+        # schema under a rebuild of the `projections` command, which then failed or put nothing live).
+        versions.hold(guard, modules)
         for module in modules:
             if states.get((module.NAME, module.VERSION)) != "live":
                 guard.execute(BUILDING, {"name": module.NAME, "version": module.VERSION})

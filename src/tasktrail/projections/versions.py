@@ -28,6 +28,7 @@ from tasktrail import db, projections
 # Advisory lock keys are pairs: a space per purpose, and the version as "name:version".
 USES = "tasktrail.uses"  # held shared by each process using a version; exclusively by prune
 FOLLOWS = "tasktrail.follows"  # held by the one transaction applying the log to a version
+REBUILDS = "tasktrail.rebuild"  # held by the one rebuild running (projections/rebuild.py)
 
 
 def key(space: str, name: str, version: int) -> dict[str, str]:
@@ -98,6 +99,8 @@ ORDER BY v.name, v.version
 """
 HEAD = "SELECT coalesce(max(position), 0) FROM events"
 LEFT_OVER = r"SELECT nspname FROM pg_namespace WHERE nspname LIKE 'rm\_%%\_new' ORDER BY 1"
+# Taken and let go at once: false while a rebuild runs (whose new tables are not left over, but being filled).
+NO_REBUILD = f"SELECT pg_try_advisory_xact_lock(hashtext('{REBUILDS}'))"
 
 
 def application_name(modules: Sequence[ModuleType] | None = None) -> dict[str, str]:
@@ -133,6 +136,8 @@ def status(conninfo: str, modules: Sequence[ModuleType]) -> tuple[list[Version],
         rows = conn.execute(STATUS, {"uses": USES}).fetchall()
         head = conn.execute(HEAD).fetchone()[0]  # type: ignore[index]
         left = [name for (name,) in conn.execute(LEFT_OVER).fetchall()]
+        if left and not conn.execute(NO_REBUILD).fetchone()[0]:  # type: ignore[index]
+            left = []  # a rebuild is filling them now
     found = [Version(*row, code=(row[0], row[1]) in mine) for row in rows]
     missing = mine - {(v.name, v.version) for v in found}
     found += [Version(name, version, "missing", None, 0, 0, True) for name, version in sorted(missing)]  # type: ignore[arg-type]
@@ -143,7 +148,8 @@ def status(conninfo: str, modules: Sequence[ModuleType]) -> tuple[list[Version],
 
 TRY_EXCLUSIVE = "SELECT pg_try_advisory_xact_lock(hashtext(%(space)s), hashtext(%(version)s))"
 STATE = "SELECT state FROM projection_versions WHERE name = %(name)s AND version = %(version)s FOR UPDATE"
-DROP_SCHEMA = sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE")
+DROP_SCHEMA = sql.SQL("DROP SCHEMA {} CASCADE")
+SCHEMAS = "SELECT nspname FROM pg_namespace WHERE nspname = ANY(%(schemas)s) ORDER BY nspname"
 RETIRE = """
 UPDATE projection_versions SET state = 'retired', checkpoint = NULL, since = now()
 WHERE name = %(name)s AND version = %(version)s
@@ -180,11 +186,13 @@ def prune(conninfo: str, name: str, version: int) -> str:
                 f"{name} version {version} is in use by a running process; stop every process of that release first"
             )
         # Held until this commits: a process starting on this version meanwhile waits, then finds it retired.
-        conn.execute(DROP_SCHEMA.format(sql.Identifier(schema)))
-        conn.execute(DROP_SCHEMA.format(sql.Identifier(f"{schema}_new")))
+        dropped = [s for (s,) in conn.execute(SCHEMAS, {"schemas": [schema, f"{schema}_new"]}).fetchall()]
+        for name_of in dropped:
+            conn.execute(DROP_SCHEMA.format(sql.Identifier(name_of)))
         conn.execute(RETIRE, {"name": name, "version": version})
         conn.execute(VIEWS, {"name": name})
-    return f"pruned {name} version {version}: dropped schema {schema}"
+    what = f"dropped schema {' and '.join(dropped)}" if dropped else "it had no tables left"
+    return f"pruned {name} version {version}: {what}"
 
 
 NAMES = "SELECT DISTINCT name FROM projection_versions"
