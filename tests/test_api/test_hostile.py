@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -127,6 +128,13 @@ async def test_a_burst_of_streams_left_at_once_costs_the_pool_no_connection(shar
         assert (await call(shared_client.app, "GET", b"/events/stream")).status == 200
     assert pool.get_stats().get("returns_bad", 0) == before
     assert (await shared_client.get("/tasks/?limit=1")).status_code == 200
+
+
+def wait_for(condition: Callable[[], bool], failure: str, timeout: float = 5) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, failure
+        time.sleep(0.1)
 
 
 def exchange(server: Server, request: bytes, chunk: int = 64 * 1024) -> bytes:
@@ -343,11 +351,8 @@ def test_an_answer_before_the_body_has_come_closes_the_connection_and_a_stream_h
                 b"GET /events/stream HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\nGET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
             )
             assert sock.recv(65536).startswith(b"HTTP/1.1 200 ")
-            assert streams() == 1
-        deadline = time.monotonic() + 5
-        while streams() != 0:
-            assert time.monotonic() < deadline, "the stream did not hear its client leave"
-            time.sleep(0.1)
+            wait_for(lambda: streams() == 1, "the stream did not open")
+        wait_for(lambda: streams() == 0, "the stream did not hear its client leave")
     finally:
         client.close()
         server.stop()

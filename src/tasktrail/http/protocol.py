@@ -16,7 +16,7 @@ gets a 5xx from this service: SPEC §8);
 and a request that asks to upgrade the connection as HTTP/1.1, body and all
 (UpgradeIgnored). An answer given before the request's body has all arrived
 closes the connection (_Cycle), and a stream with a request pipelined behind
-it hears that its client left (BoundedHead.unanswered).
+it hears that its client left (BoundedHead.answering).
 """
 
 from __future__ import annotations
@@ -141,9 +141,10 @@ class BoundedHead(HttpToolsProtocol):
     head_due: asyncio.TimerHandle | None = None
     began = 0.0  # when the request's first byte was parsed
     stopping = False  # the server is stopping: answer what comes, then close
-    # Requests still being answered with others pipelined behind them (a stream, say): uvicorn tells
-    # only the newest that the connection was lost, so a stream ran on until a ping failed (~45 s).
-    unanswered: tuple[RequestResponseCycle, ...] = ()
+    # The request being answered: uvicorn tells only the newest request read that the connection was
+    # lost, so one answered with others pipelined behind it (a stream, say) ran on until a ping failed
+    # (~45 s). Those queued behind it never start once the connection is gone: this one needs telling.
+    answering: RequestResponseCycle | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -156,10 +157,10 @@ class BoundedHead(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self.head_due is not None:
             self.head_due.cancel()
-        for cycle in self.unanswered:
-            if not cycle.response_complete:
-                cycle.disconnected = True
-                cycle.message_event.set()
+        answering = self.answering
+        if answering is not None and answering is not self.cycle and not answering.response_complete:
+            answering.disconnected = True
+            answering.message_event.set()
         super().connection_lost(exc)
 
     def on_message_begin(self) -> None:
@@ -177,10 +178,7 @@ class BoundedHead(HttpToolsProtocol):
         if self.head_due is not None:
             self.head_due.cancel()
             self.head_due = None
-        running = self.cycle
         super().on_headers_complete()
-        if running is not None and not running.response_complete:  # this request is pipelined behind it
-            self.unanswered = (*(c for c in self.unanswered if not c.response_complete), running)
         if self.cycle is not None:
             self.cycle.__class__ = _Cycle
         if self.cycle is not None and self.stopping:
@@ -194,6 +192,10 @@ class BoundedHead(HttpToolsProtocol):
         if self.cycle is not None and not self.cycle.keep_alive:
             # The cycle closes the connection once it has answered: perhaps before the body has all arrived.
             self.cycle.transport = _Closing(self)  # type: ignore[assignment]
+
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
+        self.answering = cycle
+        super()._start_asgi_task(cycle, app)
 
     def on_message_complete(self) -> None:
         if self.upgrade_body is None:  # else the body is still to come, through UpgradeIgnored
@@ -327,8 +329,11 @@ class _Cycle(RequestResponseCycle):
     as after a refusal.
     """
 
+    __slots__ = ()
+
     async def send(self, message: Any) -> None:
-        if self.more_body and self.keep_alive and not self.response_started:
+        # Not by keep_alive: a graceful stop clears it mid-request, and uvicorn would then close at once.
+        if self.more_body and not self.response_started and not isinstance(self.transport, _Closing):
             self.keep_alive = False
             self.transport = _Closing(self.transport.get_protocol())  # type: ignore[assignment]
         await super().send(message)
