@@ -480,6 +480,11 @@ async def test_older_events_of_a_long_timeline_are_shown_a_page_at_a_time(open_c
     assert versions(page)[-1] == 7
     assert len(versions(page)) == routes.TIMELINE_CAP
     assert 'aria-current="true"' in re.search(r'<li data-version="7".*?>', page)[0]  # type: ignore[index]
+    newer = re.search(r'<a href="([^"]+)">995 newer events</a>', page)  # 1,007 to 2,001, still at version 7
+    assert newer is not None
+    following = (await open_client.get(html.unescape(newer[1]))).text
+    assert versions(following)[0] == 2001
+    assert "Showing version 7 of 2001" in following
     for bad in ("0", "1", "x", "-3"):
         assert (await open_client.get(f"{path}?before={bad}")).status_code == 422, bad
     assert versions((await open_client.get(f"{path}?before=99999")).text)[0] == 2001

@@ -368,8 +368,8 @@ async def tasks_page(
         rows=ROWS.page(page, looking.can_write),
         counts=counts,
         matching=matching,
-        noun=noun,
-        # Only the first letter raised: the task type in it keeps its case (Jinja's capitalize lowers the rest).
+        # The page's title. Only the first letter raised: the task type in it keeps its case (Jinja's
+        # capitalize lowers the rest).
         heading=noun[:1].upper() + noun[1:],
         older=filters.url(cursor=_encode_cursor(page[-1])) if more else None,
     )
@@ -478,6 +478,42 @@ async def folded(request: Request, uuid: UUID, at: int | None = None) -> list[En
     return entries
 
 
+# The task just before version v, for each older window (or version picked) shown lately: an open page
+# renders again after each change, and folding a long task's history from the start each time cost
+# a second. Events never change, so neither does the task before a version.
+_STARTS: OrderedDict[tuple[UUID, int], Task | None] = OrderedDict()
+
+
+def _fold(history: Sequence[eventstore.Stored]) -> Task | None:
+    state = None
+    for stored in history:
+        state = evolve(state, stored.recorded)
+    return state
+
+
+async def window(request: Request, uuid: UUID, start: int, end: int) -> tuple[Task | None, list[Entry]]:
+    """The task just before version `start`, and the timeline entries of versions start..end (which exist)."""
+    known = (uuid, start) in _STARTS
+
+    async def fetch(conn: psycopg.AsyncConnection) -> tuple[list[eventstore.Stored], list[eventstore.Stored]]:
+        before = [] if known else await eventstore.read_stream(conn, uuid, limit=start - 1)
+        events = await eventstore.read_stream(conn, uuid, after_version=start - 1, limit=end - start + 1)
+        if len(events) < end - start + 1 or (not known and len(before) < start - 1):
+            raise TaskNotFound(f"Task {uuid} has no version {end} here.")  # a replica behind: read asks the primary
+        return before, events
+
+    before, events = await read(request, fetch)
+    if known:
+        state = _STARTS[(uuid, start)]
+    else:
+        state = await asyncio.to_thread(_fold, before) if len(before) > FOLD_IN_THREAD else _fold(before)
+        _STARTS[(uuid, start)] = state
+    _STARTS.move_to_end((uuid, start))
+    while len(_STARTS) > WINDOWS_KEPT:
+        _STARTS.popitem(last=False)
+    return state, await _timeline(events, state)
+
+
 def actions(task: Task | None) -> dict[str, bool]:
     """Which of the page's actions the task's status allows."""
     if task is None:
@@ -526,23 +562,27 @@ async def task_page(
     latest, first = entries[-1], entries[0].stored.recorded.version
     last = latest.stored.recorded.version
     end = last if until is None else min(until - 1, last)  # the newest event the timeline shows
-    if until is None and at is not None and at < first:
-        end = min(at + TIMELINE_CAP - 1, last)  # a timeline that starts at the version picked
-    # Another window than the newest, or a version picked before it: the task's events up to there,
-    # folded from the start; earlier[i] is version i + 1.
-    upto = max(end if end < last else 0, at if at is not None and at < first else 0)
-    earlier: list[Entry] = []
-    if upto:
-        earlier = await _timeline(await read(request, lambda conn: eventstore.read_stream(conn, uuid, limit=upto)))
-    timeline_entries = entries if end == last else earlier[max(end - TIMELINE_CAP, 0) : end]
-    if at is None or at >= first:
-        i = len(entries) - 1 if at is None else at - first
-        picked, before_it = entries[i], entries[i - 1] if i else None
+    picked_early = at is not None and at < first  # a version before the newest TIMELINE_CAP events
+    if at is not None and picked_early and until is None:
+        end = min(at + TIMELINE_CAP - 1, last)  # a timeline that starts at it
+    if end == last:
+        start, before_start, timeline_entries = first, None, entries
     else:
-        picked, before_it = earlier[at - 1], earlier[at - 2] if at > 1 else None
+        start = max(end - TIMELINE_CAP + 1, 1)
+        before_start, timeline_entries = await window(request, uuid, start, end)
+    if at is None:
+        picked, prior = latest, entries[-2].after if len(entries) > 1 else None
+    elif start <= at <= end:
+        i = at - start
+        picked, prior = timeline_entries[i], timeline_entries[i - 1].after if i else before_start
+    elif at >= first:
+        i = at - first
+        picked, prior = entries[i], entries[i - 1].after if i else None
+    else:  # before the window shown
+        prior, (picked,) = await window(request, uuid, at, at)
     deleted = latest if latest.after is None else None
     # At a deletion the task has no state: show the one it had just before.
-    shown = picked.after if picked.after is not None else before_it.after if before_it else None
+    shown = picked.after if picked.after is not None else prior
     oldest, newest = timeline_entries[0].stored.recorded.version, timeline_entries[-1].stored.recorded.version
     page_of = functools.partial(_timeline_url, uuid, at)
     return render(
@@ -551,7 +591,11 @@ async def task_page(
         task_id=uuid,
         entries=timeline_entries[::-1],
         older=(oldest - 1, page_of(oldest)) if oldest > 1 else None,
-        newer=(last - newest, page_of(newest + 1 + TIMELINE_CAP if newest + TIMELINE_CAP < last else None))
+        # The next window, or the newest (whose address, with a version picked before it, names its end).
+        newer=(
+            last - newest,
+            page_of(newest + 1 + TIMELINE_CAP if newest + TIMELINE_CAP < last or picked_early else None),
+        )
         if newest < last
         else None,
         latest=latest,

@@ -624,7 +624,9 @@ function tasksPage() {
         url = next ? next[1] : null;
         if (!page.answer.length) break;
         const tasks = page.answer.filter((t) => t.id <= everyMatching.newest);
-        if (tasks.length) ok = await send(tasks.map((t) => ({ id: t.task_id, version: shown.get(t.task_id)?.version ?? t.version, status: t.status })));
+        // A task this page showed is sent as shown (a change since is refused as such); others as read.
+        const sent = tasks.map((t) => ({ id: t.task_id, ...(shown.get(t.task_id) ?? { version: t.version, status: t.status }) }));
+        if (tasks.length) ok = await send(sent);
         show();
       }
     }
