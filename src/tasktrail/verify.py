@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -19,9 +18,15 @@ from tasktrail.projections import tasks as tasks_view
 BATCH = 10_000
 
 ALL_EVENTS = "SELECT stream_id, version, position, occurred_at, type, data FROM events ORDER BY position"
-ALL_TASKS = "SELECT {} FROM tasks"  # the columns: version 1's, then those the version verified adds (see copied)
-V1_COLUMNS = tuple(name.strip() for name in tasks_view.COLUMNS.split(","))
-_COPIED = re.compile(r"COPY\s+tasks\s*\(([^)]*)\)")
+ALL_TASKS = "SELECT {} FROM tasks"  # the columns: version 1's, then those the version verified adds
+
+
+def columns(module: ModuleType) -> tuple[str, ...]:
+    """A tasks read model's columns (its COLUMNS), in the order its rows() gives their values."""
+    return tuple(name.strip() for name in module.COLUMNS.split(","))
+
+
+V1_COLUMNS = columns(tasks_view)
 COUNTS = "SELECT task_type, status, sum(n)::bigint FROM task_counts GROUP BY task_type, status"
 
 
@@ -71,21 +76,17 @@ def _differs(log: Task, model: Task, f: str) -> bool:
     return was != now or (f in JSON_FIELDS and _json(was) != _json(now))
 
 
-def copied(module: ModuleType) -> tuple[str, ...]:
-    """A tasks read model's columns, in the order its rows() gives their values: its COPY's."""
-    found = _COPIED.search(module.COPY)
-    return tuple(name.strip() for name in found.group(1).split(",")) if found else V1_COLUMNS
-
-
 def _added_diff(module: ModuleType, log: Task, held: dict[str, object]) -> str:
     """How the columns a version adds (`held`: what the read model holds) differ from its rows() of the log's task."""
     (row,) = module.rows([log])
-    wanted = dict(zip(copied(module), row, strict=True))
+    wanted = dict(zip(columns(module), row, strict=True))
     found = []
     for name, value in held.items():
         should = getattr(wanted[name], "obj", wanted[name])  # a Jsonb wrapper: the value it wraps
-        if value != should or _json(value) != _json(should):
-            found.append(f"{name}: read model {_json(value).decode()}, log {_json(should).decode()}")
+        # A JSON value as JSON (1 is not true, nor 1.0: the API would show them apart); any other as SQL has it.
+        json = isinstance(value, dict | list) or isinstance(should, dict | list)
+        if value != should or (json and _json(value) != _json(should)):
+            found.append(f"{name}: read model {value!r}, log {should!r}")
     return ", ".join(found)
 
 
@@ -157,7 +158,7 @@ def _compare(conninfo: str, versions: dict[str, int] | None) -> tuple[Report, bo
         # this process has the code of the version verified (TASKTRAIL_READ_MODELS); else version 1's only.
         module = next((m for m in projections.INLINE if m.NAME == tasks_view.NAME), tasks_view)
         mine = chosen[tasks_view.NAME] == module.VERSION
-        added = [name for name in copied(module) if name not in V1_COLUMNS] if mine else []
+        added = [name for name in columns(module) if name not in V1_COLUMNS] if mine else []
         seen = set()
         with conn.cursor(name="verify_tasks") as cur:
             cur.itersize = BATCH

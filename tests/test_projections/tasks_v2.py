@@ -20,7 +20,8 @@ TABLES = v1.TABLES
 CREATE = (*v1.CREATE, "ALTER TABLE tasks ADD COLUMN duration_seconds double precision")
 INDEXES = v1.INDEXES
 AFTER_INDEXES = v1.AFTER_INDEXES
-COPY = f"COPY tasks ({v1.COLUMNS}, duration_seconds) FROM STDIN (FORMAT BINARY, FREEZE)"
+COLUMNS = f"{v1.COLUMNS}, duration_seconds"
+COPY = f"COPY tasks ({COLUMNS}) FROM STDIN (FORMAT BINARY, FREEZE)"
 COPY_TYPES = (*v1.COPY_TYPES, "float8")
 
 

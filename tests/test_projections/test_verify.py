@@ -6,6 +6,9 @@ import asyncio
 import os
 import sys
 import threading
+import types
+from datetime import UTC, datetime
+from uuid import uuid4
 
 import anyio
 import psycopg
@@ -13,7 +16,8 @@ import pytest
 
 from tasktrail import db, projections, writer
 from tasktrail import verify as verifying
-from tasktrail.domain.task import CreateTask, Status, UpdateTask
+from tasktrail.domain.events import Recorded, TaskCreated
+from tasktrail.domain.task import CreateTask, Status, UpdateTask, evolve
 from tasktrail.projections import INLINE, stats, tasks
 from tasktrail.projections.rebuild import prepare, rebuild
 from tasktrail.verify import fold_log, verify
@@ -145,3 +149,16 @@ async def test_a_column_a_new_version_adds_is_compared_too(database_url: str, mo
     # Without version 2's code nothing says what the column should hold: version 1's columns are compared.
     monkeypatch.setattr(projections, "INLINE", (tasks, stats))
     assert verify(database_url, {"tasks": 2}).ok
+
+
+def test_an_added_column_compares_as_sql_has_it_and_json_as_json() -> None:
+    """A whole number a version's rows() gives for a double precision column reads back as 0.0: no difference."""
+    version = types.SimpleNamespace(
+        COLUMNS=f"{tasks.COLUMNS}, seconds, extra",
+        rows=lambda given: [(*next(tasks.rows(given)), 0, {"n": 1})],
+    )
+    task = evolve(None, Recorded(uuid4(), 1, 1, datetime.now(UTC), TaskCreated(task_type="t")))
+    assert verifying._added_diff(version, task, {"seconds": 0.0, "extra": {"n": 1}}) == ""
+    assert verifying._added_diff(version, task, {"seconds": 0.5, "extra": {"n": 1.0}}) == (
+        "seconds: read model 0.5, log 0, extra: read model {'n': 1.0}, log {'n': 1}"
+    )
