@@ -120,15 +120,16 @@ def serve(args: argparse.Namespace) -> int:
     from tasktrail import grouped, logs
     from tasktrail.http import wellformed
 
-    # Read only once the app starts: a bad value is refused before anything starts.
-    db.pool_timeout()
-    wellformed.read_timeout()
-    grouped.configured_slots()
     if args.log_format not in logs.FORMATS:  # from the environment: argparse checks only what it parses
         _stderr(f"{logs.FORMAT_ENV}={args.log_format!r}: give one of {', '.join(logs.FORMATS)}")
         return 2
     log_config = logs.config(args.log_format, args.log_level)
     logging.config.dictConfig(log_config)
+    args.logged = True  # from here a refusal is a log line (in JSON mode, a JSON one): see main
+    # Read only once the app starts: a bad value is refused before anything starts.
+    db.pool_timeout()
+    wellformed.read_timeout()
+    grouped.configured_slots()
     # First: prometheus_client reads the directory when it is first imported, which what follows may do.
     # (A worker process imports it afresh.) One process serving by itself has nothing to add up: its
     # values live in its memory, where an increment costs a lock, not a write to an mmap'd file.
@@ -627,7 +628,7 @@ def main(argv: list[str] | None = None) -> int:
         message = _refused(exc)
         if message is None:
             raise
-        if args.func is serve and log.hasHandlers():  # through serve's logging: a JSON line in JSON mode
+        if getattr(args, "logged", False):  # through serve's logging: a JSON line in JSON mode
             log.error("%s", message)
         else:
             print(f"tasktrail: {message}", file=sys.stderr)

@@ -184,3 +184,13 @@ def test_a_database_serve_cannot_use_is_a_json_line_too(tmp_path: Path) -> None:
     assert done.returncode == 1
     lines = [json.loads(line) for line in (done.stdout + done.stderr).splitlines()]
     assert any(line["level"] == "error" and "cannot use the database" in line["message"] for line in lines), lines
+    # A setting refused before anything starts, too.
+    env["TASKTRAIL_POOL_TIMEOUT"] = "abc"
+    done = subprocess.run(
+        [sys.executable, "-m", "tasktrail", "serve", "--port", "0", "--log-format", "json"],
+        env=env, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 1
+    (line,) = [json.loads(line) for line in (done.stdout + done.stderr).splitlines()]
+    assert line["level"] == "error"
+    assert "TASKTRAIL_POOL_TIMEOUT" in line["message"]
