@@ -98,6 +98,14 @@ def test_serve_refuses_an_unreadable_keys_file(tmp_path: Path, capsys: pytest.Ca
     code, _, err = tasktrail(capsys, "serve", "--api-keys", str(tmp_path / "missing.txt"))
     assert code == 2
     assert "cannot read" in err
+    # A keys file with no key left (`keys remove` of the last one) asked for keys: not an open service.
+    (tmp_path / "keys.txt").write_text("")
+    code, _, err = tasktrail(
+        capsys, "--data-dir", str(tmp_path / "data"), "serve", "--api-keys", str(tmp_path / "keys.txt")
+    )
+    assert code == 2
+    assert "keys.txt holds no key" in err
+    assert not (tmp_path / "data").exists()
 
 
 def test_a_server_with_keys_checks_them_and_never_logs_them(database_url: str, tmp_path: Path) -> None:

@@ -102,6 +102,11 @@ def load(environ: Mapping[str, str] = os.environ) -> list[Key]:
         except OSError as exc:
             raise BadKeys(f"TASKTRAIL_API_KEYS_FILE: cannot read {path}: {exc.strerror}") from None
         keys += parse(text, path)
+        if not keys:  # keys asked for and none given is a mistake (the last one removed), not an open service
+            raise BadKeys(
+                f"{path} holds no key: add one (tasktrail keys add NAME --file {path}),"
+                " or serve without a keys file (open to this machine only)"
+            )
     names = [key.name for key in keys]
     if len(set(names)) != len(names):
         raise BadKeys("a key name appears twice across TASKTRAIL_API_KEYS and TASKTRAIL_API_KEYS_FILE")
