@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import html
 import re
 from collections.abc import AsyncIterator
@@ -541,3 +542,22 @@ async def test_without_api_keys_no_actor_is_shown_never_python_none(open_client:
         page = (await open_client.get(path)).text
         assert ">None<" not in page, path
     assert '<span class="actor">—</span>' in (await open_client.get(f"/ui/tasks/{task['task_id']}")).text
+
+
+async def test_deleting_the_stored_secret_signs_everyone_out_and_every_process_agrees_on_the_next(
+    database: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sessions, "SECRET_READ_EVERY", 0.2)
+    async with (
+        AsyncTestClient(app=create_app(database, api_keys=CONFIGURED)) as one,
+        AsyncTestClient(app=create_app(database, api_keys=CONFIGURED)) as other,  # another process
+    ):
+        await signed_in(one, "read")
+        assert (await one.get("/tasks/")).status_code == 200
+        async with await psycopg.AsyncConnection.connect(database, autocommit=True) as conn:
+            await conn.execute("DELETE FROM session_secret")
+        await asyncio.sleep(0.3)
+        assert (await one.get("/tasks/")).status_code == 401  # the cookie was signed with the deleted secret
+        await signed_in(one, "read")  # a new secret now; the other process reads the same one
+        other.cookies.update(one.cookies)
+        assert (await other.get("/tasks/")).status_code == 200

@@ -131,12 +131,19 @@ READ_SECRET = "SELECT secret FROM session_secret"  # noqa: S105 -- SQL
 
 
 async def stored_secret(conn: psycopg.AsyncConnection) -> bytes:
-    """The secret kept in the database, made on first use."""
-    await conn.execute(MAKE_SECRET, {"secret": secrets.token_bytes(32)})
-    cur = await conn.execute(READ_SECRET)
-    row = await cur.fetchone()
-    assert row is not None
+    """The secret kept in the database, made on first use (or after the row was deleted)."""
+    row = await (await conn.execute(READ_SECRET)).fetchone()
+    if row is None:
+        await conn.execute(MAKE_SECRET, {"secret": secrets.token_bytes(32)})
+        row = await (await conn.execute(READ_SECRET)).fetchone()
+        assert row is not None
     return bytes(row[0])
+
+
+# A process reads the stored secret again this often: deleting the row signs everyone out within it, and
+# every process then signs with the one new secret (a secret read once was kept until a restart: sessions
+# outlived the deletion, and processes started since refused the others' cookies).
+SECRET_READ_EVERY = 5.0
 
 
 # Signing out ends the session id for good (until the cookie would have expired anyway).
@@ -166,10 +173,14 @@ class Signer:
 
     def __init__(self, secret: bytes | None) -> None:
         self._secret = secret
+        self._stored = secret is None  # kept in the database: read again every SECRET_READ_EVERY
+        self._read_at = 0.0
 
     async def secret(self, pool: AsyncConnectionPool) -> bytes:
-        if self._secret is None:
-            # The primary's pool, never a replica's: the first use writes the row.
+        if self._stored and (self._secret is None or time.monotonic() - self._read_at > SECRET_READ_EVERY):
+            # The primary's pool, never a replica's: a first use writes the row.
             async with db.Borrowed(pool) as conn:
                 self._secret = await stored_secret(conn)
+            self._read_at = time.monotonic()
+        assert self._secret is not None
         return self._secret
