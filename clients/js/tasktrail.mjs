@@ -158,7 +158,8 @@ export class TaskManager {
                 continue;
             }
             const token = response.headers.get(READ_AFTER);
-            if (method !== 'GET' && response.ok && token) this.readAfter = later(this.readAfter, token);
+            // A refused write's token too (404, 409, 412: a server with replicas sends one).
+            if (method !== 'GET' && (response.ok || [404, 409, 412].includes(response.status)) && token) this.readAfter = later(this.readAfter, token);
             return response;
         }
     }

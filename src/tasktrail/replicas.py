@@ -84,7 +84,7 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from tasktrail import db
-from tasktrail.domain.task import TaskNotFound
+from tasktrail.domain.task import PreconditionFailed, TaskNotFound, TransitionRejected
 
 log = logging.getLogger("tasktrail.replicas")
 T = TypeVar("T")
@@ -512,6 +512,14 @@ class Replicas:
             self.serving = [r for r in self.replicas if r.state == SERVING]
 
 
+# A write the log refused (no such task, a move it does not allow, another version than If-Match): decided
+# on the primary's data, so its answer carries a token too. A client whose first attempt's answer was lost
+# meets this refusal on its retry, and reads the task back to see whether the first one was applied: with
+# the token, from data that has it (a replica behind would say it was not).
+REFUSED = (TaskNotFound, TransitionRejected, PreconditionFailed)
+REFUSED_STATUSES = frozenset({404, 409, 412})
+
+
 class _Written(db.Borrowed):
     """A primary connection for a write handler: once the handler is done with it, the token of what it wrote."""
 
@@ -523,7 +531,8 @@ class _Written(db.Borrowed):
 
     async def __aexit__(self, kind: type[BaseException] | None, *rest: object) -> None:
         try:
-            if kind is None and self.conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
+            answered = kind is None or issubclass(kind, REFUSED)
+            if answered and self.conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
                 cur = await self.conn.execute(INSERTED)
                 self.state[STATE] = (await cur.fetchone())[0]  # type: ignore[index]
         except psycopg.Error as exc:

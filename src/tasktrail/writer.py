@@ -21,6 +21,7 @@ from tasktrail.domain.task import (
     Command,
     CreateTask,
     DeleteTask,
+    PreconditionFailed,
     Task,
     TaskNotFound,
     TransitionRejected,
@@ -34,10 +35,6 @@ from tasktrail.projections import tasks as tasks_view
 # another writer committed, so the loop always makes progress overall; the cap
 # only guards against a pathological pile-up.
 MAX_ATTEMPTS = 100
-
-
-class PreconditionFailed(Exception):
-    """The task is not at the version the caller said it expected (If-Match)."""
 
 
 def now() -> datetime:

@@ -69,3 +69,45 @@ def test_the_javascript_client_reads_its_writes_from_a_paused_replica(
         assert "read after: ok" in out
     finally:
         server.stop()
+
+
+class LosesAnAnswer(httpx.AsyncBaseTransport):
+    """The app, through a connection that loses the answer to the next PATCH once it has been applied."""
+
+    def __init__(self, app: object) -> None:
+        self.inner = httpx.ASGITransport(app)  # type: ignore[arg-type]
+        self.lose_next_patch = False
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await self.inner.handle_async_request(request)
+        if self.lose_next_patch and request.method == "PATCH":
+            self.lose_next_patch = False
+            await response.aread()
+            raise httpx.ReadError("the connection dropped before the answer came", request=request)
+        return response
+
+
+@pytest.mark.anyio
+async def test_a_write_whose_answer_was_lost_is_known_for_the_clients_own_while_the_replica_lags(
+    pair: Pair, database: Database
+) -> None:
+    # The retry of a write with If-Match meets 412 (the first attempt was applied); the client then looks for
+    # its own request in the history. The 412 carried no token, so that read went to the paused replica, which
+    # had not replayed the first attempt: the client raised as if another writer had changed the task.
+    app = create_app(database.primary, replica_urls=[database.replica], replica_max_lag=60)
+    transport = LosesAnAnswer(app)
+    async with AsyncTestClient(app=app) as plain, AsyncClient("http://app", transport=transport) as client:
+        replica = await until_serving(plain)
+        task = await client.create("lost-answer")
+        created = client.read_after
+        assert created is not None
+        await until(lambda: replica.replayed >= lsn(created), "the replica is seen past the create")
+        with pair.paused():
+            transport.lose_next_patch = True
+            done = await client.update(task.task_id, status="completed", result={"ok": True}, if_version=1)
+            assert (done.status, done.version) == ("completed", 2)
+            refused = await plain.patch(f"/tasks/{task.task_id}", json={"progress": 5}, headers={"If-Match": '"1"'})
+            assert refused.status_code == 412
+            assert lsn(refused.headers["Tasktrail-Read-After"]) >= lsn(client.read_after)
+        history = await client.history(task.task_id)
+        assert [e.type for e in history] == ["TaskCreated", "TaskCompleted"]

@@ -94,10 +94,11 @@ async def test_every_answer_to_a_write_carries_a_token_the_primary_decides_on(
             assert answers["cleanup"].json() == {"deleted": 1}
             tokens = [lsn(response.headers[HEADER]) for response in answers.values()]
             assert tokens == sorted(tokens)
-            # Refused writes carry none.
+            # A refused write carries one too, at least as late as what it was refused for (the delete).
             refused = await client.patch(f"/tasks/{task_id}", json={"progress": 1})
             assert refused.status_code == 404
-            assert HEADER not in refused.headers
+            assert lsn(refused.headers[HEADER]) >= tokens[-1]
+            assert HEADER not in (await client.post("/nowhere", json={})).headers  # no write: none
             # A read after the delete, with its token, sees the delete.
             gone = await client.get(f"/tasks/{task_id}", headers={HEADER: answers["delete"].headers[HEADER]})
             assert gone.status_code == 404

@@ -119,6 +119,10 @@ class TaskNotFound(Exception):
     """No such task: never created, or deleted."""
 
 
+class PreconditionFailed(Exception):
+    """The task is not at the version the caller said it expected (If-Match)."""
+
+
 class TransitionRejected(Exception):
     """A change the task's current status does not allow."""
 

@@ -192,7 +192,8 @@ def observed(app: ASGIApp, *, count: bool, access: logs.AccessLine | None, cors:
     route is counted and logged too, and a response is seen with the status the
     error mapping gave it. It also makes OPTIONS list every method of the path,
     not just its first handler's (litestar#4169, fixed in 3.0), and gives every
-    2xx answer to a write its Tasktrail-Read-After token (see `_read_after`).
+    2xx answer to a write its Tasktrail-Read-After token (see `_read_after`), and a write the log refused
+    its token where it has one (replicas.REFUSED).
 
     Requests the HTTP protocol refuses before any app sees them (http/protocol.py)
     are counted and logged the same way, through `protocol.observe`.
@@ -244,7 +245,7 @@ def observed(app: ASGIApp, *, count: bool, access: logs.AccessLine | None, cors:
             if message["type"] == "http.response.start":
                 status, started_answer = message["status"], True
                 headers = [*message.get("headers", []), (b"x-request-id", header)]
-                if write and 200 <= status < 300:
+                if write and (200 <= status < 300 or (status in replicas.REFUSED_STATUSES and replicas.STATE in state)):
                     headers.append(_read_after(state))
                 message["headers"] = headers
                 if options:

@@ -31,6 +31,7 @@ from tasktrail_client.models import Change, Event, History, ItemResult, Stats, T
 T = TypeVar("T")
 
 READ_AFTER = "Tasktrail-Read-After"
+REFUSED = (404, 409, 412)  # a write's answers that may carry a token besides a success
 
 
 @dataclass(frozen=True)
@@ -106,9 +107,13 @@ class Session:
         return headers
 
     def observe(self, request: Request, response: httpx.Response) -> None:
-        """Keep a write's read-after token, so that the reads after it see it (SPEC §13)."""
+        """Keep a write's read-after token, so that the reads after it see it (SPEC §13).
+
+        A refused write's too (404, 409, 412), which a server with replicas sends: a retry refused for the
+        change its lost first attempt made then reads that change back, from data that has it.
+        """
         token = response.headers.get(READ_AFTER)
-        if token and not request.reads and response.is_success:
+        if token and not request.reads and (response.is_success or response.status_code in REFUSED):
             with self._lock:
                 self._token = later(self._token, token)
 
