@@ -274,8 +274,8 @@ export class TaskManager {
     }
 
     // Server-Sent Events over fetch: it can send the API key and the read-after token, which
-    // EventSource cannot. A dropped connection is made again after the last event's id: nothing
-    // missed or repeated; before any event, a fresh snapshot is shown only if the task moved.
+    // EventSource cannot. A dropped connection is made again after the last event's id (or the
+    // snapshot's): nothing missed or repeated; with neither, a fresh snapshot is shown only if the task moved.
     #stream(taskId, onUpdate, settle) {
         const controller = new AbortController();
         let task;
@@ -284,6 +284,7 @@ export class TaskManager {
         const url = `/tasks/${encodeURIComponent(taskId)}/stream`;
         const handle = (frame) => {
             if (frame.event === 'snapshot') {
+                if (frame.id) lastId = frame.id;  // where the snapshot stands: a drop resumes after it
                 const now = JSON.parse(frame.data);
                 if (task && now.version === task.version) return false;
                 task = now;

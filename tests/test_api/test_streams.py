@@ -127,7 +127,7 @@ def test_a_task_stream_sends_the_state_then_its_events_and_ends_after_a_finished
         patch(server, task["task_id"], status="running", progress=50)
         patch(server, task["task_id"], status="completed", result={"files_processed": 10})
         rest = messages(lines)  # to the end of the response: the server closes it
-    assert (snapshot.event, snapshot.id, snapshot.json()) == ("snapshot", None, task)
+    assert (snapshot.event, snapshot.json()) == ("snapshot", task)
     assert [(m.event, m.json()["version"], m.json()["task_id"]) for m in rest] == [
         ("TaskStarted", 2, task["task_id"]),
         ("TaskCompleted", 3, task["task_id"]),
@@ -136,6 +136,11 @@ def test_a_task_stream_sends_the_state_then_its_events_and_ends_after_a_finished
     # Resuming after the end: nothing more will come, and 204 tells EventSource to stop.
     resumed = httpx.get(f"{server}/tasks/{task['task_id']}/stream", headers={"Last-Event-ID": rest[-1].id})
     assert resumed.status_code == 204
+    # Resuming from the snapshot (its id is its latest event's): every event after it, none it had.
+    with httpx.stream(
+        "GET", f"{server}/tasks/{task['task_id']}/stream", headers={"Last-Event-ID": snapshot.id}, timeout=TIMEOUT
+    ) as response:
+        assert messages(response.iter_lines()) == rest
     # Resuming in the middle: the rest, then the end.
     with httpx.stream(
         "GET", f"{server}/tasks/{task['task_id']}/stream", params={"after": rest[0].id}, timeout=TIMEOUT

@@ -414,9 +414,10 @@ class FrameParser:
 def watch(session: Session, task_id: str, reconnects: int) -> Flow[None]:
     """The task as it changes, over its SSE stream, until it finishes or is deleted.
 
-    A dropped connection is made again with the last event's id as
-    Last-Event-ID, so nothing is missed or repeated; before any event it
-    starts afresh from a new snapshot, shown only if the task has moved.
+    A dropped connection is made again with the last event's id (or the
+    snapshot's) as Last-Event-ID, so nothing is missed or repeated; with
+    neither (a snapshot taken while an older write was still open) it starts
+    afresh from a new snapshot, shown only if the task has moved.
     """
     task: Task | None = None
     last_id: str | None = None
@@ -438,6 +439,7 @@ def watch(session: Session, task_id: str, reconnects: int) -> Flow[None]:
                     if frame is None:
                         continue
                     if frame.event == "snapshot":
+                        last_id = frame.id or last_id  # where the snapshot stands: a drop resumes after it
                         now = Task.from_json(json.loads(frame.data))
                         if task is None or now.version != task.version:
                             task = now
