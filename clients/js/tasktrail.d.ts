@@ -122,6 +122,8 @@ export interface TaskManagerOptions {
     apiKey?: string;
     /** Tries per create (and per read) on a 503 or a network error; default 10 (6 to 11 s in all). */
     attempts?: number;
+    /** Milliseconds an answer may take before the request is given up as a network failure; default 30000. */
+    timeout?: number;
     /** 'stream' (Server-Sent Events over fetch, the default) or 'poll'. */
     watch?: 'stream' | 'poll';
     /** Milliseconds between polls when watch is 'poll'; default 1000. */
@@ -148,6 +150,7 @@ export declare class TaskManager {
     // The options given (TaskManagerOptions), or their defaults.
     apiKey: string | undefined;
     attempts: number;
+    timeout: number;
     watchMode: 'stream' | 'poll';
     pollInterval: number;
     EventSource: (new (url: string) => EventSourceLike) | undefined;

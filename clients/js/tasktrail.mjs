@@ -116,13 +116,15 @@ function backoff(failures, base = 100, max = 2000) {
 
 export class TaskManager {
     // options: apiKey (a bearer token); attempts (tries per create, default 10: 6 to 11 s in all, a restart's time);
+    // timeout (ms an answer may take, default 30000: a connection gone silent is given up, as a network error);
     // watch: 'stream' (default) or 'poll'; pollInterval (ms, for 'poll');
     // EventSource: a constructor to stream with instead (it cannot send the API key).
     constructor(baseUrl = 'http://localhost:8000', options = {}) {
-        const {apiKey, attempts = 10, watch = 'stream', pollInterval = 1000, EventSource} = options;
+        const {apiKey, attempts = 10, timeout = 30000, watch = 'stream', pollInterval = 1000, EventSource} = options;
         this.baseUrl = baseUrl.replace(/\/+$/, '');
         this.apiKey = apiKey;
         this.attempts = attempts;
+        this.timeout = timeout;
         this.watchMode = watch;
         this.pollInterval = pollInterval;
         this.EventSource = EventSource;
@@ -146,7 +148,7 @@ export class TaskManager {
         for (let failures = 0; ; ) {
             let response;
             try {
-                response = await fetch(`${this.baseUrl}${path}`, init);
+                response = await fetch(`${this.baseUrl}${path}`, {...init, signal: AbortSignal.timeout(this.timeout)});
             } catch (error) {
                 if (!retry || ++failures >= this.attempts) throw error;
                 await sleep(backoff(failures));
@@ -198,10 +200,19 @@ export class TaskManager {
     // The added calls: they throw a TaskTrailError on a refusal.
 
     async #json(method, path, options = {}) {
-        const response = await this.#fetch(method, path, options);
+        const response = await this.#reached(method, path, options);
         const body = await response.json().catch(() => ({}));
         if (!response.ok) throw new TaskTrailError(response.status, body);
         return body;
+    }
+
+    // #fetch, with a network failure (after its retries) as the TaskTrailError of status 0 the added calls promise.
+    async #reached(method, path, options = {}) {
+        try {
+            return await this.#fetch(method, path, options);
+        } catch (error) {
+            throw new TaskTrailError(0, {title: 'the server could not be reached', detail: String(error?.message ?? error)});
+        }
     }
 
     // {task_id, events}: every event of the task in version order (all pages), deleted tasks too.
@@ -209,7 +220,7 @@ export class TaskManager {
         const events = [];
         let path = `/tasks/${encodeURIComponent(taskId)}/history?after_version=${afterVersion}&limit=${limit}`;
         for (;;) {
-            const response = await this.#fetch('GET', path);
+            const response = await this.#reached('GET', path);
             const page = await response.json().catch(() => ({}));
             if (!response.ok) throw new TaskTrailError(response.status, page);
             events.push(...page.events);
@@ -300,19 +311,28 @@ export class TaskManager {
         };
         (async () => {
             while (!controller.signal.aborted) {
+                // This connection's own end: the watch's close, or a silence of 1.5 times the timeout (45 s by
+                // default: three of the server's 15 s pings; a connection that went quiet without closing
+                // would otherwise hang for minutes).
+                const attempt = new AbortController();
+                const end = () => attempt.abort();
+                controller.signal.addEventListener('abort', end);
+                const silence = this.timeout * 1.5;
+                let quiet = setTimeout(end, silence);
+                const heard = () => { clearTimeout(quiet); quiet = setTimeout(end, silence); };
                 try {
                     // Resumes with ?after= (as Last-Event-ID would), a header a browser would first have to ask
                     // another origin's leave to send.
                     const resume = lastId ? `?after=${encodeURIComponent(lastId)}` : '';
                     const headers = this.#headers('GET', {Accept: 'text/event-stream'});
-                    const response = await fetch(`${this.baseUrl}${url}${resume}`, {headers, signal: controller.signal});
+                    const response = await fetch(`${this.baseUrl}${url}${resume}`, {headers, signal: attempt.signal});
                     if (response.status === 204) return settle.resolve(task);  // resumed after its last event
                     if (response.status !== 200 && response.status !== 503) {
                         const problem = await response.json().catch(() => ({}));
                         return settle.reject(new TaskTrailError(response.status, problem));
                     }
                     if (response.status === 200) {
-                        for await (const frame of frames(response.body)) {
+                        for await (const frame of frames(response.body, heard)) {
                             failures = 0;
                             if (handle(frame)) {
                                 controller.abort();
@@ -324,7 +344,10 @@ export class TaskManager {
                     }
                 } catch (error) {
                     if (controller.signal.aborted) return;
-                    // The network dropped the stream, or the server went away for a moment: come back.
+                    // The network dropped the stream, or went silent, or the server went away: come back.
+                } finally {
+                    clearTimeout(quiet);
+                    controller.signal.removeEventListener('abort', end);
                 }
                 if (++failures > 10) return settle.reject(new TaskTrailError(0, {title: 'gave up reconnecting'}));
                 await sleep(backoff(failures));
@@ -428,12 +451,14 @@ export class TaskManager {
 export {TaskManager as TaskTrail};
 
 // The Server-Sent Events of a response body, frame by frame: {event, data, id}.
-async function* frames(body) {
+// `heard` is told of every piece that arrives, pings included.
+async function* frames(body, heard = () => {}) {
     let buffer = '';
     let event = '';
     let data = [];
     let id = null;
     for await (const text of body.pipeThrough(new TextDecoderStream())) {
+        heard();
         buffer += text;
         const lines = buffer.split(/\r\n|\r|\n/);
         buffer = lines.pop();

@@ -79,3 +79,9 @@ def test_the_package_against_a_real_server(server: str, keyed_server: Keyed, tmp
         assert "package client: ok" in out
         assert cut.dropped == [0]
         assert drop.dropped == [0]
+
+
+def test_a_server_that_goes_silent_is_given_up_after_the_timeout() -> None:
+    # No timeout at all: a read hung for undici's 5 minutes, and so did a watch on a stream gone quiet.
+    out = node(str(ROOT / "tests" / "js" / "silent_client.mjs"), str(PACKAGE / "tasktrail.mjs"), timeout=60)
+    assert "silent client: ok" in out
