@@ -229,6 +229,16 @@ def test_a_failing_block_fails_the_task_with_the_exception_text_and_raises_it(cl
     with pytest.raises(Conflict):
         client.run(task.task_id).__enter__()  # a finished task cannot be run
 
+    # An exception whose text cannot be made still fails the task (it was left running), and is raised.
+    class Unspeakable(Exception):
+        def __str__(self) -> str:
+            raise RuntimeError("no text")
+
+    third = client.create(kind)
+    with pytest.raises(Unspeakable):
+        fail_inside_a_run(client, third.task_id, Unspeakable())
+    assert (client.get(third.task_id).status, client.get(third.task_id).error) == ("failed", "Unspeakable")
+
 
 def test_a_result_the_server_refuses_fails_the_task_instead_of_leaving_it_running(client: Client, kind: str) -> None:
     """Finding: a refused completion raised from the block's end and left the task running for ever."""
@@ -373,6 +383,14 @@ def test_the_api_key_is_sent_as_a_bearer_token(keyed_server: Keyed) -> None:
     with Client(keyed_server.url) as nobody, pytest.raises(Unauthorized) as refused:
         nobody.get(task.task_id)
     assert refused.value.headers.get("www-authenticate", "").startswith("Bearer")
+
+
+def test_a_key_no_request_could_carry_is_refused_at_once_not_retried_as_a_network_failure() -> None:
+    for key in ("", "tt_a key", "tt_key\r\nX-Admin: 1", "tt_ключ"):  # an unset variable read as "", ...
+        with pytest.raises(ValueError, match="api_key"):
+            Client("http://127.0.0.1:1", api_key=key)
+        with pytest.raises(ValueError, match="api_key"):
+            AsyncClient("http://127.0.0.1:1", api_key=key)
 
 
 def test_retry_delays_grow_are_jittered_and_bounded() -> None:

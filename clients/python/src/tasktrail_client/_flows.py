@@ -89,11 +89,16 @@ class RetryPolicy:
         return delay
 
 
+_KEY = re.compile(r"[!-~]+")  # what a bearer token may be: printable ASCII, no space
+
+
 class Session:
     """What a client keeps between calls: its headers and the read-after token of its last write."""
 
     def __init__(self, api_key: str | None, retry: RetryPolicy) -> None:
         self.retry = retry
+        if api_key is not None and not _KEY.fullmatch(api_key):
+            raise ValueError("api_key must be printable ASCII with no spaces (None for no key; it is empty or not)")
         self.headers = {"Accept": "application/json"} | (
             {} if api_key is None else {"Authorization": f"Bearer {api_key}"}
         )
@@ -155,6 +160,10 @@ def attempts(session: Session, request: Request, retry: str = ALWAYS) -> Flow[tu
     while True:
         try:
             response = yield request
+        except httpx.LocalProtocolError as exc:
+            # A request this side cannot send (a header no HTTP allows, such as an empty key's "Bearer "):
+            # no network failure, and no retry would send it.
+            raise ValueError(f"{request.method} {request.path}: the request cannot be sent: {exc}") from exc
         except httpx.TransportError as exc:
             failures += 1
             unsent = isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout)
@@ -483,6 +492,9 @@ def ending(exc: BaseException) -> dict[str, Any]:
     for another worker. The server refuses NUL and errors over 65,536 characters: neither stops the record."""
     if not isinstance(exc, Exception):
         return {"status": "pending"}
-    text = str(exc) or type(exc).__name__
+    try:
+        text = str(exc) or type(exc).__name__
+    except Exception:  # an exception whose text fails: the task is failed all the same
+        text = type(exc).__name__
     text = text.encode("utf-8", "backslashreplace").decode()  # a lone surrogate (from a file name) is no JSON
     return {"status": "failed", "error": text.replace("\0", "\ufffd")[:65_536]}
