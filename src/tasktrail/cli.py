@@ -130,6 +130,7 @@ def serve(args: argparse.Namespace) -> int:
     db.pool_timeout()
     wellformed.read_timeout()
     grouped.configured_slots()
+    args.stop_timeout = db.seconds(STOP_TIMEOUT_ENV, STOP_TIMEOUT)
     # First: prometheus_client reads the directory when it is first imported, which what follows may do.
     # (A worker process imports it afresh.) One process serving by itself has nothing to add up: its
     # values live in its memory, where an increment costs a lock, not a write to an mmap'd file.
@@ -186,11 +187,17 @@ def _serve(args: argparse.Namespace, log_config: dict[str, object]) -> int:
         log_config=log_config,
         # Each request's line comes from the app (tasktrail.logs), with its route and actor.
         access_log=False,
-        timeout_graceful_shutdown=10,
+        timeout_graceful_shutdown=args.stop_timeout,
         # By name, like the app: a worker process imports it only once it answers uvicorn's health checks.
         http="tasktrail.http.protocol:BoundedHead",
     )
     return 0
+
+
+# On a stop (SIGTERM, Ctrl-C), how long requests in flight may take to finish before they are cancelled (a
+# 503 each): under a supervisor's own grace period (Kubernetes gives 30 s before its SIGKILL).
+STOP_TIMEOUT_ENV = "TASKTRAIL_STOP_TIMEOUT"
+STOP_TIMEOUT = 10.0
 
 
 def _address_taken(host: str, port: int) -> str | None:

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -182,15 +183,15 @@ def test_wrong_settings_get_one_line_and_no_traceback(database_url: str, server_
         (database_url, ["serve", "--port", "0"], {"TASKTRAIL_WRITE_SLOTS": "-1"}, 1, "must be a whole number"),
         (database_url, ["serve", "--port", "0"], {"TASKTRAIL_WRITE_SLOTS": "two"}, 1, "not 'two'"),
     ]
-    for url, args, env, code, said in cases:
-        done = subprocess.run(
-            [sys.executable, "-m", "tasktrail", *args],
-            env=os.environ | {"DATABASE_URL": url} | env,
-            capture_output=True,
-            text=True,
-            check=False,
-            timeout=120,
-        )
+
+    def run(url: str, args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "tasktrail", *args]
+        environment = os.environ | {"DATABASE_URL": url} | env
+        return subprocess.run(command, env=environment, capture_output=True, text=True, check=False, timeout=120)
+
+    with ThreadPoolExecutor(4) as pool:  # side by side: each is mostly a Python start
+        runs = list(pool.map(lambda case: run(*case[:3]), cases))
+    for (_, args, env, code, said), done in zip(cases, runs, strict=True):
         assert (done.returncode, "Traceback" in done.stderr) == (code, False), (args, env, done.stderr)
         assert said in done.stderr, (args, env, done.stderr)
     with fresh_database(server_url, "template0") as empty:  # no migration ever ran

@@ -202,14 +202,15 @@ def answer(conn: socket.socket) -> bytes:
 def test_a_request_whose_body_never_comes_before_the_stop_gives_up_gets_a_problem_not_a_500(
     database_url: str, tmp_path: Path
 ) -> None:
-    server = Server(os.environ | {"DATABASE_URL": database_url}, log_dir=tmp_path)
+    # The stop waits TASKTRAIL_STOP_TIMEOUT (10 s unless set) for the request, then cancels it.
+    server = Server(os.environ | {"DATABASE_URL": database_url, "TASKTRAIL_STOP_TIMEOUT": "1"}, log_dir=tmp_path)
     with socket.create_connection(("127.0.0.1", server.port), timeout=30) as conn:
         conn.sendall(
             b"PATCH /tasks/batch HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
             b"Content-Length: 100\r\n\r\n"  # and no body
         )
         time.sleep(0.3)
-        server.process.send_signal(signal.SIGTERM)  # the stop waits 10 s for the request, then cancels it
+        server.process.send_signal(signal.SIGTERM)
         head = answer(conn)
     assert head.startswith(b"HTTP/1.1 503"), head
     assert b"content-type: application/problem+json" in head.lower()
