@@ -93,6 +93,15 @@ export function applyEvent(task, event) {
 
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
+// JSON has no NaN or Infinity: JSON.stringify writes null for them, which the service reads as "unchanged"
+// (progress) or stores (params), so a NaN would pass unseen. It is refused here, before anything is sent.
+function finite(key, value) {
+    if (typeof value === 'number' && !Number.isFinite(value)) {
+        throw new RangeError(`${key || 'the body'} is ${value}: JSON has no NaN or Infinity`);
+    }
+    return value;
+}
+
 // Of two read-after tokens, the later. They are opaque; when both read as WAL positions (X/Y), compare
 // them, so that writes answered out of order (concurrent calls) never move the token back.
 const LSN = /^([0-9A-Fa-f]{1,8})\/([0-9A-Fa-f]{1,8})$/;
@@ -142,7 +151,7 @@ export class TaskManager {
     async #fetch(method, path, {body, headers = {}, retry = method === 'GET'} = {}) {
         const init = {method, headers: this.#headers(method, headers)};
         if (body !== undefined) {
-            init.body = JSON.stringify(body);
+            init.body = JSON.stringify(body, finite);
             init.headers['Content-Type'] = 'application/json';
         }
         for (let failures = 0; ; ) {
@@ -211,6 +220,7 @@ export class TaskManager {
         try {
             return await this.#fetch(method, path, options);
         } catch (error) {
+            if (error instanceof RangeError) throw error;  // a body JSON cannot carry: nothing was sent
             throw new TaskTrailError(0, {title: 'the server could not be reached', detail: String(error?.message ?? error)});
         }
     }

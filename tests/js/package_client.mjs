@@ -27,6 +27,11 @@ assert.deepEqual(await tasks.getTask(task.task_id), task);
 assert.equal((await tasks.updateTask(task.task_id, {status: 'running', progress: 10})).version, 2);
 const stale = await tasks.updateTask(task.task_id, {progress: 20}, {ifVersion: 1});
 assert.equal(stale.status, 412);
+// JSON has no NaN or Infinity (JSON.stringify would send null: "unchanged", or a null param): refused here.
+await assert.rejects(tasks.updateTask(task.task_id, {progress: NaN}), RangeError);
+await assert.rejects(tasks.createTask(kind, {n: -Infinity}), /n is -Infinity/);
+await assert.rejects(tasks.updateMany([{task_id: task.task_id, progress: Infinity}]), RangeError);
+assert.equal((await tasks.getTask(task.task_id)).version, 2);
 assert.deepEqual((await tasks.listTasks({task_type: kind})).map((t) => t.task_id), [task.task_id]);
 assert.equal(typeof (await tasks.getStats()).running, 'number');
 assert.equal((await tasks.getTask('0b6f4f4e-6a2e-4c1e-9a51-3f1f3c1d2e3f')).status, 404);
