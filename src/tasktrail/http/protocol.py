@@ -140,6 +140,7 @@ class BoundedHead(HttpToolsProtocol):
     upgrade_body: UpgradeIgnored | None = None  # reading the body of a request whose Upgrade is ignored
     head_due: asyncio.TimerHandle | None = None
     began = 0.0  # when the request's first byte was parsed
+    began_in_read = False  # the head being read began in the last read (which may hold earlier requests)
     stopping = False  # the server is stopping: answer what comes, then close
     # The request being answered: uvicorn tells only the newest request read that the connection was
     # lost, so one answered with others pipelined behind it (a stream, say) ran on until a ping failed
@@ -166,6 +167,7 @@ class BoundedHead(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self.reading_head, self.head_bytes, self.began = True, 0, perf_counter()
+        self.began_in_read = True
         if self.head_due is None:
             self.head_due = self.loop.call_later(read_timeout(), self.head_late)
 
@@ -228,10 +230,16 @@ class BoundedHead(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self.refused:
             return
+        self.began_in_read = False
         super().data_received(data)
-        # Counted only while a head is still incomplete once the bytes are parsed: they are all head.
+        # Counted only while a head is still incomplete once the bytes are parsed: what arrived since it
+        # began is all head. A head that began in this read follows earlier requests in it (pipelined): its
+        # bytes so far are its URL and headers, not the whole read (a burst of small requests was a 431).
         if self.reading_head and not self.refused and not self.transport.is_closing():
-            self.head_bytes += len(data)
+            if self.began_in_read:
+                self.head_bytes = len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
+            else:
+                self.head_bytes += len(data)
             if self.head_bytes > MAX_HEAD_BYTES:
                 self.logger.warning("refused a request whose head passed %d bytes", MAX_HEAD_BYTES)
                 self.refuse(431, f"the request's line and headers are larger than {MAX_HEAD_BYTES} bytes")
