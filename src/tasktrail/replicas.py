@@ -517,7 +517,6 @@ class Replicas:
 # meets this refusal on its retry, and reads the task back to see whether the first one was applied: with
 # the token, from data that has it (a replica behind would say it was not).
 REFUSED = (TaskNotFound, TransitionRejected, PreconditionFailed)
-REFUSED_STATUSES = frozenset({404, 409, 412})
 
 
 class _Written(db.Borrowed):

@@ -76,10 +76,12 @@ def _differs(log: Task, model: Task, f: str) -> bool:
     return was != now or (f in JSON_FIELDS and _json(was) != _json(now))
 
 
-def _added_diff(module: ModuleType, log: Task, held: dict[str, object]) -> str:
-    """How the columns a version adds (`held`: what the read model holds) differ from its rows() of the log's task."""
+def _added_diff(module: ModuleType, names: tuple[str, ...], log: Task, held: dict[str, object]) -> str:
+    """How the columns a version adds (`held`: what the read model holds) differ from its rows() of the log's task.
+
+    `names`: the version's columns, in its rows()'s order."""
     (row,) = module.rows([log])
-    wanted = dict(zip(columns(module), row, strict=True))
+    wanted = dict(zip(names, row, strict=True))
     found = []
     for name, value in held.items():
         should = getattr(wanted[name], "obj", wanted[name])  # a Jsonb wrapper: the value it wraps
@@ -158,7 +160,8 @@ def _compare(conninfo: str, versions: dict[str, int] | None) -> tuple[Report, bo
         # this process has the code of the version verified (TASKTRAIL_READ_MODELS); else version 1's only.
         module = next((m for m in projections.INLINE if m.NAME == tasks_view.NAME), tasks_view)
         mine = chosen[tasks_view.NAME] == module.VERSION
-        added = [name for name in columns(module) if name not in V1_COLUMNS] if mine else []
+        names = columns(module)
+        added = [name for name in names if name not in V1_COLUMNS] if mine else []
         seen = set()
         with conn.cursor(name="verify_tasks") as cur:
             cur.itersize = BATCH
@@ -173,7 +176,7 @@ def _compare(conninfo: str, versions: dict[str, int] | None) -> tuple[Report, bo
                     continue
                 held = dict(zip(added, row[len(V1_COLUMNS) :], strict=True))
                 parts = [] if _same(expected, model) else [_diff(expected, model)]
-                if held and (added_diff := _added_diff(module, expected, held)):
+                if held and (added_diff := _added_diff(module, names, expected, held)):
                     parts.append(added_diff)
                 if parts:
                     report.differences.append(f"task {model.task_id}: {', '.join(parts)}")

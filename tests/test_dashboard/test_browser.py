@@ -461,14 +461,19 @@ def test_bulk_retry_of_every_task_matching_the_filter(ui: Dashboard) -> None:
         assert api.get(f"/tasks/{pending['task_id']}").json()["version"] == 1
 
 
+def confirming_cancel_of_all(ui: Dashboard, kind: str, count: int) -> tuple[Page, Locator]:
+    """/ui of kind's pending tasks, live, with the confirmation of canceling all `count` of them open."""
+    page = ui.page()
+    page.goto(f"/ui?status=pending&task_type={kind}")
+    expect(page.locator("#live")).to_have_attribute("data-state", "live")
+    page.get_by_role("button", name=f"Select all {count} pending tasks of type {kind}").click()
+    page.locator('#bulk [data-bulk="cancel"]').click()
+    return page, page.get_by_role("dialog")
+
+
 def test_bulk_action_on_every_matching_task_acts_on_no_more_than_the_dialog_counted(ui: Dashboard) -> None:
     shown = [create(ui, "bulk-c") for _ in range(3)]
-    page = ui.page()
-    page.goto("/ui?status=pending&task_type=bulk-c")
-    expect(page.locator("#live")).to_have_attribute("data-state", "live")
-    page.get_by_role("button", name="Select all 3 pending tasks of type bulk-c").click()
-    page.locator('#bulk [data-bulk="cancel"]').click()
-    dialog = page.get_by_role("dialog")
+    page, dialog = confirming_cancel_of_all(ui, "bulk-c", 3)
     expect(dialog).to_contain_text("Cancel all 3 pending tasks of type bulk-c")
     arrived = [create(ui, "bulk-c") for _ in range(2)]  # while the dialog is open
     dialog.get_by_role("button", name="Cancel 3 tasks").click()
@@ -637,12 +642,7 @@ def test_without_a_shared_worker_each_page_follows_its_own_stream(ui: Dashboard)
 
 def test_bulk_action_on_every_matching_task_leaves_a_shown_task_that_changed_while_confirming(ui: Dashboard) -> None:
     shown = [create(ui, "bulk-e") for _ in range(3)]
-    page = ui.page()
-    page.goto("/ui?status=pending&task_type=bulk-e")
-    expect(page.locator("#live")).to_have_attribute("data-state", "live")
-    page.get_by_role("button", name="Select all 3 pending tasks of type bulk-e").click()
-    page.locator('#bulk [data-bulk="cancel"]').click()
-    dialog = page.get_by_role("dialog")
+    page, dialog = confirming_cancel_of_all(ui, "bulk-e", 3)
     expect(dialog).to_contain_text("A task that changed since this page showed it is left alone and reported.")
     with ui.api() as api:  # while the dialog is open
         assert api.patch(f"/tasks/{shown[0]['task_id']}", json={"progress": 90}).status_code == 200

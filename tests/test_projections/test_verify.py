@@ -158,7 +158,7 @@ def test_an_added_column_compares_as_sql_has_it_and_json_as_json() -> None:
         rows=lambda given: [(*next(tasks.rows(given)), 0, {"n": 1})],
     )
     task = evolve(None, Recorded(uuid4(), 1, 1, datetime.now(UTC), TaskCreated(task_type="t")))
-    assert verifying._added_diff(version, task, {"seconds": 0.0, "extra": {"n": 1}}) == ""
-    assert verifying._added_diff(version, task, {"seconds": 0.5, "extra": {"n": 1.0}}) == (
+    assert verifying._added_diff(version, verifying.columns(version), task, {"seconds": 0.0, "extra": {"n": 1}}) == ""
+    assert verifying._added_diff(version, verifying.columns(version), task, {"seconds": 0.5, "extra": {"n": 1.0}}) == (
         "seconds: read model 0.5, log 0, extra: read model {'n': 1.0}, log {'n': 1}"
     )

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 from litestar.testing import AsyncTestClient
-from tasktrail_client import AsyncClient
+from tasktrail_client import AsyncClient, Task
 
 from tasktrail.http.app import create_app
 from tasktrail.replicas import lsn
@@ -20,6 +21,17 @@ from tests.test_clients.test_js_package import node
 from tests.test_replicas.conftest import Database, replica_of, until, until_serving
 
 
+async def created_and_replayed(plain: AsyncTestClient, client: AsyncClient, kind: str) -> tuple[Any, Task, str]:
+    """Once the app serves from its replica: a task the client created, which the replica has replayed;
+    the replica, the task and the create's read-after token."""
+    replica = await until_serving(plain)
+    task = await client.create(kind)
+    created = client.read_after
+    assert created is not None
+    await until(lambda: replica.replayed >= lsn(created), "the replica is seen past the create")
+    return replica, task, created
+
+
 @pytest.mark.anyio
 async def test_the_python_client_reads_its_writes_from_a_paused_replica(pair: Pair, database: Database) -> None:
     app = create_app(database.primary, replica_urls=[database.replica], replica_max_lag=60)
@@ -27,11 +39,7 @@ async def test_the_python_client_reads_its_writes_from_a_paused_replica(pair: Pa
         AsyncTestClient(app=app) as plain,
         AsyncClient("http://app", transport=httpx.ASGITransport(app)) as client,
     ):
-        replica = await until_serving(plain)
-        task = await client.create("replicated")
-        created = client.read_after
-        assert created is not None
-        await until(lambda: replica.replayed >= lsn(created), "the replica is seen past the create")
+        replica, task, created = await created_and_replayed(plain, client, "replicated")
         with pair.paused():
             await client.update(task.task_id, status="running", progress=5)
             assert client.read_after != created
@@ -97,11 +105,7 @@ async def test_a_write_whose_answer_was_lost_is_known_for_the_clients_own_while_
     app = create_app(database.primary, replica_urls=[database.replica], replica_max_lag=60)
     transport = LosesAnAnswer(app)
     async with AsyncTestClient(app=app) as plain, AsyncClient("http://app", transport=transport) as client:
-        replica = await until_serving(plain)
-        task = await client.create("lost-answer")
-        created = client.read_after
-        assert created is not None
-        await until(lambda: replica.replayed >= lsn(created), "the replica is seen past the create")
+        _, task, _ = await created_and_replayed(plain, client, "lost-answer")
         with pair.paused():
             transport.lose_next_patch = True
             done = await client.update(task.task_id, status="completed", result={"ok": True}, if_version=1)

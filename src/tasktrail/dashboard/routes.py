@@ -49,7 +49,7 @@ from markupsafe import Markup, escape
 
 from tasktrail import eventstore, replicas
 from tasktrail.domain.events import EVENT_TYPES, TaskCreated, TaskDeleted, type_of
-from tasktrail.domain.task import FINISHED, MOVES, Status, Task, TaskNotFound, evolve
+from tasktrail.domain.task import FINISHED, MOVES, Status, Task, TaskNotFound, evolve, fold
 from tasktrail.http import auth, sessions, wellformed
 from tasktrail.http.body import invalid
 from tasktrail.http.events import FeedItem, encode_cursor, item
@@ -441,14 +441,28 @@ def timeline(history: Sequence[eventstore.Stored], state: Task | None = None) ->
 # each time; events never change, so a render reads and folds only the window and what came since.
 # Only a state is kept per task, never its events (which may be large).
 _WINDOWS: OrderedDict[UUID, tuple[int, Task | None]] = OrderedDict()
+K, R, V = TypeVar("K"), TypeVar("R"), TypeVar("V")
 WINDOWS_KEPT = 64
 FOLD_IN_THREAD = 5_000  # events: folding more than this runs beside the event loop, not on it
 
 
-async def _timeline(history: Sequence[eventstore.Stored], state: Task | None = None) -> list[Entry]:
+async def _beside(work: Callable[[Sequence[R]], V], history: Sequence[R]) -> V:
+    """work(history), beside the event loop when the history is long (FOLD_IN_THREAD), else on it."""
     if len(history) > FOLD_IN_THREAD:
-        return await asyncio.to_thread(timeline, history, state)
-    return timeline(history, state)
+        return await asyncio.to_thread(work, history)
+    return work(history)
+
+
+async def _timeline(history: Sequence[eventstore.Stored], state: Task | None = None) -> list[Entry]:
+    return await _beside(lambda events: timeline(events, state), history)
+
+
+def _remember(cache: OrderedDict[K, V], key: K, value: V) -> None:
+    """Keep value as the most recently used of the cache's WINDOWS_KEPT entries."""
+    cache[key] = value
+    cache.move_to_end(key)
+    while len(cache) > WINDOWS_KEPT:
+        cache.popitem(last=False)
 
 
 async def folded(request: Request, uuid: UUID, at: int | None = None) -> list[Entry]:
@@ -471,10 +485,7 @@ async def folded(request: Request, uuid: UUID, at: int | None = None) -> list[En
     if len(entries) > TIMELINE_CAP:
         older = len(entries) - TIMELINE_CAP
         before, entries = entries[older - 1].after, entries[older:]
-        _WINDOWS[uuid] = (entries[0].stored.recorded.version, before)
-        _WINDOWS.move_to_end(uuid)
-        while len(_WINDOWS) > WINDOWS_KEPT:
-            _WINDOWS.popitem(last=False)
+        _remember(_WINDOWS, uuid, (entries[0].stored.recorded.version, before))
     return entries
 
 
@@ -482,13 +493,6 @@ async def folded(request: Request, uuid: UUID, at: int | None = None) -> list[En
 # renders again after each change, and folding a long task's history from the start each time cost
 # a second. Events never change, so neither does the task before a version.
 _STARTS: OrderedDict[tuple[UUID, int], Task | None] = OrderedDict()
-
-
-def _fold(history: Sequence[eventstore.Stored]) -> Task | None:
-    state = None
-    for stored in history:
-        state = evolve(state, stored.recorded)
-    return state
 
 
 async def window(request: Request, uuid: UUID, start: int, end: int) -> tuple[Task | None, list[Entry]]:
@@ -503,14 +507,8 @@ async def window(request: Request, uuid: UUID, start: int, end: int) -> tuple[Ta
         return before, events
 
     before, events = await read(request, fetch)
-    if known:
-        state = _STARTS[(uuid, start)]
-    else:
-        state = await asyncio.to_thread(_fold, before) if len(before) > FOLD_IN_THREAD else _fold(before)
-        _STARTS[(uuid, start)] = state
-    _STARTS.move_to_end((uuid, start))
-    while len(_STARTS) > WINDOWS_KEPT:
-        _STARTS.popitem(last=False)
+    state = _STARTS[(uuid, start)] if known else await _beside(lambda h: fold(s.recorded for s in h), before)
+    _remember(_STARTS, (uuid, start), state)
     return state, await _timeline(events, state)
 
 

@@ -245,7 +245,8 @@ def observed(app: ASGIApp, *, count: bool, access: logs.AccessLine | None, cors:
             if message["type"] == "http.response.start":
                 status, started_answer = message["status"], True
                 headers = [*message.get("headers", []), (b"x-request-id", header)]
-                if write and (200 <= status < 300 or (status in replicas.REFUSED_STATUSES and replicas.STATE in state)):
+                # A refused write has a token only where its connection left one (replicas.REFUSED).
+                if write and (200 <= status < 300 or replicas.STATE in state):
                     headers.append(_read_after(state))
                 message["headers"] = headers
                 if options:

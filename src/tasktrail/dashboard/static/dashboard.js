@@ -496,15 +496,19 @@ function tasksPage() {
     updateBulk();
     for (const button of bulk.querySelectorAll("button")) button.disabled = true;
 
-    const groups = {
-      done: { label: "done", items: [], listed: LISTED, open: false },
-      unchanged: { label: "already so", items: [], listed: LISTED, open: false },
-      skipped: { label: "skipped: not failed or canceled", items: [], listed: LISTED, open: false },
-      finished: { label: "not allowed (already finished)", items: [], listed: LISTED, open: false },
-      conflict: { label: "changed since shown", items: [], listed: LISTED, open: false },
-      gone: { label: "gone", items: [], listed: LISTED, open: false },
-      failed: { label: "failed", items: [], listed: LISTED, open: false },
+    const labels = {
+      done: "done",
+      unchanged: "already so",
+      skipped: "skipped: not failed or canceled",
+      finished: "not allowed (already finished)",
+      conflict: "changed since shown",
+      gone: "gone",
+      failed: "failed",
     };
+    // Each outcome's tasks, how many of them its list shows, and whether it is open (kept across renders).
+    const groups = Object.fromEntries(
+      Object.entries(labels).map(([key, label]) => [key, { label, items: [], listed: LISTED, open: false }]),
+    );
     let handled = 0;
     let stop = false;
     panel.hidden = false;
