@@ -153,9 +153,16 @@ async def read_stream_until(
 # is still running, so every event that will ever exist below that line is
 # visible now, and the feed is a prefix in cursor order that only grows at the
 # end. A reader that follows the cursor misses nothing and sees nothing twice.
-# The price: a write transaction that stays open (anywhere on the server, since
-# xmin is server-wide) holds back events committed after it began, until it
-# ends; sessions time out idle transactions after 60 s.
+# The price: a write transaction in this database that stays open holds back
+# events committed after it began, until it ends; sessions time out idle
+# transactions after 60 s. Transaction ids (and xmin) are server-wide, but a
+# transaction of another database can never append here, so OLDEST_OPEN leaves
+# out the open transactions that pg_stat_activity (or pg_prepared_xacts) shows
+# belong to another database: an import or a long migration in a neighbour
+# database does not freeze this feed. An open transaction it cannot place (its
+# backend gone since the snapshot, its row hidden) still counts: the line may
+# only ever be lower than it could be, never higher. Rows are matched on the
+# 32-bit xid, which names one transaction among those open at once.
 #
 # Alternatives weighed: a table lock on every append serialises all writers; a
 # gap-detecting reader that waits for missing positions must guess how long a
@@ -181,10 +188,21 @@ async def read_stream_until(
 # snapshot. Returns one row with NULL event columns when there is nothing new.
 # The held-back check is ordered by transaction_id so that it walks the index
 # from the horizon (a few in-flight rows), never the table.
+OLDEST_OPEN = """(
+    SELECT coalesce(
+        (SELECT min(xip.xid) FROM pg_snapshot_xip(taken.snap) AS xip (xid)
+         WHERE NOT EXISTS (SELECT FROM pg_stat_get_activity(NULL) AS s
+                           WHERE s.backend_xid = xid(xip.xid)
+                             AND s.datid <> (SELECT oid FROM pg_database WHERE datname = current_database()))
+           AND NOT EXISTS (SELECT FROM pg_prepared_xacts AS p
+                           WHERE p.transaction = xid(xip.xid) AND p.database <> current_database())),
+        pg_snapshot_xmax(taken.snap))
+    FROM (SELECT pg_current_snapshot() AS snap) taken
+)"""
 _FEED = """
 WITH horizon AS MATERIALIZED (
     SELECT oldest_open, {held_back} AS held_back
-    FROM (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS oldest_open) now
+    FROM (SELECT {oldest_open} AS oldest_open) now
 )
 SELECT horizon.oldest_open::text, horizon.held_back,
        e.transaction_id::text, e.position, e.stream_id, e.version, e.occurred_at, e.type, e.data, e.metadata
@@ -202,11 +220,13 @@ READ_FEED = _FEED.format(
     held_back="(SELECT transaction_id FROM events WHERE transaction_id >= oldest_open"
     " ORDER BY transaction_id LIMIT 1) IS NOT NULL",
     in_stream="",
+    oldest_open=OLDEST_OPEN,
 )
 # The same for one stream (a task's events), through its (stream_id, version) index.
 READ_STREAM_FEED = _FEED.format(
     held_back="EXISTS (SELECT FROM events WHERE stream_id = %(stream_id)s AND transaction_id >= oldest_open)",
     in_stream="stream_id = %(stream_id)s AND",
+    oldest_open=OLDEST_OPEN,
 )
 
 # A place in the feed: (transaction id, position). (0, 0) is before everything.
@@ -251,7 +271,7 @@ async def read_feed(
     return FeedPage(events, next_after, held_back, ahead=after[0] > horizon)
 
 
-HEAD = "SELECT pg_snapshot_xmin(pg_current_snapshot())::text"
+HEAD = f"SELECT {OLDEST_OPEN}::text"
 
 
 async def head(conn: psycopg.AsyncConnection) -> Cursor:
@@ -270,25 +290,27 @@ async def head(conn: psycopg.AsyncConnection) -> Cursor:
 # from a role without pg_read_all_stats: then the oldest held-back event's time
 # stands in, a lower bound. The held-back events are found from both ends of
 # the index on (transaction_id, position): a few entries, however many wait.
-HELD_BACK_SECONDS = """
+HELD_BACK_SECONDS = f"""
 WITH held AS MATERIALIZED (
     SELECT (SELECT transaction_id FROM events WHERE transaction_id >= oldest_open
             ORDER BY transaction_id DESC LIMIT 1) AS newest,
            (SELECT occurred_at FROM events WHERE transaction_id >= oldest_open
             ORDER BY transaction_id LIMIT 1) AS oldest_at
-    FROM (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS oldest_open) now
+    FROM (SELECT {OLDEST_OPEN} AS oldest_open) now
 )
 SELECT greatest(0, extract(epoch FROM now() - coalesce(
     (SELECT min(started) FROM (
-        SELECT xact_start FROM pg_stat_activity WHERE age(backend_xid) > age(held.newest::xid)
+        SELECT xact_start FROM pg_stat_activity
+        WHERE datname = current_database() AND age(backend_xid) > age(held.newest::xid)
         UNION ALL
-        SELECT prepared FROM pg_prepared_xacts WHERE age(transaction) > age(held.newest::xid)
+        SELECT prepared FROM pg_prepared_xacts
+        WHERE database = current_database() AND age(transaction) > age(held.newest::xid)
     ) AS holders (started)),
     held.oldest_at
 )))::float8
 FROM held
 WHERE held.newest IS NOT NULL
-"""
+"""  # noqa: S608 -- OLDEST_OPEN is a constant
 
 
 async def held_back_seconds(conn: psycopg.AsyncConnection) -> float:
@@ -302,8 +324,8 @@ async def held_back_seconds(conn: psycopg.AsyncConnection) -> float:
 # then follows it: the last `limit` events below the horizon, newest first, and
 # the horizon as the cursor to follow from (everything below it is committed;
 # everything that commits later lies above it). Walks the commit-order index backwards.
-READ_FEED_TAIL = """
-WITH horizon AS MATERIALIZED (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS oldest_open)
+READ_FEED_TAIL = f"""
+WITH horizon AS MATERIALIZED (SELECT {OLDEST_OPEN} AS oldest_open)
 SELECT horizon.oldest_open::text,
        e.transaction_id::text, e.position, e.stream_id, e.version, e.occurred_at, e.type, e.data, e.metadata
 FROM horizon
@@ -314,7 +336,7 @@ LEFT JOIN LATERAL (
     LIMIT %(limit)s
 ) e ON true
 ORDER BY e.transaction_id DESC, e.position DESC
-"""
+"""  # noqa: S608 -- OLDEST_OPEN is a constant
 
 
 async def read_feed_tail(conn: psycopg.AsyncConnection, *, limit: int = 100) -> FeedPage:

@@ -12,6 +12,7 @@ import pytest
 from tasktrail import db, eventstore, writer
 from tasktrail.domain.events import Event, Recorded, TaskCreated, TaskStarted
 from tasktrail.domain.task import CreateTask, UpdateTask
+from tests.conftest import fresh_database
 
 pytestmark = pytest.mark.anyio
 
@@ -19,7 +20,7 @@ pytestmark = pytest.mark.anyio
 async def read_until(
     conn: psycopg.AsyncConnection, count: int, after: eventstore.Cursor = eventstore.START, **kwargs: object
 ) -> list[eventstore.FeedEvent]:
-    """Follow the feed until `count` events have come (xmin is server-wide: others' transactions may delay them)."""
+    """Follow the feed until `count` events have come (other transactions in the database may delay them)."""
     seen: list[eventstore.FeedEvent] = []
     deadline = time.monotonic() + 30
     while len(seen) < count:
@@ -54,6 +55,35 @@ async def test_an_event_that_commits_late_is_not_skipped(conn: psycopg.AsyncConn
         seen = await read_until(conn, 2)
     assert [event.stored.recorded.position for event in seen] == [early, late]
     assert seen[0].cursor < seen[1].cursor
+
+
+async def test_an_open_write_transaction_in_another_database_holds_nothing_back(
+    conn: psycopg.AsyncConnection, server_url: str, template_db: str
+) -> None:
+    """Transaction ids are server-wide, but another database's transaction can never append here."""
+    with fresh_database(server_url, template_db) as next_door:
+        other = await psycopg.AsyncConnection.connect(next_door, **db.connect_kwargs())
+        async with other, other.transaction():
+            await append_one(other)  # open, and older than anything written here
+            mine = await append_one(conn)
+            page = await eventstore.read_feed(conn)
+            assert [event.stored.recorded.position for event in page.events] == [mine]
+            assert not page.held_back
+            assert await eventstore.head(conn) > page.events[0].cursor
+            tail = await eventstore.read_feed_tail(conn)
+            assert [event.stored.recorded.position for event in tail.events] == [mine]
+            assert await eventstore.held_back_seconds(conn) == 0.0
+            # An open transaction of this database's own still holds the feed back, and is timed.
+            slow = await psycopg.AsyncConnection.connect(conn.info.dsn, **db.connect_kwargs())
+            async with slow, slow.transaction():
+                await append_one(slow)
+                later = await append_one(conn)
+                page = await eventstore.read_feed(conn, page.next_after)
+                assert page.events == []
+                assert page.held_back
+                assert await eventstore.held_back_seconds(conn) > 0.0
+            seen = await read_until(conn, 2, page.next_after)
+            assert later in [event.stored.recorded.position for event in seen]
 
 
 async def test_a_rolled_back_event_never_shows_and_holds_nothing_back(

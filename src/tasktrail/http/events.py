@@ -238,7 +238,7 @@ async def stream_all(request: Request, after: AfterParameter = None, last_event_
 # task's events at or above the head that the state already includes (the
 # stream must not send those again), and its latest event.
 TASK_STREAM_START = f"""
-WITH horizon AS MATERIALIZED (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS oldest_open)
+WITH horizon AS MATERIALIZED (SELECT {eventstore.OLDEST_OPEN} AS oldest_open)
 SELECT horizon.oldest_open::text,
        ARRAY(SELECT position FROM events WHERE stream_id = %(task_id)s AND transaction_id >= horizon.oldest_open),
        latest.transaction_id::text, latest.position, latest.type,
