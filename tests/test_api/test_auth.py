@@ -64,6 +64,7 @@ async def test_no_key_is_401_with_a_bearer_challenge(secured: AsyncTestClient) -
         "Bearer",
         f"Bearer  {KEYS['admin']} extra",
     ],
+    ids=["unknown", "longer", "basic", "no scheme", "no key", "extra"],  # the keys are random: ids must not be
 )
 async def test_an_unknown_or_malformed_key_is_401(secured: AsyncTestClient, header: str) -> None:
     response = await secured.get("/tasks/", headers={"Authorization": header})
@@ -148,6 +149,7 @@ def test_keys_are_matched_by_hash() -> None:
         "ops:admin:" + "0" * 63,
         "ops:admin:" + "0" * 64 + "\nops:read:" + "1" * 64,
     ],
+    ids=["a key", "no such scope", "short hash", "one name twice"],
 )
 def test_a_bad_keys_file_is_refused_without_echoing_it(text: str) -> None:
     with pytest.raises(auth.BadKeys) as refused:
