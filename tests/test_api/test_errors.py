@@ -28,6 +28,10 @@ async def test_malformed_json_is_400(shared_client: AsyncTestClient) -> None:
     problem(await shared_client.post("/tasks/", content=b'{"task_type": ', headers=JSON), 400)
     task = (await shared_client.post("/tasks/", json={"task_type": "x"})).json()
     problem(await shared_client.patch(f"/tasks/{task['task_id']}", content=b"{nope}", headers=JSON), 400)
+    for blank in (b" ", b"\n", b"\t\r\n  "):  # sent, and not JSON (no body at all is a 422: see test_content_type)
+        problem(await shared_client.post("/tasks/", content=blank, headers=JSON), 400)
+        problem(await shared_client.patch(f"/tasks/{task['task_id']}", content=blank, headers=JSON), 400)
+        problem(await shared_client.post("/tasks/batch", content=blank, headers=JSON), 400)
 
 
 @pytest.mark.parametrize(
