@@ -185,6 +185,34 @@ def test_a_conditional_write_whose_answer_is_lost_is_recognised_as_its_own(
     assert [e.type for e in client.history(task.task_id)] == ["TaskCreated", "TaskStarted", "TaskDeleted"]
 
 
+def test_an_update_whose_answer_is_lost_is_applied_once_though_another_writer_acts_before_the_retry(
+    server: str, client: Client, kind: str
+) -> None:
+    task = client.create(kind)
+    client.update(task.task_id, status="running")
+    client.update(task.task_id, status="failed", error="boom")
+
+    def plan(connection: int) -> DropAnswer | Relay:
+        if connection == 1:  # the client's next request, after its first answer was lost
+            client.update(task.task_id, status="running")  # meanwhile another worker claims the requeued task
+        return DropAnswer() if connection == 0 else Relay()
+
+    with Proxy(server, plan) as proxy, Client(proxy.url, retry=QUICK) as lossy:
+        requeued = lossy.update(task.task_id, status="pending")
+        assert proxy.dropped == [0]
+        # Where the lost write committed no token says: reads go to the primary until the next write.
+        assert lossy.read_after == "primary"
+    # Sent again, "pending" would have requeued the other worker's claim: it was found in the history instead.
+    assert (requeued.status, requeued.retry_count, requeued.version) == ("pending", 1, 4)
+    assert [e.type for e in client.history(task.task_id)][3:] == ["TaskRetried", "TaskStarted"]
+    assert client.get(task.task_id).status == "running"
+    # A lost answer to a change that appended nothing (a no-op): not in the history, so sent again.
+    with dropping_first(server) as proxy, Client(proxy.url, retry=QUICK) as lossy:
+        same = lossy.update(task.task_id, status="running")
+        assert proxy.dropped == [0]
+    assert (same.status, same.version) == ("running", 5)
+
+
 def test_a_run_marks_the_task_running_throttles_progress_and_completes_it(client: Client, kind: str) -> None:
     task = client.create(kind)
     calls = 500

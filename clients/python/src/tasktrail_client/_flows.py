@@ -31,6 +31,7 @@ from tasktrail_client.models import Change, Event, History, ItemResult, Stats, T
 T = TypeVar("T")
 
 READ_AFTER = "Tasktrail-Read-After"
+ON_PRIMARY = "primary"  # a token that sends a read to the primary (the server's replicas.ON_PRIMARY)
 REFUSED = (404, 409, 412)  # a write's answers that may carry a token besides a success
 
 
@@ -122,6 +123,13 @@ class Session:
             with self._lock:
                 self._token = later(self._token, token)
 
+    def lost(self, request: Request) -> None:
+        """A write's answer was lost: it may have committed at a position no token names, so reads go to the
+        primary until the next write's answer gives one."""
+        if not request.reads:
+            with self._lock:
+                self._token = ON_PRIMARY
+
     @property
     def read_after(self) -> str | None:
         """The token the next read sends: the latest write's (None before any write)."""
@@ -146,6 +154,15 @@ def later(held: str | None, new: str) -> str:
 # where a second attempt cannot make a second change.
 ALWAYS = "always"  # reads, and writes whose repeat is harmless or recognised
 UNSENT = "unsent"  # only failures where the request surely had no effect: no connection, or 503
+CHECKED = "checked"  # as UNSENT, and a lost answer raises Lost, for the caller to look before sending again
+
+
+class Lost(Exception):
+    """A write's answer was lost in transit: it may or may not have been applied."""
+
+    def __init__(self, failures: int) -> None:
+        super().__init__(failures)
+        self.failures = failures
 
 
 def call(session: Session, request: Request, retry: str = ALWAYS) -> Flow[httpx.Response]:
@@ -154,9 +171,10 @@ def call(session: Session, request: Request, retry: str = ALWAYS) -> Flow[httpx.
     return response
 
 
-def attempts(session: Session, request: Request, retry: str = ALWAYS) -> Flow[tuple[httpx.Response, int]]:
+def attempts(
+    session: Session, request: Request, retry: str = ALWAYS, failures: int = 0
+) -> Flow[tuple[httpx.Response, int]]:
     """`call`, also saying how often the request was sent (more than once: an earlier one may have been applied)."""
-    failures = 0
     while True:
         try:
             response = yield request
@@ -167,8 +185,12 @@ def attempts(session: Session, request: Request, retry: str = ALWAYS) -> Flow[tu
         except httpx.TransportError as exc:
             failures += 1
             unsent = isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout)
-            if failures >= session.retry.attempts or not (retry == ALWAYS or unsent):
+            if not unsent:
+                session.lost(request)
+            if failures >= session.retry.attempts or not (retry != UNSENT or unsent):
                 raise ConnectionFailed(f"{request.method} {request.path}: {exc!r}") from exc
+            if retry == CHECKED and not unsent:
+                raise Lost(failures) from exc
             yield Sleep(session.retry.delay(failures))
             continue
         if response.status_code == 503 and failures + 1 < session.retry.attempts:
@@ -269,14 +291,26 @@ def changes(
 
 
 def update(session: Session, task_id: str, body: dict[str, Any], if_version: int | None) -> Flow[Task]:
-    """A PATCH. Repeating the same change is harmless (it is a no-op the second time), so lost answers
-    are retried; under If-Match a repeat answers 412 if the first attempt was applied, and the history
-    tells whether that 412 is our own write."""
+    """A PATCH, its lost answers retried. Under If-Match a repeat answers 412 if the first attempt was
+    applied, and the history tells whether that 412 is our own write. Without it a repeat is not harmless:
+    another writer may have moved the task in between (`pending` sent again after a worker started the
+    task requeues the worker's claim; `progress=50` sent again after 60 moves it back). So after a lost
+    answer the history is read first, from the primary, and the change is sent again only if it is not there."""
     if not body:
         raise ValueError("give at least one of status, progress, result, error")
     headers = _if_match(if_version) | _request_id()
     request = Request("PATCH", task_path(task_id), json=body, headers=headers)
-    response, sends = yield from attempts(session, request)
+    retry, failures = ALWAYS if if_version is not None else CHECKED, 0
+    while True:
+        try:
+            response, sends = yield from attempts(session, request, retry, failures)
+            break
+        except Lost as lost:
+            failures = lost.failures
+            mine = yield from _own_event(session, task_id, headers["X-Request-ID"], 0)
+            if mine is not None:
+                return (yield from get(session, task_id, mine.version, None))
+            yield Sleep(session.retry.delay(failures))
     if response.status_code == 412 and sends > 1 and if_version is not None:
         mine = yield from _own_event(session, task_id, headers["X-Request-ID"], if_version)
         if mine is not None:
@@ -312,11 +346,14 @@ def update_many(session: Session, updates: Iterable[Mapping[str, Any]]) -> Flow[
     items = [dict(u) for u in updates]
     headers = _request_id()
     request = Request("PATCH", "/tasks/batch", json={"updates": items}, headers=headers)
-    # Each item repeated alone is a no-op the second time, so a lost answer is retried, as `update`
-    # does. Not when a task is named twice: [running, pending] sent again would start and requeue
-    # it again; such a batch is sent again only when it surely did not arrive.
+    # A lost answer is retried when every item is under if_version: a repeat of an applied item answers
+    # 412, and its event carries our request id. Not when an item has no if_version (another writer
+    # may have moved its task in between, see `update`), nor when a task is named twice ([running,
+    # pending] sent again would start and requeue it again): such a batch is sent again only when it
+    # surely did not arrive.
     named_twice = len({_same_task(item.get("task_id")) for item in items}) < len(items)
-    response, sends = yield from attempts(session, request, UNSENT if named_twice else ALWAYS)
+    unconditional = any(item.get("if_version") is None for item in items)
+    response, sends = yield from attempts(session, request, UNSENT if named_twice or unconditional else ALWAYS)
     results = []
     for given, answer in zip(items, expect(response, 200)["results"], strict=True):
         result = ItemResult(
