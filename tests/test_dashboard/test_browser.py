@@ -437,6 +437,26 @@ def test_bulk_cancel_of_selected_rows_reports_each_task(ui: Dashboard) -> None:
     assert writes == [f"PATCH {ui.url}/tasks/batch"] * 2
 
 
+def test_a_selected_task_deleted_elsewhere_leaves_the_selection_with_its_row(ui: Dashboard) -> None:
+    tasks = [create(ui, "bulk-gone", status="running") for _ in range(3)]
+    page = ui.page()
+    page.goto("/ui?task_type=bulk-gone")
+    expect(page.locator("#live")).to_have_attribute("data-state", "live")
+    for task in tasks:
+        row(page, task).get_by_role("checkbox").check()
+    expect(page.locator("#selection")).to_have_text("3 selected.")
+    with ui.api() as api:
+        assert api.delete(f"/tasks/{tasks[0]['task_id']}").status_code == 200
+    expect(row(page, tasks[0])).to_have_count(0)
+    expect(page.locator("#selection")).to_have_text("2 selected.")
+    page.locator('#bulk [data-bulk="cancel"]').click()
+    dialog = page.get_by_role("dialog")
+    expect(dialog).to_contain_text("Cancel 2 tasks?")
+    dialog.get_by_role("button", name="Cancel 2 tasks").click()
+    expect(page.locator("#bulk-run")).to_contain_text("finished. 2 done.")
+    expect(page.locator("#bulk-run")).not_to_contain_text("gone")
+
+
 def test_bulk_retry_of_every_task_matching_the_filter(ui: Dashboard) -> None:
     failed = [create(ui, "bulk-b", status="failed") for _ in range(3)]
     pending = create(ui, "bulk-b")

@@ -371,7 +371,15 @@ function tasksPage() {
     updateBulk();
   });
 
-  live.follow(body.dataset.stream, { onEvent: refresh, onOpen: refresh });
+  live.follow(body.dataset.stream, {
+    onEvent: (type, data) => {
+      // A deleted task leaves the selection with its row: the count and the confirmation say what is sent.
+      // (A selected row that leaves the page otherwise, to the next page or out of the filter, stays chosen.)
+      if (type === "TaskDeleted") selected.delete(JSON.parse(data).task_id);
+      refresh();
+    },
+    onOpen: refresh,
+  });
   if (bulk) bulkActions();
 
   // A row's task as the page shows it: the version an action on it is sent with, and its status.
