@@ -162,7 +162,10 @@ async def read_stream_until(
 # database does not freeze this feed. An open transaction it cannot place (its
 # backend gone since the snapshot, its row hidden) still counts: the line may
 # only ever be lower than it could be, never higher. Rows are matched on the
-# 32-bit xid, which names one transaction among those open at once.
+# 32-bit xid, which names one transaction among those open at once. On a
+# standby the snapshot keeps the transactions it has seen begin apart from its
+# list (pg_snapshot_xip shows none there) and no activity row names them: its
+# xmin is the horizon, as below.
 #
 # Alternatives weighed: a table lock on every append serialises all writers; a
 # gap-detecting reader that waits for missing positions must guess how long a
@@ -189,14 +192,14 @@ async def read_stream_until(
 # The held-back check is ordered by transaction_id so that it walks the index
 # from the horizon (a few in-flight rows), never the table.
 OLDEST_OPEN = """(
-    SELECT coalesce(
+    SELECT CASE WHEN pg_is_in_recovery() THEN pg_snapshot_xmin(taken.snap) ELSE coalesce(
         (SELECT min(xip.xid) FROM pg_snapshot_xip(taken.snap) AS xip (xid)
          WHERE NOT EXISTS (SELECT FROM pg_stat_get_activity(NULL) AS s
                            WHERE s.backend_xid = xid(xip.xid)
                              AND s.datid <> (SELECT oid FROM pg_database WHERE datname = current_database()))
            AND NOT EXISTS (SELECT FROM pg_prepared_xacts AS p
                            WHERE p.transaction = xid(xip.xid) AND p.database <> current_database())),
-        pg_snapshot_xmax(taken.snap))
+        pg_snapshot_xmax(taken.snap)) END
     FROM (SELECT pg_current_snapshot() AS snap) taken
 )"""
 _FEED = """

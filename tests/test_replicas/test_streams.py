@@ -8,14 +8,18 @@ import time
 from collections.abc import Iterator
 
 import httpx
+import psycopg
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tasktrail import db, eventstore, writer
+from tasktrail.domain.task import CreateTask
 from tasktrail.http.app import create_app
 from tasktrail.replicas import HEADER, ON_PRIMARY
 from tests.conftest import Server
 from tests.replication import Pair
 from tests.sse import Message, messages, parse
+from tests.test_eventstore.test_feed import read_until
 from tests.test_replicas.conftest import Database, replicated_database, until_serving
 
 TIMEOUT = httpx.Timeout(30)
@@ -161,6 +165,25 @@ async def test_feed_pages_from_the_replica_and_the_primary_join_without_gaps(pai
         assert [e["data"].get("progress") for e in second["events"]] == [3, 4]
         assert first["events"] + second["events"] == whole["events"]
         assert (behind["events"], behind["next_cursor"]) == ([], second["next_cursor"])
+
+
+@pytest.mark.anyio
+async def test_a_transaction_open_on_the_primary_holds_the_standby_feed_back(pair: Pair, database: Database) -> None:
+    """A standby's snapshot lists no open transaction by id: its horizon is its xmin, never past one still open."""
+    slow = await psycopg.AsyncConnection.connect(database.primary, **db.connect_kwargs())
+    fast = await psycopg.AsyncConnection.connect(database.primary, **db.connect_kwargs())
+    standby = await psycopg.AsyncConnection.connect(database.replica, **db.connect_kwargs())
+    async with slow, fast, standby:
+        async with slow.transaction():
+            early = await writer.create(slow, CreateTask(task_type="early"), {})  # stays open
+            late = await writer.create(fast, CreateTask(task_type="late"), {})
+            pair.wait_replayed()
+            page = await eventstore.read_feed(standby)
+            assert (page.events, page.held_back) == ([], True)
+            assert await eventstore.head(standby) <= page.next_after
+        pair.wait_replayed()
+        seen = await read_until(standby, 2, page.next_after)
+    assert [event.stored.recorded.stream_id for event in seen] == [early.task_id, late.task_id]
 
 
 def test_a_task_stream_resumed_past_its_end_is_told_so_though_the_replica_has_not_seen_the_end(
