@@ -20,6 +20,7 @@ import uuid
 from collections.abc import Generator, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from types import MappingProxyType
 from typing import Any, TypeVar
 from urllib.parse import quote
 
@@ -32,6 +33,9 @@ T = TypeVar("T")
 
 READ_AFTER = "Tasktrail-Read-After"
 ON_PRIMARY = "primary"  # a token that sends a read to the primary (the server's replicas.ON_PRIMARY)
+Headers = Mapping[str, str]
+NO_HEADERS: Headers = MappingProxyType({})
+PRIMARY: Headers = MappingProxyType({READ_AFTER: ON_PRIMARY})
 REFUSED = (404, 409, 412)  # a write's answers that may carry a token besides a success
 
 
@@ -108,7 +112,7 @@ class Session:
 
     def headers_for(self, request: Request) -> dict[str, str]:
         headers = self.headers | dict(request.headers)
-        if request.reads and self._token is not None:
+        if request.reads and self._token is not None and READ_AFTER not in request.headers:
             headers[READ_AFTER] = self._token
         return headers
 
@@ -154,15 +158,11 @@ def later(held: str | None, new: str) -> str:
 # where a second attempt cannot make a second change.
 ALWAYS = "always"  # reads, and writes whose repeat is harmless or recognised
 UNSENT = "unsent"  # only failures where the request surely had no effect: no connection, or 503
-CHECKED = "checked"  # as UNSENT, and a lost answer raises Lost, for the caller to look before sending again
+CHECKED = "checked"  # as UNSENT, but a lost answer raises Lost, for the caller to look whether it was applied
 
 
 class Lost(Exception):
-    """A write's answer was lost in transit: it may or may not have been applied."""
-
-    def __init__(self, failures: int) -> None:
-        super().__init__(failures)
-        self.failures = failures
+    """A write's answer was lost in transit: it may or may not have been applied (the transport error is its cause)."""
 
 
 def call(session: Session, request: Request, retry: str = ALWAYS) -> Flow[httpx.Response]:
@@ -171,10 +171,9 @@ def call(session: Session, request: Request, retry: str = ALWAYS) -> Flow[httpx.
     return response
 
 
-def attempts(
-    session: Session, request: Request, retry: str = ALWAYS, failures: int = 0
-) -> Flow[tuple[httpx.Response, int]]:
+def attempts(session: Session, request: Request, retry: str = ALWAYS) -> Flow[tuple[httpx.Response, int]]:
     """`call`, also saying how often the request was sent (more than once: an earlier one may have been applied)."""
+    failures = 0
     while True:
         try:
             response = yield request
@@ -190,7 +189,7 @@ def attempts(
             if failures >= session.retry.attempts or not (retry != UNSENT or unsent):
                 raise ConnectionFailed(f"{request.method} {request.path}: {exc!r}") from exc
             if retry == CHECKED and not unsent:
-                raise Lost(failures) from exc
+                raise Lost from exc
             yield Sleep(session.retry.delay(failures))
             continue
         if response.status_code == 503 and failures + 1 < session.retry.attempts:
@@ -247,13 +246,15 @@ def create_many(
     return [Task.from_json(t) for t in expect(response, 201)["tasks"]]
 
 
-def get(session: Session, task_id: str, version: int | None, as_of: datetime | str | None) -> Flow[Task]:
+def get(
+    session: Session, task_id: str, version: int | None, as_of: datetime | str | None, headers: Headers = NO_HEADERS
+) -> Flow[Task]:
     params: dict[str, Any] = {}
     if version is not None:
         params["version"] = version
     if as_of is not None:
         params["as_of"] = as_of.isoformat() if isinstance(as_of, datetime) else as_of
-    response = yield from call(session, Request("GET", task_path(task_id), params=params))
+    response = yield from call(session, Request("GET", task_path(task_id), params=params, headers=headers))
     return Task.from_json(expect(response, 200))
 
 
@@ -294,27 +295,28 @@ def update(session: Session, task_id: str, body: dict[str, Any], if_version: int
     """A PATCH, its lost answers retried. Under If-Match a repeat answers 412 if the first attempt was
     applied, and the history tells whether that 412 is our own write. Without it a repeat is not harmless:
     another writer may have moved the task in between (`pending` sent again after a worker started the
-    task requeues the worker's claim; `progress=50` sent again after 60 moves it back). So after a lost
-    answer the history is read first, from the primary, and the change is sent again only if it is not there."""
+    task requeues the worker's claim; `progress=50` sent again after 60 moves it back), and a first
+    attempt not in the history yet may still be on its way (held by a proxy, queued at the server). So
+    after a lost answer the history is read, from the primary: the change found there is the answer;
+    else ConnectionFailed says the outcome is unknown. Never sent twice."""
     if not body:
         raise ValueError("give at least one of status, progress, result, error")
     headers = _if_match(if_version) | _request_id()
     request = Request("PATCH", task_path(task_id), json=body, headers=headers)
-    retry, failures = ALWAYS if if_version is not None else CHECKED, 0
-    while True:
-        try:
-            response, sends = yield from attempts(session, request, retry, failures)
-            break
-        except Lost as lost:
-            failures = lost.failures
-            mine = yield from _own_event(session, task_id, headers["X-Request-ID"], 0)
-            if mine is not None:
-                return (yield from get(session, task_id, mine.version, None))
-            yield Sleep(session.retry.delay(failures))
+    try:
+        response, sends = yield from attempts(session, request, ALWAYS if if_version is not None else CHECKED)
+    except Lost as lost:
+        mine = yield from _own_event(session, task_id, headers["X-Request-ID"], 0)
+        if mine is not None:
+            return (yield from get(session, task_id, mine.version, None, PRIMARY))
+        raise ConnectionFailed(
+            f"PATCH {request.path}: the answer was lost, and the change is not in the task's history"
+            " (it made none, or may still be applied): read the task before sending it again"
+        ) from lost.__cause__
     if response.status_code == 412 and sends > 1 and if_version is not None:
         mine = yield from _own_event(session, task_id, headers["X-Request-ID"], if_version)
         if mine is not None:
-            return (yield from get(session, task_id, mine.version, None))
+            return (yield from get(session, task_id, mine.version, None, PRIMARY))
     return Task.from_json(expect(response, 200))
 
 
@@ -337,8 +339,9 @@ def _same_task(task_id: Any) -> str:
 
 
 def _own_event(session: Session, task_id: str, request_id: str, after_version: int) -> Flow[Event | None]:
-    """Our write's event in the task's history after `after_version`, if it was applied."""
-    events = yield from history(session, task_id, after_version, 1000)
+    """Our write's event in the task's history after `after_version`, if it was applied (read on the primary:
+    the write's position may be known to no token, and the session's token is shared with other threads)."""
+    events = yield from history(session, task_id, after_version, 1000, PRIMARY)
     return next((e for e in events if e.metadata.get("request_id") == request_id), None)
 
 
@@ -370,15 +373,20 @@ def update_many(session: Session, updates: Iterable[Mapping[str, Any]]) -> Flow[
                 result = ItemResult(result.task_id, 200, deleted=True)
             elif mine is not None:
                 result = ItemResult(
-                    result.task_id, 200, task=(yield from get(session, result.task_id, mine.version, None))
+                    result.task_id, 200, task=(yield from get(session, result.task_id, mine.version, None, PRIMARY))
                 )
         results.append(result)
     return results
 
 
-def history(session: Session, task_id: str, after_version: int, page_size: int) -> Flow[History]:
+def history(
+    session: Session, task_id: str, after_version: int, page_size: int, headers: Headers = NO_HEADERS
+) -> Flow[History]:
     request = Request(
-        "GET", task_path(task_id, "/history"), params={"after_version": after_version, "limit": _page(page_size)}
+        "GET",
+        task_path(task_id, "/history"),
+        params={"after_version": after_version, "limit": _page(page_size)},
+        headers=headers,
     )
     events: list[Event] = []
     while True:
@@ -387,7 +395,7 @@ def history(session: Session, task_id: str, after_version: int, page_size: int) 
         events += [Event.from_json(e, page["task_id"]) for e in page["events"]]
         if (link := _next(response)) is None:
             return History(page["task_id"], events)
-        request = Request("GET", link)
+        request = Request("GET", link, headers=headers)
 
 
 def stats(session: Session, task_type: str | None) -> Flow[Stats]:
