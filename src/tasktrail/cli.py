@@ -117,7 +117,7 @@ def _replicas(args: argparse.Namespace) -> int | None:
 def serve(args: argparse.Namespace) -> int:
     import logging.config
 
-    from tasktrail import grouped, logs
+    from tasktrail import grouped, live, logs
     from tasktrail.http import wellformed
 
     if args.log_format not in logs.FORMATS:  # from the environment: argparse checks only what it parses
@@ -129,6 +129,8 @@ def serve(args: argparse.Namespace) -> int:
     # Read only once the app starts: a bad value is refused before anything starts.
     db.pool_timeout()
     wellformed.read_timeout()
+    live.poll_seconds()
+    live.ping_seconds()
     grouped.configured_slots()
     args.stop_timeout = db.seconds(STOP_TIMEOUT_ENV, STOP_TIMEOUT)
     # First: prometheus_client reads the directory when it is first imported, which what follows may do.
@@ -465,7 +467,7 @@ def parser() -> argparse.ArgumentParser:
         description="Event-sourced task-status service. Uses DATABASE_URL when set, "
         "else an embedded PostgreSQL kept under --data-dir.",
     )
-    data_dir = Path(os.environ.get("TASKTRAIL_DATA_DIR", db.DEFAULT_DATA_DIR))
+    data_dir = Path(os.environ.get("TASKTRAIL_DATA_DIR") or db.DEFAULT_DATA_DIR)  # set but empty: unset
     data_dir_help = f"where the embedded PostgreSQL keeps its data (default: {data_dir}; env TASKTRAIL_DATA_DIR)"
     top.add_argument("--data-dir", type=Path, default=data_dir, help=data_dir_help)
     commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -539,7 +541,9 @@ def parser() -> argparse.ArgumentParser:
     )
     run.set_defaults(func=serve)
 
-    mig = commands.add_parser("migrate", parents=[database], help="apply pending migrations and exit (safe to repeat)")
+    mig = commands.add_parser(
+        "migrate", parents=[database], help="apply pending migrations, build the read models, and exit (safe to repeat)"
+    )
     mig.set_defaults(func=migrate)
 
     proj = commands.add_parser(
@@ -586,7 +590,12 @@ def parser() -> argparse.ArgumentParser:
     key_commands = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
     add = key_commands.add_parser("add", help="make a random key, print it once, store its hash")
     add.add_argument("name", type=_key_name, help="who uses the key; events record it as the actor")
-    add.add_argument("--scope", choices=["read", "write", "admin"], required=True)
+    add.add_argument(
+        "--scope",
+        choices=["read", "write", "admin"],
+        required=True,
+        help="what the key may do: read; write (read, create, update, delete); admin (write, cleanup)",
+    )
     add.set_defaults(func=keys_add)
     listing = key_commands.add_parser("list", help="names and scopes (keys cannot be shown: only hashes are kept)")
     listing.set_defaults(func=keys_list)

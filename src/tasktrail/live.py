@@ -79,10 +79,21 @@ HELD_BACK_LAST_RETRY = 0.25
 Delivery = tuple[FeedEvent, bytes]
 
 
-def seconds_from_env(name: str, default: float) -> float:
-    value = float(os.environ.get(name, default))
-    if not 0 < value < 86_400:
-        raise ValueError(f"{name} must be a number of seconds above 0")
+def poll_seconds() -> float:
+    """TASKTRAIL_POLL_SECONDS: how often streams (and a follower) look for events nothing woke them for."""
+    return _seconds("TASKTRAIL_POLL_SECONDS", 1.0)
+
+
+def ping_seconds() -> float:
+    """TASKTRAIL_SSE_PING_SECONDS: how often an idle stream sends a ping."""
+    return _seconds("TASKTRAIL_SSE_PING_SECONDS", 15.0)
+
+
+def _seconds(name: str, default: float) -> float:
+    """A stream setting in seconds: above 0 and under a day (ValueError names it otherwise)."""
+    value = db.seconds(name, default)
+    if value >= 86_400:
+        raise ValueError(f"{name}={os.environ[name]!r}: give a number of seconds under a day, such as 5")
     return value
 
 
@@ -120,8 +131,8 @@ class Listener:
         self.conninfo = conninfo
         self.reads = reads
         self.render = render
-        self.poll_interval = poll_interval or seconds_from_env("TASKTRAIL_POLL_SECONDS", 1.0)
-        self.ping_interval = ping_interval or seconds_from_env("TASKTRAIL_SSE_PING_SECONDS", 15.0)
+        self.poll_interval = poll_interval or poll_seconds()
+        self.ping_interval = ping_interval or ping_seconds()
         # Everything at or below the cursor has been read and handed out; None
         # while the listener does not follow the feed: no stream is open, or
         # the database is down.

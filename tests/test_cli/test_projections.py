@@ -182,6 +182,10 @@ def test_wrong_settings_get_one_line_and_no_traceback(database_url: str, server_
         (database_url, ["serve", "--port", "0"], {"TASKTRAIL_POOL_TIMEOUT": "-1"}, 1, "give a number of seconds"),
         (database_url, ["serve", "--port", "0"], {"TASKTRAIL_WRITE_SLOTS": "-1"}, 1, "must be a whole number"),
         (database_url, ["serve", "--port", "0"], {"TASKTRAIL_WRITE_SLOTS": "two"}, 1, "not 'two'"),
+        # Read by the streams once the app starts, where a refusal hung the process: checked first now.
+        (database_url, ["serve", "--port", "0"], {"TASKTRAIL_POLL_SECONDS": "0"}, 1, "TASKTRAIL_POLL_SECONDS='0'"),
+        (database_url, ["serve", "--port", "0"], {"TASKTRAIL_SSE_PING_SECONDS": "abc"}, 1, "give a number of seconds"),
+        (database_url, ["serve", "--port", "0"], {"TASKTRAIL_SSE_PING_SECONDS": "1e9"}, 1, "under a day"),
     ]
 
     def run(url: str, args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:

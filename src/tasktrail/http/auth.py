@@ -104,7 +104,7 @@ def load(environ: Mapping[str, str] = os.environ) -> list[Key]:
         keys += parse(text, path)
         if not keys:  # keys asked for and none given is a mistake (the last one removed), not an open service
             raise BadKeys(
-                f"{path} holds no key: add one (tasktrail keys add NAME --file {path}),"
+                f"{path} holds no key: add one (tasktrail keys add NAME --scope read|write|admin --file {path}),"
                 " or serve without a keys file (open to this machine only)"
             )
     names = [key.name for key in keys]

@@ -186,7 +186,7 @@ class Follower:
     ) -> None:
         self.conninfo = conninfo
         self.modules = tuple(projections.INLINE if modules is None else modules)
-        self.poll_interval = poll_interval or live.seconds_from_env("TASKTRAIL_POLL_SECONDS", 1.0)
+        self.poll_interval = poll_interval or live.poll_seconds()
         self.holding = asyncio.Event()  # set while this process's liveness locks are held
         self.problem = "starting"  # why they are not, while they are not
         # Whether another version of one of this process's read models exists (a rolling deploy): then
