@@ -177,6 +177,7 @@ def _serve(args: argparse.Namespace, log_config: dict[str, object]) -> int:
     os.environ[logs.FORMAT_ENV] = args.log_format
     os.environ[logs.ACCESS_ENV] = "1" if args.access_log else "0"
     os.environ[METRICS_ENV] = "1" if args.metrics else "0"
+    os.environ[SERVE_PID_ENV] = str(os.getpid())  # workers stop when this process ends (see the app's)
     # Open, on loopback: the app answers only requests addressed to this machine (see http/auth.py).
     os.environ[auth.LOOPBACK_ONLY_ENV] = "1" if args.keyless else "0"
     uvicorn.run(
@@ -216,8 +217,9 @@ def _address_taken(host: str, port: int) -> str | None:
     return None
 
 
-# Mirrors tasktrail.http.app.METRICS_ENV (importing the app here would import prometheus_client too early).
+# Mirror tasktrail.http.app's (importing the app here would import prometheus_client too early).
 METRICS_ENV = "TASKTRAIL_METRICS"
+SERVE_PID_ENV = "TASKTRAIL_SERVE_PID"
 METRICS_DIR_PREFIX = "tasktrail-metrics-"
 
 

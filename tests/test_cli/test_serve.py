@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -100,6 +101,24 @@ def test_serve_with_two_workers(database_url: str, tmp_path: Path) -> None:
             assert client.get("/tasks/stats/summary").json()["total"] == 10
     finally:
         assert server.stop() == 0
+
+
+def test_the_workers_of_a_killed_serve_stop_with_it(database_url: str, tmp_path: Path) -> None:
+    """Orphaned, a worker would go on answering on the port with no serve to stop it, and keep the port."""
+    server = Server(os.environ | {"DATABASE_URL": database_url}, log_dir=tmp_path, serve_args=("--workers", "2"))
+    workers = [w for w in psutil.Process(server.process.pid).children() if "spawn_main" in " ".join(w.cmdline())]
+    assert len(workers) == 2
+    try:
+        server.process.kill()
+        server.process.wait(timeout=10)
+        _, alive = psutil.wait_procs(workers, timeout=20)
+        assert alive == []
+    finally:
+        for worker in workers:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                worker.kill()
+    with socket.create_server(("127.0.0.1", server.port)):  # the port is free again
+        pass
 
 
 def test_with_no_keys_a_write_another_site_sends_without_a_preflight_is_refused(

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import gc
 import itertools
 import logging
 import os
+import signal
+import sys
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -182,6 +185,20 @@ _PROCESS = uuid.uuid4().hex[:12].encode()
 _SEQUENCE = itertools.count(1)
 # Whether this process counts requests (`serve --no-metrics` sets it to 0).
 METRICS_ENV = "TASKTRAIL_METRICS"
+# `serve --workers N` puts its process id here; each worker process stops when that process ends, however
+# it ends (SIGKILL too): orphaned, a worker would go on answering on the port with no serve to stop it.
+SERVE_PID_ENV = "TASKTRAIL_SERVE_PID"
+_PR_SET_PDEATHSIG = 1
+
+
+def _stop_with_serve() -> None:
+    """In a worker of `serve --workers N` on Linux: be sent SIGTERM (a graceful stop) when serve ends."""
+    serve = os.environ.get(SERVE_PID_ENV, "")
+    if not serve.isdigit() or int(serve) == os.getpid() or not sys.platform.startswith("linux"):
+        return
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != int(serve):  # serve ended before the line above: no signal will come
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def observed(app: ASGIApp, *, count: bool, access: logs.AccessLine | None, cors: ASGIApp | None = None) -> ASGIApp:
@@ -341,6 +358,7 @@ def create_app(
 
     Migrations are the caller's.
     """
+    _stop_with_serve()
     conninfo = database_url or os.environ["DATABASE_URL"]
     keys = auth.load() if api_keys is None else api_keys
     urls, max_lag = replicas.configured()
