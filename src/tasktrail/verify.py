@@ -37,12 +37,15 @@ class Report:
     live: int = 0
     differences: list[str] = field(default_factory=list)
     versions: dict[str, int] = field(default_factory=dict)  # the read-model versions compared
+    missing: list[str] = field(default_factory=list)  # versions asked for that have no tables
 
     @property
     def ok(self) -> bool:
         return not self.differences
 
     def summary(self) -> str:
+        if self.missing:  # nothing was compared: no count of the log would mean anything
+            return "nothing compared: " + "; ".join(self.missing)
         compared = ", ".join(f"{name} version {version}" for name, version in sorted(self.versions.items()))
         head = f"{self.events} events in {self.streams} streams, {self.live} live tasks ({compared})"
         if self.ok:
@@ -138,12 +141,13 @@ def _compare(conninfo: str, versions: dict[str, int] | None) -> tuple[Report, bo
     with psycopg.connect(conninfo, **db.connect_kwargs()) as conn:
         schemas = [projections.schema(name, version) for name, version in chosen.items()]
         missing = [
-            f"read model {name} version {version} has no tables (`tasktrail projections status` says why)"
+            f"read model {name} version {version} has no tables (pruned, not built yet, or no such version:"
+            " `tasktrail projections status` lists those that exist)"
             for (name, version), schema in zip(chosen.items(), schemas, strict=True)
             if not conn.execute(EXISTS, {"schema": schema}).fetchone()[0]  # type: ignore[index]
         ]
         if missing:
-            report.differences = missing
+            report.differences = report.missing = missing
             return report, False
         tables = {"schemas": schemas}
         before = conn.execute(TABLES, tables).fetchone()

@@ -87,11 +87,16 @@ async def test_the_verify_command_exits_non_zero_on_a_difference(
     assert code == 1
     assert "first difference" in out
     assert "retry_count" in out
+    # A version with no tables: nothing is compared, and the summary does not count a log it never read.
+    code, out = await run_verify(database_url, "--version", "tasks=9")
+    assert code == 1
+    assert out.startswith("nothing compared: read model tasks version 9 has no tables"), out
+    assert "events in" not in out
 
 
-async def run_verify(database_url: str) -> tuple[int, str]:
+async def run_verify(database_url: str, *args: str) -> tuple[int, str]:
     env = os.environ | {"DATABASE_URL": database_url}
-    done = await anyio.run_process([sys.executable, "-m", "tasktrail", "verify"], env=env, check=False)
+    done = await anyio.run_process([sys.executable, "-m", "tasktrail", "verify", *args], env=env, check=False)
     return done.returncode, done.stdout.decode()
 
 
