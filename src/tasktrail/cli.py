@@ -34,7 +34,8 @@ def _stderr(message: str) -> None:
 def _database(args: argparse.Namespace, say: Callable[[str], None] = _stderr) -> tuple[str, object]:
     with _signals_held():
         url, server = db.resolve(args.data_dir)
-    where = "DATABASE_URL" if server is None else f"embedded PostgreSQL in {args.data_dir / 'pgdata'}"
+    # The whole path: the default folder is relative to where the command runs, so two look alike.
+    where = "DATABASE_URL" if server is None else f"embedded PostgreSQL in {args.data_dir.absolute() / 'pgdata'}"
     say(f"database: {where}")
     return url, server
 

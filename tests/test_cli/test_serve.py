@@ -68,7 +68,7 @@ def serve_twice(env: dict[str, str], data_dir: Path, tmp_path: Path) -> None:
     assert (data_dir / "pgdata" / "postmaster.pid").exists()
     assert first.stop(signal.SIGINT) == 0  # Ctrl-C
     assert not (data_dir / "pgdata" / "postmaster.pid").exists(), "the embedded PostgreSQL was left running"
-    assert "embedded PostgreSQL" in first.log()
+    assert f"embedded PostgreSQL in {data_dir.absolute() / 'pgdata'}" in first.log()  # the whole path
 
     second = Server(env, "--data-dir", str(data_dir), log_dir=tmp_path)
     try:
