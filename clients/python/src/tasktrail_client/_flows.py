@@ -186,7 +186,7 @@ def attempts(session: Session, request: Request, retry: str = ALWAYS) -> Flow[tu
             unsent = isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout)
             if not unsent:
                 session.lost(request)
-            if failures >= session.retry.attempts or not (retry != UNSENT or unsent):
+            if failures >= session.retry.attempts or (retry == UNSENT and not unsent):
                 raise ConnectionFailed(f"{request.method} {request.path}: {exc!r}") from exc
             if retry == CHECKED and not unsent:
                 raise Lost from exc
