@@ -179,6 +179,25 @@ async def test_if_match_makes_writes_conditional(client: AsyncTestClient) -> Non
     assert (await client.delete(f"/tasks/{task_id}", headers={"If-Match": '"5"'})).status_code == 200
 
 
+async def test_if_version_in_a_patch_body_is_an_if_match(client: AsyncTestClient) -> None:
+    # A batch item's `if_version` copied into a single PATCH is a condition too, never ignored.
+    task_id = (await create(client))["task_id"]
+    stale = await patch(client, task_id, {"status": "running", "if_version": 7})
+    assert (stale.status_code, stale.headers["content-type"]) == (412, "application/problem+json")
+    assert (await patch(client, task_id, {"status": "running", "if_version": 1.0})).status_code == 200
+    # With If-Match as well, both must name the version.
+    assert (await patch(client, task_id, {"progress": 5, "if_version": 2}, **{"If-Match": '"1"'})).status_code == 412
+    assert (await patch(client, task_id, {"progress": 5, "if_version": 2}, **{"If-Match": "*"})).status_code == 200
+    assert (await patch(client, task_id, {"progress": 6, "if_version": 3}, **{"If-Match": '"3"'})).status_code == 200
+    for body, field in (({"progress": 7, "if_version": 3.5}, "if_version"), ({"if_version": 4}, "body")):
+        refused = await patch(client, task_id, body)
+        assert (refused.status_code, refused.json()["errors"][0]["field"]) == (422, field), body
+    refused = await patch(client, task_id, {"progress": 7, "if_version": "4"})
+    assert refused.status_code == 422
+    history = (await client.get(f"/tasks/{task_id}/history")).json()["events"]
+    assert [e["type"] for e in history] == ["TaskCreated", "TaskStarted", "ProgressReported", "ProgressReported"]
+
+
 async def test_if_none_match_answers_304(client: AsyncTestClient) -> None:
     task_id = (await create(client))["task_id"]
     fresh = await client.get(f"/tasks/{task_id}", headers={"If-None-Match": '"1"'})

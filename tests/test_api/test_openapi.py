@@ -20,7 +20,7 @@ async def openapi(client: AsyncTestClient) -> dict:
 
 async def test_request_bodies_are_declared_and_still_strict(shared_client: AsyncTestClient) -> None:
     doc = await openapi(shared_client)
-    for path, method, name in (("/tasks", "post", "CreateTask"), ("/tasks/{task_id}", "patch", "UpdateTask")):
+    for path, method, name in (("/tasks", "post", "CreateTask"), ("/tasks/{task_id}", "patch", "ConditionalUpdate")):
         body = doc["paths"][path][method]["requestBody"]
         assert body["required"] is True
         assert body["content"]["application/json"]["schema"] == {"$ref": f"#/components/schemas/{name}"}
@@ -45,7 +45,13 @@ async def test_every_error_is_declared_as_a_problem(shared_client: AsyncTestClie
 async def test_progress_below_zero_is_outside_the_schema(shared_client: AsyncTestClient) -> None:
     """Finding: Litestar dropped the bound `ge=0.0` (falsy), so the schema allowed the -1 that answers 422."""
     doc = await openapi(shared_client)
-    assert doc["components"]["schemas"]["UpdateTask"]["properties"]["progress"]["minimum"] == 0.0
+    assert doc["components"]["schemas"]["ConditionalUpdate"]["properties"]["progress"]["minimum"] == 0.0
+
+
+async def test_if_version_is_an_integer_in_the_schema(shared_client: AsyncTestClient) -> None:
+    schemas = (await openapi(shared_client))["components"]["schemas"]
+    for name in ("ConditionalUpdate", "TaskChange"):
+        assert schemas[name]["properties"]["if_version"] == {"oneOf": [{"type": "integer"}, {"type": "null"}]}, name
 
 
 async def test_nul_anywhere_in_params_is_outside_the_schema(shared_client: AsyncTestClient) -> None:

@@ -19,18 +19,22 @@ from litestar.params import JSONBody
 from litestar.typing import FieldDefinition
 
 from tasktrail import writer
-from tasktrail.domain.task import Command, CreateTask, DeleteTask, Task, UpdateTask
+from tasktrail.domain.task import Command, CreateTask, DeleteTask, Task
 from tasktrail.http.auth import SECURITY
 from tasktrail.http.body import MAX_BODY_BYTES, Strict, check_json, invalid
 from tasktrail.http.problems import Problem, problems, refusal
 from tasktrail.http.tasks import (
     ERRORS,
+    ConditionalUpdate,
     IdempotencyKey,
     JsonReply,
+    changes_something,
     connection,
     documented,
+    if_version,
     json_response,
     metadata,
+    version_schema,
 )
 
 MAX_ITEMS = 1000
@@ -43,21 +47,14 @@ class NewTasks(msgspec.Struct, frozen=True):
     tasks: Annotated[list[CreateTask], Items]
 
 
-# A version is any integer: one no task is at (0, -1, 2**40) gets that item's 412, as If-Match: "0" does.
-# JSON Schema counts 3.0 as an integer too, so a float is taken, and _version refuses 3.5.
-Version = int | float
-VERSION = Schema(one_of=[Schema(type=OpenAPIType.INTEGER), Schema(type=OpenAPIType.NULL)])
-
-
-class TaskChange(UpdateTask, frozen=True, kw_only=True):
-    """One item of PATCH /tasks/batch: a single PATCH's body, the task it is for, and its If-Match.
+class TaskChange(ConditionalUpdate, frozen=True, kw_only=True):
+    """One item of PATCH /tasks/batch: a single PATCH's body (with its `if_version`), and the task it is for.
 
     `delete: true` (an extension of SPEC §12, which the dashboard's bulk delete
     uses) deletes the task as DELETE /tasks/{task_id} would; it takes no other change.
     """
 
     task_id: UUID
-    if_version: Version | None = None
     delete: bool = False
 
 
@@ -91,10 +88,7 @@ class StrictChanges(Strict[TaskChanges]):
     @classmethod
     def create_openapi_schema(cls, field_definition: FieldDefinition, handler_id: str, schema_creator: Any) -> Any:
         reference = super().create_openapi_schema(field_definition, handler_id, schema_creator)
-        registry = schema_creator.schema_registry
-        item = registry.get_schema_for_field_definition(FieldDefinition.from_annotation(TaskChange))
-        item.one_of = KINDS
-        item.properties["if_version"] = VERSION
+        version_schema(schema_creator, TaskChange).one_of = KINDS
         return reference
 
 
@@ -153,7 +147,10 @@ async def change_tasks(request: Request, data: JSONBody[TaskChanges]) -> JsonRep
     """Update or delete 1 to 1,000 tasks, each decided on its own and in order; the accepted ones commit together."""
     if "if-match" in request.headers:
         raise invalid("If-Match", "a batch takes each item's expected version in its if_version")
-    items = [(item.task_id, _command(index, item), _version(index, item)) for index, item in enumerate(data.updates)]
+    items = [
+        (item.task_id, _command(index, item), if_version(f"updates[{index}].if_version", item))
+        for index, item in enumerate(data.updates)
+    ]
     async with connection(request) as conn:
         outcomes = await writer.change_many(conn, items, metadata(request))
     results = [_result(task_id, outcome) for (task_id, _, _), outcome in zip(items, outcomes, strict=True)]
@@ -162,23 +159,14 @@ async def change_tasks(request: Request, data: JSONBody[TaskChanges]) -> JsonRep
 
 def _command(index: int, item: TaskChange) -> Command:
     """The item's command: itself (it is an UpdateTask), or a delete; refuses an item that asks for nothing."""
-    changes = item.status is not None or item.progress is not None or item.result is not None or item.error is not None
     if item.delete:
-        if changes:
+        if changes_something(item):
             raise invalid(f"updates[{index}].delete", "a delete takes no other change (only task_id and if_version)")
         return DELETE
-    if not changes:
+    if not changes_something(item):
         raise invalid(f"updates[{index}]", "give at least one of status, progress, result, error (or delete: true)")
     check_json(f"updates[{index}].result", item.result)
     return item
-
-
-def _version(index: int, item: TaskChange) -> int | None:
-    if isinstance(item.if_version, float):
-        if not item.if_version.is_integer():
-            raise invalid(f"updates[{index}].if_version", "a version is a whole number")
-        return int(item.if_version)
-    return item.if_version
 
 
 def _result(task_id: UUID, outcome: writer.Outcome) -> ItemResult:

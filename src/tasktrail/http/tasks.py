@@ -16,8 +16,10 @@ import msgspec
 import psycopg
 from litestar import Request, delete, get, patch, post
 from litestar.openapi.datastructures import ResponseSpec
+from litestar.openapi.spec import OpenAPIType, Schema
 from litestar.params import FromPath, HeaderParameter, JSONBody, QueryParameter
 from litestar.types import Receive, Scope, Send
+from litestar.typing import FieldDefinition
 
 from tasktrail import db, eventstore, replicas, writer
 from tasktrail.domain.task import CreateTask, DeleteTask, Status, Task, TaskNotFound, UpdateTask, fold
@@ -134,6 +136,54 @@ def list_header(request: Request, name: bytes) -> str | None:
 def expected_versions(request: Request) -> frozenset[int] | None:
     header = list_header(request, b"if-match")
     return None if header is None else matching_versions(header, weak=False)
+
+
+# A version is any integer: one no task is at (0, -1, 2**40) gets 412, as If-Match: "0" does.
+# JSON Schema counts 3.0 as an integer too, so a float is taken, and `if_version` refuses 3.5.
+Version = int | float
+VERSION = Schema(one_of=[Schema(type=OpenAPIType.INTEGER), Schema(type=OpenAPIType.NULL)])
+
+
+class ConditionalUpdate(UpdateTask, frozen=True, kw_only=True):
+    """A PATCH's body: the change, and the version it expects the task at (as If-Match says it), if any."""
+
+    if_version: Version | None = None
+
+
+def version_schema(schema_creator: Any, model: type[ConditionalUpdate]) -> Schema:
+    """The schema of `model` (registered), its `if_version` an integer rather than int | float."""
+    found = schema_creator.schema_registry.get_schema_for_field_definition(FieldDefinition.from_annotation(model))
+    found.properties["if_version"] = VERSION
+    return found
+
+
+class StrictUpdate(Strict[ConditionalUpdate]):
+    """The body of PATCH /tasks/{task_id}."""
+
+    @classmethod
+    def create_openapi_schema(cls, field_definition: FieldDefinition, handler_id: str, schema_creator: Any) -> Any:
+        reference = super().create_openapi_schema(field_definition, handler_id, schema_creator)
+        version_schema(schema_creator, ConditionalUpdate)
+        return reference
+
+
+def changes_something(change: UpdateTask) -> bool:
+    return (
+        change.status is not None
+        or change.progress is not None
+        or change.result is not None
+        or change.error is not None
+    )
+
+
+def if_version(field: str, change: ConditionalUpdate) -> int | None:
+    """The body's expected version as an int; 3.5 is a 422 naming `field`."""
+    version = change.if_version
+    if isinstance(version, float):
+        if not version.is_integer():
+            raise invalid(field, "a version is a whole number")
+        return int(version)
+    return version
 
 
 def parse_task_id(task_id: str) -> UUID:
@@ -325,17 +375,19 @@ def parse_moment(text: str) -> datetime:
     "/tasks/{task_id:str}",
     security=SECURITY,
     request_max_body_size=MAX_BODY_BYTES,
-    dto=Strict[UpdateTask],
+    dto=StrictUpdate,
     return_dto=None,
     responses={200: documented(Task, "the task after the change")} | problems(*ERRORS, 404, 409, 412, 413),
 )
-async def update_task(request: Request, task_id: FromPath[str], data: JSONBody[UpdateTask]) -> JsonReply:
-    """Change status, progress, result or error; If-Match makes it conditional on the version."""
+async def update_task(request: Request, task_id: FromPath[str], data: JSONBody[ConditionalUpdate]) -> JsonReply:
+    """Change status, progress, result or error; If-Match (or `if_version`) makes it conditional on the version."""
     uuid = parse_task_id(task_id)
-    if data == UpdateTask():
+    if not changes_something(data):
         raise invalid("body", "give at least one of status, progress, result, error")
     check_json("result", data.result)
     expected, writes = expected_versions(request), request.app.state.writes
+    if (version := if_version("if_version", data)) is not None:  # as If-Match; with one too, both must hold
+        expected = frozenset((version,)) if expected is None else expected & {version}
     if expected is None and writes.busy and writer.guessed(uuid):
         try:
             task = await writes.write(uuid, data, metadata(request), request.scope)
