@@ -183,12 +183,12 @@ async def change(
         try:
             changes, (after,) = _decide([(task_id, before, command)], now())
         except TransitionRejected:
-            if guessed:
-                continue  # perhaps only the guess refuses it: decide on the read model
+            if guessed or await _late(conn, before):
+                continue  # perhaps only the guess (or a row another release's write has not reached) refuses it
             raise
         if not changes:
-            if guessed:
-                continue  # nothing to change, by the guess: make sure on the read model
+            if guessed or await _late(conn, before):
+                continue  # nothing to change, by the guess or a late row: make sure on the read model
             return after
         try:
             async with _refused(conn):
@@ -205,6 +205,16 @@ async def change(
         _written(conn, task_id, after)
         return after
     raise eventstore.VersionConflict(f"task {task_id} is changing too fast; try again")
+
+
+async def _late(conn: psycopg.AsyncConnection, before: Task) -> bool:
+    """During a rolling deploy, whether the log has moved past the row decided on; if so, the row is caught up."""
+    if not follow.deploying() or conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+        return False
+    if not await follow.outdated(conn, {before.task_id: before.version}):
+        return False
+    await follow.catch_up(conn, streams=[before.task_id])
+    return True
 
 
 async def _caught_up(conn: psycopg.AsyncConnection, task_id: UUID, expected: Collection[int] = ()) -> Task | None:
@@ -474,21 +484,30 @@ async def change_many(conn: psycopg.AsyncConnection, items: Sequence[Item], meta
                     if version is not None and task_id in states and states[task_id].version < version
                 )
                 if not lagging or caught_up:
+                    read = {task_id: task.version for task_id, task in states.items()}
                     changes, outcomes = _decide_many(items, states, deleted, now())
-                    # What this process guessed of these tasks will be stale: forget it. (Remembering the
-                    # new states instead would push out single requests' guesses, as in create_many.)
+                    # A task the batch appends nothing to (refused, or nothing to change) has no version check:
+                    # during a rolling deploy its row may be one another release's write has not reached yet.
                     for recorded, _, _ in changes:
-                        _recent.pop(recorded.stream_id, None)
-                    if changes:
-                        if not locked_first:
-                            await _lock_buckets(conn, (recorded.stream_id for recorded, _, _ in changes), shared=True)
-                            await pipeline.sync()  # the locks, waited for as long as any write waits
-                            impatient = True
-                            await conn.execute(IMPATIENT)
-                        await _write(conn, changes, metadata)
-                        if not locked_first:
-                            await conn.execute(PATIENT)  # the commit waits as any write's does
-                    decided = changes, outcomes
+                        read.pop(recorded.stream_id, None)
+                    if not caught_up and read and follow.deploying() and await follow.outdated(conn, read):
+                        lagging = list(read)
+                    else:
+                        # What this process guessed of these tasks will be stale: forget it. (Remembering the
+                        # new states instead would push out single requests' guesses, as in create_many.)
+                        for recorded, _, _ in changes:
+                            _recent.pop(recorded.stream_id, None)
+                        if changes:
+                            if not locked_first:
+                                buckets = (recorded.stream_id for recorded, _, _ in changes)
+                                await _lock_buckets(conn, buckets, shared=True)
+                                await pipeline.sync()  # the locks, waited for as long as any write waits
+                                impatient = True
+                                await conn.execute(IMPATIENT)
+                            await _write(conn, changes, metadata)
+                            if not locked_first:
+                                await conn.execute(PATIENT)  # the commit waits as any write's does
+                        decided = changes, outcomes
         except (eventstore.VersionConflict, psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure):
             # The winner may be a process of another release (see _write): now that the transaction is
             # over, apply its events to this process's read models before reading the tasks again.

@@ -270,6 +270,23 @@ def test_two_releases_serve_and_write_side_by_side_then_the_old_version_is_prune
             deleted = other.delete(path, headers={"If-Match": f'"{progressed + 1}"'})
             assert deleted.status_code == 200, deleted.text
 
+        # What the other release wrote a moment ago decides a write that would append nothing on the late
+        # row: the requeue of a task it started is no no-op, a move from the status it left is not refused
+        # (409); a single PATCH or a batch item. (Audit: 45 of 50 requeues were answered 200 unchanged.)
+        for n in range(10):
+            one, other = (on_old, on_new) if n % 2 else (on_new, on_old)
+            task_id = one.post("/tasks/", json={"task_type": "late"}).json()["task_id"]
+            path = f"/tasks/{task_id}"
+            assert one.patch(path, json={"status": "running"}).status_code == 200
+            requeued = other.patch(path, json={"status": "pending"}).json()
+            assert (requeued["status"], requeued["version"], requeued["retry_count"]) == ("pending", 3, 1), requeued
+            assert other.patch(path, json={"status": "canceled"}).status_code == 200
+            retried = one.patch("/tasks/batch", json={"updates": [{"task_id": task_id, "status": "pending"}]})
+            assert retried.json()["results"][0]["task"]["version"] == 5, retried.text
+            started = other.patch("/tasks/batch", json={"updates": [{"task_id": task_id, "status": "running"}]})
+            assert started.json()["results"][0].get("task", {}).get("version") == 6, (n, started.text)
+            assert one.patch(path, json={"progress": 50}).json()["version"] == 7
+
     # Version 1 cannot go while release N runs; it goes once its last process has stopped.
     refused_prune = tasktrail(database_url, "projections", "prune", release=RELEASE_N1)
     assert refused_prune.returncode == 1

@@ -42,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import weakref
 from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
@@ -178,6 +179,36 @@ async def catch_up(
     return applied
 
 
+# Whether the log has a later version of one of these streams than a version read of it.
+NEWER = """
+SELECT EXISTS (
+    SELECT FROM unnest(%(streams)s::uuid[], %(versions)s::integer[]) AS s (stream_id, version)
+    WHERE EXISTS (SELECT FROM events e WHERE e.stream_id = s.stream_id AND e.version > s.version)
+)
+"""
+
+
+async def outdated(conn: psycopg.AsyncConnection, read: dict[Any, int]) -> bool:
+    """Whether the log has moved past a version read of a stream (task id -> version; in a transaction too)."""
+    cur = await conn.execute(NEWER, {"streams": list(read), "versions": list(read.values())})
+    return bool((await cur.fetchone())[0])  # type: ignore[index]
+
+
+# The running followers of this process (one per app), to ask whether a rolling deploy is on.
+_followers: weakref.WeakSet[Follower] = weakref.WeakSet()
+
+
+def deploying() -> bool:
+    """Whether another version of one of this process's read models exists, as its follower last looked.
+
+    Then another release's writes reach this process's rows a few ms late. A
+    write decided on such a row is caught by the log's version check when it
+    appends; one that appends nothing (a refusal, a no-op) is not, so a writer
+    asks `outdated` before it answers so (writer.change, writer.change_many).
+    """
+    return any(follower.others for follower in _followers)
+
+
 class Follower:
     """The process's follower: one connection that holds its versions' liveness locks and runs rounds."""
 
@@ -195,9 +226,11 @@ class Follower:
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
+        _followers.add(self)
         self._task = asyncio.create_task(self._run(), name="tasktrail-follower")
 
     async def stop(self) -> None:
+        _followers.discard(self)
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
