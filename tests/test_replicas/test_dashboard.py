@@ -92,6 +92,20 @@ def test_after_an_action_or_a_bulk_action_the_pages_show_it_while_the_standby_la
 
                     # Without the token the standby still answers what it had.
                     assert [http.get(f"/tasks/{t}").json()["status"] for t in (one, other)] == ["running"] * 2
+
+                    # Pages that wrote nothing (no token): a change made elsewhere reaches them through their
+                    # streams (from the primary, the standby being paused), and their refresh reads it there
+                    # too, not the standby's older state (audit: with a standby 2 s behind, never shown).
+                    watching, listing = ui.page(), ui.page()
+                    watching.goto(f"/ui/tasks/{probe}")
+                    expect(watching.locator("#now .pct")).to_have_text("50%")  # the standby has 0%
+                    listing.goto("/ui")
+                    expect(listing.locator(f'tr[data-task-id="{probe}"]')).to_have_attribute("data-status", "running")
+                    http.patch(f"/tasks/{probe}", json={"progress": 75})
+                    expect(watching.locator("#now .pct")).to_have_text("75%")
+                    http.patch(f"/tasks/{probe}", json={"status": "failed", "error": "elsewhere"})
+                    expect(listing.locator(f'tr[data-task-id="{probe}"]')).to_have_attribute("data-status", "failed")
+                    expect(listing.locator('[data-count="failed"]')).to_have_text("1")
             ui.close_contexts()
         finally:
             server.stop()

@@ -254,9 +254,14 @@ function coalesce(job, every = () => APPLY_EVERY) {
   };
 }
 
-// This page as the server renders it now; null when the session has ended.
+// This page as the server renders it now; null when the session has ended. A page fetches itself again
+// when its streams say something committed; a replica within --replica-max-lag may not have replayed that
+// yet (the stream itself may have read it from the primary), so with replicas it asks the primary.
+const REFRESH_FROM = body.dataset.readAfterMaxAge === "0" ? {} : { [READ_AFTER]: "primary" };
+
 async function fetchPage(url = location.pathname + location.search) {
-  const response = await fetch(url, { headers: readHeaders({ Accept: "text/html" }), cache: "no-store" });
+  const headers = { ...readHeaders({ Accept: "text/html" }), ...REFRESH_FROM };
+  const response = await fetch(url, { headers, cache: "no-store" });
   if (response.redirected && new URL(response.url).pathname === "/ui/sign-in") {
     setLive("offline", "Signed out: reload to sign in");
     return null;
@@ -745,7 +750,7 @@ function taskPage() {
       try {
         const after = history().dataset.latest;
         const response = await fetch(`/tasks/${taskId}/history?after_version=${after}&limit=1`, {
-          headers: readHeaders(),
+          headers: { ...readHeaders(), ...REFRESH_FROM }, // a change made elsewhere, which a replica may lack
           cache: "no-store",
         });
         if (!response.ok || !(await response.json()).events.length) return;
