@@ -457,6 +457,26 @@ def test_a_selected_task_deleted_elsewhere_leaves_the_selection_with_its_row(ui:
     expect(page.locator("#bulk-run")).not_to_contain_text("gone")
 
 
+def test_a_selected_task_that_leaves_the_filter_leaves_the_selection(ui: Dashboard) -> None:
+    tasks = [create(ui, "bulk-moved") for _ in range(3)]
+    page = ui.page()
+    page.goto("/ui?task_type=bulk-moved&status=pending")
+    expect(page.locator("#live")).to_have_attribute("data-state", "live")
+    for task in tasks[:2]:
+        row(page, task).get_by_role("checkbox").check()
+    expect(page.locator("#selection")).to_have_text("2 selected.")
+    with ui.api() as api:  # it moves out of the status filter: its row goes, and it is no longer chosen
+        assert api.patch(f"/tasks/{tasks[0]['task_id']}", json={"status": "running"}).status_code == 200
+    expect(row(page, tasks[0])).to_have_count(0)
+    expect(page.locator("#selection")).to_have_text("1 selected.")
+    page.locator('#bulk [data-bulk="cancel"]').click()
+    page.get_by_role("dialog").get_by_role("button", name="Cancel 1 task").click()
+    expect(page.locator("#bulk-run")).to_contain_text("finished. 1 done.")
+    with ui.api() as api:
+        statuses = [api.get(f"/tasks/{task['task_id']}").json()["status"] for task in tasks]
+    assert statuses == ["running", "canceled", "pending"]
+
+
 def test_bulk_retry_of_every_task_matching_the_filter(ui: Dashboard) -> None:
     failed = [create(ui, "bulk-b", status="failed") for _ in range(3)]
     pending = create(ui, "bulk-b")

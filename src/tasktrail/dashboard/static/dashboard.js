@@ -366,6 +366,10 @@ function tasksPage() {
     const fresh = await fetchPage();
     if (!fresh) return;
     syncKeyed(rows, fresh.getElementById("task-rows"), "data-task-id", patchRow);
+    // A selected row that left the page (out of the filter, past the page's end, deleted) leaves the
+    // selection: a bulk action acts only on rows the page shows ticked.
+    const shownIds = new Set([...rows.querySelectorAll("input.pick")].map((box) => box.value));
+    for (const id of selected.keys()) if (!shownIds.has(id)) selected.delete(id);
     for (const box of rows.querySelectorAll("input.pick")) box.checked = allMatching || selected.has(box.value);
     syncText(fresh, "[data-count]");
     syncText(fresh, ".head .sub");
@@ -378,8 +382,7 @@ function tasksPage() {
 
   live.follow(body.dataset.stream, {
     onEvent: (type, data) => {
-      // A deleted task leaves the selection with its row: the count and the confirmation say what is sent.
-      // (A selected row that leaves the page otherwise, to the next page or out of the filter, stays chosen.)
+      // A deleted task leaves the selection at once (its row goes at the refresh, and so would it).
       if (type === "TaskDeleted") selected.delete(JSON.parse(data).task_id);
       refresh();
     },
