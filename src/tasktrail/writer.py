@@ -197,9 +197,9 @@ async def change(
             _remember(task_id, None)
             if expected is not None:
                 raise PreconditionFailed(f"task {task_id} changed after version {before.version}") from None
-            if not guessed:
-                # A lost race. (A guess that lost was a stale cache entry, not a race: it is read afresh.)
-                metrics.WRITE_CONFLICTS.inc()
+            # A lost race: another writer (another request deciding on the same guess, another process,
+            # another release) appended first. The task is read afresh and the write decided again.
+            metrics.WRITE_CONFLICTS.inc()
             continue
         metrics.appended(changes)
         _written(conn, task_id, after)
@@ -295,6 +295,7 @@ async def write_together(conn: psycopg.AsyncConnection, group: Together) -> None
             positions = await _write(conn, group.changes, group.metadata)
             await conn.execute(PATIENT)  # the commit waits as any write's does
     except eventstore.VersionConflict:
+        metrics.WRITE_CONFLICTS.inc()  # a race lost: another writer appended to one of these tasks first
         for task_id in group.states:
             _recent.pop(task_id, None)  # one of these guesses is stale: each goes alone, and reads
         raise

@@ -173,6 +173,19 @@ async def test_a_write_that_loses_a_race_is_counted_as_a_conflict(database_url: 
     assert conflicts_so_far() - conflicts == 1
 
 
+async def test_a_race_lost_on_this_process_s_last_state_is_counted_too(database_url: str) -> None:
+    """Two requests in one process decide on the state it last wrote; the second to append loses a race."""
+    async with await psycopg.AsyncConnection.connect(database_url, **db.connect_kwargs()) as conn:
+        task = await writer.create(conn, CreateTask(task_type="race"), {})
+        both_saw = writer._recent[task.task_id]  # what both requests decide on
+        conflicts = conflicts_so_far()
+        assert (await writer.change(conn, task.task_id, UpdateTask(progress=1), {})).version == 2  # type: ignore[union-attr]
+        writer._recent[task.task_id] = both_saw  # the other request, decided on it too, appends now
+        after = await writer.change(conn, task.task_id, UpdateTask(progress=2), {})
+    assert (after.version, after.progress) == (3, 2)  # type: ignore[union-attr]
+    assert conflicts_so_far() - conflicts == 1
+
+
 def conflicts_so_far() -> float:
     value = metrics.REGISTRY.get_sample_value("tasktrail_write_conflicts_total")
     assert value is not None
