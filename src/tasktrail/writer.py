@@ -336,14 +336,16 @@ async def cleanup(conn: psycopg.AsyncConnection, days: int, metadata: dict[str, 
     cutoff = now() - timedelta(days=days)
     after, step, deleted, lost = tasks_view.FIRST_PAGE, CLEANUP_STEP, 0, 0
     while True:
-        expired = await tasks_view.finished_before(conn, cutoff, FINISHED, after, step)
-        if not expired:
-            break
-        changes, _ = _decide([(task.task_id, task, retention) for task in expired], now())
         try:
-            async with _refused(conn), conn.pipeline(), conn.transaction():
-                await _lock_buckets(conn, (recorded.stream_id for recorded, _, _ in changes))  # as a batch does
-                await _write(conn, changes, metadata)
+            async with _refused(conn), conn.transaction():
+                # One step of one cleanup at a time: concurrent cleanups (cron on several hosts) would each
+                # read the same expired tasks, and all but one lose the race for them, step after step.
+                await conn.execute(CLEANUP_LOCK, {"space": BUCKET_SPACE})
+                expired = await tasks_view.finished_before(conn, cutoff, FINISHED, after, step)
+                if expired:
+                    changes, _ = _decide([(task.task_id, task, retention) for task in expired], now())
+                    await _lock_buckets(conn, (recorded.stream_id for recorded, _, _ in changes))  # as a batch does
+                    await _write(conn, changes, metadata)
         except eventstore.VersionConflict:
             metrics.WRITE_CONFLICTS.inc()
             lost += 1
@@ -353,6 +355,8 @@ async def cleanup(conn: psycopg.AsyncConnection, days: int, metadata: dict[str, 
                 ) from None
             step = max(1, step // 4)  # one of them changed meanwhile: look again, at fewer
             continue
+        if not expired:
+            break
         metrics.appended(changes)
         for task in expired:
             _remember(task.task_id, None)
@@ -557,6 +561,7 @@ BUCKETS = 64
 BUCKET_SPACE = 0x7474  # the first key of the two-key advisory locks: tasktrail's batches
 LOCK_BUCKETS = "SELECT pg_advisory_xact_lock{}(%(space)s, bucket) FROM unnest(%(buckets)s::integer[]) AS bucket"
 LOCK_EXCLUSIVE, LOCK_SHARED = LOCK_BUCKETS.format(""), LOCK_BUCKETS.format("_shared")
+CLEANUP_LOCK = "SELECT pg_advisory_xact_lock(%(space)s, -1)"  # no bucket's number
 IMPATIENT = "SET LOCAL lock_timeout = '100ms'"
 PATIENT = "RESET lock_timeout"  # back to the session's (db.LOCK_TIMEOUT), for the rest of the transaction
 

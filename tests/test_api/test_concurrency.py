@@ -57,3 +57,28 @@ async def test_concurrent_patches_with_if_match_let_one_win(live_server: str) ->
     codes = sorted(r.status_code for r in responses)
     assert codes == [200] + [412] * (WRITERS - 1)
     assert [e["version"] for e in await history(live_server, task["task_id"])] == [1, 2]
+
+
+def conflicts(scrape: str) -> float:
+    return float(next(line for line in scrape.splitlines() if line.startswith("tasktrail_write_conflicts_total "))[32:])
+
+
+async def test_concurrent_cleanups_take_turns_rather_than_fight(live_server: str) -> None:
+    """Cron on several hosts: each cleanup step reads what is expired once the steps before it committed."""
+    async with httpx.AsyncClient(base_url=live_server, timeout=60) as client:
+        for _ in range(3):
+            made = (await client.post("/tasks/batch", json={"tasks": [{"task_type": "turns"}] * 1000})).json()
+            done = [{"task_id": task["task_id"], "status": "completed"} for task in made["tasks"]]
+            assert (await client.patch("/tasks/batch", json={"updates": done})).status_code == 200
+        before = conflicts((await client.get("/metrics")).text)
+        deleted: list[int] = []
+
+        async def clean() -> None:
+            deleted.append((await client.post("/tasks/cleanup?days=0")).json()["deleted"])
+
+        async with anyio.create_task_group() as group:
+            for _ in range(4):
+                group.start_soon(clean)
+        assert sum(deleted) == 3000
+        assert conflicts((await client.get("/metrics")).text) == before  # audit: thousands of lost races
+        assert (await client.get("/tasks/stats/summary?task_type=turns")).json()["total"] == 0
