@@ -222,6 +222,7 @@ function coalesce(job, every = () => APPLY_EVERY) {
   let wanted = false;
   let running = false;
   let last = 0;
+  let took = 0; // how long the last run took: a page whose refresh is costly (1,000 rows) refreshes less often
   let timer = null;
   let due = 0;
   async function run() {
@@ -237,12 +238,14 @@ function coalesce(job, every = () => APPLY_EVERY) {
       wanted = true;
     } finally {
       running = false;
+      took = performance.now() - last;
       if (wanted) schedule();
     }
   }
   function schedule() {
     if (running) return;
-    const at = last + every();
+    // At most a third of the time in refreshes, so that the page answers its user under any write load.
+    const at = last + Math.max(every(), 3 * took);
     if (timer !== null && at >= due) return;
     clearTimeout(timer);
     due = at;
