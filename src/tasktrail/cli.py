@@ -273,12 +273,19 @@ def verify(args: argparse.Namespace) -> int:
     from tasktrail.projections import INLINE
     from tasktrail.verify import verify as run
 
+    named = [name for name, _ in args.version or []]
+    if twice := sorted({name for name in named if named.count(name) > 1}):
+        print(
+            f"tasktrail verify: --version names {', '.join(twice)} twice; verify one version of each a run",
+            file=sys.stderr,
+        )
+        return 2
+    if unknown := [name for name in named if name not in {m.NAME for m in INLINE}]:
+        print(f"tasktrail verify: no read model named {', '.join(unknown)}", file=sys.stderr)
+        return 2
     url, _server = _database(args)
     chosen = dict(args.version or [])
-    report = run(url, {m.NAME: chosen.pop(m.NAME, m.VERSION) for m in INLINE})
-    if chosen:
-        print(f"tasktrail verify: no read model named {', '.join(chosen)}", file=sys.stderr)
-        return 2
+    report = run(url, {m.NAME: chosen.get(m.NAME, m.VERSION) for m in INLINE})
     print(report.summary())
     return 0 if report.ok else 1
 

@@ -173,6 +173,9 @@ def test_wrong_settings_get_one_line_and_no_traceback(database_url: str, server_
         (unreachable, ["verify"], {}, 1, "cannot use the database"),
         (unreachable, ["projections", "status"], {}, 1, "cannot use the database"),
         (database_url, ["projections", "prune", "bogus"], {}, 2, "there is no read model 'bogus'"),
+        (database_url, ["verify", "--version", "bogus=1"], {}, 2, "no read model named bogus"),
+        # Audit: only the last was verified, and version 1 looked verified.
+        (database_url, ["verify", "--version", "tasks=1", "--version", "tasks=2"], {}, 2, "names tasks twice"),
         (database_url, ["projections", "status"], {"TASKTRAIL_READ_MODELS": "no.such.module"}, 1, "No module named"),
         (database_url, ["projections", "status"], {"TASKTRAIL_STATEMENT_TIMEOUT": "forever"}, 1, "give a duration"),
         (database_url, ["serve", "--port", "99999"], {}, 2, "not a TCP port"),
