@@ -157,6 +157,12 @@ async def test_bad_cleanup_days_are_422(shared_client: AsyncTestClient, query: s
     problem(await shared_client.post(f"/tasks/cleanup?{query}"), 422)
 
 
+@pytest.mark.parametrize(("query", "field"), [("Days=0", "Days"), ("days=0&task_type=tmp", "task_type"), ("x", "x")])
+async def test_cleanup_refuses_what_it_would_ignore(shared_client: AsyncTestClient, query: str, field: str) -> None:
+    """Audit: ?Days=0 ran with 30 days, and ?task_type=tmp deleted the finished tasks of every type."""
+    assert problem(await shared_client.post(f"/tasks/cleanup?{query}"), 422)["errors"][0]["field"] == field
+
+
 async def test_an_integer_parameter_is_written_in_digits_on_every_route(shared_client: AsyncTestClient) -> None:
     """The query parser would read 1e3 as 1000 and 5.0 as 5; an integer parameter must be written as one."""
     task_id = (await shared_client.post("/tasks/", json={"task_type": "n"})).json()["task_id"]

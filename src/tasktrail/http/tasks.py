@@ -504,6 +504,11 @@ async def stats_summary(request: Request, task_type: TaskTypeFilter = None) -> J
 )
 async def cleanup(request: Request, days: Annotated[int, QueryParameter(ge=0, le=100_000)] = 30) -> JsonReply:
     """Delete finished tasks completed more than `days` days ago."""
+    # The one destructive route reads nothing but `days`: a typo (`Days=0`) or a filter it does not have
+    # (`task_type=tmp`, which would delete every type's) is refused, never ignored.
+    for name in request.query_params:
+        if name != "days":
+            raise invalid(name, "cleanup takes only days (?days=30); it deletes finished tasks of every type")
     async with connection(request) as conn:
         deleted = await writer.cleanup(conn, days, metadata(request))
     return json_response(CleanedUp(deleted))
