@@ -340,3 +340,17 @@ async def test_params_may_nest_32_levels_as_documented_and_no_deeper(shared_clie
     assert listed.status_code == 422  # arrays count as levels too: 1 + 2 + 30
     refused = problem(await shared_client.post("/tasks/", json={"task_type": "deep", "params": nested(33)}), 422)
     assert "deeper than 32 levels" in refused["detail"]
+
+
+async def test_a_refused_pattern_is_said_in_words_never_as_the_regex(shared_client: AsyncTestClient) -> None:
+    """Audit: ?cursor=x answered with a 500-character base64 regex, a NUL with '^[^\\\\x00]*$'."""
+    nul_item = {"tasks": [{"task_type": "\u0000"}]}
+    refusals = [
+        (await shared_client.get("/tasks/?cursor=x"), "cursor", "not a list cursor"),
+        (await shared_client.get("/events?after=x"), "after", "not a feed cursor"),
+        (await shared_client.post("/tasks/", json={"task_type": "a\u0000"}), "task_type", "must not contain NUL"),
+        (await shared_client.post("/tasks/batch", json=nul_item), "tasks[0].task_type", "NUL"),
+    ]
+    for response, field, said in refusals:
+        error = problem(response, 422)["errors"][0]
+        assert (error["field"], said in error["message"], "regex" in response.text) == (field, True, False), error

@@ -31,7 +31,7 @@ from tasktrail.dashboard.routes import error_page as dashboard_page
 from tasktrail.domain.task import TaskNotFound, TransitionRejected
 from tasktrail.http import auth, batch, events, health, history, openapi, protocol, sessions, tasks, wellformed
 from tasktrail.http import metrics as scrape
-from tasktrail.http.body import MAX_BODY_BYTES, InvalidInput, MalformedBody
+from tasktrail.http.body import MAX_BODY_BYTES, InvalidInput, MalformedBody, readable
 from tasktrail.http.problems import answer, problem, refusal, send_problem
 from tasktrail.projections import ProjectionOutdated, follow, versions
 
@@ -71,7 +71,7 @@ def _parameter_error(item: dict[str, Any]) -> dict[str, str]:
     if item.get("source") == "body":
         # An empty body never reaches the strict decoder: Litestar reports the `data` argument missing.
         return {"field": "body", "message": "required"}
-    key, message = str(item.get("key", "?")), str(item.get("message", ""))
+    key, message = str(item.get("key", "?")), readable(str(item.get("message", "")))
     if item.get("source") == "header" and key in _HEADERS:
         key, message = _HEADERS[key]
     return {"field": key, "message": message}

@@ -85,6 +85,26 @@ def _malformed(body: bytes, exc: Exception) -> MalformedBody:
     return MalformedBody(f"the body is not valid JSON: {exc}")
 
 
+# What a refused pattern means, for the patterns the API has (else the validator would quote the regex).
+_PATTERN = re.compile(r"Expected `str` matching regex '(.*)'", re.DOTALL)
+_PATTERNS = {
+    r"^[^\\x00]*$": "must not contain NUL (\\u0000)",  # as the validator quotes the pattern, escaped again
+    r"^[^\\x00]+$": "must not contain NUL (\\u0000)",
+    "^[0-9]{1,18}-[0-9]{1,18}$": "not a feed cursor: take next_cursor (or an event's cursor) as it was given",
+}
+
+
+def readable(message: str) -> str:
+    """A validator's message with a regex it quotes put in words: a value "of the wrong form" at worst."""
+    if (match := _PATTERN.fullmatch(message)) is None:
+        return message
+    if (said := _PATTERNS.get(match[1])) is not None:
+        return said
+    if match[1].startswith("^aWQ6"):  # tasks.CURSOR
+        return "not a list cursor: take it from a Link header as it was given"
+    return "has the wrong form" if len(match[1]) > 40 else message
+
+
 def _field_error(exc: msgspec.ValidationError, at: str) -> tuple[str, str]:
     """The field a ValidationError names (under `at`), and its message."""
     match = _AT.match(str(exc))
@@ -93,7 +113,7 @@ def _field_error(exc: msgspec.ValidationError, at: str) -> tuple[str, str]:
     missing = _MISSING.match(match["message"])
     if missing:
         path = f"{path}.{missing[1]}".lstrip(".")
-    return path or "body", match["message"]
+    return path or "body", readable(match["message"])
 
 
 def _every_error(value: Any, type_: Any, at: str) -> list[tuple[str, str]]:
