@@ -222,7 +222,6 @@ function coalesce(job, every = () => APPLY_EVERY) {
   let wanted = false;
   let running = false;
   let last = 0;
-  let took = 0; // how long the last run took: a page whose refresh is costly (1,000 rows) refreshes less often
   let timer = null;
   let due = 0;
   async function run() {
@@ -238,14 +237,12 @@ function coalesce(job, every = () => APPLY_EVERY) {
       wanted = true;
     } finally {
       running = false;
-      took = performance.now() - last;
       if (wanted) schedule();
     }
   }
   function schedule() {
     if (running) return;
-    // At most a third of the time in refreshes, so that the page answers its user under any write load.
-    const at = last + Math.max(every(), 3 * took);
+    const at = last + every();
     if (timer !== null && at >= due) return;
     clearTimeout(timer);
     due = at;
