@@ -167,7 +167,7 @@ async def test_an_integer_parameter_is_written_in_digits_on_every_route(shared_c
     """The query parser would read 1e3 as 1000 and 5.0 as 5; an integer parameter must be written as one."""
     task_id = (await shared_client.post("/tasks/", json={"task_type": "n"})).json()["task_id"]
     for path in ("/events?limit=", f"/tasks/{task_id}?version=", f"/tasks/{task_id}/history?after_version="):
-        for spelling in ("1e0", "1.0", "01", "0x1", "%31e0"):
+        for spelling in ("1e0", "1.0", "01", "0x1", "%31e0", "-0"):
             body = problem(await shared_client.get(path + spelling), 422)
             assert body["errors"][0]["field"] == path.rsplit("?", 1)[1].rstrip("=")
         assert (await shared_client.get(path + "1")).status_code == 200

@@ -95,7 +95,7 @@ async def test_a_value_postgresql_cannot_hold_is_422_not_500(database_url: str) 
 
 async def test_a_singleton_header_given_twice_with_different_values_is_400(shared_client: AsyncTestClient) -> None:
     app = shared_client.app
-    for name in (b"idempotency-key", b"authorization", b"last-event-id", b"content-type", b"host"):
+    for name in (b"idempotency-key", b"authorization", b"last-event-id", b"content-type", b"host", b"x-csrf-token"):
         headers = [(b"content-type", b"application/json"), (name, b"one"), (name, b"two")]
         answer = await call(app, "POST", b"/tasks/", headers=headers, body=b'{"task_type": "x"}')
         assert answer.status == 400, (name, answer)

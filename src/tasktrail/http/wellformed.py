@@ -78,6 +78,7 @@ SINGLE = {
     b"content-type": "Content-Type",
     b"idempotency-key": "Idempotency-Key",
     b"last-event-id": "Last-Event-ID",
+    b"x-csrf-token": "X-CSRF-Token",
 }
 _BODY_HEADERS = (b"content-length", b"transfer-encoding")
 _WATCHED = frozenset(SINGLE) | frozenset(_BODY_HEADERS) | {b"content-encoding"}
@@ -87,7 +88,7 @@ SHAPE = "tasktrail.shape"  # the key of a handler's Shape in its opt
 FORM = "tasktrail.form"
 # The key of a page route's refusal in its opt: (status, detail) -> the ASGI app that answers it.
 PAGE = "tasktrail.page"
-_WHOLE = re.compile(r"-?(?:0|[1-9][0-9]*)")
+_WHOLE = re.compile(r"0|-?[1-9][0-9]*")  # not -0, nor 00
 WHOLE_NUMBER = "must be a whole number in digits, such as 100 (no exponent, point or leading 0)"
 
 
