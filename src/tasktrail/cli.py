@@ -428,7 +428,8 @@ def _rebuild(
 
     modules = [m for m in INLINE if name in (None, m.NAME)]
     if not modules:
-        print(f"no projection named {name!r}; there are: {', '.join(m.NAME for m in INLINE)}", file=sys.stderr)
+        there_are = ", ".join(m.NAME for m in INLINE)
+        print(f"tasktrail projections rebuild: no read model {name!r}; there are: {there_are}", file=sys.stderr)
         return 2
     console = Console(stderr=True, highlight=False)
     say = say or (lambda message: console.print(f"tasktrail: {message}"))

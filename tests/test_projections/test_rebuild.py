@@ -225,6 +225,24 @@ def test_one_rebuild_at_a_time(database_url: str) -> None:
     assert rebuild(database_url, INLINE).names == ["tasks", "stats"]
 
 
+def test_a_start_that_waits_for_another_process_s_rebuild_says_so(
+    database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Audit: a second N+1 process waited 13 s for the first one's build without a word."""
+    with psycopg.connect(database_url, autocommit=True) as other:
+        other.execute("SELECT pg_advisory_lock(hashtext('tasktrail.rebuild'))")
+        with caplog.at_level("INFO", logger="tasktrail.rebuild"):
+            waiting = threading.Thread(target=prepare, args=(database_url, INLINE))
+            waiting.start()
+            deadline = time.monotonic() + 30
+            while "waiting for it to finish" not in caplog.text:
+                assert time.monotonic() < deadline, "no word of the wait"
+                time.sleep(0.02)
+            assert waiting.is_alive()
+    waiting.join(30)  # the lock went with the connection
+    assert not waiting.is_alive()
+
+
 def test_an_event_committed_late_with_a_lower_position_is_not_missed(database_url: str) -> None:
     """Positions are taken before commit: the swap must still wait for, and apply, the earlier one."""
     first, second, *_ = asyncio.run(seed(database_url, 6))  # both still pending

@@ -49,6 +49,7 @@ import contextlib
 import functools
 import gc
 import itertools
+import logging
 import os
 import queue
 import struct
@@ -70,6 +71,8 @@ from tasktrail.domain import events as ev
 from tasktrail.domain.events import from_data
 from tasktrail.domain.task import TARGET, Status, Task, evolve
 from tasktrail.projections import follow, replayed, versions
+
+log = logging.getLogger("tasktrail.rebuild")
 
 NEW = "{}_new"  # the schema a version is built in, beside its live one
 # Called as progress(step, done, total) while a rebuild runs.
@@ -593,7 +596,9 @@ def rebuild(
     with psycopg.connect(conninfo, autocommit=True, options=db.SESSION_OPTIONS + NO_TIMEOUT) as guard:
         lock = {"key": LOCK_KEY}
         if wait:
-            guard.execute(WAIT_LOCK, lock)
+            if not guard.execute(TRY_LOCK, lock).fetchone()[0]:  # type: ignore[index]
+                log.info("another process is building read models; waiting for it to finish")
+                guard.execute(WAIT_LOCK, lock)
         elif not guard.execute(TRY_LOCK, lock).fetchone()[0]:  # type: ignore[index]
             raise RebuildBusy("another rebuild is running; try again when it has finished")
         states = {(name, version): state for name, version, state in guard.execute(LIVE_STATES).fetchall()}
