@@ -747,3 +747,14 @@ def test_a_timeline_past_a_page_offers_its_older_events_live_and_shows_them(ui: 
     expect(page.locator("#timeline li[data-version]")).to_have_count(1)
     expect(page.locator('#timeline li[data-version="1"]')).to_have_attribute("data-type", "TaskCreated")
     expect(page.locator("#timeline-newer")).to_contain_text("1000 newer events are not shown here")
+
+
+def test_select_all_is_offered_only_when_something_matches(ui: Dashboard) -> None:
+    page = ui.page()
+    page.goto("/ui?task_type=select-none")
+    expect(page.locator("#live")).to_have_attribute("data-state", "live")
+    expect(page.locator("#select-matching")).to_be_hidden()  # audit: "Select all 0 tasks of type ..." was offered
+    task = create(ui, "select-none")
+    expect(row(page, task)).to_have_count(1)
+    expect(page.locator("#select-matching")).to_be_visible()
+    expect(page.locator("#select-matching .n")).to_have_text("1")

@@ -377,6 +377,9 @@ function tasksPage() {
     replaceIfChanged(document.getElementById("pager"), fresh.getElementById("pager")); // "Older" comes and goes
     const freshBulk = fresh.getElementById("bulk");
     if (bulk && freshBulk) syncAttributes(bulk, freshBulk, ["data-matching"]);
+    const selectMatching = document.getElementById("select-matching");
+    const freshSelectMatching = fresh.getElementById("select-matching");
+    if (selectMatching && freshSelectMatching) syncAttributes(selectMatching, freshSelectMatching, ["hidden"]);
     updateBulk();
   });
 
@@ -899,7 +902,8 @@ function eventsPage() {
 
   const apply = coalesce(async () => {
     if (paused) {
-      note.textContent = `${number.format(waiting.length + skipped - beforePause)} new events while paused.`;
+      const count = waiting.length + skipped - beforePause;
+      note.textContent = `${number.format(count)} new ${count === 1 ? "event" : "events"} while paused.`;
       return;
     }
     if (!waiting.length) return;
