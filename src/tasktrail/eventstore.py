@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Collection, Sequence
+from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
@@ -17,10 +17,6 @@ from tasktrail.domain.events import Recorded, from_data, to_data, type_of
 
 class VersionConflict(Exception):
     """Another writer appended this version of the stream first."""
-
-    def __init__(self, message: str, streams: Collection[UUID] = ()) -> None:
-        super().__init__(message)
-        self.streams = frozenset(streams)  # the streams that lost, where the writer knows them
 
 
 class Stored(msgspec.Struct, frozen=True):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from collections import Counter as Tally
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Collection, Iterable, Sequence
 from contextlib import asynccontextmanager
@@ -81,9 +80,7 @@ async def _write(
         # this process's read-model versions: apply its events to them before
         # the caller reads the task again (projections/follow.py).
         await follow.catch_up(conn, modules, streams=[recorded.stream_id for recorded, _, _ in changes])
-        wanted, got = Tally(recorded.stream_id for recorded, _, _ in changes), Tally(row[0] for row in appended)
-        lost = [stream_id for stream_id, n in wanted.items() if got[stream_id] < n]
-        raise eventstore.VersionConflict("another writer changed the task first", lost)
+        raise eventstore.VersionConflict("another writer changed the task first")
     return dict(appended)  # the caller counts the events (metrics.appended) once they have committed
 
 
@@ -458,10 +455,6 @@ Item = tuple[UUID, Command, int | None]
 Outcome = Task | None | Exception
 
 
-# What a transaction that lost a race to another writer raises.
-LOST = (eventstore.VersionConflict, psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure)
-
-
 async def change_many(conn: psycopg.AsyncConnection, items: Sequence[Item], metadata: dict[str, Any]) -> list[Outcome]:
     """Decide each item in order on the state the items before it left; write the accepted ones together.
 
@@ -475,12 +468,10 @@ async def change_many(conn: psycopg.AsyncConnection, items: Sequence[Item], meta
     then the batch takes the locks exclusively before it reads, and decides and
     writes under them: another batch on these tasks waits, and this one decides
     on what that one wrote. So with many batches on the same tasks a batch
-    loses at most one race to another batch, never again and again. Single
-    writes take no such lock: the tasks they won are written first (_claim).
+    loses at most one race to another batch, never again and again.
     """
     task_ids = list(dict.fromkeys(task_id for task_id, _, _ in items))
     locked_first = caught_up = False
-    hot: set[UUID] = set()  # tasks whose appends lost to other writers: claimed first, in a statement of their own
     for _ in range(MAX_ATTEMPTS):
         impatient = False  # whether a lock wait now ends after IMPATIENT's 100 ms
         decided: tuple[list[Change], list[Outcome]] | None = None
@@ -488,13 +479,10 @@ async def change_many(conn: psycopg.AsyncConnection, items: Sequence[Item], meta
             async with _refused(conn), conn.pipeline() as pipeline, conn.transaction():
                 if locked_first:
                     await _lock_buckets(conn, task_ids)
-                claimed, claims = await _claim(conn, items, hot, metadata) if hot else ([], {})
-                rest = [index for index, (task_id, _, _) in enumerate(items) if task_id not in hot]
-                cold = [task_id for task_id in task_ids if task_id not in hot]
-                states, deleted = await tasks_view.get_many(conn, cold)
+                states, deleted = await tasks_view.get_many(conn, task_ids)
                 # Perhaps written by another release a moment ago (see _caught_up): unknown here, or older
                 # than an item expects.
-                lagging = [task_id for task_id in cold if task_id not in states and task_id not in deleted]
+                lagging = [task_id for task_id in task_ids if task_id not in states and task_id not in deleted]
                 lagging += (
                     task_id
                     for task_id, _, version in items
@@ -502,9 +490,7 @@ async def change_many(conn: psycopg.AsyncConnection, items: Sequence[Item], meta
                 )
                 if not lagging or caught_up:
                     read = {task_id: task.version for task_id, task in states.items()}
-                    changes, decisions = _decide_many([items[index] for index in rest], states, deleted, now())
-                    claims.update(zip(rest, decisions, strict=True))
-                    outcomes = [claims[index] for index in range(len(items))]
+                    changes, outcomes = _decide_many(items, states, deleted, now())
                     # A task the batch appends nothing to (refused, or nothing to change) has no version check:
                     # during a rolling deploy its row may be one another release's write has not reached yet.
                     for recorded, _, _ in changes:
@@ -514,7 +500,7 @@ async def change_many(conn: psycopg.AsyncConnection, items: Sequence[Item], meta
                     else:
                         # What this process guessed of these tasks will be stale: forget it. (Remembering the
                         # new states instead would push out single requests' guesses, as in create_many.)
-                        for recorded, _, _ in claimed + changes:
+                        for recorded, _, _ in changes:
                             _recent.pop(recorded.stream_id, None)
                         if changes:
                             if not locked_first:
@@ -526,13 +512,12 @@ async def change_many(conn: psycopg.AsyncConnection, items: Sequence[Item], meta
                             await _write(conn, changes, metadata)
                             if not locked_first:
                                 await conn.execute(PATIENT)  # the commit waits as any write's does
-                        decided = claimed + changes, outcomes
-        except LOST as exc:
+                        decided = changes, outcomes
+        except (eventstore.VersionConflict, psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure):
             # The winner may be a process of another release (see _write): now that the transaction is
             # over, apply its events to this process's read models before reading the tasks again.
             metrics.WRITE_CONFLICTS.inc()
             locked_first = True
-            hot.update(getattr(exc, "streams", ()))
             await follow.catch_up(conn, streams=task_ids)
             continue
         except psycopg.errors.LockNotAvailable as exc:
@@ -550,34 +535,6 @@ async def change_many(conn: psycopg.AsyncConnection, items: Sequence[Item], meta
         # Apply the other release's events (outside a transaction, as catch_up needs), and look once more.
         caught_up = True
         await follow.catch_up(conn, streams=lagging)
-    raise eventstore.VersionConflict("the tasks of this batch are changing too fast; try again")
-
-
-async def _claim(
-    conn: psycopg.AsyncConnection, items: Sequence[Item], hot: set[UUID], metadata: dict[str, Any]
-) -> tuple[list[Change], dict[int, Outcome]]:
-    """Decide and write, first and on their own, the items of the tasks other writers won; their outcomes by index.
-
-    A single write takes no lock, so a task written again and again by single
-    requests would win every time against a batch, whose statement takes far
-    longer than theirs. Appended in a short statement of their own, the
-    batch's events of these tasks hold the tasks' next versions until it
-    commits: a single write of one then waits, and loses, and the batch's main
-    statement cannot lose them again. A race lost here undoes this statement
-    only (a savepoint), and is run again.
-    """
-    chosen = [index for index, (task_id, _, _) in enumerate(items) if task_id in hot]
-    for _ in range(MAX_ATTEMPTS):
-        try:
-            async with conn.transaction():
-                states, deleted = await tasks_view.get_many(conn, hot)
-                changes, outcomes = _decide_many([items[index] for index in chosen], states, deleted, now())
-                if changes:
-                    await _write(conn, changes, metadata)
-        except eventstore.VersionConflict:
-            metrics.WRITE_CONFLICTS.inc()
-            continue
-        return changes, dict(zip(chosen, outcomes, strict=True))
     raise eventstore.VersionConflict("the tasks of this batch are changing too fast; try again")
 
 
