@@ -141,7 +141,7 @@ async def create_tasks(request: Request, data: JSONBody[NewTasks], idempotency_k
     request_max_body_size=MAX_BODY_BYTES,
     dto=StrictChanges,
     return_dto=None,
-    responses={200: documented(Results, "each item's result, in the order given")} | problems(*ERRORS, 413),
+    responses={200: documented(Results, "each item's result, in the order given")} | problems(*ERRORS, 409, 413),
 )
 async def change_tasks(request: Request, data: JSONBody[TaskChanges]) -> JsonReply:
     """Update or delete 1 to 1,000 tasks, each decided on its own and in order; the accepted ones commit together."""
