@@ -95,7 +95,12 @@ _PATTERNS = {
 
 
 def readable(message: str) -> str:
-    """A validator's message with a regex it quotes put in words: a value "of the wrong form" at worst."""
+    """A validator's message with a regex it quotes put in words: a value "of the wrong form" at worst.
+
+    And `if_version`'s type (int | float, so that 3.0 is taken) said as the schema says it, an integer.
+    """
+    if message.startswith("Expected `int | float | null`"):
+        return "Expected `integer | null`" + message.removeprefix("Expected `int | float | null`")
     if (match := _PATTERN.fullmatch(message)) is None:
         return message
     if (said := _PATTERNS.get(match[1])) is not None:
