@@ -123,6 +123,13 @@ class Stderr(logging.StreamHandler):  # type: ignore[type-arg]
         pass
 
 
+class AnsweredElsewhere(logging.Filter):
+    """Drops uvicorn's warning for a request that is not HTTP: tasktrail answers it 400 and logs its access line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.msg != "Invalid HTTP request received."
+
+
 def config(fmt: str, level: str) -> dict[str, Any]:
     """The logging configuration (dictConfig) `serve` and its workers apply: every logger through one handler."""
     level = level.upper()
@@ -132,10 +139,11 @@ def config(fmt: str, level: str) -> dict[str, Any]:
         "disable_existing_loggers": False,
         "formatters": {"tasktrail": {"()": f"{__name__}.{formatter.__name__}"}},
         "handlers": {"stderr": {"()": f"{__name__}.Stderr", "formatter": "tasktrail"}},
+        "filters": {"answered": {"()": f"{__name__}.AnsweredElsewhere"}},
         "loggers": {
             "tasktrail": {"level": level},
             "uvicorn": {"level": level, "handlers": [], "propagate": True},
-            "uvicorn.error": {"level": level, "handlers": [], "propagate": True},
+            "uvicorn.error": {"level": level, "handlers": [], "propagate": True, "filters": ["answered"]},
             # Replaced by the line create_app's middleware writes for each request.
             "uvicorn.access": {"handlers": [], "propagate": False},
             "litestar": {"level": level, "handlers": [], "propagate": True},

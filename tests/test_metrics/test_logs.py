@@ -45,6 +45,9 @@ def test_json_logs_parse_line_by_line_and_hold_no_key_or_value(database_url: str
             assert client.get("/metrics", headers={"Authorization": f"Bearer {reader}"}).status_code == 200
             assert client.post("/tasks/cleanup", headers={"Authorization": f"Bearer {reader}"}).status_code == 403
             history = client.get(f"/tasks/{task_id}/history", headers=as_writer).json()
+        with socket.create_connection(("127.0.0.1", int(server.url.rsplit(":", 1)[1])), timeout=10) as raw:
+            raw.sendall(b"get /tasks/ HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")  # not HTTP: methods are upper case
+            assert raw.recv(4096).startswith(b"HTTP/1.1 400")
     finally:
         server.stop()
     assert history["events"][0]["metadata"] == {"request_id": "traceme123", "actor": "worker-7"}
@@ -68,6 +71,9 @@ def test_json_logs_parse_line_by_line_and_hold_no_key_or_value(database_url: str
     assert ("GET", "/tasks/{task_id}/history", 200, "worker-7") in routes
     assert ("GET", "/metrics", 200, "grafana") in routes
     assert ("POST", "/tasks/cleanup", 403, "grafana") in routes  # who was refused
+    # The request that was not HTTP: its access line, and not also uvicorn's warning without a request id.
+    assert ("other", "unmatched", 400, None) in routes
+    assert "Invalid HTTP request received" not in text
     assert_verifies(database_url)
 
 
