@@ -44,6 +44,8 @@ request_id: ContextVar[str | None] = ContextVar("tasktrail_request_id", default=
 # A caller's X-Request-ID kept as sent: the shapes proxies and clients use (UUIDs, `Root=1-…` trace ids,
 # dotted or underscored names), and nothing that could break a text log line (no space, quote or semicolon).
 SANE_REQUEST_ID = re.compile(rb"[0-9A-Za-z._:=+/-]{1,128}")
+# An API key (auth.new_key) sent as a request id by mistake: never logged, echoed or stored; a new id instead.
+KEY_LIKE = re.compile(rb"tt_[0-9A-Za-z_-]{43}")
 
 _encode = msgspec.json.Encoder().encode
 # What an IPv4 or IPv6 address (or a test client's name), or a request id, looks like: nothing to escape or quote.

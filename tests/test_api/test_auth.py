@@ -148,8 +148,9 @@ def test_keys_are_matched_by_hash() -> None:
         "ops:root:" + "0" * 64,
         "ops:admin:" + "0" * 63,
         "ops:admin:" + "0" * 64 + "\nops:read:" + "1" * 64,
+        "lo:read:" + "2" * 64 + "\nhi:admin:" + "2" * 64,  # audit: the last line won, so the key was admin
     ],
-    ids=["a key", "no such scope", "short hash", "one name twice"],
+    ids=["a key", "no such scope", "short hash", "one name twice", "one key twice"],
 )
 def test_a_bad_keys_file_is_refused_without_echoing_it(text: str) -> None:
     with pytest.raises(auth.BadKeys) as refused:

@@ -40,6 +40,9 @@ def test_json_logs_parse_line_by_line_and_hold_no_key_or_value(database_url: str
             task_id = created.json()["task_id"]
             listed = client.get(f"/tasks/?task_type={SECRET_QUERY}", headers={"Authorization": f"Bearer {reader}"})
             assert listed.status_code == 200
+            # A key sent as the request id by mistake (audit): logged, echoed and stored as it was.
+            mistaken = client.get("/tasks/", headers={"Authorization": f"Bearer {reader}", "X-Request-ID": reader})
+            assert (mistaken.status_code, mistaken.headers["x-request-id"] != reader) == (200, True)
             assert client.get("/tasks/", headers={"Authorization": f"Bearer {writer}x"}).status_code == 401
             assert client.get(f"/nowhere/{SECRET_QUERY}?key={writer}").status_code in (401, 404)
             assert client.get("/metrics", headers={"Authorization": f"Bearer {reader}"}).status_code == 200

@@ -87,9 +87,15 @@ def parse(text: str, source: str) -> list[Key]:
                 # Never echo the entry: someone may have pasted a key itself.
                 raise BadKeys(f"{source}, line {number}: not an entry of the form name:scope:sha256-hex")
             keys.append(Key(match["name"], match["scope"], bytes.fromhex(match["digest"])))
-    names = [key.name for key in keys]
-    if len(set(names)) != len(names):
-        raise BadKeys(f"{source}: a key name appears twice")
+    return distinct(keys, source)
+
+
+def distinct(keys: list[Key], where: str) -> list[Key]:
+    """The keys, unless a name or a key (its hash) appears twice: which entry counted would be left to order."""
+    if len({key.name for key in keys}) != len(keys):
+        raise BadKeys(f"{where}: a key name appears twice")
+    if len({key.digest for key in keys}) != len(keys):
+        raise BadKeys(f"{where}: a key (its hash) appears twice, under two names or scopes")
     return keys
 
 
@@ -107,10 +113,7 @@ def load(environ: Mapping[str, str] = os.environ) -> list[Key]:
                 f"{path} holds no key: add one (tasktrail keys add NAME --scope read|write|admin --file {path}),"
                 " or serve without a keys file (open to this machine only)"
             )
-    names = [key.name for key in keys]
-    if len(set(names)) != len(names):
-        raise BadKeys("a key name appears twice across TASKTRAIL_API_KEYS and TASKTRAIL_API_KEYS_FILE")
-    return keys
+    return distinct(keys, "across TASKTRAIL_API_KEYS and TASKTRAIL_API_KEYS_FILE")
 
 
 def authenticate(keys: Sequence[Key], presented: str) -> Key | None:
