@@ -96,6 +96,10 @@ def test_serve_with_two_workers(database_url: str, tmp_path: Path) -> None:
                 assert refused.status_code == 403, host
                 assert refused.headers["content-type"] == "application/problem+json"
                 assert "addressed to this machine" in refused.json()["detail"]
+            # Nor learn which routes exist (audit: an unknown path was 404, a method the path lacks 405).
+            for method, path in (("GET", "/nonexistent"), ("PUT", "/tasks/"), ("GET", "/ui/nowhere")):
+                refused = client.request(method, path, headers={"Host": "evil.example"})
+                assert (refused.status_code, "addressed to this machine" in refused.text) == (403, True), path
             for host in (f"localhost:{server.port}", "LOCALHOST", "[::1]:80", "127.0.0.2", "app.localhost"):
                 assert client.get("/tasks/stats/summary", headers={"Host": host}).status_code == 200, host
             assert client.get("/tasks/stats/summary").json()["total"] == 10

@@ -92,6 +92,9 @@ def _http(request: Request, exc: HTTPException) -> Response[bytes]:
         raw = (request.scope.get("raw_path") or path.encode()).partition(b"?")[0]
         if (refused := wellformed.path_refusal(raw)) is not None and refused[0] == 404:
             exc = HTTPException(status_code=404, detail=refused[1])
+        if request.app.state.get(LOOPBACK_ONLY) and auth.foreign_host(request.scope):
+            # As the routes answer it (auth._loopback_only): a page elsewhere learns nothing of what exists here.
+            exc = HTTPException(status_code=403, detail=auth.FOREIGN_HOST)
         if path == "/ui" or path.startswith("/ui/"):
             # An address under /ui that no page's route matches (/ui/tasks/a/b), or a method no page has: a
             # page, as the dashboard's own refusals are, not a problem document.
@@ -144,6 +147,9 @@ def _tables_missing(
     # This process's read-model version was pruned under it: its queries find no tables (the log's views
     # refuse it, migration 0016), or another version's shape. Writes say so through writer._refused.
     return _outdated(request, ProjectionOutdated.missing(exc))
+
+
+LOOPBACK_ONLY = "tasktrail.loopback_only"  # the key, in the app's state, of whether it serves this machine only
 
 
 def _route(request: Request) -> str:
@@ -442,6 +448,7 @@ def create_app(
         exception_handlers=PROBLEMS,
     )
     # Outermost, around the router: see `observed`. Litestar's handler is the CORS middleware around the rest.
+    app.state[LOOPBACK_ONLY] = auth.loopback_only(keys)
     litestars = app.asgi_handler
     assert isinstance(litestars, CORSMiddleware)
     cors = _Cors(litestars.app, litestars.config)

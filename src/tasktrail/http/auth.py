@@ -220,6 +220,18 @@ def _unpreflighted_write(scope: Scope) -> bool:
     return kind is None or kind.split(b";", 1)[0].strip().lower() in _UNPREFLIGHTED_TYPES
 
 
+FOREIGN_HOST = (
+    "this service has no API keys and answers only requests addressed to this machine"
+    " (Host: localhost or a loopback address); configure keys to serve it under other names"
+)
+
+
+def foreign_host(scope: Scope) -> bool:
+    """Whether a request's (first) Host names another machine."""
+    host = next((value for name, value in scope["headers"] if name == b"host"), None)
+    return host is not None and not loopback_host(host)
+
+
 def loopback_only(keys: Sequence[Key]) -> bool:
     """Whether this process serves with no keys, on loopback only (`serve` says so: see the module's docstring)."""
     return not keys and os.environ.get(LOOPBACK_ONLY_ENV) == "1"
@@ -235,10 +247,7 @@ def _loopback_only(app: ASGIApp) -> ASGIApp:
                 elif name == b"origin" and origin is None:
                     origin = value
             if host is not None and not loopback_host(host):
-                raise PermissionDeniedException(
-                    "this service has no API keys and answers only requests addressed to this machine"
-                    " (Host: localhost or a loopback address); configure keys to serve it under other names"
-                )
+                raise PermissionDeniedException(FOREIGN_HOST)
             if origin is not None and _unpreflighted_write(scope) and not loopback_origin(origin.decode("latin-1")):
                 raise PermissionDeniedException(
                     "this service has no API keys and takes a write that needs no CORS preflight (a form's) only"
