@@ -10,6 +10,7 @@ from litestar.testing import AsyncTestClient
 from tasktrail.http import auth
 from tasktrail.http.app import create_app
 from tests.conftest import assert_verifies, fresh_database
+from tests.test_api.test_encodings import call
 from tests.test_api.test_errors import problem
 
 pytestmark = pytest.mark.anyio
@@ -162,6 +163,16 @@ def test_a_bad_keys_file_is_refused_without_echoing_it(text: str) -> None:
 def test_entries_may_be_commented_and_comma_separated() -> None:
     text = "# ops keys\n" + CONFIGURED[0].entry() + ", " + CONFIGURED[1].entry() + "  # CI\n\n" + CONFIGURED[2].entry()
     assert auth.parse(text, "keys.txt") == CONFIGURED
+
+
+async def test_two_authorization_headers_that_differ_are_400_whichever_is_known(secured: AsyncTestClient) -> None:
+    """Audit: two unknown keys were 401, one known and one unknown 400; docs/errors.md says 400."""
+    for first, second in (("tt_unknown1", "tt_unknown2"), (KEYS["read"], "tt_unknown"), ("tt_unknown", KEYS["read"])):
+        headers = [(b"authorization", f"Bearer {first}".encode()), (b"authorization", f"Bearer {second}".encode())]
+        answer = await call(secured.app, "GET", b"/tasks/", headers=headers)
+        assert (answer.status, b"Authorization" in answer.body) == (400, True), (first, second, answer)
+    same = [(b"authorization", f"Bearer {KEYS['read']}".encode())] * 2
+    assert (await call(secured.app, "GET", b"/tasks/", headers=same)).status == 200
 
 
 async def test_batches_need_the_write_scope_and_record_the_actor(secured: AsyncTestClient) -> None:

@@ -34,7 +34,7 @@ from typing import Any
 
 import msgspec
 from litestar.connection import ASGIConnection
-from litestar.exceptions import NotAuthorizedException, PermissionDeniedException
+from litestar.exceptions import ClientException, NotAuthorizedException, PermissionDeniedException
 from litestar.handlers import BaseRouteHandler
 from litestar.types import ASGIApp, Receive, Scope, Send
 
@@ -164,8 +164,11 @@ def middleware(keys: Sequence[Key], signer: sessions.Signer | None = None) -> li
         if needed is None:
             return
         # The raw header, as connection.headers.get would find it (the first), without building every header
-        # into a multidict first. (http/wellformed.py refuses two Authorization headers that differ.)
-        header = next((value for name, value in scope["headers"] if name == b"authorization"), None)
+        # into a multidict first. Two that differ are a 400, as http/wellformed.py answers it, whichever is known.
+        given = [value for name, value in scope["headers"] if name == b"authorization"]
+        if len(set(given)) > 1:
+            raise ClientException("give one Authorization header, not several that differ")
+        header = given[0] if given else None
         if header is None and signer is not None:
             connection: ASGIConnection[Any, Any, Any, Any] = ASGIConnection(scope, receive, send)
             if sessions.COOKIE in connection.cookies:
