@@ -595,12 +595,11 @@ def rebuild(
     # The lock is a session lock, held by this connection for the whole rebuild.
     with psycopg.connect(conninfo, autocommit=True, options=db.SESSION_OPTIONS + NO_TIMEOUT) as guard:
         lock = {"key": LOCK_KEY}
-        if wait:
-            if not guard.execute(TRY_LOCK, lock).fetchone()[0]:  # type: ignore[index]
-                log.info("another process is building read models; waiting for it to finish")
-                guard.execute(WAIT_LOCK, lock)
-        elif not guard.execute(TRY_LOCK, lock).fetchone()[0]:  # type: ignore[index]
-            raise RebuildBusy("another rebuild is running; try again when it has finished")
+        if not guard.execute(TRY_LOCK, lock).fetchone()[0]:  # type: ignore[index]
+            if not wait:
+                raise RebuildBusy("another rebuild is running; try again when it has finished")
+            log.info("another process is building read models; waiting for it to finish")
+            guard.execute(WAIT_LOCK, lock)
         states = {(name, version): state for name, version, state in guard.execute(LIVE_STATES).fetchall()}
         if missing_only:
             modules = [m for m in modules if states.get((m.NAME, m.VERSION)) != "live"]
