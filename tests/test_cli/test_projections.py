@@ -14,6 +14,7 @@ import httpx
 import psycopg
 
 from tasktrail import db
+from tasktrail.projections import tasks
 from tests.conftest import Server, fresh_database
 
 
@@ -40,14 +41,14 @@ def test_status_then_rebuild_then_status(live_server: str, database_url: str) ->
     assert lines[0].split() == ["projection", "version", "state", "behind", "processes", "since"]
     # Both of this code's versions, live, nothing behind, used by the one server process.
     assert lines[1].split()[:5] == ["stats", "1", "live", "0", "1"]
-    assert lines[2].split()[:5] == ["tasks", "1", "live", "0", "1"]
+    assert lines[2].split()[:5] == ["tasks", str(tasks.VERSION), "live", "0", "1"]
     assert "(this code)" in lines[2]
     assert lines[3] == "log head: position 10"
 
     done = tasktrail(database_url, "projections", "rebuild")
     assert done.returncode == 0, done.stderr
     assert "rebuilt tasks, stats from 10 events in" in done.stderr
-    assert "tasks version 1, stats version 1" in done.stderr
+    assert f"tasks version {tasks.VERSION}, stats version 1" in done.stderr
     assert "replay" in done.stderr  # the progress bar's first step
 
     with httpx.Client(base_url=live_server) as client:  # the running server goes on, on the new tables

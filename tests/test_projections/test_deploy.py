@@ -1,7 +1,7 @@
 """A rolling deploy of a new read-model version: two releases' server processes on one PostgreSQL.
 
-Release N runs this code's read models (tasks version 1); release N+1 runs the
-test-only tasks version 2 (tasks_v2.py: duration_seconds), chosen through
+Release N runs this code's read models (tasks version NOW); release N+1 runs the
+test-only tasks version NEXT (tasks_next.py: duration_seconds), chosen through
 TASKTRAIL_READ_MODELS. Both take writes at the same time; neither refuses one.
 """
 
@@ -22,15 +22,17 @@ from typing import Any
 import httpx
 import psycopg
 import pytest
+from psycopg import sql
 
 from tasktrail import db, projections
-from tasktrail.projections import stats, versions
+from tasktrail.projections import stats, tasks, versions
 from tasktrail.verify import fold_log
 from tests.conftest import Server
-from tests.test_projections import tasks_v2
+from tests.test_projections import tasks_next
 
-RELEASE_N1 = {"TASKTRAIL_READ_MODELS": "tests.test_projections.tasks_v2,tasktrail.projections.stats"}
-V2 = (tasks_v2, stats)
+RELEASE_N1 = {"TASKTRAIL_READ_MODELS": "tests.test_projections.tasks_next,tasktrail.projections.stats"}
+V2 = (tasks_next, stats)
+NOW, NEXT = tasks.VERSION, tasks_next.VERSION
 
 
 def env(database_url: str, release: dict[str, str] | None = None) -> dict[str, str]:
@@ -202,7 +204,7 @@ def test_two_releases_serve_and_write_side_by_side_then_the_old_version_is_prune
     clients = Clients([old.url])
     clients.wait_for(150)
 
-    # Release N+1 starts: it builds tasks version 2 from the log while release N takes writes.
+    # Release N+1 starts: it builds tasks version NEXT from the log while release N takes writes.
     new = up(Starting(env(database_url, RELEASE_N1), log_dir=tmp_path))
     servers.append(new)
     assert "rebuilt tasks from" in new.log()
@@ -216,21 +218,21 @@ def test_two_releases_serve_and_write_side_by_side_then_the_old_version_is_prune
     assert answers[200] > 20
 
     caught_up(database_url)
-    assert "tasks version 1" in verified(database_url)
-    assert "tasks version 2" in verified(database_url, "--version", "tasks=2")
+    assert f"tasks version {NOW}" in verified(database_url)
+    assert f"tasks version {NEXT}" in verified(database_url, "--version", f"tasks={NEXT}")
     with connect(database_url) as conn:
         conn.autocommit = False
         _, states = fold_log(conn)
     live = {str(task_id): task for task_id, task in states.items() if task is not None}
     with connect(database_url, V2) as conn:
         durations = {str(k): v for k, v in conn.execute("SELECT task_id, duration_seconds FROM tasks").fetchall()}
-    assert durations == {task_id: tasks_v2.duration(task) for task_id, task in live.items()}
+    assert durations == {task_id: tasks_next.duration(task) for task_id, task in live.items()}
     assert any(d is not None for d in durations.values())
     with connect(database_url) as conn:
         columns = [c.name for c in conn.execute("SELECT * FROM tasks LIMIT 0").description]
         assert "duration_seconds" not in columns
 
-    # Each release reads its own version's rows: a mark made in version 1 only is seen by release N only.
+    # Each release reads its own version's rows: a mark made in version NOW only is seen by release N only.
     task_id = next(iter(live))
     with connect(database_url) as conn:
         conn.execute("UPDATE tasks SET progress = 42.25 WHERE task_id = %s", (task_id,))
@@ -287,22 +289,22 @@ def test_two_releases_serve_and_write_side_by_side_then_the_old_version_is_prune
             assert started.json()["results"][0].get("task", {}).get("version") == 6, (n, started.text)
             assert one.patch(path, json={"progress": 50}).json()["version"] == 7
 
-    # Version 1 cannot go while release N runs; it goes once its last process has stopped.
+    # Version NOW cannot go while release N runs; it goes once its last process has stopped.
     refused_prune = tasktrail(database_url, "projections", "prune", release=RELEASE_N1)
     assert refused_prune.returncode == 1
-    assert "tasks version 1 is in use by a running process" in refused_prune.stderr
+    assert f"tasks version {NOW} is in use by a running process" in refused_prune.stderr
     status = tasktrail(database_url, "projections", "status", release=RELEASE_N1).stdout
     assert [line.split()[:5] for line in status.splitlines()[1:4]] == [
         ["stats", "1", "live", "0", "2"],
-        ["tasks", "1", "live", "0", "1"],
-        ["tasks", "2", "live", "0", "1"],
+        ["tasks", str(NOW), "live", "0", "1"],
+        ["tasks", str(NEXT), "live", "0", "1"],
     ]
     old.stop()
     pruned = tasktrail(database_url, "projections", "prune", release=RELEASE_N1)
     assert pruned.returncode == 0, pruned.stderr
-    assert pruned.stdout == "pruned tasks version 1: dropped schema rm_tasks_v1\n"
+    assert pruned.stdout == f"pruned tasks version {NOW}: dropped schema rm_tasks_v{NOW}\n"
     assert httpx.post(f"{new.url}/tasks/", json={"task_type": "after"}).status_code == 201
-    assert "tasks version 2" in verified(database_url, "--version", "tasks=2")
+    assert f"tasks version {NEXT}" in verified(database_url, "--version", f"tasks={NEXT}")
 
     # And back: release N starting again builds its version anew, from the log.
     again = up(Starting(env(database_url), log_dir=tmp_path))
@@ -340,14 +342,14 @@ def test_a_new_release_killed_while_it_builds_starts_over_and_the_old_one_never_
 
     with connect(database_url) as holder:
         # The build's last step waits for this lock: the new release is killed there, its tables built.
-        holder.execute("SELECT pg_advisory_lock(hashtext('tasktrail.follows'), hashtext('tasks:2'))")
+        holder.execute(f"SELECT pg_advisory_lock(hashtext('tasktrail.follows'), hashtext('tasks:{NEXT}'))")
         new = Starting(env(database_url, RELEASE_N1), log_dir=tmp_path)
         servers.append(new)
         wait_until_blocked(database_url, versions.FOLLOWS)
         new.stop(signal.SIGKILL)
     status = tasktrail(database_url, "projections", "status", release=RELEASE_N1).stdout
-    assert "tasks version 2 was being built and was interrupted" in status
-    assert "schema rm_tasks_v2_new is left from an interrupted rebuild" in status
+    assert f"tasks version {NEXT} was being built and was interrupted" in status
+    assert f"schema rm_tasks_v{NEXT}_new is left from an interrupted rebuild" in status
 
     again = up(Starting(env(database_url, RELEASE_N1), log_dir=tmp_path))
     servers.append(again)
@@ -368,19 +370,20 @@ def test_a_new_release_killed_while_it_builds_starts_over_and_the_old_one_never_
     assert not [code for code in answers if code >= 500]
     caught_up(database_url)
     verified(database_url)
-    verified(database_url, "--version", "tasks=2")
+    verified(database_url, "--version", f"tasks={NEXT}")
     status = tasktrail(database_url, "projections", "status", release=RELEASE_N1).stdout
     assert "interrupted" not in status
 
 
 def test_a_prune_killed_halfway_changes_nothing(database_url: str, tmp_path: Path) -> None:
-    done = tasktrail(database_url, "migrate", release=RELEASE_N1)  # builds tasks version 2 beside version 1
+    done = tasktrail(database_url, "migrate", release=RELEASE_N1)  # builds tasks version NEXT beside NOW
     assert done.returncode == 0, done.stderr
     with connect(database_url) as reader:
         reader.autocommit = False
-        reader.execute("SELECT count(*) FROM rm_tasks_v1.tasks")  # holds the drop off
+        held = sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(projections.schema("tasks", NOW), "tasks"))
+        reader.execute(held)  # holds the drop off
         pruning = subprocess.Popen(
-            [sys.executable, "-m", "tasktrail", "projections", "prune", "tasks", "1"],
+            [sys.executable, "-m", "tasktrail", "projections", "prune", "tasks", str(NOW)],
             env=env(database_url, RELEASE_N1),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -395,13 +398,15 @@ def test_a_prune_killed_halfway_changes_nothing(database_url: str, tmp_path: Pat
         pruning.communicate(timeout=30)
     with connect(database_url) as conn:
         assert conn.execute(
-            "SELECT state FROM projection_versions WHERE name = 'tasks' AND version = 1"
+            "SELECT state FROM projection_versions WHERE name = 'tasks' AND version = %s", (NOW,)
         ).fetchone() == ("live",)
-        assert conn.execute("SELECT to_regnamespace('rm_tasks_v1') IS NOT NULL").fetchone() == (True,)
+        assert conn.execute(
+            "SELECT to_regnamespace(%s) IS NOT NULL", (projections.schema("tasks", NOW),)
+        ).fetchone() == (True,)
     verified(database_url)
-    done = tasktrail(database_url, "projections", "prune", "tasks", "1", release=RELEASE_N1)
+    done = tasktrail(database_url, "projections", "prune", "tasks", str(NOW), release=RELEASE_N1)
     assert done.returncode == 0, done.stderr
-    assert "tasks version 2" in verified(database_url, "--version", "tasks=2")
+    assert f"tasks version {NEXT}" in verified(database_url, "--version", f"tasks={NEXT}")
 
 
 # The backends of every tasktrail server process on this database, and those holding a version's liveness lock.
@@ -471,7 +476,7 @@ def test_a_release_whose_version_was_pruned_under_it_refuses_rather_than_use_the
     mine = "SELECT pid FROM pg_stat_activity WHERE application_name LIKE %s"
     for _ in range(20):
         terminate(database_url, mine, f"tasktrail[{old.process.pid}]%")
-        done = tasktrail(database_url, "projections", "prune", "tasks", "1", release=RELEASE_N1)
+        done = tasktrail(database_url, "projections", "prune", "tasks", str(NOW), release=RELEASE_N1)
         if done.returncode == 0:
             break
         time.sleep(0.2)
@@ -499,4 +504,4 @@ def test_a_release_whose_version_was_pruned_under_it_refuses_rather_than_use_the
     assert httpx.get(f"{new.url}/tasks/{made['task_id']}").json()["task_type"] == "pruned"
     with psycopg.connect(database_url) as conn:
         assert conn.execute("SELECT count(*) FROM tasks WHERE duration_seconds IS NULL").fetchone() == (1,)
-    assert "tasks version 2" in verified(database_url, "--version", "tasks=2")
+    assert f"tasks version {NEXT}" in verified(database_url, "--version", f"tasks={NEXT}")

@@ -15,12 +15,14 @@ from tasktrail import db, eventstore, projections, writer
 from tasktrail.domain import events
 from tasktrail.domain.events import ProgressReported
 from tasktrail.domain.task import CreateTask, DeleteTask, Status, UpdateTask
-from tasktrail.projections import INLINE, ProjectionOutdated, follow, stats, versions
+from tasktrail.projections import INLINE, ProjectionOutdated, follow, stats, tasks, versions
 from tasktrail.projections import rebuild as rebuilding
 from tasktrail.projections.rebuild import RebuildBusy, SwapFailed, prepare, rebuild
 from tasktrail.verify import fold_log, verify
 from tests.conftest import holding
-from tests.test_projections import tasks_v2
+from tests.test_projections import tasks_next
+
+NOW, NEXT = tasks.VERSION, tasks_next.VERSION  # this code's version of tasks, the test-only next one
 
 # Text that COPY and JSON both escape, and the separators the replay uses.
 AWKWARD = 'C:\\dir\\"quoted"\tü€ \x1e\x1f\n end'
@@ -93,18 +95,18 @@ def registry(database_url: str) -> list[Any]:
         return conn.execute(REGISTRY).fetchall()
 
 
-def new_schema_left(database_url: str, name: str = "rm_tasks_v1_new") -> bool:
+def new_schema_left(database_url: str, name: str = f"rm_tasks_v{NOW}_new") -> bool:
     with connect(database_url) as conn:
         return conn.execute(SCHEMA_EXISTS, {"schema": name}).fetchone()[0]
 
 
 def test_a_fresh_database_gets_this_codes_versions_from_their_modules(database_url: str) -> None:
     """No migration makes a read model's tables: the modules' definitions do, once per version."""
-    assert registry(database_url) == [("stats", 1, "live"), ("tasks", 1, "live")]
+    assert registry(database_url) == [("stats", 1, "live"), ("tasks", NOW, "live")]
     with connect(database_url) as conn:
         where = "SELECT relnamespace::regnamespace::text FROM pg_class WHERE oid = %s::regclass"
         assert [conn.execute(where, (table,)).fetchone()[0] for table in ("tasks", "task_counts")] == [
-            "rm_tasks_v1",
+            f"rm_tasks_v{NOW}",
             "rm_stats_v1",
         ]
     with psycopg.connect(database_url) as conn:  # without a version's search_path: views of the newest
@@ -121,7 +123,7 @@ def test_a_rebuild_of_the_same_version_reproduces_the_read_model(database_url: s
     assert (done.names, done.events, done.caught_up, done.position) == (["tasks", "stats"], 72, 0, 72)
     assert read_model(database_url) == before
     assert schema(database_url) == built, "the rebuilt tables differ from the ones first built"
-    assert registry(database_url) == [("stats", 1, "live"), ("tasks", 1, "live")]
+    assert registry(database_url) == [("stats", 1, "live"), ("tasks", NOW, "live")]
     assert not new_schema_left(database_url)
     report = verify(database_url)
     assert report.ok, report.summary()
@@ -129,11 +131,11 @@ def test_a_rebuild_of_the_same_version_reproduces_the_read_model(database_url: s
 
 def test_status_shows_every_version_its_state_and_who_uses_it(database_url: str) -> None:
     asyncio.run(seed(database_url, 3))
-    found, head, _ = versions.status(database_url, [tasks_v2, stats])
+    found, head, _ = versions.status(database_url, [tasks_next, stats])
     assert [(v.name, v.version, v.state, v.behind, v.processes, v.code) for v in found] == [
         ("stats", 1, "live", 0, 0, True),
-        ("tasks", 1, "live", 0, 0, False),
-        ("tasks", 2, "missing", 0, 0, True),
+        ("tasks", NOW, "live", 0, 0, False),
+        ("tasks", NEXT, "missing", 0, 0, True),
     ]
     assert head == 6
     with connect(database_url) as holder:
@@ -186,7 +188,7 @@ def test_catching_up_a_deleted_or_unknown_task_waits_for_no_round(database_url: 
             await conn.execute("SET lock_timeout = '1s'")  # a round would wait for the lock held below
             return await follow.catch_up(conn, streams=[deleted, uuid4()])
 
-    with holding(database_url, follow.LOCK, versions.key(versions.FOLLOWS, "tasks", 1)):
+    with holding(database_url, follow.LOCK, versions.key(versions.FOLLOWS, "tasks", NOW)):
         assert asyncio.run(catch_up()) == 0
 
 
@@ -385,7 +387,7 @@ async def test_code_of_a_version_without_tables_is_refused_as_outdated_not_as_an
 ) -> None:
     # A process of a release whose version was never built (or was pruned):
     # its statement names tables that do not exist; nothing is appended.
-    monkeypatch.setattr(projections, "INLINE", (tasks_v2, stats))
+    monkeypatch.setattr(projections, "INLINE", (tasks_next, stats))
     async with await psycopg.AsyncConnection.connect(database_url, **db.connect_kwargs()) as conn:
         with pytest.raises(ProjectionOutdated, match="restart"):
             await writer.create(conn, CreateTask(task_type="t"), {})
@@ -429,7 +431,7 @@ class Writer(threading.Thread):
 
 
 def test_a_new_version_is_built_while_the_old_release_writes_and_then_follows_it(database_url: str) -> None:
-    """Version 2 of tasks adds duration_seconds; it is built beside version 1, which stays as it was."""
+    """The next version of tasks adds duration_seconds; it is built beside this one, which stays as it was."""
     asyncio.run(seed(database_url, 30))
     service = Writer(database_url)
     service.start()
@@ -440,35 +442,35 @@ def test_a_new_version_is_built_while_the_old_release_writes_and_then_follows_it
             if step in ("replay", "catch up"):
                 service.wait_for(3)  # so events arrive after the replay's snapshot, and during the catch-up
 
-        done = prepare(database_url, [tasks_v2, stats], hold_the_replay)
-        service.wait_for(5)  # version 1 keeps being written; version 2 only follows
+        done = prepare(database_url, [tasks_next, stats], hold_the_replay)
+        service.wait_for(5)  # this version keeps being written; the next one only follows
     finally:
         service.stop.set()
         service.join()
     assert service.error is None, service.error
     assert done.names == ["tasks"]
     assert done.caught_up > 0
-    assert registry(database_url) == [("stats", 1, "live"), ("tasks", 1, "live"), ("tasks", 2, "live")]
+    assert registry(database_url) == [("stats", 1, "live"), ("tasks", NOW, "live"), ("tasks", NEXT, "live")]
 
     with psycopg.connect(database_url, **db.connect_kwargs()) as conn:
-        conn.execute(f"SET search_path = {projections.search_path([tasks_v2, stats])}")
+        conn.execute(f"SET search_path = {projections.search_path([tasks_next, stats])}")
         before = conn.execute("SELECT count(*) FROM tasks").fetchone()[0]
-    applied = asyncio.run(catch_up(database_url, [tasks_v2, stats]))
-    assert applied > 0  # what release N wrote since version 2 went live; stats version 1 had it already
+    applied = asyncio.run(catch_up(database_url, [tasks_next, stats]))
+    assert applied > 0  # what release N wrote since the next version went live; stats version 1 had it already
 
-    report = verify(database_url, {"tasks": 2})
+    report = verify(database_url, {"tasks": NEXT})
     assert report.ok, report.summary()
-    assert verify(database_url).ok  # version 1 too
+    assert verify(database_url).ok  # this version too
     with connect(database_url, autocommit=False) as conn:
         _, states = fold_log(conn)
-        conn.execute(f"SET search_path = {projections.search_path([tasks_v2, stats])}")
+        conn.execute(f"SET search_path = {projections.search_path([tasks_next, stats])}")
         durations = dict(conn.execute("SELECT task_id, duration_seconds FROM tasks").fetchall())
     live = {task_id: task for task_id, task in states.items() if task is not None}
     assert durations.keys() == live.keys()
     assert len(live) > before > 0
-    assert {task_id: tasks_v2.duration(task) for task_id, task in live.items()} == durations
+    assert {task_id: tasks_next.duration(task) for task_id, task in live.items()} == durations
     assert sum(d is not None for d in durations.values()) > len(service.created) // 2
-    # Version 1's tables were left as they were: no duration there.
+    # This version's tables were left as they were: no duration there.
     with connect(database_url) as conn:
         assert "duration_seconds" not in [c.name for c in conn.execute("SELECT * FROM tasks LIMIT 0").description]
 
@@ -512,12 +514,13 @@ def test_a_version_being_rebuilt_is_in_use_so_prune_leaves_it_alone(database_url
     def prune_meanwhile(step: str, done: int, total: int) -> None:
         if step == "replay" and not during:
             with pytest.raises(versions.InUse):
-                versions.prune(database_url, "tasks", 2)
-            during.append(versions.status(database_url, [tasks_v2, stats])[2])
+                versions.prune(database_url, "tasks", NEXT)
+            during.append(versions.status(database_url, [tasks_next, stats])[2])
 
-    assert prepare(database_url, [tasks_v2, stats], prune_meanwhile).names == ["tasks"]
+    assert prepare(database_url, [tasks_next, stats], prune_meanwhile).names == ["tasks"]
     assert during == [[]]  # the new tables being filled are not "left from an interrupted rebuild"
-    assert ("tasks", 2, "live") in registry(database_url)
-    assert verify(database_url, {"tasks": 2}).ok
-    assert versions.prune(database_url, "tasks", 2) == "pruned tasks version 2: dropped schema rm_tasks_v2"
-    assert versions.prune(database_url, "tasks", 2) == "tasks version 2 was pruned already"
+    assert ("tasks", NEXT, "live") in registry(database_url)
+    assert verify(database_url, {"tasks": NEXT}).ok
+    pruned = f"pruned tasks version {NEXT}: dropped schema rm_tasks_v{NEXT}"
+    assert versions.prune(database_url, "tasks", NEXT) == pruned
+    assert versions.prune(database_url, "tasks", NEXT) == f"tasks version {NEXT} was pruned already"

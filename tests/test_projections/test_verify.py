@@ -13,6 +13,7 @@ from uuid import uuid4
 import anyio
 import psycopg
 import pytest
+from psycopg import sql
 
 from tasktrail import db, projections, writer
 from tasktrail import verify as verifying
@@ -21,7 +22,7 @@ from tasktrail.domain.task import CreateTask, Status, UpdateTask, evolve
 from tasktrail.projections import INLINE, stats, tasks
 from tasktrail.projections.rebuild import prepare, rebuild
 from tasktrail.verify import fold_log, verify
-from tests.test_projections import tasks_v2
+from tests.test_projections import tasks_next
 
 pytestmark = pytest.mark.anyio
 
@@ -134,10 +135,10 @@ async def test_a_rebuild_that_swaps_while_verify_runs_is_no_difference(
 
 
 async def test_a_column_a_new_version_adds_is_compared_too(database_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    # tasks version 2 adds duration_seconds: verify compared version 1's columns only, so a wrong
-    # duration verified. With version 2's code (a process of release N+1), its own columns count too.
-    monkeypatch.setattr(projections, "INLINE", (tasks_v2, stats))
-    await asyncio.to_thread(prepare, database_url, [tasks_v2, stats])
+    # The next tasks version adds duration_seconds: verify compared this version's columns only, so a
+    # wrong duration verified. With the next version's code (a process of release N+1), its own count too.
+    monkeypatch.setattr(projections, "INLINE", (tasks_next, stats))
+    await asyncio.to_thread(prepare, database_url, [tasks_next, stats])
     async with await psycopg.AsyncConnection.connect(database_url, **db.connect_kwargs()) as conn:
         await seed(conn)
         timed = await writer.create(conn, CreateTask(task_type="timed"), {})
@@ -145,15 +146,16 @@ async def test_a_column_a_new_version_adds_is_compared_too(database_url: str, mo
         await writer.change(conn, timed.task_id, UpdateTask(status=Status.COMPLETED), {})
     report = verify(database_url)
     assert report.ok, report.summary()
-    assert report.versions == {"tasks": 2, "stats": 1}
+    assert report.versions == {"tasks": tasks_next.VERSION, "stats": 1}
     with psycopg.connect(database_url, autocommit=True) as conn:
-        conn.execute("UPDATE rm_tasks_v2.tasks SET duration_seconds = 987654 WHERE task_type = 'timed'")
+        table = sql.Identifier(projections.schema("tasks", tasks_next.VERSION), "tasks")
+        conn.execute(sql.SQL("UPDATE {} SET duration_seconds = 987654 WHERE task_type = 'timed'").format(table))
     report = verify(database_url)
     assert not report.ok
     assert f"task {timed.task_id}: duration_seconds: read model 987654.0" in report.summary()
-    # Without version 2's code nothing says what the column should hold: version 1's columns are compared.
+    # Without the next version's code nothing says what the column should hold: this one's columns are compared.
     monkeypatch.setattr(projections, "INLINE", (tasks, stats))
-    assert verify(database_url, {"tasks": 2}).ok
+    assert verify(database_url, {"tasks": tasks_next.VERSION}).ok
 
 
 def test_an_added_column_compares_as_sql_has_it_and_json_as_json() -> None:

@@ -15,8 +15,11 @@ import pytest
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
 from prometheus_client.parser import text_string_to_metric_families
+from psycopg import sql
 
+from tasktrail import projections
 from tasktrail.http.app import create_app
+from tasktrail.projections import tasks
 from tasktrail.replicas import DOWN, FOREIGN, HEADER, LAGGING, NOT_A_STANDBY, SERVING
 from tests.conftest import Server, prepared
 from tests.replication import STANDBY_SETTINGS, Node, Pair
@@ -184,7 +187,8 @@ async def test_a_promoted_standby_gets_no_reads(tmp_path: Path) -> None:
                 conn.execute("SELECT pg_promote()")
             with pair.standby.connect("promoted") as conn:
                 await until(lambda: conn.execute("SELECT NOT pg_is_in_recovery()").fetchone()[0], "promoted")
-                conn.execute("UPDATE rm_tasks_v1.tasks SET error = 'only on the promoted server'")
+                table = sql.Identifier(projections.schema("tasks", tasks.VERSION), "tasks")
+                conn.execute(sql.SQL("UPDATE {} SET error = 'only on the promoted server'").format(table))
             await until(lambda: replica.state == NOT_A_STANDBY, "the promoted standby is found out")
             for _ in range(4):
                 assert (await client.get(f"/tasks/{task['task_id']}")).json()["error"] is None

@@ -21,7 +21,9 @@ if TYPE_CHECKING:
     from tasktrail.projections import Change
 
 NAME = "tasks"
-VERSION = 1
+# 1: migration 0002's table. 2: an index on (task_type, status, id), so a list
+# filtered by both is a range of one index, not a scan of every task's row.
+VERSION = 2
 
 COLUMNS = (
     "id, task_id, task_type, status, progress, params, result, error, retry_count,"
@@ -31,7 +33,6 @@ COLUMNS = (
 # What a rebuild needs: the tables this read model owns, created without their
 # indexes (building those once after the bulk load is much faster than
 # keeping them up to date row by row), and its rows from the tasks' states.
-# The same definitions as migration 0002, which made version 1.
 TABLES = ("tasks",)
 CREATE = (
     """
@@ -58,11 +59,15 @@ INDEXES = (  # built at the same time, so the keys first as plain unique indexes
     "CREATE UNIQUE INDEX tasks_task_id_key ON tasks (task_id)",
     "CREATE INDEX tasks_type_id ON tasks (task_type, id)",
     "CREATE INDEX tasks_status_id ON tasks (status, id)",
+    "CREATE INDEX tasks_type_status_id ON tasks (task_type, status, id)",
     "CREATE INDEX tasks_completed_at ON tasks (completed_at) WHERE completed_at IS NOT NULL",
 )
 AFTER_INDEXES = (
     "ALTER TABLE tasks ADD CONSTRAINT tasks_pkey PRIMARY KEY USING INDEX tasks_pkey",
     "ALTER TABLE tasks ADD CONSTRAINT tasks_task_id_key UNIQUE USING INDEX tasks_task_id_key",
+    # How often each task type has each status: a list filtered by both is estimated by the pair,
+    # not as if the two were independent (which makes a rare pair look common, see list_page).
+    "CREATE STATISTICS tasks_type_status (mcv) ON task_type, status FROM tasks",
     # The columns queries filter and sort on; params and result are never searched, and
     # task_id only through its unique index, which tells the planner all it needs.
     "ANALYZE tasks (id, task_type, status, completed_at)",
@@ -217,6 +222,17 @@ def _list_query(columns: str, params: dict[str, Any]) -> sql.Composed:
     return sql.SQL(LIST).format(sql.SQL(columns), sql.SQL(" AND ").join(where))  # type: ignore[arg-type]
 
 
+def _prepared(params: dict[str, Any]) -> bool | None:
+    """Whether a list query may use a prepared plan: not one filtered by both status and task type.
+
+    A pair the table holds a few of (3 running tasks of a type among 120,000) is found in
+    tasks_type_status_id; but a plan made for any pair, as a prepared statement's is, walks
+    the newest tasks along tasks_pkey until it has a page, through every task (25-45 ms at
+    120,000 tasks, against 0.03 ms). Planned with the values, the pair's statistics choose.
+    """
+    return False if params["status"] is not None and params["task_type"] is not None else None
+
+
 async def list_page(
     conn: psycopg.AsyncConnection,
     *,
@@ -229,7 +245,7 @@ async def list_page(
     """Live tasks newest first; `before` is the keyset cursor (an id)."""
     params = {"status": status, "task_type": task_type, "before": before, "skip": skip, "limit": limit}
     # Rows in the binary format: less converting on both sides (7% less CPU per page of 100).
-    cur = await conn.execute(_list_query(COLUMNS, params), params, binary=True)
+    cur = await conn.execute(_list_query(COLUMNS, params), params, binary=True, prepare=_prepared(params))
     return [to_task(row) for row in await cur.fetchall()]
 
 
@@ -244,7 +260,7 @@ async def list_shown(
     """The same page as list_page, with only what a list shows (the dashboard's: params can be large)."""
     params = {"status": status, "task_type": task_type, "before": before, "skip": 0, "limit": limit}
     cur = conn.cursor(binary=True, row_factory=args_row(Listed))
-    await cur.execute(_list_query(LISTED, params), params)
+    await cur.execute(_list_query(LISTED, params), params, prepare=_prepared(params))
     return await cur.fetchall()
 
 

@@ -1,4 +1,4 @@
-"""Version 2 of the `tasks` read model, for the rebuild tests: v1 plus `duration_seconds`.
+"""The next version of the `tasks` read model, for the rebuild tests: this code's plus `duration_seconds`.
 
 Derived from the events: the time from the task's start to its finish.
 """
@@ -12,21 +12,21 @@ import msgspec
 
 from tasktrail.domain.task import Task
 from tasktrail.projections import Change
-from tasktrail.projections import tasks as v1
+from tasktrail.projections import tasks as now
 
 NAME = "tasks"
-VERSION = 2
-TABLES = v1.TABLES
-CREATE = (*v1.CREATE, "ALTER TABLE tasks ADD COLUMN duration_seconds double precision")
-INDEXES = v1.INDEXES
-AFTER_INDEXES = v1.AFTER_INDEXES
-COLUMNS = f"{v1.COLUMNS}, duration_seconds"
+VERSION = now.VERSION + 1
+TABLES = now.TABLES
+CREATE = (*now.CREATE, "ALTER TABLE tasks ADD COLUMN duration_seconds double precision")
+INDEXES = now.INDEXES
+AFTER_INDEXES = now.AFTER_INDEXES
+COLUMNS = f"{now.COLUMNS}, duration_seconds"
 COPY = f"COPY tasks ({COLUMNS}) FROM STDIN (FORMAT BINARY, FREEZE)"
-COPY_TYPES = (*v1.COPY_TYPES, "float8")
+COPY_TYPES = (*now.COPY_TYPES, "float8")
 
 
 def _with_duration(part: str) -> str:
-    """v1's part of a write's statement for the tasks' states, writing duration_seconds too."""
+    """this code's part of a write's statement for the tasks' states, writing duration_seconds too."""
     for old, new in [
         ("completed_at, version)", "completed_at, version, duration_seconds)"),
         ("r.completed_at, r.version", "r.completed_at, r.version, r.duration_seconds"),
@@ -38,7 +38,7 @@ def _with_duration(part: str) -> str:
     return part
 
 
-PARTS = v1.PARTS | {"tasks": _with_duration(v1.PARTS["tasks"])}
+PARTS = now.PARTS | {"tasks": _with_duration(now.PARTS["tasks"])}
 
 
 def duration(task: Task) -> float | None:
@@ -49,11 +49,11 @@ def duration(task: Task) -> float | None:
 
 def rows(tasks: Iterable[Task]) -> Iterator[tuple[Any, ...]]:
     for task in tasks:
-        (row,) = v1.rows([task])
+        (row,) = now.rows([task])
         yield (*row, duration(task))
 
 
 def document(changes: Sequence[Change]) -> dict[str, Any]:
-    write = v1.document(changes)
+    write = now.document(changes)
     write["tasks"] = [msgspec.structs.asdict(task) | {"duration_seconds": duration(task)} for task in write["tasks"]]
     return write
