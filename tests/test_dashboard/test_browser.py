@@ -639,6 +639,12 @@ def test_every_open_page_stays_live_on_one_shared_stream_and_more_still_load(ui:
     for page in pages[feeds[0]]:
         expect(page.locator("#feed-rows tr").first).to_have_attribute("data-type", "TaskRetried")
         assert len(set(feed_rows(page))) == len(feed_rows(page))
+    # A deletion, the last event a shared page hears of (with no data): every list drops the row.
+    with ui.api() as api:
+        api.delete(f"/tasks/{task['task_id']}")
+    for page in pages[lists[0]]:
+        expect(row(page, task)).to_have_count(0)
+        expect(page.locator('[data-count="total"]')).to_have_text("1")
 
     # Closing pages leaves the others live, and the last page closed closes the stream. A page opened
     # once the own ones have gone takes a place of its own.
@@ -700,12 +706,15 @@ def test_a_type_written_right_to_left_cannot_reorder_the_pages_sentences(ui: Das
     page.goto("/ui?" + urlencode({"status": "pending", "task_type": kind}))
     expect(page.locator("#live")).to_have_attribute("data-state", "live")
     expect(page.locator("h1 bdi")).to_have_text(kind)
+    expect(page.locator("#select-matching")).to_have_text(f"Select all 1 pending task of type {kind}")
+    create(ui, kind)  # the words follow the count, live
+    expect(page.locator("#select-matching")).to_have_text(f"Select all 2 pending tasks of type {kind}")
     page.locator("#select-matching").click()
-    expect(page.locator("#selection")).to_have_text(f"All 1 pending tasks of type {kind} selected.")
+    expect(page.locator("#selection")).to_have_text(f"All 2 pending tasks of type {kind} selected.")
     expect(page.locator("#selection bdi")).to_have_text(kind)
     page.locator('#bulk [data-bulk="delete"]').click()
     expect(page.locator("#bulk-confirm-text bdi")).to_have_text(kind)
-    expect(page.locator("#bulk-confirm-text")).to_contain_text(f"Delete all 1 pending tasks of type {kind}. ")
+    expect(page.locator("#bulk-confirm-text")).to_contain_text(f"Delete all 2 pending tasks of type {kind}. ")
     page.get_by_role("dialog").get_by_role("button", name="Go back").click()
 
 

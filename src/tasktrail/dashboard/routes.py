@@ -293,9 +293,10 @@ class Filters(NamedTuple):
             f" of type {self.task_type}" if self.task_type else ""
         )
 
-    def words(self) -> str:
-        """What the matching tasks are, but for their type: "failed tasks" (a page sets the type apart, in a <bdi>)."""
-        return f"{self.status.value} tasks" if self.status else "tasks"
+    def words(self, count: int = 2) -> str:
+        """What `count` matching tasks are, but for their type: "failed tasks" (a page puts the type in a <bdi>)."""
+        noun = "task" if count == 1 else "tasks"
+        return f"{self.status.value} {noun}" if self.status else noun
 
 
 def _text_parameter(name: str, value: str | None, max_length: int = 200) -> str | None:

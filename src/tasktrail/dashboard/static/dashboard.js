@@ -374,6 +374,7 @@ function tasksPage() {
     syncText(fresh, "[data-count]");
     syncText(fresh, ".head .sub");
     syncText(fresh, "#select-matching .n");
+    syncText(fresh, "#select-matching .w");
     replaceIfChanged(document.getElementById("pager"), fresh.getElementById("pager")); // "Older" comes and goes
     const freshBulk = fresh.getElementById("bulk");
     if (bulk && freshBulk) syncAttributes(bulk, freshBulk, ["data-matching"]);
@@ -386,7 +387,9 @@ function tasksPage() {
   live.follow(body.dataset.stream, {
     onEvent: (type, data) => {
       // A deleted task leaves the selection at once (its row goes at the refresh, and so would it).
-      if (type === "TaskDeleted") selected.delete(JSON.parse(data).task_id);
+      // A page fed by the shared worker hears only that something happened, with no data: the
+      // refresh's own check of the selection against the rows shown takes the task out then.
+      if (type === "TaskDeleted" && data) selected.delete(JSON.parse(data).task_id);
       refresh();
     },
     onOpen: refresh,
@@ -403,7 +406,7 @@ function tasksPage() {
     const matching = Number(bulk.dataset.matching);
     const count = allMatching ? matching : selected.size;
     const selection = document.getElementById("selection");
-    if (allMatching) selection.replaceChildren(`All ${number.format(matching)} `, ...matchingWords(), " selected.");
+    if (allMatching) selection.replaceChildren(`All ${number.format(matching)} `, ...matchingWords(matching), " selected.");
     else selection.textContent = count ? `${number.format(count)} selected.` : "No tasks selected.";
     for (const button of bulk.querySelectorAll("[data-bulk]")) button.disabled = count === 0;
     document.getElementById("select-matching").setAttribute("aria-pressed", String(allMatching));
@@ -458,7 +461,7 @@ function tasksPage() {
           count = (await matchingCount()) ?? count;
           confirmed = { count, newest };
         }
-        const what = allMatching ? [`all ${number.format(count)} `, ...matchingWords()] : [`${number.format(count)} selected ${count === 1 ? "task" : "tasks"}`];
+        const what = allMatching ? [`all ${number.format(count)} `, ...matchingWords(count)] : [`${number.format(count)} selected ${count === 1 ? "task" : "tasks"}`];
         document.getElementById("bulk-confirm-title").textContent = `${verb} ${number.format(count)} ${count === 1 ? "task" : "tasks"}?`;
         document.getElementById("bulk-confirm-text").replaceChildren(
           `${verb} `,
@@ -477,9 +480,10 @@ function tasksPage() {
 
   // What the filter matches, in words ("running tasks of type X"), the type in a <bdi>: a type written
   // right to left (or holding direction marks) cannot reorder the sentence around it.
-  function matchingWords() {
+  function matchingWords(count) {
     const status = bulk.dataset.statusFilter;
-    const words = status ? `${status} tasks` : "tasks";
+    const noun = count === 1 ? "task" : "tasks";
+    const words = status ? `${status} ${noun}` : noun;
     return bulk.dataset.typeFilter ? [`${words} of type `, el("bdi", bulk.dataset.typeFilter)] : [words];
   }
 
