@@ -271,7 +271,9 @@ async def read_feed(
         # Everything below the horizon has been read, and whatever commits
         # later has a transaction id at or above it: skip straight there.
         next_after = max(next_after, (horizon, 0))
-    return FeedPage(events, next_after, held_back, ahead=after[0] > horizon)
+    # Every event shown is below the horizon, which only moves on: a cursor past (horizon, 0) was never given
+    # out (or comes from a server further on, such as the primary when this is a replica).
+    return FeedPage(events, next_after, held_back, ahead=after > (horizon, 0))
 
 
 HEAD = f"SELECT {OLDEST_OPEN}::text"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+import psycopg
 import pytest
 from litestar.testing import AsyncTestClient
 
@@ -111,3 +112,21 @@ async def test_a_cursor_past_the_end_of_the_log_is_a_422_not_a_wait_for_ever(sha
     assert assert_problem(refused, 422)["errors"][0]["field"] == "Last-Event-ID"
     refused = await shared_client.get(f"/tasks/{task['task_id']}/stream", params={"after": future})
     assert assert_problem(refused, 422)["errors"][0]["field"] == "after"
+
+
+async def test_a_cursor_inside_the_transaction_the_head_waits_on_is_past_the_end(
+    client: AsyncTestClient, database_url: str
+) -> None:
+    # Audit: the head's transaction with a position was taken, and the events that transaction then
+    # wrote below the position were never shown to a client polling from it.
+    task = await create(client, "future")
+    with psycopg.connect(database_url) as open_transaction:  # the head stays at or below it until it ends
+        (txid,) = open_transaction.execute("SELECT txid_current()").fetchone()
+        forged = f"{txid}-999999999"
+        body = assert_problem(await client.get("/events", params={"after": forged}), 422)
+        assert "past the end of the log" in body["detail"]
+        refused = await client.get("/events/stream", headers={"Last-Event-ID": forged})
+        assert assert_problem(refused, 422)["errors"][0]["field"] == "Last-Event-ID"
+        refused = await client.get(f"/tasks/{task['task_id']}/stream", params={"after": forged})
+        assert assert_problem(refused, 422)["errors"][0]["field"] == "after"
+        assert (await client.get("/events", params={"after": f"{txid}-0"})).status_code == 200

@@ -135,7 +135,7 @@ async def given_out(request: Request, field: str, cursor: Cursor) -> None:
             head = await eventstore.head(conn)
     except (psycopg.OperationalError, psycopg_pool.PoolTimeout):
         return  # the primary cannot say: read on from the cursor (from a replica), as before the check
-    if cursor[0] > head[0]:
+    if cursor > head:  # (head's transaction, 0): no event of that transaction or later was given out
         raise invalid(field, "not a cursor this service gave out: it is past the end of the log")
 
 
@@ -229,7 +229,7 @@ async def stream_all(request: Request, after: AfterParameter = None, last_event_
     head = await read(request, eventstore.head)
     if cursor is None:
         cursor = head
-    elif cursor[0] > head[0]:  # on a replica behind the primary, perhaps; else a cursor never given out
+    elif cursor > head:  # on a replica behind the primary, perhaps; else a cursor never given out
         await given_out(request, "Last-Event-ID" if last_event_id else "after", cursor)
     return event_stream(frames(request, cursor))
 
@@ -290,7 +290,7 @@ async def stream_task(
         return event.cursor >= latest and type_of(event.stored.recorded.event) in FINISHING
 
     if resume is not None:
-        if resume[0] > int(head):
+        if resume > (int(head), 0):
             await given_out(request, "Last-Event-ID" if last_event_id else "after", resume)
         if ended and resume >= latest:
             # Nothing more will come: 204 tells EventSource to stop reconnecting.
