@@ -32,7 +32,7 @@ from tasktrail.domain.task import TaskNotFound, TransitionRejected
 from tasktrail.http import auth, batch, events, health, history, openapi, protocol, sessions, tasks, wellformed
 from tasktrail.http import metrics as scrape
 from tasktrail.http.body import MAX_BODY_BYTES, InvalidInput, MalformedBody, readable
-from tasktrail.http.problems import answer, problem, refusal, send_problem
+from tasktrail.http.problems import MEANINGS, answer, problem, refusal, send_problem
 from tasktrail.projections import ProjectionOutdated, follow, versions
 
 log = logging.getLogger("tasktrail")
@@ -101,7 +101,8 @@ def _http(request: Request, exc: HTTPException) -> Response[bytes]:
             message = "There is no dashboard page at this address." if exc.status_code == 404 else exc.detail
             headers = [(name.lower().encode(), value.encode()) for name, value in (exc.headers or {}).items()]
             return dashboard_page(None, message, exc.status_code, headers).response()
-    response = problem(exc.status_code, exc.detail)
+    # Litestar's own 413 (a chunked body over the limit) says "Request Entity Too Large"; ours says the limit.
+    response = problem(exc.status_code, MEANINGS[413] if exc.status_code == 413 else exc.detail)
     response.headers.update(exc.headers or {})
     return response
 
@@ -283,7 +284,7 @@ def observed(app: ASGIApp, *, count: bool, access: logs.AccessLine | None, cors:
             # left: a 503, not its plain-text 500 and a traceback. The request has ended either way.
             if started_answer:
                 raise
-            await send_problem(send_with_id, 503, STOPPED)
+            await send_problem(send_with_id, 503, STOPPED, [(b"retry-after", b"1")])
         finally:
             if observing:
                 client = scope.get("client")

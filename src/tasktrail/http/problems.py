@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from http import HTTPStatus
 from typing import Any
 
@@ -39,10 +40,12 @@ def problem_body(status: int, detail: str, **extra: Any) -> bytes:
     return msgspec.json.encode(details(status, detail, **extra))
 
 
-async def send_problem(send: Send, status: int, detail: str, **extra: Any) -> None:
+async def send_problem(
+    send: Send, status: int, detail: str, headers: Sequence[tuple[bytes, bytes]] = (), **extra: Any
+) -> None:
     """Answer with a problem document from plain ASGI code (a middleware's refusal)."""
     body = problem_body(status, detail, **extra)
-    headers = [(b"content-type", _PROBLEM), (b"content-length", b"%d" % len(body))]
+    headers = [(b"content-type", _PROBLEM), (b"content-length", b"%d" % len(body)), *headers]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
