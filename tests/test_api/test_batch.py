@@ -398,6 +398,28 @@ async def test_a_malformed_update_batch_is_a_422_naming_the_item_and_writes_noth
     assert (await client.get(f"/tasks/{task['task_id']}")).json() == task
 
 
+async def test_the_checks_after_the_types_name_every_bad_item_too(shared_client: AsyncTestClient) -> None:
+    # Audit: an item that asks for nothing, a delete with a change, an if_version of 1.5 and a params over
+    # the cap were checked once every type was right, and the first such fault was the only one named.
+    (task,) = await create_batch(shared_client, "x")
+    tid = task["task_id"]
+    updates = [
+        {"task_id": tid, "progress": 1, "if_version": 1.5},
+        {"task_id": tid},
+        {"task_id": tid, "progress": 2},
+        {"task_id": tid, "delete": True, "progress": 5, "if_version": 2.5},
+    ]
+    problem = assert_problem(await shared_client.patch("/tasks/batch", json={"updates": updates}), 422)
+    named = [error["field"] for error in problem["errors"]]
+    assert named == ["updates[0].if_version", "updates[1]", "updates[3].delete", "updates[3].if_version"], problem
+    assert problem["detail"].endswith("(and 3 more: see errors)")
+    big = {"pad": "y" * 70_000}
+    items = [{"task_type": "x", "params": big}, {"task_type": "x"}, {"task_type": "x", "params": big}]
+    problem = assert_problem(await shared_client.post("/tasks/batch", json={"tasks": items}), 422)
+    assert [error["field"] for error in problem["errors"]] == ["tasks[0].params", "tasks[2].params"], problem
+    assert (await shared_client.get(f"/tasks/{tid}")).json() == task
+
+
 async def test_if_match_on_a_batch_is_refused(shared_client: AsyncTestClient) -> None:
     (task,) = await create_batch(shared_client, "x")
     body = {"updates": [{"task_id": task["task_id"], "progress": 3}]}

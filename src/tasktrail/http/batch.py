@@ -21,7 +21,7 @@ from litestar.typing import FieldDefinition
 from tasktrail import writer
 from tasktrail.domain.task import Command, CreateTask, DeleteTask, Task
 from tasktrail.http.auth import SECURITY
-from tasktrail.http.body import MAX_BODY_BYTES, Strict, check_json, invalid
+from tasktrail.http.body import MAX_BODY_BYTES, Faults, Strict, check_json, invalid
 from tasktrail.http.problems import Problem, problems, refusal
 from tasktrail.http.tasks import (
     ERRORS,
@@ -127,8 +127,10 @@ DELETE = DeleteTask()
 )
 async def create_tasks(request: Request, data: JSONBody[NewTasks], idempotency_key: IdempotencyKey = None) -> JsonReply:
     """Create 1 to 1,000 tasks, all or none, in order; an Idempotency-Key covers the whole batch."""
+    faults = Faults()
     for index, command in enumerate(data.tasks):
-        check_json(f"tasks[{index}].params", command.params)
+        faults.check(check_json, f"tasks[{index}].params", command.params)
+    faults.refuse()
     extra = {} if idempotency_key is None else {"idempotency_key": idempotency_key}
     async with connection(request) as conn:
         tasks = await writer.create_many(conn, data.tasks, metadata(request, **extra), idempotency_key)
@@ -147,10 +149,16 @@ async def change_tasks(request: Request, data: JSONBody[TaskChanges]) -> JsonRep
     """Update or delete 1 to 1,000 tasks, each decided on its own and in order; the accepted ones commit together."""
     if "if-match" in request.headers:
         raise invalid("If-Match", "a batch takes each item's expected version in its if_version")
+    faults = Faults()
     items = [
-        (item.task_id, _command(index, item), if_version(f"updates[{index}].if_version", item))
+        (
+            item.task_id,
+            faults.check(_command, index, item),
+            faults.check(if_version, f"updates[{index}].if_version", item),
+        )
         for index, item in enumerate(data.updates)
     ]
+    faults.refuse()
     async with connection(request) as conn:
         outcomes = await writer.change_many(conn, items, metadata(request))
     results = [_result(task_id, outcome) for (task_id, _, _), outcome in zip(items, outcomes, strict=True)]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import codecs
 import re
 import typing
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from decimal import Decimal
 from typing import Any, Generic, TypeVar
 
@@ -36,6 +36,31 @@ def invalid(field: str, message: str) -> InvalidInput:
     return InvalidInput(f"{field}: {message}", [{"field": field, "message": message}])
 
 
+def refused(errors: list[tuple[str, str]]) -> InvalidInput:
+    """One 422 naming every (field, message), the first in its detail."""
+    (field, message), more = errors[0], len(errors) - 1
+    detail = f"{field}: {message}" + (f" (and {more} more: see errors)" if more else "")
+    return InvalidInput(detail, [{"field": f, "message": m} for f, m in errors])
+
+
+class Faults:
+    """The 422s of several checks (a batch's items), refused together: every field named, not only the first."""
+
+    def __init__(self) -> None:
+        self.errors: list[tuple[str, str]] = []
+
+    def check(self, run: Callable[..., T], *args: Any) -> T | None:
+        try:
+            return run(*args)
+        except InvalidInput as fault:
+            self.errors += ((error["field"], error["message"]) for error in fault.errors)
+            return None
+
+    def refuse(self) -> None:
+        if self.errors:
+            raise refused(self.errors)
+
+
 _MISSING = re.compile(r"Object missing required field `(.+)`")
 _HIGH_SURROGATE = re.compile(rb"\\u[dD][89abAB][0-9a-fA-F]{2}")
 _AT = re.compile(r"^(?P<message>.*?)(?: - at `\$(?P<path>.*)`)?$", re.DOTALL)
@@ -61,9 +86,7 @@ def decode(body: bytes, type_: type[T]) -> T:
             raise invalid("body", f"nested deeper than {MAX_JSON_DEPTH} levels") from exc
         else:
             errors += (error for error in _every_error(document, type_, "") if error not in errors)
-        (field, message), more = errors[0], len(errors) - 1
-        detail = f"{field}: {message}" + (f" (and {more} more: see errors)" if more else "")
-        raise InvalidInput(detail, [{"field": f, "message": m} for f, m in errors]) from exc
+        raise refused(errors) from exc
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise _malformed(body, exc) from exc
     except RecursionError as exc:
