@@ -170,6 +170,8 @@ def test_signing_out_ends_the_live_streams_of_every_open_page(ui: Dashboard) -> 
         unseen = a_task(ui)
         received = "".join(copy.iter_text())  # ends: the server closed it
     assert unseen["task_id"] not in received
+    # Its last words: reconnect at once (refused if signed out; signed in again, live again at once).
+    assert received.endswith(events.RECONNECT_NOW.decode())
     for page in (pages[0], *pages[2:]):
         expect(page.locator("#live")).to_have_text("Signed out: reload to sign in")
         expect(page.locator(f'#feed-rows tr[data-task-id="{unseen["task_id"]}"]')).to_have_count(0)
