@@ -48,6 +48,7 @@ async def ready(request: Request) -> JsonReply:
         await conn.execute(READS_THE_LOG)
     follower = request.app.state.follower
     if not follower.holding.is_set():
+        follower.try_now()  # the database just answered: up to 5 s of its back-off would be 503s for nothing
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(follower.holding.wait(), READY_WITHIN)
         if not follower.holding.is_set():

@@ -219,7 +219,8 @@ class Follower:
         self.modules = tuple(projections.INLINE if modules is None else modules)
         self.poll_interval = poll_interval or live.poll_seconds()
         self.holding = asyncio.Event()  # set while this process's liveness locks are held
-        self.problem = "starting"  # why they are not, while they are not
+        self.problem = "starting"  # why they are not, while they are not (said to anyone: /health/ready)
+        self._again = asyncio.Event()  # cuts a back-off short: see try_now
         # Whether another version of one of this process's read models exists (a rolling deploy): then
         # other releases' writes reach this process's versions only through the follower.
         self.others = False
@@ -249,10 +250,18 @@ class Follower:
                     await self._follow(conn)
             except (psycopg.Error, OSError, versions.NotBuilt, projections.ProjectionOutdated) as exc:
                 self.holding.clear()
-                self.problem = str(exc)
+                # Not the driver's words, which name the database's host and port, to whoever asks.
+                unreachable = isinstance(exc, psycopg.Error | OSError)
+                self.problem = "the database is unavailable" if unreachable else str(exc)
                 log.warning("follower: %s; trying again in %.1fs", exc, delay)
-                await asyncio.sleep(delay)
+                self._again.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._again.wait(), delay)
                 delay = min(delay * 2, 5.0)
+
+    def try_now(self) -> None:
+        """Reconnect now rather than at the end of the back-off: the database answers again (/health/ready)."""
+        self._again.set()
 
     async def _follow(self, conn: psycopg.AsyncConnection) -> None:
         listening = False
