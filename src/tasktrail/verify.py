@@ -91,7 +91,7 @@ def _added_diff(module: ModuleType, names: tuple[str, ...], log: Task, held: dic
         # A JSON value as JSON (1 is not true, nor 1.0: the API would show them apart); any other as SQL has it.
         json = isinstance(value, dict | list) or isinstance(should, dict | list)
         if value != should or (json and _json(value) != _json(should)):
-            found.append(f"{name}: read model {value!r}, log {should!r}")
+            found.append(f"{name}: read model {_shown(value)}, log {_shown(should)}")
     return ", ".join(found)
 
 
@@ -99,12 +99,17 @@ def _same(log: Task, model: Task) -> bool:
     return log == model and not any(_differs(log, model, f) for f in JSON_FIELDS)
 
 
-def _diff(log: Task, model: Task) -> str:
-    def shown(f: str, value: object) -> str:
-        return _json(value).decode() if f in JSON_FIELDS else repr(value)
+def _shown(value: object) -> str:
+    """A value as the API shows it ("running", "2026-12-05T08:29:40.577971Z", {"i":1.0}), not as Python's repr."""
+    try:
+        return _json(value).decode()
+    except TypeError:
+        return repr(value)
 
+
+def _diff(log: Task, model: Task) -> str:
     fields = [f for f in Task.__struct_fields__ if _differs(log, model, f)]
-    return ", ".join(f"{f}: read model {shown(f, getattr(model, f))}, log {shown(f, getattr(log, f))}" for f in fields)
+    return ", ".join(f"{f}: read model {_shown(getattr(model, f))}, log {_shown(getattr(log, f))}" for f in fields)
 
 
 USE = sql.SQL('SET search_path = {}, "$user", public')

@@ -50,6 +50,12 @@ async def test_a_consistent_database_verifies(conn: psycopg.AsyncConnection, dat
     [
         ("UPDATE tasks SET progress = 99 WHERE task_type = 't0' AND status = 'running'", "progress: read model 99.0"),
         ("UPDATE task_counts SET n = n + 1 WHERE status = 'completed'", "counter t1/completed is 2, the log says 1"),
+        # As the API shows them (audit: <Status.RUNNING: 'running'>, datetime.datetime(2026, 12, 5, ...)).
+        ("UPDATE tasks SET status = 'pending' WHERE status = 'running'", 'status: read model "pending", log "running"'),
+        (
+            "UPDATE tasks SET completed_at = '2001-02-03 04:05:06+00' WHERE status = 'completed'",
+            'completed_at: read model "2001-02-03T04:05:06Z", log "20',
+        ),
         ("DELETE FROM tasks WHERE status = 'completed'", "missing from the read model"),
         # Equal to Python's ==, three values to a reader of the API.
         (
@@ -167,5 +173,5 @@ def test_an_added_column_compares_as_sql_has_it_and_json_as_json() -> None:
     task = evolve(None, Recorded(uuid4(), 1, 1, datetime.now(UTC), TaskCreated(task_type="t")))
     assert verifying._added_diff(version, verifying.columns(version), task, {"seconds": 0.0, "extra": {"n": 1}}) == ""
     assert verifying._added_diff(version, verifying.columns(version), task, {"seconds": 0.5, "extra": {"n": 1.0}}) == (
-        "seconds: read model 0.5, log 0, extra: read model {'n': 1.0}, log {'n': 1}"
+        'seconds: read model 0.5, log 0, extra: read model {"n":1.0}, log {"n":1}'
     )
