@@ -580,7 +580,9 @@ def parser() -> argparse.ArgumentParser:
         "refuses a version while a process of it runs",
     )
     prune.add_argument("name", nargs="?", help="one read model (default: all)")
-    prune.add_argument("version", nargs="?", type=_whole, help="one version of it (default: every one but this code's)")
+    prune.add_argument(
+        "version", nargs="?", type=_version, help="one version of it (default: every one but this code's)"
+    )
     prune.set_defaults(func=projections_prune)
 
     check = commands.add_parser(
@@ -677,6 +679,8 @@ def _refused(exc: BaseException) -> str | None:
         return f"the database refused: {text}"
     if isinstance(exc, ImportError):  # TASKTRAIL_READ_MODELS names a module that is not there
         return f"{text} (TASKTRAIL_READ_MODELS names modules to import)"
+    if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}"  # not "[Errno 2] No such file or directory: '...'"
     if isinstance(exc, BadKeys | OSError | ValueError):
         return text
     if isinstance(exc, subprocess.CalledProcessError):  # pgserver's initdb or pg_ctl
@@ -689,6 +693,13 @@ def _whole(text: str) -> int:
         return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+
+
+def _version(text: str) -> int:
+    version = _whole(text)
+    if version < 1:
+        raise argparse.ArgumentTypeError(f"{version} is no version: versions count from 1")
+    return version
 
 
 def _port(text: str) -> int:

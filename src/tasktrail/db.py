@@ -17,6 +17,7 @@ from typing import Any
 
 import msgspec
 import psycopg
+from psycopg.conninfo import conninfo_to_dict
 from psycopg.types.json import set_json_dumps, set_json_loads
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
@@ -173,6 +174,10 @@ def resolve(data_dir: Path = DEFAULT_DATA_DIR) -> tuple[str, Any]:
     """DATABASE_URL when set, else the embedded server's; and its handle (or None)."""
     url = os.environ.get("DATABASE_URL")
     if url:
+        try:
+            conninfo_to_dict(url)
+        except psycopg.ProgrammingError as exc:  # its words only: the URL may hold a password
+            raise ValueError(f"DATABASE_URL is not a PostgreSQL connection string: {str(exc).strip()}") from None
         return url, None
     server = start_embedded(data_dir)
     ensure_database(server.get_uri(), EMBEDDED_DATABASE)

@@ -106,6 +106,9 @@ def test_serve_refuses_an_unreadable_keys_file(tmp_path: Path, capsys: pytest.Ca
     assert code == 2
     assert "keys.txt holds no key" in err
     assert not (tmp_path / "data").exists()
+    # Audit: "tasktrail: [Errno 2] No such file or directory: '...'".
+    code, _, err = tasktrail(capsys, "keys", "add", "k", "--scope", "read", "--file", str(tmp_path / "no" / "k.txt"))
+    assert (code, err) == (1, f"tasktrail: {tmp_path / 'no' / 'k.txt'}: No such file or directory\n")
 
 
 def test_a_server_with_keys_checks_them_and_never_logs_them(database_url: str, tmp_path: Path) -> None:

@@ -174,6 +174,9 @@ def test_wrong_settings_get_one_line_and_no_traceback(database_url: str, server_
         (unreachable, ["verify"], {}, 1, "cannot use the database"),
         (unreachable, ["projections", "status"], {}, 1, "cannot use the database"),
         (database_url, ["projections", "prune", "bogus"], {}, 2, "there is no read model 'bogus'"),
+        # Audit: exit 1 "there is no version -1"; "the database refused: missing "=" ..." for a setting.
+        (database_url, ["projections", "prune", "tasks", "-1"], {}, 2, "-1 is no version: versions count from 1"),
+        ("garbage", ["verify"], {}, 1, "DATABASE_URL is not a PostgreSQL connection string: missing"),
         (database_url, ["verify", "--version", "bogus=1"], {}, 2, "no read model named bogus"),
         # Audit: only the last was verified, and version 1 looked verified.
         (database_url, ["verify", "--version", "tasks=1", "--version", "tasks=2"], {}, 2, "names tasks twice"),

@@ -364,8 +364,9 @@ def test_a_stop_while_the_embedded_postgres_starts_still_stops_it(data_dir: Path
     try:
         info = data_dir / "pgdata" / "postmaster.pid"
         deadline = time.monotonic() + 30
-        # PostgreSQL makes the file, then writes its pid in it: wait for the pid, not only the file.
-        while not (info.exists() and info.read_text().strip()) and process.poll() is None:
+        # PostgreSQL makes the file, then writes its pid in it: wait for the pid, not only the file. A
+        # negative one is initdb's standalone backend (seen once, as -6441), before the server's.
+        while not (info.exists() and info.read_text().strip()[:1].isdigit()) and process.poll() is None:
             assert time.monotonic() < deadline, "the embedded PostgreSQL never started"
             time.sleep(0.01)
         pid = postmaster(data_dir)
