@@ -127,13 +127,22 @@ IDENTITY = "SELECT system_identifier, current_database() FROM pg_control_system(
 # standby of a promoted sibling (a failover the primary's URL did not follow) has replayed WAL positions the
 # primary's tokens compare with, but of another timeline. So a replica must be on the primary's timeline.
 # The primary's, from the name of the WAL file it writes; the replica's, what it receives (NULL where the
-# role may not see pg_stat_wal_receiver's details, or while it receives nothing: then not checked).
+# role may not see pg_stat_wal_receiver's details). While it receives nothing (its upstream down, audit: a
+# standby of a stopped, promoted sibling, replayed past the primary, served stale reads with lag 0), the
+# newest timeline its control file knows: of its last restartpoint or minimum recovery point. Those can
+# be older than the one it replays, just after a switch: then it gets no reads until its receiver is back.
 TIMELINE = """
 SELECT CASE WHEN NOT pg_is_in_recovery()
             THEN ('x' || left(pg_walfile_name(pg_current_wal_lsn()), 8))::bit(32)::int END
 """
-# A health check's one round trip: REPLAYED's position, and the timeline the replica receives.
-CHECKED = REPLAYED + ", (SELECT received_tli FROM pg_stat_wal_receiver)"  # noqa: S608 -- constants
+# A health check's one round trip: REPLAYED's position, and the replica's timeline.
+CHECKED = (
+    REPLAYED  # noqa: S608 -- constants
+    + """, COALESCE(
+    (SELECT received_tli FROM pg_stat_wal_receiver),
+    CASE WHEN pg_is_in_recovery() THEN greatest(
+        (pg_control_checkpoint()).timeline_id, nullif((pg_control_recovery()).min_recovery_end_timeline, 0)) END)"""
+)
 
 _LSN = re.compile(rb"\s*([0-9A-Fa-f]{1,8})/([0-9A-Fa-f]{1,8})\s*")
 

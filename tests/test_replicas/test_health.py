@@ -222,6 +222,26 @@ async def test_a_standby_of_a_promoted_sibling_gets_no_reads() -> None:
             await until(lambda: replica.state == FOREIGN, "the standby of the fork is found out")
             task = (await client.post("/tasks/", json={"task_type": "forked"})).json()
             assert (await client.get(f"/tasks/{task['task_id']}")).status_code == 200  # from the primary
+
+            # Audit: with the sibling stopped, the standby receives nothing, so the timeline went unchecked,
+            # and having replayed past the primary (lag 0), it served stale reads, read-after ones too.
+            with pair.standby.connect("forked") as sibling:
+                sibling.execute("CREATE TABLE filler AS SELECT generate_series(1, 100000) AS n")
+                (end,) = sibling.execute("SELECT pg_current_wal_lsn()").fetchone()
+            with forked.connect("forked") as conn:
+                replayed = "SELECT pg_last_wal_replay_lsn() >= %s::pg_lsn"
+                await until(lambda: conn.execute(replayed, (end,)).fetchone()[0], "the fork's writes replayed")
+                pair.standby.stop()
+                receiving = "SELECT EXISTS (SELECT FROM pg_stat_wal_receiver)"
+                await until(lambda: not conn.execute(receiving).fetchone()[0], "the standby receives nothing")
+            states = set()
+            for _ in range(40):  # 4 s: several health checks
+                changed = await client.patch(f"/tasks/{task['task_id']}", json={"progress": 50})
+                read = await client.get(f"/tasks/{task['task_id']}", headers={HEADER: changed.headers[HEADER]})
+                assert read.json()["version"] == changed.json()["version"], "a read-after read saw older data"
+                states.add(replica.state)
+                await asyncio.sleep(0.1)
+            assert states == {FOREIGN}
     finally:
         forked.stop()
         pair.close()
