@@ -91,7 +91,7 @@ def _rows(n: int, seed: int):
         yield lines, task + "\n", (task_type, status)
 
 
-# The read models' tables are found through this code's search_path (rm_tasks_v1, ...): see projections.
+# The read models' tables are found through this code's search_path (rm_tasks_v2, ...): see projections.
 SEARCH_PATH = f"-c search_path={projections.search_path(projections.INLINE)}"
 COPY_EVENTS = "COPY events (position, stream_id, version, type, data, metadata, occurred_at) FROM STDIN"
 COPY_TASKS = (

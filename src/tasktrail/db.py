@@ -176,8 +176,10 @@ def resolve(data_dir: Path = DEFAULT_DATA_DIR) -> tuple[str, Any]:
     if url:
         try:
             conninfo_to_dict(url)
-        except psycopg.ProgrammingError as exc:  # its words only: the URL may hold a password
-            raise ValueError(f"DATABASE_URL is not a PostgreSQL connection string: {str(exc).strip()}") from None
+        except psycopg.ProgrammingError:  # not libpq's words: they quote the URL's parts, a password too
+            raise ValueError(
+                "DATABASE_URL is not a PostgreSQL connection string (postgresql://user@host:5432/database)"
+            ) from None
         return url, None
     server = start_embedded(data_dir)
     ensure_database(server.get_uri(), EMBEDDED_DATABASE)

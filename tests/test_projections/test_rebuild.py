@@ -72,6 +72,10 @@ INDEXES = "SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = current
 CONSTRAINTS = "SELECT conname, pg_get_constraintdef(oid) FROM pg_constraint WHERE conrelid = %(table)s::regclass"
 OPTIONS = "SELECT reloptions FROM pg_class WHERE oid = %(table)s::regclass"
 TRIGGERS = "SELECT pg_get_triggerdef(oid) FROM pg_trigger WHERE tgrelid = %(table)s::regclass AND NOT tgisinternal"
+STATISTICS = """
+SELECT stxname, stxnamespace = current_schema()::regnamespace, stxkind, stxkeys::text
+FROM pg_statistic_ext WHERE stxrelid = %(table)s::regclass
+"""
 REGISTRY = "SELECT name, version, state FROM projection_versions ORDER BY name, version"
 SCHEMA_EXISTS = "SELECT to_regnamespace(%(schema)s) IS NOT NULL"
 
@@ -86,7 +90,7 @@ def schema(database_url: str) -> dict[str, Any]:
         return {
             (table, query): sorted(conn.execute(query, {"table": table}).fetchall(), key=repr)
             for table in ("tasks", "task_counts")
-            for query in (COLUMNS, INDEXES, CONSTRAINTS, OPTIONS, TRIGGERS)
+            for query in (COLUMNS, INDEXES, CONSTRAINTS, OPTIONS, TRIGGERS, STATISTICS)
         }
 
 
@@ -112,6 +116,8 @@ def test_a_fresh_database_gets_this_codes_versions_from_their_modules(database_u
     with psycopg.connect(database_url) as conn:  # without a version's search_path: views of the newest
         kinds = "SELECT relname, relkind FROM pg_class WHERE relnamespace = 'public'::regnamespace AND relkind = 'v'"
         assert sorted(conn.execute(kinds).fetchall()) == [("task_counts", "v"), ("tasks", "v")]
+    # The pair statistics of a list filtered by status and task type, in the version's own schema.
+    assert schema(database_url)[("tasks", STATISTICS)] == [("tasks_type_status", True, ["m"], "3 4")]
 
 
 def test_a_rebuild_of_the_same_version_reproduces_the_read_model(database_url: str) -> None:

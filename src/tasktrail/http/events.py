@@ -49,9 +49,10 @@ FINISHING = frozenset({"TaskCompleted", "TaskFailed", "TaskCanceled", "TaskDelet
 
 # The client's reconnect delay (ms), sent first; it also flushes the headers at once.
 RETRY = b"retry: 2000\n\n"
-# The last words of a stream whose session ended: reconnect at once, not in 2 s. Signed out, the browser
-# is refused (401) and stops; signed in again meanwhile, another page's live updates go on without a gap.
-RECONNECT_NOW = b"retry: 100\n\n"
+# The last words of a stream whose session ended: reconnect soon, not in 2 s. Signed out, the browser is
+# refused (401) and stops; signed in again meanwhile, another page's live updates go on without a gap.
+# (The browser keeps this delay until the next stream says RETRY: not so short that a restart is hammered.)
+RECONNECT_NOW = b"retry: 500\n\n"
 PING = b": ping\n\n"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 # The frames of a batch go out joined (one write for many small events) in pieces of about this size.
@@ -294,11 +295,13 @@ async def stream_task(
         return event.cursor >= latest and type_of(event.stored.recorded.event) in FINISHING
 
     if resume is not None:
+        if ended and resume >= latest:
+            # Nothing more will come: 204 tells EventSource to stop reconnecting. Before the check of the
+            # head: a finished task's snapshot gives out its latest event's cursor even while an older
+            # transaction holds the feed back below it.
+            return Response(content=None, status_code=204, headers=SSE_HEADERS)
         if resume > (int(head), 0):
             await given_out(request, "Last-Event-ID" if last_event_id else "after", resume)
-        if ended and resume >= latest:
-            # Nothing more will come: 204 tells EventSource to stop reconnecting.
-            return Response(content=None, status_code=204, headers=SSE_HEADERS)
         return event_stream(frames(request, resume, stream_id=uuid, closes_after=closes_after))
     if task is None:
         # Deleted: replay its history and end.

@@ -24,8 +24,8 @@ Change = tuple[Recorded, Task | None, Task | None]
 #
 # Each read model (a module here: tasks, stats) has a NAME and a VERSION, and
 # each version has tables of its own, in the schema rm_<name>_v<version>
-# (`schema`): version 1 of tasks is rm_tasks_v1.tasks, version 2 would be
-# rm_tasks_v2.tasks. A process's connections put its versions' schemas first
+# (`schema`): version 2 of tasks is rm_tasks_v2.tasks, and version 1 (of
+# releases before it) rm_tasks_v1.tasks. A process's connections put its versions' schemas first
 # on the search_path (`search_path`, through db.connect_kwargs), then public
 # (the log, the registry), so every query keeps saying `tasks` and reads the
 # shape its code knows. Two releases whose read models differ therefore run

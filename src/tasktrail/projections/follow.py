@@ -221,6 +221,8 @@ class Follower:
         self.holding = asyncio.Event()  # set while this process's liveness locks are held
         self.problem = "starting"  # why they are not, while they are not (said to anyone: /health/ready)
         self._again = asyncio.Event()  # cuts a back-off short: see try_now
+        self._unreachable = False  # whether the last attempt could not reach the database
+        self._tried = 0.0  # when it began (the loop's clock)
         # Whether another version of one of this process's read models exists (a rolling deploy): then
         # other releases' writes reach this process's versions only through the follower.
         self.others = False
@@ -240,6 +242,8 @@ class Follower:
     async def _run(self) -> None:
         delay = 0.5
         while True:
+            self._again.clear()  # a try_now from here on is for this attempt's failure
+            self._tried = asyncio.get_running_loop().time()
             try:
                 kwargs = db.connect_kwargs() | versions.application_name(self.modules)
                 async with await psycopg.AsyncConnection.connect(self.conninfo, **kwargs) as conn:
@@ -250,18 +254,22 @@ class Follower:
                     await self._follow(conn)
             except (psycopg.Error, OSError, versions.NotBuilt, projections.ProjectionOutdated) as exc:
                 self.holding.clear()
-                # Not the driver's words, which name the database's host and port, to whoever asks.
-                unreachable = isinstance(exc, psycopg.Error | OSError)
-                self.problem = "the database is unavailable" if unreachable else str(exc)
+                # Not the driver's words for a connection, which name the database's host and port, to whoever asks.
+                self._unreachable = isinstance(exc, psycopg.OperationalError | OSError)
+                self.problem = "the database is unavailable" if self._unreachable else str(exc)
                 log.warning("follower: %s; trying again in %.1fs", exc, delay)
-                self._again.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._again.wait(), delay)
                 delay = min(delay * 2, 5.0)
 
     def try_now(self) -> None:
-        """Reconnect now rather than at the end of the back-off: the database answers again (/health/ready)."""
-        self._again.set()
+        """Reconnect now rather than at the end of the back-off: the database answers again (/health/ready).
+
+        Only after it was unreachable (a pruned version stays so), and at most twice a second, however
+        many probes ask: they need no key, and a server out of connections is not helped by more tries.
+        """
+        if self._unreachable and asyncio.get_running_loop().time() - self._tried >= 0.5:
+            self._again.set()
 
     async def _follow(self, conn: psycopg.AsyncConnection) -> None:
         listening = False
