@@ -10,11 +10,13 @@ from uuid import UUID, uuid4
 
 import psycopg
 import pytest
+from litestar.testing import AsyncTestClient
 
 from tasktrail import db, eventstore, projections, writer
 from tasktrail.domain import events
 from tasktrail.domain.events import ProgressReported
 from tasktrail.domain.task import CreateTask, DeleteTask, Status, UpdateTask
+from tasktrail.http.app import create_app
 from tasktrail.projections import INLINE, ProjectionOutdated, follow, stats, tasks, versions
 from tasktrail.projections import rebuild as rebuilding
 from tasktrail.projections.rebuild import RebuildBusy, SwapFailed, prepare, rebuild
@@ -479,6 +481,22 @@ def test_a_new_version_is_built_while_the_old_release_writes_and_then_follows_it
     # This version's tables were left as they were: no duration there.
     with connect(database_url) as conn:
         assert "duration_seconds" not in [c.name for c in conn.execute("SELECT * FROM tasks LIMIT 0").description]
+
+
+@pytest.mark.anyio
+async def test_a_release_serves_once_its_version_has_what_the_other_release_wrote_since_the_build(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Audit: release N+1's first lists missed what release N wrote between the build and the start (0.5-1 s).
+    await asyncio.to_thread(prepare, database_url, [tasks_next, stats])  # N+1's version, built
+    async with await psycopg.AsyncConnection.connect(database_url, **db.connect_kwargs()) as conn:
+        made = [await writer.create(conn, CreateTask(task_type="meanwhile"), {}) for _ in range(5)]  # release N
+    monkeypatch.setattr(projections, "INLINE", (tasks_next, stats))
+    async with AsyncTestClient(app=create_app(database_url)) as client:  # release N+1
+        listed = await client.get("/tasks/", params={"task_type": "meanwhile"})
+        assert [task["task_id"] for task in listed.json()] == [str(task.task_id) for task in made[::-1]]
+        assert (await client.get("/tasks/stats/summary")).json()["total"] == 5
+        assert (await client.get("/health/ready")).status_code == 200
 
 
 async def catch_up(database_url: str, modules: tuple[Any, ...]) -> int:

@@ -312,6 +312,9 @@ def observed(app: ASGIApp, *, count: bool, access: logs.AccessLine | None, cors:
     return middleware
 
 
+# How long a starting server waits for its follower's first round (see follow.Follower.settled).
+STARTUP_FOLLOW_SECONDS = 30.0
+
 STOPPED = (
     "the server stopped before it could finish this request; a write may or may not have been made: "
     "read the task back (or send a create again with its Idempotency-Key)"
@@ -388,6 +391,7 @@ def create_app(
         # Marks this process's read-model versions in use, and applies to them what other releases write.
         app.state.follower = follow.Follower(conninfo)
         await app.state.follower.start()
+        await app.state.follower.settled(STARTUP_FOLLOW_SECONDS)  # before the first request
         sampler = asyncio.create_task(metrics.keep_sampling_pool(app.state.pool)) if counting else None
         # What start-up made lives as long as the process: keep the collector from rescanning it,
         # and let the young generation grow (a request makes a few thousand short-lived objects)

@@ -221,6 +221,7 @@ class Follower:
         self.holding = asyncio.Event()  # set while this process's liveness locks are held
         self.problem = "starting"  # why they are not, while they are not (said to anyone: /health/ready)
         self._again = asyncio.Event()  # cuts a back-off short: see try_now
+        self._settled = asyncio.Event()  # the first round after the start is done, or an attempt failed
         self._unreachable = False  # whether the last attempt could not reach the database
         self._tried = 0.0  # when it began (the loop's clock)
         # Whether another version of one of this process's read models exists (a rolling deploy): then
@@ -254,6 +255,7 @@ class Follower:
                     await self._follow(conn)
             except (psycopg.Error, OSError, versions.NotBuilt, projections.ProjectionOutdated) as exc:
                 self.holding.clear()
+                self._settled.set()  # nothing to wait for at the start: /health/ready says why
                 # Not the driver's words for a connection, which name the database's host and port, to whoever asks.
                 self._unreachable = isinstance(exc, psycopg.OperationalError | OSError)
                 self.problem = "the database is unavailable" if self._unreachable else str(exc)
@@ -271,11 +273,22 @@ class Follower:
         if self._unreachable and asyncio.get_running_loop().time() - self._tried >= 0.5:
             self._again.set()
 
+    async def settled(self, seconds: float) -> None:
+        """Wait (at most `seconds`) for the first round after the start, or for the first attempt to fail.
+
+        A server that starts beside another release, just after building its versions, has not yet
+        applied what that release wrote since the build: it serves once a round has (audit: a new
+        release's first lists missed the old one's last 0.5-1 s of creates).
+        """
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._settled.wait(), seconds)
+
     async def _follow(self, conn: psycopg.AsyncConnection) -> None:
         listening = False
         while True:
             for module in self.modules:
                 await _round(conn, module, wait=False)
+            self._settled.set()
             wanted = self.others = await versions.others(conn, self.modules)
             if wanted != listening:
                 for statement in (live.LISTEN, live.REGISTER) if wanted else (live.UNREGISTER, live.UNLISTEN):
