@@ -19,9 +19,9 @@ from tasktrail import db, projections, writer
 from tasktrail import verify as verifying
 from tasktrail.domain.events import Recorded, TaskCreated
 from tasktrail.domain.task import CreateTask, Status, UpdateTask, evolve
-from tasktrail.projections import INLINE, stats, tasks
+from tasktrail.projections import INLINE, follow, stats, tasks
 from tasktrail.projections.rebuild import prepare, rebuild
-from tasktrail.verify import fold_log, verify
+from tasktrail.verify import verify
 from tests.test_projections import tasks_next
 
 pytestmark = pytest.mark.anyio
@@ -115,8 +115,10 @@ async def test_a_rebuild_that_swaps_while_verify_runs_is_no_difference(
     made = await seed(conn)
     folds = []
 
-    def fold_then_write_and_swap(connection: psycopg.Connection) -> object:
-        folded = fold_log(connection)
+    fold = verifying.fold_kept
+
+    def fold_then_write_and_swap(connection: psycopg.Connection, versions: dict[str, int]) -> object:
+        folded = fold(connection, versions)
         if not folds:  # the first comparison only: a write after its snapshot, then a rebuild's swap
 
             def write_and_rebuild() -> None:
@@ -133,11 +135,39 @@ async def test_a_rebuild_that_swaps_while_verify_runs_is_no_difference(
         folds.append(folded)
         return folded
 
-    monkeypatch.setattr(verifying, "fold_log", fold_then_write_and_swap)
+    monkeypatch.setattr(verifying, "fold_kept", fold_then_write_and_swap)
     report = verify(database_url)
     assert report.ok, report.summary()
     assert len(folds) == 2  # compared again after the swap
     assert report.events == 11
+
+
+async def test_a_version_is_compared_with_the_log_as_far_as_its_followers_have_applied_it(
+    database_url: str,
+) -> None:
+    # Audit: during a deploy, verify of a version the other release feeds named its last milliseconds of
+    # writes as differences (missing, or another status), and after the old release stopped, its version
+    # (followed by no one) as "missing ... (and 546 more)", not as behind.
+    await asyncio.to_thread(prepare, database_url, [tasks_next, stats])
+    async with await psycopg.AsyncConnection.connect(database_url, **db.connect_kwargs()) as conn:
+        await seed(conn)  # this release: the next version has none of it until its followers run
+    report = verify(database_url, {"tasks": tasks_next.VERSION})
+    assert report.ok, report.summary()
+    assert report.behind == {f"tasks version {tasks_next.VERSION}": 10}
+    assert f"(events not yet: tasks version {tasks_next.VERSION} 10)" in report.summary()
+    assert report.events == 10
+    assert verify(database_url).ok  # this code's version: every event, written inline
+    assert verify(database_url).behind == {}
+    async with await psycopg.AsyncConnection.connect(database_url, **db.connect_kwargs()) as conn:
+        await conn.execute(f"SET search_path = {projections.search_path([tasks_next, stats])}")
+        assert await follow.catch_up(conn, [tasks_next, stats]) == 10
+    report = verify(database_url, {"tasks": tasks_next.VERSION})
+    assert (report.ok, report.behind, report.live) == (True, {}, 4)
+    # A difference is still one: a row of an applied event, changed.
+    table = sql.Identifier(projections.schema("tasks", tasks_next.VERSION), "tasks")
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("UPDATE {} SET progress = 12.5").format(table))
+    assert "progress: read model 12.5" in verify(database_url, {"tasks": tasks_next.VERSION}).summary()
 
 
 async def test_a_column_a_new_version_adds_is_compared_too(database_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
