@@ -202,35 +202,60 @@ OLDEST_OPEN = """(
         pg_snapshot_xmax(taken.snap)) END
     FROM (SELECT pg_current_snapshot() AS snap) taken
 )"""
-_FEED = """
+READ_FEED = f"""
 WITH horizon AS MATERIALIZED (
-    SELECT oldest_open, {held_back} AS held_back
-    FROM (SELECT {oldest_open} AS oldest_open) now
+    SELECT oldest_open,
+           (SELECT transaction_id FROM events WHERE transaction_id >= oldest_open
+            ORDER BY transaction_id LIMIT 1) IS NOT NULL AS held_back
+    FROM (SELECT {OLDEST_OPEN} AS oldest_open) now
 )
 SELECT horizon.oldest_open::text, horizon.held_back,
        e.transaction_id::text, e.position, e.stream_id, e.version, e.occurred_at, e.type, e.data, e.metadata
 FROM horizon
 LEFT JOIN LATERAL (
     SELECT * FROM events
-    WHERE {in_stream} (transaction_id, position) > (%(transaction_id)s::xid8, %(position)s)
+    WHERE (transaction_id, position) > (%(transaction_id)s::xid8, %(position)s)
       AND transaction_id < horizon.oldest_open
     ORDER BY transaction_id, position
     LIMIT %(limit)s
 ) e ON true
 ORDER BY e.transaction_id, e.position
-"""
-READ_FEED = _FEED.format(
-    held_back="(SELECT transaction_id FROM events WHERE transaction_id >= oldest_open"
-    " ORDER BY transaction_id LIMIT 1) IS NOT NULL",
-    in_stream="",
-    oldest_open=OLDEST_OPEN,
+"""  # noqa: S608 -- constants
+# The same for one stream (a task's events), along its (stream_id, version) index. A task's versions are in
+# commit order (the log refuses a version whose transaction is older than its predecessor's: migrations
+# 0005, 0011; one transaction's rows have rising positions), so the events after a cursor are the versions
+# after the last one at or before it, found from the cursor's own event (a catch-up page's, through the
+# commit-order index) or, for another place (the head), from the newest version down. A page then reads its
+# own rows (versions have no gaps: the next `limit` of them), and the held-back check the newest row: both
+# read every event of the task after the cursor before (audit: each page of a resumed 50,000-event stream
+# took 18 ms, a replay 15 s).
+READ_STREAM_FEED = f"""
+WITH horizon AS MATERIALIZED (
+    SELECT oldest_open,
+           (SELECT transaction_id FROM events WHERE stream_id = %(stream_id)s
+            ORDER BY version DESC LIMIT 1) >= oldest_open IS TRUE AS held_back
+    FROM (SELECT {OLDEST_OPEN} AS oldest_open) now
+), since AS MATERIALIZED (
+    SELECT coalesce(
+        (SELECT version FROM events WHERE transaction_id = %(transaction_id)s::xid8 AND position = %(position)s
+           AND stream_id = %(stream_id)s),
+        (SELECT max(version) FROM events WHERE stream_id = %(stream_id)s
+           AND (transaction_id, position) <= (%(transaction_id)s::xid8, %(position)s)),
+        0) AS version
 )
-# The same for one stream (a task's events), through its (stream_id, version) index.
-READ_STREAM_FEED = _FEED.format(
-    held_back="EXISTS (SELECT FROM events WHERE stream_id = %(stream_id)s AND transaction_id >= oldest_open)",
-    in_stream="stream_id = %(stream_id)s AND",
-    oldest_open=OLDEST_OPEN,
-)
+SELECT horizon.oldest_open::text, horizon.held_back,
+       e.transaction_id::text, e.position, e.stream_id, e.version, e.occurred_at, e.type, e.data, e.metadata
+FROM horizon
+LEFT JOIN LATERAL (
+    SELECT events.* FROM events, since
+    WHERE stream_id = %(stream_id)s AND events.version > since.version
+      AND events.version <= since.version + %(limit)s  -- versions have no gaps: one page's range, however planned
+      AND transaction_id < horizon.oldest_open
+    ORDER BY events.version
+    LIMIT %(limit)s
+) e ON true
+ORDER BY e.transaction_id, e.position
+"""  # noqa: S608 -- constants
 
 # A place in the feed: (transaction id, position). (0, 0) is before everything.
 Cursor = tuple[int, int]

@@ -193,7 +193,14 @@ def parse_task_id(task_id: str) -> UUID:
         raise TaskNotFound(f"task {task_id!r} not found: task ids are UUIDs") from None
 
 
-STREAM_STATE = "SELECT max(version), bool_or(type = 'TaskDeleted') FROM events WHERE stream_id = %(stream_id)s"
+# The stream's latest version, and whether the task was deleted: a deletion is always a task's last event.
+# The newest row alone, along (stream_id, version): an aggregate read all of a long history (audit: 33 ms
+# for the 404 of a deleted task of 100,000 events).
+STREAM_STATE = """
+SELECT max(version), bool_or(type = 'TaskDeleted') FROM (
+    SELECT version, type FROM events WHERE stream_id = %(stream_id)s ORDER BY version DESC LIMIT 1
+) latest
+"""
 
 
 class NotYetHere(TaskNotFound):
