@@ -247,11 +247,13 @@ SELECT horizon.oldest_open::text, horizon.held_back,
        e.transaction_id::text, e.position, e.stream_id, e.version, e.occurred_at, e.type, e.data, e.metadata
 FROM horizon
 LEFT JOIN LATERAL (
-    SELECT events.* FROM events, since
-    WHERE stream_id = %(stream_id)s AND events.version > since.version
-      AND events.version <= since.version + %(limit)s  -- versions have no gaps: one page's range, however planned
+    SELECT * FROM events
+    -- Scalar subqueries, so the range is the index scan's own condition (a join with `since` was planned
+    -- as a scan of the stream filtered after it, once the table had statistics: review).
+    WHERE stream_id = %(stream_id)s AND version > (SELECT version FROM since)
+      AND version <= (SELECT version FROM since) + %(limit)s  -- versions have no gaps: one page's range
       AND transaction_id < horizon.oldest_open
-    ORDER BY events.version
+    ORDER BY version
     LIMIT %(limit)s
 ) e ON true
 ORDER BY e.transaction_id, e.position

@@ -127,21 +127,22 @@ IDENTITY = "SELECT system_identifier, current_database() FROM pg_control_system(
 # standby of a promoted sibling (a failover the primary's URL did not follow) has replayed WAL positions the
 # primary's tokens compare with, but of another timeline. So a replica must be on the primary's timeline.
 # The primary's, from the name of the WAL file it writes; the replica's, what it receives (NULL where the
-# role may not see pg_stat_wal_receiver's details). While it receives nothing (its upstream down, audit: a
+# role may not see pg_stat_wal_receiver's details). While it receives nothing (no receiver at all; audit: a
 # standby of a stopped, promoted sibling, replayed past the primary, served stale reads with lag 0), the
-# newest timeline its control file knows: of its last restartpoint or minimum recovery point. Those can
-# be older than the one it replays, just after a switch: then it gets no reads until its receiver is back.
+# newest timeline its control file knows (of its last restartpoint or minimum recovery point): one newer
+# than the primary's is another history. An older one says nothing (a standby that followed the primary
+# through a failover keeps the old one there until its next restartpoint), and is not held against it.
 TIMELINE = """
 SELECT CASE WHEN NOT pg_is_in_recovery()
             THEN ('x' || left(pg_walfile_name(pg_current_wal_lsn()), 8))::bit(32)::int END
 """
-# A health check's one round trip: REPLAYED's position, and the replica's timeline.
+# A health check's one round trip: REPLAYED's position, the timeline the replica receives, and the one its
+# control file names while it has no receiver.
 CHECKED = (
     REPLAYED  # noqa: S608 -- constants
-    + """, COALESCE(
-    (SELECT received_tli FROM pg_stat_wal_receiver),
-    CASE WHEN pg_is_in_recovery() THEN greatest(
-        (pg_control_checkpoint()).timeline_id, nullif((pg_control_recovery()).min_recovery_end_timeline, 0)) END)"""
+    + """, (SELECT received_tli FROM pg_stat_wal_receiver),
+    CASE WHEN pg_is_in_recovery() AND NOT EXISTS (SELECT FROM pg_stat_wal_receiver) THEN greatest(
+        (pg_control_checkpoint()).timeline_id, nullif((pg_control_recovery()).min_recovery_end_timeline, 0)) END"""
 )
 
 _LSN = re.compile(rb"\s*([0-9A-Fa-f]{1,8})/([0-9A-Fa-f]{1,8})\s*")
@@ -483,7 +484,7 @@ class Replicas:
                     replica.check_conn = await psycopg.AsyncConnection.connect(replica.conninfo, **db.connect_kwargs())
                     replica.identity = await _identity(replica.check_conn)
                 cur = await replica.check_conn.execute(CHECKED)
-                replayed, timeline = await cur.fetchone()  # type: ignore[misc]
+                replayed, timeline, stored = await cur.fetchone()  # type: ignore[misc]
         except (psycopg.Error, OSError, TimeoutError) as exc:
             await _close(replica.check_conn)
             replica.check_conn = None
@@ -494,6 +495,8 @@ class Replicas:
         if self._identity is not None and replica.identity != self._identity:
             self._set(replica, FOREIGN, f"it is {replica.identity}, the primary {self._identity}")
             return
+        if timeline is None and None not in (stored, self._timeline) and stored > self._timeline:
+            timeline = stored  # no receiver: only a newer timeline than the primary's tells (CHECKED)
         if None not in (timeline, self._timeline) and timeline != self._timeline:
             self._set(replica, FOREIGN, f"it is on timeline {timeline}, the primary on {self._timeline}")
             return

@@ -165,6 +165,10 @@ async def test_a_page_of_one_streams_feed_reads_its_own_rows_however_long_the_st
         await writer.change_many(conn, changes, {})
     seen = await read_until(conn, 3001, stream_id=task.task_id)
     assert [e.stored.recorded.version for e in seen] == list(range(1, 3002))
+    for n in range(2):  # other streams, then statistics: a planner that knows the table chose a scan (review)
+        await writer.change_many(conn, [(task.task_id, UpdateTask(progress=50.5 + n), None)], {})
+        await writer.create_many(conn, [CreateTask(task_type="other")] * 1000, {})
+    await conn.execute("ANALYZE events")
     cursors = {"middle": seen[1499].cursor, "head": (10**15, 0)}
     for where, (txid, position) in cursors.items():
         params = {"transaction_id": str(txid), "position": position, "limit": 100, "stream_id": task.task_id}

@@ -19,7 +19,7 @@ from tasktrail import db, metrics, writer
 from tasktrail.domain.task import CreateTask, UpdateTask
 from tasktrail.http import auth
 from tasktrail.http.app import create_app
-from tasktrail.projections import INLINE
+from tasktrail.projections import INLINE, tasks
 from tests.conftest import free_port
 from tests.prom import FAMILIES, Scrape
 
@@ -49,7 +49,7 @@ async def test_every_family_the_spec_names_is_there_with_its_labels(client: Asyn
         for sample in family.samples:
             assert set(sample.labels) - {"le"} == labels, (name, sample)
     assert {s["state"] for s in got.series("tasktrail_db_pool_connections")} == {"in_use", "idle", "waiting"}
-    assert got.value("tasktrail_projection_version", name="tasks") == 1
+    assert got.value("tasktrail_projection_version", name="tasks") == tasks.VERSION
     assert {s["name"] for s in got.series("tasktrail_projection_version")} == {m.NAME for m in INLINE}
     # Only those: one process shows the families N workers do (their collector has no *_created series).
     assert not [name for name in got.families if name.endswith("_created")]

@@ -285,9 +285,13 @@ class Follower:
 
     async def _follow(self, conn: psycopg.AsyncConnection) -> None:
         listening = False
+        first = True
         while True:
             for module in self.modules:
-                await _round(conn, module, wait=False)
+                # The first round waits for one in progress elsewhere (another --workers process, another
+                # instance of this release): passed over, this process would serve without what it applies.
+                await _round(conn, module, wait=first)
+            first = False
             self._settled.set()
             wanted = self.others = await versions.others(conn, self.modules)
             if wanted != listening:
