@@ -154,7 +154,7 @@ export declare class TaskManager {
     watchMode: 'stream' | 'poll';
     pollInterval: number;
     EventSource: (new (url: string) => EventSourceLike) | undefined;
-    /** The Tasktrail-Read-After token of the last write, sent with the reads after it. */
+    /** The Tasktrail-Read-After token of the last write, sent with the reads after it; `"primary"` after a write whose answer was lost. */
     readAfter: string | null;
 
     // The seed's calls: each resolves to the response's JSON, a Problem on a refusal.

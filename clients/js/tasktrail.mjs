@@ -19,6 +19,7 @@
 
 const FINISHED = new Set(['completed', 'failed', 'canceled']);
 const READ_AFTER = 'Tasktrail-Read-After';
+const ON_PRIMARY = 'primary';  // a token that sends a read to the primary
 
 // The status each event moves a task to (the rest leave it as it is).
 const TARGET = {
@@ -159,6 +160,9 @@ export class TaskManager {
             try {
                 response = await fetch(`${this.baseUrl}${path}`, {...init, signal: AbortSignal.timeout(this.timeout)});
             } catch (error) {
+                // A write's answer lost: it may have committed at a position no token names, so reads go to
+                // the primary until a write's answer gives a token again (as the Python client does).
+                if (method !== 'GET') this.readAfter = ON_PRIMARY;
                 if (!retry || ++failures >= this.attempts) throw error;
                 await sleep(backoff(failures));
                 continue;
