@@ -79,15 +79,22 @@ class Kept:
 
     events: int = 0
     tasks: dict[UUID, Task | None] = field(default_factory=dict)  # each stream's state, as the tasks version has it
-    counted: dict[UUID, Task | None] = field(default_factory=dict)  # as the stats version counts it
+    counts: Counter[tuple[str, str]] = field(default_factory=Counter)  # (task type, status): as the counters hold
     behind: Counter[str] = field(default_factory=Counter)  # events a version's followers have not applied yet
 
 
 def fold_kept(conn: psycopg.Connection, versions: dict[str, int]) -> Kept:
-    """Every stream's state from the log as each version holds it (KEPT), streamed in batches of BATCH events."""
+    """Every stream's state from the log as each version holds it (KEPT), streamed in batches of BATCH events.
+
+    A task's row is its state after the last event its version holds (a prefix of its events: a writer
+    catches its row up before it appends). The counters hold each event's move between the states the
+    whole log gives it, the event's own writer's or follower's as it was, of the events they hold: not
+    always a prefix (a follower moves the tasks and the stats checkpoints one after the other).
+    """
     kept = Kept()
     marks = {name: f",{name}:{versions[name]}," for name in ("tasks", "stats")}
     params = marks | {"tasks_version": versions["tasks"], "stats_version": versions["stats"]}
+    states: dict[UUID, Task | None] = {}  # the whole log's
     with conn.cursor(name="verify_events") as cur:
         cur.itersize = BATCH
         cur.execute(KEPT, params)
@@ -95,14 +102,21 @@ def fold_kept(conn: psycopg.Connection, versions: dict[str, int]) -> Kept:
             recorded = eventstore.recorded(*row)
             stream = recorded.stream_id
             kept.events += 1
-            if in_tasks and in_stats and kept.tasks.get(stream) is kept.counted.get(stream):
-                kept.tasks[stream] = kept.counted[stream] = evolve(kept.tasks.get(stream), recorded)  # one Task
+            before = states.get(stream)
+            states[stream] = after = evolve(before, recorded)
+            if not in_tasks:
+                kept.behind["tasks"] += 1
+            elif kept.tasks.get(stream) is before:
+                kept.tasks[stream] = after  # the same Task: nothing is held twice
+            else:
+                kept.tasks[stream] = evolve(kept.tasks.get(stream), recorded)
+            if not in_stats:
+                kept.behind["stats"] += 1
                 continue
-            for held, name, folded in ((in_tasks, "tasks", kept.tasks), (in_stats, "stats", kept.counted)):
-                if held:
-                    folded[stream] = evolve(folded.get(stream), recorded)
-                else:
-                    kept.behind[name] += 1
+            if before is not None:
+                kept.counts[(before.task_type, before.status.value)] -= 1
+            if after is not None:
+                kept.counts[(after.task_type, after.status.value)] += 1
     return kept
 
 
@@ -245,8 +259,7 @@ def _compare(conninfo: str, versions: dict[str, int] | None) -> tuple[Report, bo
                     report.differences.append(f"task {model.task_id}: {', '.join(parts)}")
         report.differences += [f"task {task_id} is missing from the read model" for task_id in live.keys() - seen]
 
-        counted_live = (task for task in kept.counted.values() if task is not None)
-        expected_counts = Counter((task.task_type, task.status.value) for task in counted_live)
+        expected_counts = kept.counts
         counted = Counter({(task_type, status): n for task_type, status, n in conn.execute(COUNTS)})
         for key in sorted(expected_counts.keys() | counted.keys()):
             if expected_counts[key] != counted[key]:
