@@ -6,7 +6,9 @@ import asyncio
 import contextlib
 import os
 import shutil
+import socket
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +25,9 @@ from psycopg_pool import PoolTimeout
 
 from tasktrail import db
 from tasktrail.http.app import create_app
+from tasktrail.projections import follow
 from tests.conftest import Server
+from tests.test_replicas.conftest import until
 
 # The spec's bound for an answer while PostgreSQL is unreachable: a requirement, not a benchmark.
 OUTAGE_ANSWER_SECONDS = 2.0
@@ -87,7 +91,6 @@ def test_outage_answers_503_fast_and_recovers_without_a_restart(own_postgres: An
                 for answer in pool.map(timed, sends):
                     assert_unavailable(*answer)
             assert client.get("/health").status_code == 200
-            time.sleep(8)  # the follower's back-off grows to its longest, 5 s
 
             own_postgres.ensure_postgres_running()
             assert own_postgres.get_uri("outage") == url
@@ -96,7 +99,7 @@ def test_outage_answers_503_fast_and_recovers_without_a_restart(own_postgres: An
                 assert time.monotonic() < deadline, "the service did not recover"
                 time.sleep(0.2)
             # Audit: readiness stayed 503 until the follower's back-off ended (2.2 s), saying the driver's
-            # stale error with the database's host and port; it reconnects the follower at once now.
+            # stale error with the database's host and port; it reconnects the follower at once now (below).
             ready = client.get("/health/ready")
             assert ready.status_code == 200, ready.text
             assert client.get(path).json() == task
@@ -241,3 +244,32 @@ async def test_connections_the_server_ended_are_replaced_at_once_not_refused_for
             assert (await alive.fetchone())[0] >= 1
     finally:
         await pool.close()
+
+
+@pytest.mark.anyio
+async def test_a_readiness_probe_cuts_the_followers_back_off_short_once_it_was_unreachable() -> None:
+    # A "database" that takes each connection and closes it: every attempt of the follower fails at once.
+    listener = socket.create_server(("127.0.0.1", 0))
+    attempts: list[float] = []
+
+    def accept() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = listener.accept()
+                attempts.append(time.monotonic())
+                conn.close()
+
+    threading.Thread(target=accept, daemon=True).start()
+    follower = follow.Follower(f"postgresql://postgres@127.0.0.1:{listener.getsockname()[1]}/none")
+    await follower.start()
+    try:
+        await until(lambda: len(attempts) >= 3, "three attempts")  # at 0, 0.5 and 1.5 s: the next one 2 s after
+        assert follower.problem == "the database is unavailable"  # not the driver's words, with host and port
+        await asyncio.sleep(0.6)  # try_now acts at most twice a second
+        asked = time.monotonic()
+        follower.try_now()
+        await until(lambda: len(attempts) >= 4, "a fourth attempt")
+        assert attempts[3] - asked < 0.8, "the fourth attempt waited out the back-off"  # else 1.4 s or more
+    finally:
+        await follower.stop()
+        listener.close()
