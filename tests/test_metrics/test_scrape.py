@@ -161,7 +161,9 @@ async def test_a_write_that_loses_a_race_is_counted_as_a_conflict(database_url: 
             await writer.change(winner, task.task_id, UpdateTask(progress=1), {})
             racing = asyncio.create_task(writer.change(loser, task.task_id, UpdateTask(progress=2), {}))
             for _ in range(200):  # until the loser waits on the winner's row
-                cur = await winner.execute("SELECT count(*) FROM pg_locks WHERE NOT granted")
+                # The loser's own wait: another test's on this server (xdist) once broke the loop too early.
+                waiting = "SELECT count(*) FROM pg_locks WHERE NOT granted AND pid = %s"
+                cur = await winner.execute(waiting, (loser.info.backend_pid,))
                 if (await cur.fetchone())[0]:  # type: ignore[index]
                     break
                 await asyncio.sleep(0.02)

@@ -320,6 +320,7 @@ def test_two_releases_serve_and_write_side_by_side_then_the_old_version_is_prune
 BLOCKED = """
 SELECT count(*) FROM pg_locks
 WHERE locktype = 'advisory' AND NOT granted AND classid = hashtext(%(space)s)::oid
+  AND database = (SELECT oid FROM pg_database WHERE datname = current_database())  -- not another test's (xdist)
 """
 
 
@@ -388,7 +389,10 @@ def test_a_prune_killed_halfway_changes_nothing(database_url: str, tmp_path: Pat
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )
-        waiting = "SELECT count(*) FROM pg_locks WHERE mode = 'AccessExclusiveLock' AND NOT granted"
+        waiting = (
+            "SELECT count(*) FROM pg_locks WHERE mode = 'AccessExclusiveLock' AND NOT granted"
+            " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"  # this test's
+        )
         with connect(database_url) as watcher:
             for _ in range(1200):
                 if watcher.execute(waiting).fetchone()[0]:
