@@ -232,6 +232,8 @@ def test_one_rebuild_at_a_time(database_url: str) -> None:
         other.execute("SELECT pg_advisory_lock(hashtext('tasktrail.rebuild'))")
         with pytest.raises(RebuildBusy):
             rebuild(database_url, INLINE)
+        # Let go here: a closed connection's backend lets go of it a moment later (CI once saw it still held).
+        other.execute("SELECT pg_advisory_unlock(hashtext('tasktrail.rebuild'))")
     assert rebuild(database_url, INLINE).names == ["tasks", "stats"]
 
 
