@@ -170,16 +170,24 @@ def ensure_database(server_url: str, name: str) -> None:
                 conn.execute(psycopg.sql.SQL("CREATE DATABASE {}").format(psycopg.sql.Identifier(name)))
 
 
+CONNINFO_EXAMPLE = "(postgresql://user@host:5432/database)"
+
+
+def is_conninfo(url: str) -> bool:
+    """Whether libpq reads url as a connection string; its own words on a refusal can quote a password."""
+    try:
+        conninfo_to_dict(url)
+    except psycopg.ProgrammingError:
+        return False
+    return True
+
+
 def resolve(data_dir: Path = DEFAULT_DATA_DIR) -> tuple[str, Any]:
     """DATABASE_URL when set, else the embedded server's; and its handle (or None)."""
     url = os.environ.get("DATABASE_URL")
     if url:
-        try:
-            conninfo_to_dict(url)
-        except psycopg.ProgrammingError:  # not libpq's words: they quote the URL's parts, a password too
-            raise ValueError(
-                "DATABASE_URL is not a PostgreSQL connection string (postgresql://user@host:5432/database)"
-            ) from None
+        if not is_conninfo(url):
+            raise ValueError(f"DATABASE_URL is not a PostgreSQL connection string {CONNINFO_EXAMPLE}")
         return url, None
     server = start_embedded(data_dir)
     ensure_database(server.get_uri(), EMBEDDED_DATABASE)

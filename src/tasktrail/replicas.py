@@ -223,11 +223,9 @@ def configured(environ: Mapping[str, str] = os.environ) -> tuple[list[str], floa
 
 
 def check_url(url: str) -> None:
-    try:
-        conninfo_to_dict(url)
-    except psycopg.ProgrammingError as exc:
+    if not db.is_conninfo(url):
         shown = _PASSWORD.sub(lambda found: (found[1] or found[2]) + "***", url)  # it goes to the log
-        raise ValueError(f"replica {shown!r} is not a PostgreSQL connection string: {str(exc).strip()}") from None
+        raise ValueError(f"replica {shown!r} is not a PostgreSQL connection string {db.CONNINFO_EXAMPLE}")
 
 
 # A password in a URL (user:password@) or in key=value form (password=...).

@@ -90,7 +90,7 @@ def test_replica_urls_split_on_commas_but_keep_multi_host_urls_whole() -> None:
     with pytest.raises(ValueError, match="not a PostgreSQL connection string"):
         configured({"DATABASE_REPLICA_URLS": "nonsense"})
     # Refused, it is logged: never with its password.
-    for url in ("postgresql://u:S3CRET@h/db?%zz=1", "host=h password=S3CRET port"):
+    for url in ("postgresql://u:S3CRET@h/db?%zz=1", "host=h password=S3CRET port", "postgresql://u:S3C%zzRET@h/db"):
         with pytest.raises(ValueError, match="not a PostgreSQL connection string") as refused:
             configured({"DATABASE_REPLICA_URLS": url})
         assert "S3CRET" not in str(refused.value)
