@@ -210,6 +210,24 @@ def test_cancel_from_the_task_page_and_the_timeline_grows_live(ui: Dashboard) ->
     expect(page.locator("#action-message")).to_be_focused()  # not the top of the page
 
 
+def test_a_live_change_leaves_focus_and_a_selection_where_they_were(ui: Dashboard) -> None:
+    # Audit: each event replaced the whole "now" section, so a reader of the result lost focus and selection.
+    task = create(ui, "focus", status="running", result={"rows": 3})
+    page = ui.page()
+    page.goto(f"/ui/tasks/{task['task_id']}")
+    expect(page.locator("#live")).to_have_attribute("data-state", "live")
+    result = page.get_by_label("Result")
+    result.focus()
+    result.evaluate("pre => getSelection().selectAllChildren(pre)")
+    selected = page.evaluate("() => String(getSelection())")
+    assert '"rows": 3' in selected
+    with ui.api() as api:
+        api.patch(f"/tasks/{task['task_id']}", json={"progress": 33})
+    expect(page.locator("#now progress")).to_have_attribute("value", "33.0")
+    expect(result).to_be_focused()
+    assert page.evaluate("() => String(getSelection())") == selected
+
+
 def test_a_stale_page_gets_a_conflict_message_and_the_latest_state(ui: Dashboard) -> None:
     task = create(ui, "stale", status="running")
     page = ui.page()

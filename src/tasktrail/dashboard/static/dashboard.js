@@ -310,6 +310,21 @@ function replaceIfChanged(element, fresh) {
   if (element && fresh && !element.isEqualNode(fresh)) element.replaceWith(document.importNode(fresh, true));
 }
 
+// Brings a part of the page in line with the fresh one node by node: an unchanged node stays the same
+// node, so focus and a selection in it survive a live change (replacing the part lost both).
+function morph(element, fresh) {
+  if (!element || !fresh || element.isEqualNode(fresh)) return;
+  if (element.nodeName !== fresh.nodeName || element.childNodes.length !== fresh.childNodes.length) {
+    element.replaceWith(document.importNode(fresh, true));
+  } else if (element.nodeType !== Node.ELEMENT_NODE) {
+    element.nodeValue = fresh.nodeValue;
+  } else {
+    syncAttributes(element, fresh, [...new Set([...element.getAttributeNames(), ...fresh.getAttributeNames()])]);
+    const children = [...element.childNodes];
+    fresh.childNodes.forEach((child, i) => morph(children[i], child));
+  }
+}
+
 async function api(method, url, payload, headers = {}) {
   const init = { method, headers: readHeaders({ Accept: "application/json", ...headers }) };
   if (csrf) init.headers["X-CSRF-Token"] = csrf;
@@ -684,7 +699,7 @@ function taskPage() {
     const fresh = await fetchPage();
     if (!fresh) return;
     replaceIfChanged(document.getElementById("notices"), fresh.getElementById("notices"));
-    replaceIfChanged(document.getElementById("now"), fresh.getElementById("now"));
+    morph(document.getElementById("now"), fresh.getElementById("now"));
     syncAttributes(history(), fresh.getElementById("history"), ["data-latest", "data-latest-status"]);
     syncText(fresh, "#history-count");
     syncKeyed(document.getElementById("timeline"), fresh.getElementById("timeline"), "data-version", (old, now) =>
