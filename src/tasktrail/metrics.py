@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, multiprocess
-from prometheus_client.exposition import choose_encoder
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, choose_encoder, generate_latest
 from prometheus_client.metrics_core import Metric
 
 from tasktrail.domain.events import EVENT_TYPES, type_of
@@ -195,5 +195,8 @@ class _Scrape:
 
 def exposition(accept: str, database: Iterable[Metric]) -> tuple[bytes, str]:
     """The scrape's body in the format the Accept header asks for (Prometheus text, or OpenMetrics), and its type."""
-    encode, content_type = choose_encoder(accept)
+    try:
+        encode, content_type = choose_encoder(accept)
+    except (TypeError, ValueError):  # a version it cannot compare ("1.x"): the format asked for no version
+        encode, content_type = generate_latest, CONTENT_TYPE_PLAIN_0_0_4
     return encode(_Scrape(database)), content_type  # type: ignore[arg-type]

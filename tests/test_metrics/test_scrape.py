@@ -224,6 +224,16 @@ async def test_openmetrics_when_prometheus_asks_for_it(client: AsyncTestClient) 
     assert response.text.endswith("# EOF\n")
 
 
+async def test_an_accept_version_it_cannot_read_gets_the_plain_text_format(client: AsyncTestClient) -> None:
+    # Audit: prometheus_client's choice of format raised on these, a 500 to anyone who may scrape.
+    for version in ("abc", "1.x", "1.0.0-rc1", "9" * 5000 + ".x", "\u00e9"):
+        for kind in ("application/openmetrics-text", "text/plain"):
+            response = await client.get("/metrics", headers={"Accept": f"{kind}; version={version}".encode()})
+            assert response.status_code == 200, (kind, version[:20])
+            assert response.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
+            assert "tasktrail_http_requests_total" in response.text
+
+
 async def test_the_content_type_names_each_parameter_once(client: AsyncTestClient) -> None:
     """Prometheus 3 parses the scrape's Content-Type strictly: a parameter given twice fails the scrape."""
     for accept in ("", "application/openmetrics-text; version=1.0.0"):
