@@ -46,6 +46,7 @@ request_id: ContextVar[str | None] = ContextVar("tasktrail_request_id", default=
 SANE_REQUEST_ID = re.compile(rb"[0-9A-Za-z._:=+/-]{1,128}")
 # An API key (auth.new_key) sent as a request id by mistake: never logged, echoed or stored; a new id instead.
 KEY_LIKE = re.compile(rb"tt_[0-9A-Za-z_-]{43}")
+_KEY_IN_TEXT = re.compile(KEY_LIKE.pattern.decode())
 
 _encode = msgspec.json.Encoder().encode
 # What an IPv4 or IPv6 address (or a test client's name), or a request id, looks like: nothing to escape or quote.
@@ -155,6 +156,11 @@ def config(fmt: str, level: str) -> dict[str, Any]:
     }
 
 
+def _bounded_client(client: str) -> str:
+    """A client address as logged: a trusted proxy's X-Forwarded-For says what it likes, a key or a page."""
+    return _KEY_IN_TEXT.sub("tt_(a key)", client)[:128]
+
+
 class AccessLine:
     """Writes one line per request to stderr, in the configured format (see the module's docstring).
 
@@ -180,6 +186,8 @@ class AccessLine:
         self, request_id: str, method: str, route: str, status: int, seconds: float, actor: str | None, client: str
     ) -> None:
         now = timestamp(time.time())
+        if "tt_" in client or len(client) > 128:
+            client = _bounded_client(client)
         if self.json:
             try:
                 head = self._heads[method, route, status]

@@ -43,6 +43,12 @@ def test_json_logs_parse_line_by_line_and_hold_no_key_or_value(database_url: str
             # A key sent as the request id by mistake (audit): logged, echoed and stored as it was.
             mistaken = client.get("/tasks/", headers={"Authorization": f"Bearer {reader}", "X-Request-ID": reader})
             assert (mistaken.status_code, mistaken.headers["x-request-id"] != reader) == (200, True)
+            # ... or inside one, or as the client a trusted proxy (here, loopback) forwards for.
+            for given in (f"req-{reader}", f"{reader}.", f"Bearer:{reader}"):
+                mistaken = client.get("/tasks/", headers={"Authorization": f"Bearer {reader}", "X-Request-ID": given})
+                assert (mistaken.status_code, reader in mistaken.headers["x-request-id"]) == (200, False)
+            for forwarded in (writer, f"10.0.0.1, {writer}", "9" * 3000):
+                assert client.get("/health", headers={"X-Forwarded-For": forwarded}).status_code == 200
             assert client.get("/tasks/", headers={"Authorization": f"Bearer {writer}x"}).status_code == 401
             assert client.get(f"/nowhere/{SECRET_QUERY}?key={writer}").status_code in (401, 404)
             assert client.get("/metrics", headers={"Authorization": f"Bearer {reader}"}).status_code == 200
@@ -56,7 +62,7 @@ def test_json_logs_parse_line_by_line_and_hold_no_key_or_value(database_url: str
     assert history["events"][0]["metadata"] == {"request_id": "traceme123", "actor": "worker-7"}
 
     text = server.log()
-    for secret in (writer, reader, writer[3:20], reader[3:20], SECRET_QUERY, SECRET_BODY, task_id):
+    for secret in (writer, reader, writer[3:20], reader[3:20], SECRET_QUERY, SECRET_BODY, task_id, "9" * 129):
         assert secret not in text
     lines = [json.loads(line) for line in text.splitlines()]  # every line is one JSON object
     assert all({"time", "level", "logger", "message"} <= line.keys() for line in lines)

@@ -252,7 +252,7 @@ def observed(app: ASGIApp, *, count: bool, access: logs.AccessLine | None, cors:
         # unreadable (a port past 65535), it fails wherever the URL is read.
         if not readable or hosts > 1 or (not hosts and scope.get("http_version") != "1.0"):
             inner = _bad_host
-        sane = logs.SANE_REQUEST_ID.fullmatch(given) is not None and logs.KEY_LIKE.fullmatch(given) is None
+        sane = logs.SANE_REQUEST_ID.fullmatch(given) is not None and logs.KEY_LIKE.search(given) is None
         header = given if sane else _new_request_id()
         request_id = header.decode()
         state = scope.setdefault("state", {})
