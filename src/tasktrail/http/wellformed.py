@@ -25,7 +25,8 @@ included, and answer problem+json:
   any; a body without a Content-Type is refused too (415). A cross-site HTML
   form can post `text/plain` without a CORS preflight; it cannot post JSON.
   The body must be UTF-8 (400) and arrive within the read timeout (408), so a
-  client that announces more bytes than it sends cannot hold a request open;
+  client that announces more bytes than it sends cannot hold a request open
+  (a dashboard form's body too, which its page reads itself);
 - a route that reads no body still refuses one over 1 MiB (413): by its
   Content-Length, or, sent in chunks, by reading it through (within the read
   timeout) before the handler runs; otherwise a DELETE or a cleanup with a
@@ -185,7 +186,9 @@ def wellformed(app: ASGIApp) -> ASGIApp:
             return
         if shape is not None and shape.json_body:
             receive = _text_body(receive, body_timeout)
-        elif handler is not None and FORM not in handler.opt and _chunked(scope):
+        elif handler is not None and FORM in handler.opt:
+            receive = _timed_body(receive, body_timeout)  # read by dashboard.routes.read_form
+        elif handler is not None and _chunked(scope):
             receive = await _read_through(receive, body_timeout)
         if scope["method"] == "HEAD":
             await _as_get(app, scope, receive, send)
@@ -415,17 +418,32 @@ async def _body_message(receive: Receive, deadline: float, seconds: float) -> Me
     return message
 
 
-def _text_body(receive: Receive, timeout: float) -> Receive:
-    """`receive` that refuses a body that is not UTF-8, or that does not arrive in time."""
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    state = {"read": 0, "ascii": True, "complete": False, "deadline": 0.0}
+def _timed_body(receive: Receive, timeout: float) -> Receive:
+    """`receive` that refuses a body that does not arrive in time, or a client gone before it has sent it."""
+    state = {"complete": False, "deadline": 0.0}
 
-    async def checked() -> Message:
+    async def timed() -> Message:
         if state["complete"]:
             return await receive()
         if not state["deadline"]:
             state["deadline"] = asyncio.get_running_loop().time() + timeout
         message = await _body_message(receive, state["deadline"], timeout)
+        state["complete"] = not message.get("more_body", False)
+        return message
+
+    return timed
+
+
+def _text_body(receive: Receive, timeout: float) -> Receive:
+    """`receive` that refuses a body that is not UTF-8, or that does not arrive in time."""
+    timed = _timed_body(receive, timeout)
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    state = {"read": 0, "ascii": True, "complete": False}
+
+    async def checked() -> Message:
+        if state["complete"]:
+            return await receive()
+        message = await timed()
         chunk = message.get("body", b"")
         state["complete"] = not message.get("more_body", False)
         if not (state["ascii"] and chunk.isascii()):
