@@ -107,13 +107,17 @@ def _http(request: Request, exc: HTTPException) -> Response[bytes]:
     return response
 
 
-def _unavailable(_: Request, exc: Exception) -> Response[bytes]:
+def _unavailable(request: Request, exc: psycopg.OperationalError) -> Response[bytes]:
     log.warning("database unavailable: %s", exc)
     metrics.DB_UNAVAILABLE.inc()
-    if isinstance(exc, psycopg.errors.QueryCanceled):
+    if isinstance(exc, psycopg.errors.QueryCanceled):  # the statement rolled back
         detail = "the database did not answer within the statement timeout; try again shortly"
-    else:
+    elif isinstance(exc, psycopg_pool.PoolTimeout) or request.method in replicas.SAFE_METHODS or exc.sqlstate:
+        # No connection, a read, or PostgreSQL's own refusal (a shutdown's 57P01): nothing was written.
         detail = "the database is unavailable; try again shortly"
+    else:
+        # A connection lost with no answer to the write's statement: PostgreSQL may have committed it.
+        return problem(503, CUT_OFF, headers={"Retry-After": "1"}, outcome=UNKNOWN)
     return problem(503, detail, headers={"Retry-After": "1"})
 
 
@@ -284,7 +288,9 @@ def observed(app: ASGIApp, *, count: bool, access: logs.AccessLine | None, cors:
             # left: a 503, not its plain-text 500 and a traceback. The request has ended either way.
             if started_answer:
                 raise
-            await send_problem(send_with_id, 503, STOPPED, [(b"retry-after", b"1")])
+            await send_problem(
+                send_with_id, 503, STOPPED, [(b"retry-after", b"1")], **({"outcome": UNKNOWN} if write else {})
+            )
         finally:
             if observing:
                 client = scope.get("client")
@@ -315,6 +321,11 @@ def observed(app: ASGIApp, *, count: bool, access: logs.AccessLine | None, cors:
 # How long a starting server waits for its follower's first round (see follow.Follower.settled).
 STARTUP_FOLLOW_SECONDS = 30.0
 
+UNKNOWN = "unknown"  # a 503's outcome when a write may have been applied (problems.Problem.outcome)
+CUT_OFF = (
+    "the connection to the database was lost with this write under way; it may or may not have been made: "
+    "read the task back (or send a create again with its Idempotency-Key)"
+)
 STOPPED = (
     "the server stopped before it could finish this request; a write may or may not have been made: "
     "read the task back (or send a create again with its Idempotency-Key)"

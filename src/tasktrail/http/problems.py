@@ -28,6 +28,9 @@ class Problem(msgspec.Struct, omit_defaults=True):
     errors: list[dict[str, str]] | None = None  # [{field, message}]
     current_status: str | None = None
     allowed: list[str] | None = None
+    # "unknown" on a 503 to a write cut off while under way (the database connection lost mid-statement, a
+    # stop): it may have been applied. Any other 503 made no change, and sending the request again is safe.
+    outcome: str | None = None
 
 
 def details(status: int, detail: str, **extra: Any) -> Problem:
