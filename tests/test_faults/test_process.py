@@ -216,5 +216,6 @@ def test_a_request_whose_body_never_comes_before_the_stop_gives_up_gets_a_proble
     assert b"content-type: application/problem+json" in head.lower()
     assert b"the server stopped before it could finish this request" in head
     assert b"\r\nretry-after: 1\r\n" in head.lower()  # as every 503 says when to try again
+    assert b'"outcome":"unknown"' in head  # a write cut off: a client must not take it as not made
     assert server.process.wait(timeout=15) == 0
     assert "Traceback" not in server.log()
