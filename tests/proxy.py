@@ -9,6 +9,8 @@ what to do to the server's answer:
   without passing a byte of the answer on: the client never learns the outcome.
 - `CutAfter(n)`: pass the answer on up to the end of its n-th blank line
   (the n-th Server-Sent Events block; `retry:` counts as one), then close.
+
+`cutting_database` is one in front of PostgreSQL, for the service's own connections.
 """
 
 from __future__ import annotations
@@ -16,8 +18,10 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+
+import psycopg.conninfo
 
 
 @dataclass(frozen=True)
@@ -125,3 +129,50 @@ def _shut(sock: socket.socket) -> None:
     with contextlib.suppress(OSError):
         sock.shutdown(socket.SHUT_RDWR)
     sock.close()
+
+
+@contextlib.contextmanager
+def cutting_database(database_url: str, marker: bytes) -> Iterator[str]:
+    """A TCP proxy to the database that passes on a message holding `marker` (a write's parameters), then
+    closes both ends at PostgreSQL's first answer to it, unread: the write is made, its outcome never heard.
+    Only the first such message is cut: a client that sends the write again is heard.
+    (Threads, not the test's event loop: the app's start-up blocks that loop on the database.)"""
+    parts = psycopg.conninfo.conninfo_to_dict(database_url)
+    host, port = str(parts.get("host") or "127.0.0.1"), int(parts.get("port") or 5432)
+    listener = socket.create_server(("127.0.0.1", 0))
+    cut: list[bool] = []
+
+    def connect() -> socket.socket:
+        if host.startswith("/"):  # the embedded server's socket
+            unix = socket.socket(socket.AF_UNIX)
+            unix.connect(f"{host}/.s.PGSQL.{port}")
+            return unix
+        return socket.create_connection((host, port))
+
+    def pump(source: socket.socket, sink: socket.socket, upstream: bool, armed: threading.Event) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                if not upstream and armed.is_set():
+                    break
+                sink.sendall(data)
+                if upstream and marker in data and not cut:
+                    cut.append(True)
+                    armed.set()
+        for end in (source, sink):
+            with contextlib.suppress(OSError):
+                end.shutdown(socket.SHUT_RDWR)
+            end.close()
+
+    def accept() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                client, _ = listener.accept()
+                server, armed = connect(), threading.Event()
+                threading.Thread(target=pump, args=(client, server, True, armed), daemon=True).start()
+                threading.Thread(target=pump, args=(server, client, False, armed), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        yield psycopg.conninfo.make_conninfo(database_url, host="127.0.0.1", port=listener.getsockname()[1])
+    finally:
+        listener.close()

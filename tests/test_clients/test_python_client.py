@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -22,9 +24,9 @@ from tasktrail_client import (
 )
 from tasktrail_client._flows import later
 
-from tests.conftest import free_port
+from tests.conftest import Server, free_port
 from tests.prom import scrape
-from tests.proxy import CutAfter, DropAnswer, Proxy, Relay
+from tests.proxy import CutAfter, DropAnswer, Proxy, Relay, cutting_database
 from tests.test_clients.conftest import Keyed
 
 QUICK = RetryPolicy(attempts=5, base_delay=0.01, max_delay=0.05)
@@ -217,6 +219,31 @@ def test_an_update_whose_answer_is_lost_is_applied_once_though_another_writer_ac
             assert proxy.dropped == [0]
         assert scrape(plain).total("tasktrail_http_requests_total", method="PATCH") == before + 1
     assert client.get(task.task_id).version == 5
+
+
+def test_an_update_the_server_cut_off_at_its_database_is_found_in_the_history_not_sent_again(
+    database_url: str, tmp_path: Path, kind: str
+) -> None:
+    # Audit: the server's 503 to a write whose database connection was lost after the statement went was
+    # retried like any 503, so a change made once was sent twice. It says "outcome": "unknown" now.
+    with cutting_database(database_url, b"cut-here") as proxied:
+        server = Server(os.environ | {"DATABASE_URL": proxied}, log_dir=tmp_path)
+        try:
+            with Client(server.url, retry=QUICK) as client:
+                task = client.create(kind)
+                updated = client.update(task.task_id, result={"note": "cut-here"})
+                assert (updated.version, updated.result) == (2, {"note": "cut-here"})
+                assert client.read_after == "primary"  # the write's position is known to no token
+                with httpx.Client(base_url=server.url) as plain:
+                    assert (
+                        scrape(plain).value(
+                            "tasktrail_http_requests_total", method="PATCH", route="/tasks/{task_id}", status="503"
+                        )
+                        == 1
+                    )
+                    assert scrape(plain).total("tasktrail_http_requests_total", method="PATCH") == 1
+        finally:
+            server.stop()
 
 
 def test_a_run_marks_the_task_running_throttles_progress_and_completes_it(client: Client, kind: str) -> None:

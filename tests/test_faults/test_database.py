@@ -27,6 +27,7 @@ from tasktrail import db
 from tasktrail.http.app import create_app
 from tasktrail.projections import follow
 from tests.conftest import Server
+from tests.proxy import cutting_database
 from tests.test_replicas.conftest import until
 
 # The spec's bound for an answer while PostgreSQL is unreachable: a requirement, not a benchmark.
@@ -167,57 +168,13 @@ def test_a_database_that_takes_connections_and_answers_nothing_answers_503_not_n
         server.stop()
 
 
-@contextlib.contextmanager
-def cutting_proxy(database_url: str, marker: bytes) -> Iterator[str]:
-    """A TCP proxy to the database that passes on a message holding `marker` (a write's parameters), then
-    closes both ends at PostgreSQL's first answer to it, unread: the write is made, its outcome never heard.
-    (Threads, not the test's event loop: the app's start-up blocks that loop on the database.)"""
-    parts = psycopg.conninfo.conninfo_to_dict(database_url)
-    host, port = str(parts.get("host") or "127.0.0.1"), int(parts.get("port") or 5432)
-    listener = socket.create_server(("127.0.0.1", 0))
-
-    def connect() -> socket.socket:
-        if host.startswith("/"):  # the embedded server's socket
-            unix = socket.socket(socket.AF_UNIX)
-            unix.connect(f"{host}/.s.PGSQL.{port}")
-            return unix
-        return socket.create_connection((host, port))
-
-    def pump(source: socket.socket, sink: socket.socket, upstream: bool, armed: threading.Event) -> None:
-        with contextlib.suppress(OSError):
-            while data := source.recv(65536):
-                if not upstream and armed.is_set():
-                    break
-                sink.sendall(data)
-                if upstream and marker in data:
-                    armed.set()
-        for end in (source, sink):
-            with contextlib.suppress(OSError):
-                end.shutdown(socket.SHUT_RDWR)
-            end.close()
-
-    def accept() -> None:
-        with contextlib.suppress(OSError):
-            while True:
-                client, _ = listener.accept()
-                server, armed = connect(), threading.Event()
-                threading.Thread(target=pump, args=(client, server, True, armed), daemon=True).start()
-                threading.Thread(target=pump, args=(server, client, False, armed), daemon=True).start()
-
-    threading.Thread(target=accept, daemon=True).start()
-    try:
-        yield psycopg.conninfo.make_conninfo(database_url, host="127.0.0.1", port=listener.getsockname()[1])
-    finally:
-        listener.close()
-
-
 @pytest.mark.anyio
 async def test_a_write_whose_answer_the_database_connection_lost_says_its_outcome_is_unknown(
     database_url: str,
 ) -> None:
     # Audit: such a write was a plain 503, which clients read as "nothing was written" and sent again: a
     # requeue applied twice. (A database that is down wrote nothing: see assert_unavailable.)
-    with cutting_proxy(database_url, b"cut-here") as proxied:
+    with cutting_database(database_url, b"cut-here") as proxied:
         async with AsyncTestClient(app=create_app(proxied)) as client:
             created = await client.post("/tasks/", json={"task_type": "cut"})
             assert created.status_code == 201, created.text

@@ -157,12 +157,12 @@ def later(held: str | None, new: str) -> str:
 # Which failures a call retries: an answer lost in transit is retried only
 # where a second attempt cannot make a second change.
 ALWAYS = "always"  # reads, and writes whose repeat is harmless or recognised
-UNSENT = "unsent"  # only failures where the request surely had no effect: no connection, or 503
+UNSENT = "unsent"  # only failures where the request surely had no effect: no connection, or a plain 503
 CHECKED = "checked"  # as UNSENT, but a lost answer raises Lost, for the caller to look whether it was applied
 
 
 class Lost(Exception):
-    """A write's answer was lost in transit: it may or may not have been applied (the transport error is its cause)."""
+    """A write's answer was lost: it may or may not have been applied (a transport error, or a 503, is its cause)."""
 
 
 def call(session: Session, request: Request, retry: str = ALWAYS) -> Flow[httpx.Response]:
@@ -192,6 +192,12 @@ def attempts(session: Session, request: Request, retry: str = ALWAYS) -> Flow[tu
                 raise Lost from exc
             yield Sleep(session.retry.delay(failures))
             continue
+        if response.status_code == 503 and retry != ALWAYS and _outcome_unknown(response):
+            # The server lost its database connection with the write under way: as if its answer was lost.
+            session.lost(request)
+            if retry == CHECKED:
+                raise Lost from _problem(response)
+            raise ConnectionFailed(f"{request.method} {request.path}: the outcome is unknown") from _problem(response)
         if response.status_code == 503 and failures + 1 < session.retry.attempts:
             failures += 1
             yield Sleep(session.retry.delay(failures, response.headers.get("retry-after")))
@@ -203,13 +209,24 @@ def expect(response: httpx.Response, *ok: int) -> Any:
     """The answer's JSON when its status is one of `ok`; else the problem as an exception."""
     if response.status_code in ok:
         return response.json() if response.content else None
+    raise _problem(response)
+
+
+def _problem_document(response: httpx.Response) -> dict[str, Any]:
     try:
         problem = response.json()
     except ValueError:
         problem = None
-    if not isinstance(problem, dict):
-        problem = {"title": response.reason_phrase, "detail": response.text[:500]}
-    raise from_problem(response.status_code, problem, dict(response.headers))
+    return problem if isinstance(problem, dict) else {"title": response.reason_phrase, "detail": response.text[:500]}
+
+
+def _problem(response: httpx.Response) -> Exception:
+    return from_problem(response.status_code, _problem_document(response), dict(response.headers))
+
+
+def _outcome_unknown(response: httpx.Response) -> bool:
+    """A 503 to a write the server may have made (its database connection lost mid-write, or its stop)."""
+    return _problem_document(response).get("outcome") == "unknown"
 
 
 def task_path(task_id: str | uuid.UUID, suffix: str = "") -> str:
