@@ -113,6 +113,14 @@ export function later(held, token) {
     return ah > bh || (ah === bh && al > bl) ? held : token;
 }
 
+// A task's path. Any id is sent (the seed's calls answer a 404's JSON for an unknown one), but never one
+// that names another route: '' (the list), '.' and '..' (dot segments), 'batch' (the batch writes).
+function taskPath(taskId, suffix = '') {
+    const id = String(taskId);
+    if (['', '.', '..', 'batch'].includes(id)) throw new TypeError(`${JSON.stringify(id)} is not a task id`);
+    return `/tasks/${encodeURIComponent(id)}${suffix}`;
+}
+
 function newKey() {
     if (globalThis.crypto?.randomUUID) return globalThis.crypto.randomUUID();
     return Array.from({length: 32}, () => Math.floor(Math.random() * 16).toString(16)).join('');
@@ -189,7 +197,7 @@ export class TaskManager {
     }
 
     async getTask(taskId) {
-        return (await this.#fetch('GET', `/tasks/${encodeURIComponent(taskId)}`)).json();
+        return (await this.#fetch('GET', taskPath(taskId))).json();
     }
 
     async listTasks(filters = {}) {
@@ -199,11 +207,11 @@ export class TaskManager {
     // `ifVersion`: change it only if it is still at that version (else a 412 problem).
     async updateTask(taskId, updates, {ifVersion} = {}) {
         const headers = ifVersion === undefined ? {} : {'If-Match': `"${ifVersion}"`};
-        return (await this.#fetch('PATCH', `/tasks/${encodeURIComponent(taskId)}`, {body: updates, headers})).json();
+        return (await this.#fetch('PATCH', taskPath(taskId), {body: updates, headers})).json();
     }
 
     async deleteTask(taskId) {
-        return (await this.#fetch('DELETE', `/tasks/${encodeURIComponent(taskId)}`)).json();
+        return (await this.#fetch('DELETE', taskPath(taskId))).json();
     }
 
     async getStats() {
@@ -232,7 +240,7 @@ export class TaskManager {
     // {task_id, events}: every event of the task in version order (all pages), deleted tasks too.
     async history(taskId, {afterVersion = 0, limit = 1000} = {}) {
         const events = [];
-        let path = `/tasks/${encodeURIComponent(taskId)}/history?after_version=${afterVersion}&limit=${limit}`;
+        let path = taskPath(taskId, `/history?after_version=${afterVersion}&limit=${limit}`);
         for (;;) {
             const response = await this.#reached('GET', path);
             const page = await response.json().catch(() => ({}));
@@ -306,7 +314,7 @@ export class TaskManager {
         let task;
         let lastId = null;
         let failures = 0;
-        const url = `/tasks/${encodeURIComponent(taskId)}/stream`;
+        const url = taskPath(taskId, '/stream');
         const handle = (frame) => {
             if (frame.event === 'snapshot') {
                 if (frame.id) lastId = frame.id;  // where the snapshot stands: a drop resumes after it
@@ -372,7 +380,7 @@ export class TaskManager {
 
     // A given EventSource (a browser's, or a polyfill's); it reconnects by itself with Last-Event-ID.
     #eventSource(taskId, onUpdate, settle) {
-        const source = new this.EventSource(`${this.baseUrl}/tasks/${encodeURIComponent(taskId)}/stream`);
+        const source = new this.EventSource(`${this.baseUrl}${taskPath(taskId, '/stream')}`);
         let task;
         let fallback;
         let over = false;
@@ -404,7 +412,7 @@ export class TaskManager {
             await sleep(0);
             if (source.readyState !== 2 || over) return;
             over = true;
-            const response = await this.#fetch('GET', `/tasks/${encodeURIComponent(taskId)}`);
+            const response = await this.#fetch('GET', taskPath(taskId));
             if (response.status === 404) {
                 if (task === undefined) {
                     settle.reject(new TaskTrailError(404, await response.json()));
@@ -429,7 +437,7 @@ export class TaskManager {
         let stopped = false;
         const tick = async () => {
             try {
-                const response = await this.#fetch('GET', `/tasks/${encodeURIComponent(taskId)}`);
+                const response = await this.#fetch('GET', taskPath(taskId));
                 if (stopped) return;
                 if (response.status === 404) {
                     if (task === undefined) {

@@ -35,6 +35,13 @@ assert.equal((await tasks.getTask(task.task_id)).version, 2);
 assert.deepEqual((await tasks.listTasks({task_type: kind})).map((t) => t.task_id), [task.task_id]);
 assert.equal(typeof (await tasks.getStats()).running, 'number');
 assert.equal((await tasks.getTask('0b6f4f4e-6a2e-4c1e-9a51-3f1f3c1d2e3f')).status, 404);
+assert.equal((await tasks.getTask('no such task')).status, 404);  // the seed's calls: a 404's JSON
+// An id that would name another route (the list, a dot segment, the batch writes) is never sent (audit).
+for (const id of ['', '.', '..', 'batch']) {
+    await assert.rejects(tasks.getTask(id), TypeError);
+    await assert.rejects(tasks.updateTask(id, {updates: []}), TypeError);
+    await assert.rejects(tasks.history(id), TypeError);
+}
 
 // History, the feed, and errors thrown by the added calls.
 const history = await tasks.history(task.task_id, {limit: 1});  // one event a page: follows Link

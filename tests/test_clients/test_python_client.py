@@ -454,6 +454,24 @@ def test_a_key_no_request_could_carry_is_refused_at_once_not_retried_as_a_networ
             AsyncClient("http://127.0.0.1:1", api_key=key)
 
 
+def test_a_task_id_that_would_name_another_route_is_refused_before_it_is_sent(
+    server: str, client: Client, kind: str
+) -> None:
+    # Audit: get("") read the task list, get("..") a redirect, update("batch", ...) was a batch PATCH.
+    with httpx.Client(base_url=server) as plain:
+        before = scrape(plain).total("tasktrail_http_requests_total")
+        for task_id in ("", ".", "..", "batch", "stats", "a/b", UNKNOWN + "x"):
+            for call in (client.get, client.delete, client.history, lambda t: client.update(t, progress=1)):
+                with pytest.raises(ValueError, match="is not a task id"):
+                    call(task_id)
+        for key in ("ключ", "a\nb"):
+            with pytest.raises(ValueError, match="Idempotency-Key"):
+                client.create(kind, idempotency_key=key)
+        assert scrape(plain).total("tasktrail_http_requests_total") == before + 1  # the first scrape's
+    task = client.create(kind)
+    assert client.get(task.task_id.upper()).task_id == task.task_id  # any spelling of a UUID is one
+
+
 def test_retry_delays_grow_are_jittered_and_bounded() -> None:
     policy = RetryPolicy(attempts=10, base_delay=0.1, max_delay=1.0)
     for failures in range(1, 10):

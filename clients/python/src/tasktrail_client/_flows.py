@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from types import MappingProxyType
 from typing import Any, TypeVar
-from urllib.parse import quote
 
 import httpx
 
@@ -230,7 +229,17 @@ def _outcome_unknown(response: httpx.Response) -> bool:
 
 
 def task_path(task_id: str | uuid.UUID, suffix: str = "") -> str:
-    return f"/tasks/{quote(str(task_id), safe='')}{suffix}"
+    """A task's path; a task id is a UUID, never "", "." or "batch", which would name another route."""
+    try:
+        return f"/tasks/{uuid.UUID(str(task_id))}{suffix}"
+    except ValueError:
+        raise ValueError(f"{str(task_id)[:100]!r} is not a task id (a UUID)") from None
+
+
+def _idempotency(key: str | None) -> dict[str, str]:
+    if key is not None and not (key.isascii() and key.isprintable()):
+        raise ValueError("an Idempotency-Key is printable ASCII text")
+    return {"Idempotency-Key": key or uuid.uuid4().hex}
 
 
 def _if_match(version: int | None) -> dict[str, str]:
@@ -248,7 +257,7 @@ def _next(response: httpx.Response) -> str | None:
 
 def create(session: Session, task_type: str, params: dict[str, Any] | None, idempotency_key: str | None) -> Flow[Task]:
     # One key for every attempt: a retry after a lost answer gets the first attempt's task back.
-    headers = {"Idempotency-Key": idempotency_key or uuid.uuid4().hex} | _request_id()
+    headers = _idempotency(idempotency_key) | _request_id()
     body = {"task_type": task_type} | ({} if params is None else {"params": params})
     response = yield from call(session, Request("POST", "/tasks/", json=body, headers=headers))
     return Task.from_json(expect(response, 201))
@@ -258,7 +267,7 @@ def create_many(
     session: Session, tasks: Iterable[Mapping[str, Any] | str], idempotency_key: str | None
 ) -> Flow[list[Task]]:
     items = [{"task_type": t} if isinstance(t, str) else dict(t) for t in tasks]
-    headers = {"Idempotency-Key": idempotency_key or uuid.uuid4().hex} | _request_id()
+    headers = _idempotency(idempotency_key) | _request_id()
     response = yield from call(session, Request("POST", "/tasks/batch", json={"tasks": items}, headers=headers))
     return [Task.from_json(t) for t in expect(response, 201)["tasks"]]
 
