@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
 import time
@@ -405,6 +406,28 @@ async def test_the_async_client_does_the_same(server: str, kind: str) -> None:
         assert (await client.get(refused.task_id)).status == "failed"
         with pytest.raises(NotFound):
             await client.get(UNKNOWN)
+
+
+@pytest.mark.anyio
+async def test_more_watches_than_httpx_connections_leave_room_for_other_calls(server: str, kind: str) -> None:
+    # Audit: httpx's default pool (100 connections) went to 100 watches; the next call waited until it failed.
+    async with AsyncClient(server, retry=QUICK, timeout=httpx.Timeout(5.0)) as client:
+        task = await client.create(kind)
+        following = asyncio.Semaphore(0)
+
+        async def follow() -> list[str]:
+            seen = []
+            async for change in client.watch(task.task_id):
+                seen.append(change.task.status)
+                if len(seen) == 1:
+                    following.release()
+            return seen
+
+        watches = [asyncio.create_task(follow()) for _ in range(105)]
+        for _ in watches:
+            await asyncio.wait_for(following.acquire(), 30)
+        assert (await client.update(task.task_id, status="completed")).version == 2
+        assert [await watch for watch in watches] == [["pending", "completed"]] * 105
 
 
 @pytest.mark.anyio

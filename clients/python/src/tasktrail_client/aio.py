@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 import httpx
 
 from tasktrail_client import _flows as flows
-from tasktrail_client.client import DEFAULT_TIMEOUT, STREAM_TIMEOUT
+from tasktrail_client.client import DEFAULT_TIMEOUT, LIMITS, STREAM_TIMEOUT
 from tasktrail_client.errors import TasktrailError
 from tasktrail_client.models import Change, Event, History, ItemResult, Stats, Task
 
@@ -38,7 +38,9 @@ class AsyncClient:
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.session = flows.Session(api_key, retry or flows.RetryPolicy())
-        self._http = httpx.AsyncClient(base_url=base_url.rstrip("/"), timeout=timeout, transport=transport)
+        self._http = httpx.AsyncClient(
+            base_url=base_url.rstrip("/"), timeout=timeout, limits=LIMITS, transport=transport
+        )
 
     async def aclose(self) -> None:
         await self._http.aclose()

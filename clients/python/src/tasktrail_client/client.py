@@ -18,6 +18,9 @@ from tasktrail_client.models import Change, Event, History, ItemResult, Stats, T
 T = TypeVar("T")
 
 DEFAULT_TIMEOUT = httpx.Timeout(10.0, connect=5.0)
+# A watch holds its connection for as long as it follows the task: with httpx's default of 100 connections,
+# the 101st call (watch or not) would wait for a connection until it gave up.
+LIMITS = httpx.Limits(max_connections=None, max_keepalive_connections=20)
 # A stream is quiet between events; the server pings every 15 s, so a longer silence is a dead connection.
 STREAM_TIMEOUT = httpx.Timeout(10.0, connect=5.0, read=60.0)
 
@@ -41,7 +44,7 @@ class Client:
         transport: httpx.BaseTransport | None = None,
     ) -> None:
         self.session = flows.Session(api_key, retry or flows.RetryPolicy())
-        self._http = httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout, transport=transport)
+        self._http = httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout, limits=LIMITS, transport=transport)
 
     def close(self) -> None:
         self._http.close()
