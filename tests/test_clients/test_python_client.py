@@ -337,6 +337,32 @@ def test_a_run_does_not_overwrite_a_task_someone_else_changed(client: Client, ki
     assert client.get(task.task_id).status == "canceled"
 
 
+def test_a_run_completes_a_task_someone_else_only_annotated_meanwhile(client: Client, kind: str) -> None:
+    # Audit: any change by someone else (a note in the result, progress) made the run's last write a 412,
+    # and the task stayed running for ever with the run's result lost.
+    task = client.create(kind)
+    with client.run(task.task_id, progress_interval=0.01) as run:
+        run.progress(10)
+        client.update(task.task_id, result={"note": "operator"})
+        client.update(task.task_id, progress=11)
+        run.progress(20)
+        run.result = {"done": 1}
+    done = client.get(task.task_id)
+    assert (done.status, done.result, done.retry_count) == ("completed", {"done": 1}, 0)
+    # A task requeued and claimed again by another worker meanwhile is not this run's to complete.
+    taken = client.create(kind)
+
+    def work() -> None:
+        with client.run(taken.task_id) as run:
+            client.update(taken.task_id, status="pending")
+            client.update(taken.task_id, status="running")
+            run.result = {"done": 2}
+
+    with pytest.raises(PreconditionFailed):
+        work()
+    assert (client.get(taken.task_id).status, client.get(taken.task_id).result) == ("running", None)
+
+
 def test_watch_follows_a_task_and_resumes_after_a_dropped_connection(server: str, client: Client, kind: str) -> None:
     task = client.create(kind)
 

@@ -25,7 +25,14 @@ from typing import Any, TypeVar
 
 import httpx
 
-from tasktrail_client.errors import BadRequest, ConnectionFailed, PayloadTooLarge, ValidationFailed, from_problem
+from tasktrail_client.errors import (
+    BadRequest,
+    ConnectionFailed,
+    PayloadTooLarge,
+    PreconditionFailed,
+    ValidationFailed,
+    from_problem,
+)
 from tasktrail_client.models import Change, Event, History, ItemResult, Stats, Task, apply
 
 T = TypeVar("T")
@@ -344,6 +351,27 @@ def update(session: Session, task_id: str, body: dict[str, Any], if_version: int
         if mine is not None:
             return (yield from get(session, task_id, mine.version, None, PRIMARY))
     return Task.from_json(expect(response, 200))
+
+
+# How often a run's write is sent again on a newer version its task reached meanwhile (see run_write).
+RUN_REWRITES = 5
+
+
+def run_write(session: Session, task_id: str, body: dict[str, Any], held: Task) -> Flow[Task]:
+    """A worker's run's write, If-Match the version it last saw (`held`). Changed meanwhile by someone else
+    in a way that leaves the run its task (a result, an error, progress: still running, not requeued or
+    retried since it started), it is sent again on the new version. A task taken away (canceled, requeued,
+    retried, deleted) raises PreconditionFailed (or NotFound, Conflict), and is left as the other writer left it.
+    """
+    for _ in range(RUN_REWRITES):
+        try:
+            return (yield from update(session, task_id, body, held.version))
+        except PreconditionFailed:
+            now = yield from get(session, task_id, None, None, PRIMARY)
+            if (now.status, now.retry_count, now.started_at) != ("running", held.retry_count, held.started_at):
+                raise
+            held = now
+    return (yield from update(session, task_id, body, held.version))
 
 
 def delete(session: Session, task_id: str, if_version: int | None) -> Flow[None]:

@@ -249,7 +249,7 @@ class AsyncRun:
 
     async def _write(self, body: dict[str, Any]) -> Task:
         assert self.task is not None
-        return await self.client._call(flows.update(self.client.session, self.task_id, body, self.task.version))
+        return await self.client._call(flows.run_write(self.client.session, self.task_id, body, self.task))
 
     async def __aexit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: types.TracebackType | None

@@ -220,8 +220,9 @@ class Run:
     exception's text and is raised again; an interruption (KeyboardInterrupt,
     SystemExit) puts the task back to pending for another worker. Every write
     after the first is conditional on the version this run last saw (If-Match),
-    so a task changed meanwhile by someone else (canceled, say) is not
-    overwritten: the write raises `PreconditionFailed` or `Conflict` instead.
+    so a task taken away meanwhile by someone else (canceled, requeued) is not
+    overwritten: the write raises `PreconditionFailed` or `Conflict` instead
+    (flows.run_write: a change that leaves the run its task is written over).
     """
 
     def __init__(self, client: Client, task_id: str, progress_interval: float) -> None:
@@ -266,7 +267,7 @@ class Run:
 
     def _write(self, body: dict[str, Any]) -> Task:
         assert self.task is not None
-        return self.client._call(flows.update(self.client.session, self.task_id, body, self.task.version))
+        return self.client._call(flows.run_write(self.client.session, self.task_id, body, self.task))
 
     def __exit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: types.TracebackType | None
