@@ -46,7 +46,7 @@ request_id: ContextVar[str | None] = ContextVar("tasktrail_request_id", default=
 SANE_REQUEST_ID = re.compile(rb"[0-9A-Za-z._:=+/-]{1,128}")
 # An API key (auth.new_key) sent as a request id by mistake: never logged, echoed or stored; a new id instead.
 KEY_LIKE = re.compile(rb"tt_[0-9A-Za-z_-]{43}")
-_KEY_IN_TEXT = re.compile(KEY_LIKE.pattern.decode())
+KEY_IN_TEXT = re.compile(KEY_LIKE.pattern.decode())
 
 _encode = msgspec.json.Encoder().encode
 # What an IPv4 or IPv6 address (or a test client's name), or a request id, looks like: nothing to escape or quote.
@@ -158,7 +158,7 @@ def config(fmt: str, level: str) -> dict[str, Any]:
 
 def _bounded_client(client: str) -> str:
     """A client address as logged: a trusted proxy's X-Forwarded-For says what it likes, a key or a page."""
-    return _KEY_IN_TEXT.sub("tt_(a key)", client)[:128]
+    return KEY_IN_TEXT.sub("tt_(a key)", client)[:128]
 
 
 class AccessLine:

@@ -204,6 +204,13 @@ async def test_without_a_session_pages_ask_to_sign_in_and_the_api_still_says_401
     assert 'type="password"' in form.text
     # Statics and the sign-in form need no key.
     assert (await secured.get("/ui/static/dashboard.js")).status_code == 200
+    # A key put in a page's URL is not copied into the sign-in page's URL or source (audit).
+    key = KEYS["admin"]
+    page = await secured.get(f"/ui?api_key={key}", follow_redirects=False)
+    assert page.headers["location"] == "/ui/sign-in?next=%2Fui"
+    form = await secured.get(f"/ui/sign-in?next=/ui%3Fapi_key%3D{key}")
+    assert form.status_code == 200
+    assert key not in form.text
 
 
 async def test_a_session_cookie_is_signed_expiring_and_strict(secured: AsyncTestClient) -> None:

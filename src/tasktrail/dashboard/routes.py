@@ -47,7 +47,7 @@ from litestar.static_files import create_static_files_router
 from litestar.types import ASGIApp, FileInfo, PathType, Receive, Scope, Send
 from markupsafe import Markup, escape
 
-from tasktrail import eventstore, replicas
+from tasktrail import eventstore, logs, replicas
 from tasktrail.domain.events import EVENT_TYPES, TaskCreated, TaskDeleted, type_of
 from tasktrail.domain.task import FINISHED, MOVES, Status, Task, TaskNotFound, evolve, fold
 from tasktrail.http import auth, sessions, wellformed
@@ -674,7 +674,8 @@ async def read_form(request: Request, kind: type[F]) -> F:
 
 
 def _local(target: str | None) -> str:
-    """Where to go after signing in: a dashboard path only, never another site."""
+    """Where to go after signing in: a dashboard path only, never another site, nor one with a key in it
+    (a key put in a page's URL is not copied into the sign-in page's URL and source)."""
     if (
         target
         and target.startswith("/ui")
@@ -682,6 +683,7 @@ def _local(target: str | None) -> str:
         and "\\" not in target
         and not target.startswith("//")
         and target.isprintable()
+        and not logs.KEY_IN_TEXT.search(target)
     ):
         return target
     return "/ui"
