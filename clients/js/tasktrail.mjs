@@ -175,6 +175,9 @@ export class TaskManager {
                 await sleep(backoff(failures));
                 continue;
             }
+            // A 503 to a write may say its outcome is unknown (the server lost its database mid-write): as a
+            // lost answer, reads go to the primary until a write's answer gives a token again.
+            if (response.status === 503 && method !== 'GET') this.readAfter = ON_PRIMARY;
             if (response.status === 503 && retry && ++failures < this.attempts) {
                 await response.body?.cancel();
                 await sleep(Math.max(backoff(failures), Math.min(Number(response.headers.get('Retry-After')) * 1000 || 0, 2000)));
@@ -284,6 +287,7 @@ export class TaskManager {
     // Returns {done, close}: done resolves with the last state, or rejects if
     // the task does not exist, or with what onUpdate threw (the watch stops then).
     watchTask(taskId, onUpdate) {
+        taskPath(taskId);  // an id that names another route throws here, whichever the watch mode
         let settle;
         const done = new Promise((resolve, reject) => { settle = {resolve, reject}; });
         let watch;

@@ -41,6 +41,8 @@ for (const id of ['', '.', '..', 'batch']) {
     await assert.rejects(tasks.getTask(id), TypeError);
     await assert.rejects(tasks.updateTask(id, {updates: []}), TypeError);
     await assert.rejects(tasks.history(id), TypeError);
+    assert.throws(() => tasks.watchTask(id, () => {}), TypeError);
+    assert.throws(() => new TaskManager(tasks.baseUrl, {watch: 'poll'}).watchTask(id, () => {}), TypeError);
 }
 
 // History, the feed, and errors thrown by the added calls.

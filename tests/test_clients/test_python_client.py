@@ -513,7 +513,7 @@ def test_a_task_id_that_would_name_another_route_is_refused_before_it_is_sent(
             for call in (client.get, client.delete, client.history, lambda t: client.update(t, progress=1)):
                 with pytest.raises(ValueError, match="is not a task id"):
                     call(task_id)
-        for key in ("ключ", "a\nb"):
+        for key in ("ключ", "a\nb", "a b", "k" * 256):
             with pytest.raises(ValueError, match="Idempotency-Key"):
                 client.create(kind, idempotency_key=key)
         assert scrape(plain).total("tasktrail_http_requests_total") == before + 1  # the first scrape's

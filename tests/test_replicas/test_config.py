@@ -93,7 +93,8 @@ def test_replica_urls_split_on_commas_but_keep_multi_host_urls_whole() -> None:
     for url in ("postgresql://u:S3CRET@h/db?%zz=1", "host=h password=S3CRET port", "postgresql://u:S3C%zzRET@h/db"):
         with pytest.raises(ValueError, match="not a PostgreSQL connection string") as refused:
             configured({"DATABASE_REPLICA_URLS": url})
-        assert "S3CRET" not in str(refused.value)
+        assert "S3C" not in str(refused.value)
+        assert "RET" not in str(refused.value)
         assert "***" in str(refused.value)
 
 

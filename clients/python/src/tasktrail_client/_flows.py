@@ -198,12 +198,15 @@ def attempts(session: Session, request: Request, retry: str = ALWAYS) -> Flow[tu
                 raise Lost from exc
             yield Sleep(session.retry.delay(failures))
             continue
-        if response.status_code == 503 and retry != ALWAYS and _outcome_unknown(response):
+        if response.status_code == 503 and _outcome_unknown(response):
             # The server lost its database connection with the write under way: as if its answer was lost.
             session.lost(request)
             if retry == CHECKED:
                 raise Lost from _problem(response)
-            raise ConnectionFailed(f"{request.method} {request.path}: the outcome is unknown") from _problem(response)
+            if retry == UNSENT:
+                raise ConnectionFailed(f"{request.method} {request.path}: the outcome is unknown") from _problem(
+                    response
+                )
         if response.status_code == 503 and failures + 1 < session.retry.attempts:
             failures += 1
             yield Sleep(session.retry.delay(failures, response.headers.get("retry-after")))
@@ -244,8 +247,8 @@ def task_path(task_id: str | uuid.UUID, suffix: str = "") -> str:
 
 
 def _idempotency(key: str | None) -> dict[str, str]:
-    if key is not None and not (key.isascii() and key.isprintable()):
-        raise ValueError("an Idempotency-Key is printable ASCII text")
+    if key is not None and not (_KEY.fullmatch(key) and len(key) <= 255):
+        raise ValueError("an Idempotency-Key is 1 to 255 printable ASCII characters, no space")
     return {"Idempotency-Key": key or uuid.uuid4().hex}
 
 
