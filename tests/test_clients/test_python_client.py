@@ -290,6 +290,12 @@ def test_a_failing_block_fails_the_task_with_the_exception_text_and_raises_it(cl
 
     with pytest.raises(Conflict):
         client.run(task.task_id).__enter__()  # a finished task cannot be run
+    # Nor one another worker runs: a move to running of a running task is a no-op (200) the run would take.
+    claimed = client.create(kind)
+    client.update(claimed.task_id, status="running")
+    with pytest.raises(Conflict, match="is running: a run starts a pending task"):
+        client.run(claimed.task_id).__enter__()
+    assert client.get(claimed.task_id).version == 2
 
     # An exception whose text cannot be made still fails the task (it was left running), and is raised.
     class Unspeakable(Exception):

@@ -356,6 +356,23 @@ def update(session: Session, task_id: str, body: dict[str, Any], if_version: int
     return Task.from_json(expect(response, 200))
 
 
+def claim(session: Session, task_id: str) -> Flow[Task]:
+    """A run's start: its task moved from pending to running under If-Match, so no two runs hold one task (a
+    move to running of a task already running is a no-op the server answers 200: both would have run it)."""
+    task = yield from get(session, task_id, None, None, PRIMARY)
+    if task.status != "pending":
+        problem = {
+            "type": "/problems/conflict",
+            "title": "Conflict",
+            "status": 409,
+            "detail": f"task {task.task_id} is {task.status}: a run starts a pending task",
+            "current_status": task.status,
+            "allowed": [],
+        }
+        raise from_problem(409, problem)
+    return (yield from update(session, task_id, {"status": "running"}, task.version))
+
+
 # How often a run's write is sent again on a newer version its task reached meanwhile (see run_write).
 RUN_REWRITES = 5
 

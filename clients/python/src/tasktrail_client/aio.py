@@ -215,7 +215,7 @@ class AsyncRun:
         self._reporter: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> AsyncRun:
-        self.task = await self.client.update(self.task_id, status="running")
+        self.task = await self.client._call(flows.claim(self.client.session, self.task_id))
         self._reporter = asyncio.create_task(self._report(), name=f"tasktrail-progress-{self.task_id}")
         return self
 

@@ -213,7 +213,9 @@ class Client:
 class Run:
     """A worker's hold on a task, for a `with` block.
 
-    Entering marks the task running. `progress(p)` reports progress at most
+    Entering claims the task: it moves it from pending to running, or raises
+    `Conflict` (the task is already running, or finished) or `PreconditionFailed`
+    (another worker claimed it first). `progress(p)` reports progress at most
     once per `progress_interval` seconds from a background thread: the latest
     value wins, and the last one is sent before the block ends. Leaving the
     block completes the task with `run.result`; an exception fails it with the
@@ -236,7 +238,7 @@ class Run:
         self._thread = threading.Thread(target=self._report, name=f"tasktrail-progress-{task_id}", daemon=True)
 
     def __enter__(self) -> Run:
-        self.task = self.client.update(self.task_id, status="running")
+        self.task = self.client._call(flows.claim(self.client.session, self.task_id))
         self._thread.start()
         return self
 
