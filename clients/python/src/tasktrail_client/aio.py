@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 import httpx
 
 from tasktrail_client import _flows as flows
-from tasktrail_client.client import DEFAULT_TIMEOUT, LIMITS, STREAM_TIMEOUT
+from tasktrail_client.client import DEFAULT_TIMEOUT, STREAM_TIMEOUT, STREAMS
 from tasktrail_client.errors import TasktrailError
 from tasktrail_client.models import Change, Event, History, ItemResult, Stats, Task
 
@@ -38,12 +38,14 @@ class AsyncClient:
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.session = flows.Session(api_key, retry or flows.RetryPolicy())
-        self._http = httpx.AsyncClient(
-            base_url=base_url.rstrip("/"), timeout=timeout, limits=LIMITS, transport=transport
-        )
+        self._http = httpx.AsyncClient(base_url=base_url.rstrip("/"), timeout=timeout, transport=transport)
+        self._streams = self._http
+        if transport is None:  # watches' own pool (client.STREAMS)
+            self._streams = httpx.AsyncClient(base_url=base_url.rstrip("/"), timeout=timeout, limits=STREAMS)
 
     async def aclose(self) -> None:
         await self._http.aclose()
+        await self._streams.aclose()
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -171,7 +173,7 @@ class AsyncClient:
                     headers=self.session.headers_for(step),
                     timeout=STREAM_TIMEOUT if step.stream else httpx.USE_CLIENT_DEFAULT,
                 )
-                response = await self._http.send(request, stream=step.stream)
+                response = await (self._streams if step.stream else self._http).send(request, stream=step.stream)
                 if step.stream:
                     if response.status_code == 200:
                         streams[id(response)] = (response, response.aiter_lines())

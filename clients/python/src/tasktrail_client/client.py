@@ -18,9 +18,10 @@ from tasktrail_client.models import Change, Event, History, ItemResult, Stats, T
 T = TypeVar("T")
 
 DEFAULT_TIMEOUT = httpx.Timeout(10.0, connect=5.0)
-# A watch holds its connection for as long as it follows the task: with httpx's default of 100 connections,
-# the 101st call (watch or not) would wait for a connection until it gave up.
-LIMITS = httpx.Limits(max_connections=None, max_keepalive_connections=20)
+# A watch holds a connection for as long as it follows its task: watches have a pool of their own, without
+# a bound, so 100 of them leave the calls theirs (httpx's default of 100 connections, which also keeps a
+# burst of calls from opening more).
+STREAMS = httpx.Limits(max_connections=None, max_keepalive_connections=0)
 # A stream is quiet between events; the server pings every 15 s, so a longer silence is a dead connection.
 STREAM_TIMEOUT = httpx.Timeout(10.0, connect=5.0, read=60.0)
 
@@ -44,10 +45,14 @@ class Client:
         transport: httpx.BaseTransport | None = None,
     ) -> None:
         self.session = flows.Session(api_key, retry or flows.RetryPolicy())
-        self._http = httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout, limits=LIMITS, transport=transport)
+        self._http = httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout, transport=transport)
+        self._streams = self._http
+        if transport is None:
+            self._streams = httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout, limits=STREAMS)
 
     def close(self) -> None:
         self._http.close()
+        self._streams.close()
 
     def __enter__(self) -> Client:
         return self
@@ -184,7 +189,7 @@ class Client:
                     headers=self.session.headers_for(step),
                     timeout=STREAM_TIMEOUT if step.stream else httpx.USE_CLIENT_DEFAULT,
                 )
-                response = self._http.send(request, stream=step.stream)
+                response = (self._streams if step.stream else self._http).send(request, stream=step.stream)
                 if step.stream:
                     if response.status_code == 200:
                         streams[id(response)] = (response, response.iter_lines())
