@@ -290,12 +290,21 @@ def test_a_failing_block_fails_the_task_with_the_exception_text_and_raises_it(cl
 
     with pytest.raises(Conflict):
         client.run(task.task_id).__enter__()  # a finished task cannot be run
-    # Nor one another worker runs: a move to running of a running task is a no-op (200) the run would take.
-    claimed = client.create(kind)
-    client.update(claimed.task_id, status="running")
-    with pytest.raises(Conflict, match="is running: a run starts a pending task"):
-        client.run(claimed.task_id).__enter__()
-    assert client.get(claimed.task_id).version == 2
+    # A task already running is taken as it is (no event), but with no claim to it: a change by someone
+    # else (maybe the worker that claimed it) stops it, where a run that claimed its task writes over one.
+    running = client.create(kind)
+    client.update(running.task_id, status="running")
+
+    def share() -> None:
+        with client.run(running.task_id) as run:
+            assert run.task is not None
+            assert run.task.version == 2
+            client.update(running.task_id, progress=50)  # the claiming worker
+            run.result = {"done": 3}
+
+    with pytest.raises(PreconditionFailed):
+        share()
+    assert (client.get(running.task_id).status, client.get(running.task_id).progress) == ("running", 50.0)
 
     # An exception whose text cannot be made still fails the task (it was left running), and is raised.
     class Unspeakable(Exception):

@@ -356,34 +356,38 @@ def update(session: Session, task_id: str, body: dict[str, Any], if_version: int
     return Task.from_json(expect(response, 200))
 
 
-def claim(session: Session, task_id: str) -> Flow[Task]:
-    """A run's start: its task moved from pending to running under If-Match, so no two runs hold one task (a
-    move to running of a task already running is a no-op the server answers 200: both would have run it)."""
-    task = yield from get(session, task_id, None, None, PRIMARY)
-    if task.status != "pending":
-        problem = {
-            "type": "/problems/conflict",
-            "title": "Conflict",
-            "status": 409,
-            "detail": f"task {task.task_id} is {task.status}: a run starts a pending task",
-            "current_status": task.status,
-            "allowed": [],
-        }
-        raise from_problem(409, problem)
-    return (yield from update(session, task_id, {"status": "running"}, task.version))
-
-
-# How often a run's write is sent again on a newer version its task reached meanwhile (see run_write).
+# How often a run's claim or write is sent again on a newer version its task reached meanwhile.
 RUN_REWRITES = 5
 
 
-def run_write(session: Session, task_id: str, body: dict[str, Any], held: Task) -> Flow[Task]:
-    """A worker's run's write, If-Match the version it last saw (`held`). Changed meanwhile by someone else
-    in a way that leaves the run its task (a result, an error, progress: still running, not requeued or
-    retried since it started), it is sent again on the new version. A task taken away (canceled, requeued,
-    retried, deleted) raises PreconditionFailed (or NotFound, Conflict), and is left as the other writer left it.
-    """
+def claim(session: Session, task_id: str) -> Flow[tuple[Task, bool]]:
+    """A run's start, and whether it claimed its task. A pending task is moved to running under If-Match, so
+    of two runs racing for it only one claims it: the other raises PreconditionFailed (a task only annotated
+    meanwhile is looked at again). A task already running is taken as it is: a move to running is a no-op
+    there (SPEC §4), and the run holds it without a claim. Any other status is the server's 409."""
+    task = yield from get(session, task_id, None, None, PRIMARY)
+    if task.status == "running":
+        return task, False
+    if task.status != "pending":
+        return (yield from update(session, task_id, {"status": "running"}, None)), False  # the server's 409
     for _ in range(RUN_REWRITES):
+        try:
+            return (yield from update(session, task_id, {"status": "running"}, task.version)), True
+        except PreconditionFailed:
+            task = yield from get(session, task_id, None, None, PRIMARY)
+            if task.status != "pending":  # claimed, or moved on, by someone else meanwhile
+                raise
+    return (yield from update(session, task_id, {"status": "running"}, task.version)), True
+
+
+def run_write(session: Session, task_id: str, body: dict[str, Any], held: Task, claimed: bool) -> Flow[Task]:
+    """A worker's run's write, If-Match the version it last saw (`held`). A run that claimed its task sends
+    it again on the new version when someone else changed the task meanwhile in a way that leaves the run
+    its task (a result, an error, progress: still running, not requeued or retried since it started). A
+    task taken away (canceled, requeued, retried, deleted), or changed under a run that holds it without a
+    claim, raises PreconditionFailed (or NotFound, Conflict), and is left as the other writer left it.
+    """
+    for _ in range(RUN_REWRITES if claimed else 0):
         try:
             return (yield from update(session, task_id, body, held.version))
         except PreconditionFailed:

@@ -44,8 +44,10 @@ class AsyncClient:
             self._streams = httpx.AsyncClient(base_url=base_url.rstrip("/"), timeout=timeout, limits=STREAMS)
 
     async def aclose(self) -> None:
-        await self._http.aclose()
-        await self._streams.aclose()
+        try:
+            await self._http.aclose()
+        finally:
+            await self._streams.aclose()
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -210,6 +212,7 @@ class AsyncRun:
         self.client, self.task_id, self.interval = client, task_id, progress_interval
         self.result: dict[str, Any] | None = None
         self.task: Task | None = None
+        self._claimed = False  # whether entering moved the task to running (flows.claim)
         self._pending: float | None = None
         self._error: TasktrailError | None = None
         self._wake = asyncio.Event()
@@ -217,7 +220,7 @@ class AsyncRun:
         self._reporter: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> AsyncRun:
-        self.task = await self.client._call(flows.claim(self.client.session, self.task_id))
+        self.task, self._claimed = await self.client._call(flows.claim(self.client.session, self.task_id))
         self._reporter = asyncio.create_task(self._report(), name=f"tasktrail-progress-{self.task_id}")
         return self
 
@@ -251,7 +254,9 @@ class AsyncRun:
 
     async def _write(self, body: dict[str, Any]) -> Task:
         assert self.task is not None
-        return await self.client._call(flows.run_write(self.client.session, self.task_id, body, self.task))
+        return await self.client._call(
+            flows.run_write(self.client.session, self.task_id, body, self.task, self._claimed)
+        )
 
     async def __aexit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: types.TracebackType | None

@@ -51,8 +51,10 @@ class Client:
             self._streams = httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout, limits=STREAMS)
 
     def close(self) -> None:
-        self._http.close()
-        self._streams.close()
+        try:
+            self._http.close()
+        finally:
+            self._streams.close()
 
     def __enter__(self) -> Client:
         return self
@@ -218,9 +220,10 @@ class Client:
 class Run:
     """A worker's hold on a task, for a `with` block.
 
-    Entering claims the task: it moves it from pending to running, or raises
-    `Conflict` (the task is already running, or finished) or `PreconditionFailed`
-    (another worker claimed it first). `progress(p)` reports progress at most
+    Entering marks the task running: a pending task is claimed (moved to running
+    under If-Match: `PreconditionFailed` if another worker claimed it first), a
+    task already running is taken as it is, a finished one is a `Conflict`.
+    `progress(p)` reports progress at most
     once per `progress_interval` seconds from a background thread: the latest
     value wins, and the last one is sent before the block ends. Leaving the
     block completes the task with `run.result`; an exception fails it with the
@@ -229,13 +232,15 @@ class Run:
     after the first is conditional on the version this run last saw (If-Match),
     so a task taken away meanwhile by someone else (canceled, requeued) is not
     overwritten: the write raises `PreconditionFailed` or `Conflict` instead
-    (flows.run_write: a change that leaves the run its task is written over).
+    (flows.run_write: a run that claimed its task writes over a change that
+    leaves it the task, such as a note in its result).
     """
 
     def __init__(self, client: Client, task_id: str, progress_interval: float) -> None:
         self.client, self.task_id, self.interval = client, task_id, progress_interval
         self.result: dict[str, Any] | None = None
         self.task: Task | None = None
+        self._claimed = False  # whether entering moved the task to running (flows.claim)
         self._pending: float | None = None
         self._closing = False
         self._error: TasktrailError | None = None
@@ -243,7 +248,7 @@ class Run:
         self._thread = threading.Thread(target=self._report, name=f"tasktrail-progress-{task_id}", daemon=True)
 
     def __enter__(self) -> Run:
-        self.task = self.client._call(flows.claim(self.client.session, self.task_id))
+        self.task, self._claimed = self.client._call(flows.claim(self.client.session, self.task_id))
         self._thread.start()
         return self
 
@@ -274,7 +279,7 @@ class Run:
 
     def _write(self, body: dict[str, Any]) -> Task:
         assert self.task is not None
-        return self.client._call(flows.run_write(self.client.session, self.task_id, body, self.task))
+        return self.client._call(flows.run_write(self.client.session, self.task_id, body, self.task, self._claimed))
 
     def __exit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: types.TracebackType | None
