@@ -53,6 +53,18 @@ async def test_no_key_is_401_with_a_bearer_challenge(secured: AsyncTestClient) -
         body = problem(response, 401)
         assert response.headers["www-authenticate"] == 'Bearer realm="tasktrail"'
         assert "Authorization: Bearer" in body["detail"]
+    # An address no route has, or a method a route lacks, too: the 404 and the 405's Allow listed them (audit).
+    for method, path, known in [
+        ("PUT", "/tasks/batch", 405),
+        ("DELETE", "/tasks/stats/summary", 405),
+        ("GET", "/x", 404),
+    ]:
+        assert (await secured.request(method, path)).status_code == 401
+        assert "allow" not in (await secured.request(method, path)).headers
+        answered = await secured.request(method, path, headers={"Authorization": "Bearer tt_not-a-key"})
+        assert answered.status_code == 401
+        assert (await secured.request(method, path, headers=bearer("read"))).status_code == known
+    assert (await secured.request("DELETE", "/health")).status_code == 405  # an open route's methods are no secret
 
 
 @pytest.mark.parametrize(

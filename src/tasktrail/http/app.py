@@ -22,7 +22,7 @@ import psycopg_pool
 from litestar import Litestar, Request, Response
 from litestar.config.cors import CORSConfig
 from litestar.datastructures import Headers, MutableScopeHeaders
-from litestar.exceptions import HTTPException, ValidationException
+from litestar.exceptions import HTTPException, NotAuthorizedException, ValidationException
 from litestar.middleware._internal.cors import CORSMiddleware
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -95,6 +95,15 @@ def _http(request: Request, exc: HTTPException) -> Response[bytes]:
         if request.app.state.get(LOOPBACK_ONLY) and auth.foreign_host(request.scope):
             # As the routes answer it (auth._loopback_only): a page elsewhere learns nothing of what exists here.
             exc = HTTPException(status_code=403, detail=auth.FOREIGN_HOST)
+        keys = request.app.state.get(API_KEYS)
+        ui = path == "/ui" or path.startswith("/ui/")
+        if keys and request.method != "OPTIONS" and not ui and path not in request.app.state[OPEN_PATHS]:
+            # With keys, a caller without one hears 401 here too, as on every route: a 404 or a 405 with its
+            # Allow would tell it which routes exist and what each takes (audit). A preflight carries no key.
+            try:
+                auth.bearer_key(keys, request.headers.get("authorization", ""))
+            except NotAuthorizedException as refused:
+                exc = refused
         if path == "/ui" or path.startswith("/ui/"):
             # An address under /ui that no page's route matches (/ui/tasks/a/b), or a method no page has: a
             # page, as the dashboard's own refusals are, not a problem document.
@@ -155,6 +164,8 @@ def _tables_missing(
 
 
 LOOPBACK_ONLY = "tasktrail.loopback_only"  # the key, in the app's state, of whether it serves this machine only
+API_KEYS = "tasktrail.api_keys"  # ... of the configured keys (a tuple, empty without)
+OPEN_PATHS = "tasktrail.open_paths"  # ... and of the paths whose routes need no key (/health: its 405 is no secret)
 
 
 def _route(request: Request) -> str:
@@ -465,6 +476,12 @@ def create_app(
     )
     # Outermost, around the router: see `observed`. Litestar's handler is the CORS middleware around the rest.
     app.state[LOOPBACK_ONLY] = auth.loopback_only(keys)
+    app.state[API_KEYS] = tuple(keys)
+    app.state[OPEN_PATHS] = frozenset(
+        route.path
+        for route in app.routes
+        if all(h.opt.get("public") or h.http_methods == {"OPTIONS"} for h in route.route_handlers)
+    )
     litestars = app.asgi_handler
     assert isinstance(litestars, CORSMiddleware)
     cors = _Cors(litestars.app, litestars.config)
