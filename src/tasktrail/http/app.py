@@ -104,7 +104,7 @@ def _http(request: Request, exc: HTTPException) -> Response[bytes]:
                 auth.bearer_key(keys, request.headers.get("authorization", ""))
             except NotAuthorizedException as refused:
                 exc = refused
-        if path == "/ui" or path.startswith("/ui/"):
+        if ui:
             # An address under /ui that no page's route matches (/ui/tasks/a/b), or a method no page has: a
             # page, as the dashboard's own refusals are, not a problem document.
             message = "There is no dashboard page at this address." if exc.status_code == 404 else exc.detail
