@@ -17,7 +17,7 @@ import random
 import re
 import threading
 import uuid
-from collections.abc import Generator, Iterable, Mapping
+from collections.abc import Callable, Generator, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from types import MappingProxyType
@@ -370,14 +370,11 @@ def claim(session: Session, task_id: str) -> Flow[tuple[Task, bool]]:
         return task, False
     if task.status != "pending":
         return (yield from update(session, task_id, {"status": "running"}, None)), False  # the server's 409
-    for _ in range(RUN_REWRITES):
-        try:
-            return (yield from update(session, task_id, {"status": "running"}, task.version)), True
-        except PreconditionFailed:
-            task = yield from get(session, task_id, None, None, PRIMARY)
-            if task.status != "pending":  # claimed, or moved on, by someone else meanwhile
-                raise
-    return (yield from update(session, task_id, {"status": "running"}, task.version)), True
+    # Looked at again while still pending: else claimed, or moved on, by someone else meanwhile.
+    claimed = yield from _on_latest(
+        session, task_id, {"status": "running"}, task, lambda now: now.status == "pending", RUN_REWRITES
+    )
+    return claimed, True
 
 
 def run_write(session: Session, task_id: str, body: dict[str, Any], held: Task, claimed: bool) -> Flow[Task]:
@@ -387,14 +384,25 @@ def run_write(session: Session, task_id: str, body: dict[str, Any], held: Task, 
     task taken away (canceled, requeued, retried, deleted), or changed under a run that holds it without a
     claim, raises PreconditionFailed (or NotFound, Conflict), and is left as the other writer left it.
     """
-    for _ in range(RUN_REWRITES if claimed else 0):
+
+    def still_the_run(now: Task) -> bool:
+        return (now.status, now.retry_count, now.started_at) == ("running", held.retry_count, held.started_at)
+
+    return (yield from _on_latest(session, task_id, body, held, still_the_run, RUN_REWRITES if claimed else 0))
+
+
+def _on_latest(
+    session: Session, task_id: str, body: dict[str, Any], held: Task, still: Callable[[Task], bool], rewrites: int
+) -> Flow[Task]:
+    """`body` If-Match `held`'s version; refused (412), sent again on the version the task is at now while
+    `still(now)` holds, up to `rewrites` times; else the 412 is raised."""
+    for _ in range(rewrites):
         try:
             return (yield from update(session, task_id, body, held.version))
         except PreconditionFailed:
-            now = yield from get(session, task_id, None, None, PRIMARY)
-            if (now.status, now.retry_count, now.started_at) != ("running", held.retry_count, held.started_at):
+            held = yield from get(session, task_id, None, None, PRIMARY)
+            if not still(held):
                 raise
-            held = now
     return (yield from update(session, task_id, body, held.version))
 
 
