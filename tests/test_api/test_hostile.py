@@ -104,6 +104,19 @@ async def test_a_singleton_header_given_twice_with_different_values_is_400(share
     assert (await call(app, "POST", b"/tasks/", headers=same, body=b'{"task_type": "x"}')).status == 201
 
 
+async def test_content_encoding_over_several_lines_is_one_list(shared_client: AsyncTestClient) -> None:
+    """RFC 9110 5.3: two Content-Encoding lines are the list of both, so a coding in either is 415, whichever first.
+
+    The body is plain JSON, as a proxy that did not decode it would pass it on: the first line alone let it in.
+    """
+    for lines in ((b"identity", b"gzip"), (b"", b"br"), (b"gzip", b"identity")):
+        headers = [(b"content-type", b"application/json"), *((b"content-encoding", each) for each in lines)]
+        answer = await call(shared_client.app, "POST", b"/tasks/", headers=headers, body=b'{"task_type": "coded"}')
+        assert answer.status == 415, (lines, answer)
+        assert "Content-Encoding" in msgspec.json.decode(answer.body)["detail"]
+    assert (await shared_client.get("/tasks/", params={"task_type": "coded"})).json() == []
+
+
 async def test_repeated_if_match_headers_are_one_list(shared_client: AsyncTestClient) -> None:
     task = (await shared_client.post("/tasks/", json={"task_type": "x"})).json()
     path = f"/tasks/{task['task_id']}".encode()

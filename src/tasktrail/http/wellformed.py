@@ -82,7 +82,7 @@ SINGLE = {
     b"x-csrf-token": "X-CSRF-Token",
 }
 _BODY_HEADERS = (b"content-length", b"transfer-encoding")
-_WATCHED = frozenset(SINGLE) | frozenset(_BODY_HEADERS) | {b"content-encoding"}
+_WATCHED = frozenset(SINGLE) | frozenset(_BODY_HEADERS)
 _CHARSETS = ("utf-8", "utf8")
 SHAPE = "tasktrail.shape"  # the key of a handler's Shape in its opt
 # The key of a page's form (a msgspec Struct of text fields) in its handler's opt: it reads a body.
@@ -229,12 +229,15 @@ def _refusal(scope: Scope, shape: Shape | None) -> Refusal | None:
     seen: dict[bytes, bytes] = {}
     size = 0
     codings: list[bytes] = []
+    encodings: list[bytes] = []  # Content-Encoding's, over every line of it (RFC 9110 5.3: one list)
     for name, value in scope["headers"]:
         size += len(name) + len(value)
         if name in _WATCHED and seen.setdefault(name, value) != value and name in SINGLE:
             return 400, f"give one {SINGLE[name]} header, not several that differ", {}
         if name == b"transfer-encoding":
             codings += (coding.strip().lower() for coding in value.split(b","))
+        elif name == b"content-encoding":
+            encodings += (coding.strip().lower() for coding in value.split(b","))
     if size > MAX_HEADER_BYTES:
         return 431, f"the headers are larger than {MAX_HEADER_BYTES} bytes in all", {}
     if codings and codings != [b"chunked"]:
@@ -253,8 +256,8 @@ def _refusal(scope: Scope, shape: Shape | None) -> Refusal | None:
     if refusal is None and shape is not None and shape.json_body:
         has_body = length != b"0" or b"transfer-encoding" in seen
         detail = _content_type_refusal(seen.get(b"content-type"), has_body)
-        coding = seen.get(b"content-encoding", b"identity").strip().lower()
-        if detail is None and has_body and coding not in (b"identity", b""):
+        coding = next((each for each in encodings if each not in (b"identity", b"")), None)
+        if detail is None and has_body and coding is not None:
             # RFC 9110 15.5.16: a coding the server does not decode is 415, not a body it cannot parse (400).
             shown = coding[:40].decode("latin-1")
             detail = f"request bodies are read as sent, not decoded from {shown!r}: send it without Content-Encoding"
