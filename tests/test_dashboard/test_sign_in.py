@@ -144,6 +144,36 @@ def test_a_write_key_cancels_with_the_csrf_token_and_a_cookie_alone_cannot_write
         assert api.get(f"/tasks/{other['task_id']}").status_code == 401
 
 
+def test_a_page_from_before_signing_in_again_says_so_and_still_signs_out(ui: Dashboard) -> None:
+    # Signing in again in another tab gives the browser a new session, and with it a new CSRF token: the
+    # page opened before still had the old one, so its Cancel was refused with a word about a header it
+    # had sent, and its Sign out was refused (403) and left the new session signed in.
+    task = a_task(ui, status="running")
+    context, _ = ui.context()
+    before = context.new_page()
+    sign_in(before, "write", f"/ui/tasks/{task['task_id']}")
+    again = context.new_page()
+    again.goto("/ui/sign-in?next=/ui")
+    again.get_by_label("API key").fill(KEYS["write"])
+    again.get_by_role("button", name="Sign in").click()
+    expect(again.locator("header .who")).to_contain_text("Signed in as write-key")
+    (session,) = context.cookies()
+
+    before.get_by_role("button", name="Cancel").click()
+    expect(before.locator("#action-message")).to_contain_text("You signed in again in another tab or window")
+    expect(before.get_by_role("alert").filter(has_text="reload this page")).to_have_count(2)  # the notice too
+    with ui.api(Authorization=f"Bearer {KEYS['read']}") as api:
+        assert api.get(f"/tasks/{task['task_id']}").json()["status"] == "running"
+    ui.allow("status of 403")
+
+    before.get_by_role("button", name="Sign out").click()
+    expect(before).to_have_url(re.compile(r"/ui/sign-in\?out"))
+    assert context.cookies() == []
+    with ui.api(Cookie=f"tasktrail_session={session['value']}") as api:
+        assert api.get("/tasks/stats/summary").status_code == 401
+    ui.allow("status of 401")
+
+
 def test_signing_out_ends_the_live_streams_of_every_open_page(ui: Dashboard) -> None:
     # Streams are authorised as they open; one opened with a session must not outlive it, or the
     # browser's other pages (and a copy of the cookie) would go on receiving events after signing out.

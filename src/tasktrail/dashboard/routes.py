@@ -703,6 +703,13 @@ def _same_origin(request: Request) -> bool:
     return origin is None or origin == f"{request.url.scheme}://{request.headers.get('host', '')}"
 
 
+def _from_own_page(request: Request) -> bool:
+    """The browser says the form is this site's own page's (not only that it is no other site's)."""
+    if request.headers.get("sec-fetch-site") == "same-origin":
+        return True
+    return request.headers.get("origin") == f"{request.url.scheme}://{request.headers.get('host', '')}"
+
+
 def _cookie(request: Request, value: str, max_age: int) -> tuple[bytes, bytes]:
     secure = "; Secure" if request.url.scheme == "https" else ""
     return (
@@ -754,6 +761,9 @@ async def sign_out(request: Request) -> HtmlReply:
 
     A form of another site's page arrives without the cookie (SameSite=Strict),
     so it has no token to check; its answer would still clear the cookie.
+    A page opened before the browser signed in again (in another tab) has the
+    old session's token: when the browser vouches that the form is this site's
+    own, the session the cookie holds now is ended all the same.
     """
     form = await read_form(request, SignOutForm)
     if not _same_origin(request):
@@ -763,7 +773,11 @@ async def sign_out(request: Request) -> HtmlReply:
     if signer is not None and cookie is not None:
         secret = await signer.secret(request.app.state.pool)
         session = sessions.read(secret, cookie)
-        if session is not None and not sessions.csrf_matches(secret, session, form.csrf):
+        if (
+            session is not None
+            and not sessions.csrf_matches(secret, session, form.csrf)
+            and not _from_own_page(request)
+        ):
             return error_page(request, "Sign out from the dashboard's own page.", 403)
         if session is not None:
             await sessions.end(request.app.state.pool, session)  # a copy of the cookie is refused too

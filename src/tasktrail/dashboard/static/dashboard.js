@@ -267,7 +267,27 @@ async function fetchPage(url = location.pathname + location.search) {
     return null;
   }
   if (!response.ok) throw new Error(`page answered ${response.status}`);
-  return new DOMParser().parseFromString(await response.text(), "text/html");
+  const page = new DOMParser().parseFromString(await response.text(), "text/html");
+  noticeSignIn(page);
+  return page;
+}
+
+// The browser signed in again (in another tab or window) since this page was served: the session's
+// cookie is the new sign-in's, while this page's CSRF token and the name it shows are the old one's,
+// so the service refuses its writes. The page says so, once, above its content.
+const SIGNED_IN_AGAIN = "You signed in again in another tab or window: reload this page to act as that sign-in.";
+let signedInAgain = false;
+
+function noticeSignIn(page) {
+  const token = page.querySelector('meta[name="csrf-token"]')?.content;
+  if (signedInAgain || !csrf || !token || token === csrf) return signedInAgain;
+  signedInAgain = true;
+  const notice = el("p", SIGNED_IN_AGAIN + " ", { class: "notice error", role: "alert", id: "signed-in-again" });
+  const reload = el("button", "Reload", { type: "button", class: "link" });
+  reload.addEventListener("click", () => location.reload());
+  notice.append(reload);
+  document.getElementById("main").prepend(notice);
+  return true;
 }
 
 function syncText(fresh, selector) {
@@ -336,11 +356,16 @@ async function api(method, url, payload, headers = {}) {
   if (method !== "GET" && response.ok) remember(response);
   let answer = null;
   if ((response.headers.get("content-type") || "").includes("json")) answer = await response.json();
+  if (response.status === 403 && csrf && !signedInAgain) {
+    // Refused for this page's token (or for its scope): is the browser's session still the page's?
+    await fetchPage().catch(() => null);
+  }
   return { status: response.status, answer, headers: response.headers };
 }
 
 function problemText(result) {
   if (result.status === 401) return "Your session has ended: reload the page to sign in again.";
+  if (result.status === 403 && signedInAgain) return SIGNED_IN_AGAIN;
   if (result.status === 403) return result.answer?.detail || "Your key's scope does not allow this.";
   return result.answer?.detail || `The service answered ${result.status}.`;
 }
