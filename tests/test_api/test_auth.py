@@ -201,3 +201,21 @@ async def test_batches_need_the_write_scope_and_record_the_actor(secured: AsyncT
     for task_id, actors in ((first, ["write-key", "admin-key"]), (second, ["write-key", "admin-key"])):
         history = (await secured.get(f"/tasks/{task_id}/history", headers=bearer("read"))).json()
         assert [event["metadata"]["actor"] for event in history["events"]] == actors
+
+
+async def test_a_key_sent_where_a_value_belongs_is_not_quoted_back_in_the_error(secured: AsyncTestClient) -> None:
+    """Audit: a key pasted as a task id, a status, a query value or a Content-Type came back whole in the error."""
+    key = KEYS["admin"]
+    task_id = await a_task(secured)
+    write = bearer("write")
+    answers = [
+        await secured.get(f"/tasks/{key}", headers=write),
+        await secured.get(f"/tasks/{key}/history", headers=write),
+        await secured.get("/tasks/", params={"status": key}, headers=write),
+        await secured.patch(f"/tasks/{task_id}", json={"status": key}, headers=write),
+        await secured.post("/tasks/", content=b'{"task_type": "x"}', headers=write | {"Content-Type": key}),
+    ]
+    assert [answer.status_code for answer in answers] == [404, 404, 422, 422, 415]
+    for answer in answers:
+        assert key.lower() not in answer.text.lower(), answer.text
+        assert "tt_(a key)" in answer.text, answer.text

@@ -11,6 +11,7 @@ from litestar import Response
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.types import Send
 
+from tasktrail import logs
 from tasktrail.domain.task import TaskNotFound, TransitionRejected
 from tasktrail.writer import PreconditionFailed
 
@@ -36,7 +37,17 @@ class Problem(msgspec.Struct, omit_defaults=True):
 def details(status: int, detail: str, **extra: Any) -> Problem:
     title = HTTPStatus(status).phrase
     kind = f"/problems/{title.lower().replace(' ', '-')}"
+    errors = extra.get("errors")
+    if "tt_" in detail or (errors and any("tt_" in text for error in errors for text in error.values())):
+        # What the request sent is quoted back (an id, a value, a header): never an API key in it.
+        detail = _unkeyed(detail)
+        if errors:
+            extra["errors"] = [{name: _unkeyed(text) for name, text in error.items()} for error in errors]
     return Problem(type=kind, title=title, status=status, detail=detail, **extra)
+
+
+def _unkeyed(text: str) -> str:
+    return logs.KEY_IN_TEXT.sub("tt_(a key)", text)
 
 
 def problem_body(status: int, detail: str, **extra: Any) -> bytes:
