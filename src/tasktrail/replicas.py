@@ -83,7 +83,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from tasktrail import db
+from tasktrail import db, projections
 from tasktrail.domain.task import PreconditionFailed, TaskNotFound, TransitionRejected
 
 log = logging.getLogger("tasktrail.replicas")
@@ -115,7 +115,8 @@ LAGGING = "lagging"
 DOWN = "down"
 NOT_A_STANDBY = "not a standby"
 FOREIGN = "not a replica of the primary"
-STATES = (SERVING, STARTING, LAGGING, DOWN, NOT_A_STANDBY, FOREIGN)
+NO_ACCESS = "no access"
+STATES = (SERVING, STARTING, LAGGING, DOWN, NOT_A_STANDBY, FOREIGN, NO_ACCESS)
 
 INSERTED = "SELECT pg_current_wal_insert_lsn()::text"
 FLUSHED = "SELECT pg_current_wal_flush_lsn()::text"
@@ -136,13 +137,24 @@ TIMELINE = """
 SELECT CASE WHEN NOT pg_is_in_recovery()
             THEN ('x' || left(pg_walfile_name(pg_current_wal_lsn()), 8))::bit(32)::int END
 """
-# A health check's one round trip: REPLAYED's position, the timeline the replica receives, and the one its
-# control file names while it has no receiver.
+# A health check's one round trip: REPLAYED's position, the timeline the replica receives, the one its
+# control file names while it has no receiver, and what of this process's read models (their schemas, given
+# as a parameter) the replica's role cannot read: a schema not there, or a table or view in one that it may
+# not use or select from (NULL: none). A new version's schema (a rebuild, a release) does not come with the
+# grants an operator gave a role of its own on the old one's (audit): every read there would fail.
 CHECKED = (
     REPLAYED  # noqa: S608 -- constants
     + """, (SELECT received_tli FROM pg_stat_wal_receiver),
     CASE WHEN pg_is_in_recovery() AND NOT EXISTS (SELECT FROM pg_stat_wal_receiver) THEN greatest(
-        (pg_control_checkpoint()).timeline_id, nullif((pg_control_recovery()).min_recovery_end_timeline, 0)) END"""
+        (pg_control_checkpoint()).timeline_id, nullif((pg_control_recovery()).min_recovery_end_timeline, 0)) END,
+    (SELECT string_agg(name, ', ' ORDER BY name) FROM (
+        SELECT wanted || ' (no such schema)' FROM unnest(%(schemas)s::text[]) AS wanted
+        WHERE to_regnamespace(wanted) IS NULL
+        UNION ALL
+        SELECT format('%%I.%%I', n.nspname, c.relname) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE n.nspname = ANY(%(schemas)s::text[]) AND c.relkind IN ('r', 'v', 'm', 'p')
+          AND NOT (has_schema_privilege(n.oid, 'USAGE') AND has_table_privilege(c.oid, 'SELECT'))
+    ) AS unreadable (name))"""
 )
 
 _LSN = re.compile(rb"\s*([0-9A-Fa-f]{1,8})/([0-9A-Fa-f]{1,8})\s*")
@@ -303,6 +315,8 @@ class Replicas:
         self._behind_since: float | None = None  # since when no replica read by read_caught_up had its target
         self._identity: tuple[Any, ...] | None = None
         self._timeline: int | None = None
+        # The schemas of this process's read-model versions, which its reads on a replica need to read.
+        self.schemas = [projections.schema(module.NAME, module.VERSION) for module in projections.INLINE]
         self._primary_conn: psycopg.AsyncConnection | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -481,8 +495,8 @@ class Replicas:
                     replica.replayed = 0
                     replica.check_conn = await psycopg.AsyncConnection.connect(replica.conninfo, **db.connect_kwargs())
                     replica.identity = await _identity(replica.check_conn)
-                cur = await replica.check_conn.execute(CHECKED)
-                replayed, timeline, stored = await cur.fetchone()  # type: ignore[misc]
+                cur = await replica.check_conn.execute(CHECKED, {"schemas": self.schemas})
+                replayed, timeline, stored, unreadable = await cur.fetchone()  # type: ignore[misc]
         except (psycopg.Error, OSError, TimeoutError) as exc:
             await _close(replica.check_conn)
             replica.check_conn = None
@@ -503,7 +517,10 @@ class Replicas:
             return
         replica.replayed = max(replica.replayed, lsn(replayed))
         replica.lag, exact = self.positions.behind(replica.replayed, now)
-        if not exact:
+        if unreadable is not None and exact:
+            self._set(replica, NO_ACCESS, f"its role cannot read {unreadable}: grant it (see docs/scaling.md)")
+            await _close_pool(replica)
+        elif not exact:
             self._set(replica, STARTING if replica.state == STARTING else LAGGING, "not yet level with the primary")
         elif replica.lag > self.max_lag:
             self._set(replica, LAGGING, f"{replica.lag:.1f} s behind the primary")

@@ -7,20 +7,23 @@ import os
 import signal
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+import psycopg
 import pytest
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
 from prometheus_client.parser import text_string_to_metric_families
 from psycopg import sql
+from psycopg.conninfo import make_conninfo
 
 from tasktrail import projections
 from tasktrail.http.app import create_app
 from tasktrail.projections import tasks
-from tasktrail.replicas import DOWN, FOREIGN, HEADER, LAGGING, NOT_A_STANDBY, SERVING
+from tasktrail.replicas import DOWN, FOREIGN, HEADER, LAGGING, NO_ACCESS, NOT_A_STANDBY, SERVING
 from tests.conftest import Server, prepared
 from tests.replication import STANDBY_SETTINGS, Node, Pair
 from tests.test_replicas.conftest import Database, created_on_replica, replica_of, until, until_serving
@@ -109,6 +112,39 @@ async def test_a_primary_or_another_database_named_as_a_replica_never_serves(
         await until(lambda: (primary.state, other.state) == (NOT_A_STANDBY, FOREIGN), "both are found out")
         response = await client.post("/tasks/", json={"task_type": "t"})
         assert (await client.get(f"/tasks/{response.json()['task_id']}")).status_code == 200
+
+
+async def test_a_replica_whose_role_cannot_read_the_read_models_gets_no_reads_until_granted(
+    replicated_app: App, pair: Pair, database: Database
+) -> None:
+    # Audit: a role of the replica's own, granted the read models' schemas by hand, lost them with the next
+    # version's schemas (a rebuild, a release). Each read then failed there and was read again on the
+    # primary, with a warning, while the replica showed as serving: no alert could fire.
+    role = f"reader_{uuid.uuid4().hex[:8]}"
+    schemas = [sql.Identifier(projections.schema(module.NAME, module.VERSION)) for module in projections.INLINE]
+    with psycopg.connect(database.primary, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role)))
+        conn.execute(sql.SQL("GRANT SELECT ON ALL TABLES IN SCHEMA public TO {}").format(sql.Identifier(role)))
+    try:
+        pair.wait_replayed()
+        url = make_conninfo(database.replica, user=role)
+        async with AsyncTestClient(app=create_app(database.primary, replica_urls=[url], replica_max_lag=30)) as client:
+            replica = replica_of(client)
+            await until(lambda: replica.state == NO_ACCESS, "the replica is found unreadable")
+            assert (await replica_gauges(client))[1] == {replica.name: NO_ACCESS}
+            task = (await client.post("/tasks/", json={"task_type": "granted"})).json()
+            assert (await client.get(f"/tasks/{task['task_id']}")).status_code == 200  # from the primary
+
+            with psycopg.connect(database.primary, autocommit=True) as conn:
+                for schema in schemas:
+                    for grant in ("GRANT USAGE ON SCHEMA {} TO {}", "GRANT SELECT ON ALL TABLES IN SCHEMA {} TO {}"):
+                        conn.execute(sql.SQL(grant).format(schema, sql.Identifier(role)))
+            await until(lambda: replica.state == SERVING, "the replica serves once granted")
+            assert await is_stale(client, pair, task["task_id"], 5)  # read on the replica
+    finally:
+        with psycopg.connect(database.primary, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
+            conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
 
 
 async def test_an_unreachable_replica_fails_no_request(database: Database) -> None:
