@@ -293,7 +293,7 @@ class Replica:
         self.pool: AsyncConnectionPool | None = None
         self.state = STARTING
         self.replayed = 0
-        self.lag = 0.0
+        self.lag = math.nan  # unknown until a check reaches it, and again while one cannot
         self.identity: tuple[Any, ...] | None = None
         self.check_conn: psycopg.AsyncConnection | None = None
 
@@ -500,10 +500,11 @@ class Replicas:
         except (psycopg.Error, OSError, TimeoutError) as exc:
             await _close(replica.check_conn)
             replica.check_conn = None
-            replica.replayed = 0  # unknown, until a check reaches it again
+            replica.replayed, replica.lag = 0, math.nan  # unknown, until a check reaches it again
             self._set(replica, DOWN, str(exc) or type(exc).__name__)
             await _close_pool(replica)
             return
+        replica.lag = math.nan  # a lag behind this primary, only once the replica is found to be its standby
         if self._identity is not None and replica.identity != self._identity:
             self._set(replica, FOREIGN, f"it is {replica.identity}, the primary {self._identity}")
             return

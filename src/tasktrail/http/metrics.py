@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import logging
+import math
 
 import psycopg
 import psycopg_pool
@@ -62,7 +63,8 @@ def replica_families(status: list[tuple[str, str, float]]) -> list[Metric]:
         labels=["replica", "state"],
     )
     for name, current, seconds in status:
-        lag.add_metric([name], seconds)
+        if not math.isnan(seconds):  # unknown (down, not a standby of the primary): no sample, rather than a stale one
+            lag.add_metric([name], seconds)
         for each in replicas.STATES:
             state.add_metric([name, each], 1.0 if each == current else 0.0)
     return [lag, state]
