@@ -240,7 +240,22 @@ async def test_signing_in_goes_back_to_the_page_with_its_address_in_ascii(secure
     assert answer.headers["location"] == "/ui?task_type=%C3%A9%20x&status=failed"
 
 
-@pytest.mark.parametrize("target", ["https://evil.example/", "//evil.example/ui", "/tasks/", "/ui\\@evil", None])
+@pytest.mark.parametrize(
+    "target",
+    [
+        "https://evil.example/",
+        "//evil.example/ui",
+        "/tasks/",
+        "/ui\\@evil",
+        None,
+        # Dot segments the browser resolves out of /ui (audit: to /etc, and to //evil.com on this host).
+        "/ui/../../etc",
+        "/ui/../..//evil.com",
+        "/ui/%2e%2e/tasks/",
+        "/ui/./../metrics",
+        "/uix",
+    ],
+)
 async def test_signing_in_goes_back_to_a_dashboard_page_only(secured: AsyncTestClient, target: str | None) -> None:
     data = {"key": KEYS["read"]} | ({} if target is None else {"next": target})
     answer = await secured.post("/ui/sign-in", data=data, follow_redirects=False)

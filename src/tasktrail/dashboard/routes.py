@@ -32,7 +32,7 @@ from datetime import datetime
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
-from urllib.parse import parse_qsl, quote, urlencode
+from urllib.parse import parse_qsl, quote, unquote, urlencode
 from uuid import UUID
 
 import jinja2
@@ -675,10 +675,13 @@ async def read_form(request: Request, kind: type[F]) -> F:
 
 def _local(target: str | None) -> str:
     """Where to go after signing in: a dashboard path only, never another site, nor one with a key in it
-    (a key put in a page's URL is not copied into the sign-in page's URL and source)."""
+    (a key put in a page's URL is not copied into the sign-in page's URL and source), nor one that dot
+    segments lead out of /ui (/ui/../tasks/, also %-escaped: the browser resolves them)."""
+    path = (target or "").partition("?")[0].partition("#")[0]
     if (
         target
-        and target.startswith("/ui")
+        and (path == "/ui" or path.startswith("/ui/"))
+        and not {".", ".."} & set(unquote(path).split("/"))
         and len(target) <= 2000
         and "\\" not in target
         and not target.startswith("//")
