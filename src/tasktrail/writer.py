@@ -156,6 +156,8 @@ async def create(
         if original is None:
             continue  # the claim expired and was cleaned up meanwhile: claim it now
         found = await _caught_up(conn, original)
+        if found is not None and await _late(conn, found):  # changed by another release a moment ago
+            found = await tasks_view.get(conn, original)
         if found is None:
             raise TaskNotFound(f"task {original}, created with this Idempotency-Key, has been deleted")
         return found
@@ -407,8 +409,9 @@ async def create_many(
             continue  # the claim expired and was cleaned up meanwhile: claim it now
         found, _ = await tasks_view.get_many(conn, original)
         gone = [task_id for task_id in original if task_id not in found]
-        if gone:  # perhaps created by another release a moment ago: see _caught_up
-            await follow.catch_up(conn, streams=gone)
+        late = follow.deploying() and await follow.outdated(conn, {t: task.version for t, task in found.items()})
+        if gone or late:  # perhaps created, or changed, by another release a moment ago: see _caught_up
+            await follow.catch_up(conn, streams=list(original))
             found, _ = await tasks_view.get_many(conn, original)
             gone = [task_id for task_id in original if task_id not in found]
         if gone:
