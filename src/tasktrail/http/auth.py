@@ -302,6 +302,7 @@ async def session_key(
     ):
         raise PermissionDeniedException(
             "a write authenticated by the dashboard's session cookie needs the session's X-CSRF-Token header"
+            " (a page opened before the browser signed in again has an earlier session's: reload it)"
         )
     connection.state.session = session
     connection.state.csrf = sessions.csrf_token(secret, session)

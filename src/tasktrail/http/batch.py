@@ -31,6 +31,7 @@ from tasktrail.http.tasks import (
     changes_something,
     connection,
     documented,
+    idempotency_metadata,
     if_version,
     json_response,
     metadata,
@@ -131,7 +132,7 @@ async def create_tasks(request: Request, data: JSONBody[NewTasks], idempotency_k
     for index, command in enumerate(data.tasks):
         faults.check(check_json, f"tasks[{index}].params", command.params)
     faults.refuse()
-    extra = {} if idempotency_key is None else {"idempotency_key": idempotency_key}
+    extra = idempotency_metadata(idempotency_key)
     async with connection(request) as conn:
         tasks = await writer.create_many(conn, data.tasks, metadata(request, **extra), idempotency_key)
     return json_response(CreatedTasks(tasks), 201)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from http import HTTPStatus
 from typing import Any
@@ -11,7 +12,6 @@ from litestar import Response
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.types import Send
 
-from tasktrail import logs
 from tasktrail.domain.task import TaskNotFound, TransitionRejected
 from tasktrail.writer import PreconditionFailed
 
@@ -46,8 +46,14 @@ def details(status: int, detail: str, **extra: Any) -> Problem:
     return Problem(type=kind, title=title, status=status, detail=detail, **extra)
 
 
+# A key, or the start of one, wherever it begins: what a detail quotes may be cut short (the first 40
+# characters of a header), and follow other text (`retry-<key>`). Text of another kind that looks so (a
+# field `watt_hours_total`) is shown redacted too: a refusal's words, never what is stored.
+_KEY_OR_PART = re.compile(r"tt_[0-9A-Za-z_-]{8,}")
+
+
 def _unkeyed(text: str) -> str:
-    return logs.KEY_IN_TEXT.sub("tt_(a key)", text)
+    return _KEY_OR_PART.sub("tt_(a key)", text)
 
 
 def problem_body(status: int, detail: str, **extra: Any) -> bytes:

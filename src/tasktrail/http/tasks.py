@@ -21,7 +21,7 @@ from litestar.params import FromPath, HeaderParameter, JSONBody, QueryParameter
 from litestar.types import Receive, Scope, Send
 from litestar.typing import FieldDefinition
 
-from tasktrail import db, eventstore, replicas, writer
+from tasktrail import db, eventstore, logs, replicas, writer
 from tasktrail.domain.task import CreateTask, DeleteTask, Status, Task, TaskNotFound, UpdateTask, fold
 from tasktrail.http.auth import SECURITY
 from tasktrail.http.body import MAX_BODY_BYTES, Strict, check_json, invalid
@@ -254,6 +254,16 @@ IdempotencyKey = Annotated[
 ]
 
 
+def idempotency_metadata(idempotency_key: str | None) -> dict[str, str]:
+    """What a create's events record of its Idempotency-Key: never an API key, which every reader of the history
+    would see (as a request id holding one is replaced)."""
+    if idempotency_key is None:
+        return {}
+    if "tt_" in idempotency_key and logs.KEY_IN_TEXT.search(idempotency_key):
+        raise invalid("Idempotency-Key", "must not hold an API key (the task's history keeps it, for every reader)")
+    return {"idempotency_key": idempotency_key}
+
+
 @post(
     ["/tasks", "/tasks/"],
     security=SECURITY,
@@ -273,7 +283,7 @@ async def create_task(
     if idempotency_key is None and writes.busy:
         task = await writes.write(None, data, metadata(request), request.scope)
     else:
-        extra = {} if idempotency_key is None else {"idempotency_key": idempotency_key}
+        extra = idempotency_metadata(idempotency_key)
         async with writes.slot(), connection(request) as conn:
             task = await writer.create(conn, data, metadata(request, **extra), idempotency_key)
     return task_response(task, 201, {"Location": f"/tasks/{task.task_id}"})
