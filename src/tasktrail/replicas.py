@@ -137,25 +137,32 @@ TIMELINE = """
 SELECT CASE WHEN NOT pg_is_in_recovery()
             THEN ('x' || left(pg_walfile_name(pg_current_wal_lsn()), 8))::bit(32)::int END
 """
-# A health check's one round trip: REPLAYED's position, the timeline the replica receives, the one its
-# control file names while it has no receiver, and what of this process's read models (their schemas, given
-# as a parameter) the replica's role cannot read: a schema not there, or a table or view in one that it may
-# not use or select from (NULL: none). A new version's schema (a rebuild, a release) does not come with the
-# grants an operator gave a role of its own on the old one's (audit): every read there would fail.
+# A health check's one round trip: REPLAYED's position, the timeline the replica receives, and the one its
+# control file names while it has no receiver.
 CHECKED = (
     REPLAYED  # noqa: S608 -- constants
     + """, (SELECT received_tli FROM pg_stat_wal_receiver),
     CASE WHEN pg_is_in_recovery() AND NOT EXISTS (SELECT FROM pg_stat_wal_receiver) THEN greatest(
-        (pg_control_checkpoint()).timeline_id, nullif((pg_control_recovery()).min_recovery_end_timeline, 0)) END,
-    (SELECT string_agg(name, ', ' ORDER BY name) FROM (
-        SELECT wanted || ' (no such schema)' FROM unnest(%(schemas)s::text[]) AS wanted
-        WHERE to_regnamespace(wanted) IS NULL
-        UNION ALL
-        SELECT format('%%I.%%I', n.nspname, c.relname) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-        WHERE n.nspname = ANY(%(schemas)s::text[]) AND c.relkind IN ('r', 'v', 'm', 'p')
-          AND NOT (has_schema_privilege(n.oid, 'USAGE') AND has_table_privilege(c.oid, 'SELECT'))
-    ) AS unreadable (name))"""
+        (pg_control_checkpoint()).timeline_id, nullif((pg_control_recovery()).min_recovery_end_timeline, 0)) END"""
 )
+# What of the tables reads use on a replica its role cannot read (NULL: none): the log, and every table and
+# view of this process's read-model schemas (given), a schema that is not there, or one it may not use. A
+# new version's schema (a rebuild, a release) does not come with the grants an operator gave a role of its
+# own on the old one's (audit): every read there failed, and was read again on the primary, while the
+# replica showed as serving. Grants seldom change: asked on each new check connection, and every
+# ACCESS_EVERY seconds.
+UNREADABLE = """
+SELECT string_agg(name, ', ' ORDER BY name) FROM (
+    SELECT wanted || ' (no such schema)' FROM unnest(%(schemas)s::text[]) AS wanted
+    WHERE to_regnamespace(wanted) IS NULL
+    UNION ALL
+    SELECT format('%%I.%%I', n.nspname, c.relname) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+    WHERE (n.nspname = ANY(%(schemas)s::text[]) AND c.relkind IN ('r', 'v', 'm', 'p')
+           OR (n.nspname, c.relname) = ('public', 'events'))
+      AND NOT (has_schema_privilege(n.oid, 'USAGE') AND has_table_privilege(c.oid, 'SELECT'))
+) AS unreadable (name)
+"""
+ACCESS_EVERY = 10.0
 
 _LSN = re.compile(rb"\s*([0-9A-Fa-f]{1,8})/([0-9A-Fa-f]{1,8})\s*")
 
@@ -274,7 +281,7 @@ class PrimaryPositions:
         with no position seen yet nothing is known.
         """
         if not self.seen or replayed < self.seen[0][1]:
-            return (now - self.seen[0][0] if self.seen else 0.0), False
+            return (now - self.seen[0][0] if self.seen else math.nan), False
         for at, position in self.seen:
             if position > replayed:
                 return now - at, True
@@ -296,6 +303,8 @@ class Replica:
         self.lag = math.nan  # unknown until a check reaches it, and again while one cannot
         self.identity: tuple[Any, ...] | None = None
         self.check_conn: psycopg.AsyncConnection | None = None
+        self.unreadable: str | None = None  # what of the tables reads use it cannot read, as last asked
+        self.access_checked = -math.inf  # when that was (time.monotonic())
 
 
 class Replicas:
@@ -441,6 +450,9 @@ class Replicas:
         log.warning("replica %s: a read failed (%s); read from the primary instead", replica.name, exc)
         if isinstance(exc, psycopg.OperationalError | PoolTimeout):
             self._set(replica, DOWN, str(exc))
+        elif isinstance(exc, psycopg.errors.InsufficientPrivilege):
+            # Out of service until a check finds it can read again (it asks at once, not in ACCESS_EVERY).
+            self._set(replica, NO_ACCESS, str(exc))
 
     # --- health ---------------------------------------------------------------
 
@@ -495,8 +507,13 @@ class Replicas:
                     replica.replayed = 0
                     replica.check_conn = await psycopg.AsyncConnection.connect(replica.conninfo, **db.connect_kwargs())
                     replica.identity = await _identity(replica.check_conn)
-                cur = await replica.check_conn.execute(CHECKED, {"schemas": self.schemas})
-                replayed, timeline, stored, unreadable = await cur.fetchone()  # type: ignore[misc]
+                    replica.access_checked = -math.inf
+                if now - replica.access_checked >= ACCESS_EVERY or replica.state == NO_ACCESS:
+                    cur = await replica.check_conn.execute(UNREADABLE, {"schemas": self.schemas})
+                    (replica.unreadable,) = await cur.fetchone()  # type: ignore[misc]
+                    replica.access_checked = now
+                cur = await replica.check_conn.execute(CHECKED)
+                replayed, timeline, stored = await cur.fetchone()  # type: ignore[misc]
         except (psycopg.Error, OSError, TimeoutError) as exc:
             await _close(replica.check_conn)
             replica.check_conn = None
@@ -518,8 +535,8 @@ class Replicas:
             return
         replica.replayed = max(replica.replayed, lsn(replayed))
         replica.lag, exact = self.positions.behind(replica.replayed, now)
-        if unreadable is not None and exact:
-            self._set(replica, NO_ACCESS, f"its role cannot read {unreadable}: grant it (see docs/scaling.md)")
+        if replica.unreadable is not None and exact:
+            self._set(replica, NO_ACCESS, f"it cannot read {replica.unreadable} (see docs/scaling.md)")
             await _close_pool(replica)
         elif not exact:
             self._set(replica, STARTING if replica.state == STARTING else LAGGING, "not yet level with the primary")

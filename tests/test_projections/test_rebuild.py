@@ -11,6 +11,7 @@ from uuid import UUID, uuid4
 import psycopg
 import pytest
 from litestar.testing import AsyncTestClient
+from psycopg import sql
 
 from tasktrail import db, eventstore, projections, writer
 from tasktrail.domain import events
@@ -135,6 +136,34 @@ def test_a_rebuild_of_the_same_version_reproduces_the_read_model(database_url: s
     assert not new_schema_left(database_url)
     report = verify(database_url)
     assert report.ok, report.summary()
+
+
+def test_a_rebuild_and_a_new_version_keep_what_a_role_of_its_own_was_granted(database_url: str) -> None:
+    # Audit: a replica's reader role granted a version's schema lost it with the next schema (a rebuild, a
+    # release), and its replica could read nothing. Each new schema now takes the grants of the one before.
+    asyncio.run(seed(database_url, 3))
+    role = f"reader_{uuid4().hex[:8]}"
+    live, stats_schema = projections.schema(tasks.NAME, NOW), projections.schema(stats.NAME, stats.VERSION)
+    with connect(database_url) as conn:
+        conn.execute(sql.SQL("CREATE ROLE {}").format(sql.Identifier(role)))
+        conn.execute(sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(sql.Identifier(live), sql.Identifier(role)))
+        conn.execute(sql.SQL("GRANT SELECT ON {}.tasks TO {}").format(sql.Identifier(live), sql.Identifier(role)))
+    try:
+        rebuild(database_url, INLINE)
+        prepare(database_url, [tasks_next, stats])
+        granted = """SELECT has_schema_privilege(%(role)s, %(schema)s, 'USAGE'),
+                            has_table_privilege(%(role)s, %(schema)s || '.tasks', 'SELECT'),
+                            has_table_privilege(%(role)s, %(schema)s || '.tasks', 'INSERT')"""
+        with connect(database_url) as conn:
+            for schema in (live, projections.schema(tasks.NAME, NEXT)):
+                assert conn.execute(granted, {"role": role, "schema": schema}).fetchone() == (True, True, False)
+            # What it was not granted, it does not get.
+            never = "SELECT has_schema_privilege(%s, %s, 'USAGE')"
+            assert conn.execute(never, (role, stats_schema)).fetchone() == (False,)
+    finally:
+        with connect(database_url) as conn:
+            conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
+            conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
 
 
 def test_status_shows_every_version_its_state_and_who_uses_it(database_url: str) -> None:

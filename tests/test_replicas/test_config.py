@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 
 import pytest
 
@@ -71,8 +72,9 @@ def test_sightings_close_together_share_one_so_a_long_max_lag_keeps_few() -> Non
     assert seen.behind(position - 1, 25_000.0)[0] >= 25_000.0 - at  # counted from the shared sighting: not less
 
 
-def test_no_position_seen_yet_is_not_level() -> None:
-    assert PrimaryPositions(keep=11).behind(100, 5.0) == (0.0, False)
+def test_no_position_seen_yet_is_not_level_and_its_lag_unknown() -> None:
+    lag, exact = PrimaryPositions(keep=11).behind(100, 5.0)
+    assert (math.isnan(lag), exact) == (True, False)  # not 0, "level" (review)
 
 
 def test_replica_urls_split_on_commas_but_keep_multi_host_urls_whole() -> None:

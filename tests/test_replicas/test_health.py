@@ -115,20 +115,25 @@ async def test_a_primary_or_another_database_named_as_a_replica_never_serves(
         assert (await client.get(f"/tasks/{response.json()['task_id']}")).status_code == 200
 
 
-async def test_a_replica_whose_role_cannot_read_the_read_models_gets_no_reads_until_granted(
+async def test_a_replica_whose_role_cannot_read_the_log_and_read_models_gets_no_reads_until_granted(
     replicated_app: App, pair: Pair, database: Database
 ) -> None:
     # Audit: a role of the replica's own, granted the read models' schemas by hand, lost them with the next
     # version's schemas (a rebuild, a release). Each read then failed there and was read again on the
     # primary, with a warning, while the replica showed as serving: no alert could fire.
-    role = f"reader_{uuid.uuid4().hex[:8]}"
+    name = f"reader_{uuid.uuid4().hex[:8]}"
+    role = sql.Identifier(name)
     schemas = [sql.Identifier(projections.schema(module.NAME, module.VERSION)) for module in projections.INLINE]
-    with psycopg.connect(database.primary, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role)))
-        conn.execute(sql.SQL("GRANT SELECT ON ALL TABLES IN SCHEMA public TO {}").format(sql.Identifier(role)))
+
+    def grant(*statements: sql.Composable) -> None:
+        with psycopg.connect(database.primary, autocommit=True) as conn:
+            for statement in statements:
+                conn.execute(statement)
+
+    grant(sql.SQL("CREATE ROLE {} LOGIN").format(role))
     try:
         pair.wait_replayed()
-        url = make_conninfo(database.replica, user=role)
+        url = make_conninfo(database.replica, user=name)
         async with AsyncTestClient(app=create_app(database.primary, replica_urls=[url], replica_max_lag=30)) as client:
             replica = replica_of(client)
             await until(lambda: replica.state == NO_ACCESS, "the replica is found unreadable")
@@ -136,16 +141,17 @@ async def test_a_replica_whose_role_cannot_read_the_read_models_gets_no_reads_un
             task = (await client.post("/tasks/", json={"task_type": "granted"})).json()
             assert (await client.get(f"/tasks/{task['task_id']}")).status_code == 200  # from the primary
 
-            with psycopg.connect(database.primary, autocommit=True) as conn:
-                for schema in schemas:
-                    for grant in ("GRANT USAGE ON SCHEMA {} TO {}", "GRANT SELECT ON ALL TABLES IN SCHEMA {} TO {}"):
-                        conn.execute(sql.SQL(grant).format(schema, sql.Identifier(role)))
+            # The read models, not yet the log (history, the feed and the streams read it): still none.
+            grant(*(sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(schema, role) for schema in schemas))
+            grant(*(sql.SQL("GRANT SELECT ON ALL TABLES IN SCHEMA {} TO {}").format(s, role) for s in schemas))
+            pair.wait_replayed()
+            await until(lambda: replica.unreadable == "public.events", "only the log is found unreadable")
+            assert replica.state == NO_ACCESS
+            grant(sql.SQL("GRANT SELECT ON events TO {}").format(role))
             await until(lambda: replica.state == SERVING, "the replica serves once granted")
             assert await is_stale(client, pair, task["task_id"], 5)  # read on the replica
     finally:
-        with psycopg.connect(database.primary, autocommit=True) as conn:
-            conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
-            conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+        grant(sql.SQL("DROP OWNED BY {}").format(role), sql.SQL("DROP ROLE {}").format(role))
 
 
 async def test_an_unreachable_replica_fails_no_request(database: Database) -> None:

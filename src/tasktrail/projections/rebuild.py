@@ -518,6 +518,43 @@ CURRENT_SNAPSHOT = "SELECT pg_current_snapshot()::text"
 BLOCK_APPENDS = "LOCK TABLE events IN SHARE ROW EXCLUSIVE MODE"
 LOCK_TIMEOUT = sql.SQL("SET LOCAL lock_timeout = {}")
 RENAME = sql.SQL("ALTER SCHEMA {} RENAME TO {}")
+# The schema whose grants a version's new tables take: its own live one (a rebuild), else the newest version
+# of its read model there is (a new version). A role of its own that an operator granted a version's schema
+# and tables (a replica's reader: docs/scaling.md) keeps them across rebuilds and releases, which each make
+# a new schema (audit: it lost them, and its replica could read nothing).
+GRANTS_FROM = """
+SELECT nspname FROM pg_namespace WHERE nspname ~ ('^rm_' || %(name)s || '_v[0-9]+$')
+ORDER BY nspname = %(live)s DESC, substring(nspname FROM '[0-9]+$')::int DESC LIMIT 1
+"""
+# Those grants (but the owner's) as statements that give the same on another schema: each privilege on the
+# schema, and each on a table or view on the one of the same name there. Names come from the catalog.
+GRANTS = """
+WITH source AS (SELECT oid, nspacl, nspowner FROM pg_namespace WHERE nspname = %(source)s)
+SELECT format('GRANT %%s ON SCHEMA %%I TO %%s%%s', a.privilege_type, %(target)s::text,
+              CASE a.grantee WHEN 0 THEN 'PUBLIC' ELSE a.grantee::regrole::text END,
+              CASE WHEN a.is_grantable THEN ' WITH GRANT OPTION' ELSE '' END)
+FROM source s, aclexplode(s.nspacl) a WHERE a.grantee <> s.nspowner
+UNION ALL
+SELECT format('GRANT %%s ON TABLE %%I.%%I TO %%s%%s', a.privilege_type, %(target)s::text, c.relname,
+              CASE a.grantee WHEN 0 THEN 'PUBLIC' ELSE a.grantee::regrole::text END,
+              CASE WHEN a.is_grantable THEN ' WITH GRANT OPTION' ELSE '' END)
+FROM source s JOIN pg_class c ON c.relnamespace = s.oid, aclexplode(c.relacl) a
+WHERE a.grantee <> c.relowner
+  AND EXISTS (SELECT FROM pg_class t WHERE t.relname = c.relname AND t.relnamespace = to_regnamespace(%(target)s))
+"""
+
+
+async def _copy_grants(conn: psycopg.AsyncConnection, module: ModuleType, target: str) -> None:
+    """Give the schema `target` (a version of `module` being built) the grants its version's schema has."""
+    live = projections.schema(module.NAME, module.VERSION)
+    found = await (await conn.execute(GRANTS_FROM, {"name": module.NAME, "live": live})).fetchone()
+    if found is None:
+        return
+    cur = await conn.execute(GRANTS, {"source": found[0], "target": target})
+    for (statement,) in await cur.fetchall():
+        await conn.execute(statement)
+
+
 LIVE_STATES = "SELECT name, version, state FROM projection_versions"
 BUILDING = """
 INSERT INTO projection_versions (name, version, state) VALUES (%(name)s, %(version)s, 'building')
@@ -663,6 +700,7 @@ async def _go_live(
                     head = (await (await conn.execute(HEAD)).fetchone())[0]  # type: ignore[index]
                     for module in modules:
                         live = projections.schema(module.NAME, module.VERSION)
+                        await _copy_grants(conn, module, _new(module))
                         await conn.execute(DROP_SCHEMA.format(sql.Identifier(live)))
                         await conn.execute(RENAME.format(sql.Identifier(_new(module)), sql.Identifier(live)))
                         await conn.execute(GO_LIVE, {"name": module.NAME, "version": module.VERSION, "checkpoint": now})
