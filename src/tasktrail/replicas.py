@@ -451,7 +451,7 @@ class Replicas:
         if isinstance(exc, psycopg.OperationalError | PoolTimeout):
             self._set(replica, DOWN, str(exc))
         elif isinstance(exc, psycopg.errors.InsufficientPrivilege):
-            # Out of service until a check finds it can read again (it asks at once, not in ACCESS_EVERY).
+            # Out of service until a check finds it can read again (it asks within a second, then).
             self._set(replica, NO_ACCESS, str(exc))
 
     # --- health ---------------------------------------------------------------
@@ -508,7 +508,8 @@ class Replicas:
                     replica.check_conn = await psycopg.AsyncConnection.connect(replica.conninfo, **db.connect_kwargs())
                     replica.identity = await _identity(replica.check_conn)
                     replica.access_checked = -math.inf
-                if now - replica.access_checked >= ACCESS_EVERY or replica.state == NO_ACCESS:
+                # Asked more often while it is out of service for it, to serve again soon after a grant.
+                if now - replica.access_checked >= (1.0 if replica.state == NO_ACCESS else ACCESS_EVERY):
                     cur = await replica.check_conn.execute(UNREADABLE, {"schemas": self.schemas})
                     (replica.unreadable,) = await cur.fetchone()  # type: ignore[misc]
                     replica.access_checked = now
