@@ -408,8 +408,16 @@ def test_the_api_docs_load_from_this_server_only(ui: Dashboard) -> None:
 def test_a_finished_task_page_notices_a_retry_and_follows_the_task_again(ui: Dashboard) -> None:
     task = create(ui, "retry", status="failed")
     page = ui.page()
+    asked: list[str] = []
+    page.on("request", lambda r: asked.append(r.url))
     page.goto(f"/ui/tasks/{task['task_id']}")
     expect(page.locator("#live")).to_contain_text("finished")
+    # It follows the feed for the task, asking nothing while nothing happens (audit: the history every
+    # 400 ms, 150 requests a minute for each such page left open).
+    page.wait_for_timeout(500)
+    before = len(asked)
+    page.wait_for_timeout(1000)
+    assert asked[before:] == [], asked[before:]
     with ui.api() as api:
         api.patch(f"/tasks/{task['task_id']}", json={"status": "pending"})
     expect(page.locator("#now")).to_have_attribute("data-status", "pending")
