@@ -119,7 +119,7 @@ def serve(args: argparse.Namespace) -> int:
     import logging.config
 
     from tasktrail import grouped, live, logs
-    from tasktrail.http import wellformed
+    from tasktrail.http import sessions, wellformed
 
     if args.log_format not in logs.FORMATS:  # from the environment: argparse checks only what it parses
         _stderr(f"{logs.FORMAT_ENV}={args.log_format!r}: give one of {', '.join(logs.FORMATS)}")
@@ -133,6 +133,7 @@ def serve(args: argparse.Namespace) -> int:
     live.poll_seconds()
     live.ping_seconds()
     grouped.configured_slots()
+    sessions.secret_from_env()
     args.stop_timeout = db.seconds(STOP_TIMEOUT_ENV, STOP_TIMEOUT)
     # First: prometheus_client reads the directory when it is first imported, which what follows may do.
     # (A worker process imports it afresh.) One process serving by itself has nothing to add up: its

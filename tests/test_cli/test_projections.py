@@ -194,6 +194,8 @@ def test_wrong_settings_get_one_line_and_no_traceback(database_url: str, server_
         (database_url, ["serve", "--port", "0"], {"TASKTRAIL_POLL_SECONDS": "0"}, 1, "TASKTRAIL_POLL_SECONDS='0'"),
         (database_url, ["serve", "--port", "0"], {"TASKTRAIL_SSE_PING_SECONDS": "abc"}, 1, "give a number of seconds"),
         (database_url, ["serve", "--port", "0"], {"TASKTRAIL_SSE_PING_SECONDS": "1e9"}, 1, "under a day"),
+        # Audit: a traceback, even with --log-format json.
+        (database_url, ["serve", "--port", "0"], {"TASKTRAIL_SESSION_SECRET": "short"}, 1, "at least 32 characters"),
     ]
 
     def run(url: str, args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:

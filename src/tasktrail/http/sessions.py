@@ -43,7 +43,7 @@ SECRET_ENV = "TASKTRAIL_SESSION_SECRET"  # noqa: S105 -- the variable's name, no
 MIN_SECRET_CHARS = 32
 
 
-class BadSecret(Exception):
+class BadSecret(ValueError):
     """TASKTRAIL_SESSION_SECRET is too short to sign with."""
 
 
