@@ -166,6 +166,17 @@ def test_a_rebuild_and_a_new_version_keep_what_a_role_of_its_own_was_granted(dat
             conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
 
 
+def test_grants_that_cannot_be_copied_cost_no_rebuild(
+    database_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    asyncio.run(seed(database_url, 3))
+    monkeypatch.setattr(rebuilding, "GRANTS", "SELECT 1 / 0")  # any refusal while the grants are copied
+    done = rebuild(database_url, INLINE)
+    assert done.names == ["tasks", "stats"]
+    assert "the grants of the version before were not given" in caplog.text
+    assert verify(database_url).ok
+
+
 def test_status_shows_every_version_its_state_and_who_uses_it(database_url: str) -> None:
     asyncio.run(seed(database_url, 3))
     found, head, _ = versions.status(database_url, [tasks_next, stats])

@@ -545,14 +545,22 @@ WHERE a.grantee <> c.relowner
 
 
 async def _copy_grants(conn: psycopg.AsyncConnection, module: ModuleType, target: str) -> None:
-    """Give the schema `target` (a version of `module` being built) the grants its version's schema has."""
+    """Give the schema `target` (a version of `module` being built) the grants its version's schema has.
+
+    Best effort, in a savepoint: a grant this role may not give costs the new version that grant (said in
+    the log), never the swap.
+    """
     live = projections.schema(module.NAME, module.VERSION)
-    found = await (await conn.execute(GRANTS_FROM, {"name": module.NAME, "live": live})).fetchone()
-    if found is None:
-        return
-    cur = await conn.execute(GRANTS, {"source": found[0], "target": target})
-    for (statement,) in await cur.fetchall():
-        await conn.execute(statement)
+    try:
+        async with conn.transaction():
+            found = await (await conn.execute(GRANTS_FROM, {"name": module.NAME, "live": live})).fetchone()
+            if found is None:
+                return
+            cur = await conn.execute(GRANTS, {"source": found[0], "target": target})
+            for (statement,) in await cur.fetchall():
+                await conn.execute(statement)
+    except psycopg.Error as exc:
+        log.warning("%s: the grants of the version before were not given to the new tables: %s", live, exc)
 
 
 LIVE_STATES = "SELECT name, version, state FROM projection_versions"
