@@ -156,9 +156,10 @@ SELECT string_agg(name, ', ' ORDER BY name) FROM (
     SELECT wanted || ' (no such schema)' FROM unnest(%(schemas)s::text[]) AS wanted
     WHERE to_regnamespace(wanted) IS NULL
     UNION ALL
+    SELECT 'events (not found on the search_path)' WHERE to_regclass('events') IS NULL
+    UNION ALL
     SELECT format('%%I.%%I', n.nspname, c.relname) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-    WHERE (n.nspname = ANY(%(schemas)s::text[]) AND c.relkind IN ('r', 'v', 'm', 'p')
-           OR (n.nspname, c.relname) = ('public', 'events'))
+    WHERE (n.nspname = ANY(%(schemas)s::text[]) AND c.relkind IN ('r', 'v', 'm', 'p') OR c.oid = to_regclass('events'))
       AND NOT (has_schema_privilege(n.oid, 'USAGE') AND has_table_privilege(c.oid, 'SELECT'))
 ) AS unreadable (name)
 """
@@ -451,7 +452,8 @@ class Replicas:
         if isinstance(exc, psycopg.OperationalError | PoolTimeout):
             self._set(replica, DOWN, str(exc))
         elif isinstance(exc, psycopg.errors.InsufficientPrivilege):
-            # Out of service until a check finds it can read again (it asks within a second, then).
+            # Out of service until a check finds it can read again: the next one asks (then each second).
+            replica.access_checked = -math.inf
             self._set(replica, NO_ACCESS, str(exc))
 
     # --- health ---------------------------------------------------------------

@@ -518,49 +518,59 @@ CURRENT_SNAPSHOT = "SELECT pg_current_snapshot()::text"
 BLOCK_APPENDS = "LOCK TABLE events IN SHARE ROW EXCLUSIVE MODE"
 LOCK_TIMEOUT = sql.SQL("SET LOCAL lock_timeout = {}")
 RENAME = sql.SQL("ALTER SCHEMA {} RENAME TO {}")
-# The schema whose grants a version's new tables take: its own live one (a rebuild), else the newest version
-# of its read model there is (a new version). A role of its own that an operator granted a version's schema
-# and tables (a replica's reader: docs/scaling.md) keeps them across rebuilds and releases, which each make
-# a new schema (audit: it lost them, and its replica could read nothing).
+# The schema whose grants a version's new tables take: its own live one (a rebuild), else the newest live
+# version of its read model in the registry (a new version). A role of its own that an operator granted a
+# version's schema and tables (a replica's reader: docs/scaling.md) keeps them across rebuilds and
+# releases, which each make a new schema (audit: it lost them, and its replica could read nothing). Only
+# what reading needs is taken (USAGE on the schema, SELECT on a table or view of the same name and kind),
+# and only from a version the registry names: not from any schema whose name looks like one.
 GRANTS_FROM = """
-SELECT nspname FROM pg_namespace WHERE nspname ~ ('^rm_' || %(name)s || '_v[0-9]+$')
-ORDER BY nspname = %(live)s DESC, substring(nspname FROM '[0-9]+$')::int DESC LIMIT 1
+SELECT n.nspname FROM projection_versions v
+JOIN pg_namespace n ON n.nspname = 'rm_' || v.name || '_v' || v.version
+WHERE v.name = %(name)s AND v.state = 'live'
+ORDER BY v.version = %(version)s DESC, v.version DESC LIMIT 1
 """
-# Those grants (but the owner's) as statements that give the same on another schema: each privilege on the
-# schema, and each on a table or view on the one of the same name there. Names come from the catalog.
 GRANTS = """
 WITH source AS (SELECT oid, nspacl, nspowner FROM pg_namespace WHERE nspname = %(source)s)
-SELECT format('GRANT %%s ON SCHEMA %%I TO %%s%%s', a.privilege_type, %(target)s::text,
-              CASE a.grantee WHEN 0 THEN 'PUBLIC' ELSE a.grantee::regrole::text END,
-              CASE WHEN a.is_grantable THEN ' WITH GRANT OPTION' ELSE '' END)
-FROM source s, aclexplode(s.nspacl) a WHERE a.grantee <> s.nspowner
+SELECT format('GRANT USAGE ON SCHEMA %%I TO %%s', %(target)s::text,
+              CASE a.grantee WHEN 0 THEN 'PUBLIC' ELSE a.grantee::regrole::text END)
+FROM source s, aclexplode(s.nspacl) a WHERE a.grantee <> s.nspowner AND a.privilege_type = 'USAGE'
 UNION ALL
-SELECT format('GRANT %%s ON TABLE %%I.%%I TO %%s%%s', a.privilege_type, %(target)s::text, c.relname,
-              CASE a.grantee WHEN 0 THEN 'PUBLIC' ELSE a.grantee::regrole::text END,
-              CASE WHEN a.is_grantable THEN ' WITH GRANT OPTION' ELSE '' END)
+SELECT format('GRANT SELECT ON TABLE %%I.%%I TO %%s', %(target)s::text, c.relname,
+              CASE a.grantee WHEN 0 THEN 'PUBLIC' ELSE a.grantee::regrole::text END)
 FROM source s JOIN pg_class c ON c.relnamespace = s.oid, aclexplode(c.relacl) a
-WHERE a.grantee <> c.relowner
-  AND EXISTS (SELECT FROM pg_class t WHERE t.relname = c.relname AND t.relnamespace = to_regnamespace(%(target)s))
+WHERE a.grantee <> c.relowner AND a.privilege_type = 'SELECT' AND EXISTS (
+    SELECT FROM pg_class t
+    WHERE t.relname = c.relname AND t.relkind = c.relkind AND t.relnamespace = to_regnamespace(%(target)s)
+)
 """
 
 
 async def _copy_grants(conn: psycopg.AsyncConnection, module: ModuleType, target: str) -> None:
-    """Give the schema `target` (a version of `module` being built) the grants its version's schema has.
+    """Give the schema `target` (a version of `module` being built) the reading grants its version's has.
 
-    Best effort, in a savepoint: a grant this role may not give costs the new version that grant (said in
-    the log), never the swap.
+    Best effort, each in a savepoint: a grant this role may not give costs the new version that grant
+    (said in the log), never the swap, whose own lock waits it leaves to the swap to try again.
     """
-    live = projections.schema(module.NAME, module.VERSION)
+    source, statements = target, []
     try:
         async with conn.transaction():
-            found = await (await conn.execute(GRANTS_FROM, {"name": module.NAME, "live": live})).fetchone()
-            if found is None:
-                return
-            cur = await conn.execute(GRANTS, {"source": found[0], "target": target})
-            for (statement,) in await cur.fetchall():
-                await conn.execute(statement)
+            found = await (await conn.execute(GRANTS_FROM, {"name": module.NAME, "version": module.VERSION})).fetchone()
+            if found is not None:
+                source = found[0]
+                statements = await (await conn.execute(GRANTS, {"source": source, "target": target})).fetchall()
+    except (psycopg.errors.LockNotAvailable, psycopg.errors.DeadlockDetected):
+        raise
     except psycopg.Error as exc:
-        log.warning("%s: the grants of the version before were not given to the new tables: %s", live, exc)
+        log.warning("%s: the grants of the version before were not looked up: %s", target, exc)
+    for (statement,) in statements:
+        try:
+            async with conn.transaction():
+                await conn.execute(statement)
+        except (psycopg.errors.LockNotAvailable, psycopg.errors.DeadlockDetected):
+            raise
+        except psycopg.Error as exc:
+            log.warning("%s (as on %s) was not given: %s", statement, source, exc)
 
 
 LIVE_STATES = "SELECT name, version, state FROM projection_versions"
