@@ -32,7 +32,7 @@ from tasktrail.domain.task import TaskNotFound, TransitionRejected
 from tasktrail.http import auth, batch, events, health, history, openapi, protocol, sessions, tasks, wellformed
 from tasktrail.http import metrics as scrape
 from tasktrail.http.body import MAX_BODY_BYTES, InvalidInput, MalformedBody, readable
-from tasktrail.http.problems import MEANINGS, answer, problem, refusal, send_problem
+from tasktrail.http.problems import MEANINGS, answer, problem, refusal, send_problem, unkeyed
 from tasktrail.projections import ProjectionOutdated, follow, versions
 
 log = logging.getLogger("tasktrail")
@@ -107,7 +107,7 @@ def _http(request: Request, exc: HTTPException) -> Response[bytes]:
         if ui:
             # An address under /ui that no page's route matches (/ui/tasks/a/b), or a method no page has: a
             # page, as the dashboard's own refusals are, not a problem document.
-            message = "There is no dashboard page at this address." if exc.status_code == 404 else exc.detail
+            message = "There is no dashboard page at this address." if exc.status_code == 404 else unkeyed(exc.detail)
             headers = [(name.lower().encode(), value.encode()) for name, value in (exc.headers or {}).items()]
             return dashboard_page(None, message, exc.status_code, headers).response()
     # Litestar's own 413 (a chunked body over the limit) says "Request Entity Too Large"; ours says the limit.

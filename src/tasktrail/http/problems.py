@@ -40,9 +40,9 @@ def details(status: int, detail: str, **extra: Any) -> Problem:
     errors = extra.get("errors")
     if "tt_" in detail or (errors and any("tt_" in text for error in errors for text in error.values())):
         # What the request sent is quoted back (an id, a value, a header): never an API key in it.
-        detail = _unkeyed(detail)
+        detail = unkeyed(detail)
         if errors:
-            extra["errors"] = [{name: _unkeyed(text) for name, text in error.items()} for error in errors]
+            extra["errors"] = [{name: unkeyed(text) for name, text in error.items()} for error in errors]
     return Problem(type=kind, title=title, status=status, detail=detail, **extra)
 
 
@@ -52,7 +52,7 @@ def details(status: int, detail: str, **extra: Any) -> Problem:
 _KEY_OR_PART = re.compile(r"tt_[0-9A-Za-z_-]{8,}")
 
 
-def _unkeyed(text: str) -> str:
+def unkeyed(text: str) -> str:
     return _KEY_OR_PART.sub("tt_(a key)", text)
 
 

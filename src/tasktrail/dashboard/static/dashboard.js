@@ -798,7 +798,8 @@ function taskPage() {
       headers: { ...readHeaders(), ...REFRESH_FROM }, // a change made elsewhere, which a replica may lack
       cache: "no-store",
     });
-    return response.ok && (await response.json()).events.length > 0; // 200 even for a deleted task
+    // 200 even for a deleted task. Any other answer says nothing: the page is fetched again to see.
+    return !response.ok || (await response.json()).events.length > 0;
   }
 
   const resume = coalesce(async () => {
@@ -817,11 +818,12 @@ function taskPage() {
       task: taskId,
       onOpen: () => {
         setLive("live", "Live (finished task)");
-        newer().then((yes) => yes && resume(), () => {});
+        newer().then((yes) => yes && resume(), () => resume()); // not reached: look again as the page
       },
-      // Shared: this task's events only, without their data. Own: every event, with its data.
+      // Shared: this task's events only, without their data. Own: every event of the feed, with its data
+      // (only one that names the task is parsed).
       onEvent: (type, data) => {
-        if (data === undefined || JSON.parse(data).task_id === taskId) resume();
+        if (data === undefined || (data.includes(taskId) && JSON.parse(data).task_id === taskId)) resume();
       },
     });
   }
