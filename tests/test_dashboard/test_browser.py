@@ -110,6 +110,15 @@ def test_older_pages_follow_the_keyset_cursor(ui: Dashboard) -> None:
     expect(row(page, tasks[0])).to_be_visible()
     expect(page.locator("#task-rows tr")).to_have_count(2)
     expect(page.get_by_role("link", name="Older")).to_have_count(0)  # a full last page: nothing older
+    # And back, a page at a time (audit: only "Newest" led back): Newer, then the newest page is "Newest".
+    page.get_by_role("link", name="Newer").click()
+    expect(row(page, tasks[3])).to_be_visible()
+    expect(row(page, tasks[2])).to_be_visible()
+    expect(page.locator("#task-rows tr")).to_have_count(2)
+    expect(page.get_by_role("link", name="Newer")).to_have_count(0)
+    page.get_by_role("link", name="Newest").click()
+    expect(row(page, tasks[5])).to_be_visible()
+    expect(page.get_by_role("link", name="Newest")).to_have_count(0)
 
 
 def test_the_older_link_comes_and_goes_live_with_the_tasks(ui: Dashboard) -> None:

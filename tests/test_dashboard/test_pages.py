@@ -185,6 +185,20 @@ async def test_the_matching_tasks_are_written_with_thousands_separators_as_every
     assert 'Select all <span class="n">1,000</span>' in page
 
 
+async def test_each_older_page_leads_back_to_the_page_before_it(open_client: AsyncTestClient) -> None:
+    created = await open_client.post("/tasks/batch", json={"tasks": [{"task_type": "newer"}] * 4})
+    assert created.status_code == 201
+    link = re.compile(r'<a rel="(next|prev)" href="([^"]+)">')
+    pages, url = [], "/ui?task_type=newer&limit=1"
+    while url:
+        page = (await open_client.get(url)).text
+        links = {rel: html.unescape(href) for rel, href in link.findall(page)}
+        pages.append((url, links.get("prev")))
+        url = links.get("next")
+    assert len(pages) == 4
+    assert [newer for _, newer in pages] == [None, None, pages[1][0], pages[2][0]]  # the second: "Newest"
+
+
 async def test_the_api_docs_page_names_no_other_host(open_client: AsyncTestClient) -> None:
     for path in ("/schema", "/schema/swagger"):
         page = await open_client.get(path)

@@ -53,7 +53,7 @@ from tasktrail.domain.task import FINISHED, MOVES, Status, Task, TaskNotFound, e
 from tasktrail.http import auth, sessions, wellformed
 from tasktrail.http.body import invalid
 from tasktrail.http.events import FeedItem, encode_cursor, item
-from tasktrail.http.tasks import _decode_cursor, _encode_cursor, past_a_page, read
+from tasktrail.http.tasks import _decode_cursor, _encode_cursor, encode_position, past_a_page, read
 from tasktrail.projections import stats
 from tasktrail.projections import tasks as tasks_view
 
@@ -352,13 +352,21 @@ async def tasks_page(
     """Counts, filters and the task list, newest first, with keyset paging."""
     filters = parse_filters(status, task_type, cursor, limit)
 
-    async def fetch(conn: psycopg.AsyncConnection) -> tuple[list[tasks_view.Listed], dict[str, int]]:
+    async def fetch(
+        conn: psycopg.AsyncConnection,
+    ) -> tuple[list[tasks_view.Listed], dict[str, int], int | None]:
         page = await tasks_view.list_shown(
             conn, status=filters.status, task_type=filters.task_type, before=filters.before, limit=filters.limit + 1
         )  # one more than a page: "older" only when there are older tasks
-        return page, await stats.summary(conn, filters.task_type)
+        newer = None
+        if filters.before is not None:  # a page past the first: where the one before it begins, to go back
+            after = page[0].id if page else filters.before - 1
+            newer = await tasks_view.newer_cursor(
+                conn, status=filters.status, task_type=filters.task_type, after=after, limit=filters.limit
+            )
+        return page, await stats.summary(conn, filters.task_type), newer
 
-    page, counts = await read(request, fetch)
+    page, counts, newer = await read(request, fetch)
     more = past_a_page(page, filters.limit)
     matching, noun = filters.describe(counts)
     looking = viewer(request)
@@ -373,6 +381,8 @@ async def tasks_page(
         # capitalize lowers the rest).
         heading=noun[:1].upper() + noun[1:],
         older=filters.url(cursor=_encode_cursor(page[-1])) if more else None,
+        # Back a page: the newest page is its own address, without a cursor ("Newest").
+        newer=None if filters.before is None else filters.url(cursor=newer and encode_position(newer)),
     )
 
 

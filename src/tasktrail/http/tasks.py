@@ -446,7 +446,12 @@ _CURSOR = re.compile(CURSOR)
 
 
 def _encode_cursor(task: Task | tasks_view.Listed) -> str:
-    return base64.urlsafe_b64encode(f"id:{task.id}".encode()).decode().rstrip("=")
+    return encode_position(task.id)
+
+
+def encode_position(position: int) -> str:
+    """The list's cursor for the page of tasks before this id."""
+    return base64.urlsafe_b64encode(f"id:{position}".encode()).decode().rstrip("=")
 
 
 def _decode_cursor(cursor: str) -> int:

@@ -264,6 +264,24 @@ async def list_shown(
     return await cur.fetchall()
 
 
+# Where the page newer than a keyset page begins, for paging back (the dashboard's "Newer"): the id
+# `skip` places above `after` (the newest id shown), the cursor whose page holds the `skip` tasks just
+# above it; none when fewer are there, and the newest page is that page.
+NEWER = "SELECT id FROM tasks WHERE {} ORDER BY id LIMIT 1 OFFSET %(skip)s"
+
+
+async def newer_cursor(
+    conn: psycopg.AsyncConnection, *, status: Status | None, task_type: str | None, after: int, limit: int
+) -> int | None:
+    """The `before` of the page of `limit` tasks just newer than `after`, in these filters; None: the newest."""
+    params = {"status": status, "task_type": task_type, "after": after, "skip": limit}
+    where = [FILTERS[name] for name in ("status", "task_type") if params[name] is not None]
+    query = sql.SQL(NEWER).format(sql.SQL(" AND ").join([*where, sql.SQL("id > %(after)s")]))
+    cur = await conn.execute(query, params, prepare=_prepared(params))
+    row = await cur.fetchone()
+    return None if row is None else row[0]
+
+
 # Keyset-paged by (completed_at, id) along tasks_completed_at, so each page costs
 # its own rows, however many are expired.
 FINISHED_BEFORE = f"""
