@@ -437,6 +437,36 @@ def test_a_finished_task_page_notices_a_retry_and_follows_the_task_again(ui: Das
     expect(page.locator("#now")).to_have_attribute("data-status", "running")
 
 
+@pytest.mark.parametrize(
+    ("start", "burst", "badge"),
+    [
+        # Audit: failed then deleted at once, its page followed the task's stream again and again (its
+        # replay ends at the failure), 12 requests a second, with the badge at "Live".
+        ("running", ["failed", "delete"], "Deleted"),
+        # Retried, run and failed at once: the stream, opened after the failure, sent its snapshot and
+        # ended, and the page tried it again for ever, "Reconnecting…".
+        ("failed", ["pending", "running", "failed"], "Live (finished task)"),
+    ],
+)
+def test_a_task_page_settles_after_a_burst_of_changes(ui: Dashboard, start: str, burst: list[str], badge: str) -> None:
+    task = create(ui, "burst", status=start)
+    page = ui.page()  # the first of its browser: it follows streams of its own
+    asked: list[str] = []
+    page.on("request", lambda r: asked.append(r.url))
+    page.goto(f"/ui/tasks/{task['task_id']}")
+    expect(page.locator("#live")).to_have_attribute("data-state", "live")
+    with ui.api() as api:
+        for step in burst:
+            path = f"/tasks/{task['task_id']}"
+            done = api.delete(path) if step == "delete" else api.patch(path, json={"status": step})
+            assert done.status_code == 200, done.text
+    expect(page.locator("#live")).to_have_text(badge)
+    page.wait_for_timeout(500)
+    before = len(asked)
+    page.wait_for_timeout(1000)
+    assert asked[before:] == [], asked[before:]
+
+
 def test_bulk_cancel_of_selected_rows_reports_each_task(ui: Dashboard) -> None:
     first, second = create(ui, "bulk-a"), create(ui, "bulk-a", status="running")
     done = create(ui, "bulk-a", status="completed")

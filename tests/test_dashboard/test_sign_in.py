@@ -174,6 +174,34 @@ def test_a_page_from_before_signing_in_again_says_so_and_still_signs_out(ui: Das
     ui.allow("status of 401")
 
 
+def test_a_list_from_before_signing_in_again_with_a_read_key_stays_live_and_quiet(ui: Dashboard) -> None:
+    # Audit: the rows of a read key's page have no checkbox; patching the old page's rows with them threw,
+    # and the page said "Update failed; retrying…" and fetched itself four times a second for ever.
+    with ui.api(Authorization=f"Bearer {KEYS['write']}") as api:
+        listed = api.post("/tasks/", json={"task_type": "again"}).json()
+    context, _ = ui.context()
+    before = context.new_page()
+    sign_in(before, "write", "/ui?task_type=again")
+    again = context.new_page()
+    again.goto("/ui/sign-in?next=/ui")
+    again.get_by_label("API key").fill(KEYS["read"])
+    again.get_by_role("button", name="Sign in").click()
+    expect(again.locator("header .who")).to_contain_text("Signed in as read-key")
+    asked: list[str] = []
+    before.on("request", lambda r: asked.append(r.url))
+    with ui.api(Authorization=f"Bearer {KEYS['write']}") as api:
+        api.patch(f"/tasks/{listed['task_id']}", json={"status": "running"})  # a row the page shows changes
+    expect(before.locator("#signed-in-again")).to_be_visible()
+    expect(before.locator(f'#task-rows tr[data-task-id="{listed["task_id"]}"]')).to_have_attribute(
+        "data-status", "running"
+    )
+    before.wait_for_timeout(600)
+    expect(before.locator("#live")).to_have_text("Live")
+    settled = len(asked)
+    before.wait_for_timeout(1000)
+    assert asked[settled:] == [], asked[settled:]
+
+
 def test_signing_out_ends_the_live_streams_of_every_open_page(ui: Dashboard) -> None:
     # Streams are authorised as they open; one opened with a session must not outlive it, or the
     # browser's other pages (and a copy of the cookie) would go on receiving events after signing out.

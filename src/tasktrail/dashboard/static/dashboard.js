@@ -394,8 +394,9 @@ function tasksPage() {
       const current = old.cells[i];
       if (!current || current.isEqualNode(cell)) return;
       const box = current.querySelector("input.pick");
-      if (box) {
-        box.dataset.ifVersion = cell.querySelector("input.pick").dataset.ifVersion;
+      const freshBox = cell.querySelector("input.pick"); // none from a session of a read key (signed in again)
+      if (box && freshBox) {
+        box.dataset.ifVersion = freshBox.dataset.ifVersion;
         if (selected.has(box.value)) selected.set(box.value, { version: box.dataset.ifVersion, status: fresh.dataset.status });
       } else {
         current.replaceWith(document.importNode(cell, true));
@@ -759,15 +760,27 @@ function taskPage() {
       actions.querySelector(".buttons").hidden = true;
       if (!message.textContent) message.textContent = "The task was deleted: nothing more can be done to it.";
     }
+    watch();
   }
   const refresh = coalesce(refreshNow);
 
-  // While the task can still change, its stream says when; once it has finished (the stream
-  // ends), the feed says when it is retried or deleted, and the stream resumes.
+  // What the page follows, from the state it shows (each refresh ends here): while the task can still
+  // change, its stream; once it has finished (its stream ends), the feed, which says when it is retried
+  // or deleted; once deleted, nothing. (Audit: a task failed and deleted at once was followed by its
+  // stream again and again, as "deleted" is no finished status, and its replay ends at the failure.)
   function watch() {
     if (!taskId) return;
-    if (FINISHED.has(history().dataset.latestStatus)) {
-      followFinished();
+    const status = history().dataset.latestStatus;
+    if (status === "deleted" || FINISHED.has(status)) {
+      stream?.close();
+      stream = null;
+      if (status !== "deleted") {
+        followFinished();
+        return;
+      }
+      finished?.close();
+      finished = null;
+      setLive("ended", "Deleted");
       return;
     }
     finished?.close();
@@ -776,13 +789,12 @@ function taskPage() {
     stream = live.follow(body.dataset.stream, {
       onOpen: refresh,
       onEvent: (type) => {
-        refresh();
         if (FINISHING.has(type)) {
-          stream.close();
+          // The server ends the stream after it (a retry's stream starts from the state the page shows).
+          stream?.close();
           stream = null;
-          if (type === "TaskDeleted") setLive("ended", "Deleted");
-          else setTimeout(() => refreshNow().then(watch, followFinished), APPLY_EVERY);
         }
+        refresh();
       },
     });
   }
@@ -802,14 +814,7 @@ function taskPage() {
     return !response.ok || (await response.json()).events.length > 0;
   }
 
-  const resume = coalesce(async () => {
-    await refreshNow();
-    if (history().dataset.latestStatus === "deleted") {
-      finished?.close();
-      finished = null;
-      setLive("ended", "Deleted");
-    } else watch();
-  });
+  const resume = coalesce(refreshNow);
 
   function followFinished() {
     setLive("live", "Live (finished task)");
