@@ -225,10 +225,19 @@ async def test_a_key_sent_where_a_value_belongs_is_not_quoted_back_in_the_error(
             content=b'{"task_type": "x"}',
             headers=write | {"Content-Type": "application/json; charset=" + "x" * 20 + key},
         ),
+        # Cut so that only the start of the key was left (audit: tt_ and 7 characters), and its secret part alone.
+        await secured.post(
+            "/tasks/",
+            content=b'{"task_type": "x"}',
+            headers=write | {"Content-Type": "application/json; charset=" + "a" * 30 + key},
+        ),
+        await secured.get(f"/tasks/{key[3:]}", headers=write),
+        await secured.get("/tasks/", params={"status": key[3:]}, headers=write),
     ]
-    assert [answer.status_code for answer in answers] == [404, 404, 422, 422, 415, 415, 415]
+    assert [answer.status_code for answer in answers] == [404, 404, 422, 422, 415, 415, 415, 415, 404, 422]
     for answer in answers:
-        assert key[:11].lower() not in answer.text.lower(), answer.text
+        assert key[:7].lower() not in answer.text.lower(), answer.text
+        assert key[3:10].lower() not in answer.text.lower(), answer.text
         assert "tt_(a key)" in answer.text, answer.text
 
     # An Idempotency-Key holding a key is refused: the history would show it to every reader.

@@ -53,6 +53,7 @@ from tasktrail.domain.task import FINISHED, MOVES, Status, Task, TaskNotFound, e
 from tasktrail.http import auth, sessions, wellformed
 from tasktrail.http.body import invalid
 from tasktrail.http.events import FeedItem, encode_cursor, item
+from tasktrail.http.problems import shown
 from tasktrail.http.tasks import _decode_cursor, _encode_cursor, encode_position, past_a_page, read
 from tasktrail.projections import stats
 from tasktrail.projections import tasks as tasks_view
@@ -675,7 +676,7 @@ async def read_form(request: Request, kind: type[F]) -> F:
         media, _, parameters = (content_type or "").partition(";")
         charset = parameters.partition("charset=")[2].strip().strip('"').lower()
         if media.strip().lower() != FORM_TYPE or charset not in ("", "utf-8", "utf8"):
-            given = "without a Content-Type" if content_type is None else f"not as {content_type[:100]}"
+            given = "without a Content-Type" if content_type is None else f"not as {shown(content_type, 100)}"
             raise ClientException(status_code=415, detail=f"this form is sent as {FORM_TYPE} (UTF-8), {given}")
     refusal = wellformed.urlencoded_refusal(body)
     if refusal is not None:

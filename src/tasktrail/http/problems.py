@@ -37,23 +37,28 @@ class Problem(msgspec.Struct, omit_defaults=True):
 def details(status: int, detail: str, **extra: Any) -> Problem:
     title = HTTPStatus(status).phrase
     kind = f"/problems/{title.lower().replace(' ', '-')}"
-    errors = extra.get("errors")
-    if "tt_" in detail or (errors and any("tt_" in text for error in errors for text in error.values())):
-        # What the request sent is quoted back (an id, a value, a header): never an API key in it.
-        detail = unkeyed(detail)
-        if errors:
-            extra["errors"] = [{name: unkeyed(text) for name, text in error.items()} for error in errors]
+    # What the request sent is quoted back (an id, a value, a header): never an API key in it.
+    detail = unkeyed(detail)
+    if errors := extra.get("errors"):
+        extra["errors"] = [{name: unkeyed(text) for name, text in error.items()} for error in errors]
     return Problem(type=kind, title=title, status=status, detail=detail, **extra)
 
 
-# A key, or the start of one, wherever it begins: what a detail quotes may be cut short (the first 40
-# characters of a header), and follow other text (`retry-<key>`). Text of another kind that looks so (a
-# field `watt_hours_total`) is shown redacted too: a refusal's words, never what is stored.
-_KEY_OR_PART = re.compile(r"tt_[0-9A-Za-z_-]{8,}")
+# A key, the start of one, or its secret part alone, wherever it begins: what a detail quotes may follow
+# other text (`retry-<key>`). Text of another kind that looks so (a field `watt_hours_total`, a long word)
+# is shown redacted too: a refusal's words, never what is stored. What quotes a part of a value
+# (`shown`) redacts before it cuts, so that the cut leaves no start of a key either.
+_KEY_OR_PART = re.compile(r"tt_[0-9A-Za-z_-]{4,}|[0-9A-Za-z_-]{43,}")
 
 
 def unkeyed(text: str) -> str:
     return _KEY_OR_PART.sub("tt_(a key)", text)
+
+
+def shown(text: str, most: int) -> str:
+    """Text a refusal quotes, redacted, and cut to `most` characters (and "...") when longer."""
+    text = unkeyed(text)
+    return text if len(text) <= most else text[:most] + "..."
 
 
 def problem_body(status: int, detail: str, **extra: Any) -> bytes:

@@ -64,7 +64,7 @@ from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from tasktrail import db
 from tasktrail.http.body import MAX_BODY_BYTES, MalformedBody
-from tasktrail.http.problems import problems, send_problem
+from tasktrail.http.problems import problems, send_problem, shown
 
 MAX_URL_BYTES = 16 * 1024
 MAX_HEADER_BYTES = 32 * 1024
@@ -259,8 +259,8 @@ def _refusal(scope: Scope, shape: Shape | None) -> Refusal | None:
         coding = next((each for each in encodings if each not in (b"identity", b"")), None)
         if detail is None and has_body and coding is not None:
             # RFC 9110 15.5.16: a coding the server does not decode is 415, not a body it cannot parse (400).
-            shown = coding[:40].decode("latin-1")
-            detail = f"request bodies are read as sent, not decoded from {shown!r}: send it without Content-Encoding"
+            quoted = shown(coding.decode("latin-1"), 40)
+            detail = f"request bodies are read as sent, not decoded from {quoted!r}: send it without Content-Encoding"
         if detail is not None:
             refusal = 415, detail, {}
     return refusal
@@ -345,8 +345,8 @@ def _decoded(raw: bytes) -> str:
 
 
 def _invalid(status: int, field: str, message: str) -> Refusal:
-    shown = field if len(field) <= 100 else field[:100] + "..."
-    return status, f"{shown}: {message}", {"errors": [{"field": shown, "message": message}]}
+    quoted = shown(field, 100)
+    return status, f"{quoted}: {message}", {"errors": [{"field": quoted, "message": message}]}
 
 
 def _content_type_refusal(value: bytes | None, has_body: bool) -> str | None:
@@ -361,19 +361,18 @@ def _content_type_refusal(value: bytes | None, has_body: bool) -> str | None:
         return "this route takes a JSON body: send it with Content-Type: application/json"
     media, *parameters = value.decode("latin-1").split(";")
     media = media.strip().lower()
-    shown = media if len(media) <= 100 else media[:100] + "..."
+    quoted = shown(media, 100)
     json = media == "application/json" or (
         media.startswith("application/") and media.endswith("+json") and len(media) > len("application/+json")
     )
     if not json:
-        given = shown or "an empty Content-Type"
+        given = quoted or "an empty Content-Type"
         return f"this route takes a JSON body, not {given}: send Content-Type: application/json"
     for parameter in parameters:
         key, _, charset = parameter.partition("=")
         charset = charset.strip().strip('"').lower()
         if key.strip().lower() == "charset" and charset not in _CHARSETS:
-            shown = charset if len(charset) <= 40 else charset[:40] + "..."
-            return f"JSON is read as UTF-8 only, not charset {shown!r}: send the body as UTF-8"
+            return f"JSON is read as UTF-8 only, not charset {shown(charset, 40)!r}: send the body as UTF-8"
     return None
 
 
