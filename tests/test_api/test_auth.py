@@ -225,20 +225,21 @@ async def test_a_key_sent_where_a_value_belongs_is_not_quoted_back_in_the_error(
             content=b'{"task_type": "x"}',
             headers=write | {"Content-Type": "application/json; charset=" + "x" * 20 + key},
         ),
-        # Cut so that only the start of the key was left (audit: tt_ and 7 characters), and its secret part alone.
+        # Cut so that only the start of the key was left (audit: tt_ and 7 characters).
         await secured.post(
             "/tasks/",
             content=b'{"task_type": "x"}',
             headers=write | {"Content-Type": "application/json; charset=" + "a" * 30 + key},
         ),
-        await secured.get(f"/tasks/{key[3:]}", headers=write),
-        await secured.get("/tasks/", params={"status": key[3:]}, headers=write),
     ]
-    assert [answer.status_code for answer in answers] == [404, 404, 422, 422, 415, 415, 415, 415, 404, 422]
+    assert [answer.status_code for answer in answers] == [404, 404, 422, 422, 415, 415, 415, 415]
     for answer in answers:
         assert key[:7].lower() not in answer.text.lower(), answer.text
-        assert key[3:10].lower() not in answer.text.lower(), answer.text
         assert "tt_(a key)" in answer.text, answer.text
+
+    # A long id that is no key is quoted as sent (review: a rule for any 43 characters hid them).
+    long_id = "import-2026-12-03-" + "ab12" * 8
+    assert long_id in (await secured.get(f"/tasks/{long_id}", headers=write)).json()["detail"]
 
     # An Idempotency-Key holding a key is refused: the history would show it to every reader.
     for path, body in (("/tasks/", {"task_type": "x"}), ("/tasks/batch", {"tasks": [{"task_type": "x"}]})):

@@ -44,11 +44,12 @@ def details(status: int, detail: str, **extra: Any) -> Problem:
     return Problem(type=kind, title=title, status=status, detail=detail, **extra)
 
 
-# A key, the start of one, or its secret part alone, wherever it begins: what a detail quotes may follow
-# other text (`retry-<key>`). Text of another kind that looks so (a field `watt_hours_total`, a long word)
-# is shown redacted too: a refusal's words, never what is stored. What quotes a part of a value
-# (`shown`) redacts before it cuts, so that the cut leaves no start of a key either.
-_KEY_OR_PART = re.compile(r"tt_[0-9A-Za-z_-]{4,}|[0-9A-Za-z_-]{43,}")
+# A key, or the start of one, wherever it begins: what a detail quotes may follow other text
+# (`retry-<key>`). Text of another kind that looks so (a field `watt_hours_total`) is shown redacted too: a
+# refusal's words, never what is stored. What quotes a part of a value (`shown`) redacts before it cuts,
+# so that the cut leaves no start of a key either. (A key's secret part sent without its `tt_` is not
+# told from the long ids and Idempotency-Keys a refusal must quote to be understood.)
+_KEY_OR_PART = re.compile(r"tt_[0-9A-Za-z_-]{4,}")
 
 
 def unkeyed(text: str) -> str:

@@ -218,13 +218,15 @@ const live = (() => {
 })();
 
 // Runs job() at most every every() ms while something asked for it, never two at once. every() is
-// asked again at each request: a shorter answer brings the next run forward.
+// asked again at each request: a shorter answer brings the next run forward. A job that failed is run
+// again, after a wait that doubles with each failure in a row (to 30 s), not four times a second.
 function coalesce(job, every = () => APPLY_EVERY) {
   let wanted = false;
   let running = false;
   let last = 0;
   let timer = null;
   let due = 0;
+  let backoff = 0;
   async function run() {
     timer = null;
     if (running || !wanted) return;
@@ -233,8 +235,10 @@ function coalesce(job, every = () => APPLY_EVERY) {
     last = performance.now();
     try {
       await job();
+      backoff = 0;
     } catch {
       setLive("reconnecting", "Update failed; retrying…");
+      backoff = Math.min(30000, Math.max(APPLY_EVERY, backoff * 2));
       wanted = true;
     } finally {
       running = false;
@@ -243,7 +247,7 @@ function coalesce(job, every = () => APPLY_EVERY) {
   }
   function schedule() {
     if (running) return;
-    const at = last + every();
+    const at = last + every() + backoff;
     if (timer !== null && at >= due) return;
     clearTimeout(timer);
     due = at;
@@ -814,7 +818,7 @@ function taskPage() {
     return !response.ok || (await response.json()).events.length > 0;
   }
 
-  const resume = coalesce(refreshNow);
+  const resume = refresh; // one queue: two fetches of the page at once could apply out of order
 
   function followFinished() {
     setLive("live", "Live (finished task)");
