@@ -382,8 +382,8 @@ async def tasks_page(
         # capitalize lowers the rest).
         heading=noun[:1].upper() + noun[1:],
         older=filters.url(cursor=_encode_cursor(page[-1])) if more else None,
-        # Back a page: the newest page is its own address, without a cursor ("Newest").
-        newer=None if filters.before is None else filters.url(cursor=newer and encode_position(newer)),
+        # Back a page; none when that is the newest page, which "Newest" leads to.
+        newer=None if newer is None else filters.url(cursor=encode_position(newer)),
     )
 
 
@@ -714,14 +714,18 @@ def _same_origin(request: Request) -> bool:
     if site is not None:
         return site in ("same-origin", "none")
     origin = request.headers.get("origin")
-    return origin is None or origin == f"{request.url.scheme}://{request.headers.get('host', '')}"
+    return origin is None or origin == _own_origin(request)
 
 
 def _from_own_page(request: Request) -> bool:
     """The browser says the form is this site's own page's (not only that it is no other site's)."""
     if request.headers.get("sec-fetch-site") == "same-origin":
         return True
-    return request.headers.get("origin") == f"{request.url.scheme}://{request.headers.get('host', '')}"
+    return request.headers.get("origin") == _own_origin(request)
+
+
+def _own_origin(request: Request) -> str:
+    return f"{request.url.scheme}://{request.headers.get('host', '')}"
 
 
 def _cookie(request: Request, value: str, max_age: int) -> tuple[bytes, bytes]:

@@ -86,6 +86,8 @@ SWAP_ATTEMPTS = 5
 # after another catch-up): it holds off every append while it waits, and a
 # long-running reader of a live table must not turn that into an outage.
 SWAP_LOCK_TIMEOUT = "2s"
+# What ends a try of the swap with nothing changed, to catch up again and try once more.
+SWAP_RETRIES = (psycopg.errors.LockNotAvailable, psycopg.errors.DeadlockDetected)
 
 
 class RebuildBusy(Exception):
@@ -552,14 +554,13 @@ async def _copy_grants(conn: psycopg.AsyncConnection, module: ModuleType, target
     Best effort, each in a savepoint: a grant this role may not give costs the new version that grant
     (said in the log), never the swap, whose own lock waits it leaves to the swap to try again.
     """
-    source, statements = target, []
+    statements = []
     try:
         async with conn.transaction():
             found = await (await conn.execute(GRANTS_FROM, {"name": module.NAME, "version": module.VERSION})).fetchone()
             if found is not None:
-                source = found[0]
-                statements = await (await conn.execute(GRANTS, {"source": source, "target": target})).fetchall()
-    except (psycopg.errors.LockNotAvailable, psycopg.errors.DeadlockDetected):
+                statements = await (await conn.execute(GRANTS, {"source": found[0], "target": target})).fetchall()
+    except SWAP_RETRIES:
         raise
     except psycopg.Error as exc:
         log.warning("%s: the grants of the version before were not looked up: %s", target, exc)
@@ -567,10 +568,10 @@ async def _copy_grants(conn: psycopg.AsyncConnection, module: ModuleType, target
         try:
             async with conn.transaction():
                 await conn.execute(statement)
-        except (psycopg.errors.LockNotAvailable, psycopg.errors.DeadlockDetected):
+        except SWAP_RETRIES:
             raise
         except psycopg.Error as exc:
-            log.warning("%s (as on %s) was not given: %s", statement, source, exc)
+            log.warning("%s (as on %s) was not given: %s", statement, found[0], exc)
 
 
 LIVE_STATES = "SELECT name, version, state FROM projection_versions"
@@ -725,7 +726,7 @@ async def _go_live(
                         await conn.execute(versions.VIEWS, {"name": module.NAME})
                 caught_up += found
                 break
-            except (psycopg.errors.LockNotAvailable, psycopg.errors.DeadlockDetected):
+            except SWAP_RETRIES:
                 continue  # nothing changed: catch up again and retry
         else:
             for module in modules:  # built for nothing now, and as big as the live ones

@@ -285,14 +285,13 @@ let signedInAgain = false;
 
 function noticeSignIn(page) {
   const token = page.querySelector('meta[name="csrf-token"]')?.content;
-  if (signedInAgain || !csrf || !token || token === csrf) return signedInAgain;
+  if (signedInAgain || !csrf || !token || token === csrf) return;
   signedInAgain = true;
   const notice = el("p", SIGNED_IN_AGAIN + " ", { class: "notice error", role: "alert", id: "signed-in-again" });
   const reload = el("button", "Reload", { type: "button", class: "link" });
   reload.addEventListener("click", () => location.reload());
   notice.append(reload);
   document.getElementById("main").prepend(notice);
-  return true;
 }
 
 function syncText(fresh, selector) {
@@ -778,13 +777,11 @@ function taskPage() {
     if (status === "deleted" || FINISHED.has(status)) {
       stream?.close();
       stream = null;
-      if (status !== "deleted") {
-        followFinished();
-        return;
-      }
-      finished?.close();
-      finished = null;
-      setLive("ended", "Deleted");
+      if (status === "deleted") {
+        finished?.close();
+        finished = null;
+        setLive("ended", "Deleted");
+      } else followFinished();
       return;
     }
     finished?.close();
@@ -818,8 +815,6 @@ function taskPage() {
     return !response.ok || (await response.json()).events.length > 0;
   }
 
-  const resume = refresh; // one queue: two fetches of the page at once could apply out of order
-
   function followFinished() {
     setLive("live", "Live (finished task)");
     if (finished) return;
@@ -827,12 +822,13 @@ function taskPage() {
       task: taskId,
       onOpen: () => {
         setLive("live", "Live (finished task)");
-        newer().then((yes) => yes && resume(), () => resume()); // not reached: look again as the page
+        // Through refresh's one queue: two fetches of the page at once could apply out of order.
+        newer().then((yes) => yes && refresh(), () => refresh()); // not reached: look again as the page
       },
       // Shared: this task's events only, without their data. Own: every event of the feed, with its data
       // (only one that names the task is parsed).
       onEvent: (type, data) => {
-        if (data === undefined || (data.includes(taskId) && JSON.parse(data).task_id === taskId)) resume();
+        if (data === undefined || (data.includes(taskId) && JSON.parse(data).task_id === taskId)) refresh();
       },
     });
   }
