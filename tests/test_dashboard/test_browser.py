@@ -467,6 +467,32 @@ def test_a_task_page_settles_after_a_burst_of_changes(ui: Dashboard, start: str,
     assert asked[before:] == [], asked[before:]
 
 
+def test_a_refresh_that_failed_then_succeeded_leaves_the_badge_as_it_was(ui: Dashboard) -> None:
+    # Audit: "Update failed; retrying…" stayed after the retry succeeded, until the next event.
+    task = create(ui, "refresh", status="running")
+    page = ui.page()
+    failing = threading.Event()
+    failing.set()
+
+    def refresh(route) -> None:
+        if route.request.resource_type == "fetch" and failing.is_set():
+            route.abort()
+        else:
+            route.continue_()
+
+    page.route(f"**/ui/tasks/{task['task_id']}", refresh)
+    page.goto(f"/ui/tasks/{task['task_id']}")
+    expect(page.locator("#live")).to_have_text("Live")
+    with ui.api() as api:
+        api.patch(f"/tasks/{task['task_id']}", json={"progress": 40})
+    expect(page.locator("#live")).to_have_text("Update failed; retrying…")
+    failing.clear()
+    expect(page.locator("#now progress")).to_have_attribute("value", "40.0")
+    expect(page.locator("#live")).to_have_text("Live")
+    expect(page.locator("#live")).to_have_attribute("data-state", "live")
+    ui.allow("net::ERR_FAILED")
+
+
 def test_bulk_cancel_of_selected_rows_reports_each_task(ui: Dashboard) -> None:
     first, second = create(ui, "bulk-a"), create(ui, "bulk-a", status="running")
     done = create(ui, "bulk-a", status="completed")

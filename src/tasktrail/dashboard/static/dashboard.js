@@ -220,6 +220,8 @@ const live = (() => {
 // Runs job() at most every every() ms while something asked for it, never two at once. every() is
 // asked again at each request: a shorter answer brings the next run forward. A job that failed is run
 // again, after a wait that doubles with each failure in a row (to 30 s), not four times a second.
+// While it fails the badge says so; once it succeeds, the badge says again what it said before.
+const UPDATE_FAILED = "Update failed; retrying…";
 function coalesce(job, every = () => APPLY_EVERY) {
   let wanted = false;
   let running = false;
@@ -227,6 +229,7 @@ function coalesce(job, every = () => APPLY_EVERY) {
   let timer = null;
   let due = 0;
   let backoff = 0;
+  let before = null; // the badge as it was when the first failure in a row replaced it
   async function run() {
     timer = null;
     if (running || !wanted) return;
@@ -236,8 +239,16 @@ function coalesce(job, every = () => APPLY_EVERY) {
     try {
       await job();
       backoff = 0;
+      if (before && liveBadge.textContent === UPDATE_FAILED) {
+        setLive(before.state, before.text);
+        liveBadge.hidden = before.hidden;
+      }
+      before = null;
     } catch {
-      setLive("reconnecting", "Update failed; retrying…");
+      if (liveBadge.textContent !== UPDATE_FAILED) {
+        before = { state: liveBadge.dataset.state, text: liveBadge.textContent, hidden: liveBadge.hidden };
+      }
+      setLive("reconnecting", UPDATE_FAILED);
       backoff = Math.min(30000, Math.max(APPLY_EVERY, backoff * 2));
       wanted = true;
     } finally {
