@@ -41,6 +41,9 @@ def now() -> datetime:
     return datetime.now(UTC)
 
 
+_TICK = timedelta(microseconds=1)  # the finest step of a stored time
+
+
 def _decide(
     commands: Sequence[tuple[UUID, Task | None, Command]], at: datetime
 ) -> tuple[list[Change], list[Task | None]]:
@@ -493,7 +496,7 @@ async def change_many(conn: psycopg.AsyncConnection, items: Sequence[Item], meta
                 )
                 if not lagging or caught_up:
                     read = {task_id: task.version for task_id, task in states.items()}
-                    changes, outcomes = _decide_many(items, states, deleted, now())
+                    changes, outcomes = _decide_many(items, states, deleted)
                     # A task the batch appends nothing to (refused, or nothing to change) has no version check:
                     # during a rolling deploy its row may be one another release's write has not reached yet.
                     for recorded, _, _ in changes:
@@ -576,12 +579,18 @@ async def _lock_buckets(conn: psycopg.AsyncConnection, task_ids: Iterable[UUID],
 
 
 def _decide_many(
-    items: Sequence[Item], states: dict[UUID, Task], deleted: set[UUID], at: datetime
+    items: Sequence[Item], states: dict[UUID, Task], deleted: set[UUID]
 ) -> tuple[list[Change], list[Outcome]]:
-    """The changes to write and each item's outcome; leaves in `states` and `deleted` where the items took them."""
+    """The changes to write and each item's outcome; leaves in `states` and `deleted` where the items took them.
+
+    Each item is decided at a time of its own, later than the one before, as if sent one by one: a task
+    named twice gets two times, so `?as_of=` the first finds the task between the two.
+    """
     changes: list[Change] = []
     outcomes: list[Outcome] = []
+    at = datetime.min.replace(tzinfo=UTC)
     for task_id, command, version in items:
+        at = max(now(), at + _TICK)
         before = states.get(task_id)
         if before is None:
             outcomes.append(missing(task_id, task_id in deleted))

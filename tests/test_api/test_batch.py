@@ -291,6 +291,23 @@ async def test_a_task_named_twice_is_decided_in_order(client: AsyncTestClient) -
     ]
 
 
+async def test_a_task_named_twice_is_found_between_its_items_by_time_travel(client: AsyncTestClient) -> None:
+    # Audit: every event of a batch had one time, so ?as_of= the first change found the task after the last,
+    # and a task run and failed in one batch had started_at == completed_at.
+    (task,) = await create_batch(client, "twice")
+    steps = ["running", "failed", "pending"]
+    results = await patch_batch(client, *({"task_id": task["task_id"], "status": step} for step in steps))
+    assert [r["status"] for r in results] == [200, 200, 200]
+    times = [e["occurred_at"] for e in await history(client, task["task_id"])]
+    assert times == sorted(set(times)), times  # one each, in version order
+    for version, at in enumerate(times[1:], start=2):
+        then = await client.get(f"/tasks/{task['task_id']}", params={"as_of": at})
+        assert then.status_code == 200, then.text
+        assert then.json() == results[version - 2]["task"]
+    failed = results[1]["task"]
+    assert failed["started_at"] < failed["completed_at"]
+
+
 async def test_delete_items_append_what_delete_does(client: AsyncTestClient) -> None:
     a, b, c = await create_batch(client, "a", "b", "c")
     single = await client.delete(f"/tasks/{c['task_id']}", headers={"X-Request-ID": "one"})

@@ -137,7 +137,8 @@ def _field_error(exc: msgspec.ValidationError, at: str) -> tuple[str, str]:
     """The field a ValidationError names (under `at`), and its message."""
     match = _AT.match(str(exc))
     assert match is not None
-    path = f"{at}{match['path'] or ''}".lstrip(".")
+    # msgspec says `[...]` for a key of a mapping, whatever the key: the field is named down to the mapping.
+    path = f"{at}{match['path'] or ''}".partition("[...]")[0].lstrip(".")
     missing = _MISSING.match(match["message"])
     if missing:
         path = f"{path}.{missing[1]}".lstrip(".")
