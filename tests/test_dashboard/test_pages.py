@@ -204,10 +204,19 @@ async def test_the_api_docs_page_names_no_other_host(open_client: AsyncTestClien
         page = await open_client.get(path)
         assert page.status_code == 200
         assert not re.search(r"(src|href)=['\"](https?:)?//", page.text), page.text
-        assert "script-src 'self'" in page.text
+        # As the dashboard's pages: its own scripts only, and no other site may frame it (to click "Try it out").
+        assert "script-src 'self'" in page.headers["content-security-policy"]
+        assert "frame-ancestors 'none'" in page.headers["content-security-policy"]
+        assert page.headers["x-frame-options"] == "DENY"
+        assert page.headers["x-content-type-options"] == "nosniff"
         assert "<script>" not in page.text
         for asset in re.findall(r"(?:src|href)=['\"](/ui/static/[^'\"?]+)", page.text):
             assert (await open_client.get(asset)).status_code == 200, asset
+    # The files too are taken as the type they are sent as, and the shared live worker runs under the policy.
+    for asset in ("/ui/static/live-worker.js", "/ui/static/dashboard.css", "/ui/static/favicon.svg"):
+        served = await open_client.get(asset)
+        assert served.headers.get_list("content-security-policy") == [routes.POLICY], asset
+        assert served.headers["x-content-type-options"] == "nosniff"
     assert (await open_client.get("/schema/openapi.json")).status_code == 200
 
 

@@ -44,7 +44,7 @@ from litestar.file_system import BaseLocalFileSystem
 from litestar.params import FromPath, FromQuery
 from litestar.response import Redirect
 from litestar.static_files import create_static_files_router
-from litestar.types import ASGIApp, FileInfo, PathType, Receive, Scope, Send
+from litestar.types import ASGIApp, FileInfo, Message, PathType, Receive, Scope, Send
 from markupsafe import Markup, escape
 
 from tasktrail import eventstore, logs, replicas
@@ -78,6 +78,24 @@ HEADERS = [
     # Live data and a CSRF token: never from a cache.
     (b"cache-control", b"no-store"),
 ]
+
+
+# A file is taken as the type it is served as, and the shared live worker runs under the pages' policy.
+FILE_HEADERS = [(b"content-security-policy", POLICY.encode()), (b"x-content-type-options", b"nosniff")]
+
+
+def _file_headers(app: ASGIApp) -> ASGIApp:
+    """The static files' answers with FILE_HEADERS (Litestar sends a file as it is, past any layer's headers)."""
+
+    async def wrapped(scope: Scope, receive: Receive, send: Send) -> None:
+        async def sending(message: Message) -> None:
+            if message["type"] == "http.response.start" and message["status"] < 400:  # an error is a page
+                message["headers"] = [*message.get("headers", ()), *FILE_HEADERS]
+            await send(message)
+
+        await app(scope, receive, sending)
+
+    return wrapped
 
 
 class HtmlReply:
@@ -901,6 +919,7 @@ def router(
         opt=auth.PUBLIC,
         include_in_schema=False,
         name="dashboard-static",
+        middleware=[_file_headers],
     )
     max_age = 0 if max_lag is None else read_after_max_age(max_lag)  # 0: no replicas, no cookie needed
 

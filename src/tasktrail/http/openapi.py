@@ -9,6 +9,7 @@ from typing import Any
 
 from litestar import Request, get
 from litestar._openapi.plugin import handle_schema_path_not_found
+from litestar.datastructures import ResponseHeader
 from litestar.exceptions import NotFoundException
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import JsonRenderPlugin, SwaggerRenderPlugin
@@ -80,8 +81,16 @@ FAVICON = f"<link rel='icon' href='{STATIC}/favicon.svg' type='image/svg+xml'>"
 # Swagger UI styles its elements inline.
 DOCS_POLICY = (
     "default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:;"
-    " font-src 'self' data:; connect-src 'self'; base-uri 'none'; form-action 'none'"
+    " font-src 'self' data:; connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
 )
+# As the dashboard's pages (dashboard/routes.py HEADERS): no other site may frame "Try it out" and click it.
+DOCS_HEADERS = [
+    ResponseHeader(name="Content-Security-Policy", value=DOCS_POLICY),
+    ResponseHeader(name="X-Content-Type-Options", value="nosniff"),
+    ResponseHeader(name="X-Frame-Options", value="DENY"),
+    ResponseHeader(name="Referrer-Policy", value="same-origin"),
+    ResponseHeader(name="Cache-Control", value="no-store"),
+]
 
 
 class Swagger(SwaggerRenderPlugin):
@@ -104,7 +113,6 @@ class Swagger(SwaggerRenderPlugin):
 <head>
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
-<meta http-equiv="Content-Security-Policy" content="{DOCS_POLICY}">
 {"" if csrf is None else f'<meta name="csrf-token" content="{escape(csrf)}">'}
 <title>{escape(openapi_schema["info"]["title"])} · API docs</title>
 {self.favicon}
@@ -122,8 +130,9 @@ class Swagger(SwaggerRenderPlugin):
         """No OAuth2 redirect page: the API takes bearer keys, and Litestar's page loads from a CDN.
 
         And a schema path that names nothing is a 404 like any other (problem+json), not
-        Litestar's HTML page for it.
+        Litestar's HTML page for it. Every page of the docs, and the schema, has the dashboard's headers.
         """
+        router.response_headers = DOCS_HEADERS
         router.routes = [
             route
             for route in router.routes
