@@ -462,8 +462,13 @@ function tasksPage() {
     const matching = Number(bulk.dataset.matching);
     const count = allMatching ? matching : selected.size;
     const selection = document.getElementById("selection");
-    if (allMatching) selection.replaceChildren(`All ${number.format(matching)} `, ...matchingWords(matching), " selected.");
-    else selection.textContent = count ? `${number.format(count)} selected.` : "No tasks selected.";
+    const said = allMatching
+      ? [`All ${number.format(matching)} `, ...matchingWords(matching), " selected."]
+      : [count ? `${number.format(count)} selected.` : "No tasks selected."];
+    // A live region: written only when it says something new, not at each refresh.
+    if (said.map((part) => (typeof part === "string" ? part : part.textContent)).join("") !== selection.textContent) {
+      selection.replaceChildren(...said);
+    }
     for (const button of bulk.querySelectorAll("[data-bulk]")) button.disabled = count === 0;
     document.getElementById("select-matching").setAttribute("aria-pressed", String(allMatching));
     const boxes = [...rows.querySelectorAll("input.pick")];
@@ -582,11 +587,12 @@ function tasksPage() {
       finished: "not allowed (already finished)",
       conflict: "changed since shown",
       gone: "gone",
+      left: "not sent: no longer matching the filter",
       failed: "failed",
     };
     // Each outcome's tasks, how many of them its list shows, and whether it is open (kept across renders).
     const groups = Object.fromEntries(
-      Object.entries(labels).map(([key, label]) => [key, { label, items: [], listed: LISTED, open: false }]),
+      Object.entries(labels).map(([key, label]) => [key, { label, items: [], unlisted: 0, listed: LISTED, open: false }]),
     );
     let handled = 0;
     let stop = false;
@@ -610,21 +616,21 @@ function tasksPage() {
       status.textContent = `${number.format(handled)} of ${number.format(Math.max(total, handled))} handled.`;
       tally.replaceChildren(
         ...Object.values(groups)
-          .filter((g) => g.items.length)
+          .filter((g) => g.items.length + g.unlisted)
           .map((g) => {
             const li = el("li");
-            li.append(el("strong", number.format(g.items.length)), ` ${g.label}`);
+            li.append(el("strong", number.format(g.items.length + g.unlisted)), ` ${g.label}`);
             return li;
           }),
       );
       details.replaceChildren(
         ...Object.entries(groups)
-          .filter(([, g]) => g.items.length)
+          .filter(([, g]) => g.items.length + g.unlisted)
           .map(([key, g]) => {
             const box = el("details", null, { "data-group": key });
             box.open = g.open;
             box.addEventListener("toggle", () => (g.open = box.open));
-            box.append(el("summary", `${g.label}: ${number.format(g.items.length)}`));
+            box.append(el("summary", `${g.label}: ${number.format(g.items.length + g.unlisted)}`));
             const list = el("ul");
             for (const [taskId, note] of g.items.slice(0, g.listed)) {
               const li = el("li");
@@ -632,6 +638,7 @@ function tasksPage() {
               if (note) li.append(` — ${note}`);
               list.append(li);
             }
+            if (g.unlisted) list.append(el("li", `${number.format(g.unlisted)} not shown on this page when confirmed`));
             box.append(list);
             if (g.items.length > g.listed) {
               // Every task stays reachable, a page more at a time: the page stays small.
@@ -697,6 +704,7 @@ function tasksPage() {
     } else {
       // Every task the filter matches, a page of the API's list at a time, keyset-paged by its cursor.
       let url = `/tasks/?${matchingQuery(BATCH)}`;
+      const met = new Set();
       while (ok && !stop && url) {
         const page = await api("GET", url);
         if (page.status !== 200) {
@@ -709,8 +717,19 @@ function tasksPage() {
         const tasks = page.answer.filter((t) => t.id <= everyMatching.newest);
         // A task this page showed is sent as shown (a change since is refused as such); others as read.
         const sent = tasks.map((t) => ({ id: t.task_id, ...(shown.get(t.task_id) ?? { version: t.version, status: t.status }) }));
+        for (const t of tasks) met.add(t.task_id);
         if (tasks.length) ok = await send(sent);
         show();
+      }
+      // Counted, or shown, when the dialog opened, and gone from the filter since (changed, or deleted):
+      // each shown one is listed, and the others are told apart from tasks the walk has yet to send.
+      if (ok && !stop && url === null) {
+        for (const id of shown.keys()) {
+          if (!met.has(id)) groups.left.items.push([id, ""]);
+        }
+        handled += groups.left.items.length;
+        groups.left.unlisted = Math.max(0, total - handled); // the page did not show them: no id to list
+        handled += groups.left.unlisted;
       }
     }
     show();
@@ -951,13 +970,23 @@ function eventsPage() {
     const two = (n) => String(n).padStart(2, "0");
     return `${two(d.getUTCHours())}:${two(d.getUTCMinutes())}:${two(d.getUTCSeconds())}.${String(d.getUTCMilliseconds()).padStart(3, "0")}`;
   };
+  // An event's data as the server writes it in a row (routes.compact): its numbers as sent (50.0, and
+  // integers past 2^53 exact, where JSON.parse would make them 50 and round), cut at 160 characters
+  // (code points: never half an emoji).
+  const exactData =
+    typeof JSON.rawJSON === "function"
+      ? (text) => JSON.parse(text, (_, v, context) => (typeof v === "number" ? JSON.rawJSON(context.source) : v)).data
+      : (text) => JSON.parse(text).data;
   const compact = (value) => {
     const text = JSON.stringify(value);
-    return text.length <= 160 ? text : `${text.slice(0, 159)}…`;
+    if (text.length <= 160) return text;
+    const characters = Array.from(text);
+    return characters.length <= 160 ? text : `${characters.slice(0, 159).join("")}…`;
   };
   const field = (row, name) => row.querySelector(`[data-field="${name}"]`);
 
-  function row(e) {
+  function row(raw) {
+    const e = JSON.parse(raw);
     const tr = template.content.firstElementChild.cloneNode(true);
     tr.dataset.taskId = e.task_id;
     tr.dataset.version = String(e.version);
@@ -968,7 +997,7 @@ function eventsPage() {
     field(tr, "task").href = `/ui/tasks/${encodeURIComponent(e.task_id)}`;
     field(tr, "task-id").textContent = e.task_id;
     field(tr, "version").textContent = String(e.version);
-    field(tr, "data").textContent = compact(e.data);
+    field(tr, "data").textContent = compact(exactData(raw));
     field(tr, "actor").textContent = e.metadata?.actor ?? "";
     field(tr, "request-id").textContent = e.metadata?.request_id ?? "";
     return tr;
@@ -990,7 +1019,7 @@ function eventsPage() {
     // Events came and went unshown, and not in one burst: the rate over the (then long) interval says.
     flooded = skipped > 0 && rate * FASTEST > cap / 2;
     const fragment = document.createDocumentFragment();
-    for (let i = batch.length - 1; i >= 0; i -= 1) fragment.append(row(JSON.parse(batch[i])));
+    for (let i = batch.length - 1; i >= 0; i -= 1) fragment.append(row(batch[i]));
     rows.prepend(fragment);
     while (rows.rows.length > cap) rows.lastElementChild.remove();
     document.getElementById("feed-empty")?.remove();
@@ -1017,6 +1046,8 @@ function eventsPage() {
     beforePause = waiting.length + skipped; // come before the click, not yet shown: not "while paused"
     pause.setAttribute("aria-pressed", String(paused));
     pause.textContent = paused ? "Resume" : "Pause";
+    // While paused the note counts what comes, several times a second: shown, but not read out each time.
+    note.setAttribute("aria-live", paused ? "off" : "polite");
     if (paused) setLive("paused", "Paused");
     else setLive("live", "Live");
     apply();
