@@ -139,6 +139,11 @@ export class TaskManager {
     // EventSource: a constructor to stream with instead (it cannot send the API key).
     constructor(baseUrl = 'http://localhost:8000', options = {}) {
         const {apiKey, attempts = 10, timeout = 30000, watch = 'stream', pollInterval = 1000, EventSource} = options;
+        // A key goes in a header: one that cannot (a space, a line break, a character past Latin-1) is refused
+        // here, not retried as a network error on each call.
+        if (apiKey && !/^[\x21-\x7e]+$/.test(String(apiKey))) {
+            throw new TypeError('apiKey: an API key is printable ASCII with no space (tt_…, as `tasktrail keys add` made it)');
+        }
         this.baseUrl = baseUrl.replace(/\/+$/, '');
         this.apiKey = apiKey;
         this.attempts = attempts;

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 from uuid import UUID
 
@@ -110,15 +110,24 @@ async def read_stream(
     return _stored(stream_id, await cur.fetchall())
 
 
-# Time travel: the stream as it stood at a version or a moment.
+# Time travel: the stream as it stood at a version or a moment. At a moment, the versions before the
+# first one that occurred after it: a stream's times go forward (writer._decide), but a log written
+# before they had to, by hosts whose clocks disagreed, may have a version earlier than the one before it,
+# and the stream as it stood is a beginning of it all the same, never v2 without v1.
 READ_STREAM_UNTIL = """
 SELECT version, position, occurred_at, type, data
 FROM events
-WHERE stream_id = %(stream_id)s AND version <= %(version)s AND occurred_at <= %(as_of)s
+WHERE stream_id = %(stream_id)s AND version <= %(version)s
 ORDER BY version
 """
-
-FAR_FUTURE = datetime.max.replace(tzinfo=UTC)
+READ_STREAM_AS_OF = """
+SELECT version, position, occurred_at, type, data
+FROM events
+WHERE stream_id = %(stream_id)s AND version < coalesce(
+    (SELECT min(version) FROM events WHERE stream_id = %(stream_id)s AND occurred_at > %(as_of)s), 2147483647
+)
+ORDER BY version
+"""
 
 
 async def read_stream_until(
@@ -135,8 +144,10 @@ async def read_stream_until(
     (100,000 progress reports) took the event loop for half a second at once;
     between chunks other requests run.
     """
-    params = {"stream_id": stream_id, "version": version or 2**31 - 1, "as_of": as_of or FAR_FUTURE}
-    cur = await conn.execute(READ_STREAM_UNTIL, params)
+    if as_of is None:
+        cur = await conn.execute(READ_STREAM_UNTIL, {"stream_id": stream_id, "version": version or 2**31 - 1})
+    else:
+        cur = await conn.execute(READ_STREAM_AS_OF, {"stream_id": stream_id, "as_of": as_of})
     while rows := await cur.fetchmany(chunk):
         yield [recorded(stream_id, *row) for row in rows]
         await asyncio.sleep(0)

@@ -58,7 +58,11 @@ def _decide(
         if event is None:
             afters.append(before)
             continue
-        recorded = Recorded(stream_id, 1 if before is None else before.version + 1, 0, at, event)
+        if before is None:
+            recorded = Recorded(stream_id, 1, 0, at, event)
+        else:
+            # A task's times never go back, whatever this host's clock says against the last writer's.
+            recorded = Recorded(stream_id, before.version + 1, 0, max(at, before.updated_at), event)
         after = evolve(before, recorded)
         changes.append((recorded, before, after))
         afters.append(after)

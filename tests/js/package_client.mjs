@@ -153,5 +153,10 @@ await assert.rejects(tasks.watchTask('0b6f4f4e-6a2e-4c1e-9a51-3f1f3c1d2e3f', () 
     assert.equal((await watch.done).status, 'canceled');
     assert.equal((await new TaskManager(keyedBase).getTask(made.task_id)).status, 401);
     await assert.rejects(new TaskManager(keyedBase).history(made.task_id), (error) => error.status === 401);
+    // A key no header can carry is refused at once, not retried as a network error for seconds (audit).
+    for (const bad of ['tt_\u2028x', 'tt_ x', 'tt_\nx', 'tt_é']) {
+        assert.throws(() => new TaskManager(keyedBase, {apiKey: bad}), TypeError);
+    }
+    assert.equal((await new TaskManager(keyedBase, {apiKey: ''}).getTask(made.task_id)).status, 401);  // as none
 }
 console.log('package client: ok');

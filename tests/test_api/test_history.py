@@ -11,6 +11,7 @@ import psycopg
 import pytest
 from litestar.testing import AsyncTestClient
 
+from tasktrail import writer
 from tasktrail.http.app import create_app
 
 pytestmark = pytest.mark.anyio
@@ -116,6 +117,46 @@ async def test_time_travel_by_version_and_by_time(client: AsyncTestClient) -> No
     assert "deleted" in gone.json()["detail"]
     for query in ("version=0", "version=x", "as_of=yesterday", "version=1&as_of=2026-01-01T00:00:00Z"):
         assert (await client.get(f"{url}?{query}")).status_code == 422, query
+
+
+async def test_a_host_whose_clock_is_behind_never_takes_a_tasks_times_back(
+    client: AsyncTestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Audit: a second host 5 s behind wrote v2 before v1's time; the task showed started_at before created_at,
+    # and ?as_of= between the two folded v2 without v1: a 500.
+    task = await create(client)
+    monkeypatch.setattr(writer, "now", lambda: datetime.now(UTC) - timedelta(seconds=5))
+    running = (await patch(client, task["task_id"], {"status": "running"})).json()
+    batched = await client.patch("/tasks/batch", json={"updates": [{"task_id": task["task_id"], "progress": 5}]})
+    monkeypatch.undo()
+    progressed = batched.json()["results"][0]["task"]
+    times = [e["occurred_at"] for e in (await client.get(f"/tasks/{task['task_id']}/history")).json()["events"]]
+    assert times == sorted(times)
+    assert task["created_at"] <= running["started_at"] == running["updated_at"] <= progressed["updated_at"]
+    for seconds in (-6, -3, 0, 1):
+        at = datetime.fromisoformat(task["created_at"]) + timedelta(seconds=seconds)
+        assert (await client.get(f"/tasks/{task['task_id']}", params={"as_of": at.isoformat()})).status_code in (
+            200,
+            404,
+        )
+
+
+async def test_time_travel_in_a_log_whose_times_go_back_takes_a_beginning_of_the_stream(database_url: str) -> None:
+    """A log written before a task's times had to go forward, by hosts whose clocks disagreed."""
+    async with AsyncTestClient(app=create_app(database_url)) as client:
+        task = await create(client)
+        created = datetime.fromisoformat(task["created_at"])
+        with psycopg.connect(database_url, autocommit=True) as conn:  # v2, 5 s before v1 (no projection: no verify)
+            conn.execute(
+                "INSERT INTO events (stream_id, version, type, data, occurred_at)"
+                " VALUES (%s, 2, 'TaskStarted', '{}', %s)",
+                (task["task_id"], created - timedelta(seconds=5)),
+            )
+        url = f"/tasks/{task['task_id']}"
+        before = await client.get(url, params={"as_of": (created - timedelta(seconds=2)).isoformat()})
+        assert before.status_code == 404, before.text  # v2's time, but not without v1
+        assert "did not exist yet" in before.json()["detail"]
+        assert (await client.get(url, params={"as_of": created.isoformat()})).json()["version"] == 2
 
 
 async def test_time_travel_folds_a_long_history_read_in_chunks(client: AsyncTestClient) -> None:

@@ -450,6 +450,33 @@ async def test_the_async_client_does_the_same(server: str, kind: str) -> None:
 
 
 @pytest.mark.anyio
+async def test_an_async_worker_cancelled_twice_still_gives_its_task_back(server: str, kind: str) -> None:
+    # Audit: the second cancel interrupted the run's last write, and the task stayed running for ever.
+    async with AsyncClient(server, retry=QUICK) as client:
+        task = await client.create(kind)
+        inside = asyncio.Event()
+
+        async def worker() -> None:
+            async with client.run(task.task_id):
+                inside.set()
+                await asyncio.sleep(60)
+
+        running = asyncio.create_task(worker())
+        await asyncio.wait_for(inside.wait(), 30)
+        running.cancel()
+        await asyncio.sleep(0)  # the run has begun to record its end
+        running.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await running
+        for _ in range(100):  # the shielded write goes on after the worker is gone
+            now = await client.get(task.task_id)
+            if now.status != "running":
+                break
+            await asyncio.sleep(0.05)
+        assert (now.status, now.retry_count) == ("pending", 1)
+
+
+@pytest.mark.anyio
 async def test_more_watches_than_httpx_connections_leave_room_for_other_calls(server: str, kind: str) -> None:
     # Audit: httpx's default pool (100 connections) went to 100 watches; the next call waited until it failed.
     async with AsyncClient(server, retry=QUICK, timeout=httpx.Timeout(5.0)) as client:

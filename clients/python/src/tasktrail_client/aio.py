@@ -261,6 +261,11 @@ class AsyncRun:
     async def __aexit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: types.TracebackType | None
     ) -> None:
+        # Shielded: a worker cancelled again while its run records the end (cancel() twice, or a timeout
+        # around a cancelled worker) still leaves the task completed, failed or back to pending, not running.
+        await asyncio.shield(self._end(exc))
+
+    async def _end(self, exc: BaseException | None) -> None:
         self._closing.set()
         self._wake.set()
         assert self._reporter is not None
