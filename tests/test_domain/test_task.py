@@ -189,6 +189,12 @@ def test_progress_and_result_without_a_move() -> None:
     assert decide(UpdateTask(progress=55.5), state) == ProgressReported(progress=55.5)
     assert decide(UpdateTask(result={"rows": 3}), state) == TaskUpdated(result={"rows": 3})
     assert decide(UpdateTask(error="slow"), state) == TaskUpdated(error="slow")
+    # SPEC §5: a result or an error set without a move is TaskUpdated, progress with it or not (audit: it
+    # was ProgressReported as soon as the progress changed too).
+    both = UpdateTask(progress=60, result={"rows": 4})
+    assert decide(both, state) == TaskUpdated(progress=60.0, result={"rows": 4})
+    assert decide(UpdateTask(progress=60, error="slow"), state) == TaskUpdated(progress=60.0, error="slow")
+    assert decide(UpdateTask(progress=55.5, result=None), state) == ProgressReported(progress=55.5)
 
 
 def test_a_move_carries_what_else_changed() -> None:

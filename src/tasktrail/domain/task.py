@@ -180,9 +180,10 @@ def _decide_update(command: UpdateTask, state: Task) -> Event | None:
             return None
         if state.status in FINISHED:
             raise TransitionRejected(state.status, f"changing {', '.join(changes)}")
-        if "progress" in changes:
-            return ProgressReported(**changes)
-        return TaskUpdated(**changes)
+        # SPEC §5: TaskUpdated is a result or an error set without a status change (with progress or not).
+        if "result" in changes or "error" in changes:
+            return TaskUpdated(**changes)
+        return ProgressReported(**changes)
 
     event_type = MOVES[state.status].get(target)
     if event_type is None:
