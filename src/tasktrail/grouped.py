@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from datetime import datetime
 from typing import Any
 from uuid import UUID
 
@@ -178,7 +179,8 @@ class Writes:
                     # Rolled back: a stale guess, a lock waited for, a table gone, any refusal. Alone, each
                     # write reads its task, waits as long as a single one, and answers its own error.
                     log.debug("a group of %d writes rolled back (%s): each goes alone", len(group), exc)
-                    await self._alone(group)
+                    # A race lost, or a stale guess: each update alone tells which (writer.change's lost_at).
+                    await self._alone(group, decided.at if isinstance(exc, eventstore.VersionConflict) else None)
                     return
                 # No answer from the database (the connection broke): the group may have committed, so
                 # what it held is not written again; each of those requests answers the error, as a
@@ -195,8 +197,11 @@ class Writes:
                         item.done.set_result(outcome)
         await self._alone([item for item in group if not item.done.done()])
 
-    async def _alone(self, items: list[_Queued]) -> None:
-        """Each write as a single request makes it: one task's one after another, in the order they came."""
+    async def _alone(self, items: list[_Queued], lost_at: datetime | None = None) -> None:
+        """Each write as a single request makes it: one task's one after another, in the order they came.
+
+        `lost_at`: when the group they were in was decided, on guesses, before it lost to another writer.
+        """
         by_task: dict[object, list[_Queued]] = {}
         for item in items:
             by_task.setdefault(item.task_id or item, []).append(item)
@@ -205,18 +210,18 @@ class Writes:
         async def in_turn(writes: list[_Queued]) -> None:
             async with at_once:
                 for item in writes:
-                    await self._one(item)
+                    await self._one(item, lost_at)
 
         await asyncio.gather(*(in_turn(writes) for writes in by_task.values()))
 
-    async def _one(self, item: _Queued) -> None:
+    async def _one(self, item: _Queued, lost_at: datetime | None = None) -> None:
         """One write alone, on a connection of its own; its outcome, or its error, to its request."""
         try:
             async with self.replicas.writing(item.scope) as conn:
                 if item.task_id is None:
                     outcome = await writer.create(conn, item.command, item.metadata)  # type: ignore[arg-type]
                 else:
-                    outcome = await writer.change(conn, item.task_id, item.command, item.metadata)
+                    outcome = await writer.change(conn, item.task_id, item.command, item.metadata, lost_at=lost_at)
         except Exception as exc:  # the request's own error, raised where it waits
             item.done.set_exception(exc)
         else:

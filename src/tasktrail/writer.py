@@ -177,9 +177,15 @@ async def change(
     command: Command,
     metadata: dict[str, Any],
     expected: Collection[int] | None = None,
+    lost_at: datetime | None = None,
 ) -> Task | None:
-    """Apply an update or delete to a live task, deciding again on a lost race unless versions were expected."""
+    """Apply an update or delete to a live task, deciding again on a lost race unless versions were expected.
+
+    `lost_at`: when a group (grouped.py) decided this write on a guess, and lost: counted as a guess lost here.
+    """
     guess = _recent.get(task_id) if expected is None else None
+    taken = now() if lost_at is None else lost_at  # when the guess was taken
+    lost_on_guess = lost_at is not None
     for _ in range(MAX_ATTEMPTS):
         before, guessed, guess = guess, guess is not None, None
         if before is None:
@@ -187,6 +193,12 @@ async def change(
             if before is None:
                 _remember(task_id, None)
                 raise TaskNotFound(f"task {task_id} not found")
+            if lost_on_guess and before.updated_at >= taken:
+                # The guess lost to a write made after it was taken: a race (two requests of this process
+                # deciding on it at once, or another process's at the same time). A write made before
+                # (another process wrote the task since this one last did) only made the guess stale.
+                metrics.WRITE_CONFLICTS.inc()
+            lost_on_guess = False
             if expected is not None and before.version not in expected:
                 raise PreconditionFailed(f"task {task_id} is at version {before.version}, not {_versions(expected)}")
         try:
@@ -206,9 +218,13 @@ async def change(
             _remember(task_id, None)
             if expected is not None:
                 raise PreconditionFailed(f"task {task_id} changed after version {before.version}") from None
-            # A lost race: another writer (another request deciding on the same guess, another process,
-            # another release) appended first. The task is read afresh and the write decided again.
-            metrics.WRITE_CONFLICTS.inc()
+            # Another writer (another request, another process, another release) appended first. The task
+            # is read afresh and the write decided again. Decided on the read model, that was a race lost;
+            # on this process's guess, the fresh read tells a race from a stale guess (see above).
+            if guessed:
+                lost_on_guess = True
+            else:
+                metrics.WRITE_CONFLICTS.inc()
             continue
         metrics.appended(changes)
         _written(conn, task_id, after)
@@ -253,6 +269,7 @@ class Together(msgspec.Struct):
     outcomes: list[Task | None]
     states: dict[UUID, Task]  # each task's last state
     creates: list[int]  # the singles that create a task (numbered once written)
+    at: datetime  # when it was decided, on guesses taken then
 
 
 def decide_together(singles: Sequence[Single]) -> Together:
@@ -267,7 +284,7 @@ def decide_together(singles: Sequence[Single]) -> Together:
     """
     at = now()
     ids = [uuid4() if task_id is None else task_id for task_id, _, _ in singles]
-    group = Together([], [], [None] * len(singles), {}, [])
+    group = Together([], [], [None] * len(singles), {}, [], at)
     left_out: set[UUID] = set()
     for i in sorted(range(len(singles)), key=ids.__getitem__):  # stable: one task's in the order given
         task_id, (wrote, command, each) = ids[i], singles[i]
@@ -304,7 +321,8 @@ async def write_together(conn: psycopg.AsyncConnection, group: Together) -> None
             positions = await _write(conn, group.changes, group.metadata)
             await conn.execute(PATIENT)  # the commit waits as any write's does
     except eventstore.VersionConflict:
-        metrics.WRITE_CONFLICTS.inc()  # a race lost: another writer appended to one of these tasks first
+        # Decided on guesses, one of which lost: each then goes alone (`change`, lost_at), which tells a race
+        # from a stale guess.
         for task_id in group.states:
             _recent.pop(task_id, None)  # one of these guesses is stale: each goes alone, and reads
         raise
