@@ -182,6 +182,7 @@ def _serve(args: argparse.Namespace, log_config: dict[str, object]) -> int:
     os.environ[SERVE_PID_ENV] = str(os.getpid())  # workers stop when this process ends (see the app's)
     # Open, on loopback: the app answers only requests addressed to this machine (see http/auth.py).
     os.environ[auth.LOOPBACK_ONLY_ENV] = "1" if args.keyless else "0"
+    _one_stop_per_ctrl_c()
     uvicorn.run(
         "tasktrail.http.app:create_app",
         factory=True,
@@ -197,6 +198,45 @@ def _serve(args: argparse.Namespace, log_config: dict[str, object]) -> int:
         http="tasktrail.http.protocol:BoundedHead",
     )
     return 0
+
+
+# A Ctrl-C in a terminal signals every process of the foreground group, and `uv run` passes the signal on
+# to its child as well: `serve` under uv hears one Ctrl-C twice, up to a few hundred milliseconds apart.
+# uvicorn took the second for "quit now", cancelling requests in flight, or it broke off the exit hooks
+# that stop the embedded PostgreSQL (a traceback). A SIGINT within DUPLICATE_STOP of the first stop is
+# taken for the same Ctrl-C; pressed again later, it still quits at once.
+DUPLICATE_STOP = 1.0
+_stopped: list[float] = []  # when serve was first told to stop
+
+
+def _news(sig: int) -> bool:
+    """Whether a stop signal says something new: not the same Ctrl-C again."""
+    now = time.monotonic()
+    if _stopped and sig == signal.SIGINT and now - _stopped[0] < DUPLICATE_STOP:
+        return False
+    _stopped[:] = _stopped or [now]
+    return True
+
+
+def _one_stop_per_ctrl_c() -> None:
+    """uvicorn's signal handler, and the one around it (before it starts, once it ends), heed _news only."""
+    from uvicorn.server import Server
+
+    handle_exit = Server.handle_exit
+    if not getattr(handle_exit, "news_only", False):
+
+        def news_only(self: Server, sig: int, frame: object) -> None:
+            if _news(sig):
+                handle_exit(self, sig, frame)  # type: ignore[arg-type]
+
+        news_only.news_only = True  # type: ignore[attr-defined]
+        Server.handle_exit = news_only  # type: ignore[method-assign]
+
+    def interrupt(sig: int, frame: object) -> None:
+        if _news(sig):
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, interrupt)
 
 
 # On a stop (SIGTERM, Ctrl-C), how long requests in flight may take to finish before they are cancelled (a
@@ -650,6 +690,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except KeyboardInterrupt:
         if args.func is serve:
+            # The same Ctrl-C again (see DUPLICATE_STOP) must not break off the exit hooks, which stop the
+            # embedded PostgreSQL: the process is on its way out.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
             log.info("stopped")  # through serve's logging: a JSON line in JSON mode
         else:
             print("tasktrail: stopped", file=sys.stderr)

@@ -22,7 +22,7 @@ import psycopg
 import pytest
 
 from tasktrail import db, migrations
-from tests.conftest import Server, embedded_data_dir
+from tests.conftest import ROOT, Server, embedded_data_dir, free_port
 
 PYTHON = (sys.executable, "-m", "tasktrail")
 UV_RUN = (shutil.which("uv") or "uv", "run", "--no-sync", "tasktrail")  # uv forwards signals to its child
@@ -336,6 +336,58 @@ def test_any_stop_stops_the_embedded_postgres(data_dir: Path, tmp_path: Path, la
     assert code == 0, server.log()
     assert_stopped(data_dir, pid)
     assert "Traceback" not in server.log(), server.log()
+
+
+def test_ctrl_c_in_a_terminal_under_uv_run_stops_once_and_cleanly(data_dir: Path, tmp_path: Path) -> None:
+    """Audit: a terminal's Ctrl-C reaches uv and serve (its process group), and uv passes it on: serve heard it
+    twice, quit at once (a request in flight was cut off, 503), and the second broke off the exit hooks that
+    stop PostgreSQL (a traceback). One Ctrl-C is one graceful stop."""
+    port = free_port()
+    log = (tmp_path / "terminal.log").open("wb")
+    command = [*UV_RUN, "--data-dir", str(data_dir), "serve", "--port", str(port)]
+    # Its own session: the test signals that process group as a terminal would, and no other.
+    process = subprocess.Popen(
+        command, env=embedded_env(), stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while not _answers(url):
+            assert process.poll() is None, (tmp_path / "terminal.log").read_text()
+            assert time.monotonic() < deadline, "serve did not answer in 60 s"
+            time.sleep(0.1)
+        pid = postmaster(data_dir)
+        with psycopg.connect(_embedded_url(data_dir), autocommit=True) as locker:
+            locker.execute("BEGIN")
+            locker.execute("LOCK TABLE events IN EXCLUSIVE MODE")  # a create waits: in flight at the Ctrl-C
+            with ThreadPoolExecutor(1) as pool:
+                in_flight = pool.submit(httpx.post, f"{url}/tasks/", json={"task_type": "ctrl-c"}, timeout=30)
+                time.sleep(0.5)
+                os.killpg(process.pid, signal.SIGINT)
+                time.sleep(1.5)  # past uv's copy of the signal
+                locker.execute("ROLLBACK")
+                assert in_flight.result().status_code == 201
+        assert process.wait(timeout=30) == 0
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        log.close()
+    assert "Traceback" not in (tmp_path / "terminal.log").read_text()
+    assert_stopped(data_dir, pid)
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/health", timeout=1).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def _embedded_url(data_dir: Path) -> str:
+    """A connection to the running embedded server, through its socket (from its postmaster.pid)."""
+    lines = (data_dir / "pgdata" / "postmaster.pid").read_text().splitlines()
+    return f"postgresql://postgres@/{db.EMBEDDED_DATABASE}?host={lines[4]}&port={lines[3]}"
 
 
 def test_a_killed_serve_does_not_keep_the_next_from_stopping_postgres(data_dir: Path, tmp_path: Path) -> None:
