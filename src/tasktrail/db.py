@@ -84,6 +84,7 @@ def start_embedded(data_dir: Path, cleanup_mode: str = "stop") -> Any:
                 ' through a shell, which a ", $, ` or \\ would break; choose another --data-dir, or set DATABASE_URL'
             )
         forget_gone_handles(pgdata)
+        forget_stale_postmaster(pgdata)
         if pgserver.postgres_server.find_suitable_socket_dir is not _socket_dir:
             _socket_dir.__wrapped__ = pgserver.postgres_server.find_suitable_socket_dir  # type: ignore[attr-defined]
             pgserver.postgres_server.find_suitable_socket_dir = _socket_dir
@@ -158,6 +159,51 @@ def _holder(psutil: Any, pid: int, written: float) -> bool:
         return process.status() != psutil.STATUS_ZOMBIE and process.create_time() <= written
     except psutil.NoSuchProcess:
         return False
+
+
+def forget_stale_postmaster(pgdata: Path) -> bool:
+    """Remove a postmaster.pid whose process id is now another process's; whether it did.
+
+    A machine's restart, or a SIGKILL of PostgreSQL, leaves the file behind, and
+    its id may be taken since by any process. pgserver takes any live process of
+    that id for its server: it failed to connect, then stopped that process at
+    exit (SIGTERM, then SIGKILL; another data folder's PostgreSQL, with pg_ctl).
+    The server of this folder is a postgres process working in it.
+    """
+    import psutil
+    from pgserver.postgres_server import PostgresServer
+
+    path = pgdata / "postmaster.pid"
+    with PostgresServer._lock:
+        try:
+            pid = int(path.read_text().split("\n", 1)[0])
+        except (OSError, ValueError):
+            return False  # none, or not written yet
+        if pid <= 0:
+            return False  # initdb's own backend, for a moment
+        try:
+            process = psutil.Process(pid)
+            if process.status() == psutil.STATUS_ZOMBIE:
+                raise psutil.NoSuchProcess(pid)
+            ours = process.name().startswith("postgres") and _works_in(process, pgdata)
+        except psutil.NoSuchProcess:
+            return False  # gone: pgserver sees that itself, and PostgreSQL starts over the file
+        except psutil.AccessDenied:
+            return False  # someone else's process: not ours to judge
+        if ours:
+            return False
+        path.unlink(missing_ok=True)
+        return True
+
+
+def _works_in(process: Any, pgdata: Path) -> bool:
+    """Whether a postgres process is the server of pgdata: it runs there (or, unreadable, names it)."""
+    import psutil
+
+    try:
+        return Path(process.cwd()).resolve() == pgdata.resolve()
+    except psutil.AccessDenied:
+        return str(pgdata) in process.cmdline()
 
 
 def ensure_database(server_url: str, name: str) -> None:

@@ -390,6 +390,30 @@ def _embedded_url(data_dir: Path) -> str:
     return f"postgresql://postgres@/{db.EMBEDDED_DATABASE}?host={lines[4]}&port={lines[3]}"
 
 
+def test_a_postmaster_pid_left_behind_naming_another_process_is_set_aside(data_dir: Path, tmp_path: Path) -> None:
+    """Audit: after a restart of the machine (or a SIGKILL of PostgreSQL), postmaster.pid names a process id
+    that another process may have taken since: pgserver took it for its server, serve failed to connect,
+    and at exit pgserver killed that process."""
+    first = Server(embedded_env(), "--data-dir", str(data_dir), log_dir=tmp_path)
+    left_behind = (data_dir / "pgdata" / "postmaster.pid").read_text().split("\n")
+    pid = postmaster(data_dir)
+    assert first.stop(signal.SIGINT) == 0
+    assert_stopped(data_dir, pid)
+    bystander = subprocess.Popen(["sleep", "300"], start_new_session=True)  # now holds the id, say
+    try:
+        (data_dir / "pgdata" / "postmaster.pid").write_text("\n".join([str(bystander.pid), *left_behind[1:]]))
+        again = Server(embedded_env(), "--data-dir", str(data_dir), log_dir=tmp_path)
+        pid = postmaster(data_dir)
+        assert pid != bystander.pid
+        assert httpx.get(f"{again.url}/tasks/").status_code == 200
+        assert again.stop(signal.SIGINT) == 0
+        assert_stopped(data_dir, pid)
+        assert bystander.poll() is None  # left alone
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
 def test_a_killed_serve_does_not_keep_the_next_from_stopping_postgres(data_dir: Path, tmp_path: Path) -> None:
     killed = Server(embedded_env(), "--data-dir", str(data_dir), log_dir=tmp_path)
     task = httpx.post(f"{killed.url}/tasks/", json={"task_type": "survivor"}).json()
