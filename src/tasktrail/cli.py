@@ -160,7 +160,8 @@ def _serve(args: argparse.Namespace, log_config: dict[str, object]) -> int:
     if (refused := _replicas(args)) is not None:
         return refused
     if (taken := _address_taken(args.host, args.port)) is not None:
-        log.error("cannot serve on %s port %s: %s; choose another with --port", args.host, args.port, taken)
+        reason, option = taken
+        log.error("cannot serve on %s port %s: %s; choose another with %s", args.host, args.port, reason, option)
         return 1
     url, _server = _database(args, log.info)  # the embedded server stops when this process exits
     for name in migrations.migrate(url):
@@ -245,17 +246,24 @@ STOP_TIMEOUT_ENV = "TASKTRAIL_STOP_TIMEOUT"
 STOP_TIMEOUT = 10.0
 
 
-def _address_taken(host: str, port: int) -> str | None:
-    """Why uvicorn could not listen on host:port, asked before the start's slow steps (a build from the log)."""
+def _address_taken(host: str, port: int) -> tuple[str, str] | None:
+    """Why uvicorn could not listen on host:port, and the option to change: asked before the start's slow
+    steps (a build from the log)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except OSError as exc:  # no such name or address
+        return exc.strerror or str(exc), "--host"
     if port == 0:
         return None
     try:
-        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
         with socket.socket(family, kind, proto) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
             probe.bind(address)
     except OSError as exc:
-        return "it is in use by another process" if exc.errno == errno.EADDRINUSE else (exc.strerror or str(exc))
+        if exc.errno == errno.EADDRINUSE:
+            return "it is in use by another process", "--port"
+        # Not this machine's address (EADDRNOTAVAIL), or one it may not listen on.
+        return exc.strerror or str(exc), "--host" if exc.errno == errno.EADDRNOTAVAIL else "--host or --port"
     return None
 
 
@@ -338,6 +346,13 @@ def _name_version(text: str) -> tuple[str, int]:
     return name, int(version)
 
 
+def _folder(value: str) -> Path:
+    """A folder's path; an empty one is a mistake (a variable that expanded to nothing), not this folder."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("empty: give a folder (use . for this one)")
+    return Path(value)
+
+
 def _keys_file(args: argparse.Namespace) -> Path:
     path = args.file or os.environ.get("TASKTRAIL_API_KEYS_FILE")
     if not path:
@@ -349,7 +364,7 @@ def keys_add(args: argparse.Namespace) -> int:
     from tasktrail.http import auth
 
     path = _keys_file(args)
-    existing = auth.parse(path.read_text(), str(path)) if path.exists() else []
+    existing = auth.parse_file(path) if path.exists() else []
     if any(key.name == args.name for key in existing):
         print(f"tasktrail keys: {path} already has a key named {args.name!r}", file=sys.stderr)
         return 1
@@ -377,8 +392,11 @@ def keys_list(args: argparse.Namespace) -> int:
     if not path.exists():
         print(f"no keys: {path} does not exist (`tasktrail keys add` makes it)", file=sys.stderr)
         return 0
-    for key in auth.parse(path.read_text(), str(path)):
+    listed = auth.parse_file(path)
+    for key in listed:
         print(f"{key.name}\t{key.scope}")
+    if not listed:
+        print(f"no keys: {path} holds none (`tasktrail keys add` adds one)", file=sys.stderr)
     return 0
 
 
@@ -386,7 +404,7 @@ def keys_remove(args: argparse.Namespace) -> int:
     from tasktrail.http import auth
 
     path = _keys_file(args)
-    existing = auth.parse(path.read_text(), str(path)) if path.exists() else []
+    existing = auth.parse_file(path) if path.exists() else []
     kept = [key for key in existing if key.name != args.name]
     if len(kept) == len(existing):
         print(f"tasktrail keys: {path} has no key named {args.name!r}", file=sys.stderr)
@@ -521,11 +539,11 @@ def parser() -> argparse.ArgumentParser:
     )
     data_dir = Path(os.environ.get("TASKTRAIL_DATA_DIR") or db.DEFAULT_DATA_DIR)  # set but empty: unset
     data_dir_help = f"where the embedded PostgreSQL keeps its data (default: {data_dir}; env TASKTRAIL_DATA_DIR)"
-    top.add_argument("--data-dir", type=Path, default=data_dir, help=data_dir_help)
+    top.add_argument("--data-dir", type=_folder, default=data_dir, help=data_dir_help)
     commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
     # --data-dir after the command too (`tasktrail serve --data-dir X`): given there, it wins.
     database = argparse.ArgumentParser(add_help=False)
-    database.add_argument("--data-dir", type=Path, default=argparse.SUPPRESS, help=data_dir_help)
+    database.add_argument("--data-dir", type=_folder, default=argparse.SUPPRESS, help=data_dir_help)
 
     run = commands.add_parser(
         "serve",

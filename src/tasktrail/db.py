@@ -76,13 +76,14 @@ def start_embedded(data_dir: Path, cleanup_mode: str = "stop") -> Any:
         import pgserver
         import pgserver.postgres_server
 
-        data_dir.mkdir(parents=True, exist_ok=True)
         pgdata = data_dir.resolve() / "pgdata"
-        if not _SHELL_QUOTABLE.fullmatch(str(pgdata)):
+        if not _SHELL_QUOTABLE.fullmatch(str(pgdata)):  # checked before anything is made there
             raise ValueError(
                 f"the embedded PostgreSQL cannot keep its data in {str(pgdata)!r}: its start-up passes the path"
                 ' through a shell, which a ", $, ` or \\ would break; choose another --data-dir, or set DATABASE_URL'
             )
+        data_dir.mkdir(parents=True, exist_ok=True)
+        pgdata = data_dir.resolve() / "pgdata"  # as the folder resolves now that it exists (a symlink in it)
         forget_gone_handles(pgdata)
         forget_stale_postmaster(pgdata)
         if pgserver.postgres_server.find_suitable_socket_dir is not _socket_dir:

@@ -106,6 +106,23 @@ def test_serve_refuses_an_unreadable_keys_file(tmp_path: Path, capsys: pytest.Ca
     assert code == 2
     assert "keys.txt holds no key" in err
     assert not (tmp_path / "data").exists()
+    # Audit: a file not UTF-8 was "'utf-8' codec can't decode byte 0xff", naming no file; a name twice was
+    # named nowhere; `keys list` of an empty file said nothing at all.
+    (tmp_path / "keys.txt").write_bytes(b"\xff\xfe")
+    for args in (
+        ("serve", "--api-keys", str(tmp_path / "keys.txt")),
+        ("keys", "list", "--file", str(tmp_path / "keys.txt")),
+    ):
+        code, _, err = tasktrail(capsys, *args)
+        assert code in (1, 2)
+        assert f"{tmp_path / 'keys.txt'} is not UTF-8 text" in err
+    (tmp_path / "keys.txt").write_text(f"ops:read:{'1' * 64}\nops:write:{'2' * 64}\n")
+    code, _, err = tasktrail(capsys, "keys", "list", "--file", str(tmp_path / "keys.txt"))
+    assert (code, err) == (1, f"tasktrail: {tmp_path / 'keys.txt'}: a key name appears twice: ops\n")
+    (tmp_path / "keys.txt").write_text("# every key removed\n")
+    code, out, err = tasktrail(capsys, "keys", "list", "--file", str(tmp_path / "keys.txt"))
+    assert (code, out) == (0, "")
+    assert "holds none" in err
     # Audit: "tasktrail: [Errno 2] No such file or directory: '...'".
     code, _, err = tasktrail(capsys, "keys", "add", "k", "--scope", "read", "--file", str(tmp_path / "no" / "k.txt"))
     assert (code, err) == (1, f"tasktrail: {tmp_path / 'no' / 'k.txt'}: No such file or directory\n")

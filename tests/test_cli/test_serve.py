@@ -49,6 +49,21 @@ def test_serve_on_a_port_in_use_says_so_before_it_touches_the_database() -> None
     assert "database" not in done.stderr
 
 
+def test_serve_on_a_host_that_is_not_this_machine_s_says_which_option_to_change(tmp_path: Path) -> None:
+    # Audit: a host no resolver knows was "Name or service not known; choose another with --port".
+    keys = tmp_path / "keys.txt"
+    keys.write_text(f"ops:read:{'1' * 64}\n")
+    env = os.environ | {"DATABASE_URL": "postgresql://postgres@127.0.0.1:1/nowhere"}  # never reached
+    for host in ("999.1.1.1", "192.0.2.1"):  # not an address; an address of no interface here
+        done = subprocess.run(
+            [*PYTHON, "serve", "--host", host, "--port", "18999", "--api-keys", str(keys)],
+            env=env, capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert done.returncode == 1
+        assert f"cannot serve on {host} port 18999" in done.stderr
+        assert "choose another with --host" in done.stderr
+
+
 def test_serve_refuses_a_data_folder_a_shell_would_misread_and_says_why(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
     done = subprocess.run(
@@ -58,6 +73,11 @@ def test_serve_refuses_a_data_folder_a_shell_would_misread_and_says_why(tmp_path
     assert "cannot keep its data in" in done.stderr
     assert "choose another --data-dir" in done.stderr
     assert "Traceback" not in done.stderr
+    assert not (tmp_path / "$HOME").exists()  # refused before anything is made there
+    # An empty folder (a variable that expanded to nothing) is a mistake, not the current folder.
+    done = subprocess.run([*PYTHON, "--data-dir", "", "verify"], env=env, capture_output=True, text=True, check=False)
+    assert done.returncode == 2
+    assert "--data-dir: empty" in done.stderr
 
 
 def serve_twice(env: dict[str, str], data_dir: Path, tmp_path: Path) -> None:

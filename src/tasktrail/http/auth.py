@@ -90,10 +90,20 @@ def parse(text: str, source: str) -> list[Key]:
     return distinct(keys, source)
 
 
+def parse_file(path: Path) -> list[Key]:
+    """The keys a file holds (as `parse`); OSError when it cannot be read."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadKeys(f"{path} is not UTF-8 text (byte {exc.start}): a keys file holds name:scope:sha256-hex") from None
+    return parse(text, str(path))
+
+
 def distinct(keys: list[Key], where: str) -> list[Key]:
     """The keys, unless a name or a key (its hash) appears twice: which entry counted would be left to order."""
-    if len({key.name for key in keys}) != len(keys):
-        raise BadKeys(f"{where}: a key name appears twice")
+    names = [key.name for key in keys]
+    if twice := sorted({name for name in names if names.count(name) > 1}):
+        raise BadKeys(f"{where}: a key name appears twice: {', '.join(twice)}")
     if len({key.digest for key in keys}) != len(keys):
         raise BadKeys(f"{where}: a key (its hash) appears twice, under two names or scopes")
     return keys
@@ -104,10 +114,9 @@ def load(environ: Mapping[str, str] = os.environ) -> list[Key]:
     keys = parse(environ.get("TASKTRAIL_API_KEYS", ""), "TASKTRAIL_API_KEYS")
     if path := environ.get("TASKTRAIL_API_KEYS_FILE"):
         try:
-            text = Path(path).read_text()
+            keys += parse_file(Path(path))
         except OSError as exc:
             raise BadKeys(f"TASKTRAIL_API_KEYS_FILE: cannot read {path}: {exc.strerror}") from None
-        keys += parse(text, path)
         if not keys:  # keys asked for and none given is a mistake (the last one removed), not an open service
             raise BadKeys(
                 f"{path} holds no key: add one (tasktrail keys add NAME --scope read|write|admin --file {path}),"
