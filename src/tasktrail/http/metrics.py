@@ -86,6 +86,8 @@ SCRAPE_WITHIN = 2.0  # how long a scrape waits for the database's gauges before 
 )  # fmt: skip
 async def scrape(request: Request) -> Response[bytes]:
     """Every tasktrail_* metric, for Prometheus; the database's gauges are left out while it does not answer."""
+    # The pool as the scrape found it: its own wait for a connection (up to SCRAPE_WITHIN) is not the news.
+    metrics.sample_pool(request.app.state.pool)
     database: list[Metric] = []
     try:
         # The primary, never a replica: the transactions that hold the feed back run there. Within a
@@ -99,7 +101,6 @@ async def scrape(request: Request) -> Response[bytes]:
         # This process's read-model version was pruned under it (see projections/versions.py): the same.
         log.warning("metrics: this process's read-model tables are missing, its gauges are left out: %s", exc)
     database += replica_families(request.app.state.replicas.status())
-    metrics.sample_pool(request.app.state.pool)
     body, content_type = metrics.exposition(request.headers.get("accept", ""), database)
     # The type goes in as a header: as media_type, Litestar would add a second charset to prometheus_client's.
     headers = {"Cache-Control": "no-store", "Content-Type": content_type}
