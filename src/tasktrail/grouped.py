@@ -73,11 +73,13 @@ log = logging.getLogger(__name__)
 class _Queued:
     """One request's write, waiting for its group."""
 
-    __slots__ = ("command", "done", "metadata", "scope", "task_id")
+    __slots__ = ("command", "done", "lost_at", "metadata", "scope", "task_id")
 
     def __init__(self, task_id: UUID | None, command: Command, metadata: dict[str, Any], scope: Scope) -> None:
         self.task_id, self.command, self.metadata, self.scope = task_id, command, metadata, scope
         self.done: asyncio.Future[Task | None] = asyncio.get_running_loop().create_future()
+        # When its group decided it, on a guess, before the group lost a race (see writer.change's lost_at).
+        self.lost_at: datetime | None = None
 
 
 class _Slot:
@@ -179,8 +181,11 @@ class Writes:
                     # Rolled back: a stale guess, a lock waited for, a table gone, any refusal. Alone, each
                     # write reads its task, waits as long as a single one, and answers its own error.
                     log.debug("a group of %d writes rolled back (%s): each goes alone", len(group), exc)
-                    # A race lost, or a stale guess: each update alone tells which (writer.change's lost_at).
-                    await self._alone(group, decided.at if isinstance(exc, eventstore.VersionConflict) else None)
+                    if isinstance(exc, eventstore.VersionConflict):  # a race lost, or a stale guess: see lost_at
+                        for item, outcome in zip(group, decided.outcomes, strict=True):
+                            if outcome is not None and item.task_id is not None:
+                                item.lost_at = decided.at
+                    await self._alone(group)
                     return
                 # No answer from the database (the connection broke): the group may have committed, so
                 # what it held is not written again; each of those requests answers the error, as a
@@ -197,11 +202,8 @@ class Writes:
                         item.done.set_result(outcome)
         await self._alone([item for item in group if not item.done.done()])
 
-    async def _alone(self, items: list[_Queued], lost_at: datetime | None = None) -> None:
-        """Each write as a single request makes it: one task's one after another, in the order they came.
-
-        `lost_at`: when the group they were in was decided, on guesses, before it lost to another writer.
-        """
+    async def _alone(self, items: list[_Queued]) -> None:
+        """Each write as a single request makes it: one task's one after another, in the order they came."""
         by_task: dict[object, list[_Queued]] = {}
         for item in items:
             by_task.setdefault(item.task_id or item, []).append(item)
@@ -210,18 +212,18 @@ class Writes:
         async def in_turn(writes: list[_Queued]) -> None:
             async with at_once:
                 for item in writes:
-                    await self._one(item, lost_at)
+                    await self._one(item)
 
         await asyncio.gather(*(in_turn(writes) for writes in by_task.values()))
 
-    async def _one(self, item: _Queued, lost_at: datetime | None = None) -> None:
+    async def _one(self, item: _Queued) -> None:
         """One write alone, on a connection of its own; its outcome, or its error, to its request."""
         try:
             async with self.replicas.writing(item.scope) as conn:
                 if item.task_id is None:
                     outcome = await writer.create(conn, item.command, item.metadata)  # type: ignore[arg-type]
                 else:
-                    outcome = await writer.change(conn, item.task_id, item.command, item.metadata, lost_at=lost_at)
+                    outcome = await writer.change(conn, item.task_id, item.command, item.metadata, lost_at=item.lost_at)
         except Exception as exc:  # the request's own error, raised where it waits
             item.done.set_exception(exc)
         else:

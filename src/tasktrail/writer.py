@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Collection, Iterable, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
@@ -61,8 +61,10 @@ def _decide(
         if before is None:
             recorded = Recorded(stream_id, 1, 0, at, event)
         else:
-            # A task's times never go back, whatever this host's clock says against the last writer's.
-            recorded = Recorded(stream_id, before.version + 1, 0, max(at, before.updated_at), event)
+            # Each of a task's events is later than the one before, whatever this host's clock says against
+            # the last writer's, and when two are decided at one time (one batch, one group): `?as_of=` the
+            # time of any finds the task as that event left it.
+            recorded = Recorded(stream_id, before.version + 1, 0, max(at, before.updated_at + _TICK), event)
         after = evolve(before, recorded)
         changes.append((recorded, before, after))
         afters.append(after)
@@ -111,6 +113,10 @@ async def _refused(conn: psycopg.AsyncConnection) -> AsyncIterator[None]:
 # so with several server processes the same process mostly serves them.
 RECENT = 10_000
 _recent: OrderedDict[UUID, Task] = OrderedDict()
+
+
+# How many writes of each task this process has in flight (see `change`: a race lost to one is a race).
+_writing: Counter[UUID] = Counter()
 
 
 def _remember(task_id: UUID, task: Task | None) -> None:
@@ -185,6 +191,7 @@ async def change(
     """
     guess = _recent.get(task_id) if expected is None else None
     taken = now() if lost_at is None else lost_at  # when the guess was taken
+    busy = task_id in _writing  # another request of this process writing the task as the guess is taken
     lost_on_guess = lost_at is not None
     for _ in range(MAX_ATTEMPTS):
         before, guessed, guess = guess, guess is not None, None
@@ -194,9 +201,8 @@ async def change(
                 _remember(task_id, None)
                 raise TaskNotFound(f"task {task_id} not found")
             if lost_on_guess and before.updated_at >= taken:
-                # The guess lost to a write made after it was taken: a race (two requests of this process
-                # deciding on it at once, or another process's at the same time). A write made before
-                # (another process wrote the task since this one last did) only made the guess stale.
+                # The guess lost to another process's write made after it was taken: a race. A write made
+                # before (another process wrote the task since this one last did) only made it stale.
                 metrics.WRITE_CONFLICTS.inc()
             lost_on_guess = False
             if expected is not None and before.version not in expected:
@@ -211,21 +217,27 @@ async def change(
             if guessed or await _late(conn, before):
                 continue  # nothing to change, by the guess or a late row: make sure on the read model
             return after
+        _writing[task_id] += 1
         try:
             async with _refused(conn):
                 await _write(conn, changes, metadata)
         except eventstore.VersionConflict:
+            # Another writer (another request, another process, another release) appended first. The task
+            # is read afresh and the write decided again. Decided on the read model, that was a race lost;
+            # on this process's guess too, when another request of this process was writing the task as the
+            # guess was taken, or is now. Else the fresh read tells (see above).
             _remember(task_id, None)
             if expected is not None:
                 raise PreconditionFailed(f"task {task_id} changed after version {before.version}") from None
-            # Another writer (another request, another process, another release) appended first. The task
-            # is read afresh and the write decided again. Decided on the read model, that was a race lost;
-            # on this process's guess, the fresh read tells a race from a stale guess (see above).
-            if guessed:
-                lost_on_guess = True
-            else:
+            if not guessed or busy or _writing[task_id] > 1:
                 metrics.WRITE_CONFLICTS.inc()
+            else:
+                lost_on_guess = True
             continue
+        finally:
+            _writing[task_id] -= 1
+            if not _writing[task_id]:
+                del _writing[task_id]
         metrics.appended(changes)
         _written(conn, task_id, after)
         return after
@@ -518,7 +530,7 @@ async def change_many(conn: psycopg.AsyncConnection, items: Sequence[Item], meta
                 )
                 if not lagging or caught_up:
                     read = {task_id: task.version for task_id, task in states.items()}
-                    changes, outcomes = _decide_many(items, states, deleted)
+                    changes, outcomes = _decide_many(items, states, deleted, now())
                     # A task the batch appends nothing to (refused, or nothing to change) has no version check:
                     # during a rolling deploy its row may be one another release's write has not reached yet.
                     for recorded, _, _ in changes:
@@ -601,18 +613,15 @@ async def _lock_buckets(conn: psycopg.AsyncConnection, task_ids: Iterable[UUID],
 
 
 def _decide_many(
-    items: Sequence[Item], states: dict[UUID, Task], deleted: set[UUID]
+    items: Sequence[Item], states: dict[UUID, Task], deleted: set[UUID], at: datetime
 ) -> tuple[list[Change], list[Outcome]]:
     """The changes to write and each item's outcome; leaves in `states` and `deleted` where the items took them.
 
-    Each item is decided at a time of its own, later than the one before, as if sent one by one: a task
-    named twice gets two times, so `?as_of=` the first finds the task between the two.
+    A task named twice gets two times all the same (see _decide): `?as_of=` the first finds it between the two.
     """
     changes: list[Change] = []
     outcomes: list[Outcome] = []
-    at = datetime.min.replace(tzinfo=UTC)
     for task_id, command, version in items:
-        at = max(now(), at + _TICK)
         before = states.get(task_id)
         if before is None:
             outcomes.append(missing(task_id, task_id in deleted))

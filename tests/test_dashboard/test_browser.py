@@ -520,7 +520,6 @@ def test_a_refresh_that_failed_then_succeeded_leaves_the_badge_as_it_was(ui: Das
     task = create(ui, "refresh", status="running")
     page = ui.page()
     failing = threading.Event()
-    failing.set()
 
     def refresh(route) -> None:
         if route.request.resource_type == "fetch" and failing.is_set():
@@ -531,6 +530,7 @@ def test_a_refresh_that_failed_then_succeeded_leaves_the_badge_as_it_was(ui: Das
     page.route(f"**/ui/tasks/{task['task_id']}", refresh)
     page.goto(f"/ui/tasks/{task['task_id']}")
     expect(page.locator("#live")).to_have_text("Live")
+    failing.set()  # from here, until the page says so (a page may fetch itself as its stream opens)
     with ui.api() as api:
         api.patch(f"/tasks/{task['task_id']}", json={"progress": 40})
     expect(page.locator("#live")).to_have_text("Update failed; retrying…")
