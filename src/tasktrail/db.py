@@ -169,7 +169,9 @@ def forget_stale_postmaster(pgdata: Path) -> bool:
     its id may be taken since by any process. pgserver takes any live process of
     that id for its server: it failed to connect, then stopped that process at
     exit (SIGTERM, then SIGKILL; another data folder's PostgreSQL, with pg_ctl).
-    The server of this folder is a postgres process working in it.
+    The server the file names started when the file says (its third line, in
+    seconds): a process of that id that started at another time is not it. Any
+    user may read a process's start time; when it cannot be told, the file stays.
     """
     import psutil
     from pgserver.postgres_server import PostgresServer
@@ -177,34 +179,25 @@ def forget_stale_postmaster(pgdata: Path) -> bool:
     path = pgdata / "postmaster.pid"
     with PostgresServer._lock:
         try:
-            pid = int(path.read_text().split("\n", 1)[0])
-        except (OSError, ValueError):
-            return False  # none, or not written yet
+            lines = path.read_text().split("\n")
+            pid, started = int(lines[0]), int(lines[2])
+        except (OSError, ValueError, IndexError):
+            return False  # none, or not all written yet
         if pid <= 0:
             return False  # initdb's own backend, for a moment
         try:
             process = psutil.Process(pid)
             if process.status() == psutil.STATUS_ZOMBIE:
-                raise psutil.NoSuchProcess(pid)
-            ours = process.name().startswith("postgres") and _works_in(process, pgdata)
-        except psutil.NoSuchProcess:
-            return False  # gone: pgserver sees that itself, and PostgreSQL starts over the file
-        except psutil.AccessDenied:
-            return False  # someone else's process: not ours to judge
-        if ours:
-            return False
+                return False  # as good as gone: pgserver sees that itself
+            if abs(process.create_time() - started) <= _SAME_START:
+                return False
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            return False  # gone (PostgreSQL starts over the file), or not ours to judge
         path.unlink(missing_ok=True)
         return True
 
 
-def _works_in(process: Any, pgdata: Path) -> bool:
-    """Whether a postgres process is the server of pgdata: it runs there (or, unreadable, names it)."""
-    import psutil
-
-    try:
-        return Path(process.cwd()).resolve() == pgdata.resolve()
-    except psutil.AccessDenied:
-        return str(pgdata) in process.cmdline()
+_SAME_START = 2.0  # seconds: PostgreSQL writes its start time in whole seconds, a moment after the process began
 
 
 def ensure_database(server_url: str, name: str) -> None:

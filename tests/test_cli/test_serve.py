@@ -421,7 +421,10 @@ def test_a_postmaster_pid_left_behind_naming_another_process_is_set_aside(data_d
     assert_stopped(data_dir, pid)
     bystander = subprocess.Popen(["sleep", "300"], start_new_session=True)  # now holds the id, say
     try:
-        (data_dir / "pgdata" / "postmaster.pid").write_text("\n".join([str(bystander.pid), *left_behind[1:]]))
+        # Left behind an hour ago, say: the id's process now started at another time than the file says.
+        started = str(int(left_behind[2]) - 3600)
+        written = [str(bystander.pid), left_behind[1], started, *left_behind[3:]]
+        (data_dir / "pgdata" / "postmaster.pid").write_text("\n".join(written))
         again = Server(embedded_env(), "--data-dir", str(data_dir), log_dir=tmp_path)
         pid = postmaster(data_dir)
         assert pid != bystander.pid
