@@ -163,6 +163,7 @@ def _serve(args: argparse.Namespace, log_config: dict[str, object]) -> int:
         reason, option = taken
         log.error("cannot serve on %s port %s: %s; choose another with %s", args.host, args.port, reason, option)
         return 1
+    _one_stop_per_ctrl_c()  # from the start's slow steps on (not in a test calling main: it returned before)
     url, _server = _database(args, log.info)  # the embedded server stops when this process exits
     for name in migrations.migrate(url):
         log.info("applied migration %s", name)
@@ -183,7 +184,6 @@ def _serve(args: argparse.Namespace, log_config: dict[str, object]) -> int:
     os.environ[SERVE_PID_ENV] = str(os.getpid())  # workers stop when this process ends (see the app's)
     # Open, on loopback: the app answers only requests addressed to this machine (see http/auth.py).
     os.environ[auth.LOOPBACK_ONLY_ENV] = "1" if args.keyless else "0"
-    _one_stop_per_ctrl_c()
     uvicorn.run(
         "tasktrail.http.app:create_app",
         factory=True,
@@ -198,6 +198,9 @@ def _serve(args: argparse.Namespace, log_config: dict[str, object]) -> int:
         # By name, like the app: a worker process imports it only once it answers uvicorn's health checks.
         http="tasktrail.http.protocol:BoundedHead",
     )
+    # Stopped (uvicorn takes the Ctrl-C or SIGTERM that stops it and returns): what is left is the exit
+    # hooks, which stop the embedded PostgreSQL. No Ctrl-C, pressed again or not, breaks that off.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     return 0
 
 
@@ -205,7 +208,8 @@ def _serve(args: argparse.Namespace, log_config: dict[str, object]) -> int:
 # to its child as well: `serve` under uv hears one Ctrl-C twice, up to a few hundred milliseconds apart.
 # uvicorn took the second for "quit now", cancelling requests in flight, or it broke off the exit hooks
 # that stop the embedded PostgreSQL (a traceback). A SIGINT within DUPLICATE_STOP of the first stop is
-# taken for the same Ctrl-C; pressed again later, it still quits at once.
+# taken for the same Ctrl-C; pressed again later, it still quits at once. (With --workers N, uvicorn's
+# supervisor handles signals its own way, which a second SIGINT does not hurry.)
 DUPLICATE_STOP = 1.0
 _stopped: list[float] = []  # when serve was first told to stop
 
@@ -707,10 +711,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except KeyboardInterrupt:
-        if args.func is serve:
-            # The same Ctrl-C again (see DUPLICATE_STOP) must not break off the exit hooks, which stop the
-            # embedded PostgreSQL: the process is on its way out.
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if args.func is serve:  # stopped while it started (uvicorn takes a stop while it serves)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # as once it has served: see _serve
             log.info("stopped")  # through serve's logging: a JSON line in JSON mode
         else:
             print("tasktrail: stopped", file=sys.stderr)
