@@ -175,6 +175,10 @@ async def test_an_integer_parameter_is_written_in_digits_on_every_route(shared_c
             body = problem(await shared_client.get(path + spelling), 422)
             assert body["errors"][0]["field"] == path.rsplit("?", 1)[1].rstrip("=")
         assert (await shared_client.get(path + "1")).status_code == 200
+    # Audit: every one that is not, as for a body's fields (it named the first only).
+    body = problem(await shared_client.get("/tasks/?skip=x&limit=y"), 422)
+    assert [e["field"] for e in body["errors"]] == ["skip", "limit"]
+    assert body["detail"].endswith("(and 1 more: see errors)")
 
 
 HOSTILE_BODIES = [
