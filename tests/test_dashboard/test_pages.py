@@ -246,6 +246,12 @@ async def test_without_a_session_pages_ask_to_sign_in_and_the_api_still_says_401
     form = await secured.get(f"/ui/sign-in?next=/ui%3Fapi_key%3D{key}")
     assert form.status_code == 200
     assert key not in form.text
+    # Nor %-escaped (audit: tt%5F… went through into the redirect and the form's hidden field).
+    escaped = key.replace("_", "%5F", 1)
+    page = await secured.get(f"/ui?task_type={escaped}", follow_redirects=False)
+    assert page.headers["location"] == "/ui/sign-in?next=%2Fui"
+    form = await secured.get(f"/ui/sign-in?next=/ui%3Fx%3D{escaped.replace('%', '%25')}")
+    assert key[3:] not in form.text
 
 
 async def test_a_session_cookie_is_signed_expiring_and_strict(secured: AsyncTestClient) -> None:

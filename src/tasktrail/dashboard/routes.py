@@ -715,7 +715,7 @@ def _local(target: str | None) -> str:
         and "\\" not in target
         and not target.startswith("//")
         and target.isprintable()
-        and not logs.KEY_IN_TEXT.search(target)
+        and not logs.KEY_IN_TEXT.search(unquote(target))  # %5F is _: a key all the same
     ):
         return target
     return "/ui"
