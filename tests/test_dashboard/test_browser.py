@@ -384,7 +384,8 @@ def test_an_events_row_shown_live_reads_as_it_does_after_a_reload(ui: Dashboard)
     page.goto("/ui/events")
     expect(page.locator("#live")).to_have_attribute("data-state", "live")
     with ui.api() as api:
-        task = api.post("/tasks/", json={"task_type": "exact", "params": {"big": 12345678901234567890}}).json()
+        params = {"big": 12345678901234567890, "e": 1e16, "small": 1e-7}  # review: 1e+16 after a reload
+        task = api.post("/tasks/", json={"task_type": "exact", "params": params}).json()
         api.patch(f"/tasks/{task['task_id']}", json={"progress": 50.0, "result": {"e": "😀" * 200}})
     rows = page.locator(f'#feed-rows tr[data-task-id="{task["task_id"]}"] [data-field="data"]')
     expect(rows).to_have_count(2)
