@@ -69,14 +69,18 @@ POLICY = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self';"
     " font-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
 )
-HEADERS = [
-    (b"content-type", b"text/html; charset=utf-8"),
-    (b"content-security-policy", POLICY.encode()),
+# Every page's, beside its policy (the API docs' too: http/openapi.py).
+PAGE_HEADERS = [
     (b"x-content-type-options", b"nosniff"),
     (b"x-frame-options", b"DENY"),
     (b"referrer-policy", b"same-origin"),
     # Live data and a CSRF token: never from a cache.
     (b"cache-control", b"no-store"),
+]
+HEADERS = [
+    (b"content-type", b"text/html; charset=utf-8"),
+    (b"content-security-policy", POLICY.encode()),
+    *PAGE_HEADERS,
 ]
 
 

@@ -20,6 +20,7 @@ from litestar.router import Router
 from litestar.routes import HTTPRoute
 from litestar.typing import FieldDefinition
 
+from tasktrail.dashboard import routes
 from tasktrail.http.body import MAX_JSON_BYTES, MAX_JSON_DEPTH
 
 NO_NUL = "^[^\\x00]*$"
@@ -83,13 +84,10 @@ DOCS_POLICY = (
     "default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:;"
     " font-src 'self' data:; connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
 )
-# As the dashboard's pages (dashboard/routes.py HEADERS): no other site may frame "Try it out" and click it.
+# As the dashboard's pages: no other site may frame "Try it out" and click it.
 DOCS_HEADERS = [
     ResponseHeader(name="Content-Security-Policy", value=DOCS_POLICY),
-    ResponseHeader(name="X-Content-Type-Options", value="nosniff"),
-    ResponseHeader(name="X-Frame-Options", value="DENY"),
-    ResponseHeader(name="Referrer-Policy", value="same-origin"),
-    ResponseHeader(name="Cache-Control", value="no-store"),
+    *(ResponseHeader(name=name.decode(), value=value.decode()) for name, value in routes.PAGE_HEADERS),
 ]
 
 
