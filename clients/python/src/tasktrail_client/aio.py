@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import types
 from collections.abc import AsyncIterator, Iterable, Mapping
 from datetime import datetime
@@ -17,6 +18,7 @@ from tasktrail_client.errors import TasktrailError
 from tasktrail_client.models import Change, Event, History, ItemResult, Stats, Task
 
 T = TypeVar("T")
+log = logging.getLogger("tasktrail_client")
 
 
 class AsyncClient:
@@ -263,7 +265,16 @@ class AsyncRun:
     ) -> None:
         # Shielded: a worker cancelled again while its run records the end (cancel() twice, or a timeout
         # around a cancelled worker) still leaves the task completed, failed or back to pending, not running.
-        await asyncio.shield(self._end(exc))
+        ending = asyncio.ensure_future(self._end(exc))
+        try:
+            await asyncio.shield(ending)
+        except asyncio.CancelledError:
+            ending.add_done_callback(self._ended_alone)  # nobody awaits it now: say how it went
+            raise
+
+    def _ended_alone(self, ending: asyncio.Future[None]) -> None:
+        if not ending.cancelled() and (failed := ending.exception()) is not None:
+            log.warning("task %s: its run was cancelled, and recording its end failed: %s", self.task_id, failed)
 
     async def _end(self, exc: BaseException | None) -> None:
         self._closing.set()
