@@ -970,17 +970,33 @@ function eventsPage() {
     const two = (n) => String(n).padStart(2, "0");
     return `${two(d.getUTCHours())}:${two(d.getUTCMinutes())}:${two(d.getUTCSeconds())}.${String(d.getUTCMilliseconds()).padStart(3, "0")}`;
   };
-  // An event's data as the server writes it in a row (routes.compact): its numbers as sent (50.0, and
-  // integers past 2^53 exact, where JSON.parse would make them 50 and round), cut at 160 characters
-  // (code points: never half an emoji).
-  const exactData =
-    typeof JSON.rawJSON === "function"
-      ? (text) => JSON.parse(text, (_, v, context) => (typeof v === "number" ? JSON.rawJSON(context.source) : v)).data
-      : (text) => JSON.parse(text).data;
-  const compact = (value) => {
-    const text = JSON.stringify(value);
+  // The text of the event's data as the stream sent it (the server writes a row the same way: routes.compact),
+  // not parsed and written again: JSON.parse would make 50.0 into 50, round integers past 2^53, and list keys
+  // such as "10" first.
+  const rawData = (text) => {
+    const key = '"data":';
+    let depth = 0;
+    let from = -1;
+    for (let i = 0; i < text.length; i += 1) {
+      const c = text[i];
+      if (c === '"') {
+        if (depth === 1 && from < 0 && text.startsWith(key, i)) {
+          from = i + key.length;
+          i = from - 1;
+          continue;
+        }
+        for (i += 1; i < text.length && text[i] !== '"'; i += 1) if (text[i] === "\\") i += 1; // past the string
+      } else if (c === "{" || c === "[") depth += 1;
+      else if (c === "}" || c === "]") {
+        depth -= 1;
+        if (from >= 0 && depth === 1) return text.slice(from, i + 1);
+      }
+    }
+    return JSON.stringify(JSON.parse(text).data); // not an object: never so
+  };
+  const compact = (text) => {
     if (text.length <= 160) return text;
-    const characters = Array.from(text);
+    const characters = Array.from(text); // cut at 160 characters, as the server: never half an emoji
     return characters.length <= 160 ? text : `${characters.slice(0, 159).join("")}…`;
   };
   const field = (row, name) => row.querySelector(`[data-field="${name}"]`);
@@ -997,7 +1013,7 @@ function eventsPage() {
     field(tr, "task").href = `/ui/tasks/${encodeURIComponent(e.task_id)}`;
     field(tr, "task-id").textContent = e.task_id;
     field(tr, "version").textContent = String(e.version);
-    field(tr, "data").textContent = compact(exactData(raw));
+    field(tr, "data").textContent = compact(rawData(raw));
     field(tr, "actor").textContent = e.metadata?.actor ?? "";
     field(tr, "request-id").textContent = e.metadata?.request_id ?? "";
     return tr;
