@@ -97,7 +97,7 @@ def test_serve_refuses_an_unreadable_keys_file(tmp_path: Path, capsys: pytest.Ca
     assert "tt_a-pasted-key" not in err
     code, _, err = tasktrail(capsys, "serve", "--api-keys", str(tmp_path / "missing.txt"))
     assert code == 2
-    assert "cannot read" in err
+    assert f"cannot read the keys file {tmp_path / 'missing.txt'}" in err  # audit: it named a variable not set
     # A keys file with no key left (`keys remove` of the last one) asked for keys: not an open service.
     (tmp_path / "keys.txt").write_text("")
     code, _, err = tasktrail(
@@ -119,6 +119,8 @@ def test_serve_refuses_an_unreadable_keys_file(tmp_path: Path, capsys: pytest.Ca
     (tmp_path / "keys.txt").write_text(f"ops:read:{'1' * 64}\nops:write:{'2' * 64}\n")
     code, _, err = tasktrail(capsys, "keys", "list", "--file", str(tmp_path / "keys.txt"))
     assert (code, err) == (1, f"tasktrail: {tmp_path / 'keys.txt'}: a key name appears twice: ops\n")
+    (tmp_path / "keys.txt").write_bytes(f"\ufeffops:read:{'1' * 64}\n".encode())  # an editor's byte order mark
+    assert tasktrail(capsys, "keys", "list", "--file", str(tmp_path / "keys.txt"))[:2] == (0, "ops\tread\n")
     (tmp_path / "keys.txt").write_text("# every key removed\n")
     code, out, err = tasktrail(capsys, "keys", "list", "--file", str(tmp_path / "keys.txt"))
     assert (code, out) == (0, "")

@@ -93,7 +93,7 @@ def parse(text: str, source: str) -> list[Key]:
 def parse_file(path: Path) -> list[Key]:
     """The keys a file holds (as `parse`); OSError when it cannot be read."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # an editor's byte order mark is not an entry
     except UnicodeDecodeError as exc:
         raise BadKeys(f"{path} is not UTF-8 text (byte {exc.start}): a keys file holds name:scope:sha256-hex") from None
     return parse(text, str(path))
@@ -116,7 +116,7 @@ def load(environ: Mapping[str, str] = os.environ) -> list[Key]:
         try:
             keys += parse_file(Path(path))
         except OSError as exc:
-            raise BadKeys(f"TASKTRAIL_API_KEYS_FILE: cannot read {path}: {exc.strerror}") from None
+            raise BadKeys(f"cannot read the keys file {path}: {exc.strerror}") from None
         if not keys:  # keys asked for and none given is a mistake (the last one removed), not an open service
             raise BadKeys(
                 f"{path} holds no key: add one (tasktrail keys add NAME --scope read|write|admin --file {path}),"
