@@ -200,6 +200,16 @@ def test_a_list_from_before_signing_in_again_with_a_read_key_stays_live_and_quie
     settled = len(asked)
     before.wait_for_timeout(1000)
     assert asked[settled:] == [], asked[settled:]
+    # Audit: the rows, patched cell by cell from the read key's page, lost their checkbox column and
+    # every value moved under the heading before it; a new row had a cell fewer than the headings.
+    with ui.api(Authorization=f"Bearer {KEYS['write']}") as api:
+        arrived = api.post("/tasks/", json={"task_type": "again"}).json()
+    expect(before.locator(f'#task-rows tr[data-task-id="{arrived["task_id"]}"]')).to_have_count(1)
+    headings = before.locator("table.tasks thead th").count()
+    assert before.locator("#task-rows tr").evaluate_all("rows => rows.map(r => r.cells.length)") == [headings] * 2
+    changed = before.locator(f'#task-rows tr[data-task-id="{listed["task_id"]}"]')
+    expect(changed.locator("input.pick")).to_have_count(1)  # its own session's row, as it was
+    expect(changed.locator("td").nth(3)).to_contain_text("running")  # under Status
 
 
 def test_signing_out_ends_the_live_streams_of_every_open_page(ui: Dashboard) -> None:

@@ -406,9 +406,9 @@ function tasksPage() {
     syncAttributes(old, fresh, ["data-status"]);
     [...fresh.cells].forEach((cell, i) => {
       const current = old.cells[i];
-      if (!current || current.isEqualNode(cell)) return;
+      if (!current || current.isEqualNode(cell) || cell.dataset.kept !== undefined) return;
       const box = current.querySelector("input.pick");
-      const freshBox = cell.querySelector("input.pick"); // none from a session of a read key (signed in again)
+      const freshBox = cell.querySelector("input.pick");
       if (box && freshBox) {
         box.dataset.ifVersion = freshBox.dataset.ifVersion;
         if (selected.has(box.value)) selected.set(box.value, { version: box.dataset.ifVersion, status: fresh.dataset.status });
@@ -418,10 +418,23 @@ function tasksPage() {
     });
   }
 
+  // Rows of a page served to another session (signed in again, in another tab, with a key of another
+  // scope) have a column of checkboxes where this page has none, or none where it has one: brought to
+  // this page's columns, so that each value stays under its heading (the notice says to reload).
+  const pickColumn = Boolean(document.getElementById("pick-page"));
+  function asThisPage(freshRows) {
+    for (const row of freshRows.querySelectorAll("tr[data-task-id]")) {
+      const picks = row.cells[0]?.classList.contains("pick");
+      if (picks && !pickColumn) row.cells[0].remove();
+      if (!picks && pickColumn) row.prepend(el("td", null, { class: "pick needs-js", "data-kept": "" }));
+    }
+    return freshRows;
+  }
+
   const refresh = coalesce(async () => {
     const fresh = await fetchPage();
     if (!fresh) return;
-    syncKeyed(rows, fresh.getElementById("task-rows"), "data-task-id", patchRow);
+    syncKeyed(rows, asThisPage(fresh.getElementById("task-rows")), "data-task-id", patchRow);
     // A selected row that left the page (out of the filter, past the page's end, deleted) leaves the
     // selection: a bulk action acts only on rows the page shows ticked.
     const shownIds = new Set([...rows.querySelectorAll("input.pick")].map((box) => box.value));
