@@ -578,6 +578,25 @@ def test_bulk_cancel_of_selected_rows_reports_each_task(ui: Dashboard) -> None:
     assert writes == [f"PATCH {ui.url}/tasks/batch"] * 2
 
 
+def test_a_bulk_action_refused_as_a_whole_says_why_where_it_says_how_far_it_got(ui: Dashboard) -> None:
+    # Audit: "Stopped: <why>" was overwritten at once by "1 of 1 handled.", under "Cancel: finished.".
+    task = create(ui, "bulk-refused")
+    page = ui.page()
+    page.goto("/ui?task_type=bulk-refused")
+    expect(page.locator("#live")).to_have_attribute("data-state", "live")
+    down = '{"type": "about:blank", "title": "Service Unavailable", "status": 503, "detail": "the database is down"}'
+    page.route(
+        "**/tasks/batch", lambda route: route.fulfill(status=503, content_type="application/problem+json", body=down)
+    )
+    row(page, task).get_by_role("checkbox").check()
+    page.locator('#bulk [data-bulk="cancel"]').click()
+    page.get_by_role("dialog").get_by_role("button", name="Cancel 1 task").click()
+    results = page.locator("#bulk-run")
+    expect(results.get_by_role("heading")).to_have_text("Cancel: stopped. 0 done.")
+    expect(results).to_contain_text("Stopped: the database is down 1 of 1 handled.")
+    ui.allow("status of 503")
+
+
 def test_a_selected_task_deleted_elsewhere_leaves_the_selection_with_its_row(ui: Dashboard) -> None:
     tasks = [create(ui, "bulk-gone", status="running") for _ in range(3)]
     page = ui.page()

@@ -609,6 +609,7 @@ function tasksPage() {
     );
     let handled = 0;
     let stop = false;
+    let failure = null; // why the run stopped by itself: said in its status line, and kept there
     panel.hidden = false;
     panel.replaceChildren();
     const title = el("h2", `${verb} ${number.format(total)} tasks…`);
@@ -626,7 +627,8 @@ function tasksPage() {
     function show() {
       bar.max = Math.max(total, handled, 1);
       bar.value = handled;
-      status.textContent = `${number.format(handled)} of ${number.format(Math.max(total, handled))} handled.`;
+      const count = `${number.format(handled)} of ${number.format(Math.max(total, handled))} handled.`;
+      status.textContent = failure ? `Stopped: ${failure} ${count}` : count;
       tally.replaceChildren(
         ...Object.values(groups)
           .filter((g) => g.items.length + g.unlisted)
@@ -689,7 +691,7 @@ function tasksPage() {
       if (result.status !== 200 || !Array.isArray(result.answer?.results)) {
         groups.failed.items.push(...wanted.map((w) => [w.id, problemText(result)]));
         handled += wanted.length;
-        status.textContent = `Stopped: ${problemText(result)}`;
+        failure = problemText(result);
         return false;
       }
       result.answer.results.forEach((r, i) => {
@@ -721,7 +723,7 @@ function tasksPage() {
       while (ok && !stop && url) {
         const page = await api("GET", url);
         if (page.status !== 200) {
-          status.textContent = `Stopped: ${problemText(page)}`;
+          failure = problemText(page);
           break;
         }
         const next = /<([^>]+)>;\s*rel="next"/.exec(page.headers.get("link") || "");
@@ -748,7 +750,7 @@ function tasksPage() {
     show();
     stopButton.remove();
     const name = { cancel: "Cancel", retry: "Retry", delete: "Delete" }[action];
-    title.textContent = `${name}: ${stop ? "stopped" : "finished"}. ${number.format(groups.done.items.length)} done.`;
+    title.textContent = `${name}: ${stop || failure ? "stopped" : "finished"}. ${number.format(groups.done.items.length)} done.`;
     title.tabIndex = -1;
     title.focus(); // the keyboard goes on from the outcome, not from the top of the page
     for (const button of bulk.querySelectorAll("button:not([data-bulk])")) button.disabled = false;
