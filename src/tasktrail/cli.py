@@ -124,6 +124,10 @@ def serve(args: argparse.Namespace) -> int:
     if args.log_format not in logs.FORMATS:  # from the environment: argparse checks only what it parses
         _stderr(f"{logs.FORMAT_ENV}={args.log_format!r}: give one of {', '.join(logs.FORMATS)}")
         return 2
+    for name, flag in ((logs.ACCESS_ENV, args.access_log), (METRICS_ENV, args.metrics)):
+        if not isinstance(flag, bool):  # the same
+            _stderr(f"{name}={flag!r}: give 1 or 0")
+            return 2
     log_config = logs.config(args.log_format, args.log_level)
     logging.config.dictConfig(log_config)
     args.logged = True  # from here a refusal is a log line (in JSON mode, a JSON one): see main
@@ -683,12 +687,14 @@ def parser() -> argparse.ArgumentParser:
     return _described(top)
 
 
-def _flag(name: str, *, default: bool) -> bool:
+def _flag(name: str, *, default: bool) -> bool | str:
+    """An on/off setting from the environment; a value that is neither is returned as it is, for `serve` to
+    refuse (refused here, it failed every command, `--help` too)."""
     value = os.environ.get(name, "").strip().lower()
     if not value:
         return default
     if value not in ("0", "1", "true", "false", "yes", "no", "on", "off"):
-        raise SystemExit(f"tasktrail: {name}={value!r}: give 1 or 0")
+        return value
     return value in ("1", "true", "yes", "on")
 
 

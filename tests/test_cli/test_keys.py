@@ -161,3 +161,16 @@ def test_a_server_with_keys_checks_them_and_never_logs_them(database_url: str, t
         assert key not in log
         assert key[3:20] not in log
     assert_verifies(database_url)
+
+
+def test_an_on_off_setting_that_is_neither_is_refused_by_serve_alone(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Audit: TASKTRAIL_ACCESS_LOG=maybe was refused while the parser was made: every command failed, --help too.
+    monkeypatch.setenv("TASKTRAIL_ACCESS_LOG", "maybe")
+    assert tasktrail(capsys, "keys", "list", "--file", str(tmp_path / "none.txt"))[0] == 0
+    code, out, _ = tasktrail(capsys, "--help")
+    assert (code, "serve" in out) == (0, True)
+    code, _, err = tasktrail(capsys, "--data-dir", str(tmp_path / "data"), "serve")
+    assert (code, err) == (2, "tasktrail: TASKTRAIL_ACCESS_LOG='maybe': give 1 or 0\n")
+    assert not (tmp_path / "data").exists()
