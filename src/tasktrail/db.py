@@ -83,7 +83,6 @@ def start_embedded(data_dir: Path, cleanup_mode: str = "stop") -> Any:
                 ' through a shell, which a ", $, ` or \\ would break; choose another --data-dir, or set DATABASE_URL'
             )
         data_dir.mkdir(parents=True, exist_ok=True)
-        pgdata = data_dir.resolve() / "pgdata"  # as the folder resolves now that it exists (a symlink in it)
         forget_gone_handles(pgdata)
         forget_stale_postmaster(pgdata)
         if pgserver.postgres_server.find_suitable_socket_dir is not _socket_dir:

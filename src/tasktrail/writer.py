@@ -190,7 +190,7 @@ async def change(
     `lost_at`: when a group (grouped.py) decided this write on a guess, and lost: counted as a guess lost here.
     """
     guess = _recent.get(task_id) if expected is None else None
-    taken = now() if lost_at is None else lost_at  # when the guess was taken
+    taken = lost_at or (now() if guess is not None else None)  # when the guess was taken (none: no guess)
     busy = task_id in _writing  # another request of this process writing the task as the guess is taken
     lost_on_guess = lost_at is not None
     for _ in range(MAX_ATTEMPTS):
@@ -200,7 +200,7 @@ async def change(
             if before is None:
                 _remember(task_id, None)
                 raise TaskNotFound(f"task {task_id} not found")
-            if lost_on_guess and before.updated_at >= taken:
+            if lost_on_guess and taken is not None and before.updated_at >= taken:
                 # The guess lost to another process's write made after it was taken: a race. A write made
                 # before (another process wrote the task since this one last did) only made it stale.
                 metrics.WRITE_CONFLICTS.inc()

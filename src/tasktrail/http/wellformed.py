@@ -63,7 +63,7 @@ from litestar.routes import BaseRoute, HTTPRoute
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from tasktrail import db
-from tasktrail.http.body import MAX_BODY_BYTES, MalformedBody
+from tasktrail.http.body import MAX_BODY_BYTES, MalformedBody, refused
 from tasktrail.http.problems import problems, send_problem, shown
 
 MAX_URL_BYTES = 16 * 1024
@@ -317,20 +317,15 @@ def _integer_refusal(pairs: list[tuple[str, str | bytes]], shape: Shape | None) 
     """An integer parameter must be written as one: the parser would take 1e3 and 5.0 (as 1000 and 5)."""
     if shape is None or not shape.integers:
         return None
-    bad = [
-        name
+    bad = {  # every one (?skip=x&limit=y names both), once
+        name: None
         for name, value in pairs
         if name in shape.integers and not _WHOLE.fullmatch(value if isinstance(value, str) else value.decode("ascii"))
-    ]
+    }
     if not bad:
         return None
-    # Every one (?skip=x&limit=y names both), in the form of a body's 422 (body.refused).
-    status, detail, extra = _invalid(422, bad[0], WHOLE_NUMBER)
-    for name in dict.fromkeys(bad[1:]):
-        extra["errors"] += _invalid(422, name, WHOLE_NUMBER)[2]["errors"]
-    if (more := len(extra["errors"]) - 1) > 0:
-        detail += f" (and {more} more: see errors)"
-    return status, detail, extra
+    faults = refused([(shown(name, 100), WHOLE_NUMBER) for name in bad])  # as a body's
+    return 422, str(faults), {"errors": faults.errors}
 
 
 def urlencoded_refusal(data: bytes) -> Refusal | None:
