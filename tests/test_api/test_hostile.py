@@ -133,6 +133,28 @@ async def test_oversized_urls_and_headers_are_refused(shared_client: AsyncTestCl
     assert (await shared_client.get("/tasks/", headers={"x-filler": "y" * 1000})).status_code == 200
 
 
+@pytest.mark.parametrize("path", [b"/nothing", b"/tasks/a/b/c", b"/ui/nothing"])
+async def test_an_address_no_route_matches_has_its_url_and_headers_refused_as_any_other(
+    shared_client: AsyncTestClient, path: bytes
+) -> None:
+    """The checks ran for a matched route only: /nothing%00 or a 20 KB URL was a 404 (audit)."""
+    kind = b"text/html" if path.startswith(b"/ui/") else b"application/problem+json"
+
+    async def status(raw: bytes, query: bytes = b"", headers: list[tuple[bytes, bytes]] | None = None) -> int:
+        answer = await call(shared_client.app, "GET", raw, query, headers)
+        assert answer.content_type.startswith(kind), (raw[:60], query[:60], answer)
+        return answer.status
+
+    long = b"a" * MAX_URL_BYTES
+    filler = [(b"x-filler-%d" % n, b"y" * 1000) for n in range(MAX_HEADER_BYTES // 1000 + 1)]
+    assert await status(path) == 404
+    assert [await status(path + b"/" + long), await status(path, b"q=" + long)] == [414, 414]
+    assert [await status(path + b"%00"), await status(path + b"/%ff"), await status(path, b"x=%ff")] == [400] * 3
+    assert await status(path, headers=filler) == 431
+    assert await status(path, headers=[(b"content-length", b"%d" % (2 << 20))]) == 413
+    assert await status(path, b"a=1&a=2&limit=1e3") == 404  # a query's rules are a route's, and none matched
+
+
 async def test_a_burst_of_streams_left_at_once_costs_the_pool_no_connection(shared_client: AsyncTestClient) -> None:
     """A client that leaves during a stream's first read used to cancel the query, and psycopg closed the connection."""
     pool = shared_client.app.state.pool

@@ -87,14 +87,15 @@ def _invalid_parameter(_: Request, exc: ValidationException) -> Response[bytes]:
 
 def _http(request: Request, exc: HTTPException) -> Response[bytes]:
     path = request.scope["path"]
+    extra: dict[str, Any] = {}
     if "route_handler" not in request.scope:  # no route matched: the router's 404 or 405
-        # It matched the decoded path, where /tasks/%2F is the list (a 405 for PATCH).
-        raw = (request.scope.get("raw_path") or path.encode()).partition(b"?")[0]
-        if (refused := wellformed.path_refusal(raw)) is not None and refused[0] == 404:
-            exc = HTTPException(status_code=404, detail=refused[1])
+        # The URL and headers are refused as on any route (a 414, a NUL's 400); and the router matched the
+        # decoded path, where /tasks/%2F is the list (a 405 for PATCH): that is a 404.
+        if (refused := wellformed.unrouted_refusal(request.scope)) is not None:
+            exc, extra = HTTPException(status_code=refused[0], detail=refused[1]), refused[2]
         if request.app.state.get(LOOPBACK_ONLY) and auth.foreign_host(request.scope):
             # As the routes answer it (auth._loopback_only): a page elsewhere learns nothing of what exists here.
-            exc = HTTPException(status_code=403, detail=auth.FOREIGN_HOST)
+            exc, extra = HTTPException(status_code=403, detail=auth.FOREIGN_HOST), {}
         keys = request.app.state.get(API_KEYS)
         ui = path == "/ui" or path.startswith("/ui/")
         if keys and request.method != "OPTIONS" and not ui and path not in request.app.state[OPEN_PATHS]:
@@ -102,8 +103,8 @@ def _http(request: Request, exc: HTTPException) -> Response[bytes]:
             # Allow would tell it which routes exist and what each takes (audit). A preflight carries no key.
             try:
                 auth.bearer_key(keys, request.headers.get("authorization", ""))
-            except NotAuthorizedException as refused:
-                exc = refused
+            except NotAuthorizedException as unkeyed_caller:
+                exc, extra = unkeyed_caller, {}
         if ui:
             # An address under /ui that no page's route matches (/ui/tasks/a/b), or a method no page has: a
             # page, as the dashboard's own refusals are, not a problem document.
@@ -111,7 +112,7 @@ def _http(request: Request, exc: HTTPException) -> Response[bytes]:
             headers = [(name.lower().encode(), value.encode()) for name, value in (exc.headers or {}).items()]
             return dashboard_page(None, message, exc.status_code, headers).response()
     # Litestar's own 413 (a chunked body over the limit) says "Request Entity Too Large"; ours says the limit.
-    response = problem(exc.status_code, MEANINGS[413] if exc.status_code == 413 else exc.detail)
+    response = problem(exc.status_code, MEANINGS[413] if exc.status_code == 413 else exc.detail, **extra)
     response.headers.update(exc.headers or {})
     return response
 

@@ -252,7 +252,7 @@ def _refusal(scope: Scope, shape: Shape | None) -> Refusal | None:
     query = scope.get("query_string", b"")
     if len(raw_path) + len(query) > MAX_URL_BYTES:
         return 414, f"the URL is longer than {MAX_URL_BYTES} bytes", {}
-    refusal = path_refusal(raw_path) or (_query_refusal(query, shape) if query else None)
+    refusal = _path_refusal(raw_path) or (_query_refusal(query, shape) if query else None)
     if refusal is None and shape is not None and shape.json_body:
         has_body = length != b"0" or b"transfer-encoding" in seen
         detail = _content_type_refusal(seen.get(b"content-type"), has_body)
@@ -266,7 +266,17 @@ def _refusal(scope: Scope, shape: Shape | None) -> Refusal | None:
     return refusal
 
 
-def path_refusal(raw_path: bytes) -> Refusal | None:
+def unrouted_refusal(scope: Scope) -> Refusal | None:
+    """What refuses a request that no route matched, before its 404 or 405: its URL's and headers' faults.
+
+    The middleware runs for a matched route only, so /nothing%00 or a 20 KB URL was a 404. A query's
+    rules (422) are a route's, and a route that does not exist has none.
+    """
+    refusal = _refusal(scope, None)
+    return None if refusal is None or refusal[0] == 422 else refusal
+
+
+def _path_refusal(raw_path: bytes) -> Refusal | None:
     if b"%" not in raw_path and b"\x00" not in raw_path and raw_path.isascii():
         return None  # nothing escaped: plain ASCII text
     try:
