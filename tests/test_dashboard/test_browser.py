@@ -192,10 +192,15 @@ def test_the_version_picker_follows_a_task_past_500_versions_on_an_open_page(ui:
             api.patch(f"/tasks/{task['task_id']}", json={"progress": 60 + n})
     picker = page.get_by_label("Show the task at version")
     expect(picker).to_have_attribute("max", "503")  # past 500: a number field, up to the newest
+    expect(picker).to_have_value("503")  # the version shown (audit: it stayed at the one loaded)
     picker.fill("501")
+    with ui.api() as api:
+        api.patch(f"/tasks/{task['task_id']}", json={"progress": 70})
+    expect(picker).to_have_attribute("max", "504")
+    expect(picker).to_have_value("501")  # a version typed in, not yet shown, is kept
     picker.press("Enter")
     expect(page).to_have_url(re.compile(r"version=501"))
-    expect(page.locator(".notice.past")).to_contain_text("version 501 of 503")
+    expect(page.locator(".notice.past")).to_contain_text("version 501 of 504")
 
 
 def test_cancel_from_the_task_page_and_the_timeline_grows_live(ui: Dashboard) -> None:
@@ -206,9 +211,12 @@ def test_cancel_from_the_task_page_and_the_timeline_grows_live(ui: Dashboard) ->
     with ui.api() as api:
         api.patch(f"/tasks/{task['task_id']}", json={"progress": 10})
     expect(page.locator('#timeline [data-type="ProgressReported"]')).to_have_count(1)
+    picker = page.get_by_label("Show the task at version")
+    expect(picker).to_have_value("3")  # it follows the version shown (audit: it stayed at 2, the one loaded)
 
     page.get_by_role("button", name="Cancel").click()
     expect(page.locator("#now")).to_have_attribute("data-status", "canceled")
+    expect(picker).to_have_value("4")
     expect(page.locator("#action-message")).to_have_text("Canceled.")
     expect(page.locator('#timeline [data-version="4"]')).to_have_attribute("data-type", "TaskCanceled")
     with ui.api() as api:

@@ -158,6 +158,12 @@ def compact(value: Any) -> str:
     return cut(msgspec.json.encode(value).decode())
 
 
+def isolated(text: str) -> str:
+    """Text set apart from the sentence around it (U+2068 ... U+2069), where no <bdi> can be: in a title or an
+    attribute, a type written right to left or holding an override cannot reorder the rest."""
+    return f"\u2068{text}\u2069"
+
+
 def cut(text: str) -> str:
     """Text cut at SUMMARY characters, an ellipsis marking the cut."""
     return text if len(text) <= SUMMARY else text[: SUMMARY - 1] + "…"
@@ -176,7 +182,9 @@ ENV = jinja2.Environment(
     lstrip_blocks=True,
     auto_reload=False,  # templates change only with a release: no stat() of each file per page
 )
-ENV.filters.update(when=when, when_precise=when_precise, iso=iso, percent=percent, pretty=pretty, compact=compact)
+ENV.filters.update(
+    when=when, when_precise=when_precise, iso=iso, percent=percent, pretty=pretty, compact=compact, isolated=isolated
+)
 ENV.globals.update(
     static={name: _static_url(name) for name in ("dashboard.css", "dashboard.js", "live-worker.js", "favicon.svg")},
     STATUSES=[status.value for status in Status],
@@ -312,9 +320,10 @@ class Filters(NamedTuple):
         return f"/ui?{urlencode(kept)}" if kept else "/ui"
 
     def describe(self, counts: dict[str, int]) -> tuple[int, str]:
-        """How many tasks match, from the counters, and what they are in words ("failed tasks of type import")."""
+        """How many tasks match, from the counters, and what they are in words ("failed tasks of type import"),
+        the type isolated: the page's title."""
         return (counts[self.status.value] if self.status else counts["total"]), self.words() + (
-            f" of type {self.task_type}" if self.task_type else ""
+            f" of type {isolated(self.task_type)}" if self.task_type else ""
         )
 
     def words(self, count: int = 2) -> str:

@@ -773,6 +773,8 @@ function taskPage() {
   async function refreshNow() {
     const fresh = await fetchPage();
     if (!fresh) return;
+    // The version picker follows the version shown, unless the reader has chosen another one meanwhile.
+    const wasShown = document.getElementById("now").dataset.shownVersion;
     replaceIfChanged(document.getElementById("notices"), fresh.getElementById("notices"));
     morph(document.getElementById("now"), fresh.getElementById("now"));
     syncAttributes(history(), fresh.getElementById("history"), ["data-latest", "data-latest-status"]);
@@ -783,17 +785,19 @@ function taskPage() {
     for (const id of ["timeline-newer", "timeline-older"]) replaceIfChanged(document.getElementById(id), fresh.getElementById(id));
     const picker = document.getElementById("version");
     const freshPicker = fresh.getElementById("version");
+    const value = picker?.value === wasShown ? freshPicker?.value : picker?.value; // the choice it keeps
     if (picker?.tagName === "SELECT" && freshPicker?.tagName === "SELECT" && picker.options.length !== freshPicker.options.length) {
-      const value = picker.value;
       picker.replaceChildren(...[...freshPicker.options].map((o) => document.importNode(o, true)));
       picker.value = value;
     } else if (picker && freshPicker && picker.tagName !== freshPicker.tagName) {
       // Past 500 versions the list becomes a number field: take the page's new one, keeping the choice.
-      const value = picker.value;
       const replacement = document.importNode(freshPicker, true);
       replacement.value = value;
       picker.replaceWith(replacement);
-    } else if (picker && freshPicker) syncAttributes(picker, freshPicker, ["max"]);
+    } else if (picker && freshPicker) {
+      syncAttributes(picker, freshPicker, ["max"]);
+      picker.value = value;
+    }
     const freshActions = fresh.getElementById("actions");
     if (actions && freshActions) {
       syncAttributes(actions, freshActions, ["data-if-version"]);
