@@ -7,6 +7,8 @@ import json
 import pytest
 from litestar.testing import AsyncTestClient
 
+from tasktrail.http.wellformed import WHOLE_NUMBER
+
 pytestmark = pytest.mark.anyio
 
 DEEP = "[" * 100_000 + "]" * 100_000
@@ -178,7 +180,15 @@ async def test_an_integer_parameter_is_written_in_digits_on_every_route(shared_c
     # Audit: every one that is not, as for a body's fields (it named the first only).
     body = problem(await shared_client.get("/tasks/?skip=x&limit=y"), 422)
     assert [e["field"] for e in body["errors"]] == ["skip", "limit"]
-    assert body["detail"].endswith("(and 1 more: see errors)")
+    assert body["detail"] == f"skip: {WHOLE_NUMBER}; limit: {WHOLE_NUMBER}"
+    # And together with the route's other faults (audit: ?status=x&limit=1e3 named limit only).
+    for query in ("status=x&limit=1e3", "limit=5.0&status=x", "status=x&limit=%2B5&skip=-1"):
+        body = problem(await shared_client.get(f"/tasks/?{query}"), 422)
+        faults = {e["field"]: e["message"] for e in body["errors"]}
+        assert faults.get("limit") == WHOLE_NUMBER, (query, body)
+        assert "Invalid enum value 'x'" in faults["status"], (query, body)
+    body = problem(await shared_client.get(f"/tasks/{task_id}/history?after_version=1.0&limit=0"), 422)
+    assert [e["field"] for e in body["errors"]] == ["after_version", "limit"], body
 
 
 HOSTILE_BODIES = [

@@ -67,19 +67,24 @@ _HEADERS = {
 }
 
 
-def _parameter_error(item: dict[str, Any]) -> dict[str, str]:
+def _parameter_error(item: dict[str, Any], misspelt: frozenset[str]) -> dict[str, str]:
     if item.get("source") == "body":
         # An empty body never reaches the strict decoder: Litestar reports the `data` argument missing.
         return {"field": "body", "message": "required"}
     key, message = str(item.get("key", "?")), readable(str(item.get("message", "")))
     if item.get("source") == "header" and key in _HEADERS:
         key, message = _HEADERS[key]
+    elif item.get("source") == "query" and key in misspelt:  # 1e3 for 1000: see wellformed.misspelt_integers
+        message = wellformed.WHOLE_NUMBER
     return {"field": key, "message": message}
 
 
-def _invalid_parameter(_: Request, exc: ValidationException) -> Response[bytes]:
+def _invalid_parameter(request: Request, exc: ValidationException) -> Response[bytes]:
+    misspelt = request.scope["state"].get(wellformed.MISSPELT, frozenset())
     errors = [
-        _parameter_error(item) for item in (exc.extra if isinstance(exc.extra, list) else []) if isinstance(item, dict)
+        _parameter_error(item, misspelt)
+        for item in (exc.extra if isinstance(exc.extra, list) else [])
+        if isinstance(item, dict)
     ]
     detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors) or exc.detail
     return problem(422, detail, errors=errors)

@@ -91,6 +91,7 @@ FORM = "tasktrail.form"
 PAGE = "tasktrail.page"
 _WHOLE = re.compile(r"0|-?[1-9][0-9]*")  # not -0, nor 00
 WHOLE_NUMBER = "must be a whole number in digits, such as 100 (no exponent, point or leading 0)"
+MISSPELT = "tasktrail.misspelt_integers"  # in a request's scope["state"]: the integer parameters misspelt
 
 
 @dataclass(frozen=True)
@@ -176,9 +177,14 @@ def wellformed(app: ASGIApp) -> ASGIApp:
         handler = scope.get("route_handler")
         shape = None if handler is None else handler.opt.get(SHAPE)
         refusal = _refusal(scope, shape)
+        page = None if handler is None else handler.opt.get(PAGE)
+        if refusal is None and (misspelt := misspelt_integers(scope.get("query_string", b""), shape)):
+            if page is None:
+                scope = _not_integers(scope, misspelt)
+            else:
+                refusal = integer_refusal(misspelt)
         if refusal is not None:
             status, detail, extra = refusal
-            page = None if handler is None else handler.opt.get(PAGE)
             if page is not None:
                 await page(status, detail)(scope, receive, send)
                 return
@@ -294,15 +300,13 @@ def _path_refusal(raw_path: bytes) -> Refusal | None:
 def _query_refusal(query: bytes, shape: Shape | None, noun: str = "query parameter") -> Refusal | None:
     if b"%" in query or b"+" in query or b"\x00" in query or not query.isascii():
         return _escaped_query_refusal(query, shape, noun)
-    # Nothing escaped (the common case): plain ASCII text; only a repeat or an integer's spelling can be wrong.
-    pairs = [
-        (name.decode("ascii"), value) for name, _, value in (part.partition(b"=") for part in query.split(b"&") if part)
-    ]
-    return _repeat_refusal([name for name, _ in pairs], shape) or _integer_refusal(pairs, shape)
+    # Nothing escaped (the common case): plain ASCII text; only a repeat can be wrong (and an integer's spelling,
+    # which misspelt_integers finds).
+    return _repeat_refusal([part.partition(b"=")[0].decode("ascii") for part in query.split(b"&") if part], shape)
 
 
 def _escaped_query_refusal(query: bytes, shape: Shape | None, noun: str) -> Refusal | None:
-    pairs: list[tuple[str, str | bytes]] = []
+    names = []
     for part in query.split(b"&"):
         if not part:
             continue
@@ -319,22 +323,39 @@ def _escaped_query_refusal(query: bytes, shape: Shape | None, noun: str) -> Refu
             return 400, f"a {noun}'s name holds NUL (%00)", {}
         if "\x00" in value:
             return _invalid(422, name, "must not contain NUL (%00)")
-        pairs.append((name, value))
-    return _repeat_refusal([name for name, _ in pairs], shape) or _integer_refusal(pairs, shape)
+        names.append(name)
+    return _repeat_refusal(names, shape)
 
 
-def _integer_refusal(pairs: list[tuple[str, str | bytes]], shape: Shape | None) -> Refusal | None:
-    """An integer parameter must be written as one: the parser would take 1e3 and 5.0 (as 1000 and 5)."""
-    if shape is None or not shape.integers:
-        return None
-    bad = {  # every one (?skip=x&limit=y names both), once
-        name: None
-        for name, value in pairs
-        if name in shape.integers and not _WHOLE.fullmatch(value if isinstance(value, str) else value.decode("ascii"))
-    }
-    if not bad:
-        return None
-    faults = refused([(shown(name, 100), WHOLE_NUMBER) for name in bad])  # as a body's
+def misspelt_integers(query: bytes, shape: Shape | None) -> list[str]:
+    """The integer parameters not written as one, each once: the parser would take 1e3 and 5.0 (as 1000 and 5).
+
+    Called once the query has passed _query_refusal (its escapes decode).
+    """
+    if shape is None or not shape.integers or not query:
+        return []
+    bad = {}
+    for part in query.split(b"&"):
+        raw_name, _, raw_value = part.partition(b"=")
+        name = _decoded(raw_name)
+        if name in shape.integers and not _WHOLE.fullmatch(_decoded(raw_value)):
+            bad[name] = None
+    return list(bad)
+
+
+def _not_integers(scope: Scope, names: list[str]) -> Scope:
+    """The scope with those parameters' values made plain non-integers, so that the route's own check names
+    them together with its other faults (?status=x&limit=1e3: both); the 422 says why (MISSPELT)."""
+    scope["state"][MISSPELT] = frozenset(names)
+    parts = []
+    for part in scope["query_string"].split(b"&"):
+        raw_name = part.partition(b"=")[0]
+        parts.append(raw_name + b"=not-digits" if _decoded(raw_name) in names else part)
+    return {**scope, "query_string": b"&".join(parts)}
+
+
+def integer_refusal(names: list[str]) -> Refusal:
+    faults = refused([(shown(name, 100), WHOLE_NUMBER) for name in names])  # as a body's
     return 422, str(faults), {"errors": faults.errors}
 
 
