@@ -133,6 +133,7 @@ def serve(args: argparse.Namespace) -> int:
     args.logged = True  # from here a refusal is a log line (in JSON mode, a JSON one): see main
     # Read only once the app starts: a bad value is refused before anything starts.
     db.pool_timeout()
+    db.pool_size()
     wellformed.read_timeout()
     live.poll_seconds()
     live.ping_seconds()

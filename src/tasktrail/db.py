@@ -51,6 +51,11 @@ _DURATION = re.compile(r"[1-9][0-9]*(?:ms|s|min)?")
 # thousand concurrent creates on one process got 143 answers 503 under load).
 POOL_TIMEOUT = 1.5
 BUSY_WAIT = 10.0
+# The connections a server process's pool may open (TASKTRAIL_POOL_SIZE overrides it): the requests it serves
+# at once; those beyond wait for one, as above.
+POOL_SIZE = 16
+POOL_SIZE_ENV = "TASKTRAIL_POOL_SIZE"
+POOL_KEPT = 2  # connections a pool keeps open while idle
 # Opening a connection to an unreachable host gives up after this (libpq's
 # minimum); the pool does it in the background, never in a request.
 CONNECT_TIMEOUT = 2
@@ -265,6 +270,16 @@ def pool_timeout() -> float:
     return seconds("TASKTRAIL_POOL_TIMEOUT", POOL_TIMEOUT)
 
 
+def pool_size() -> int:
+    """TASKTRAIL_POOL_SIZE, else POOL_SIZE: a whole number from 2 (ValueError names it otherwise)."""
+    given = os.environ.get(POOL_SIZE_ENV, "").strip()
+    if not given:
+        return POOL_SIZE
+    if not (given.isascii() and given.isdigit() and int(given) >= POOL_KEPT):
+        raise ValueError(f"{POOL_SIZE_ENV}={given!r}: give a whole number of connections, at least {POOL_KEPT}")
+    return int(given)
+
+
 def statement_timeout() -> str:
     return _duration("TASKTRAIL_STATEMENT_TIMEOUT", STATEMENT_TIMEOUT)
 
@@ -394,18 +409,18 @@ class Borrowed:
 def create_pool(
     conninfo: str,
     *,
-    max_size: int = 16,
+    max_size: int | None = None,
     timeout: float | None = None,
     busy_wait: float = BUSY_WAIT,
     settings: dict[str, str] | None = None,
 ) -> Pool:
-    """A pool whose requests wait `timeout` for a connection (default TASKTRAIL_POOL_TIMEOUT, else POOL_TIMEOUT),
-    and on, for `busy_wait` in all, while other requests give connections back; `settings` adds to each
-    connection's (an application_name)."""
+    """A pool of up to `max_size` connections (default pool_size()) whose requests wait `timeout` for one
+    (default TASKTRAIL_POOL_TIMEOUT, else POOL_TIMEOUT), and on, for `busy_wait` in all, while other requests
+    give connections back; `settings` adds to each connection's (an application_name)."""
     pool = Pool(
         conninfo,
-        min_size=2,
-        max_size=max_size,
+        min_size=POOL_KEPT,
+        max_size=max_size or pool_size(),
         kwargs=connect_kwargs() | (settings or {}),
         timeout=timeout or pool_timeout(),
         reconnect_timeout=RECONNECT_TIMEOUT,

@@ -7,6 +7,8 @@ import contextlib
 import os
 import shutil
 import socket
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -230,6 +232,45 @@ async def test_a_burst_queues_for_a_busy_pool_and_a_stuck_pool_refuses_at_its_ti
             assert time.monotonic() - started < pool.busy_wait / 2
     finally:
         await pool.close()
+
+
+def test_a_server_opens_no_more_connections_than_its_pool_size_allows(database_url: str, tmp_path: Path) -> None:
+    """TASKTRAIL_POOL_SIZE: for a database with few connections to spare; requests beyond it queue, none refused."""
+    env = os.environ | {"DATABASE_URL": database_url, db.POOL_SIZE_ENV: "3"}
+    server = Server(env, log_dir=tmp_path)
+    mine = "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE %s"
+    try:
+        task = httpx.post(f"{server.url}/tasks/", json={"task_type": "pool"}).json()
+        most = 0
+
+        def busy(n: int) -> int:
+            with httpx.Client(base_url=server.url, timeout=30) as client:
+                statuses = {client.patch(f"/tasks/{task['task_id']}", json={"progress": n}).status_code}
+                statuses |= {client.get("/tasks/", params={"limit": 100}).status_code for _ in range(5)}
+                return max(statuses)
+
+        with ThreadPoolExecutor(12) as requests, psycopg.connect(database_url) as watch:
+            answers = [requests.submit(busy, n) for n in range(60)]
+            while not all(answer.done() for answer in answers):
+                most = max(most, watch.execute(mine, (f"tasktrail[{server.process.pid}]%",)).fetchone()[0])
+            assert [answer.result() for answer in answers] == [200] * 60
+        # The pool's 3 at most, and the process's own: its read models' follower (its listener for live
+        # streams is untagged). 12 requests at a time would have 12 with the default size.
+        assert 3 <= most <= 3 + 2, most
+    finally:
+        server.stop()
+
+    def serve(size: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "tasktrail", "serve", "--port", "0"]
+        env_with = env | {db.POOL_SIZE_ENV: size}
+        return subprocess.run(command, env=env_with, capture_output=True, text=True, timeout=60, check=False)
+
+    sizes = ("1", "many", "-4")
+    with ThreadPoolExecutor(3) as pool:
+        refused = list(pool.map(serve, sizes))
+    for size, done in zip(sizes, refused, strict=True):
+        assert done.returncode == 1, done.stderr
+        assert f"TASKTRAIL_POOL_SIZE={size!r}: give a whole number of connections, at least 2" in done.stderr
 
 
 @pytest.mark.anyio
