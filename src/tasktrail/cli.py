@@ -742,6 +742,12 @@ def _refused(exc: BaseException) -> str | None:
     from tasktrail.http.auth import BadKeys
 
     if isinstance(exc, psycopg.errors.UndefinedTable):
+        missing = re.search(r'relation "([^"]+)" does not exist', str(exc))
+        if missing and missing[1] not in ("events", "schema_migrations"):  # an older release's tables
+            return (
+                f"the database's tables are an older release's (it has no {missing[1]} yet): run `tasktrail migrate`"
+                " to upgrade them (or `serve`, which does)"
+            )
         return "the database has no tasktrail tables yet: run `tasktrail migrate` (or `serve`) first"
     text = " ".join(str(exc).split()) or type(exc).__name__
     if isinstance(exc, psycopg.OperationalError):

@@ -11,7 +11,7 @@ import msgspec
 import psycopg
 from psycopg import sql
 
-from tasktrail import db, eventstore, projections
+from tasktrail import db, eventstore, migrations, projections
 from tasktrail.domain.task import Task, evolve
 from tasktrail.projections import tasks as tasks_view
 
@@ -217,6 +217,11 @@ def _compare(conninfo: str, versions: dict[str, int] | None) -> tuple[Report, bo
             for (name, version), schema in zip(chosen.items(), schemas, strict=True)
             if not conn.execute(EXISTS, {"schema": schema}).fetchone()[0]  # type: ignore[index]
         ]
+        if missing and (behind := migrations.pending(conn)):
+            missing = [
+                f"the database's tables are an older release's ({len(behind)} migrations not applied, from"
+                f" {behind[0]}): run `tasktrail migrate` to upgrade them (or `serve`, which does)"
+            ]
         if missing:
             report.differences = report.missing = missing
             return report, False

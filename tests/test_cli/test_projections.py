@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import psycopg
 
-from tasktrail import db
+from tasktrail import db, migrations
 from tasktrail.projections import tasks
 from tests.conftest import Server, fresh_database
 
@@ -214,4 +214,20 @@ def test_wrong_settings_get_one_line_and_no_traceback(database_url: str, server_
             done = tasktrail(empty, *args)
             assert done.returncode == 1, done.stderr
             assert "run `tasktrail migrate`" in done.stderr
+            assert "Traceback" not in done.stderr
+        # An older release's database (before read models had versions, migration 0014): said so (audit: "no
+        # tasktrail tables yet", and verify's "version 2 has no tables (pruned, not built yet...)").
+        with psycopg.connect(empty, autocommit=True) as conn:
+            conn.execute(migrations.CREATE_LEDGER)
+            for version, name, statements in migrations.available():
+                if version < 14:  # 0014 versioned the read models
+                    conn.execute(statements)
+                    conn.execute(migrations.RECORD, {"version": version, "name": name})
+        commands = (["projections", "status"], ["projections", "prune"], ["verify"])
+        with ThreadPoolExecutor(3) as pool:
+            runs = list(pool.map(lambda args: tasktrail(empty, *args), commands))
+        for args, done in zip(commands, runs, strict=True):
+            assert done.returncode == 1, done.stderr
+            assert "an older release's" in done.stderr + done.stdout, (args, done.stderr, done.stdout)
+            assert "run `tasktrail migrate` to upgrade them" in done.stderr + done.stdout, args
             assert "Traceback" not in done.stderr

@@ -423,6 +423,27 @@ def test_a_prune_killed_halfway_changes_nothing(database_url: str, tmp_path: Pat
     assert f"tasks version {NEXT}" in verified(database_url, "--version", f"tasks={NEXT}")
 
 
+def test_an_event_that_names_no_versions_is_marked_with_those_the_views_show(database_url: str) -> None:
+    """A release before migration 0014 names no `projected` and writes the read models through the views of the
+    newest live version; its events said tasks:1 whatever the views showed (audit: written into version 2,
+    marked as in version 1, so no follower applied them to version 1, whose release served them stale)."""
+    done = tasktrail(database_url, "migrate", release=RELEASE_N1)  # builds tasks version NEXT beside NOW
+    assert done.returncode == 0, done.stderr
+    append = """INSERT INTO events (stream_id, version, type, data, occurred_at)
+                VALUES (gen_random_uuid(), 1, 'TaskCreated', '{}', now()) RETURNING projected"""
+    named = """INSERT INTO events (stream_id, version, type, data, occurred_at, projected)
+               VALUES (gen_random_uuid(), 1, 'TaskCreated', '{}', now(), NULL) RETURNING projected"""
+    with connect(database_url) as conn:
+        assert conn.execute(append).fetchone() == (f"stats:1,tasks:{NEXT}",)
+        # A statement that names it keeps what it says, none included (eventstore.append writes no read model).
+        assert conn.execute(named).fetchone() == (None,)
+    pruned = tasktrail(database_url, "projections", "prune", "tasks", str(NEXT))
+    assert pruned.returncode == 0, pruned.stderr
+    with connect(database_url) as conn:
+        assert conn.execute(append).fetchone() == (f"stats:1,tasks:{NOW}",)
+        assert "duration_seconds" not in [c.name for c in conn.execute("SELECT * FROM tasks LIMIT 0").description]
+
+
 # The backends of every tasktrail server process on this database, and those holding a version's liveness lock.
 SERVERS = "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND application_name LIKE 'tasktrail[%%'"
 HOLDERS = """

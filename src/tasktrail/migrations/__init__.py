@@ -25,6 +25,14 @@ def available() -> list[tuple[int, str, str]]:
     return sorted((int(f.name.split("_", 1)[0]), f.name, f.read_text()) for f in files)
 
 
+def pending(conn: psycopg.Connection) -> list[str]:
+    """The names of the migrations this database has yet to be given (all, when it has none)."""
+    if conn.execute("SELECT to_regclass('schema_migrations') IS NULL").fetchone()[0]:  # type: ignore[index]
+        return [name for _, name, _ in available()]
+    done = {row[0] for row in conn.execute(APPLIED)}
+    return [name for version, name, _ in available() if version not in done]
+
+
 def migrate(conninfo: str) -> list[str]:
     """Apply the pending migrations; return the names of those applied."""
     with psycopg.connect(conninfo) as conn, conn.transaction():
