@@ -15,7 +15,8 @@ included, and answer problem+json:
   list (422: a filter given twice is ambiguous, and a proxy may have checked
   the other one; one it does not read, such as a cache-buster, may repeat),
   and an integer parameter is written in digits (422: the
-  parser would read 1e3 as 1000 and 5.0 as 5);
+  parser would read 1e3 as 1000 and 5.0 as 5; named together with the
+  route's own faults, see misspelt_integers);
 - the headers are at most MAX_HEADER_BYTES in all (431), and a header the
   service reads as one value (SINGLE) does not come twice with different
   values (400; a second Host is refused before, by app.observed);
@@ -34,7 +35,9 @@ included, and answer problem+json:
 
 `Shapes` (a plugin) works out once per route handler which body and which
 list parameters it takes, and adds 415 to its OpenAPI responses; `wellformed`
-(a middleware) checks each request against that.
+(a middleware) checks each request against that. A request no route matched
+gets the same checks of its URL and headers from the app's 404 and 405
+(`unrouted_refusal`).
 
 A web page's route (the dashboard's: its handler's opt names a PAGE) gets the
 same refusal, with the same status, as an HTML page a browser shows rather
