@@ -175,6 +175,17 @@ async def test_a_filtered_list_names_the_task_type_as_it_is(open_client: AsyncTe
     assert 'aria-label="Task counts of type \u2068ImportCSV Été\u2069"' in page.text
 
 
+async def test_every_time_a_page_shows_says_it_is_utc(open_client: AsyncTestClient) -> None:
+    """Audit: the events page and the notices said UTC; the list's column and the task's facts did not."""
+    task = (await open_client.post("/tasks/", json={"task_type": "utc", "params": {}})).json()
+    for status in ("running", "completed"):
+        assert (await open_client.patch(f"/tasks/{task['task_id']}", json={"status": status})).status_code == 200
+    assert '<th scope="col">Last change (UTC)</th>' in (await open_client.get("/ui?task_type=utc")).text
+    page = (await open_client.get(f"/ui/tasks/{task['task_id']}")).text
+    times = re.findall(r"<dt>(\w+)</dt><dd><time datetime=\"[^\"]+\">[0-9: -]+</time> UTC</dd>", page)
+    assert times == ["Created", "Updated", "Started", "Finished"], page
+
+
 async def test_the_matching_tasks_are_written_with_thousands_separators_as_everywhere_on_the_page(
     open_client: AsyncTestClient,
 ) -> None:
