@@ -384,6 +384,16 @@ def test_the_events_page_is_live_newest_on_top_with_pause_and_resume(ui: Dashboa
     page.get_by_role("button", name="Resume").click()
     expect(page.locator("#feed-rows tr").first).to_have_attribute("data-task-id", second["task_id"])
 
+    # More than a page keeps, while paused: said so (audit: "came faster than a page can show").
+    cap = int(page.locator("#feed-rows").get_attribute("data-cap"))
+    page.get_by_role("button", name="Pause").click()
+    with ui.api() as api:
+        made = api.post("/tasks/batch", json={"tasks": [{"task_type": "feed"}] * (cap + 50)}).json()["tasks"]
+    expect(page.locator("#feed-note")).to_contain_text(f"{cap + 50} new events while paused")
+    page.get_by_role("button", name="Resume").click()
+    expect(page.locator("#feed-rows tr").first).to_have_attribute("data-task-id", made[-1]["task_id"])
+    expect(page.locator("#feed-note")).to_have_text(f"Showing the newest {cap}; 50 more came while paused.")
+
 
 def test_an_events_row_shown_live_reads_as_it_does_after_a_reload(ui: Dashboard) -> None:
     # Audit: the page wrote the data again from JSON.parse: 50.0 as 50, integers past 2^53 rounded, and the

@@ -974,6 +974,7 @@ function eventsPage() {
   const pause = document.getElementById("pause");
   let waiting = []; // raw JSON of events not yet shown, oldest first, at most `cap`
   let skipped = 0;
+  let skippedPaused = 0; // of those, the ones that came while paused
   let beforePause = 0;
   // The page updates at a pace that shows every event for a while: each update adds about half the
   // rows kept at most (sooner when that many wait), so an event stays through two updates at least.
@@ -1058,10 +1059,10 @@ function eventsPage() {
     rows.prepend(fragment);
     while (rows.rows.length > cap) rows.lastElementChild.remove();
     document.getElementById("feed-empty")?.remove();
-    note.textContent = skipped
-      ? `Showing the newest ${cap}; ${number.format(skipped)} more came faster than a page can show.`
-      : "";
+    const why = skippedPaused ? "while paused" : "faster than a page can show";
+    note.textContent = skipped ? `Showing the newest ${cap}; ${number.format(skipped)} more came ${why}.` : "";
     skipped = 0;
+    skippedPaused = 0;
   }, () => (flooded ? 4 * APPLY_EVERY : waiting.length >= cap / 2 ? FASTEST : pace));
 
   live.follow(body.dataset.stream, {
@@ -1071,6 +1072,7 @@ function eventsPage() {
       if (waiting.length > cap) {
         waiting = waiting.slice(-cap);
         skipped += 1;
+        if (paused) skippedPaused += 1;
       }
       apply();
     },
