@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -435,12 +436,13 @@ def projections_status(args: argparse.Namespace) -> int:
         behind = "-" if v.state != "live" else f"{v.behind:,}"
         print(f"{v.name:<12}{v.version:>8}  {v.state:<9}{behind:>8}{v.processes:>11}  {since}{mark}")
     print(f"log head: position {head:,}")
+    live = Counter(v.name for v in found if v.state == "live")
     for v in found:
         if v.state == "missing":
             print(f"{v.name} version {v.version} has no tables yet: `tasktrail serve` builds it before it serves")
         elif v.state == "building" and v.processes == 0:
             print(f"{v.name} version {v.version} was being built and was interrupted: the next `serve` starts over")
-        elif v.state == "live" and v.processes == 0 and not v.code:
+        elif v.state == "live" and v.processes == 0 and not v.code and live[v.name] > 1:  # prune keeps the last
             print(f"{v.name} version {v.version} is used by no process: `tasktrail projections prune` drops it")
     for schema in left:
         print(f"schema {schema} is left from an interrupted rebuild; the next rebuild drops it")
@@ -454,7 +456,7 @@ def projections_prune(args: argparse.Namespace) -> int:
     if args.name is None:
         targets = versions.unused(url, INLINE)
         if not targets:
-            print("nothing to prune: every version left is this code's")
+            print("nothing to prune: every version left is this code's, or the last live one of its read model")
             return 0
     elif args.name not in {module.NAME for module in INLINE} and args.name not in versions.names(url):
         print(f"tasktrail projections prune: there is no read model {args.name!r}", file=sys.stderr)
@@ -462,7 +464,7 @@ def projections_prune(args: argparse.Namespace) -> int:
     elif args.version is None:
         targets = [(n, v) for n, v in versions.unused(url, INLINE) if n == args.name]
         if not targets:
-            print(f"nothing to prune: no version of {args.name} but this code's")
+            print(f"nothing to prune: no version of {args.name} but this code's, or its last live one")
             return 0
     else:
         targets = [(args.name, args.version)]
@@ -470,7 +472,7 @@ def projections_prune(args: argparse.Namespace) -> int:
     for name, version in targets:
         try:
             print(versions.prune(url, name, version))
-        except (versions.InUse, LookupError) as exc:
+        except (versions.InUse, versions.Kept, LookupError) as exc:
             print(f"tasktrail projections prune: {exc.args[0]}", file=sys.stderr)
             failed = 1
     return failed

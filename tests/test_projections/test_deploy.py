@@ -427,21 +427,35 @@ def test_an_event_that_names_no_versions_is_marked_with_those_the_views_show(dat
     """A release before migration 0014 names no `projected` and writes the read models through the views of the
     newest live version; its events said tasks:1 whatever the views showed (audit: written into version 2,
     marked as in version 1, so no follower applied them to version 1, whose release served them stale)."""
+    append = """INSERT INTO events (stream_id, version, type, data, occurred_at)
+                VALUES (gen_random_uuid(), 1, 'TaskCreated', '{"task_type": "old"}', now()) RETURNING projected"""
+    named = """INSERT INTO events (stream_id, version, type, data, occurred_at, projected)
+               VALUES (gen_random_uuid(), 1, 'TaskCreated', '{"task_type": "old"}', now(), NULL) RETURNING projected"""
     done = tasktrail(database_url, "migrate", release=RELEASE_N1)  # builds tasks version NEXT beside NOW
     assert done.returncode == 0, done.stderr
-    append = """INSERT INTO events (stream_id, version, type, data, occurred_at)
-                VALUES (gen_random_uuid(), 1, 'TaskCreated', '{}', now()) RETURNING projected"""
-    named = """INSERT INTO events (stream_id, version, type, data, occurred_at, projected)
-               VALUES (gen_random_uuid(), 1, 'TaskCreated', '{}', now(), NULL) RETURNING projected"""
+    versions.prune(database_url, "tasks", NEXT)  # the views go back to NOW, which lacks nothing
+    with connect(database_url) as conn:
+        assert conn.execute(append).fetchone() == (f"stats:1,tasks:{NOW}",)
+        assert "duration_seconds" not in [c.name for c in conn.execute("SELECT * FROM tasks LIMIT 0").description]
+    done = tasktrail(database_url, "migrate", release=RELEASE_N1)  # NEXT again, from the log
+    assert done.returncode == 0, done.stderr
     with connect(database_url) as conn:
         assert conn.execute(append).fetchone() == (f"stats:1,tasks:{NEXT}",)
         # A statement that names it keeps what it says, none included (eventstore.append writes no read model).
         assert conn.execute(named).fetchone() == (None,)
-    pruned = tasktrail(database_url, "projections", "prune", "tasks", str(NEXT))
-    assert pruned.returncode == 0, pruned.stderr
-    with connect(database_url) as conn:
-        assert conn.execute(append).fetchone() == (f"stats:1,tasks:{NOW}",)
-        assert "duration_seconds" not in [c.name for c in conn.execute("SELECT * FROM tasks LIMIT 0").description]
+
+    # Pruning NEXT now would leave the views on NOW, which lacks those two events and which no process keeps
+    # current (a pre-0014 release, rolled back to, then read it stale: audit).
+    with pytest.raises(versions.Kept, match=f"would show tasks version {NOW} instead, which lacks 2 events"):
+        versions.prune(database_url, "tasks", NEXT)
+    # NOW can go; then NEXT is the last live version, which a prune of what is not this code's keeps (audit: it
+    # dropped it, and the release that read it through the views answered 500), and status does not offer.
+    versions.prune(database_url, "tasks", NOW)
+    status = tasktrail(database_url, "projections", "status")
+    assert f"tasks version {NEXT} is used by no process" not in status.stdout, status.stdout
+    kept = tasktrail(database_url, "projections", "prune", "tasks")
+    assert kept.returncode == 0, kept.stderr
+    assert kept.stdout == "nothing to prune: no version of tasks but this code's, or its last live one\n"
 
 
 # The backends of every tasktrail server process on this database, and those holding a version's liveness lock.

@@ -15,6 +15,7 @@ and (in `serve`) builds it again.
 from __future__ import annotations
 
 import os
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -155,7 +156,7 @@ UPDATE projection_versions SET state = 'retired', checkpoint = NULL, since = now
 WHERE name = %(name)s AND version = %(version)s
 """
 VIEWS = "SELECT projection_views(%(name)s)"  # migration 0014: views of the newest live version, for psql
-PRUNABLE = "SELECT name, version FROM projection_versions WHERE state <> 'retired' ORDER BY name, version"
+PRUNABLE = "SELECT name, version, state FROM projection_versions WHERE state <> 'retired' ORDER BY name, version"
 # Connections of a server process serving the version ("tasktrail[pid] a:1,b:2", see application_name), but this one.
 CONNECTED = """
 SELECT count(DISTINCT split_part(application_name, ' ', 1)) FROM pg_stat_activity
@@ -166,6 +167,35 @@ WHERE datname = current_database() AND pid <> pg_backend_pid() AND application_n
 
 class InUse(Exception):
     """A process uses the version: it cannot be pruned now."""
+
+
+class Kept(Exception):
+    """The version is what the log's views show, and the one that would take its place is stale: not now."""
+
+
+# The live versions of a read model, newest first: the views show the first (migration 0014).
+LIVE_VERSIONS = "SELECT version FROM projection_versions WHERE name = %(name)s AND state = 'live' ORDER BY version DESC"
+
+
+def _views_refusal(conn: psycopg.Connection, name: str, version: int) -> str | None:
+    """Why pruning this live version would leave the log's views with nothing, or with stale rows; None if not.
+
+    A release from before versioned read models reads and writes through the views, and holds no liveness
+    lock (prune cannot see it); psql users read them too. The views move to the next newest live version:
+    one that lacks events and that no process keeps current would be served stale (audit: a pre-0014
+    release, rolled back to, then refused every write to a task it read as older: "changing too fast").
+    """
+    live = [v for (v,) in conn.execute(LIVE_VERSIONS, {"name": name}).fetchall()]
+    if live[0] != version or len(live) == 1:
+        return None  # the views show a newer one and go on doing so; or, named, the last one goes (serve rebuilds)
+    rows = conn.execute(STATUS, {"uses": USES}).fetchall()
+    behind, processes = next((row[4], row[5]) for row in rows if (row[0], row[1]) == (name, live[1]))
+    if behind == 0 or processes > 0:
+        return None  # current, or being made so by the process that serves it
+    return (
+        f"the log's views would show {name} version {live[1]} instead, which lacks {behind:,} events and is kept"
+        " current by no process: start a release that serves it (it catches up), then prune"
+    )
 
 
 def prune(conninfo: str, name: str, version: int) -> str:
@@ -185,6 +215,8 @@ def prune(conninfo: str, name: str, version: int) -> str:
             raise InUse(
                 f"{name} version {version} is in use by a running process; stop every process of that release first"
             )
+        if found[0] == "live" and (refusal := _views_refusal(conn, name, version)) is not None:
+            raise Kept(refusal)
         # Held until this commits: a process starting on this version meanwhile waits, then finds it retired.
         dropped = [s for (s,) in conn.execute(SCHEMAS, {"schemas": [schema, f"{schema}_new"]}).fetchall()]
         for name_of in dropped:
@@ -205,7 +237,10 @@ def names(conninfo: str) -> set[str]:
 
 
 def unused(conninfo: str, modules: Sequence[ModuleType]) -> list[tuple[str, int]]:
-    """The versions `prune` without arguments considers: every one that exists, except this code's."""
+    """The versions `prune` without a version considers: every one that exists, except this code's and a read
+    model's last live one (audit: a release of another version, rolled back to, lost its read model to it)."""
     mine = {(m.NAME, m.VERSION) for m in modules}
     with psycopg.connect(conninfo, **db.connect_kwargs()) as conn:
-        return [(n, v) for n, v in conn.execute(PRUNABLE).fetchall() if (n, v) not in mine]
+        found = conn.execute(PRUNABLE).fetchall()
+    live = Counter(n for n, _, state in found if state == "live")
+    return [(n, v) for n, v, state in found if (n, v) not in mine and not (state == "live" and live[n] == 1)]
