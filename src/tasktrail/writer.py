@@ -111,8 +111,50 @@ async def _refused(conn: psycopg.AsyncConnection) -> AsyncIterator[None]:
 # and only states that committed are remembered (a caller's transaction may
 # still roll back). A client's requests arrive on its keep-alive connection,
 # so with several server processes the same process mostly serves them.
-RECENT = 10_000
-_recent: OrderedDict[UUID, Task] = OrderedDict()
+RECENT = 10_000  # tasks
+# And at most this much of their params, results and errors, as JSON: 10,000 tasks of 64 KiB params and results
+# each held 1.3 GB (audit). Past it, the least recently written are forgotten first.
+RECENT_BYTES = 16 << 20
+
+
+class Guesses:
+    """The guesses: a task's state by its id, the most recently written last, within RECENT and RECENT_BYTES."""
+
+    def __init__(self) -> None:
+        self._tasks: OrderedDict[UUID, tuple[Task, int]] = OrderedDict()
+        self.size = 0  # bytes of the documents held
+
+    def get(self, task_id: UUID) -> Task | None:
+        found = self._tasks.get(task_id)
+        return None if found is None else found[0]
+
+    def __getitem__(self, task_id: UUID) -> Task:
+        return self._tasks[task_id][0]
+
+    def __contains__(self, task_id: object) -> bool:
+        return task_id in self._tasks
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    def pop(self, task_id: UUID, default: None = None) -> Task | None:
+        found = self._tasks.pop(task_id, None)
+        if found is None:
+            return default
+        self.size -= found[1]
+        return found[0]
+
+    def __setitem__(self, task_id: UUID, task: Task) -> None:
+        self.pop(task_id)
+        size = sum(len(_JSON.encode(d)) for d in (task.params, task.result) if d is not None) + len(task.error or "")
+        self._tasks[task_id] = (task, size)
+        self.size += size
+        while len(self._tasks) > RECENT or self.size > RECENT_BYTES:
+            self.size -= self._tasks.popitem(last=False)[1][1]
+
+
+_JSON = msgspec.json.Encoder()
+_recent = Guesses()
 
 
 # How many writes of each task this process has in flight (see `change`: a race lost to one is a race).
@@ -121,12 +163,9 @@ _writing: Counter[UUID] = Counter()
 
 def _remember(task_id: UUID, task: Task | None) -> None:
     if task is None:
-        _recent.pop(task_id, None)
-        return
-    _recent[task_id] = task
-    _recent.move_to_end(task_id)
-    if len(_recent) > RECENT:
-        _recent.popitem(last=False)
+        _recent.pop(task_id)
+    else:
+        _recent[task_id] = task
 
 
 def _written(conn: psycopg.AsyncConnection, task_id: UUID, task: Task | None) -> None:

@@ -184,6 +184,29 @@ async def test_a_guess_that_refuses_is_checked_against_the_read_model(conn: psyc
     assert await versions(conn, task.task_id) == [1, 2, 3, 4]
 
 
+async def test_the_guesses_hold_a_bounded_size_of_documents_not_only_a_number_of_tasks(
+    conn: psycopg.AsyncConnection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Audit: 10,000 guesses of tasks with 64 KiB params held 700 MB in one process, and never gave it back."""
+    monkeypatch.setattr(writer, "RECENT_BYTES", 1 << 20)
+    big = {"b": "x" * 60_000}
+    made = [await writer.create(conn, CreateTask(task_type="big", params=big), {}) for _ in range(30)]
+    assert writer._recent.size <= 1 << 20
+    assert [t.task_id in writer._recent for t in made[-16:]] == [True] * 16  # the newest stay
+    assert made[0].task_id not in writer._recent  # the oldest made way
+    small = await writer.create(conn, CreateTask(task_type="small", params={"n": 1}), {})
+    assert small.task_id in writer._recent
+    # A task forgotten is read afresh: its update is none the worse.
+    after = await writer.change(conn, made[0].task_id, UpdateTask(progress=5, result={"r": "y" * 60_000}), {})
+    assert after is not None
+    assert (after.version, after.progress, after.params) == (2, 5, big)
+    assert writer._recent.size <= 1 << 20
+    writer._recent.pop(after.task_id)
+    size = writer._recent.size
+    writer._recent[after.task_id] = after  # params and result: about 120 KB
+    assert 120_000 < writer._recent.size - size < 121_000
+
+
 async def test_a_write_rolled_back_by_the_caller_is_not_remembered(conn: psycopg.AsyncConnection) -> None:
     task = await writer.create(conn, CreateTask(task_type="t"), {})
     async with conn.transaction(force_rollback=True):
