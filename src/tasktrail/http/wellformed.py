@@ -185,7 +185,7 @@ def wellformed(app: ASGIApp) -> ASGIApp:
             if page is None:
                 scope = _not_integers(scope, misspelt)
             else:
-                refusal = integer_refusal(misspelt)
+                refusal = _integer_refusal(misspelt)
         if refusal is not None:
             status, detail, extra = refusal
             if page is not None:
@@ -357,7 +357,7 @@ def _not_integers(scope: Scope, names: list[str]) -> Scope:
     return {**scope, "query_string": b"&".join(parts)}
 
 
-def integer_refusal(names: list[str]) -> Refusal:
+def _integer_refusal(names: list[str]) -> Refusal:
     faults = refused([(shown(name, 100), WHOLE_NUMBER) for name in names])  # as a body's
     return 422, str(faults), {"errors": faults.errors}
 
