@@ -87,7 +87,14 @@ def start_embedded(data_dir: Path, cleanup_mode: str = "stop") -> Any:
                 f"the embedded PostgreSQL cannot keep its data in {str(pgdata)!r}: its start-up passes the path"
                 ' through a shell, which a ", $, ` or \\ would break; choose another --data-dir, or set DATABASE_URL'
             )
-        data_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            data_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # a file there, or above it; no permission
+            why = "it is a file" if data_dir.is_file() else (exc.strerror or str(exc)).lower()
+            raise ValueError(
+                f"the embedded PostgreSQL cannot keep its data in {str(data_dir)!r} ({why}): choose another"
+                " --data-dir (or TASKTRAIL_DATA_DIR), or set DATABASE_URL"
+            ) from exc
         forget_gone_handles(pgdata)
         forget_stale_postmaster(pgdata)
         if pgserver.postgres_server.find_suitable_socket_dir is not _socket_dir:

@@ -78,6 +78,14 @@ def test_serve_refuses_a_data_folder_a_shell_would_misread_and_says_why(tmp_path
     done = subprocess.run([*PYTHON, "--data-dir", "", "verify"], env=env, capture_output=True, text=True, check=False)
     assert done.returncode == 2
     assert "--data-dir: empty" in done.stderr
+    # A file where the folder would be, or above it (audit: "/path: File exists", naming no setting).
+    (tmp_path / "a-file").write_text("")
+    for folder, why in ((tmp_path / "a-file", "it is a file"), (tmp_path / "a-file" / "below", "not a directory")):
+        placed = env | {"TASKTRAIL_DATA_DIR": str(folder)}
+        done = subprocess.run([*PYTHON, "verify"], env=placed, capture_output=True, text=True, check=False)
+        assert done.returncode == 1, done.stderr
+        assert f"cannot keep its data in {str(folder)!r} ({why}): choose another --data-dir" in done.stderr
+        assert "Traceback" not in done.stderr
 
 
 def serve_twice(env: dict[str, str], data_dir: Path, tmp_path: Path) -> None:
