@@ -245,6 +245,20 @@ def test_signing_out_ends_the_live_streams_of_every_open_page(ui: Dashboard) -> 
         expect(page.locator(f'#feed-rows tr[data-task-id="{unseen["task_id"]}"]')).to_have_count(0)
     ui.allow("status of 401")
 
+    # Signed out, a page asks no more (audit: each page tried its stream and the counts again and again, every
+    # refusal an error in the console) until this browser signs in again; then it is live again at once.
+    asked: list[str] = []
+    for page in (pages[0], *pages[2:]):
+        page.on("request", lambda request: asked.append(request.url))
+    time.sleep(3)  # the streams' retries came after 0.5, 1 and 2 s
+    assert asked == []
+    sign_in(context.new_page(), "read", "/ui/events")
+    for page in (pages[0], *pages[2:]):
+        expect(page.locator("#live")).to_have_attribute("data-state", "live")
+    again = a_task(ui)
+    for page in (pages[0], *pages[2:]):
+        expect(page.locator(f'#feed-rows tr[data-task-id="{again["task_id"]}"]')).to_have_count(1)
+
 
 def test_on_a_phone_the_bar_wraps_rather_than_widening_the_page(ui: Dashboard) -> None:
     # Signed in, the bar holds the badge and who is signed in: at 375 px it was 449 px wide, Sign out off-screen.

@@ -64,17 +64,34 @@ function withParam(url, name, value) {
 }
 
 // A stream that cannot reconnect may be one whose dashboard session ended (signed out, here or in
-// another tab; the server ends such streams): the page then says so rather than "Reconnecting…".
+// another tab; the server ends such streams): the page then says so rather than "Reconnecting…", and
+// asks no more (each refused request is an error in the browser's console: audit) until a page of this
+// browser is served to a session again, which tells the others on SESSION_CHANNEL.
+const SIGNED_OUT = "Signed out: reload to sign in";
+const SESSION_CHANNEL = typeof BroadcastChannel === "function" ? new BroadcastChannel("tasktrail-session") : null;
+let signedOut = false;
+const onSignIn = []; // what goes on once signed in again
+if (SESSION_CHANNEL) {
+  SESSION_CHANNEL.onmessage = ({ data }) => {
+    if (data !== "signed-in" || !signedOut) return;
+    signedOut = false;
+    for (const resume of onSignIn.splice(0)) resume();
+  };
+  if (csrf) SESSION_CHANNEL.postMessage("signed-in");
+}
+
 async function sayIfSignedOut() {
-  if (!csrf) return; // no session: none to end
+  if (!csrf || signedOut) return signedOut; // no session: none to end
   try {
     const response = await fetch("/tasks/stats/summary", { headers: readHeaders(), cache: "no-store" });
-    if (response.status === 401 && liveBadge.dataset.state === "reconnecting") {
-      setLive("offline", "Signed out: reload to sign in");
+    if (response.status === 401) {
+      signedOut = SESSION_CHANNEL !== null; // without the channel, the streams keep trying: how it hears
+      if (liveBadge.dataset.state === "reconnecting") setLive("offline", SIGNED_OUT);
     }
   } catch {
     // not reachable: "Reconnecting…" is true
   }
+  return signedOut;
 }
 
 // Follows a Server-Sent Events stream: onEvent(type, data, id) per message; reconnects with
@@ -98,12 +115,16 @@ function follow(url, { onEvent, onOpen }) {
       onOpen?.();
     };
     for (const type of [...eventTypes, "snapshot"]) source.addEventListener(type, handler);
-    source.onerror = () => {
+    source.onerror = async () => {
       if (stopped) return;
       setLive("reconnecting", "Reconnecting…");
       if (source.readyState === EventSource.CLOSED) {
-        sayIfSignedOut();
         source.close();
+        if (await sayIfSignedOut()) {
+          onSignIn.push(() => stopped || open()); // from the last id, as any reconnect
+          return;
+        }
+        if (stopped) return;
         timer = setTimeout(open, delay);
         delay = Math.min(delay * 2, 30000);
       }
@@ -153,8 +174,12 @@ const live = (() => {
   function received({ data: message }) {
     if (message.op === "state") {
       if (message.state !== "live") {
-        setLive("reconnecting", "Reconnecting…");
-        sayIfSignedOut();
+        // The worker's stream keeps trying (in the worker: no error in this page's console).
+        if (signedOut) setLive("offline", SIGNED_OUT);
+        else {
+          setLive("reconnecting", "Reconnecting…");
+          sayIfSignedOut();
+        }
       } else if (!paused) setLive("live", "Live");
     } else if (message.op === "open") subscriptions.get(message.id)?.handlers.onOpen?.();
     else if (message.op === "events") {
@@ -279,7 +304,7 @@ async function fetchPage(url = location.pathname + location.search) {
   const headers = { ...readHeaders({ Accept: "text/html" }), ...REFRESH_FROM };
   const response = await fetch(url, { headers, cache: "no-store" });
   if (response.redirected && new URL(response.url).pathname === "/ui/sign-in") {
-    setLive("offline", "Signed out: reload to sign in");
+    setLive("offline", SIGNED_OUT);
     return null;
   }
   if (!response.ok) throw new Error(`page answered ${response.status}`);
