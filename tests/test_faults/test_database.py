@@ -246,14 +246,14 @@ def test_a_server_opens_no_more_connections_than_its_pool_size_allows(database_u
         def busy(n: int) -> int:
             with httpx.Client(base_url=server.url, timeout=30) as client:
                 statuses = {client.patch(f"/tasks/{task['task_id']}", json={"progress": n}).status_code}
-                statuses |= {client.get("/tasks/", params={"limit": 100}).status_code for _ in range(5)}
+                statuses |= {client.get("/tasks/", params={"limit": 100}).status_code for _ in range(2)}
                 return max(statuses)
 
         with ThreadPoolExecutor(12) as requests, psycopg.connect(database_url) as watch:
-            answers = [requests.submit(busy, n) for n in range(60)]
+            answers = [requests.submit(busy, n) for n in range(36)]
             while not all(answer.done() for answer in answers):
                 most = max(most, watch.execute(mine, (f"tasktrail[{server.process.pid}]%",)).fetchone()[0])
-            assert [answer.result() for answer in answers] == [200] * 60
+            assert [answer.result() for answer in answers] == [200] * 36
         # The pool's 3 at most, and the process's own: its read models' follower (its listener for live
         # streams is untagged). 12 requests at a time would have 12 with the default size.
         assert 3 <= most <= 3 + 2, most

@@ -209,7 +209,7 @@ def test_two_releases_serve_and_write_side_by_side_then_the_old_version_is_prune
     servers.append(new)
     assert "rebuilt tasks from" in new.log()
     clients.use([old.url, new.url])
-    clients.run_for(4)  # writes on both, each changing the other's tasks
+    clients.run_for(2)  # writes on both, each changing the other's tasks
     answers, refused = clients.stop()
 
     assert refused == [], refused[:5]
