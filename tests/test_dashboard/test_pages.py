@@ -173,6 +173,11 @@ async def test_a_filtered_list_names_the_task_type_as_it_is(open_client: AsyncTe
     # Where no <bdi> can be, the type is isolated (U+2068 ... U+2069): an override in it reversed the tab's title.
     assert "<title>Failed tasks of type \u2068ImportCSV Été\u2069 · tasktrail</title>" in page.text
     assert 'aria-label="Task counts of type \u2068ImportCSV Été\u2069"' in page.text
+    # A type's own bidi controls go there (audit: its own U+2069 closed the isolate, and an override after it
+    # reversed the rest of the title); the heading's <bdi> shows it as it is.
+    page = await open_client.get("/ui?task_type=ab%E2%81%A9%E2%80%AEcd%E2%80%AA")
+    assert "<title>Tasks of type \u2068abcd\u2069 · tasktrail</title>" in page.text
+    assert "<bdi>ab\u2069\u202ecd\u202a</bdi>" in page.text
 
 
 async def test_every_time_a_page_shows_says_it_is_utc(open_client: AsyncTestClient) -> None:

@@ -158,10 +158,15 @@ def compact(value: Any) -> str:
     return cut(msgspec.json.encode(value).decode())
 
 
+# The bidirectional formatting characters: embeddings and overrides (U+202A-U+202E), isolates (U+2066-U+2069).
+_BIDI_CONTROLS = dict.fromkeys([*range(0x202A, 0x202F), *range(0x2066, 0x206A)])
+
+
 def isolated(text: str) -> str:
     """Text set apart from the sentence around it (U+2068 ... U+2069), where no <bdi> can be: in a title or an
-    attribute, a type written right to left or holding an override cannot reorder the rest."""
-    return f"\u2068{text}\u2069"
+    attribute, a type written right to left or holding an override cannot reorder the rest. Its own bidi
+    controls go: a U+2069 of its own closed the isolate early, and an override after it reversed the rest."""
+    return f"\u2068{text.translate(_BIDI_CONTROLS)}\u2069"
 
 
 def cut(text: str) -> str:

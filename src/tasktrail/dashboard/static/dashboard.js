@@ -1084,7 +1084,11 @@ function eventsPage() {
     rows.prepend(fragment);
     while (rows.rows.length > cap) rows.lastElementChild.remove();
     document.getElementById("feed-empty")?.remove();
-    const why = skippedPaused ? "while paused" : "faster than a page can show";
+    const why = !skippedPaused
+      ? "faster than a page can show"
+      : skippedPaused < skipped
+        ? "faster than a page can show, or while paused"
+        : "while paused";
     note.textContent = skipped ? `Showing the newest ${cap}; ${number.format(skipped)} more came ${why}.` : "";
     skipped = 0;
     skippedPaused = 0;
