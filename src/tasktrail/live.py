@@ -46,6 +46,7 @@ import psycopg
 
 from tasktrail import db, eventstore, metrics
 from tasktrail.eventstore import Cursor, FeedEvent
+from tasktrail.projections import versions
 from tasktrail.replicas import Replicas
 
 log = logging.getLogger("tasktrail.live")
@@ -193,7 +194,9 @@ class Listener:
         delay = 0.5
         while True:
             try:
-                async with await psycopg.AsyncConnection.connect(self.conninfo, **db.connect_kwargs()) as conn:
+                # Named as the process's pool is (pg_stat_activity; prune sees the process by it).
+                kwargs = db.connect_kwargs() | versions.application_name()
+                async with await psycopg.AsyncConnection.connect(self.conninfo, **kwargs) as conn:
                     delay = 0.5
                     while True:
                         # With no stream open there is nothing to hand events

@@ -85,6 +85,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from tasktrail import db, projections
 from tasktrail.domain.task import PreconditionFailed, TaskNotFound, TransitionRejected
+from tasktrail.projections import versions
 
 log = logging.getLogger("tasktrail.replicas")
 T = TypeVar("T")
@@ -488,7 +489,8 @@ class Replicas:
         try:
             async with asyncio.timeout(CHECK_TIMEOUT):
                 if self._primary_conn is None or self._primary_conn.closed:
-                    self._primary_conn = await psycopg.AsyncConnection.connect(self.conninfo, **db.connect_kwargs())
+                    kwargs = db.connect_kwargs() | versions.application_name()  # named as the process's pool is
+                    self._primary_conn = await psycopg.AsyncConnection.connect(self.conninfo, **kwargs)
                     self._identity = await _identity(self._primary_conn)
                     self._timeline = (await (await self._primary_conn.execute(TIMELINE)).fetchone())[0]  # type: ignore[index]
                 return await self.position(self._primary_conn)

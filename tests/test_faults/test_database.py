@@ -249,13 +249,22 @@ def test_a_server_opens_no_more_connections_than_its_pool_size_allows(database_u
                 statuses |= {client.get("/tasks/", params={"limit": 100}).status_code for _ in range(2)}
                 return max(statuses)
 
-        with ThreadPoolExecutor(12) as requests, psycopg.connect(database_url) as watch:
+        with (
+            httpx.stream("GET", f"{server.url}/events/stream", timeout=30) as stream,
+            ThreadPoolExecutor(12) as requests,
+            psycopg.connect(database_url) as watch,
+        ):
+            assert stream.status_code == 200  # a stream open: the process listens for the feed too
             answers = [requests.submit(busy, n) for n in range(36)]
             while not all(answer.done() for answer in answers):
                 most = max(most, watch.execute(mine, (f"tasktrail[{server.process.pid}]%",)).fetchone()[0])
             assert [answer.result() for answer in answers] == [200] * 36
-        # The pool's 3 at most, and the process's own: its read models' follower (its listener for live
-        # streams is untagged). 12 requests at a time would have 12 with the default size.
+            # Every connection of the process says whose it is (audit: the listener's said nothing).
+            unnamed = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+            unnamed += " AND pid <> pg_backend_pid() AND application_name = ''"
+            assert watch.execute(unnamed).fetchone() == (0,)
+        # The pool's 3 at most, and the process's own: its read models' follower and the live streams'
+        # listener. 12 requests at a time would have 12 with the default size.
         assert 3 <= most <= 3 + 2, most
     finally:
         server.stop()
