@@ -212,6 +212,32 @@ def test_a_list_from_before_signing_in_again_with_a_read_key_stays_live_and_quie
     expect(changed.locator("td").nth(3)).to_contain_text("running")  # under Status
 
 
+def test_a_task_page_from_before_signing_in_again_with_a_read_key_does_not_call_the_task_deleted(
+    ui: Dashboard,
+) -> None:
+    # Audit: the read key's page of the task has no actions; the old page took that for a deletion, hid its
+    # buttons and said "The task was deleted", of a task still pending.
+    task = a_task(ui)
+    context, _ = ui.context()
+    before = context.new_page()
+    sign_in(before, "write", f"/ui/tasks/{task['task_id']}")
+    again = context.new_page()
+    again.goto("/ui/sign-in?next=/ui")
+    again.get_by_label("API key").fill(KEYS["read"])
+    again.get_by_role("button", name="Sign in").click()
+    expect(again.locator("header .who")).to_contain_text("Signed in as read-key")
+    with ui.api(Authorization=f"Bearer {KEYS['write']}") as api:
+        api.patch(f"/tasks/{task['task_id']}", json={"progress": 9})
+    expect(before.locator("#signed-in-again")).to_be_visible()
+    expect(before.locator("#now .pct")).to_have_text("9%")
+    expect(before.locator("#action-message")).not_to_contain_text("deleted")
+    expect(before.get_by_role("button", name="Cancel")).to_be_visible()  # as its own session showed it
+    # And a real deletion still says so.
+    with ui.api(Authorization=f"Bearer {KEYS['write']}") as api:
+        api.delete(f"/tasks/{task['task_id']}")
+    expect(before.locator("#action-message")).to_have_text("The task was deleted: nothing more can be done to it.")
+
+
 def test_signing_out_ends_the_live_streams_of_every_open_page(ui: Dashboard) -> None:
     # Streams are authorised as they open; one opened with a session must not outlive it, or the
     # browser's other pages (and a copy of the cookie) would go on receiving events after signing out.

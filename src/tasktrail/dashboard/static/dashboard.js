@@ -831,9 +831,11 @@ function taskPage() {
         const now = freshActions.querySelector(`[data-action="${button.dataset.action}"]`);
         button.hidden = !now || now.hidden;
       }
-    } else if (actions && !freshActions) {
+    } else if (actions && !freshActions && history().dataset.latestStatus === "deleted") {
       // Deleted: nothing is left to do to it. The section stays for its message (this page's own
-      // "Deleted.", or one saying so when the delete came from elsewhere).
+      // "Deleted.", or one saying so when the delete came from elsewhere). (A page without actions for
+      // another reason, fetched for a read key's sign-in in another tab, changes none of this page's:
+      // audit. Its notice says to reload, and an action of it is refused and says so.)
       actions.querySelector(".buttons").hidden = true;
       if (!message.textContent) message.textContent = "The task was deleted: nothing more can be done to it.";
     }
