@@ -134,9 +134,6 @@ class Guesses:
     def __contains__(self, task_id: object) -> bool:
         return task_id in self._tasks
 
-    def __len__(self) -> int:
-        return len(self._tasks)
-
     def pop(self, task_id: UUID, default: None = None) -> Task | None:
         found = self._tasks.pop(task_id, None)
         if found is None:

@@ -7,7 +7,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from playwright.sync_api import Browser, Page, expect
+from playwright.sync_api import Browser, BrowserContext, Page, expect
 
 from tasktrail.http import auth, events
 from tests.test_dashboard.conftest import Dashboard, serve
@@ -39,6 +39,19 @@ def sign_in(page: Page, scope: str, path: str = "/ui") -> None:
     page.get_by_label("API key").fill(KEYS[scope])
     page.get_by_role("button", name="Sign in").click()
     expect(page.locator("header .who")).to_contain_text(f"Signed in as {scope}-key")
+
+
+def a_page_from_before_signing_in_again(ui: Dashboard, path: str, scope: str) -> tuple[BrowserContext, Page]:
+    """A page signed in with the write key, then the browser signed in again in another tab with `scope`'s key."""
+    context, _ = ui.context()
+    before = context.new_page()
+    sign_in(before, "write", path)
+    again = context.new_page()
+    again.goto("/ui/sign-in?next=/ui")
+    again.get_by_label("API key").fill(KEYS[scope])
+    again.get_by_role("button", name="Sign in").click()
+    expect(again.locator("header .who")).to_contain_text(f"Signed in as {scope}-key")
+    return context, before
 
 
 def a_task(ui: Dashboard, **fields: object) -> dict:
@@ -149,14 +162,7 @@ def test_a_page_from_before_signing_in_again_says_so_and_still_signs_out(ui: Das
     # page opened before still had the old one, so its Cancel was refused with a word about a header it
     # had sent, and its Sign out was refused (403) and left the new session signed in.
     task = a_task(ui, status="running")
-    context, _ = ui.context()
-    before = context.new_page()
-    sign_in(before, "write", f"/ui/tasks/{task['task_id']}")
-    again = context.new_page()
-    again.goto("/ui/sign-in?next=/ui")
-    again.get_by_label("API key").fill(KEYS["write"])
-    again.get_by_role("button", name="Sign in").click()
-    expect(again.locator("header .who")).to_contain_text("Signed in as write-key")
+    context, before = a_page_from_before_signing_in_again(ui, f"/ui/tasks/{task['task_id']}", "write")
     (session,) = context.cookies()
 
     before.get_by_role("button", name="Cancel").click()
@@ -179,14 +185,7 @@ def test_a_list_from_before_signing_in_again_with_a_read_key_stays_live_and_quie
     # and the page said "Update failed; retrying…" and fetched itself four times a second for ever.
     with ui.api(Authorization=f"Bearer {KEYS['write']}") as api:
         listed = api.post("/tasks/", json={"task_type": "again"}).json()
-    context, _ = ui.context()
-    before = context.new_page()
-    sign_in(before, "write", "/ui?task_type=again")
-    again = context.new_page()
-    again.goto("/ui/sign-in?next=/ui")
-    again.get_by_label("API key").fill(KEYS["read"])
-    again.get_by_role("button", name="Sign in").click()
-    expect(again.locator("header .who")).to_contain_text("Signed in as read-key")
+    _, before = a_page_from_before_signing_in_again(ui, "/ui?task_type=again", "read")
     asked: list[str] = []
     before.on("request", lambda r: asked.append(r.url))
     with ui.api(Authorization=f"Bearer {KEYS['write']}") as api:
@@ -218,14 +217,7 @@ def test_a_task_page_from_before_signing_in_again_with_a_read_key_does_not_call_
     # Audit: the read key's page of the task has no actions; the old page took that for a deletion, hid its
     # buttons and said "The task was deleted", of a task still pending.
     task = a_task(ui)
-    context, _ = ui.context()
-    before = context.new_page()
-    sign_in(before, "write", f"/ui/tasks/{task['task_id']}")
-    again = context.new_page()
-    again.goto("/ui/sign-in?next=/ui")
-    again.get_by_label("API key").fill(KEYS["read"])
-    again.get_by_role("button", name="Sign in").click()
-    expect(again.locator("header .who")).to_contain_text("Signed in as read-key")
+    _, before = a_page_from_before_signing_in_again(ui, f"/ui/tasks/{task['task_id']}", "read")
     with ui.api(Authorization=f"Bearer {KEYS['write']}") as api:
         api.patch(f"/tasks/{task['task_id']}", json={"progress": 9})
     expect(before.locator("#signed-in-again")).to_be_visible()

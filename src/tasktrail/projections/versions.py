@@ -173,10 +173,6 @@ class Kept(Exception):
     """The version is what the log's views show, and the one that would take its place is stale: not now."""
 
 
-# The live versions of a read model, newest first: the views show the first (migration 0014).
-LIVE_VERSIONS = "SELECT version FROM projection_versions WHERE name = %(name)s AND state = 'live' ORDER BY version DESC"
-
-
 def _views_refusal(conn: psycopg.Connection, name: str, version: int) -> str | None:
     """Why pruning this live version would leave the log's views with nothing, or with stale rows; None if not.
 
@@ -185,16 +181,17 @@ def _views_refusal(conn: psycopg.Connection, name: str, version: int) -> str | N
     one that lacks events and that no process keeps current would be served stale (audit: a pre-0014
     release, rolled back to, then refused every write to a task it read as older: "changing too fast").
     """
-    live = [v for (v,) in conn.execute(LIVE_VERSIONS, {"name": name}).fetchall()]
-    if live[0] != version or len(live) == 1:
+    # Its live versions, newest first: the views show the first (migration 0014), and then the second.
+    found = [Version(*row, code=False) for row in conn.execute(STATUS, {"uses": USES}).fetchall()]
+    live = sorted((v for v in found if v.name == name and v.state == "live"), key=lambda v: -v.version)
+    if live[0].version != version or len(live) == 1:
         return None  # the views show a newer one and go on doing so; or, named, the last one goes (serve rebuilds)
-    rows = conn.execute(STATUS, {"uses": USES}).fetchall()
-    behind, processes = next((row[4], row[5]) for row in rows if (row[0], row[1]) == (name, live[1]))
-    if behind == 0 or processes > 0:
+    fallback = live[1]
+    if fallback.behind == 0 or fallback.processes > 0:
         return None  # current, or being made so by the process that serves it
     return (
-        f"the log's views would show {name} version {live[1]} instead, which lacks {behind:,} events and is kept"
-        " current by no process: start a release that serves it (it catches up), then prune"
+        f"the log's views would show {name} version {fallback.version} instead, which lacks {fallback.behind:,}"
+        " events and is kept current by no process: start a release that serves it (it catches up), then prune"
     )
 
 
