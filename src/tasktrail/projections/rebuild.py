@@ -630,6 +630,7 @@ class Rebuilt:
 
 
 LOCK_KEY = versions.REBUILDS
+UNLOCK_ALL = "SELECT pg_advisory_unlock_all()"
 TRY_LOCK = "SELECT pg_try_advisory_lock(hashtext(%(key)s))"
 WAIT_LOCK = "SELECT pg_advisory_lock(hashtext(%(key)s))"
 NO_TIMEOUT = " -c statement_timeout=0 -c lock_timeout=0"  # waiting for another rebuild may take a while
@@ -650,26 +651,32 @@ def rebuild(
     # that processes starting together build once.
     # The lock is a session lock, held by this connection for the whole rebuild.
     with psycopg.connect(conninfo, autocommit=True, options=db.SESSION_OPTIONS + NO_TIMEOUT) as guard:
-        lock = {"key": LOCK_KEY}
-        if not guard.execute(TRY_LOCK, lock).fetchone()[0]:  # type: ignore[index]
-            if not wait:
-                raise RebuildBusy("another rebuild is running; try again when it has finished")
-            log.info("another process is building read models; waiting for it to finish")
-            guard.execute(WAIT_LOCK, lock)
-        states = {(name, version): state for name, version, state in guard.execute(LIVE_STATES).fetchall()}
-        if missing_only:
-            modules = [m for m in modules if states.get((m.NAME, m.VERSION)) != "live"]
-        if not modules:
-            return Rebuilt([], 0, 0, 0)
-        # The versions built are in use while this runs: `projections prune` refuses them (it dropped the
-        # schema under a rebuild of the `projections` command, which then failed or put nothing live).
-        versions.hold(guard, modules)
-        for module in modules:
-            if states.get((module.NAME, module.VERSION)) != "live":
-                guard.execute(BUILDING, {"name": module.NAME, "version": module.VERSION})
-        replacing = [m for m in modules if states.get((m.NAME, m.VERSION)) == "live"]
-        with _without_cyclic_gc():  # the states are gone once the swap is done
-            return asyncio.run(_go_live(conninfo, modules, replacing, load(conninfo, modules, progress), progress))
+        try:
+            lock = {"key": LOCK_KEY}
+            if not guard.execute(TRY_LOCK, lock).fetchone()[0]:  # type: ignore[index]
+                if not wait:
+                    raise RebuildBusy("another rebuild is running; try again when it has finished")
+                log.info("another process is building read models; waiting for it to finish")
+                guard.execute(WAIT_LOCK, lock)
+            states = {(name, version): state for name, version, state in guard.execute(LIVE_STATES).fetchall()}
+            if missing_only:
+                modules = [m for m in modules if states.get((m.NAME, m.VERSION)) != "live"]
+            if not modules:
+                return Rebuilt([], 0, 0, 0)
+            # The versions built are in use while this runs: `projections prune` refuses them (it dropped the
+            # schema under a rebuild of the `projections` command, which then failed or put nothing live).
+            versions.hold(guard, modules)
+            for module in modules:
+                if states.get((module.NAME, module.VERSION)) != "live":
+                    guard.execute(BUILDING, {"name": module.NAME, "version": module.VERSION})
+            replacing = [m for m in modules if states.get((m.NAME, m.VERSION)) == "live"]
+            with _without_cyclic_gc():  # the states are gone once the swap is done
+                return asyncio.run(_go_live(conninfo, modules, replacing, load(conninfo, modules, progress), progress))
+        finally:
+            # Let go of its locks now: closed, the connection's would go only once its backend has ended,
+            # after this returns (a rebuild right after this one was refused as busy: CI).
+            with contextlib.suppress(psycopg.Error):
+                guard.execute(UNLOCK_ALL)
 
 
 def prepare(conninfo: str, modules: Sequence[ModuleType], progress: Progress | None = None) -> Rebuilt:
